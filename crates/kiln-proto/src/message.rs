@@ -1,0 +1,261 @@
+//! Messages carried on agent streams. Every stream the host opens starts with one
+//! [`Request`]; what follows depends on the request and is documented on each variant.
+//!
+//! Wire compatibility: postcard encodes enum variants by index, so new variants go at the
+//! end, tagged with the generation that introduced them ([`Tagged::since`]). Changing an
+//! existing encoding requires a new generation; `tests/schema.rs` enforces it.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// The generation that introduced a message or variant.
+pub trait Tagged {
+    fn since(&self) -> u16;
+}
+
+/// First frame on every host-opened stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Reply: [`GuestFrame::Pong`].
+    Ping,
+    /// Reply: `Started`, then any of `Stdout`/`Stderr`, then `Exited` (or `Error`).
+    /// The host may send `Stdin`, `StdinEof` and `Signal` frames meanwhile.
+    Exec(ExecRequest),
+    /// Host then sends `Chunk`s totalling `size` bytes and `End`; reply `Ok` or `Error`.
+    PutFile(PutFileRequest),
+    /// Reply: `FileMeta` then `Chunk`s and `End`, or `Error`.
+    GetFile(GetFileRequest),
+    /// Reply: `Http` or `Error`.
+    Http(HttpRequest),
+    /// Reply: `Connected`, after which the stream carries raw bytes to and from the guest
+    /// TCP port; or `Error`.
+    Connect { port: u16 },
+    /// Starts the supervised app process. Reply: `App` or `Error`.
+    StartApp(ProcessSpec),
+    /// Reply: `App`.
+    AppStatus,
+    /// Reply: `Logs` with at most `max_bytes` of the tail of the app's output.
+    AppLogs { max_bytes: u32 },
+    /// The host is about to snapshot the VM or go away: the agent replies `Ok`, ends this
+    /// session and waits for a new handshake.
+    Detach,
+}
+
+impl Tagged for Request {
+    fn since(&self) -> u16 {
+        match self {
+            Request::Ping
+            | Request::Exec(_)
+            | Request::PutFile(_)
+            | Request::GetFile(_)
+            | Request::Http(_)
+            | Request::Connect { .. }
+            | Request::StartApp(_)
+            | Request::AppStatus
+            | Request::AppLogs { .. }
+            | Request::Detach => 1,
+        }
+    }
+}
+
+/// What to run and as whom. Used by exec and by the supervised app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the agent's base environment.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// `name`, `uid` or `uid:gid`; root when absent.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub process: ProcessSpec,
+    /// When false the child's stdin is /dev/null.
+    pub stdin: bool,
+    /// Kill the process group after this long.
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFileRequest {
+    pub path: String,
+    pub mode: u32,
+    pub size: u64,
+    /// Create missing parent directories.
+    pub create_parents: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetFileRequest {
+    pub path: String,
+    /// The agent refuses files larger than this.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// A port on the guest's loopback.
+    pub port: u16,
+    pub method: String,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: ByteBuf,
+    pub timeout_ms: u64,
+    /// Longest response body the host accepts; larger answers are an error.
+    pub max_response_bytes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: ByteBuf,
+}
+
+/// Frames the host sends after the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostFrame {
+    Stdin(ByteBuf),
+    StdinEof,
+    /// Send this signal to the exec'd process group.
+    Signal(i32),
+    Chunk(ByteBuf),
+    End,
+}
+
+impl Tagged for HostFrame {
+    fn since(&self) -> u16 {
+        match self {
+            HostFrame::Stdin(_)
+            | HostFrame::StdinEof
+            | HostFrame::Signal(_)
+            | HostFrame::Chunk(_)
+            | HostFrame::End => 1,
+        }
+    }
+}
+
+/// Frames the guest sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestFrame {
+    Ok,
+    Error(GuestError),
+    Pong(AgentInfo),
+    Started { pid: u32 },
+    Stdout(ByteBuf),
+    Stderr(ByteBuf),
+    Exited(ExitStatus),
+    FileMeta { size: u64, mode: u32 },
+    Chunk(ByteBuf),
+    End,
+    Http(HttpResponse),
+    App(AppState),
+    Logs(ByteBuf),
+    Connected,
+}
+
+impl Tagged for GuestFrame {
+    fn since(&self) -> u16 {
+        match self {
+            GuestFrame::Ok
+            | GuestFrame::Error(_)
+            | GuestFrame::Pong(_)
+            | GuestFrame::Started { .. }
+            | GuestFrame::Stdout(_)
+            | GuestFrame::Stderr(_)
+            | GuestFrame::Exited(_)
+            | GuestFrame::FileMeta { .. }
+            | GuestFrame::Chunk(_)
+            | GuestFrame::End
+            | GuestFrame::Http(_)
+            | GuestFrame::App(_)
+            | GuestFrame::Logs(_)
+            | GuestFrame::Connected => 1,
+        }
+    }
+}
+
+impl GuestFrame {
+    /// Short name for error messages ("peer sent Stdout while ... was expected").
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuestFrame::Ok => "Ok",
+            GuestFrame::Error(_) => "Error",
+            GuestFrame::Pong(_) => "Pong",
+            GuestFrame::Started { .. } => "Started",
+            GuestFrame::Stdout(_) => "Stdout",
+            GuestFrame::Stderr(_) => "Stderr",
+            GuestFrame::Exited(_) => "Exited",
+            GuestFrame::FileMeta { .. } => "FileMeta",
+            GuestFrame::Chunk(_) => "Chunk",
+            GuestFrame::End => "End",
+            GuestFrame::Http(_) => "Http",
+            GuestFrame::App(_) => "App",
+            GuestFrame::Logs(_) => "Logs",
+            GuestFrame::Connected => "Connected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+    Timeout,
+    Io,
+    Unsupported,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({kind:?})")]
+pub struct GuestError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl GuestError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        GuestError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when the process exited normally.
+    pub code: Option<i32>,
+    /// Signal number when the process was killed.
+    pub signal: Option<i32>,
+    /// True when the agent killed it because its timeout passed.
+    pub timed_out: bool,
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub generation: u16,
+    /// Guest monotonic time since boot, in milliseconds (keeps counting across restores).
+    pub uptime_ms: u64,
+    /// Handshakes accepted since the guest booted.
+    pub sessions: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppState {
+    pub pid: Option<u32>,
+    pub running: bool,
+    pub exit: Option<ExitStatus>,
+}

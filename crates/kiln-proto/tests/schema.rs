@@ -1,0 +1,126 @@
+//! Schema snapshot: the encoding of one sample of every message and variant is stored in
+//! `schema/gen-N.txt` for the current generation N. Changing any encoding without bumping
+//! `GENERATION_CURRENT` fails here. To record a new generation: bump the constant, then run
+//! this test once with `KILN_BLESS_SCHEMA=1` (it never overwrites an existing file).
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use kiln_proto::frame::encode;
+use kiln_proto::handshake::{Hello, HelloAck, HelloReply, ENTROPY_LEN, MAGIC};
+use kiln_proto::*;
+use serde::Serialize;
+use serde_bytes::ByteBuf;
+
+fn line<T: Serialize + std::fmt::Debug>(out: &mut String, since: u16, value: &T) {
+    let name = format!("{value:?}");
+    let name: String = name.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+    assert!(since <= GENERATION_CURRENT, "{name} claims a future generation {since}");
+    let hex: String = encode(value).unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    writeln!(out, "{} {name} since={since} {hex}", std::any::type_name::<T>().rsplit("::").next().unwrap()).unwrap();
+}
+
+fn render() -> String {
+    let mut out = String::new();
+    let spec = ProcessSpec {
+        argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+        env: vec![("K".into(), "V".into())],
+        cwd: Some("/tmp".into()),
+        user: Some("1000:1000".into()),
+    };
+    let status = ExitStatus { code: Some(3), signal: None, timed_out: false };
+    let hello = Hello {
+        magic: MAGIC,
+        min_generation: 1,
+        max_generation: 2,
+        entropy: ByteBuf::from(vec![0xab; ENTROPY_LEN]),
+        unix_time_secs: 1_700_000_000,
+        unix_time_nanos: 5,
+    };
+    line(&mut out, 1, &hello);
+    let ack = HelloAck { generation: 1, agent_version: "0.1.0".into(), sessions: 2 };
+    line(&mut out, 1, &HelloReply::Accept(ack));
+    line(&mut out, 1, &HelloReply::Reject { agent_min: 1, agent_max: 1 });
+    let requests = [
+        Request::Ping,
+        Request::Exec(ExecRequest { process: spec.clone(), stdin: true, timeout_ms: Some(1500) }),
+        Request::PutFile(PutFileRequest { path: "/a".into(), mode: 0o644, size: 3, create_parents: true }),
+        Request::GetFile(GetFileRequest { path: "/a".into(), max_bytes: 10 }),
+        Request::Http(HttpRequest {
+            port: 9000,
+            method: "POST".into(),
+            path: "/run".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: ByteBuf::from(b"{}".to_vec()),
+            timeout_ms: 2000,
+            max_response_bytes: 4096,
+        }),
+        Request::Connect { port: 8080 },
+        Request::StartApp(spec.clone()),
+        Request::AppStatus,
+        Request::AppLogs { max_bytes: 100 },
+        Request::Detach,
+    ];
+    for r in &requests {
+        line(&mut out, r.since(), r);
+    }
+    let host_frames = [
+        HostFrame::Stdin(ByteBuf::from(b"in".to_vec())),
+        HostFrame::StdinEof,
+        HostFrame::Signal(15),
+        HostFrame::Chunk(ByteBuf::from(vec![1, 2])),
+        HostFrame::End,
+    ];
+    for f in &host_frames {
+        line(&mut out, f.since(), f);
+    }
+    let guest_frames = [
+        GuestFrame::Ok,
+        GuestFrame::Error(GuestError::new(ErrorKind::NotFound, "no such file")),
+        GuestFrame::Pong(AgentInfo { version: "0.1.0".into(), generation: 1, uptime_ms: 42, sessions: 1 }),
+        GuestFrame::Started { pid: 77 },
+        GuestFrame::Stdout(ByteBuf::from(b"out".to_vec())),
+        GuestFrame::Stderr(ByteBuf::from(b"err".to_vec())),
+        GuestFrame::Exited(status),
+        GuestFrame::FileMeta { size: 3, mode: 0o100644 },
+        GuestFrame::Chunk(ByteBuf::from(vec![3])),
+        GuestFrame::End,
+        GuestFrame::Http(HttpResponse { status: 200, headers: vec![], body: ByteBuf::from(b"ok".to_vec()) }),
+        GuestFrame::App(AppState { pid: Some(9), running: false, exit: Some(status) }),
+        GuestFrame::Logs(ByteBuf::from(b"log".to_vec())),
+        GuestFrame::Connected,
+    ];
+    for f in &guest_frames {
+        line(&mut out, f.since(), f);
+    }
+    for kind in [
+        ErrorKind::InvalidRequest,
+        ErrorKind::NotFound,
+        ErrorKind::PermissionDenied,
+        ErrorKind::TooLarge,
+        ErrorKind::Timeout,
+        ErrorKind::Io,
+        ErrorKind::Unsupported,
+    ] {
+        line(&mut out, 1, &kind);
+    }
+    out
+}
+
+#[test]
+fn wire_format_matches_the_snapshot_of_the_current_generation() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("schema/gen-{GENERATION_CURRENT}.txt"));
+    let current = render();
+    match std::fs::read_to_string(&path) {
+        Ok(stored) => assert!(
+            stored == current,
+            "The wire format changed but GENERATION_CURRENT is still {GENERATION_CURRENT}.\n\
+             Bump it, tag new variants with the new generation, and record the snapshot with \
+             KILN_BLESS_SCHEMA=1.\n--- stored\n{stored}\n--- now\n{current}"
+        ),
+        Err(_) if std::env::var_os("KILN_BLESS_SCHEMA").is_some() => {
+            std::fs::write(&path, &current).unwrap();
+        }
+        Err(e) => panic!("No schema snapshot at {}: {e}. Record one with KILN_BLESS_SCHEMA=1.", path.display()),
+    }
+}

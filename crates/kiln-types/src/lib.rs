@@ -1,0 +1,8 @@
+//! Plain data shared by every kiln crate. No I/O lives here.
+#![forbid(unsafe_code)]
+
+mod accel;
+mod vm_id;
+
+pub use accel::{Accel, ParseAccelError};
+pub use vm_id::{InvalidVmId, VmId};
