@@ -32,10 +32,7 @@ pub enum FrameError {
     #[error("Peer closed the stream while {0}")]
     UnexpectedEof(&'static str),
     #[error("Peer sent {got} while {expected} was expected")]
-    Unexpected {
-        expected: &'static str,
-        got: String,
-    },
+    Unexpected { expected: &'static str, got: String },
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -52,10 +49,11 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one message, requiring that the whole buffer is consumed.
 pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
-    let (value, rest) = postcard::take_from_bytes::<T>(buf).map_err(|source| FrameError::Decode {
-        expected: std::any::type_name::<T>(),
-        source,
-    })?;
+    let (value, rest) =
+        postcard::take_from_bytes::<T>(buf).map_err(|source| FrameError::Decode {
+            expected: std::any::type_name::<T>(),
+            source,
+        })?;
     if rest.is_empty() {
         Ok(value)
     } else {
@@ -97,13 +95,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
     }
 
     /// Like [`recv`](Self::recv) but a closed stream is an error naming what was awaited.
-    pub async fn expect<T: DeserializeOwned>(&mut self, what: &'static str) -> Result<T, FrameError> {
+    pub async fn expect<T: DeserializeOwned>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<T, FrameError> {
         self.recv().await?.ok_or(FrameError::UnexpectedEof(what))
     }
 
     /// Flushes and shuts down the write half.
     pub async fn close(&mut self) -> Result<(), FrameError> {
-        SinkExt::<Bytes>::close(&mut self.inner).await.map_err(map_io)
+        SinkExt::<Bytes>::close(&mut self.inner)
+            .await
+            .map_err(map_io)
     }
 
     /// Returns the raw stream, with any bytes already read ahead put back in front.
@@ -142,7 +145,9 @@ mod tests {
     async fn rejects_oversized_frame_without_reading_it() {
         let (mut raw, b) = tokio::io::duplex(1 << 16);
         let mut b = FramedStream::new(b);
-        raw.write_all(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes()).await.unwrap();
+        raw.write_all(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes())
+            .await
+            .unwrap();
         assert!(matches!(b.recv::<u32>().await, Err(FrameError::TooLarge)));
     }
 
@@ -151,7 +156,10 @@ mod tests {
         let (mut raw, b) = tokio::io::duplex(1 << 16);
         let mut b = FramedStream::new(b);
         raw.write_all(&[0, 0, 0, 3, 1, 2, 3]).await.unwrap();
-        assert!(matches!(b.recv::<u8>().await, Err(FrameError::Decode { .. })));
+        assert!(matches!(
+            b.recv::<u8>().await,
+            Err(FrameError::Decode { .. })
+        ));
     }
 
     #[tokio::test]

@@ -20,13 +20,22 @@ mod tests {
 
     #[test]
     fn lowest_maximum_wins() {
-        assert_eq!(negotiate(1, GENERATION_CURRENT + 5), Some(GENERATION_CURRENT));
-        assert_eq!(negotiate(GENERATION_MIN, GENERATION_MIN), Some(GENERATION_MIN));
+        assert_eq!(
+            negotiate(1, GENERATION_CURRENT + 5),
+            Some(GENERATION_CURRENT)
+        );
+        assert_eq!(
+            negotiate(GENERATION_MIN, GENERATION_MIN),
+            Some(GENERATION_MIN)
+        );
     }
 
     #[test]
     fn disjoint_ranges_fail() {
-        assert_eq!(negotiate(GENERATION_CURRENT + 1, GENERATION_CURRENT + 3), None);
+        assert_eq!(
+            negotiate(GENERATION_CURRENT + 1, GENERATION_CURRENT + 3),
+            None
+        );
         assert_eq!(negotiate(3, 2), None);
         assert_eq!(negotiate(0, 0), None);
     }

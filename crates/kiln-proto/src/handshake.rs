@@ -46,7 +46,10 @@ impl Hello {
 pub enum HelloReply {
     Accept(HelloAck),
     /// No generation in common; the agent's range is given so the host can say so.
-    Reject { agent_min: u16, agent_max: u16 },
+    Reject {
+        agent_min: u16,
+        agent_max: u16,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,7 +134,9 @@ pub async fn server<S: AsyncRead + AsyncWrite + Unpin>(
             agent_max: GENERATION_CURRENT,
         });
     };
-    framed.send(&HelloReply::Accept(make_ack(generation))).await?;
+    framed
+        .send(&HelloReply::Accept(make_ack(generation)))
+        .await?;
     Ok((hello, generation, framed.into_raw()))
 }
 
@@ -167,7 +172,10 @@ mod tests {
         let agent = tokio::spawn(async move { server(g, ack).await.map(|_| ()) });
         let mut framed = FramedStream::new(h);
         framed.send(&hello).await.unwrap();
-        assert!(matches!(agent.await.unwrap(), Err(HandshakeError::BadMagic)));
+        assert!(matches!(
+            agent.await.unwrap(),
+            Err(HandshakeError::BadMagic)
+        ));
 
         let (h, g) = tokio::io::duplex(4096);
         let mut hello = Hello::new(vec![0; ENTROPY_LEN], std::time::SystemTime::now());
@@ -175,6 +183,9 @@ mod tests {
         hello.max_generation = GENERATION_CURRENT + 2;
         tokio::spawn(async move { server(g, ack).await.map(|_| ()) });
         let err = client(h, &hello).await.unwrap_err();
-        assert!(matches!(err, HandshakeError::NoCommonGeneration { .. }), "{err}");
+        assert!(
+            matches!(err, HandshakeError::NoCommonGeneration { .. }),
+            "{err}"
+        );
     }
 }

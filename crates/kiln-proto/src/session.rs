@@ -97,10 +97,18 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(MAX_STREAMS);
-        (Self::start(io, generation, yamux::Mode::Server, Some(tx)), rx)
+        (
+            Self::start(io, generation, yamux::Mode::Server, Some(tx)),
+            rx,
+        )
     }
 
-    fn start<S>(io: S, generation: u16, mode: yamux::Mode, inbound: Option<mpsc::Sender<Stream>>) -> Session
+    fn start<S>(
+        io: S,
+        generation: u16,
+        mode: yamux::Mode,
+        inbound: Option<mpsc::Sender<Stream>>,
+    ) -> Session
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {

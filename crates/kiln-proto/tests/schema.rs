@@ -14,10 +14,25 @@ use serde_bytes::ByteBuf;
 
 fn line<T: Serialize + std::fmt::Debug>(out: &mut String, since: u16, value: &T) {
     let name = format!("{value:?}");
-    let name: String = name.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-    assert!(since <= GENERATION_CURRENT, "{name} claims a future generation {since}");
-    let hex: String = encode(value).unwrap().iter().map(|b| format!("{b:02x}")).collect();
-    writeln!(out, "{} {name} since={since} {hex}", std::any::type_name::<T>().rsplit("::").next().unwrap()).unwrap();
+    let name: String = name
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    assert!(
+        since <= GENERATION_CURRENT,
+        "{name} claims a future generation {since}"
+    );
+    let hex: String = encode(value)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    writeln!(
+        out,
+        "{} {name} since={since} {hex}",
+        std::any::type_name::<T>().rsplit("::").next().unwrap()
+    )
+    .unwrap();
 }
 
 fn render() -> String {
@@ -28,7 +43,11 @@ fn render() -> String {
         cwd: Some("/tmp".into()),
         user: Some("1000:1000".into()),
     };
-    let status = ExitStatus { code: Some(3), signal: None, timed_out: false };
+    let status = ExitStatus {
+        code: Some(3),
+        signal: None,
+        timed_out: false,
+    };
     let hello = Hello {
         magic: MAGIC,
         min_generation: 1,
@@ -38,14 +57,37 @@ fn render() -> String {
         unix_time_nanos: 5,
     };
     line(&mut out, 1, &hello);
-    let ack = HelloAck { generation: 1, agent_version: "0.1.0".into(), sessions: 2 };
+    let ack = HelloAck {
+        generation: 1,
+        agent_version: "0.1.0".into(),
+        sessions: 2,
+    };
     line(&mut out, 1, &HelloReply::Accept(ack));
-    line(&mut out, 1, &HelloReply::Reject { agent_min: 1, agent_max: 1 });
+    line(
+        &mut out,
+        1,
+        &HelloReply::Reject {
+            agent_min: 1,
+            agent_max: 1,
+        },
+    );
     let requests = [
         Request::Ping,
-        Request::Exec(ExecRequest { process: spec.clone(), stdin: true, timeout_ms: Some(1500) }),
-        Request::PutFile(PutFileRequest { path: "/a".into(), mode: 0o644, size: 3, create_parents: true }),
-        Request::GetFile(GetFileRequest { path: "/a".into(), max_bytes: 10 }),
+        Request::Exec(ExecRequest {
+            process: spec.clone(),
+            stdin: true,
+            timeout_ms: Some(1500),
+        }),
+        Request::PutFile(PutFileRequest {
+            path: "/a".into(),
+            mode: 0o644,
+            size: 3,
+            create_parents: true,
+        }),
+        Request::GetFile(GetFileRequest {
+            path: "/a".into(),
+            max_bytes: 10,
+        }),
         Request::Http(HttpRequest {
             port: 9000,
             method: "POST".into(),
@@ -77,16 +119,32 @@ fn render() -> String {
     let guest_frames = [
         GuestFrame::Ok,
         GuestFrame::Error(GuestError::new(ErrorKind::NotFound, "no such file")),
-        GuestFrame::Pong(AgentInfo { version: "0.1.0".into(), generation: 1, uptime_ms: 42, sessions: 1 }),
+        GuestFrame::Pong(AgentInfo {
+            version: "0.1.0".into(),
+            generation: 1,
+            uptime_ms: 42,
+            sessions: 1,
+        }),
         GuestFrame::Started { pid: 77 },
         GuestFrame::Stdout(ByteBuf::from(b"out".to_vec())),
         GuestFrame::Stderr(ByteBuf::from(b"err".to_vec())),
         GuestFrame::Exited(status),
-        GuestFrame::FileMeta { size: 3, mode: 0o100644 },
+        GuestFrame::FileMeta {
+            size: 3,
+            mode: 0o100644,
+        },
         GuestFrame::Chunk(ByteBuf::from(vec![3])),
         GuestFrame::End,
-        GuestFrame::Http(HttpResponse { status: 200, headers: vec![], body: ByteBuf::from(b"ok".to_vec()) }),
-        GuestFrame::App(AppState { pid: Some(9), running: false, exit: Some(status) }),
+        GuestFrame::Http(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: ByteBuf::from(b"ok".to_vec()),
+        }),
+        GuestFrame::App(AppState {
+            pid: Some(9),
+            running: false,
+            exit: Some(status),
+        }),
         GuestFrame::Logs(ByteBuf::from(b"log".to_vec())),
         GuestFrame::Connected,
     ];
@@ -109,7 +167,8 @@ fn render() -> String {
 
 #[test]
 fn wire_format_matches_the_snapshot_of_the_current_generation() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("schema/gen-{GENERATION_CURRENT}.txt"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("schema/gen-{GENERATION_CURRENT}.txt"));
     let current = render();
     match std::fs::read_to_string(&path) {
         Ok(stored) => assert!(
@@ -121,6 +180,9 @@ fn wire_format_matches_the_snapshot_of_the_current_generation() {
         Err(_) if std::env::var_os("KILN_BLESS_SCHEMA").is_some() => {
             std::fs::write(&path, &current).unwrap();
         }
-        Err(e) => panic!("No schema snapshot at {}: {e}. Record one with KILN_BLESS_SCHEMA=1.", path.display()),
+        Err(e) => panic!(
+            "No schema snapshot at {}: {e}. Record one with KILN_BLESS_SCHEMA=1.",
+            path.display()
+        ),
     }
 }

@@ -1,1 +1,188 @@
+//! The end-to-end fixture: real guests under QEMU, in throw-away directories.
+//!
+//! ```ignore
+//! let vm = TestVm::boot().await;
+//! assert_eq!(vm.sh("echo hi").await.unwrap().stdout_text(), "hi\n");
+//! vm.destroy().await;
+//! ```
+//! Guest assets come from `scripts/setup.sh` (the test command runs it first).
 
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_types::VmId;
+use kiln_vmm::snapshot::LaunchConfig;
+use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, SuspendedVm, Template, Vm};
+use tempfile::TempDir;
+
+/// Generous under TCG, where a cold boot takes ~4.5 s on an idle core.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Logs to the test's output (shown on failure), once per process.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn assets() -> GuestAssets {
+    GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn machine() -> MachineSpec {
+    let accel = kiln_vmm::accel::detect()
+        .expect("KILN_ACCEL is valid")
+        .accel;
+    MachineSpec::new(accel)
+}
+
+/// A scratch directory for VM and template directories, removed at the end of the test.
+pub fn scratch() -> TempDir {
+    let base = std::env::var_os("KILN_TEST_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).expect("test scratch base");
+    tempfile::Builder::new()
+        .prefix("kiln-test-")
+        .tempdir_in(base)
+        .expect("scratch dir")
+}
+
+pub fn id(name: &str) -> VmId {
+    VmId::new(name).expect("valid test id")
+}
+
+/// A booted or launched VM that is destroyed (QEMU killed, files removed) when dropped.
+pub struct TestVm {
+    vm: Option<Vm>,
+    _scratch: Option<TempDir>,
+}
+
+impl TestVm {
+    /// Cold-boots the busybox base.
+    pub async fn boot() -> TestVm {
+        Self::boot_with(machine()).await
+    }
+
+    pub async fn boot_with(machine: MachineSpec) -> TestVm {
+        init_logging();
+        let scratch = scratch();
+        let vm = Vm::boot(boot_config(scratch.path(), "boot", machine))
+            .await
+            .expect("cold boot");
+        TestVm {
+            vm: Some(vm),
+            _scratch: Some(scratch),
+        }
+    }
+
+    pub fn wrap(vm: Vm) -> TestVm {
+        TestVm {
+            vm: Some(vm),
+            _scratch: None,
+        }
+    }
+
+    pub fn into_inner(mut self) -> Vm {
+        self.vm.take().expect("vm present")
+    }
+
+    pub async fn destroy(mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.destroy().await.expect("destroy");
+        }
+    }
+
+    /// Runs `sh -c script`, asserting that it succeeds, and returns stdout.
+    pub async fn ok(&self, script: &str) -> String {
+        let out = self
+            .sh(script)
+            .await
+            .unwrap_or_else(|e| panic!("{script}: {e}"));
+        assert!(
+            out.status.success(),
+            "{script} failed: {:?}\nstderr: {}",
+            out.status,
+            out.stderr_text()
+        );
+        out.stdout_text()
+    }
+}
+
+impl Deref for TestVm {
+    type Target = Vm;
+    fn deref(&self) -> &Vm {
+        self.vm.as_ref().expect("vm present")
+    }
+}
+
+pub fn boot_config(dir: &Path, name: &str, machine: MachineSpec) -> BootConfig {
+    let assets = assets();
+    BootConfig {
+        id: id(name),
+        dir: dir.join(name),
+        base_disk: assets
+            .base_disk("busybox")
+            .expect("busybox base (run scripts/setup.sh)"),
+        machine,
+        assets,
+        timeout: BOOT_TIMEOUT,
+        die_with_parent: true,
+    }
+}
+
+/// A template taken from a freshly booted VM after `prepare` ran in it.
+pub struct TestTemplate {
+    pub template: Template,
+    pub scratch: TempDir,
+}
+
+impl TestTemplate {
+    pub async fn build(prepare: &str) -> TestTemplate {
+        init_logging();
+        let scratch = scratch();
+        let vm = TestVm::wrap(
+            Vm::boot(boot_config(scratch.path(), "builder", machine()))
+                .await
+                .expect("cold boot"),
+        );
+        if !prepare.is_empty() {
+            vm.ok(prepare).await;
+        }
+        let template = vm
+            .into_inner()
+            .snapshot_template(&scratch.path().join("template"))
+            .await
+            .expect("template");
+        TestTemplate { template, scratch }
+    }
+
+    pub fn launch_config(&self, name: &str) -> LaunchConfig {
+        LaunchConfig {
+            id: id(name),
+            dir: self.scratch.path().join(name),
+            machine: None,
+            assets: assets(),
+            timeout: BOOT_TIMEOUT,
+            die_with_parent: true,
+        }
+    }
+
+    pub async fn launch(&self, name: &str) -> TestVm {
+        TestVm::wrap(
+            self.template
+                .launch(self.launch_config(name))
+                .await
+                .expect("launch from template"),
+        )
+    }
+}
+
+/// Suspends and resumes, asserting both succeed.
+pub async fn suspend_resume(vm: TestVm) -> TestVm {
+    let suspended: SuspendedVm = vm.into_inner().suspend().await.expect("suspend");
+    assert!(suspended.dir().join("suspended").is_dir());
+    TestVm::wrap(suspended.resume(BOOT_TIMEOUT).await.expect("resume"))
+}

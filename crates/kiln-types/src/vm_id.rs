@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 pub struct VmId(String);
 
 #[derive(Debug, thiserror::Error)]
-#[error("Invalid id {0:?}: use 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'")]
+#[error(
+    "Invalid id {0:?}: use 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+)]
 pub struct InvalidVmId(String);
 
 impl VmId {
@@ -74,7 +76,17 @@ mod tests {
 
     #[test]
     fn rejects_paths_and_odd_characters() {
-        for bad in ["", "-a", "a-", "../x", "a/b", "A", "a b", "a.b", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "../x",
+            "a/b",
+            "A",
+            "a b",
+            "a.b",
+            &"x".repeat(64),
+        ] {
             assert!(VmId::new(bad).is_err(), "{bad:?}");
         }
     }
@@ -82,6 +94,9 @@ mod tests {
     #[test]
     fn deserialization_validates() {
         assert!(serde_json::from_str::<VmId>("\"../etc\"").is_err());
-        assert_eq!(serde_json::from_str::<VmId>("\"vm-2\"").unwrap().as_str(), "vm-2");
+        assert_eq!(
+            serde_json::from_str::<VmId>("\"vm-2\"").unwrap().as_str(),
+            "vm-2"
+        );
     }
 }

@@ -1,1 +1,27 @@
+//! kiln-vmm drives QEMU `microvm` guests. It is the only crate that builds QEMU arguments.
+//!
+//! - [`accel`]: which accelerator to use, and why;
+//! - [`assets`]: the guest kernel, initramfs (with the agent) and base disks;
+//! - [`machine`]: the fixed machine shape (CPU model, memory, vCPUs) and its command line;
+//! - [`process`], [`qmp`]: the QEMU process, its console log and its control socket;
+//! - [`agent`]: the typed client of the guest agent;
+//! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume.
 
+pub mod accel;
+pub mod agent;
+pub mod assets;
+pub mod disk;
+pub mod machine;
+pub mod manifest;
+pub mod process;
+pub mod qmp;
+pub mod snapshot;
+pub mod vm;
+
+pub use accel::{AccelChoice, AccelProbe};
+pub use agent::{AgentClient, AgentError, ExecOutput};
+pub use assets::GuestAssets;
+pub use machine::MachineSpec;
+pub use manifest::{Manifest, ManifestMismatch};
+pub use snapshot::{SuspendedVm, Template};
+pub use vm::{BootConfig, Vm, VmError};

@@ -1,0 +1,169 @@
+//! Session loop and request dispatch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_proto::handshake::{self, HandshakeError, HelloAck};
+use kiln_proto::{
+    AgentInfo, ErrorKind, FrameError, FramedStream, GuestError, GuestFrame, Request, Session,
+    Stream, Tagged,
+};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::app::AppSupervisor;
+use crate::port::Port;
+use crate::reaper::Reaper;
+
+/// How often the agent looks for a host while none is connected.
+const HOST_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+pub struct AgentState {
+    pub reaper: Reaper,
+    pub app: AppSupervisor,
+    sessions: AtomicU64,
+    started: Instant,
+}
+
+impl AgentState {
+    pub fn new(reaper: Reaper) -> Arc<AgentState> {
+        Arc::new(AgentState {
+            app: AppSupervisor::new(reaper.clone()),
+            reaper,
+            sessions: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    fn info(&self, generation: u16) -> AgentInfo {
+        AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            generation,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            sessions: self.sessions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Serves one host session after another, forever.
+pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
+    let mut quiet_failures = 0u32;
+    loop {
+        let result = handshake::server(port.clone(), |generation| HelloAck {
+            generation,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            sessions: state.sessions.fetch_add(1, Ordering::Relaxed) + 1,
+        })
+        .await;
+        match result {
+            Ok((hello, generation, io)) => {
+                quiet_failures = 0;
+                crate::reseed::apply(&hello);
+                let n = state.sessions.load(Ordering::Relaxed);
+                info!(session = n, generation, "host connected");
+                run_session(io, generation, state.clone())
+                    .instrument(tracing::info_span!("session", n))
+                    .await;
+            }
+            // No host connected: the port reads EOF until one is.
+            Err(HandshakeError::Frame(FrameError::UnexpectedEof(_))) => {
+                tokio::time::sleep(HOST_POLL_INTERVAL).await;
+            }
+            Err(e) => {
+                quiet_failures += 1;
+                if quiet_failures.is_power_of_two() {
+                    warn!(failures = quiet_failures, "handshake failed: {e}");
+                }
+                tokio::time::sleep(HOST_POLL_INTERVAL).await;
+            }
+        }
+    }
+}
+
+async fn run_session<S>(io: S, generation: u16, state: Arc<AgentState>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (session, mut accepted) = Session::server(io, generation);
+    loop {
+        tokio::select! {
+            stream = accepted.recv() => match stream {
+                Some(stream) => {
+                    let (session, state) = (session.clone(), state.clone());
+                    tokio::spawn(async move { handle_stream(stream, session, state).await });
+                }
+                None => break,
+            },
+            end = session.wait_end() => {
+                info!(%end, "host session ended");
+                break;
+            }
+        }
+    }
+}
+
+async fn handle_stream(stream: Stream, session: Session, state: Arc<AgentState>) {
+    let mut framed = FramedStream::new(stream);
+    let request: Request = match framed.expect("waiting for a request").await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("stream without a valid request: {e}");
+            return;
+        }
+    };
+    if request.since() > session.generation() {
+        let _ = framed
+            .send(&GuestFrame::Error(GuestError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "request needs generation {}, session speaks {}",
+                    request.since(),
+                    session.generation()
+                ),
+            )))
+            .await;
+        return;
+    }
+    let result = match request {
+        Request::Ping => {
+            framed
+                .send(&GuestFrame::Pong(state.info(session.generation())))
+                .await
+        }
+        Request::Exec(req) => crate::exec::run(framed, req, &state.reaper).await,
+        Request::PutFile(req) => crate::files::put(framed, req).await,
+        Request::GetFile(req) => crate::files::get(framed, req).await,
+        Request::Http(req) => {
+            let reply = match crate::http::call(req).await {
+                Ok(resp) => GuestFrame::Http(resp),
+                Err(e) => GuestFrame::Error(e),
+            };
+            framed.send(&reply).await
+        }
+        Request::Connect { port } => crate::forward::connect(framed, port).await,
+        Request::StartApp(spec) => {
+            let reply = match state.app.start(spec) {
+                Ok(status) => GuestFrame::App(status),
+                Err(e) => GuestFrame::Error(e),
+            };
+            framed.send(&reply).await
+        }
+        Request::AppStatus => framed.send(&GuestFrame::App(state.app.status())).await,
+        Request::AppLogs { max_bytes } => {
+            let tail = state.app.logs(max_bytes as usize);
+            framed
+                .send(&GuestFrame::Logs(serde_bytes::ByteBuf::from(tail)))
+                .await
+        }
+        Request::Detach => {
+            let sent = framed.send(&GuestFrame::Ok).await;
+            let _ = framed.close().await;
+            info!("host asked to detach: ending the session");
+            session.close().await;
+            sent
+        }
+    };
+    if let Err(e) = result {
+        debug!("stream ended with an error: {e}");
+    }
+}

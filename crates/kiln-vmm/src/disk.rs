@@ -1,0 +1,52 @@
+//! Copy-on-write root disks: every VM writes only to its own qcow2 overlay.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("Running qemu-img failed (is qemu-utils installed? scripts/setup.sh installs it)")]
+    Spawn(#[source] std::io::Error),
+    #[error("qemu-img could not create overlay {overlay} over {backing}: {stderr}")]
+    Create {
+        overlay: PathBuf,
+        backing: PathBuf,
+        stderr: String,
+    },
+}
+
+/// The format of a backing file, as qemu-img names it.
+#[derive(Debug, Clone, Copy)]
+pub enum BackingFormat {
+    Raw,
+    Qcow2,
+}
+
+/// Creates `overlay` as a qcow2 whose reads fall through to `backing` (never written).
+pub async fn create_overlay(
+    overlay: &Path,
+    backing: &Path,
+    format: BackingFormat,
+) -> Result<(), DiskError> {
+    let fmt = match format {
+        BackingFormat::Raw => "raw",
+        BackingFormat::Qcow2 => "qcow2",
+    };
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(backing)
+        .arg(overlay)
+        .output()
+        .await
+        .map_err(DiskError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DiskError::Create {
+            overlay: overlay.to_path_buf(),
+            backing: backing.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}

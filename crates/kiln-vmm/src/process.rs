@@ -1,0 +1,220 @@
+//! The QEMU process: spawned with its console captured into a size-capped log, watched for
+//! exit, killed on request or when the owning thread dies.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+
+/// Console log size before it is rotated to `console.log.1` (so a guest that prints
+/// forever uses at most twice this on the host disk).
+pub const CONSOLE_LOG_CAP: u64 = 4 * 1024 * 1024;
+/// Bytes of QEMU's own stderr kept for error reports.
+const STDERR_CAP: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("Starting qemu-system-x86_64 failed (scripts/setup.sh installs it)")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// How QEMU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "QEMU exited with code {code}"),
+            (None, Some(sig)) => write!(f, "QEMU was killed by signal {sig}"),
+            (None, None) => write!(f, "QEMU ended for an unknown reason"),
+        }
+    }
+}
+
+pub struct QemuProcess {
+    pid: u32,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+    console: PathBuf,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl QemuProcess {
+    /// Starts QEMU. With `die_with_parent`, the kernel kills QEMU when the spawning thread
+    /// exits, so a crashed or killed host process never leaves guests behind.
+    pub fn spawn(
+        args: &[OsString],
+        console: &Path,
+        die_with_parent: bool,
+    ) -> Result<QemuProcess, ProcessError> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if die_with_parent {
+            // SAFETY: the closure runs in the forked child before exec and only makes the
+            // prctl system call, which is async-signal-safe; it touches no shared state.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(ProcessError::Spawn)?;
+        let pid = child.id().unwrap_or(0);
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(capture_console(out, console.to_path_buf()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(capture_stderr(err, stderr.clone()));
+        }
+        let (exit_tx, exit) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let info = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    ExitInfo {
+                        code: s.code(),
+                        signal: s.signal(),
+                    }
+                }
+                Err(_) => ExitInfo {
+                    code: None,
+                    signal: None,
+                },
+            };
+            info!(pid, %info, "QEMU process ended");
+            let _ = exit_tx.send(Some(info));
+        });
+        Ok(QemuProcess {
+            pid,
+            exit,
+            kill: Mutex::new(Some(kill_tx)),
+            console: console.to_path_buf(),
+            stderr,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How QEMU ended, if it has.
+    pub fn exited(&self) -> Option<ExitInfo> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits for QEMU to end.
+    pub async fn wait(&self) -> ExitInfo {
+        let mut exit = self.exit.clone();
+        let result = exit.wait_for(|e| e.is_some()).await.map(|e| e.clone());
+        result.ok().flatten().unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+        })
+    }
+
+    /// Sends SIGKILL (once) and waits for the process to be reaped.
+    pub async fn kill(&self) -> ExitInfo {
+        if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// The last `max_bytes` of the guest console, then QEMU's own error output.
+    pub fn diagnostics(&self, max_bytes: usize) -> String {
+        let mut text = tail_of_file(&self.console, max_bytes);
+        let stderr = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        if !stderr.is_empty() {
+            text.push_str("\n--- qemu stderr ---\n");
+            text.push_str(&String::from_utf8_lossy(&stderr));
+        }
+        text
+    }
+}
+
+/// Reads the last `max_bytes` of a file as text (lossy).
+pub fn tail_of_file(path: &Path, max_bytes: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max_bytes as u64)));
+    let mut buf = Vec::new();
+    let _ = f.take(max_bytes as u64).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn capture_console(mut out: impl AsyncRead + Unpin, path: PathBuf) {
+    async fn open(p: &Path) -> std::io::Result<tokio::fs::File> {
+        tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .await
+    }
+    let Ok(mut file) = open(&path).await else {
+        warn!(path = %path.display(), "cannot open the console log");
+        return;
+    };
+    let mut written = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match out.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if written + n as u64 > CONSOLE_LOG_CAP {
+            let _ = tokio::fs::rename(&path, path.with_extension("log.1")).await;
+            match open(&path).await {
+                Ok(f) => file = f,
+                Err(_) => return,
+            }
+            written = 0;
+        }
+        if file.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        written += n as u64;
+    }
+}
+
+async fn capture_stderr(mut err: impl AsyncRead + Unpin, keep: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = err.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        let text = String::from_utf8_lossy(&buf[..n]);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            warn!("qemu: {line}");
+        }
+        let mut keep = keep.lock().unwrap_or_else(|p| p.into_inner());
+        keep.extend_from_slice(&buf[..n]);
+        let excess = keep.len().saturating_sub(STDERR_CAP);
+        keep.drain(..excess);
+    }
+}

@@ -1,0 +1,354 @@
+//! Template snapshots, copy-on-write launches, suspend and resume.
+//!
+//! - template = shared RAM file + device state saved with `x-ignore-shared` + the frozen
+//!   disk overlay + manifest;
+//! - launch = new QEMU mapping the RAM file privately (pages load lazily; clean pages are
+//!   shared by every clone), state loaded, fresh overlay on the template disk;
+//! - suspend = full RAM + device state of one VM to a file; its disk overlay is kept;
+//! - resume = new QEMU loading that file into anonymous memory.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_types::VmId;
+use tracing::{info, info_span, Instrument};
+
+use crate::assets::GuestAssets;
+use crate::disk::{self, BackingFormat};
+use crate::machine::{MachineSpec, MemoryBacking, VmPaths, KERNEL_CMDLINE, MACHINE_LAYOUT_VERSION};
+use crate::manifest::{sha256_file, HostFacts, Manifest, SnapshotKind, MANIFEST_FORMAT};
+use crate::vm::{create_vm_dir, remove_dir, Incoming, Vm, VmError};
+
+const STATE_FILE: &str = "device.state";
+const MEMORY_FILE: &str = "memory.ram";
+const DISK_FILE: &str = "disk.qcow2";
+const SUSPEND_DIR: &str = "suspended";
+/// How long the agent gets to end its session before a snapshot.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A template snapshot on disk, ready to launch clones from.
+#[derive(Debug, Clone)]
+pub struct Template {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+/// Where and how to launch a clone.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    pub id: VmId,
+    pub dir: PathBuf,
+    /// When given, must match the template's machine exactly.
+    pub machine: Option<MachineSpec>,
+    pub assets: GuestAssets,
+    pub timeout: Duration,
+    pub die_with_parent: bool,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |source| VmError::Dir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn manifest_for(
+    vm_id: &VmId,
+    kind: SnapshotKind,
+    machine: &MachineSpec,
+    assets: &GuestAssets,
+    state: &Path,
+    memory_bytes: Option<u64>,
+) -> Result<Manifest, VmError> {
+    let host = HostFacts::new(assets);
+    Ok(Manifest {
+        format_version: MANIFEST_FORMAT,
+        kind,
+        vm_id: vm_id.to_string(),
+        created_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        machine: machine.clone(),
+        machine_layout: MACHINE_LAYOUT_VERSION,
+        kernel_cmdline: KERNEL_CMDLINE.to_string(),
+        kernel_version: host.kernel_version,
+        initramfs_key: host.initramfs_key,
+        qemu_version: host.qemu_version,
+        state_sha256: sha256_file(state).map_err(io_err(state))?,
+        state_bytes: std::fs::metadata(state).map_err(io_err(state))?.len(),
+        memory_bytes,
+    })
+}
+
+fn verify_state(id: &VmId, manifest: &Manifest, state: &Path) -> Result<(), VmError> {
+    let actual = sha256_file(state).map_err(io_err(state))?;
+    if actual != manifest.state_sha256 {
+        return Err(VmError::Invalid {
+            id: id.clone(),
+            reason: format!(
+                "state file {} does not match its manifest checksum: the snapshot is corrupt",
+                state.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Freezes this VM into a template in `dir` (which must not exist). The VM is consumed:
+    /// its RAM file and disk overlay become the template's.
+    pub async fn snapshot_template(self, dir: &Path) -> Result<Template, VmError> {
+        let span = self.span.clone();
+        async move {
+            let started = Instant::now();
+            let MemoryBacking::SharedFile(ram) = self.memory.clone() else {
+                return Err(VmError::Invalid {
+                    id: self.id.clone(),
+                    reason: "only a cold-booted VM (shared RAM file) can become a template".into(),
+                });
+            };
+            create_vm_dir(dir)?;
+            let result = async {
+                if let Err(e) = self.agent.detach(DETACH_TIMEOUT).await {
+                    tracing::warn!("agent did not detach cleanly before the snapshot: {e}");
+                }
+                let state = dir.join(STATE_FILE);
+                self.save_state(&state, true).await?;
+                let memory_bytes = u64::from(self.machine.memory_mib) << 20;
+                let (paths, machine, assets, id, _) = self.finish_after_save().await;
+                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (paths.disk(), dir.join(DISK_FILE))] {
+                    std::fs::rename(&from, &to).map_err(io_err(&to))?;
+                    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).map_err(io_err(&to))?;
+                }
+                remove_dir(&paths.dir)?;
+                let manifest = manifest_for(&id, SnapshotKind::Template, &machine, &assets, &state, Some(memory_bytes))?;
+                manifest.write(dir).map_err(io_err(dir))?;
+                Ok::<_, VmError>(Template { dir: dir.to_path_buf(), manifest })
+            }
+            .await;
+            if result.is_err() {
+                let _ = remove_dir(dir);
+            }
+            let template = result?;
+            info!(elapsed_ms = started.elapsed().as_millis() as u64, dir = %dir.display(), "template snapshot taken");
+            Ok(template)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Suspends this VM: its full state goes to `<dir>/suspended/`, QEMU ends and its
+    /// memory is freed. The disk overlay stays in place.
+    pub async fn suspend(self) -> Result<SuspendedVm, VmError> {
+        let span = self.span.clone();
+        async move {
+            let started = Instant::now();
+            let suspend_dir = self.paths.dir.join(SUSPEND_DIR);
+            std::fs::create_dir_all(&suspend_dir).map_err(io_err(&suspend_dir))?;
+            if let Err(e) = self.agent.detach(DETACH_TIMEOUT).await {
+                tracing::warn!("agent did not detach cleanly before suspend: {e}");
+            }
+            let state = suspend_dir.join(STATE_FILE);
+            if let Err(e) = self.save_state(&state, false).await {
+                let _ = std::fs::remove_dir_all(&suspend_dir);
+                return Err(e);
+            }
+            let memory = self.memory.clone();
+            let (paths, machine, assets, id, die_with_parent) = self.finish_after_save().await;
+            if let MemoryBacking::SharedFile(ram) = memory {
+                let _ = std::fs::remove_file(ram);
+            }
+            let manifest = manifest_for(
+                &id,
+                SnapshotKind::Suspended,
+                &machine,
+                &assets,
+                &state,
+                None,
+            )?;
+            manifest.write(&suspend_dir).map_err(io_err(&suspend_dir))?;
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "suspended"
+            );
+            Ok(SuspendedVm {
+                id,
+                paths,
+                assets,
+                manifest,
+                die_with_parent,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl Template {
+    /// Opens a template directory and reads its manifest.
+    pub fn open(dir: &Path) -> Result<Template, VmError> {
+        let manifest = Manifest::read(dir)?;
+        if manifest.kind != SnapshotKind::Template {
+            return Err(VmError::Invalid {
+                id: VmId::new("template").expect("valid id"),
+                reason: format!(
+                    "{} holds a {:?} snapshot, not a template",
+                    dir.display(),
+                    manifest.kind
+                ),
+            });
+        }
+        Ok(Template {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Launches a copy-on-write clone.
+    pub async fn launch(&self, cfg: LaunchConfig) -> Result<Vm, VmError> {
+        let span = info_span!("vm", id = %cfg.id);
+        async move {
+            let started = Instant::now();
+            // Re-read: the manifest on disk is what the restore will honour.
+            let manifest = Manifest::read(&self.dir)?;
+            manifest.check(&HostFacts::new(&cfg.assets), cfg.machine.as_ref())?;
+            let memory = self.dir.join(MEMORY_FILE);
+            let expected = u64::from(manifest.machine.memory_mib) << 20;
+            let actual = std::fs::metadata(&memory).map_err(io_err(&memory))?.len();
+            if actual != expected || manifest.memory_bytes != Some(expected) {
+                return Err(VmError::Invalid {
+                    id: cfg.id.clone(),
+                    reason: format!(
+                        "RAM size mismatch: manifest says {} MiB, memory file holds {} bytes",
+                        manifest.machine.memory_mib, actual
+                    ),
+                });
+            }
+            let state = self.dir.join(STATE_FILE);
+            verify_state(&cfg.id, &manifest, &state)?;
+            create_vm_dir(&cfg.dir)?;
+            let paths = VmPaths::new(&cfg.dir);
+            let result = async {
+                disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2).await?;
+                Vm::start(
+                    cfg.id.clone(),
+                    paths,
+                    manifest.machine.clone(),
+                    cfg.assets.clone(),
+                    MemoryBacking::PrivateFile(memory),
+                    Some(Incoming { state, ignore_shared: true }),
+                    cfg.timeout,
+                    cfg.die_with_parent,
+                )
+                .await
+            }
+            .await;
+            if result.is_err() {
+                let _ = remove_dir(&cfg.dir);
+            }
+            let vm = result?;
+            info!(elapsed_ms = started.elapsed().as_millis() as u64, template = %self.dir.display(), "launched from template");
+            Ok(vm)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Removes the template's files. Clones launched from it must be gone first.
+    pub fn delete(self) -> Result<(), VmError> {
+        remove_dir(&self.dir)
+    }
+}
+
+/// A suspended VM: state file + disk overlay in its directory, no process.
+#[derive(Debug)]
+pub struct SuspendedVm {
+    id: VmId,
+    paths: VmPaths,
+    assets: GuestAssets,
+    manifest: Manifest,
+    die_with_parent: bool,
+}
+
+impl SuspendedVm {
+    /// Re-opens a suspended VM from its directory (e.g. after a daemon restart).
+    pub fn open(
+        id: VmId,
+        dir: &Path,
+        assets: GuestAssets,
+        die_with_parent: bool,
+    ) -> Result<SuspendedVm, VmError> {
+        let manifest = Manifest::read(&dir.join(SUSPEND_DIR))?;
+        Ok(SuspendedVm {
+            id,
+            paths: VmPaths::new(dir),
+            assets,
+            manifest,
+            die_with_parent,
+        })
+    }
+
+    pub fn id(&self) -> &VmId {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Bytes the suspended state occupies on disk (the state file; the overlay is extra).
+    pub fn state_bytes(&self) -> u64 {
+        self.manifest.state_bytes
+    }
+
+    /// Restores the VM. On success the state file is removed (the disk moves on from it).
+    pub async fn resume(self, timeout: Duration) -> Result<Vm, VmError> {
+        let span = info_span!("vm", id = %self.id);
+        async move {
+            let started = Instant::now();
+            let suspend_dir = self.paths.dir.join(SUSPEND_DIR);
+            let manifest = Manifest::read(&suspend_dir)?;
+            manifest.check(&HostFacts::new(&self.assets), Some(&self.manifest.machine))?;
+            let state = suspend_dir.join(STATE_FILE);
+            verify_state(&self.id, &manifest, &state)?;
+            let vm = Vm::start(
+                self.id.clone(),
+                self.paths.clone(),
+                manifest.machine.clone(),
+                self.assets.clone(),
+                MemoryBacking::Anonymous,
+                Some(Incoming {
+                    state,
+                    ignore_shared: false,
+                }),
+                timeout,
+                self.die_with_parent,
+            )
+            .await?;
+            let _ = std::fs::remove_dir_all(&suspend_dir);
+            info!(elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
+            Ok(vm)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Deletes the suspended VM's files.
+    pub fn discard(self) -> Result<(), VmError> {
+        remove_dir(&self.paths.dir)
+    }
+}

@@ -1,0 +1,507 @@
+//! A running microVM: its QEMU process, QMP, agent session and directory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_proto::{ExecRequest, ProcessSpec};
+use kiln_types::VmId;
+use serde_json::json;
+use tracing::{info, info_span, warn, Instrument, Span};
+
+use crate::agent::{AgentClient, AgentError, ExecOutput};
+use crate::assets::{AssetsError, GuestAssets};
+use crate::disk::{self, BackingFormat, DiskError};
+use crate::machine::{qemu_args, MachineSpec, MemoryBacking, VmPaths};
+use crate::manifest::{ManifestError, ManifestMismatch};
+use crate::process::{ExitInfo, ProcessError, QemuProcess};
+use crate::qmp::{Qmp, QmpError};
+
+/// Bytes of console shown in crash reports.
+pub const CONSOLE_TAIL: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("VM directory {path} failed")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM directory {0} already exists: pick another id or remove it")]
+    DirExists(PathBuf),
+    #[error(transparent)]
+    Assets(#[from] AssetsError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("QEMU control failed for VM {id}")]
+    Qmp {
+        id: VmId,
+        #[source]
+        source: QmpError,
+    },
+    #[error("Agent of VM {id} failed")]
+    Agent {
+        id: VmId,
+        #[source]
+        source: AgentError,
+    },
+    #[error("VM {id} crashed: {exit}\n--- console tail ---\n{console}")]
+    Crashed {
+        id: VmId,
+        exit: ExitInfo,
+        console: String,
+    },
+    #[error("VM {id}: {what} did not finish within {timeout:?}")]
+    Timeout {
+        id: VmId,
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("VM {id}: migration failed: {reason}")]
+    Migration { id: VmId, reason: String },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Mismatch(#[from] ManifestMismatch),
+    #[error("VM {id}: {reason}")]
+    Invalid { id: VmId, reason: String },
+}
+
+/// What a cold boot needs.
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    pub id: VmId,
+    /// The VM's own directory; must not exist yet.
+    pub dir: PathBuf,
+    pub machine: MachineSpec,
+    pub assets: GuestAssets,
+    /// Read-only raw ext4 root disk the VM's overlay sits on.
+    pub base_disk: PathBuf,
+    pub timeout: Duration,
+    /// Kill QEMU when the spawning thread dies (tests, CLI). The daemon turns this off so
+    /// guests survive its restart.
+    pub die_with_parent: bool,
+}
+
+/// A stream of guest state to load at start.
+pub(crate) struct Incoming {
+    pub state: PathBuf,
+    pub ignore_shared: bool,
+}
+
+pub struct Vm {
+    pub(crate) id: VmId,
+    pub(crate) paths: VmPaths,
+    pub(crate) machine: MachineSpec,
+    pub(crate) assets: GuestAssets,
+    pub(crate) memory: MemoryBacking,
+    pub(crate) process: QemuProcess,
+    pub(crate) qmp: Qmp,
+    pub(crate) agent: AgentClient,
+    pub(crate) span: Span,
+    pub(crate) die_with_parent: bool,
+    /// Remove the directory when dropped (off once it was handed to a snapshot).
+    pub(crate) owns_dir: bool,
+}
+
+impl Vm {
+    /// Cold boot from a base disk: the slow path, used to build templates.
+    pub async fn boot(cfg: BootConfig) -> Result<Vm, VmError> {
+        let span = info_span!("vm", id = %cfg.id);
+        async {
+            let started = Instant::now();
+            create_vm_dir(&cfg.dir)?;
+            let paths = VmPaths::new(&cfg.dir);
+            let result = async {
+                disk::create_overlay(&paths.disk(), &cfg.base_disk, BackingFormat::Raw).await?;
+                let memory = MemoryBacking::SharedFile(paths.memory());
+                Vm::start(
+                    cfg.id.clone(),
+                    paths.clone(),
+                    cfg.machine,
+                    cfg.assets,
+                    memory,
+                    None,
+                    cfg.timeout,
+                    cfg.die_with_parent,
+                )
+                .await
+            }
+            .await;
+            if result.is_err() {
+                let _ = std::fs::remove_dir_all(&cfg.dir);
+            }
+            let vm = result?;
+            info!(elapsed_ms = started.elapsed().as_millis() as u64, "booted");
+            Ok(vm)
+        }
+        .instrument(span.clone())
+        .await
+    }
+
+    /// Starts QEMU, loads `incoming` state if any, and connects the agent. On failure QEMU
+    /// is killed; the caller owns the directory.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn start(
+        id: VmId,
+        paths: VmPaths,
+        machine: MachineSpec,
+        assets: GuestAssets,
+        memory: MemoryBacking,
+        incoming: Option<Incoming>,
+        timeout: Duration,
+        die_with_parent: bool,
+    ) -> Result<Vm, VmError> {
+        let span = Span::current();
+        let args = qemu_args(&machine, &assets, &paths, &memory, incoming.is_some());
+        let process = QemuProcess::spawn(&args, &paths.console_log(), die_with_parent)?;
+        let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
+            id: id.clone(),
+            exit,
+            console: process.diagnostics(CONSOLE_TAIL),
+        };
+        let setup = async {
+            let qmp = Qmp::connect(&paths.qmp_socket(), timeout)
+                .await
+                .map_err(|source| VmError::Qmp {
+                    id: id.clone(),
+                    source,
+                })?;
+            if let Some(incoming) = &incoming {
+                load_state(&id, &qmp, incoming, timeout).await?;
+            }
+            let agent = AgentClient::connect(&paths.agent_socket(), timeout)
+                .await
+                .map_err(|source| VmError::Agent {
+                    id: id.clone(),
+                    source,
+                })?;
+            Ok::<_, VmError>((qmp, agent))
+        };
+        let outcome = tokio::select! {
+            r = setup => r,
+            exit = process.wait() => Err(crashed(&process, exit)),
+        };
+        match outcome {
+            Ok((qmp, agent)) => Ok(Vm {
+                id,
+                paths,
+                machine,
+                assets,
+                memory,
+                process,
+                qmp,
+                agent,
+                span,
+                die_with_parent,
+                owns_dir: true,
+            }),
+            Err(e) => {
+                // A setup error may really be a crash seen from the other side first.
+                let e = match tokio::time::timeout(Duration::from_millis(200), process.wait()).await
+                {
+                    Ok(exit) if !matches!(e, VmError::Crashed { .. }) => crashed(&process, exit),
+                    _ => e,
+                };
+                process.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    pub fn id(&self) -> &VmId {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    pub fn machine(&self) -> &MachineSpec {
+        &self.machine
+    }
+
+    pub fn qemu_pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The agent client. Errors from it can be turned into crash reports with
+    /// [`Vm::explain`].
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Turns an agent failure into a crash report when QEMU has died meanwhile.
+    pub async fn explain(&self, source: AgentError) -> VmError {
+        if let Ok(exit) =
+            tokio::time::timeout(Duration::from_millis(300), self.process.wait()).await
+        {
+            return VmError::Crashed {
+                id: self.id.clone(),
+                exit,
+                console: self.process.diagnostics(CONSOLE_TAIL),
+            };
+        }
+        VmError::Agent {
+            id: self.id.clone(),
+            source,
+        }
+    }
+
+    /// If QEMU has ended, the crash report.
+    pub fn crash(&self) -> Option<VmError> {
+        self.process.exited().map(|exit| VmError::Crashed {
+            id: self.id.clone(),
+            exit,
+            console: self.process.diagnostics(CONSOLE_TAIL),
+        })
+    }
+
+    /// Waits until QEMU ends and returns the crash report.
+    pub async fn wait_crash(&self) -> VmError {
+        let exit = self.process.wait().await;
+        VmError::Crashed {
+            id: self.id.clone(),
+            exit,
+            console: self.process.diagnostics(CONSOLE_TAIL),
+        }
+    }
+
+    /// Runs a process in the guest and collects its output (up to 64 MiB).
+    pub async fn exec(
+        &self,
+        req: ExecRequest,
+        stdin: Option<&[u8]>,
+    ) -> Result<ExecOutput, VmError> {
+        match self
+            .agent
+            .exec(req, stdin, 64 << 20)
+            .instrument(self.span.clone())
+            .await
+        {
+            Ok(out) => Ok(out),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    /// Runs `sh -c script` in the guest.
+    pub async fn sh(&self, script: &str) -> Result<ExecOutput, VmError> {
+        let process = ProcessSpec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        };
+        self.exec(
+            ExecRequest {
+                process,
+                stdin: false,
+                timeout_ms: None,
+            },
+            None,
+        )
+        .await
+    }
+
+    pub(crate) async fn qmp(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, VmError> {
+        self.qmp
+            .execute(command, args)
+            .await
+            .map_err(|source| VmError::Qmp {
+                id: self.id.clone(),
+                source,
+            })
+    }
+
+    /// Stops the guest and writes its state to `path` (`ignore_shared`: skip shared RAM).
+    pub(crate) async fn save_state(&self, path: &Path, ignore_shared: bool) -> Result<(), VmError> {
+        self.qmp("stop", json!({})).await?;
+        self.qmp(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}),
+        )
+        .await?;
+        let uri = format!("exec:cat > {}", shell_quote(&self.id, path)?);
+        self.qmp("migrate", json!({ "uri": uri })).await?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let status = self.qmp("query-migrate", json!({})).await?;
+            match status["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let reason = status["error-desc"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_string();
+                    return Err(VmError::Migration {
+                        id: self.id.clone(),
+                        reason,
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(VmError::Timeout {
+                        id: self.id.clone(),
+                        what: "saving state",
+                        timeout: Duration::from_secs(300),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Ends QEMU after a successful save, and gives the directory to the caller.
+    pub(crate) async fn finish_after_save(
+        mut self,
+    ) -> (VmPaths, MachineSpec, GuestAssets, VmId, bool) {
+        let _ = self.qmp.execute("quit", json!({})).await;
+        if tokio::time::timeout(Duration::from_secs(10), self.process.wait())
+            .await
+            .is_err()
+        {
+            self.process.kill().await;
+        }
+        self.owns_dir = false;
+        (
+            self.paths.clone(),
+            self.machine.clone(),
+            self.assets.clone(),
+            self.id.clone(),
+            self.die_with_parent,
+        )
+    }
+
+    /// Kills QEMU and removes every file of this VM.
+    pub async fn destroy(mut self) -> Result<(), VmError> {
+        let exit = self.process.kill().await;
+        info!(parent: &self.span, %exit, "destroyed");
+        self.owns_dir = false;
+        remove_dir(&self.paths.dir)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.owns_dir {
+            warn!(parent: &self.span, "VM dropped without destroy(): killing QEMU and removing its files");
+            // The kill is asynchronous; QEMU can keep an unlinked file open briefly.
+            let process = &self.process;
+            if process.exited().is_none() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(process.pid() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = std::fs::remove_dir_all(&self.paths.dir);
+        }
+    }
+}
+
+pub(crate) async fn load_state(
+    id: &VmId,
+    qmp: &Qmp,
+    incoming: &Incoming,
+    timeout: Duration,
+) -> Result<(), VmError> {
+    let q = |source| VmError::Qmp {
+        id: id.clone(),
+        source,
+    };
+    qmp.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": incoming.ignore_shared}]}),
+    )
+    .await
+    .map_err(q)?;
+    let uri = format!("exec:cat {}", shell_quote(id, &incoming.state)?);
+    qmp.execute("migrate-incoming", json!({ "uri": uri }))
+        .await
+        .map_err(q)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = qmp.execute("query-status", json!({})).await.map_err(q)?;
+        match status["status"].as_str().unwrap_or("") {
+            "inmigrate" if Instant::now() > deadline => {
+                return Err(VmError::Timeout {
+                    id: id.clone(),
+                    what: "loading state",
+                    timeout,
+                })
+            }
+            "inmigrate" => tokio::time::sleep(Duration::from_millis(2)).await,
+            "paused" | "prelaunch" => break,
+            other => {
+                let migrate = qmp
+                    .execute("query-migrate", json!({}))
+                    .await
+                    .unwrap_or_default();
+                let reason = migrate["error-desc"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("guest status {other}"));
+                return Err(VmError::Migration {
+                    id: id.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    let migrate = qmp.execute("query-migrate", json!({})).await.map_err(q)?;
+    if migrate["status"].as_str() == Some("failed") {
+        let reason = migrate["error-desc"]
+            .as_str()
+            .unwrap_or("no reason given")
+            .to_string();
+        return Err(VmError::Migration {
+            id: id.clone(),
+            reason,
+        });
+    }
+    qmp.execute("cont", json!({})).await.map_err(q)?;
+    Ok(())
+}
+
+/// Quotes a kiln-made path for QEMU's `exec:` migration. Paths with a quote are refused.
+fn shell_quote(id: &VmId, path: &Path) -> Result<String, VmError> {
+    let text = path
+        .to_str()
+        .filter(|s| !s.contains('\'') && !s.contains('\n'))
+        .ok_or_else(|| VmError::Invalid {
+            id: id.clone(),
+            reason: format!(
+                "state path {} contains a quote or is not UTF-8",
+                path.display()
+            ),
+        })?;
+    Ok(format!("'{text}'"))
+}
+
+pub(crate) fn create_vm_dir(dir: &Path) -> Result<(), VmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() {
+        return Err(VmError::DirExists(dir.to_path_buf()));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| VmError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+pub(crate) fn remove_dir(dir: &Path) -> Result<(), VmError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Installs what kiln needs on a Debian 12 host and builds the guest assets.
+# Idempotent and cached: a second run checks, finds everything current and does nothing.
+#
+#   KILN_HOME    state directory            (default /var/lib/kiln)
+#   KILN_ASSETS  guest assets directory     (default $KILN_HOME/assets)
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+KILN_HOME=${KILN_HOME:-/var/lib/kiln}
+assets=${KILN_ASSETS:-$KILN_HOME/assets}
+target=x86_64-unknown-linux-gnu
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+# --- host packages --------------------------------------------------------------------
+packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio kmod)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || { say "need root to install: ${missing[*]}"; exit 1; }
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+mkdir -p "$assets/kernel" "$assets/bases"
+
+# --- guest kernel: Debian's package, vmlinuz + the few modules the guest loads ----------------
+if [ ! -s "$assets/kernel/vmlinuz" ] || [ ! -s "$assets/kernel/version" ]; then
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    if [ -z "$pkg" ]; then
+        apt-get update -qq
+        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    fi
+    [ -n "$pkg" ] || { say "cannot find Debian's kernel package (linux-image-amd64)"; exit 1; }
+    say "fetching guest kernel $pkg"
+    (cd "$work" && apt-get download -q "$pkg" >/dev/null 2>&1)
+    dpkg-deb -x "$work"/"$pkg"_*.deb "$work/x"
+    kver=${pkg#linux-image-}
+    mods="$work/x/lib/modules/$kver"
+    rm -rf "$assets/kernel/modules" && mkdir -p "$assets/kernel/modules"
+    while read -r m; do
+        f=$(find "$mods" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n1)
+        [ -n "$f" ] || { say "kernel $kver has no module $m"; exit 1; }
+        case "$f" in
+            *.xz) xz -dc "$f" >"$assets/kernel/modules/$m.ko" ;;
+            *.zst) zstd -qdc "$f" >"$assets/kernel/modules/$m.ko" ;;
+            *) cp "$f" "$assets/kernel/modules/$m.ko" ;;
+        esac
+    done <"$repo/guest/modules.order"
+    cp "$work/x/boot/vmlinuz-$kver" "$assets/kernel/vmlinuz.tmp"
+    mv "$assets/kernel/vmlinuz.tmp" "$assets/kernel/vmlinuz"
+    echo "$kver" >"$assets/kernel/version"
+    rm -rf "$work"
+    trap - EXIT
+fi
+
+# --- the agent: a static binary (no musl target here: glibc with crt-static) ---------------
+say "building kiln-agent (static)"
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
+    cargo build -q --release -p kiln-agent --target "$target" --manifest-path "$repo/Cargo.toml"
+agent="$repo/target/$target/release/kiln-agent"
+if ! ldd "$agent" 2>&1 | grep -Eq 'statically linked|not a dynamic'; then
+    say "kiln-agent is not static"; exit 1
+fi
+
+# --- initramfs: busybox + init + modules + agent, rebuilt when any input changes --------------
+inputs=$(cat "$agent" /bin/busybox "$repo/guest/init" "$repo/guest/modules.order" "$assets"/kernel/modules/*.ko | sha256sum | cut -c1-16)
+if [ "$(cat "$assets/initramfs.key" 2>/dev/null)" != "$inputs" ]; then
+    say "building initramfs"
+    ir=$(mktemp -d)
+    mkdir -p "$ir"/{bin,dev,proc,sys,newroot,lib/kiln-modules}
+    cp /bin/busybox "$ir/bin/busybox"
+    cp "$repo/guest/init" "$ir/init" && chmod 0755 "$ir/init"
+    cp "$assets"/kernel/modules/*.ko "$ir/lib/kiln-modules/"
+    cp "$repo/guest/modules.order" "$ir/lib/kiln-modules/order"
+    cp "$agent" "$ir/kiln-agent"
+    (cd "$ir" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$assets/initramfs.cpio.tmp"
+    mv "$assets/initramfs.cpio.tmp" "$assets/initramfs.cpio"
+    echo "$inputs" >"$assets/initramfs.key"
+    rm -rf "$ir"
+fi
+
+# --- busybox base root disk ------------------------------------------------------------------
+bbver=$(/bin/busybox --help 2>&1 | head -n1 | sha256sum | cut -c1-16)
+if [ "$(cat "$assets/bases/busybox.key" 2>/dev/null)" != "$bbver" ]; then
+    say "building the busybox base disk"
+    root=$(mktemp -d)
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,root,home,var/tmp,.kiln}
+    chmod 1777 "$root/tmp" "$root/var/tmp"
+    chmod 0700 "$root/root"
+    cp /bin/busybox "$root/bin/busybox"
+    for applet in $(/bin/busybox --list-full); do
+        [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+    printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$root/etc/group"
+    printf 'NAME="kiln busybox"\nID=kiln-busybox\nPRETTY_NAME="kiln busybox base"\n' >"$root/etc/os-release"
+    printf '127.0.0.1 localhost kiln\n::1 localhost\n' >"$root/etc/hosts"
+    rm -f "$assets/bases/busybox.ext4.tmp"
+    mke2fs -q -t ext4 -E root_owner=0:0 -L kiln-busybox -d "$root" "$assets/bases/busybox.ext4.tmp" 64M
+    mv "$assets/bases/busybox.ext4.tmp" "$assets/bases/busybox.ext4"
+    echo "$bbver" >"$assets/bases/busybox.key"
+    rm -rf "$root"
+fi
+say "guest assets ready in $assets"
