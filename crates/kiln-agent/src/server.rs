@@ -49,7 +49,8 @@ impl AgentState {
 pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
     let mut quiet_failures = 0u32;
     loop {
-        let result = handshake::server(port.clone(), |generation| HelloAck {
+        let result = handshake::server(port.clone(), |nonce, generation| HelloAck {
+            nonce,
             generation,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             sessions: state.sessions.fetch_add(1, Ordering::Relaxed) + 1,

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::path::PathBuf;
 
 use kiln_proto::frame::encode;
-use kiln_proto::handshake::{Hello, HelloAck, HelloReply, ENTROPY_LEN, MAGIC};
+use kiln_proto::handshake::{Hello, HelloAck, HelloReply, ENTROPY_LEN};
 use kiln_proto::*;
 use serde::Serialize;
 use serde_bytes::ByteBuf;
@@ -49,7 +49,7 @@ fn render() -> String {
         timed_out: false,
     };
     let hello = Hello {
-        magic: MAGIC,
+        nonce: 99,
         min_generation: 1,
         max_generation: 2,
         entropy: ByteBuf::from(vec![0xab; ENTROPY_LEN]),
@@ -58,6 +58,7 @@ fn render() -> String {
     };
     line(&mut out, 1, &hello);
     let ack = HelloAck {
+        nonce: 99,
         generation: 1,
         agent_version: "0.1.0".into(),
         sessions: 2,
@@ -67,6 +68,7 @@ fn render() -> String {
         &mut out,
         1,
         &HelloReply::Reject {
+            nonce: 99,
             agent_min: 1,
             agent_max: 1,
         },

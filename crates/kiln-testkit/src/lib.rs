@@ -17,7 +17,7 @@ use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, SuspendedVm, Template, Vm};
 use tempfile::TempDir;
 
 /// Generous under TCG, where a cold boot takes ~4.5 s on an idle core.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Logs to the test's output (shown on failure), once per process.
 pub fn init_logging() {

@@ -103,7 +103,7 @@ impl AgentClient {
     {
         let mut entropy = vec![0u8; ENTROPY_LEN];
         rand::rngs::OsRng.fill_bytes(&mut entropy);
-        let hello = Hello::new(entropy, SystemTime::now());
+        let hello = Hello::new(rand::random(), entropy, SystemTime::now());
         let (ack, io) = tokio::time::timeout(timeout, handshake::client(io, &hello))
             .await
             .map_err(|_| AgentError::Timeout(timeout))??;

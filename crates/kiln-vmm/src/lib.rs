@@ -10,6 +10,7 @@
 pub mod accel;
 pub mod agent;
 pub mod assets;
+pub mod base_template;
 pub mod disk;
 pub mod machine;
 pub mod manifest;

@@ -154,7 +154,7 @@ impl Manifest {
                 &MACHINE_LAYOUT_VERSION,
             );
         }
-        if self.kernel_cmdline != KERNEL_CMDLINE {
+        if !self.kernel_cmdline.starts_with(KERNEL_CMDLINE) {
             differ("kernel command line", &self.kernel_cmdline, &KERNEL_CMDLINE);
         }
         if self.qemu_version != host.qemu_version {

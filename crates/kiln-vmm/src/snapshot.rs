@@ -16,9 +16,9 @@ use tracing::{info, info_span, Instrument};
 
 use crate::assets::GuestAssets;
 use crate::disk::{self, BackingFormat};
-use crate::machine::{MachineSpec, MemoryBacking, VmPaths, KERNEL_CMDLINE, MACHINE_LAYOUT_VERSION};
+use crate::machine::{MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION};
 use crate::manifest::{sha256_file, HostFacts, Manifest, SnapshotKind, MANIFEST_FORMAT};
-use crate::vm::{create_vm_dir, remove_dir, Incoming, Vm, VmError};
+use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, Vm, VmError};
 
 const STATE_FILE: &str = "device.state";
 const MEMORY_FILE: &str = "memory.ram";
@@ -54,25 +54,23 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
 }
 
 fn manifest_for(
-    vm_id: &VmId,
+    saved: &SavedVm,
     kind: SnapshotKind,
-    machine: &MachineSpec,
-    assets: &GuestAssets,
     state: &Path,
     memory_bytes: Option<u64>,
 ) -> Result<Manifest, VmError> {
-    let host = HostFacts::new(assets);
+    let host = HostFacts::new(&saved.assets);
     Ok(Manifest {
         format_version: MANIFEST_FORMAT,
         kind,
-        vm_id: vm_id.to_string(),
+        vm_id: saved.id.to_string(),
         created_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        machine: machine.clone(),
+        machine: saved.machine.clone(),
         machine_layout: MACHINE_LAYOUT_VERSION,
-        kernel_cmdline: KERNEL_CMDLINE.to_string(),
+        kernel_cmdline: saved.kernel_cmdline.clone(),
         kernel_version: host.kernel_version,
         initramfs_key: host.initramfs_key,
         qemu_version: host.qemu_version,
@@ -117,13 +115,13 @@ impl Vm {
                 let state = dir.join(STATE_FILE);
                 self.save_state(&state, true).await?;
                 let memory_bytes = u64::from(self.machine.memory_mib) << 20;
-                let (paths, machine, assets, id, _) = self.finish_after_save().await;
-                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (paths.disk(), dir.join(DISK_FILE))] {
+                let saved = self.finish_after_save().await;
+                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (saved.paths.disk(), dir.join(DISK_FILE))] {
                     std::fs::rename(&from, &to).map_err(io_err(&to))?;
                     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).map_err(io_err(&to))?;
                 }
-                remove_dir(&paths.dir)?;
-                let manifest = manifest_for(&id, SnapshotKind::Template, &machine, &assets, &state, Some(memory_bytes))?;
+                remove_dir(&saved.paths.dir)?;
+                let manifest = manifest_for(&saved, SnapshotKind::Template, &state, Some(memory_bytes))?;
                 manifest.write(dir).map_err(io_err(dir))?;
                 Ok::<_, VmError>(Template { dir: dir.to_path_buf(), manifest })
             }
@@ -156,29 +154,22 @@ impl Vm {
                 return Err(e);
             }
             let memory = self.memory.clone();
-            let (paths, machine, assets, id, die_with_parent) = self.finish_after_save().await;
+            let saved = self.finish_after_save().await;
             if let MemoryBacking::SharedFile(ram) = memory {
                 let _ = std::fs::remove_file(ram);
             }
-            let manifest = manifest_for(
-                &id,
-                SnapshotKind::Suspended,
-                &machine,
-                &assets,
-                &state,
-                None,
-            )?;
+            let manifest = manifest_for(&saved, SnapshotKind::Suspended, &state, None)?;
             manifest.write(&suspend_dir).map_err(io_err(&suspend_dir))?;
             info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "suspended"
             );
             Ok(SuspendedVm {
-                id,
-                paths,
-                assets,
+                id: saved.id,
+                paths: saved.paths,
+                assets: saved.assets,
                 manifest,
-                die_with_parent,
+                die_with_parent: saved.die_with_parent,
             })
         }
         .instrument(span)
@@ -246,6 +237,7 @@ impl Template {
                     manifest.machine.clone(),
                     cfg.assets.clone(),
                     MemoryBacking::PrivateFile(memory),
+                    manifest.kernel_cmdline.clone(),
                     Some(Incoming { state, ignore_shared: true }),
                     cfg.timeout,
                     cfg.die_with_parent,
@@ -331,6 +323,7 @@ impl SuspendedVm {
                 manifest.machine.clone(),
                 self.assets.clone(),
                 MemoryBacking::Anonymous,
+                manifest.kernel_cmdline.clone(),
                 Some(Incoming {
                     state,
                     ignore_shared: false,

@@ -47,6 +47,13 @@ pub enum VmError {
         #[source]
         source: AgentError,
     },
+    #[error("Agent of VM {id} did not answer\n--- console tail ---\n{console}")]
+    AgentUnreachable {
+        id: VmId,
+        #[source]
+        source: AgentError,
+        console: String,
+    },
     #[error("VM {id} crashed: {exit}\n--- console tail ---\n{console}")]
     Crashed {
         id: VmId,
@@ -85,6 +92,16 @@ pub struct BootConfig {
     pub die_with_parent: bool,
 }
 
+/// What remains of a VM whose state was saved and whose QEMU has ended.
+pub(crate) struct SavedVm {
+    pub id: VmId,
+    pub paths: VmPaths,
+    pub machine: MachineSpec,
+    pub assets: GuestAssets,
+    pub kernel_cmdline: String,
+    pub die_with_parent: bool,
+}
+
 /// A stream of guest state to load at start.
 pub(crate) struct Incoming {
     pub state: PathBuf,
@@ -97,6 +114,8 @@ pub struct Vm {
     pub(crate) machine: MachineSpec,
     pub(crate) assets: GuestAssets,
     pub(crate) memory: MemoryBacking,
+    /// The command line the guest booted with (restores reuse it).
+    pub(crate) kernel_cmdline: String,
     pub(crate) process: QemuProcess,
     pub(crate) qmp: Qmp,
     pub(crate) agent: AgentClient,
@@ -117,12 +136,14 @@ impl Vm {
             let result = async {
                 disk::create_overlay(&paths.disk(), &cfg.base_disk, BackingFormat::Raw).await?;
                 let memory = MemoryBacking::SharedFile(paths.memory());
+                let cmdline = crate::machine::kernel_cmdline(cfg.machine.accel);
                 Vm::start(
                     cfg.id.clone(),
                     paths.clone(),
                     cfg.machine,
                     cfg.assets,
                     memory,
+                    cmdline,
                     None,
                     cfg.timeout,
                     cfg.die_with_parent,
@@ -150,12 +171,20 @@ impl Vm {
         machine: MachineSpec,
         assets: GuestAssets,
         memory: MemoryBacking,
+        kernel_cmdline: String,
         incoming: Option<Incoming>,
         timeout: Duration,
         die_with_parent: bool,
     ) -> Result<Vm, VmError> {
         let span = Span::current();
-        let args = qemu_args(&machine, &assets, &paths, &memory, incoming.is_some());
+        let args = qemu_args(
+            &machine,
+            &assets,
+            &paths,
+            &memory,
+            &kernel_cmdline,
+            incoming.is_some(),
+        );
         let process = QemuProcess::spawn(&args, &paths.console_log(), die_with_parent)?;
         let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
             id: id.clone(),
@@ -174,9 +203,10 @@ impl Vm {
             }
             let agent = AgentClient::connect(&paths.agent_socket(), timeout)
                 .await
-                .map_err(|source| VmError::Agent {
+                .map_err(|source| VmError::AgentUnreachable {
                     id: id.clone(),
                     source,
+                    console: process.diagnostics(CONSOLE_TAIL),
                 })?;
             Ok::<_, VmError>((qmp, agent))
         };
@@ -191,6 +221,7 @@ impl Vm {
                 machine,
                 assets,
                 memory,
+                kernel_cmdline,
                 process,
                 qmp,
                 agent,
@@ -355,9 +386,7 @@ impl Vm {
     }
 
     /// Ends QEMU after a successful save, and gives the directory to the caller.
-    pub(crate) async fn finish_after_save(
-        mut self,
-    ) -> (VmPaths, MachineSpec, GuestAssets, VmId, bool) {
+    pub(crate) async fn finish_after_save(mut self) -> SavedVm {
         let _ = self.qmp.execute("quit", json!({})).await;
         if tokio::time::timeout(Duration::from_secs(10), self.process.wait())
             .await
@@ -366,13 +395,14 @@ impl Vm {
             self.process.kill().await;
         }
         self.owns_dir = false;
-        (
-            self.paths.clone(),
-            self.machine.clone(),
-            self.assets.clone(),
-            self.id.clone(),
-            self.die_with_parent,
-        )
+        SavedVm {
+            id: self.id.clone(),
+            paths: self.paths.clone(),
+            machine: self.machine.clone(),
+            assets: self.assets.clone(),
+            kernel_cmdline: self.kernel_cmdline.clone(),
+            die_with_parent: self.die_with_parent,
+        }
     }
 
     /// Kills QEMU and removes every file of this VM.
@@ -381,6 +411,16 @@ impl Vm {
         info!(parent: &self.span, %exit, "destroyed");
         self.owns_dir = false;
         remove_dir(&self.paths.dir)
+    }
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("dir", &self.paths.dir)
+            .field("qemu_pid", &self.process.pid())
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,0 +1,175 @@
+//! `kiln bench`: measured side by side in one run, never asserted.
+//! - cold boot → agent ready vs launch from template → agent ready (ratio);
+//! - suspend and resume times;
+//! - host memory (PSS) of N clones of one template vs one cold-booted VM.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kiln_types::VmId;
+use kiln_vmm::snapshot::LaunchConfig;
+use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Vm};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Repetitions of each timed step (medians are printed).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Clones to launch for the memory measurement.
+    #[arg(long, default_value_t = 10)]
+    clones: usize,
+    /// Base image to measure.
+    #[arg(long, default_value = "busybox")]
+    base: String,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Proportional set size of a process in KiB (shared pages divided among sharers).
+fn pss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let accel = kiln_vmm::accel::detect()?;
+    let assets = GuestAssets::locate()?;
+    let machine = MachineSpec::new(accel.accel);
+    let scratch = crate::sandbox::kiln_home()
+        .join("bench")
+        .join(std::process::id().to_string());
+    std::fs::create_dir_all(&scratch)?;
+    println!(
+        "kiln bench: accel={} ({}), {} MiB guest, base {}",
+        accel.accel, accel.reason, machine.memory_mib, args.base
+    );
+    let result = measure(&args, &assets, &machine, &scratch).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn id(name: String) -> VmId {
+    VmId::new(name).expect("bench ids are valid")
+}
+
+async fn measure(
+    args: &BenchArgs,
+    assets: &GuestAssets,
+    machine: &MachineSpec,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    let boot = |n: usize| BootConfig {
+        id: id(format!("cold-{n}")),
+        dir: scratch.join(format!("cold-{n}")),
+        machine: machine.clone(),
+        assets: assets.clone(),
+        base_disk: assets.base_disk(&args.base).expect("base exists"),
+        timeout: Duration::from_secs(120),
+        die_with_parent: true,
+    };
+    // Cold boots; the last one becomes the template.
+    let mut cold = Vec::new();
+    let mut last = None;
+    for n in 0..args.rounds {
+        let t = Instant::now();
+        let vm = Vm::boot(boot(n)).await?;
+        cold.push(t.elapsed());
+        if let Some(prev) = last.replace(vm) {
+            prev.destroy().await?;
+        }
+    }
+    let single = last.expect("at least one round");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let single_pss = pss_kib(single.qemu_pid());
+    let t = Instant::now();
+    let template = single.snapshot_template(&scratch.join("template")).await?;
+    let snapshot_time = t.elapsed();
+
+    let launch = |name: String| LaunchConfig {
+        id: id(name.clone()),
+        dir: scratch.join(name),
+        machine: Some(machine.clone()),
+        assets: assets.clone(),
+        timeout: Duration::from_secs(60),
+        die_with_parent: true,
+    };
+    let mut launches = Vec::new();
+    let (mut suspends, mut resumes) = (Vec::new(), Vec::new());
+    for n in 0..args.rounds {
+        let t = Instant::now();
+        let vm = template.launch(launch(format!("clone-{n}"))).await?;
+        launches.push(t.elapsed());
+        vm.sh("echo warm > /tmp/w").await?;
+        let t = Instant::now();
+        let suspended = vm.suspend().await?;
+        suspends.push(t.elapsed());
+        let t = Instant::now();
+        let vm = suspended.resume(Duration::from_secs(60)).await?;
+        resumes.push(t.elapsed());
+        vm.destroy().await?;
+    }
+
+    let mut clones = Vec::new();
+    for n in 0..args.clones {
+        let vm = template.launch(launch(format!("mem-{n}"))).await?;
+        vm.sh("true").await?;
+        clones.push(vm);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clone_pss: u64 = clones.iter().map(|vm| pss_kib(vm.qemu_pid())).sum();
+    for vm in clones {
+        vm.destroy().await?;
+    }
+
+    let (cold_ms, launch_ms) = (ms(median(cold)), ms(median(launches)));
+    println!(
+        "cold boot -> agent ready         {cold_ms:>9.1} ms (median of {})",
+        args.rounds
+    );
+    println!(
+        "template launch -> agent ready   {launch_ms:>9.1} ms (median of {})",
+        args.rounds
+    );
+    println!(
+        "  ratio cold/launch              {:>9.1}x",
+        cold_ms / launch_ms
+    );
+    println!(
+        "template snapshot                {:>9.1} ms",
+        ms(snapshot_time)
+    );
+    println!(
+        "suspend (state to disk)          {:>9.1} ms",
+        ms(median(suspends))
+    );
+    println!(
+        "resume -> agent ready            {:>9.1} ms",
+        ms(median(resumes))
+    );
+    println!("PSS of one cold-booted VM        {:>9} KiB", single_pss);
+    println!(
+        "PSS of {} clones (sum)           {:>9} KiB",
+        args.clones, clone_pss
+    );
+    if single_pss > 0 {
+        println!(
+            "  {} clones vs {} separate VMs   {:>9.2}x the memory",
+            args.clones,
+            args.clones,
+            clone_pss as f64 / (single_pss * args.clones as u64) as f64
+        );
+    }
+    template.delete()?;
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! `kiln`: the command line. For now: `doctor`, `sandbox` (run a command in a fresh
+//! microVM launched from a cached template) and `bench`.
+
+mod bench;
+mod doctor;
+mod sandbox;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Self-hostable microVM sandboxes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report guest assets, QEMU, and which accelerator kiln will use and why.
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a fresh sandbox launched from the base image's template snapshot.
+    Sandbox(sandbox::SandboxArgs),
+    /// Measure cold boot vs launch from template, suspend/resume, and clone memory.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Doctor { json } => doctor::run(json).map(|ok| if ok { 0 } else { 1 }),
+            Command::Sandbox(args) => sandbox::run(args).await,
+            Command::Bench(args) => bench::run(args).await.map(|()| 0),
+        }
+    })?;
+    std::process::exit(code);
+}
