@@ -105,11 +105,16 @@ async fn exec_runs_processes_with_their_io_and_limits() {
     let out = vm.exec(slow, None).await.unwrap();
     assert!(out.status.timed_out);
     assert_eq!(out.status.signal, Some(9));
+    const FIND: &str = "ps | grep '[s]leep 1000' || true";
     assert_eq!(
-        vm.ok("pgrep -f 'sleep 1000' || true").await,
+        vm.ok(FIND).await,
         "",
         "children of a timed-out exec are gone"
     );
+    // Control: the same probe does see such a process while it runs.
+    vm.ok("sleep 1000 >/dev/null 2>&1 &").await;
+    assert!(vm.ok(FIND).await.contains("sleep 1000"));
+    vm.ok("killall sleep").await;
 
     // A stream the host never reads stalls only itself: flow control bounds it.
     let agent = vm.agent().clone();

@@ -66,9 +66,27 @@ async fn clones_inherit_template_state_then_diverge_and_survive_suspend() {
     a.ok("echo only-a > /a-only.txt; sync").await;
     assert!(b.sh("cat /a-only.txt").await.unwrap().status.code != Some(0));
 
-    // Suspend and resume keep memory (the counter), disk, and the agent channel.
+    // Suspend and resume keep memory (the counter), disk, and the agent channel; a stream
+    // open across the suspend ends cleanly instead of hanging.
     let before_suspend = count(&a).await;
+    let mut open_stream = a
+        .agent()
+        .exec_stream(kiln_proto::ExecRequest {
+            process: kiln_proto::ProcessSpec {
+                argv: vec!["sleep".into(), "30".into()],
+                ..Default::default()
+            },
+            stdin: false,
+            timeout_ms: None,
+        })
+        .await
+        .unwrap();
     let a = suspend_resume(a).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), open_stream.next()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "old stream ends with an error: {ended:?}"
+    );
     assert!(count(&a).await >= before_suspend);
     assert_counting(&a).await;
     assert_eq!(a.ok("cat /mine.txt").await, "from-a\n");
