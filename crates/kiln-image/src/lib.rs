@@ -1,0 +1,3 @@
+//! kiln-image: turns a Dockerfile and its build context into a snapshot image.
+
+pub mod dockerfile;
