@@ -48,6 +48,11 @@ pub fn prepare_guest() {
     if let Err(e) = loopback_up() {
         warn!("bringing up lo: {e}");
     }
+    match crate::net::configure("eth0") {
+        Ok(true) => tracing::info!("eth0 configured for user-mode networking"),
+        Ok(false) => {}
+        Err(e) => warn!("configuring eth0: {e}"),
+    }
     let _ = nix::unistd::sethostname("kiln");
 }
 

@@ -7,11 +7,13 @@
 //! and the right time). See docs/ARCHITECTURE.md.
 
 mod app;
+mod archive;
 mod exec;
 mod files;
 mod forward;
 mod http;
 mod init;
+mod net;
 mod port;
 mod process;
 mod reaper;

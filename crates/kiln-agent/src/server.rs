@@ -156,6 +156,7 @@ async fn handle_stream(stream: Stream, session: Session, state: Arc<AgentState>)
                 .send(&GuestFrame::Logs(serde_bytes::ByteBuf::from(tail)))
                 .await
         }
+        Request::PutArchive(req) => crate::archive::put(framed, req).await,
         Request::Detach => {
             let sent = framed.send(&GuestFrame::Ok).await;
             let _ = framed.close().await;

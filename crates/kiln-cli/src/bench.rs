@@ -75,6 +75,8 @@ async fn measure(
         machine: machine.clone(),
         assets: assets.clone(),
         base_disk: assets.base_disk(&args.base).expect("base exists"),
+        base_format: kiln_vmm::disk::BackingFormat::Raw,
+        top_disk: None,
         timeout: Duration::from_secs(120),
         die_with_parent: true,
     };

@@ -39,6 +39,9 @@ pub enum Request {
     /// The host is about to snapshot the VM or go away: the agent replies `Ok`, ends this
     /// session and waits for a new handshake.
     Detach,
+    /// Host then sends a tar stream as `Chunk`s and `End`; the agent unpacks it under
+    /// `dest` (entries may not escape it). Reply `Ok` or `Error`.
+    PutArchive(PutArchiveRequest),
 }
 
 impl Tagged for Request {
@@ -53,7 +56,8 @@ impl Tagged for Request {
             | Request::StartApp(_)
             | Request::AppStatus
             | Request::AppLogs { .. }
-            | Request::Detach => 1,
+            | Request::Detach
+            | Request::PutArchive(_) => 1,
         }
     }
 }
@@ -85,6 +89,18 @@ pub struct PutFileRequest {
     pub size: u64,
     /// Create missing parent directories.
     pub create_parents: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutArchiveRequest {
+    /// Absolute directory to unpack into; created when missing.
+    pub dest: String,
+    /// `user[:group]` to own every unpacked entry (and `dest` if created); else as archived.
+    pub chown: Option<String>,
+    /// Mode for every unpacked file (directories keep theirs).
+    pub chmod: Option<u32>,
+    /// Most bytes of tar stream the agent accepts.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

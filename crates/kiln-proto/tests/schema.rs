@@ -104,6 +104,12 @@ fn render() -> String {
         Request::AppStatus,
         Request::AppLogs { max_bytes: 100 },
         Request::Detach,
+        Request::PutArchive(PutArchiveRequest {
+            dest: "/app".into(),
+            chown: Some("1000:1000".into()),
+            chmod: Some(0o640),
+            max_bytes: 1 << 20,
+        }),
     ];
     for r in &requests {
         line(&mut out, r.since(), r);

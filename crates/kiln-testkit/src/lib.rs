@@ -126,6 +126,8 @@ pub fn boot_config(dir: &Path, name: &str, machine: MachineSpec) -> BootConfig {
         base_disk: assets
             .base_disk("busybox")
             .expect("busybox base (run scripts/setup.sh)"),
+        base_format: kiln_vmm::disk::BackingFormat::Raw,
+        top_disk: None,
         machine,
         assets,
         timeout: BOOT_TIMEOUT,
@@ -185,4 +187,65 @@ pub async fn suspend_resume(vm: TestVm) -> TestVm {
     let suspended: SuspendedVm = vm.into_inner().suspend().await.expect("suspend");
     assert!(suspended.dir().join("suspended").is_dir());
     TestVm::wrap(suspended.resume(BOOT_TIMEOUT).await.expect("resume"))
+}
+
+/// An image builder working in a throw-away directory.
+pub struct TestBuilder {
+    pub builder: kiln_image::Builder,
+    pub scratch: TempDir,
+}
+
+impl TestBuilder {
+    pub fn new() -> TestBuilder {
+        init_logging();
+        let scratch = scratch();
+        let builder = kiln_image::Builder {
+            images_dir: scratch.path().join("images"),
+            layers_dir: scratch.path().join("layers"),
+            assets: assets(),
+            accel: machine().accel,
+        };
+        TestBuilder { builder, scratch }
+    }
+
+    /// Writes a build context directory from (path, contents) pairs.
+    pub fn context(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.scratch.path().join("contexts").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        for (path, contents) in files {
+            let full = dir.join(path);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("context dir");
+            std::fs::write(&full, contents).expect("context file");
+            if path.ends_with(".sh") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod");
+            }
+        }
+        dir
+    }
+
+    /// Layer files on disk that no cache entry points to (there should be none).
+    pub fn stray_layers(&self) -> Vec<String> {
+        let dir = self.builder.layers_dir.join("index");
+        let referenced: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect();
+        std::fs::read_dir(&self.builder.layers_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| n.ends_with(".qcow2") && !referenced.contains(n))
+            .collect()
+    }
+}
+
+impl Default for TestBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
 }

@@ -9,8 +9,8 @@ use kiln_proto::frame::MAX_CHUNK_LEN;
 use kiln_proto::handshake::{self, HandshakeError, Hello, HelloAck, ENTROPY_LEN};
 use kiln_proto::{
     AgentInfo, AppState, ExecRequest, ExitStatus, FrameError, FramedStream, GetFileRequest,
-    GuestError, GuestFrame, HostFrame, HttpRequest, HttpResponse, ProcessSpec, PutFileRequest,
-    Request, Rewind, Session, SessionEnd, SessionError, Stream,
+    GuestError, GuestFrame, HostFrame, HttpRequest, HttpResponse, ProcessSpec, PutArchiveRequest,
+    PutFileRequest, Request, Rewind, Session, SessionEnd, SessionError, Stream,
 };
 use rand::RngCore;
 use serde_bytes::ByteBuf;
@@ -259,6 +259,21 @@ impl AgentClient {
         }
         s.send(&HostFrame::End).await.map_err(AgentError::Stream)?;
         match self.recv(&mut s, "waiting for the upload result").await? {
+            GuestFrame::Ok => Ok(()),
+            other => Err(self.unexpected(&other, "Ok")),
+        }
+    }
+
+    /// Sends a tar archive that the agent unpacks under `req.dest`.
+    pub async fn put_archive(&self, req: PutArchiveRequest, tar: &[u8]) -> Result<(), AgentError> {
+        let mut s = self.open(&Request::PutArchive(req)).await?;
+        for chunk in tar.chunks(MAX_CHUNK_LEN) {
+            s.send(&HostFrame::Chunk(ByteBuf::from(chunk.to_vec())))
+                .await
+                .map_err(AgentError::Stream)?;
+        }
+        s.send(&HostFrame::End).await.map_err(AgentError::Stream)?;
+        match self.recv(&mut s, "waiting for the unpack result").await? {
             GuestFrame::Ok => Ok(()),
             other => Err(self.unexpected(&other, "Ok")),
         }

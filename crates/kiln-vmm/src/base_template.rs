@@ -48,6 +48,8 @@ pub async fn ensure(
         machine: machine.clone(),
         assets: assets.clone(),
         base_disk,
+        base_format: crate::disk::BackingFormat::Raw,
+        top_disk: None,
         timeout: boot_timeout,
         die_with_parent: true,
     })

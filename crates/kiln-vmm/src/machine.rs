@@ -120,6 +120,7 @@ pub fn qemu_args(
     assets: &GuestAssets,
     paths: &VmPaths,
     memory: &MemoryBacking,
+    disk: &Path,
     kernel_cmdline: &str,
     incoming: bool,
 ) -> Vec<OsString> {
@@ -171,7 +172,7 @@ pub fn qemu_args(
     ]);
     let drive = format!(
         "file={},if=none,id=root,format=qcow2,cache=writeback,discard=unmap",
-        paths.disk().display()
+        disk.display()
     );
     push(&["-drive", &drive, "-device", "virtio-blk-device,drive=root"]);
     push(&["-device", "virtio-serial-device"]);
@@ -240,6 +241,7 @@ mod tests {
             &assets(),
             &VmPaths::new(Path::new("/vm")),
             &MemoryBacking::PrivateFile("/t/memory.ram".into()),
+            Path::new("/vm/disk.qcow2"),
             "console=ttyS0 tsc_early_khz=1000",
             true,
         ));
@@ -274,6 +276,7 @@ mod tests {
             &assets(),
             &VmPaths::new(Path::new("/vm")),
             &MemoryBacking::SharedFile("/vm/memory.ram".into()),
+            Path::new("/vm/disk.qcow2"),
             KERNEL_CMDLINE,
             false,
         ));

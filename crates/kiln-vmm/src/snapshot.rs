@@ -18,7 +18,7 @@ use crate::assets::GuestAssets;
 use crate::disk::{self, BackingFormat};
 use crate::machine::{MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION};
 use crate::manifest::{sha256_file, HostFacts, Manifest, SnapshotKind, MANIFEST_FORMAT};
-use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, Vm, VmError};
+use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, StartSpec, Vm, VmError};
 
 const STATE_FILE: &str = "device.state";
 const MEMORY_FILE: &str = "memory.ram";
@@ -116,7 +116,7 @@ impl Vm {
                 self.save_state(&state, true).await?;
                 let memory_bytes = u64::from(self.machine.memory_mib) << 20;
                 let saved = self.finish_after_save().await;
-                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (saved.paths.disk(), dir.join(DISK_FILE))] {
+                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (saved.active_disk.clone(), dir.join(DISK_FILE))] {
                     std::fs::rename(&from, &to).map_err(io_err(&to))?;
                     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).map_err(io_err(&to))?;
                 }
@@ -143,6 +143,12 @@ impl Vm {
         let span = self.span.clone();
         async move {
             let started = Instant::now();
+            if self.active_disk != self.paths.disk() {
+                return Err(VmError::Invalid {
+                    id: self.id.clone(),
+                    reason: "a VM whose disk lives outside its directory (an image build) cannot be suspended".into(),
+                });
+            }
             let suspend_dir = self.paths.dir.join(SUSPEND_DIR);
             std::fs::create_dir_all(&suspend_dir).map_err(io_err(&suspend_dir))?;
             if let Err(e) = self.agent.detach(DETACH_TIMEOUT).await {
@@ -231,17 +237,18 @@ impl Template {
             let paths = VmPaths::new(&cfg.dir);
             let result = async {
                 disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2).await?;
-                Vm::start(
-                    cfg.id.clone(),
+                Vm::start(StartSpec {
+                    id: cfg.id.clone(),
+                    disk: paths.disk(),
                     paths,
-                    manifest.machine.clone(),
-                    cfg.assets.clone(),
-                    MemoryBacking::PrivateFile(memory),
-                    manifest.kernel_cmdline.clone(),
-                    Some(Incoming { state, ignore_shared: true }),
-                    cfg.timeout,
-                    cfg.die_with_parent,
-                )
+                    machine: manifest.machine.clone(),
+                    assets: cfg.assets.clone(),
+                    memory: MemoryBacking::PrivateFile(memory),
+                    kernel_cmdline: manifest.kernel_cmdline.clone(),
+                    incoming: Some(Incoming { state, ignore_shared: true }),
+                    timeout: cfg.timeout,
+                    die_with_parent: cfg.die_with_parent,
+                })
                 .await
             }
             .await;
@@ -317,20 +324,21 @@ impl SuspendedVm {
             manifest.check(&HostFacts::new(&self.assets), Some(&self.manifest.machine))?;
             let state = suspend_dir.join(STATE_FILE);
             verify_state(&self.id, &manifest, &state)?;
-            let vm = Vm::start(
-                self.id.clone(),
-                self.paths.clone(),
-                manifest.machine.clone(),
-                self.assets.clone(),
-                MemoryBacking::Anonymous,
-                manifest.kernel_cmdline.clone(),
-                Some(Incoming {
+            let vm = Vm::start(StartSpec {
+                id: self.id.clone(),
+                paths: self.paths.clone(),
+                disk: self.paths.disk(),
+                machine: manifest.machine.clone(),
+                assets: self.assets.clone(),
+                memory: MemoryBacking::Anonymous,
+                kernel_cmdline: manifest.kernel_cmdline.clone(),
+                incoming: Some(Incoming {
                     state,
                     ignore_shared: false,
                 }),
                 timeout,
-                self.die_with_parent,
-            )
+                die_with_parent: self.die_with_parent,
+            })
             .await?;
             let _ = std::fs::remove_dir_all(&suspend_dir);
             info!(elapsed_ms = started.elapsed().as_millis() as u64, "resumed");

@@ -84,8 +84,12 @@ pub struct BootConfig {
     pub dir: PathBuf,
     pub machine: MachineSpec,
     pub assets: GuestAssets,
-    /// Read-only raw ext4 root disk the VM's overlay sits on.
+    /// Read-only root disk the VM's overlay sits on: a raw ext4 base or a qcow2 layer.
     pub base_disk: PathBuf,
+    pub base_format: BackingFormat,
+    /// Where to create the VM's writable overlay; inside its directory when `None`.
+    /// Image builds put it in their layer store so it outlives the VM.
+    pub top_disk: Option<PathBuf>,
     pub timeout: Duration,
     /// Kill QEMU when the spawning thread dies (tests, CLI). The daemon turns this off so
     /// guests survive its restart.
@@ -99,6 +103,21 @@ pub(crate) struct SavedVm {
     pub machine: MachineSpec,
     pub assets: GuestAssets,
     pub kernel_cmdline: String,
+    pub active_disk: PathBuf,
+    pub die_with_parent: bool,
+}
+
+/// Everything [`Vm::start`] needs.
+pub(crate) struct StartSpec {
+    pub id: VmId,
+    pub paths: VmPaths,
+    pub machine: MachineSpec,
+    pub assets: GuestAssets,
+    pub memory: MemoryBacking,
+    pub disk: PathBuf,
+    pub kernel_cmdline: String,
+    pub incoming: Option<Incoming>,
+    pub timeout: Duration,
     pub die_with_parent: bool,
 }
 
@@ -114,6 +133,8 @@ pub struct Vm {
     pub(crate) machine: MachineSpec,
     pub(crate) assets: GuestAssets,
     pub(crate) memory: MemoryBacking,
+    /// The writable top of the VM's disk chain.
+    pub(crate) active_disk: PathBuf,
     /// The command line the guest booted with (restores reuse it).
     pub(crate) kernel_cmdline: String,
     pub(crate) process: QemuProcess,
@@ -134,20 +155,20 @@ impl Vm {
             create_vm_dir(&cfg.dir)?;
             let paths = VmPaths::new(&cfg.dir);
             let result = async {
-                disk::create_overlay(&paths.disk(), &cfg.base_disk, BackingFormat::Raw).await?;
-                let memory = MemoryBacking::SharedFile(paths.memory());
-                let cmdline = crate::machine::kernel_cmdline(cfg.machine.accel);
-                Vm::start(
-                    cfg.id.clone(),
-                    paths.clone(),
-                    cfg.machine,
-                    cfg.assets,
-                    memory,
-                    cmdline,
-                    None,
-                    cfg.timeout,
-                    cfg.die_with_parent,
-                )
+                let top = cfg.top_disk.clone().unwrap_or_else(|| paths.disk());
+                disk::create_overlay(&top, &cfg.base_disk, cfg.base_format).await?;
+                Vm::start(StartSpec {
+                    id: cfg.id.clone(),
+                    memory: MemoryBacking::SharedFile(paths.memory()),
+                    paths: paths.clone(),
+                    kernel_cmdline: crate::machine::kernel_cmdline(cfg.machine.accel),
+                    machine: cfg.machine,
+                    assets: cfg.assets,
+                    disk: top,
+                    incoming: None,
+                    timeout: cfg.timeout,
+                    die_with_parent: cfg.die_with_parent,
+                })
                 .await
             }
             .await;
@@ -165,23 +186,26 @@ impl Vm {
     /// Starts QEMU, loads `incoming` state if any, and connects the agent. On failure QEMU
     /// is killed; the caller owns the directory.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn start(
-        id: VmId,
-        paths: VmPaths,
-        machine: MachineSpec,
-        assets: GuestAssets,
-        memory: MemoryBacking,
-        kernel_cmdline: String,
-        incoming: Option<Incoming>,
-        timeout: Duration,
-        die_with_parent: bool,
-    ) -> Result<Vm, VmError> {
+    pub(crate) async fn start(spec: StartSpec) -> Result<Vm, VmError> {
+        let StartSpec {
+            id,
+            paths,
+            machine,
+            assets,
+            memory,
+            disk,
+            kernel_cmdline,
+            incoming,
+            timeout,
+            die_with_parent,
+        } = spec;
         let span = Span::current();
         let args = qemu_args(
             &machine,
             &assets,
             &paths,
             &memory,
+            &disk,
             &kernel_cmdline,
             incoming.is_some(),
         );
@@ -221,6 +245,7 @@ impl Vm {
                 machine,
                 assets,
                 memory,
+                active_disk: disk,
                 kernel_cmdline,
                 process,
                 qmp,
@@ -401,8 +426,54 @@ impl Vm {
             machine: self.machine.clone(),
             assets: self.assets.clone(),
             kernel_cmdline: self.kernel_cmdline.clone(),
+            active_disk: self.active_disk.clone(),
             die_with_parent: self.die_with_parent,
         }
+    }
+
+    /// The writable top of this VM's disk chain.
+    pub fn active_disk(&self) -> &Path {
+        &self.active_disk
+    }
+
+    /// Freezes the disk written so far as a layer: the guest flushes its caches, then QEMU
+    /// puts a new empty overlay at `new_top` on top of the current one, which from then on
+    /// is read-only. Returns the finished layer's path. Image builds call this after each
+    /// step.
+    pub async fn commit_layer(&mut self, new_top: &Path) -> Result<PathBuf, VmError> {
+        let sync = ProcessSpec {
+            argv: vec!["sync".into()],
+            ..Default::default()
+        };
+        let out = self
+            .exec(
+                ExecRequest {
+                    process: sync,
+                    stdin: false,
+                    timeout_ms: Some(120_000),
+                },
+                None,
+            )
+            .await?;
+        if !out.status.success() {
+            return Err(VmError::Invalid {
+                id: self.id.clone(),
+                reason: format!("sync failed in the guest: {}", out.stderr_text()),
+            });
+        }
+        let file = new_top.to_str().ok_or_else(|| VmError::Invalid {
+            id: self.id.clone(),
+            reason: format!("layer path {} is not UTF-8", new_top.display()),
+        })?;
+        self.qmp(
+            "blockdev-snapshot-sync",
+            json!({"device": "root", "snapshot-file": file, "format": "qcow2"}),
+        )
+        .await?;
+        Ok(std::mem::replace(
+            &mut self.active_disk,
+            new_top.to_path_buf(),
+        ))
     }
 
     /// Kills QEMU and removes every file of this VM.

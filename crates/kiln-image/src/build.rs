@@ -1,0 +1,756 @@
+//! Baking an image: plan, resolve the base, reuse cached layers, run the remaining steps in
+//! a build microVM (committing a layer after each disk step), start the app, wait for
+//! `/ready`, take the template snapshot, and record the result. A failed build leaves a
+//! FAILED record with the reason and log tail, and no VM, template or unfinished layer.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_proto::{ErrorKind, ExecRequest, HttpRequest, ProcessSpec, PutArchiveRequest};
+use kiln_types::{Accel, VmId};
+use kiln_vmm::agent::ExecEvent;
+use kiln_vmm::disk::BackingFormat;
+use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Vm, VmError};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tracing::{info, info_span, Instrument};
+
+use crate::base::{self, BaseError};
+use crate::context::{BuildContext, ContextError, ContextLimits, Entry};
+use crate::dockerfile::{Dockerfile, MAX_DOCKERFILE_BYTES};
+use crate::layers::LayerStore;
+use crate::log::BuildLog;
+use crate::plan::{plan, Action, PlanError, PlannedStep, RuntimeConfig};
+
+pub const DEFAULT_HOOK_PORT: u16 = 9000;
+const MIN_MEMORY_MIB: u32 = 512;
+const MAX_MEMORY_MIB: u32 = 8192;
+
+/// What to build and how the image will run.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    pub name: String,
+    /// A directory, `.zip` or `.tar`.
+    pub context: PathBuf,
+    pub dockerfile: String,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    pub build_args: BTreeMap<String, String>,
+    pub hook_port: u16,
+    /// Wait for `GET /ready` to answer 200 before the snapshot (when the image has an app).
+    pub wait_ready: bool,
+    pub ready_timeout: Duration,
+    /// Also require `GET /validate` to answer 200.
+    pub validate: bool,
+    pub limits: ContextLimits,
+}
+
+impl BuildSpec {
+    pub fn new(name: &str, context: &Path) -> BuildSpec {
+        BuildSpec {
+            name: name.to_string(),
+            context: context.to_path_buf(),
+            dockerfile: "Dockerfile".into(),
+            memory_mib: 512,
+            vcpus: 1,
+            build_args: BTreeMap::new(),
+            hook_port: DEFAULT_HOOK_PORT,
+            wait_ready: true,
+            ready_timeout: Duration::from_secs(60),
+            validate: false,
+            limits: ContextLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ImageStatus {
+    Creating,
+    Successful,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub number: usize,
+    pub line: usize,
+    pub text: String,
+    pub key: String,
+    pub cached: bool,
+    pub millis: u64,
+}
+
+/// What is known about an image; written as `image.json` in its build directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: String,
+    pub name: String,
+    pub status: ImageStatus,
+    pub reason: Option<String>,
+    pub log_tail: Option<String>,
+    pub base: Option<String>,
+    pub steps: Vec<StepRecord>,
+    pub runtime: RuntimeConfig,
+    pub hook_port: u16,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    pub created_unix: u64,
+    pub finished_unix: Option<u64>,
+    /// The template snapshot directory, once SUCCESSFUL.
+    pub template: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("Invalid build request: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("Step {step} ({text}) failed with exit code {code}{hint}")]
+    StepFailed {
+        step: usize,
+        text: String,
+        code: i32,
+        hint: String,
+    },
+    #[error("Step {step} ({text}) could not run: {message}")]
+    StepError {
+        step: usize,
+        text: String,
+        message: String,
+    },
+    #[error("The app exited before /ready answered ({status})")]
+    AppExited { status: String },
+    #[error("GET /ready on port {port} did not answer 200 within {timeout:?}{last}")]
+    ReadyTimeout {
+        port: u16,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("GET /validate on port {port} answered {status}, expected 200")]
+    ValidateFailed { port: u16, status: String },
+    #[error("Writing {path} failed")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where images and layers live, and what guests run on.
+pub struct Builder {
+    pub images_dir: PathBuf,
+    pub layers_dir: PathBuf,
+    pub assets: GuestAssets,
+    pub accel: Accel,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ImageRecord {
+    pub fn write(&self, dir: &Path) -> Result<(), BuildError> {
+        let tmp = dir.join("image.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).expect("record serializes"),
+        )
+        .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, dir.join("image.json")).map_err(io(dir))
+    }
+
+    pub fn read(dir: &Path) -> Result<ImageRecord, BuildError> {
+        let path = dir.join("image.json");
+        let text = std::fs::read(&path).map_err(io(&path))?;
+        serde_json::from_slice(&text).map_err(|e| BuildError::Io {
+            path,
+            source: std::io::Error::other(e),
+        })
+    }
+}
+
+fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}
+
+impl Builder {
+    /// The directory of one build of an image.
+    pub fn build_dir(&self, name: &str, id: &str) -> PathBuf {
+        self.images_dir.join(name).join(id)
+    }
+
+    /// Builds an image. Always returns the final record (SUCCESSFUL or FAILED); the log is
+    /// in the build directory and streams through `log` while the build runs.
+    pub async fn build(&self, spec: BuildSpec) -> Result<ImageRecord, BuildError> {
+        if !valid_image_name(&spec.name) {
+            return Err(BuildError::Invalid(format!(
+                "image name {:?}: use 1-40 characters of a-z, 0-9 and '-', not starting with '-'",
+                spec.name
+            )));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&spec.memory_mib) {
+            return Err(BuildError::Invalid(format!(
+                "memory {} MiB: choose {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}",
+                spec.memory_mib
+            )));
+        }
+        if spec.vcpus == 0 || spec.vcpus > 8 {
+            return Err(BuildError::Invalid(format!(
+                "vcpus {}: choose 1 to 8",
+                spec.vcpus
+            )));
+        }
+        let id = format!(
+            "{}-{:x}",
+            spec.name,
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        let dir = self.build_dir(&spec.name, &id);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let log = BuildLog::create(&dir.join("build.log")).map_err(io(&dir))?;
+        let mut record = ImageRecord {
+            id: id.clone(),
+            name: spec.name.clone(),
+            status: ImageStatus::Creating,
+            reason: None,
+            log_tail: None,
+            base: None,
+            steps: Vec::new(),
+            runtime: RuntimeConfig::default(),
+            hook_port: spec.hook_port,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            created_unix: now(),
+            finished_unix: None,
+            template: None,
+        };
+        record.write(&dir)?;
+        let span = info_span!("build", image = %spec.name, id = %id);
+        let outcome = self
+            .run(&spec, &dir, &log, &mut record)
+            .instrument(span)
+            .await;
+        record.finished_unix = Some(now());
+        match outcome {
+            Ok(template) => {
+                record.status = ImageStatus::Successful;
+                record.template = Some(template);
+                log.line(&format!("Image {id} is ready"));
+                std::fs::write(self.images_dir.join(&spec.name).join("current"), &id)
+                    .map_err(io(&dir))?;
+            }
+            Err(e) => {
+                log.line(&format!("Build failed: {e}"));
+                record.status = ImageStatus::Failed;
+                record.reason = Some(e.to_string());
+                record.log_tail = Some(log.tail());
+                let _ = std::fs::remove_dir_all(dir.join("template"));
+            }
+        }
+        record.write(&dir)?;
+        Ok(record)
+    }
+
+    async fn run(
+        &self,
+        spec: &BuildSpec,
+        dir: &Path,
+        log: &BuildLog,
+        record: &mut ImageRecord,
+    ) -> Result<PathBuf, BuildError> {
+        let ctx = BuildContext::load(&spec.context, spec.limits)?;
+        let text = ctx
+            .read_text(&spec.dockerfile, MAX_DOCKERFILE_BYTES as u64)
+            .map_err(|_| {
+                BuildError::Invalid(format!(
+                    "the build context has no {} (or it is over {MAX_DOCKERFILE_BYTES} bytes)",
+                    spec.dockerfile
+                ))
+            })?;
+        let df = Dockerfile::parse(&text).map_err(PlanError::from)?;
+        // Resolve FROM before planning: the base's key starts every step key.
+        let from_preview = crate::plan::plan(&df, &ctx, &spec.build_args, "")?.from;
+        let base = base::resolve(&from_preview, &self.assets).await?;
+        record.base = Some(base.name.clone());
+        let plan = plan(&df, &ctx, &spec.build_args, &base.key)?;
+        record.runtime = plan.runtime.clone();
+        let total = plan.steps.len();
+        log.line(&format!(
+            "Building {} from {} ({} steps)",
+            spec.name, base.name, total
+        ));
+
+        let layers = LayerStore::open(&self.layers_dir).map_err(io(&self.layers_dir))?;
+        let (mut parent, mut format) = (base.disk.clone(), BackingFormat::Raw);
+        // Reuse layers up to the first disk step that misses; config steps count as
+        // cached only when they come before the last reused layer (or nothing misses).
+        let mut last_hit: Option<usize> = None;
+        let mut missed = false;
+        for (i, step) in plan.steps.iter().enumerate() {
+            if !step.action.changes_disk() {
+                continue;
+            }
+            match layers.lookup(&step.key) {
+                Some(layer) => {
+                    parent = layer;
+                    format = BackingFormat::Qcow2;
+                    last_hit = Some(i);
+                }
+                None => {
+                    missed = true;
+                    break;
+                }
+            }
+        }
+        let first_to_run = if missed {
+            last_hit.map_or(0, |i| i + 1)
+        } else {
+            total
+        };
+        // Steps before the first miss are cached (config steps included).
+        for step in &plan.steps[..first_to_run] {
+            log.line(&format!(
+                "Step {}/{total} : {} (cached)",
+                step.number, step.text
+            ));
+            record.steps.push(StepRecord {
+                number: step.number,
+                line: step.line,
+                text: step.text.clone(),
+                key: step.key.clone(),
+                cached: true,
+                millis: 0,
+            });
+        }
+        record.write(dir)?;
+
+        let mut machine = MachineSpec::new(self.accel);
+        machine.memory_mib = spec.memory_mib;
+        machine.vcpus = spec.vcpus;
+        machine.network = true;
+        let top = layers.new_top();
+        let vm = Vm::boot(BootConfig {
+            id: VmId::new(format!("build-{}", std::process::id())).expect("valid id"),
+            dir: dir.join("vm"),
+            machine,
+            assets: self.assets.clone(),
+            base_disk: parent,
+            base_format: format,
+            top_disk: Some(top.clone()),
+            timeout: Duration::from_secs(180),
+            die_with_parent: true,
+        })
+        .await;
+        let mut vm = match vm {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = std::fs::remove_file(&top);
+                return Err(e.into());
+            }
+        };
+        let result = self
+            .execute(
+                &mut vm,
+                &plan.steps[first_to_run..],
+                total,
+                &ctx,
+                &layers,
+                spec,
+                log,
+                record,
+                dir,
+            )
+            .await;
+        match result {
+            Ok(()) => {
+                let template_dir = dir.join("template");
+                let finished = vm.snapshot_template(&template_dir).await?;
+                log.line(&format!(
+                    "Template snapshot taken ({} MiB RAM)",
+                    finished.manifest().machine.memory_mib
+                ));
+                Ok(template_dir)
+            }
+            Err(e) => {
+                let unfinished = vm.active_disk().to_path_buf();
+                let _ = vm.destroy().await;
+                let _ = std::fs::remove_file(unfinished);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        vm: &mut Vm,
+        steps: &[PlannedStep],
+        total: usize,
+        ctx: &BuildContext,
+        layers: &LayerStore,
+        spec: &BuildSpec,
+        log: &BuildLog,
+        record: &mut ImageRecord,
+        dir: &Path,
+    ) -> Result<(), BuildError> {
+        for step in steps {
+            let started = Instant::now();
+            log.line(&format!("Step {}/{total} : {}", step.number, step.text));
+            match &step.action {
+                Action::Run {
+                    argv,
+                    env,
+                    cwd,
+                    user,
+                } => run_step(vm, step, argv, env, cwd, user, log).await?,
+                Action::Copy {
+                    files,
+                    chown,
+                    chmod,
+                    extract_archives,
+                } => {
+                    copy_step(
+                        vm,
+                        step,
+                        ctx,
+                        files,
+                        chown,
+                        *chmod,
+                        *extract_archives,
+                        spec.limits.max_total_bytes,
+                    )
+                    .await?
+                }
+                Action::Mkdir { path, .. } => {
+                    let req = PutArchiveRequest {
+                        dest: path.clone(),
+                        chown: None,
+                        chmod: None,
+                        max_bytes: 1 << 20,
+                    };
+                    vm.agent()
+                        .put_archive(req, &empty_tar())
+                        .await
+                        .map_err(|e| step_error(step, e))?;
+                }
+                Action::Config => {}
+            }
+            if step.action.changes_disk() {
+                let finished = vm.commit_layer(&layers.new_top()).await?;
+                layers
+                    .record(&step.key, &finished)
+                    .map_err(io(&self.layers_dir))?;
+            }
+            record.steps.push(StepRecord {
+                number: step.number,
+                line: step.line,
+                text: step.text.clone(),
+                key: step.key.clone(),
+                cached: false,
+                millis: started.elapsed().as_millis() as u64,
+            });
+            record.write(dir)?;
+        }
+        start_app_and_wait(vm, spec, &record.runtime, log).await
+    }
+}
+
+fn step_error(step: &PlannedStep, e: impl std::fmt::Display) -> BuildError {
+    BuildError::StepError {
+        step: step.number,
+        text: step.text.clone(),
+        message: e.to_string(),
+    }
+}
+
+async fn run_step(
+    vm: &Vm,
+    step: &PlannedStep,
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &str,
+    user: &Option<String>,
+    log: &BuildLog,
+) -> Result<(), BuildError> {
+    let mut env = env.to_vec();
+    if !env.iter().any(|(k, _)| k == "DEBIAN_FRONTEND") {
+        env.push(("DEBIAN_FRONTEND".into(), "noninteractive".into()));
+    }
+    let req = ExecRequest {
+        process: ProcessSpec {
+            argv: argv.to_vec(),
+            env,
+            cwd: Some(cwd.to_string()),
+            user: user.clone(),
+        },
+        stdin: false,
+        timeout_ms: Some(3_600_000),
+    };
+    let mut exec = vm
+        .agent()
+        .exec_stream(req)
+        .await
+        .map_err(|e| step_error(step, e))?;
+    let status = loop {
+        match exec.next().await.map_err(|e| step_error(step, e))? {
+            ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => log.output(step.number, &d),
+            ExecEvent::Exited(status) => break status,
+        }
+    };
+    log.end_output(step.number);
+    if status.success() {
+        return Ok(());
+    }
+    let tail = log.tail();
+    let hint = if tail.contains("No space left on device") {
+        ": the disk filled up; build a smaller image or give it a larger disk".to_string()
+    } else if status.timed_out {
+        ": the step ran for over an hour and was killed".to_string()
+    } else {
+        String::new()
+    };
+    Err(BuildError::StepFailed {
+        step: step.number,
+        text: step.text.clone(),
+        code: status.code.unwrap_or(128 + status.signal.unwrap_or(0)),
+        hint,
+    })
+}
+
+fn empty_tar() -> Vec<u8> {
+    tar::Builder::new(Vec::new())
+        .into_inner()
+        .unwrap_or_default()
+}
+
+fn is_archive(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_step(
+    vm: &Vm,
+    step: &PlannedStep,
+    ctx: &BuildContext,
+    files: &[(String, String)],
+    chown: &Option<String>,
+    chmod: Option<u32>,
+    extract_archives: bool,
+    max_bytes: u64,
+) -> Result<(), BuildError> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut archives = Vec::new();
+    for (path, guest) in files {
+        let name = guest.trim_start_matches('/');
+        let entry = &ctx.entries()[path];
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        let result = match entry {
+            Entry::File { mode, .. } if extract_archives && is_archive(path) => {
+                let file_name = path.rsplit('/').next().unwrap_or(path);
+                let dest = guest
+                    .strip_suffix(file_name)
+                    .map(|d| d.trim_end_matches('/').to_string())
+                    .filter(|d| !d.is_empty());
+                archives.push((path.clone(), dest.unwrap_or_else(|| guest.clone())));
+                let _ = mode;
+                continue;
+            }
+            Entry::File { mode, size } => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_mode(*mode);
+                header.set_size(*size);
+                let file =
+                    std::fs::File::open(ctx.root().join(path)).map_err(|e| step_error(step, e))?;
+                builder.append_data(&mut header, name, file)
+            }
+            Entry::Dir { mode } => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(*mode);
+                header.set_size(0);
+                builder.append_data(&mut header, name, std::io::empty())
+            }
+            Entry::Symlink { target } => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                builder.append_link(&mut header, name, target)
+            }
+        };
+        result.map_err(|e| step_error(step, e))?;
+    }
+    let tar = builder.into_inner().map_err(|e| step_error(step, e))?;
+    let req = PutArchiveRequest {
+        dest: "/".into(),
+        chown: chown.clone(),
+        chmod,
+        max_bytes,
+    };
+    vm.agent()
+        .put_archive(req, &tar)
+        .await
+        .map_err(|e| step_error(step, e))?;
+    for (path, dest) in archives {
+        let raw = std::fs::read(ctx.root().join(&path)).map_err(|e| step_error(step, e))?;
+        let tar = if path.ends_with(".tar") {
+            raw
+        } else {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .take(max_bytes + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| step_error(step, format!("{path} is not a gzip archive: {e}")))?;
+            out
+        };
+        let req = PutArchiveRequest {
+            dest,
+            chown: chown.clone(),
+            chmod: None,
+            max_bytes,
+        };
+        vm.agent()
+            .put_archive(req, &tar)
+            .await
+            .map_err(|e| step_error(step, e))?;
+    }
+    Ok(())
+}
+
+async fn start_app_and_wait(
+    vm: &Vm,
+    spec: &BuildSpec,
+    rt: &RuntimeConfig,
+    log: &BuildLog,
+) -> Result<(), BuildError> {
+    let argv = rt.app_argv();
+    if argv.is_empty() {
+        log.line("No CMD or ENTRYPOINT: the image has no app to start");
+        return Ok(());
+    }
+    log.line(&format!("Starting the app: {argv:?}"));
+    let app = ProcessSpec {
+        argv,
+        env: rt.env.clone(),
+        cwd: Some(rt.workdir.clone()),
+        user: rt.user.clone(),
+    };
+    vm.agent()
+        .start_app(app)
+        .await
+        .map_err(|e| BuildError::AppExited {
+            status: e.to_string(),
+        })?;
+    if !spec.wait_ready {
+        return Ok(());
+    }
+    log.line(&format!(
+        "Waiting for GET /ready on port {} (timeout {:?})",
+        spec.hook_port, spec.ready_timeout
+    ));
+    let deadline = Instant::now() + spec.ready_timeout;
+    let mut last;
+    loop {
+        let state = vm
+            .agent()
+            .app_status()
+            .await
+            .map_err(|e| BuildError::AppExited {
+                status: e.to_string(),
+            })?;
+        if !state.running {
+            let logs = vm.agent().app_logs(4096).await.unwrap_or_default();
+            for line in String::from_utf8_lossy(&logs).lines() {
+                log.line(&format!("[app] {line}"));
+            }
+            let status = match state.exit {
+                Some(e) if e.code.is_some() => format!("exit code {}", e.code.unwrap_or_default()),
+                Some(e) => format!("killed by signal {}", e.signal.unwrap_or_default()),
+                None => "unknown status".into(),
+            };
+            return Err(BuildError::AppExited { status });
+        }
+        match vm.agent().http(hook_get(spec.hook_port, "/ready")).await {
+            Ok(r) if r.status == 200 => break,
+            Ok(r) => last = format!(" (last answer: HTTP {})", r.status),
+            Err(kiln_vmm::AgentError::Guest(e)) if e.kind != ErrorKind::InvalidRequest => {
+                last = format!(" (last error: {})", e.message)
+            }
+            Err(e) => {
+                return Err(BuildError::AppExited {
+                    status: e.to_string(),
+                })
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(BuildError::ReadyTimeout {
+                port: spec.hook_port,
+                timeout: spec.ready_timeout,
+                last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    log.line("/ready answered 200");
+    if spec.validate {
+        let r = vm.agent().http(hook_get(spec.hook_port, "/validate")).await;
+        match r {
+            Ok(r) if r.status == 200 => log.line("/validate answered 200"),
+            Ok(r) => {
+                return Err(BuildError::ValidateFailed {
+                    port: spec.hook_port,
+                    status: format!("HTTP {}", r.status),
+                })
+            }
+            Err(e) => {
+                return Err(BuildError::ValidateFailed {
+                    port: spec.hook_port,
+                    status: e.to_string(),
+                })
+            }
+        }
+    }
+    info!("app ready");
+    Ok(())
+}
+
+pub fn hook_get(port: u16, path: &str) -> HttpRequest {
+    HttpRequest {
+        port,
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![],
+        body: ByteBuf::new(),
+        timeout_ms: 5000,
+        max_response_bytes: 64 * 1024,
+    }
+}
