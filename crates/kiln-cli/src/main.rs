@@ -3,6 +3,7 @@
 
 mod bench;
 mod doctor;
+mod image;
 mod sandbox;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,9 @@ enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Measure cold boot vs launch from template, suspend/resume, and clone memory.
     Bench(bench::BenchArgs),
+    /// Build and inspect images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             Command::Doctor { json } => doctor::run(json).map(|ok| if ok { 0 } else { 1 }),
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
+            Command::Image(cmd) => image::run(cmd).await,
         }
     })?;
     std::process::exit(code);

@@ -94,3 +94,87 @@ fn sandbox_runs_a_command_in_a_microvm_and_reuses_its_template() {
         "sandboxes leave no files: {leftovers:?}"
     );
 }
+
+#[test]
+fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
+    use std::io::{BufRead, BufReader};
+    let home = tempfile::tempdir().unwrap();
+    let ctx = home.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN echo first > /first\nRUN sleep 600\n",
+    )
+    .unwrap();
+
+    let mut child = kiln(home.path())
+        .args(["image", "build"])
+        .arg(&ctx)
+        .args(["--name", "slow"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("Step 2/2 : RUN sleep 600");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("Step 1/2 : RUN echo first")),
+        "progress is streamed: {seen:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = kiln(home.path())
+        .args(["image", "list", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(records[0]["status"], "FAILED");
+    assert_eq!(records[0]["reason"], "interrupted");
+    let build_dir = home
+        .path()
+        .join("images/slow")
+        .join(records[0]["id"].as_str().unwrap());
+    let mut left: Vec<String> = std::fs::read_dir(&build_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["build.log", "image.json"]);
+    // Only the finished layer of step 1 remains; the unfinished one is gone.
+    let layers: Vec<_> = std::fs::read_dir(home.path().join("layers"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    assert_eq!(layers.len(), 1, "{layers:?}");
+
+    // The next build reuses step 1 and fails clearly on a bad step.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN echo first > /first\nRUN exit 5\n",
+    )
+    .unwrap();
+    let out = kiln(home.path())
+        .args(["image", "build"])
+        .arg(&ctx)
+        .args(["--name", "slow", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Failed") && stdout.contains("exit code 5"),
+        "{stdout}"
+    );
+}

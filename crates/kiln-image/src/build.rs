@@ -21,10 +21,12 @@ use crate::base::{self, BaseError};
 use crate::context::{BuildContext, ContextError, ContextLimits, Entry};
 use crate::dockerfile::{Dockerfile, MAX_DOCKERFILE_BYTES};
 use crate::layers::LayerStore;
-use crate::log::BuildLog;
+use crate::log::{BuildLog, LogSink};
 use crate::plan::{plan, Action, PlanError, PlannedStep, RuntimeConfig};
 
 pub const DEFAULT_HOOK_PORT: u16 = 9000;
+/// In a build directory while building: the path of the VM's writable top layer.
+const ACTIVE_TOP_FILE: &str = "active-top";
 const MIN_MEMORY_MIB: u32 = 512;
 const MAX_MEMORY_MIB: u32 = 8192;
 
@@ -207,6 +209,15 @@ impl Builder {
     /// Builds an image. Always returns the final record (SUCCESSFUL or FAILED); the log is
     /// in the build directory and streams through `log` while the build runs.
     pub async fn build(&self, spec: BuildSpec) -> Result<ImageRecord, BuildError> {
+        self.build_with_progress(spec, None).await
+    }
+
+    /// Like [`build`](Self::build), calling `progress` with every log line as it happens.
+    pub async fn build_with_progress(
+        &self,
+        spec: BuildSpec,
+        progress: Option<LogSink>,
+    ) -> Result<ImageRecord, BuildError> {
         if !valid_image_name(&spec.name) {
             return Err(BuildError::Invalid(format!(
                 "image name {:?}: use 1-40 characters of a-z, 0-9 and '-', not starting with '-'",
@@ -235,7 +246,15 @@ impl Builder {
         );
         let dir = self.build_dir(&spec.name, &id);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let log = BuildLog::create(&dir.join("build.log")).map_err(io(&dir))?;
+        let log = BuildLog::create(&dir.join("build.log"), progress).map_err(io(&dir))?;
+        // Held for the whole build: recovery skips builds whose lock is held.
+        let lock_path = dir.join(".lock");
+        let lock_file = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+        let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| BuildError::Io {
+                path: lock_path.clone(),
+                source: e.into(),
+            })?;
         let mut record = ImageRecord {
             id: id.clone(),
             name: spec.name.clone(),
@@ -276,7 +295,92 @@ impl Builder {
             }
         }
         record.write(&dir)?;
+        let _ = std::fs::remove_file(dir.join(ACTIVE_TOP_FILE));
+        let _ = std::fs::remove_file(&lock_path);
         Ok(record)
+    }
+
+    /// Finishes builds that were interrupted (the process was killed): marks them FAILED
+    /// with reason "interrupted" and removes their VM directory, partial template and
+    /// unfinished layer. Builds still running (their lock is held) are left alone.
+    /// Returns the ids of the builds it recovered.
+    pub fn recover_interrupted(&self) -> Result<Vec<String>, BuildError> {
+        let mut recovered = Vec::new();
+        let Ok(names) = std::fs::read_dir(&self.images_dir) else {
+            return Ok(recovered);
+        };
+        for build_dir in names
+            .flatten()
+            .filter_map(|n| std::fs::read_dir(n.path()).ok())
+            .flatten()
+            .flatten()
+        {
+            let dir = build_dir.path();
+            let Ok(mut record) = ImageRecord::read(&dir) else {
+                continue;
+            };
+            if record.status != ImageStatus::Creating {
+                continue;
+            }
+            if let Ok(f) = std::fs::File::open(dir.join(".lock")) {
+                if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+                {
+                    continue; // still building
+                }
+            }
+            if let Ok(top) = std::fs::read_to_string(dir.join(ACTIVE_TOP_FILE)) {
+                let top = PathBuf::from(top.trim());
+                if top.parent() == Some(self.layers_dir.as_path()) {
+                    let _ = std::fs::remove_file(top);
+                }
+            }
+            let _ = std::fs::remove_dir_all(dir.join("vm"));
+            let _ = std::fs::remove_dir_all(dir.join("template"));
+            let _ = std::fs::remove_file(dir.join(ACTIVE_TOP_FILE));
+            let _ = std::fs::remove_file(dir.join(".lock"));
+            record.status = ImageStatus::Failed;
+            record.reason = Some("interrupted".into());
+            record.finished_unix = Some(now());
+            record.write(&dir)?;
+            recovered.push(record.id);
+        }
+        Ok(recovered)
+    }
+
+    /// The current (last successful) build of `name`, or its latest build.
+    pub fn find(&self, name: &str) -> Option<ImageRecord> {
+        let dir = self.images_dir.join(name);
+        if let Ok(id) = std::fs::read_to_string(dir.join("current")) {
+            if let Ok(r) = ImageRecord::read(&dir.join(id.trim())) {
+                return Some(r);
+            }
+        }
+        self.builds(name).pop()
+    }
+
+    /// Every build of `name`, oldest first.
+    pub fn builds(&self, name: &str) -> Vec<ImageRecord> {
+        let mut records: Vec<ImageRecord> = std::fs::read_dir(self.images_dir.join(name))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| ImageRecord::read(&e.path()).ok())
+            .collect();
+        records.sort_by_key(|r| (r.created_unix, r.id.clone()));
+        records
+    }
+
+    /// Names of all images.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.images_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names
     }
 
     async fn run(
@@ -357,6 +461,9 @@ impl Builder {
         machine.vcpus = spec.vcpus;
         machine.network = true;
         let top = layers.new_top();
+        // Recovery deletes this unfinished layer if the build is interrupted.
+        std::fs::write(dir.join(ACTIVE_TOP_FILE), top.to_string_lossy().as_bytes())
+            .map_err(io(dir))?;
         let vm = Vm::boot(BootConfig {
             id: VmId::new(format!("build-{}", std::process::id())).expect("valid id"),
             dir: dir.join("vm"),

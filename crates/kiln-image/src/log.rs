@@ -12,7 +12,11 @@ const TAIL_LINES: usize = 40;
 /// Longest line kept (longer output lines are cut).
 const MAX_LINE: usize = 4096;
 
+/// Receives every log line as it is written (progress display).
+pub type LogSink = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
 pub struct BuildLog {
+    sink: Option<LogSink>,
     file: Mutex<Option<std::fs::File>>,
     tail: Mutex<VecDeque<String>>,
     live: broadcast::Sender<String>,
@@ -20,12 +24,13 @@ pub struct BuildLog {
 }
 
 impl BuildLog {
-    pub fn create(path: &Path) -> std::io::Result<BuildLog> {
+    pub fn create(path: &Path, sink: Option<LogSink>) -> std::io::Result<BuildLog> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
         Ok(BuildLog {
+            sink,
             file: Mutex::new(Some(file)),
             tail: Mutex::new(VecDeque::new()),
             live: broadcast::channel(1024).0,
@@ -55,6 +60,9 @@ impl BuildLog {
         tail.push_back(text.clone());
         if tail.len() > TAIL_LINES {
             tail.pop_front();
+        }
+        if let Some(sink) = &self.sink {
+            sink(&text);
         }
         let _ = self.live.send(text);
     }
