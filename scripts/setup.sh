@@ -13,7 +13,7 @@ target=x86_64-unknown-linux-gnu
 say() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- host packages --------------------------------------------------------------------
-packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio kmod)
+packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio kmod mmdebstrap)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

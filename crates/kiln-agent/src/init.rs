@@ -48,6 +48,13 @@ pub fn prepare_guest() {
     if let Err(e) = loopback_up() {
         warn!("bringing up lo: {e}");
     }
+    match crate::resize::grow_root("/dev/vda") {
+        Ok(Some(bytes)) => {
+            tracing::info!(mib = bytes >> 20, "root filesystem grown to fill its disk")
+        }
+        Ok(None) => {}
+        Err(e) => warn!("growing the root filesystem: {e}"),
+    }
     match crate::net::configure("eth0") {
         Ok(true) => tracing::info!("eth0 configured for user-mode networking"),
         Ok(false) => {}

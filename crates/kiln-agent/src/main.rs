@@ -18,6 +18,7 @@ mod port;
 mod process;
 mod reaper;
 mod reseed;
+mod resize;
 mod server;
 mod user;
 

@@ -77,6 +77,7 @@ async fn measure(
         base_disk: assets.base_disk(&args.base).expect("base exists"),
         base_format: kiln_vmm::disk::BackingFormat::Raw,
         top_disk: None,
+        disk_size_mib: None,
         timeout: Duration::from_secs(120),
         die_with_parent: true,
     };

@@ -39,6 +39,8 @@ pub struct BuildSpec {
     pub dockerfile: String,
     pub memory_mib: u32,
     pub vcpus: u8,
+    /// Root disk size; the base's size when `None`.
+    pub disk_mib: Option<u32>,
     pub build_args: BTreeMap<String, String>,
     pub hook_port: u16,
     /// Wait for `GET /ready` to answer 200 before the snapshot (when the image has an app).
@@ -57,6 +59,7 @@ impl BuildSpec {
             dockerfile: "Dockerfile".into(),
             memory_mib: 512,
             vcpus: 1,
+            disk_mib: None,
             build_args: BTreeMap::new(),
             hook_port: DEFAULT_HOOK_PORT,
             wait_ready: true,
@@ -472,6 +475,7 @@ impl Builder {
             base_disk: parent,
             base_format: format,
             top_disk: Some(top.clone()),
+            disk_size_mib: spec.disk_mib,
             timeout: Duration::from_secs(180),
             die_with_parent: true,
         })

@@ -128,6 +128,7 @@ pub fn boot_config(dir: &Path, name: &str, machine: MachineSpec) -> BootConfig {
             .expect("busybox base (run scripts/setup.sh)"),
         base_format: kiln_vmm::disk::BackingFormat::Raw,
         top_disk: None,
+        disk_size_mib: None,
         machine,
         assets,
         timeout: BOOT_TIMEOUT,

@@ -144,6 +144,25 @@ async fn bakes_launches_and_reuses_cached_steps() {
     assert_eq!(argued.status, ImageStatus::Successful);
     assert!(!argued.steps[5].cached);
     assert!(tb.stray_layers().is_empty(), "{:?}", tb.stray_layers());
+
+    // A larger disk than the base's 64 MiB: the guest grows its filesystem to fill it.
+    let big = tb.context(
+        "big",
+        &[(
+            "Dockerfile",
+            "FROM busybox\nRUN dd if=/dev/zero of=/fill bs=1M count=200 && df -m / | tail -1\n",
+        )],
+    );
+    let mut spec = BuildSpec::new("big", &big);
+    spec.disk_mib = Some(512);
+    let grown = tb.builder.build(spec).await.unwrap();
+    assert_eq!(
+        grown.status,
+        ImageStatus::Successful,
+        "{:?}\n{:?}",
+        grown.reason,
+        grown.log_tail
+    );
 }
 
 async fn failed(tb: &TestBuilder, name: &str, spec: BuildSpec) -> String {

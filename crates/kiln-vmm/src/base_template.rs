@@ -50,6 +50,7 @@ pub async fn ensure(
         base_disk,
         base_format: crate::disk::BackingFormat::Raw,
         top_disk: None,
+        disk_size_mib: None,
         timeout: boot_timeout,
         die_with_parent: true,
     })

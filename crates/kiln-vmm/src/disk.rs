@@ -24,10 +24,12 @@ pub enum BackingFormat {
 }
 
 /// Creates `overlay` as a qcow2 whose reads fall through to `backing` (never written).
+/// With `size_mib`, the overlay is that large (the guest agent grows its filesystem).
 pub async fn create_overlay(
     overlay: &Path,
     backing: &Path,
     format: BackingFormat,
+    size_mib: Option<u32>,
 ) -> Result<(), DiskError> {
     let fmt = match format {
         BackingFormat::Raw => "raw",
@@ -37,6 +39,7 @@ pub async fn create_overlay(
         .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
         .arg(backing)
         .arg(overlay)
+        .args(size_mib.map(|m| format!("{m}M")))
         .output()
         .await
         .map_err(DiskError::Spawn)?;

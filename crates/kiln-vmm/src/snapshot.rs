@@ -236,7 +236,7 @@ impl Template {
             create_vm_dir(&cfg.dir)?;
             let paths = VmPaths::new(&cfg.dir);
             let result = async {
-                disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2).await?;
+                disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2, None).await?;
                 Vm::start(StartSpec {
                     id: cfg.id.clone(),
                     disk: paths.disk(),

@@ -90,6 +90,8 @@ pub struct BootConfig {
     /// Where to create the VM's writable overlay; inside its directory when `None`.
     /// Image builds put it in their layer store so it outlives the VM.
     pub top_disk: Option<PathBuf>,
+    /// Grow the disk to this size (never shrinks below the base).
+    pub disk_size_mib: Option<u32>,
     pub timeout: Duration,
     /// Kill QEMU when the spawning thread dies (tests, CLI). The daemon turns this off so
     /// guests survive its restart.
@@ -156,7 +158,8 @@ impl Vm {
             let paths = VmPaths::new(&cfg.dir);
             let result = async {
                 let top = cfg.top_disk.clone().unwrap_or_else(|| paths.disk());
-                disk::create_overlay(&top, &cfg.base_disk, cfg.base_format).await?;
+                disk::create_overlay(&top, &cfg.base_disk, cfg.base_format, cfg.disk_size_mib)
+                    .await?;
                 Vm::start(StartSpec {
                     id: cfg.id.clone(),
                     memory: MemoryBacking::SharedFile(paths.memory()),
