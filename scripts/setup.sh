@@ -32,10 +32,10 @@ mkdir -p "$assets/kernel" "$assets/bases"
 if [ ! -s "$assets/kernel/vmlinuz" ] || [ ! -s "$assets/kernel/version" ]; then
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}')
     if [ -z "$pkg" ]; then
         apt-get update -qq
-        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}')
     fi
     [ -n "$pkg" ] || { say "cannot find Debian's kernel package (linux-image-amd64)"; exit 1; }
     say "fetching guest kernel $pkg"
@@ -45,7 +45,7 @@ if [ ! -s "$assets/kernel/vmlinuz" ] || [ ! -s "$assets/kernel/version" ]; then
     mods="$work/x/lib/modules/$kver"
     rm -rf "$assets/kernel/modules" && mkdir -p "$assets/kernel/modules"
     while read -r m; do
-        f=$(find "$mods" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n1)
+        f=$(find "$mods" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | sed -n 1p)
         [ -n "$f" ] || { say "kernel $kver has no module $m"; exit 1; }
         case "$f" in
             *.xz) xz -dc "$f" >"$assets/kernel/modules/$m.ko" ;;
@@ -87,7 +87,7 @@ if [ "$(cat "$assets/initramfs.key" 2>/dev/null)" != "$inputs" ]; then
 fi
 
 # --- busybox base root disk ------------------------------------------------------------------
-bbver=$(/bin/busybox --help 2>&1 | head -n1 | sha256sum | cut -c1-16)
+bbver=$(/bin/busybox --help 2>&1 | sed -n 1p | sha256sum | cut -c1-16)
 if [ "$(cat "$assets/bases/busybox.key" 2>/dev/null)" != "$bbver" ]; then
     say "building the busybox base disk"
     root=$(mktemp -d)

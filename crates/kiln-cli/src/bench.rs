@@ -54,7 +54,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "kiln bench: accel={} ({}), {} MiB guest, base {}",
         accel.accel, accel.reason, machine.memory_mib, args.base
     );
-    let result = measure(&args, &assets, &machine, &scratch).await;
+    let mut result = measure(&args, &assets, &machine, &scratch).await;
+    if result.is_ok() {
+        result = measure_image(&assets, &machine, &scratch).await;
+    }
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
@@ -174,5 +177,97 @@ async fn measure(
         );
     }
     template.delete()?;
+    Ok(())
+}
+
+/// Image section: bake a small image, rebuild it with every step cached, and compare the
+/// first launch from the image with a cold boot of the same root disk.
+pub async fn measure_image(
+    assets: &GuestAssets,
+    machine: &MachineSpec,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    let ctx = scratch.join("image-context");
+    std::fs::create_dir_all(ctx.join("app"))?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nWORKDIR /srv\nCOPY app/ ./\nRUN mkdir -p hooks && echo ok > hooks/ready\nCMD [\"httpd\", \"-f\", \"-p\", \"127.0.0.1:9000\", \"-h\", \"/srv/hooks\"]\n",
+    )?;
+    std::fs::write(ctx.join("app/index.html"), "hello\n")?;
+    let builder = kiln_image::Builder {
+        images_dir: scratch.join("images"),
+        layers_dir: scratch.join("layers"),
+        assets: assets.clone(),
+        accel: machine.accel,
+    };
+    let t = Instant::now();
+    let first = builder
+        .build(kiln_image::BuildSpec::new("bench", &ctx))
+        .await?;
+    let bake = t.elapsed();
+    anyhow::ensure!(
+        first.status == kiln_image::ImageStatus::Successful,
+        "bench image failed: {:?}",
+        first.reason
+    );
+    let t = Instant::now();
+    let cached = builder
+        .build(kiln_image::BuildSpec::new("bench", &ctx))
+        .await?;
+    let rebuild = t.elapsed();
+    anyhow::ensure!(
+        cached.steps.iter().all(|s| s.cached),
+        "rebuild was not fully cached"
+    );
+
+    let template = kiln_vmm::Template::open(
+        cached
+            .template
+            .as_ref()
+            .expect("successful build has a template"),
+    )?;
+    let t = Instant::now();
+    let vm = template
+        .launch(LaunchConfig {
+            id: id("image-launch".into()),
+            dir: scratch.join("image-launch"),
+            machine: None,
+            assets: assets.clone(),
+            timeout: Duration::from_secs(60),
+            die_with_parent: true,
+        })
+        .await?;
+    let launch = t.elapsed();
+    vm.destroy().await?;
+    let t = Instant::now();
+    let cold = Vm::boot(BootConfig {
+        id: id("image-cold".into()),
+        dir: scratch.join("image-cold"),
+        machine: template.manifest().machine.clone(),
+        assets: assets.clone(),
+        base_disk: template.dir().join("disk.qcow2"),
+        base_format: kiln_vmm::disk::BackingFormat::Qcow2,
+        top_disk: None,
+        disk_size_mib: None,
+        timeout: Duration::from_secs(120),
+        die_with_parent: true,
+    })
+    .await?;
+    let cold_boot = t.elapsed();
+    cold.destroy().await?;
+    println!("image bake (busybox, 4 steps)      {:>9.1} ms", ms(bake));
+    println!(
+        "rebuild, every step cached          {:>9.1} ms",
+        ms(rebuild)
+    );
+    println!("first launch from the image         {:>9.1} ms", ms(launch));
+    println!(
+        "cold boot of the same root disk     {:>9.1} ms",
+        ms(cold_boot)
+    );
+    println!(
+        "  ratio cold/launch                 {:>9.1}x",
+        ms(cold_boot) / ms(launch)
+    );
     Ok(())
 }
