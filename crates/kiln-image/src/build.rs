@@ -15,6 +15,7 @@ use kiln_vmm::disk::BackingFormat;
 use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Vm, VmError};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
+use sha2::Digest;
 use tracing::{info, info_span, Instrument};
 
 use crate::base::{self, BaseError};
@@ -106,6 +107,10 @@ pub struct ImageRecord {
     pub finished_unix: Option<u64>,
     /// The template snapshot directory, once SUCCESSFUL.
     pub template: Option<PathBuf>,
+    /// Hash of the last step's key and everything else the snapshot depends on; an equal
+    /// key means an identical image, whose template is reused without booting.
+    #[serde(default)]
+    pub image_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +278,7 @@ impl Builder {
             created_unix: now(),
             finished_unix: None,
             template: None,
+            image_key: None,
         };
         record.write(&dir)?;
         let span = info_span!("build", image = %spec.name, id = %id);
@@ -410,6 +416,53 @@ impl Builder {
         let plan = plan(&df, &ctx, &spec.build_args, &base.key)?;
         record.runtime = plan.runtime.clone();
         let total = plan.steps.len();
+        let image_key = {
+            let last = plan
+                .steps
+                .last()
+                .map(|s| s.key.clone())
+                .unwrap_or_else(|| base.key.clone());
+            let shape = format!(
+                "{last}|{:?}|{}|{}|{:?}|{}|{}|{}|{}",
+                plan.runtime,
+                spec.memory_mib,
+                spec.vcpus,
+                spec.disk_mib,
+                spec.hook_port,
+                spec.wait_ready,
+                spec.validate,
+                self.assets.initramfs_key
+            );
+            hex::encode(sha2::Sha256::digest(shape.as_bytes()))
+        };
+        record.image_key = Some(image_key.clone());
+        if let Some(same) = self.builds(&spec.name).into_iter().rev().find(|r| {
+            r.status == ImageStatus::Successful
+                && r.image_key.as_deref() == Some(&image_key)
+                && r.template
+                    .as_ref()
+                    .is_some_and(|t| t.join("manifest.json").is_file())
+        }) {
+            for step in &plan.steps {
+                log.line(&format!(
+                    "Step {}/{total} : {} (cached)",
+                    step.number, step.text
+                ));
+                record.steps.push(StepRecord {
+                    number: step.number,
+                    line: step.line,
+                    text: step.text.clone(),
+                    key: step.key.clone(),
+                    cached: true,
+                    millis: 0,
+                });
+            }
+            log.line(&format!(
+                "Identical to build {}: reusing its template snapshot",
+                same.id
+            ));
+            return Ok(same.template.expect("checked above"));
+        }
         log.line(&format!(
             "Building {} from {} ({} steps)",
             spec.name, base.name, total

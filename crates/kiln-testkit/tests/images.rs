@@ -116,6 +116,10 @@ async fn bakes_launches_and_reuses_cached_steps() {
     let cached_time = started.elapsed();
     assert_eq!(again.status, ImageStatus::Successful, "{:?}", again.reason);
     assert!(again.steps.iter().all(|s| s.cached), "{:?}", again.steps);
+    assert_eq!(
+        again.template, first.template,
+        "an identical image reuses the template without booting"
+    );
     eprintln!("bake {first_time:?} vs fully cached rebuild {cached_time:?}");
 
     // Changing one line reruns from that line on; the steps before stay cached.
