@@ -2,7 +2,9 @@
 #![forbid(unsafe_code)]
 
 mod accel;
+mod state;
 mod vm_id;
 
 pub use accel::{Accel, ParseAccelError};
+pub use state::{MicrovmState, ParseStateError};
 pub use vm_id::{InvalidVmId, VmId};

@@ -1,0 +1,378 @@
+//! kiln's state in one SQLite file under `KILN_HOME`: images, microVMs and their lifecycle
+//! events. Schema changes are numbered migrations applied at open (`PRAGMA user_version`).
+//! Every state change is written in the same transaction as its event.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// Numbered schema migrations; never edit one that has shipped, append a new one.
+const MIGRATIONS: &[&str] = &["CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        created_at INTEGER NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX images_by_name ON images(name, created_at);
+    CREATE TABLE microvms (
+        id TEXT PRIMARY KEY,
+        image_id TEXT NOT NULL,
+        image_name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        state_reason TEXT,
+        created_at INTEGER NOT NULL,
+        state_changed_at INTEGER NOT NULL,
+        last_activity_at INTEGER NOT NULL,
+        config TEXT NOT NULL,
+        usage TEXT NOT NULL
+    );
+    CREATE INDEX microvms_by_state ON microvms(state);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        microvm_id TEXT,
+        image_id TEXT,
+        kind TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT,
+        reason TEXT
+    );"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Database {path} failed")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("Database query failed")]
+    Sql(#[from] rusqlite::Error),
+    #[error("Stored JSON is invalid")]
+    Json(#[from] serde_json::Error),
+    #[error("Database schema version {found} is newer than this kiln ({known}): upgrade kiln")]
+    TooNew { found: i64, known: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRow {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub created_at: i64,
+    /// The full image record (kiln-image's `ImageRecord`) as JSON.
+    pub record: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MicrovmRow {
+    pub id: String,
+    pub image_id: String,
+    pub image_name: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub created_at: i64,
+    pub state_changed_at: i64,
+    pub last_activity_at: i64,
+    /// Idle policy, max duration, payload size… as JSON (owned by the daemon).
+    pub config: serde_json::Value,
+    /// Metering counters as JSON.
+    pub usage: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub microvm_id: Option<String>,
+    pub image_id: Option<String>,
+    pub kind: String,
+    pub from_state: Option<String>,
+    pub to_state: Option<String>,
+    pub reason: Option<String>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    pub fn upsert_image(&self, img: &ImageRow) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        let previous: Option<String> = tx
+            .query_row("SELECT status FROM images WHERE id = ?1", [&img.id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        tx.execute(
+            "INSERT INTO images (id, name, status, reason, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(id) DO UPDATE SET status = ?3, reason = ?4, record = ?6",
+            params![img.id, img.name, img.status, img.reason, img.created_at, serde_json::to_string(&img.record)?],
+        )?;
+        if previous.as_deref() != Some(img.status.as_str()) {
+            tx.execute(
+                "INSERT INTO events (at_ms, image_id, kind, from_state, to_state, reason) VALUES (?1, ?2, 'image', ?3, ?4, ?5)",
+                params![now_ms(), img.id, previous, img.status, img.reason],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn image_from_row(
+        r: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(String, String, String, Option<String>, i64, String)> {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    }
+
+    fn to_image(t: (String, String, String, Option<String>, i64, String)) -> Result<ImageRow> {
+        Ok(ImageRow {
+            id: t.0,
+            name: t.1,
+            status: t.2,
+            reason: t.3,
+            created_at: t.4,
+            record: serde_json::from_str(&t.5)?,
+        })
+    }
+
+    /// An image by build id, or by name (its newest SUCCESSFUL build, else its newest).
+    pub fn image(&self, id_or_name: &str) -> Result<Option<ImageRow>> {
+        let cols = "SELECT id, name, status, reason, created_at, record FROM images";
+        let by_id = self
+            .conn
+            .query_row(
+                &format!("{cols} WHERE id = ?1"),
+                [id_or_name],
+                Self::image_from_row,
+            )
+            .optional()?;
+        let found = match by_id {
+            Some(t) => Some(t),
+            None => self
+                .conn
+                .query_row(
+                    &format!("{cols} WHERE name = ?1 ORDER BY (status = 'SUCCESSFUL') DESC, created_at DESC, id DESC LIMIT 1"),
+                    [id_or_name],
+                    Self::image_from_row,
+                )
+                .optional()?,
+        };
+        found.map(Self::to_image).transpose()
+    }
+
+    /// The newest build of every image name.
+    pub fn images(&self) -> Result<Vec<ImageRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, name, status, reason, created_at, record FROM images i WHERE id = (
+                SELECT id FROM images j WHERE j.name = i.name ORDER BY (status = 'SUCCESSFUL') DESC, created_at DESC, id DESC LIMIT 1
+            ) ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], Self::image_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(Self::to_image).collect()
+    }
+
+    pub fn delete_image(&self, id: &str) -> Result<bool> {
+        let tx = self.conn.unchecked_transaction()?;
+        let n = tx.execute("DELETE FROM images WHERE id = ?1", [id])?;
+        if n > 0 {
+            tx.execute("INSERT INTO events (at_ms, image_id, kind, reason) VALUES (?1, ?2, 'image', 'deleted')", params![now_ms(), id])?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// MicroVMs of an image that are not TERMINATED.
+    pub fn live_microvms_of_image(&self, image_id: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id FROM microvms WHERE image_id = ?1 AND state != 'TERMINATED' ORDER BY id",
+        )?;
+        let ids = stmt
+            .query_map([image_id], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(ids)
+    }
+
+    pub fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                vm.id, vm.image_id, vm.image_name, vm.state, vm.state_reason, vm.created_at, vm.state_changed_at,
+                vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES (?1, ?2, ?3, 'microvm', ?4, ?5)",
+            params![now_ms(), vm.id, vm.image_id, vm.state, vm.state_reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn microvm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
+        let config: String = r.get(8)?;
+        let usage: String = r.get(9)?;
+        Ok(MicrovmRow {
+            id: r.get(0)?,
+            image_id: r.get(1)?,
+            image_name: r.get(2)?,
+            state: r.get(3)?,
+            state_reason: r.get(4)?,
+            created_at: r.get(5)?,
+            state_changed_at: r.get(6)?,
+            last_activity_at: r.get(7)?,
+            config: serde_json::from_str(&config).unwrap_or(serde_json::Value::Null),
+            usage: serde_json::from_str(&usage).unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    const MICROVM_COLS: &'static str =
+        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage FROM microvms";
+
+    pub fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("{} WHERE id = ?1", Self::MICROVM_COLS),
+                [id],
+                Self::microvm_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn microvms(&self, state: Option<&str>, image: Option<&str>) -> Result<Vec<MicrovmRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "{} WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR image_id = ?2 OR image_name = ?2) ORDER BY created_at, id",
+            Self::MICROVM_COLS
+        ))?;
+        let rows = stmt
+            .query_map(params![state, image], Self::microvm_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Moves a microVM to `to` and records the event, atomically.
+    pub fn set_state(&self, id: &str, to: &str, reason: Option<&str>) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        let from: Option<String> = tx
+            .query_row("SELECT state FROM microvms WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE microvms SET state = ?2, state_reason = ?3, state_changed_at = ?4 WHERE id = ?1",
+            params![id, to, reason, now],
+        )?;
+        tx.execute(
+            "INSERT INTO events (at_ms, microvm_id, kind, from_state, to_state, reason) VALUES (?1, ?2, 'microvm', ?3, ?4, ?5)",
+            params![now, id, from, to, reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn touch(&self, id: &str, at_ms: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE microvms SET last_activity_at = MAX(last_activity_at, ?2) WHERE id = ?1",
+            params![id, at_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_usage(&self, id: &str, usage: &serde_json::Value) -> Result<()> {
+        self.conn.execute(
+            "UPDATE microvms SET usage = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(usage)?],
+        )?;
+        Ok(())
+    }
+
+    /// Events after `cursor` (a sequence number), oldest first.
+    pub fn events_since(&self, cursor: i64, limit: i64) -> Result<Vec<EventRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, at_ms, microvm_id, image_id, kind, from_state, to_state, reason FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![cursor, limit], |r| {
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    microvm_id: r.get(2)?,
+                    image_id: r.get(3)?,
+                    kind: r.get(4)?,
+                    from_state: r.get(5)?,
+                    to_state: r.get(6)?,
+                    reason: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests;

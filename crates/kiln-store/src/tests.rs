@@ -1,0 +1,107 @@
+use super::*;
+
+fn vm(id: &str, image: &str) -> MicrovmRow {
+    MicrovmRow {
+        id: id.into(),
+        image_id: image.into(),
+        image_name: "app".into(),
+        state: "PENDING".into(),
+        state_reason: None,
+        created_at: 1,
+        state_changed_at: 1,
+        last_activity_at: 1,
+        config: serde_json::json!({"maxDurationSeconds": 60}),
+        usage: serde_json::json!({}),
+    }
+}
+
+#[test]
+fn migrates_once_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.db");
+    {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.microvm("a").unwrap().unwrap().config["maxDurationSeconds"],
+        60
+    );
+}
+
+#[test]
+fn refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.db");
+    drop(Store::open(&path).unwrap());
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    assert!(matches!(
+        Store::open(&path),
+        Err(StoreError::TooNew { found: 99, .. })
+    ));
+}
+
+#[test]
+fn state_changes_are_recorded_as_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+    store.insert_microvm(&vm("a", "img-1")).unwrap();
+    store.set_state("a", "RUNNING", None).unwrap();
+    store
+        .set_state("a", "TERMINATED", Some("run hook failed"))
+        .unwrap();
+    let events = store.events_since(0, 100).unwrap();
+    let states: Vec<_> = events
+        .iter()
+        .map(|e| (e.from_state.clone(), e.to_state.clone()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (None, Some("PENDING".into())),
+            (Some("PENDING".into()), Some("RUNNING".into())),
+            (Some("RUNNING".into()), Some("TERMINATED".into()))
+        ]
+    );
+    assert_eq!(events[2].reason.as_deref(), Some("run hook failed"));
+    assert_eq!(
+        store.events_since(events[1].seq, 100).unwrap().len(),
+        1,
+        "cursor skips what was seen"
+    );
+    let vm = store.microvm("a").unwrap().unwrap();
+    assert_eq!(
+        (vm.state.as_str(), vm.state_reason.as_deref()),
+        ("TERMINATED", Some("run hook failed"))
+    );
+}
+
+#[test]
+fn images_resolve_by_name_to_the_newest_good_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+    let img = |id: &str, status: &str, at: i64| ImageRow {
+        id: id.into(),
+        name: "app".into(),
+        status: status.into(),
+        reason: None,
+        created_at: at,
+        record: serde_json::json!({}),
+    };
+    store.upsert_image(&img("app-1", "SUCCESSFUL", 1)).unwrap();
+    store.upsert_image(&img("app-2", "FAILED", 2)).unwrap();
+    assert_eq!(store.image("app").unwrap().unwrap().id, "app-1");
+    assert_eq!(store.image("app-2").unwrap().unwrap().status, "FAILED");
+    assert_eq!(store.images().unwrap().len(), 1);
+    store.insert_microvm(&vm("v", "app-1")).unwrap();
+    assert_eq!(store.live_microvms_of_image("app-1").unwrap(), vec!["v"]);
+    store.set_state("v", "TERMINATED", None).unwrap();
+    assert!(store.live_microvms_of_image("app-1").unwrap().is_empty());
+    assert!(store.delete_image("app-2").unwrap());
+    assert!(store.image("app-2").unwrap().is_none());
+}
