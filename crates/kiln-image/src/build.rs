@@ -35,6 +35,8 @@ const MAX_MEMORY_MIB: u32 = 8192;
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
     pub name: String,
+    /// Build id to use (the control plane picks it up front); generated when `None`.
+    pub id: Option<String>,
     /// A directory, `.zip` or `.tar`.
     pub context: PathBuf,
     pub dockerfile: String,
@@ -56,6 +58,7 @@ impl BuildSpec {
     pub fn new(name: &str, context: &Path) -> BuildSpec {
         BuildSpec {
             name: name.to_string(),
+            id: None,
             context: context.to_path_buf(),
             dockerfile: "Dockerfile".into(),
             memory_mib: 512,
@@ -111,6 +114,10 @@ pub struct ImageRecord {
     /// key means an identical image, whose template is reused without booting.
     #[serde(default)]
     pub image_key: Option<String>,
+    /// The app answers lifecycle hooks (/run, /suspend, /resume, /terminate) on `hook_port`:
+    /// true when it has an app and the build waited for its /ready.
+    #[serde(default)]
+    pub hooks_enabled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,14 +251,26 @@ impl Builder {
                 spec.vcpus
             )));
         }
-        let id = format!(
-            "{}-{:x}",
-            spec.name,
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        );
+        let id = match &spec.id {
+            Some(id)
+                if id.len() <= 64
+                    && id.starts_with(&format!("{}-", spec.name))
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+            {
+                id.clone()
+            }
+            Some(id) => return Err(BuildError::Invalid(format!("build id {id:?} is not valid"))),
+            None => format!(
+                "{}-{:x}",
+                spec.name,
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            ),
+        };
         let dir = self.build_dir(&spec.name, &id);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let log = BuildLog::create(&dir.join("build.log"), progress).map_err(io(&dir))?;
@@ -279,6 +298,7 @@ impl Builder {
             finished_unix: None,
             template: None,
             image_key: None,
+            hooks_enabled: false,
         };
         record.write(&dir)?;
         let span = info_span!("build", image = %spec.name, id = %id);
@@ -415,6 +435,7 @@ impl Builder {
         record.base = Some(base.name.clone());
         let plan = plan(&df, &ctx, &spec.build_args, &base.key)?;
         record.runtime = plan.runtime.clone();
+        record.hooks_enabled = spec.wait_ready && !plan.runtime.app_argv().is_empty();
         let total = plan.steps.len();
         let image_key = {
             let last = plan

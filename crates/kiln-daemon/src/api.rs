@@ -1,0 +1,469 @@
+//! The REST API (JSON, field names as in the seed's calls). Every route except /health and
+//! /metrics needs the bearer key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kiln_image::BuildSpec;
+use kiln_store::{now_ms, MicrovmRow};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::manager::{IdlePolicy, Manager};
+
+/// `Json` whose rejections are API errors (400 with a message that says what is wrong).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad_request(
+                "send the request body as JSON with Content-Type: application/json",
+            )),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "invalid request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
+    let protected = Router::new()
+        .route(
+            "/v1/artifacts",
+            post(upload_artifact).layer(DefaultBodyLimit::max(512 * 1024 * 1024)),
+        )
+        .route("/v1/images", post(create_image).get(list_images))
+        .route("/v1/images/{id}", get(get_image).delete(delete_image))
+        .route("/v1/images/{id}/logs", get(image_logs))
+        .route("/v1/microvms", post(run_microvm).get(list_microvms))
+        .route(
+            "/v1/microvms/{id}",
+            get(get_microvm).delete(terminate_microvm),
+        )
+        .route("/v1/microvms/{id}/suspend", post(suspend_microvm))
+        .route("/v1/microvms/{id}/resume", post(resume_microvm))
+        .route("/v1/microvms/{id}/terminate", post(terminate_microvm))
+        .route("/v1/microvms/{id}/exec", post(exec_microvm))
+        .route("/v1/events", get(events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            key,
+            crate::auth::require_key,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "UnknownOperation",
+                "no such route: see spec/openapi.yaml",
+            )
+        })
+        .with_state(manager)
+}
+
+/// Every route the router serves, for the OpenAPI agreement test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/health"),
+    ("get", "/metrics"),
+    ("post", "/v1/artifacts"),
+    ("post", "/v1/images"),
+    ("get", "/v1/images"),
+    ("get", "/v1/images/{id}"),
+    ("delete", "/v1/images/{id}"),
+    ("get", "/v1/images/{id}/logs"),
+    ("post", "/v1/microvms"),
+    ("get", "/v1/microvms"),
+    ("get", "/v1/microvms/{id}"),
+    ("delete", "/v1/microvms/{id}"),
+    ("post", "/v1/microvms/{id}/suspend"),
+    ("post", "/v1/microvms/{id}/resume"),
+    ("post", "/v1/microvms/{id}/terminate"),
+    ("post", "/v1/microvms/{id}/exec"),
+    ("get", "/v1/events"),
+];
+
+async fn health(State(m): State<Arc<Manager>>) -> Json<Value> {
+    let dev = m.accel.is_dev_mode();
+    Json(json!({
+        "status": "ok",
+        "accelerator": m.accel.as_str(),
+        "devMode": dev,
+        "warning": dev.then_some(kiln_vmm::accel::DEV_MODE_WARNING),
+    }))
+}
+
+async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
+    let rows = m.store().microvms(None, None)?;
+    let mut out =
+        String::from("# HELP kiln_microvms MicroVMs by state.\n# TYPE kiln_microvms gauge\n");
+    for state in ["PENDING", "RUNNING", "SUSPENDED", "RESUMING", "TERMINATED"] {
+        let n = rows.iter().filter(|r| r.state == state).count();
+        out.push_str(&format!("kiln_microvms{{state=\"{state}\"}} {n}\n"));
+    }
+    out.push_str("# HELP kiln_images Images by latest build status.\n# TYPE kiln_images gauge\n");
+    let images = m.store().images()?;
+    for status in ["CREATING", "SUCCESSFUL", "FAILED"] {
+        let n = images.iter().filter(|i| i.status == status).count();
+        out.push_str(&format!("kiln_images{{status=\"{status}\"}} {n}\n"));
+    }
+    out.push_str(&format!("# HELP kiln_dev_mode 1 when guests run under emulation.\n# TYPE kiln_dev_mode gauge\nkiln_dev_mode {}\n", u8::from(m.accel.is_dev_mode())));
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+async fn upload_artifact(
+    State(m): State<Arc<Manager>>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let kind = if body.starts_with(b"PK\x03\x04") {
+        "zip"
+    } else if body.len() > 262 && &body[257..262] == b"ustar" {
+        "tar"
+    } else {
+        return Err(ApiError::bad_request(
+            "the artifact must be a zip or tar archive of the build context",
+        ));
+    };
+    let dir = crate::images::artifacts_dir(&m);
+    std::fs::create_dir_all(&dir).map_err(ApiError::internal)?;
+    let id = format!("art-{:x}", now_ms());
+    std::fs::write(dir.join(format!("{id}.{kind}")), &body).map_err(ApiError::internal)?;
+    Ok(Json(
+        json!({"artifactId": id, "bytes": body.len(), "format": kind}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CodeArtifact {
+    artifact_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateImage {
+    name: String,
+    code_artifact: CodeArtifact,
+    #[serde(default)]
+    dockerfile: Option<String>,
+    #[serde(default)]
+    memory_size_mib: Option<u32>,
+    #[serde(default)]
+    vcpus: Option<u8>,
+    #[serde(default)]
+    disk_size_mib: Option<u32>,
+    #[serde(default)]
+    hook_port: Option<u16>,
+    #[serde(default)]
+    ready_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    wait_for_ready: Option<bool>,
+    #[serde(default)]
+    validate: Option<bool>,
+    #[serde(default)]
+    build_args: BTreeMap<String, String>,
+    /// Accepted for compatibility with the seed's calls; kiln needs no roles.
+    #[serde(default)]
+    build_role_arn: Option<String>,
+    #[serde(default)]
+    base_image_arn: Option<String>,
+}
+
+async fn create_image(
+    State(m): State<Arc<Manager>>,
+    ApiJson(req): ApiJson<CreateImage>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let _ = (&req.build_role_arn, &req.base_image_arn);
+    let id = &req.code_artifact.artifact_id;
+    if !id.starts_with("art-") || !id[4..].bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request(format!(
+            "codeArtifact.artifactId {id:?} is not an artifact id"
+        )));
+    }
+    let dir = crate::images::artifacts_dir(&m);
+    let path = ["zip", "tar"]
+        .iter()
+        .map(|k| dir.join(format!("{id}.{k}")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ApiError::not_found("artifact", id))?;
+    let mut spec = BuildSpec::new(&req.name, &path);
+    if let Some(d) = req.dockerfile {
+        spec.dockerfile = d;
+    }
+    spec.memory_mib = req.memory_size_mib.unwrap_or(512);
+    spec.vcpus = req.vcpus.unwrap_or(1);
+    spec.disk_mib = req.disk_size_mib;
+    spec.hook_port = req
+        .hook_port
+        .unwrap_or(kiln_image::build::DEFAULT_HOOK_PORT);
+    spec.ready_timeout = Duration::from_secs(req.ready_timeout_seconds.unwrap_or(60));
+    spec.wait_ready = req.wait_for_ready.unwrap_or(true);
+    spec.validate = req.validate.unwrap_or(false);
+    spec.build_args = req.build_args;
+    if !(512..=8192).contains(&spec.memory_mib) {
+        return Err(ApiError::bad_request(format!(
+            "memorySizeMib {} must be 512 to 8192",
+            spec.memory_mib
+        )));
+    }
+    if spec.name.is_empty()
+        || spec.name.len() > 40
+        || !spec
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ApiError::bad_request(
+            "name: use 1-40 characters of a-z, 0-9 and '-'",
+        ));
+    }
+    let name = spec.name.clone();
+    let image_id = crate::images::start_build(&m, spec);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"imageIdentifier": image_id, "name": name, "status": "CREATING"})),
+    ))
+}
+
+fn image_view(row: &kiln_store::ImageRow) -> Value {
+    let r = &row.record;
+    json!({
+        "imageIdentifier": row.id,
+        "name": row.name,
+        "status": row.status,
+        "statusReason": row.reason,
+        "createdAt": row.created_at / 1000,
+        "memorySizeMib": r["memory_mib"],
+        "vcpus": r["vcpus"],
+        "hookPort": r["hook_port"],
+        "exposedPorts": r["runtime"]["exposed_ports"],
+        "steps": r["steps"],
+        "logTail": r["log_tail"],
+    })
+}
+
+async fn list_images(State(m): State<Arc<Manager>>) -> ApiResult<Json<Value>> {
+    let rows = m.store().images()?;
+    Ok(Json(
+        json!({"images": rows.iter().map(image_view).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn get_image(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row = m
+        .store()
+        .image(&id)?
+        .ok_or_else(|| ApiError::not_found("image", &id))?;
+    Ok(Json(image_view(&row)))
+}
+
+async fn image_logs(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> ApiResult<Response> {
+    let row = m
+        .store()
+        .image(&id)?
+        .ok_or_else(|| ApiError::not_found("image", &id))?;
+    let log = std::fs::read_to_string(m.builder.build_dir(&row.name, &row.id).join("build.log"))
+        .unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response())
+}
+
+async fn delete_image(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let row = m
+        .store()
+        .image(&id)?
+        .ok_or_else(|| ApiError::not_found("image", &id))?;
+    let users = m.store().live_microvms_of_image(&row.id)?;
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "image {} is used by microVMs {users:?}: terminate them first",
+            row.id
+        )));
+    }
+    if row.status == "CREATING" {
+        return Err(ApiError::conflict(format!(
+            "image {} is still being built",
+            row.id
+        )));
+    }
+    m.store().delete_image(&row.id)?;
+    let _ = std::fs::remove_dir_all(m.builder.build_dir(&row.name, &row.id));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RunMicrovm {
+    image_identifier: String,
+    #[serde(default)]
+    idle_policy: Option<IdlePolicy>,
+    #[serde(default)]
+    run_hook_payload: Option<String>,
+    #[serde(default)]
+    max_duration_seconds: Option<u64>,
+    /// Accepted and ignored: kiln has no IAM roles.
+    #[serde(default)]
+    execution_role_arn: Option<String>,
+    /// Egress connectors come with the egress issue; accepted now, not yet applied.
+    #[serde(default)]
+    connectors: Option<Value>,
+}
+
+fn microvm_view(m: &Manager, row: &MicrovmRow) -> Value {
+    json!({
+        "microvmId": row.id,
+        "imageIdentifier": row.image_id,
+        "imageName": row.image_name,
+        "state": row.state,
+        "stateReason": row.state_reason,
+        "endpoint": m.endpoint(&row.id),
+        "createdAt": row.created_at / 1000,
+        "lastActivityAt": row.last_activity_at / 1000,
+        "idlePolicy": row.config["idlePolicy"],
+        "maxDurationSeconds": row.config["maxDurationSeconds"],
+        "usage": row.usage,
+    })
+}
+
+async fn run_microvm(
+    State(m): State<Arc<Manager>>,
+    ApiJson(req): ApiJson<RunMicrovm>,
+) -> ApiResult<Json<Value>> {
+    let _ = (&req.execution_role_arn, &req.connectors);
+    let row = m.run(
+        &req.image_identifier,
+        req.idle_policy.unwrap_or_default(),
+        req.run_hook_payload,
+        req.max_duration_seconds,
+    )?;
+    Ok(Json(
+        json!({"microvmId": row.id, "endpoint": m.endpoint(&row.id), "state": row.state}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    image_identifier: Option<String>,
+}
+
+async fn list_microvms(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    if let Some(s) = &q.state {
+        s.parse::<kiln_types::MicrovmState>()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    let state = q.state.map(|s| s.to_ascii_uppercase());
+    let rows = m
+        .store()
+        .microvms(state.as_deref(), q.image_identifier.as_deref())?;
+    Ok(Json(
+        json!({"microvms": rows.iter().map(|r| microvm_view(&m, r)).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn get_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row = m.row(&id)?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+async fn suspend_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    m.row(&id)?;
+    let row = m.suspend(&id, "SuspendMicrovm").await?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+async fn resume_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    m.row(&id)?;
+    let row = m.resume(&id, "ResumeMicrovm").await?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+async fn terminate_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    m.row(&id)?;
+    let row = m.terminate(&id, "TerminateMicrovm").await?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExecBody {
+    command: Vec<String>,
+    #[serde(default)]
+    timeout_seconds: Option<u64>,
+}
+
+async fn exec_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecBody>,
+) -> ApiResult<Json<Value>> {
+    m.row(&id)?;
+    let out = m
+        .exec(
+            &id,
+            req.command,
+            Duration::from_secs(req.timeout_seconds.unwrap_or(60).clamp(1, 3600)),
+        )
+        .await?;
+    Ok(Json(json!({
+        "stdout": out.stdout_text(),
+        "stderr": out.stderr_text(),
+        "exitCode": out.status.code,
+        "signal": out.status.signal,
+        "timedOut": out.status.timed_out,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    since: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn events(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Json<Value>> {
+    let since = q.since.unwrap_or(0);
+    let events = m
+        .store()
+        .events_since(since, q.limit.unwrap_or(100).clamp(1, 1000))?;
+    let next = events.last().map(|e| e.seq).unwrap_or(since);
+    Ok(Json(json!({"events": events, "nextCursor": next})))
+}

@@ -1,0 +1,109 @@
+//! The control API's bearer key: generated on first start into `KILN_HOME/api-key` with mode
+//! 0600, compared in constant time.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use rand::RngCore;
+
+use crate::error::ApiError;
+
+pub const KEY_FILE: &str = "api-key";
+
+/// Reads the key, creating it (0600) when missing; refuses a key file others can read.
+pub fn load_or_create(home: &Path) -> std::io::Result<String> {
+    let path = home.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(key) => {
+            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is readable by others (mode {mode:o}): chmod 600 it",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(key.trim().to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            let key = hex::encode(bytes);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            writeln!(f, "{key}")?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn require_key(
+    State(key): State<std::sync::Arc<String>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UnauthorizedException",
+            "missing or wrong API key: send `Authorization: Bearer <key>` with the key from KILN_HOME/api-key",
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_created_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_or_create(dir.path()).unwrap();
+        assert_eq!(key.len(), 64);
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_or_create(dir.path()).unwrap(), key);
+        std::fs::set_permissions(
+            dir.path().join(KEY_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(
+            load_or_create(dir.path()).is_err(),
+            "a world-readable key is refused"
+        );
+    }
+
+    #[test]
+    fn comparison_is_exact() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,32 @@
+//! Daemon settings (flags and environment).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a graceful shutdown (SIGTERM) does with running microVMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShutdownPolicy {
+    /// Suspend them to disk; they are SUSPENDED after the restart and resume on request.
+    Suspend,
+    /// Terminate them.
+    Terminate,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub home: PathBuf,
+    pub listen: SocketAddr,
+    /// Lowest `maxIdleDurationSeconds` accepted (the API minimum is 60 s, like Lambda's).
+    pub min_idle_seconds: u64,
+    /// How often the idle policy and metering run.
+    pub tick: Duration,
+    pub hook_timeout: Duration,
+    pub on_shutdown: ShutdownPolicy,
+    pub ingress_domain: String,
+    pub ingress_port: u16,
+}
+
+pub const API_MIN_IDLE_SECONDS: u64 = 60;
+pub const DEFAULT_MAX_DURATION_SECONDS: u64 = 8 * 3600;
+pub const MAX_RUN_PAYLOAD_BYTES: usize = 16 * 1024;

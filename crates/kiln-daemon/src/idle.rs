@@ -1,0 +1,99 @@
+//! The idle scheduler: suspends microVMs idle longer than `maxIdleDurationSeconds`,
+//! terminates those suspended longer than `suspendedDurationSeconds` or older than
+//! `maxDurationSeconds`, and samples usage.
+
+use std::sync::Arc;
+
+use kiln_store::now_ms;
+use kiln_types::MicrovmState;
+use tracing::warn;
+
+use crate::manager::{Manager, MicrovmConfig};
+
+pub fn spawn(manager: Arc<Manager>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(manager.cfg.tick);
+        loop {
+            tick.tick().await;
+            if let Err(e) = pass(&manager).await {
+                warn!("idle policy pass failed: {e}");
+            }
+        }
+    });
+}
+
+async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
+    let rows = manager.store().microvms(None, None)?;
+    let now = now_ms();
+    for row in rows {
+        let Ok(state) = row.state.parse::<MicrovmState>() else {
+            continue;
+        };
+        if matches!(
+            state,
+            MicrovmState::Terminated | MicrovmState::Pending | MicrovmState::Resuming
+        ) {
+            continue;
+        }
+        let Ok(config) = serde_json::from_value::<MicrovmConfig>(row.config.clone()) else {
+            continue;
+        };
+        let age_s = (now - row.created_at) / 1000;
+        let action: Option<(&str, String)> = if age_s >= config.max_duration_seconds as i64 {
+            Some((
+                "terminate",
+                format!(
+                    "reached maxDurationSeconds ({})",
+                    config.max_duration_seconds
+                ),
+            ))
+        } else if state == MicrovmState::Running
+            && (now - row.last_activity_at) / 1000
+                >= config.idle_policy.max_idle_duration_seconds as i64
+        {
+            Some((
+                "suspend",
+                format!(
+                    "idle for {} s",
+                    config.idle_policy.max_idle_duration_seconds
+                ),
+            ))
+        } else if state == MicrovmState::Suspended
+            && (now - row.state_changed_at) / 1000
+                >= config.idle_policy.suspended_duration_seconds as i64
+        {
+            Some((
+                "terminate",
+                format!(
+                    "suspended for over {} s",
+                    config.idle_policy.suspended_duration_seconds
+                ),
+            ))
+        } else {
+            None
+        };
+        let slot = manager.slot(&row.id);
+        match action {
+            None => {
+                // Sample usage without waiting on a microVM that is mid-transition.
+                if let Ok(mut slot) = slot.try_lock() {
+                    manager.sample(&row.id, &mut slot, None);
+                }
+            }
+            Some((what, reason)) => {
+                let (m, id) = (manager.clone(), row.id.clone());
+                tokio::spawn(async move {
+                    let result = if what == "suspend" {
+                        m.suspend(&id, &reason).await
+                    } else {
+                        m.terminate(&id, &reason).await
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(id, "idle policy {what} skipped: {}", e.message);
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! Image builds started through the API: recorded in the store as CREATING, baked in the
+//! background, then synced from the build's record.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_image::{BuildSpec, ImageRecord};
+use kiln_store::ImageRow;
+use tracing::warn;
+
+use crate::manager::Manager;
+
+/// Copies a build's on-disk record into the store.
+pub fn sync_image(manager: &Manager, name: &str, id: &str) {
+    let dir = manager.builder.build_dir(name, id);
+    match ImageRecord::read(&dir) {
+        Ok(record) => {
+            let row = to_row(&record);
+            if let Err(e) = manager.store().upsert_image(&row) {
+                warn!(id, "storing image failed: {e}");
+            }
+        }
+        Err(e) => warn!(id, "image record unreadable: {e}"),
+    }
+}
+
+pub fn to_row(record: &ImageRecord) -> ImageRow {
+    ImageRow {
+        id: record.id.clone(),
+        name: record.name.clone(),
+        status: format!("{:?}", record.status).to_uppercase(),
+        reason: record.reason.clone(),
+        created_at: record.created_unix as i64 * 1000,
+        record: serde_json::to_value(record).unwrap_or_default(),
+    }
+}
+
+/// Starts a bake; returns the build id at once.
+pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
+    let id = format!("{}-{:x}", spec.name, kiln_store::now_ms());
+    spec.id = Some(id.clone());
+    let placeholder = ImageRow {
+        id: id.clone(),
+        name: spec.name.clone(),
+        status: "CREATING".into(),
+        reason: None,
+        created_at: kiln_store::now_ms(),
+        record: serde_json::json!({"id": id, "name": spec.name, "status": "CREATING"}),
+    };
+    if let Err(e) = manager.store().upsert_image(&placeholder) {
+        warn!(id, "storing image failed: {e}");
+    }
+    let (m, name, bid) = (manager.clone(), spec.name.clone(), id.clone());
+    tokio::spawn(async move {
+        match m.builder.build(spec).await {
+            Ok(_) => sync_image(&m, &name, &bid),
+            Err(e) => {
+                let mut row = placeholder;
+                row.status = "FAILED".into();
+                row.reason = Some(e.to_string());
+                let _ = m.store().upsert_image(&row);
+            }
+        }
+    });
+    id
+}
+
+/// Where uploaded build-context artifacts are kept.
+pub fn artifacts_dir(manager: &Manager) -> PathBuf {
+    manager.cfg.home.join("artifacts")
+}

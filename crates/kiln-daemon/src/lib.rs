@@ -1,0 +1,96 @@
+//! kilnd: the control plane. REST API ([`api`]), the microVM lifecycle and hooks
+//! ([`manager`]), the idle policy ([`idle`]), image builds ([`images`]), start-up recovery
+//! ([`recovery`]), and the API key ([`auth`]). State lives in SQLite (kiln-store).
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod idle;
+pub mod images;
+pub mod manager;
+pub mod recovery;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+pub use config::{Config, ShutdownPolicy};
+pub use manager::Manager;
+
+/// Opens everything, recovers, and serves until SIGTERM/SIGINT.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.home)
+        .with_context(|| format!("creating {}", cfg.home.display()))?;
+    let key = auth::load_or_create(&cfg.home).context("API key")?;
+    let store = kiln_store::Store::open(&cfg.home.join("kiln.db"))?;
+    let accel = kiln_vmm::accel::detect()?;
+    let assets = kiln_vmm::GuestAssets::locate()?;
+    let builder = kiln_image::Builder {
+        images_dir: cfg.home.join("images"),
+        layers_dir: cfg.home.join("layers"),
+        assets: assets.clone(),
+        accel: accel.accel,
+    };
+    let manager = Arc::new(Manager {
+        cfg: cfg.clone(),
+        store: Mutex::new(store),
+        builder,
+        assets,
+        accel: accel.accel,
+        slots: Mutex::new(Default::default()),
+    });
+    recovery::recover(&manager)?;
+    idle::spawn(manager.clone());
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    info!(listen = %listener.local_addr()?, accel = %accel.accel, "kilnd ready");
+    if accel.dev_mode() {
+        warn!("{} ({})", kiln_vmm::accel::DEV_MODE_WARNING, accel.reason);
+    }
+    // Written after binding so clients (and tests) know the daemon is up and where.
+    std::fs::write(
+        cfg.home.join("kilnd.addr"),
+        listener.local_addr()?.to_string(),
+    )?;
+    let app = api::router(manager.clone(), Arc::new(key));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    shutdown(&manager).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// Graceful shutdown: suspend or terminate running microVMs per the daemon setting.
+async fn shutdown(manager: &Arc<Manager>) {
+    let running = manager
+        .store()
+        .microvms(Some("RUNNING"), None)
+        .unwrap_or_default();
+    info!(count = running.len(), policy = ?manager.cfg.on_shutdown, "shutting down");
+    for row in running {
+        let result = match manager.cfg.on_shutdown {
+            ShutdownPolicy::Suspend => manager.suspend(&row.id, "kilnd shut down").await,
+            ShutdownPolicy::Terminate => manager.terminate(&row.id, "kilnd shut down").await,
+        };
+        if let Err(e) = result {
+            warn!(id = row.id, "shutdown action failed: {}", e.message);
+        }
+    }
+}

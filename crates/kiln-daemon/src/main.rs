@@ -1,0 +1,72 @@
+//! `kilnd`: kiln's daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use kiln_daemon::{Config, ShutdownPolicy};
+
+#[derive(Parser)]
+#[command(
+    name = "kilnd",
+    version,
+    about = "kiln's control plane: REST API, microVM lifecycle, idle policy"
+)]
+struct Args {
+    /// State directory (database, API key, images, microVMs).
+    #[arg(long, env = "KILN_HOME", default_value = "/var/lib/kiln")]
+    home: PathBuf,
+    /// Address of the REST API. Loopback only unless --allow-remote.
+    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Allow a non-loopback --listen address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Lowest maxIdleDurationSeconds accepted (default: the API minimum, 60).
+    #[arg(long, default_value_t = kiln_daemon::config::API_MIN_IDLE_SECONDS)]
+    min_idle_seconds: u64,
+    /// Idle policy and metering interval, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    tick_ms: u64,
+    /// Timeout of each lifecycle hook call, in seconds.
+    #[arg(long, default_value_t = 10)]
+    hook_timeout: u64,
+    /// What SIGTERM does with running microVMs.
+    #[arg(long, value_enum, default_value = "suspend")]
+    on_shutdown: ShutdownPolicy,
+    /// Domain of microVM endpoints (<microvmId>.<domain>).
+    #[arg(long, default_value = "localhost")]
+    ingress_domain: String,
+    #[arg(long, default_value_t = 8443)]
+    ingress_port: u16,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if !args.listen.ip().is_loopback() && !args.allow_remote {
+        anyhow::bail!(
+            "--listen {} is not a loopback address: pass --allow-remote to expose the API",
+            args.listen
+        );
+    }
+    let cfg = Config {
+        home: args.home,
+        listen: args.listen,
+        min_idle_seconds: args.min_idle_seconds,
+        tick: Duration::from_millis(args.tick_ms.max(50)),
+        hook_timeout: Duration::from_secs(args.hook_timeout.max(1)),
+        on_shutdown: args.on_shutdown,
+        ingress_domain: args.ingress_domain,
+        ingress_port: args.ingress_port,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(kiln_daemon::serve(cfg))
+}

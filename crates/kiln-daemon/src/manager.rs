@@ -1,0 +1,507 @@
+//! The microVM manager: the lifecycle state machine, hooks, and the one place where
+//! activity is recorded. Each microVM has a slot whose async lock serialises its
+//! transitions; every transition is written to the store with its reason.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_image::build::hook_get;
+use kiln_image::Builder;
+use kiln_proto::HttpRequest;
+use kiln_store::{now_ms, MicrovmRow, Store};
+use kiln_types::{Accel, MicrovmState, VmId};
+use kiln_vmm::snapshot::LaunchConfig;
+use kiln_vmm::{GuestAssets, SuspendedVm, Template, Vm};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::{Config, DEFAULT_MAX_DURATION_SECONDS, MAX_RUN_PAYLOAD_BYTES};
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdlePolicy {
+    pub max_idle_duration_seconds: u64,
+    pub suspended_duration_seconds: u64,
+    pub auto_resume_enabled: bool,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        IdlePolicy {
+            max_idle_duration_seconds: 300,
+            suspended_duration_seconds: 1800,
+            auto_resume_enabled: true,
+        }
+    }
+}
+
+/// What a microVM was started with, kept in the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrovmConfig {
+    pub idle_policy: IdlePolicy,
+    pub max_duration_seconds: u64,
+    pub hook_port: u16,
+    pub hooks_enabled: bool,
+    pub template: PathBuf,
+    pub vcpus: u8,
+}
+
+/// Usage metering, shown in GetMicrovm.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub running_seconds: f64,
+    pub cpu_seconds_above_baseline: f64,
+    pub suspended_snapshot_byte_seconds: f64,
+    #[serde(default)]
+    pub cpu_seconds: f64,
+}
+
+#[derive(Default)]
+pub struct Slot {
+    pub vm: Option<Vm>,
+    pub suspended: Option<SuspendedVm>,
+    pub last_sample_ms: i64,
+}
+
+pub struct Manager {
+    pub cfg: Config,
+    pub store: Mutex<Store>,
+    pub builder: Builder,
+    pub assets: GuestAssets,
+    pub accel: Accel,
+    pub slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+pub fn new_microvm_id() -> String {
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("mvm-{}", hex::encode(b))
+}
+
+impl Manager {
+    pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub fn microvm_dir(&self, id: &str) -> PathBuf {
+        self.cfg.home.join("microvms").join(id)
+    }
+
+    pub fn endpoint(&self, id: &str) -> String {
+        format!("{id}.{}:{}", self.cfg.ingress_domain, self.cfg.ingress_port)
+    }
+
+    /// The one place activity is recorded (proxied requests, open streams, exec sessions).
+    pub fn record_activity(&self, id: &str) {
+        if let Err(e) = self.store().touch(id, now_ms()) {
+            warn!(id, "recording activity failed: {e}");
+        }
+    }
+
+    pub fn row(&self, id: &str) -> ApiResult<MicrovmRow> {
+        self.store()
+            .microvm(id)?
+            .ok_or_else(|| ApiError::not_found("microVM", id))
+    }
+
+    fn state_of(row: &MicrovmRow) -> MicrovmState {
+        row.state.parse().unwrap_or(MicrovmState::Terminated)
+    }
+
+    fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) {
+        if let Err(e) = self.store().set_state(id, to.as_str(), reason) {
+            warn!(id, "recording state {to} failed: {e}");
+        }
+        info!(id, state = %to, reason = reason.unwrap_or(""), "microVM state");
+    }
+
+    /// RunMicrovm: records PENDING and launches in the background.
+    pub fn run(
+        self: &Arc<Self>,
+        image: &str,
+        idle: IdlePolicy,
+        payload: Option<String>,
+        max_duration: Option<u64>,
+    ) -> ApiResult<MicrovmRow> {
+        if idle.max_idle_duration_seconds < self.cfg.min_idle_seconds {
+            return Err(ApiError::bad_request(format!(
+                "idlePolicy.maxIdleDurationSeconds must be at least {} (got {})",
+                self.cfg.min_idle_seconds, idle.max_idle_duration_seconds
+            )));
+        }
+        let max_duration = max_duration.unwrap_or(DEFAULT_MAX_DURATION_SECONDS);
+        if max_duration == 0 || max_duration > DEFAULT_MAX_DURATION_SECONDS {
+            return Err(ApiError::bad_request(format!(
+                "maxDurationSeconds must be 1 to {DEFAULT_MAX_DURATION_SECONDS}"
+            )));
+        }
+        if let Some(p) = &payload {
+            if p.len() > MAX_RUN_PAYLOAD_BYTES {
+                return Err(ApiError::bad_request(format!(
+                    "runHookPayload is {} bytes; the limit is {MAX_RUN_PAYLOAD_BYTES}",
+                    p.len()
+                )));
+            }
+        }
+        let img = self
+            .store()
+            .image(image)?
+            .ok_or_else(|| ApiError::not_found("image", image))?;
+        if img.status != "SUCCESSFUL" {
+            return Err(ApiError::conflict(format!(
+                "image {} is {}, not SUCCESSFUL: it cannot run",
+                img.id, img.status
+            )));
+        }
+        let template: PathBuf = img.record["template"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(|| ApiError::internal("image has no template"))?;
+        let config = MicrovmConfig {
+            idle_policy: idle,
+            max_duration_seconds: max_duration,
+            hook_port: img.record["hook_port"].as_u64().unwrap_or(9000) as u16,
+            hooks_enabled: img.record["hooks_enabled"].as_bool().unwrap_or(false),
+            template,
+            vcpus: img.record["vcpus"].as_u64().unwrap_or(1) as u8,
+        };
+        let now = now_ms();
+        let row = MicrovmRow {
+            id: new_microvm_id(),
+            image_id: img.id.clone(),
+            image_name: img.name.clone(),
+            state: MicrovmState::Pending.as_str().into(),
+            state_reason: None,
+            created_at: now,
+            state_changed_at: now,
+            last_activity_at: now,
+            config: serde_json::to_value(&config).map_err(ApiError::internal)?,
+            usage: serde_json::to_value(Usage::default()).map_err(ApiError::internal)?,
+        };
+        self.store().insert_microvm(&row)?;
+        let (this, id) = (self.clone(), row.id.clone());
+        let slot = self.slot(&id);
+        let span = info_span!("microvm", id = %id);
+        tokio::spawn(
+            async move {
+                let mut slot = slot.lock().await;
+                this.launch(&id, &config, payload, &mut slot).await;
+            }
+            .instrument(span),
+        );
+        Ok(row)
+    }
+
+    async fn launch(
+        &self,
+        id: &str,
+        config: &MicrovmConfig,
+        payload: Option<String>,
+        slot: &mut Slot,
+    ) {
+        let vm_id = match VmId::new(id) {
+            Ok(v) => v,
+            Err(e) => return self.set_state(id, MicrovmState::Terminated, Some(&e.to_string())),
+        };
+        let launched = async {
+            let template = Template::open(&config.template)?;
+            template
+                .launch(LaunchConfig {
+                    id: vm_id,
+                    dir: self.microvm_dir(id),
+                    machine: None,
+                    assets: self.assets.clone(),
+                    timeout: Duration::from_secs(60),
+                    die_with_parent: true,
+                })
+                .await
+        }
+        .await;
+        let vm = match launched {
+            Ok(vm) => vm,
+            Err(e) => {
+                return self.set_state(
+                    id,
+                    MicrovmState::Terminated,
+                    Some(&format!("launch failed: {e}")),
+                )
+            }
+        };
+        if config.hooks_enabled {
+            if let Err(why) = self
+                .hook(
+                    &vm,
+                    config.hook_port,
+                    "/run",
+                    payload.unwrap_or_default().into_bytes(),
+                )
+                .await
+            {
+                let _ = vm.destroy().await;
+                let _ = std::fs::remove_dir_all(self.microvm_dir(id));
+                return self.set_state(
+                    id,
+                    MicrovmState::Terminated,
+                    Some(&format!("run hook failed: {why}")),
+                );
+            }
+        }
+        slot.vm = Some(vm);
+        slot.last_sample_ms = now_ms();
+        self.record_activity(id);
+        self.set_state(id, MicrovmState::Running, None);
+    }
+
+    /// POSTs to a lifecycle hook; Err carries a one-line reason.
+    async fn hook(&self, vm: &Vm, port: u16, path: &str, body: Vec<u8>) -> Result<(), String> {
+        let req = HttpRequest {
+            method: "POST".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: ByteBuf::from(body),
+            timeout_ms: self.cfg.hook_timeout.as_millis() as u64,
+            ..hook_get(port, path)
+        };
+        match vm.agent().http(req).await {
+            Ok(r) if (200..300).contains(&r.status) => Ok(()),
+            Ok(r) => Err(format!("POST {path} answered HTTP {}", r.status)),
+            Err(e) => Err(format!("POST {path}: {}", error_chain(&e))),
+        }
+    }
+
+    fn config_of(row: &MicrovmRow) -> ApiResult<MicrovmConfig> {
+        serde_json::from_value(row.config.clone()).map_err(ApiError::internal)
+    }
+
+    pub async fn suspend(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let row = self.row(id)?;
+        let state = Self::state_of(&row);
+        if state != MicrovmState::Running {
+            return Err(ApiError::conflict(format!(
+                "microVM {id} is {state}; only a RUNNING microVM can be suspended"
+            )));
+        }
+        let config = Self::config_of(&row)?;
+        let vm = slot
+            .vm
+            .take()
+            .ok_or_else(|| ApiError::internal("running microVM has no process"))?;
+        let mut note = reason.to_string();
+        if config.hooks_enabled {
+            if let Err(why) = self
+                .hook(&vm, config.hook_port, "/suspend", Vec::new())
+                .await
+            {
+                note = format!("{reason}; suspend hook failed: {why}");
+            }
+        }
+        self.sample(id, &mut slot, Some(&vm));
+        match vm.suspend().await {
+            Ok(suspended) => {
+                slot.suspended = Some(suspended);
+                self.set_state(id, MicrovmState::Suspended, Some(&note));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.microvm_dir(id));
+                self.set_state(
+                    id,
+                    MicrovmState::Terminated,
+                    Some(&format!("suspend failed: {e}")),
+                );
+            }
+        }
+        self.row(id)
+    }
+
+    pub async fn resume(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let row = self.row(id)?;
+        let state = Self::state_of(&row);
+        if state != MicrovmState::Suspended {
+            return Err(ApiError::conflict(format!(
+                "microVM {id} is {state}; only a SUSPENDED microVM can be resumed"
+            )));
+        }
+        let config = Self::config_of(&row)?;
+        self.sample(id, &mut slot, None);
+        let suspended = slot
+            .suspended
+            .take()
+            .ok_or_else(|| ApiError::internal("suspended microVM has no state"))?;
+        self.set_state(id, MicrovmState::Resuming, Some(reason));
+        match suspended.resume(Duration::from_secs(60)).await {
+            Ok(vm) => {
+                if config.hooks_enabled {
+                    if let Err(why) = self
+                        .hook(&vm, config.hook_port, "/resume", Vec::new())
+                        .await
+                    {
+                        warn!(id, "resume hook failed: {why}");
+                    }
+                }
+                slot.vm = Some(vm);
+                slot.last_sample_ms = now_ms();
+                self.record_activity(id);
+                self.set_state(id, MicrovmState::Running, Some(reason));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.microvm_dir(id));
+                self.set_state(
+                    id,
+                    MicrovmState::Terminated,
+                    Some(&format!("resume failed: {e}")),
+                );
+            }
+        }
+        self.row(id)
+    }
+
+    pub async fn terminate(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let row = self.row(id)?;
+        let state = Self::state_of(&row);
+        if state == MicrovmState::Terminated {
+            return Err(ApiError::conflict(format!(
+                "microVM {id} is already TERMINATED"
+            )));
+        }
+        let config = Self::config_of(&row)?;
+        if let Some(vm) = slot.vm.take() {
+            if config.hooks_enabled {
+                if let Err(why) = self
+                    .hook(&vm, config.hook_port, "/terminate", Vec::new())
+                    .await
+                {
+                    warn!(id, "terminate hook failed: {why}");
+                }
+            }
+            self.sample(id, &mut slot, Some(&vm));
+            let _ = vm.destroy().await;
+        }
+        if let Some(s) = slot.suspended.take() {
+            let _ = s.discard();
+        }
+        let _ = std::fs::remove_dir_all(self.microvm_dir(id));
+        self.set_state(id, MicrovmState::Terminated, Some(reason));
+        drop(slot);
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.row(id)
+    }
+
+    /// Runs a command in a RUNNING microVM (an exec session counts as activity).
+    pub async fn exec(
+        &self,
+        id: &str,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> ApiResult<kiln_vmm::ExecOutput> {
+        if argv.is_empty() {
+            return Err(ApiError::bad_request("command must name a program"));
+        }
+        let agent = {
+            let slot = self.slot(id);
+            let slot = slot.lock().await;
+            let row = self.row(id)?;
+            match (&slot.vm, Self::state_of(&row)) {
+                (Some(vm), MicrovmState::Running) => vm.agent().clone(),
+                (_, state) => {
+                    return Err(ApiError::conflict(format!(
+                        "microVM {id} is {state}; exec needs RUNNING"
+                    )))
+                }
+            }
+        };
+        self.record_activity(id);
+        let req = kiln_proto::ExecRequest {
+            process: kiln_proto::ProcessSpec {
+                argv,
+                ..Default::default()
+            },
+            stdin: false,
+            timeout_ms: Some(timeout.as_millis() as u64),
+        };
+        let out = agent.exec(req, None, 8 << 20).await.map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "ExecFailed",
+                error_chain(&e),
+            )
+        });
+        self.record_activity(id);
+        out
+    }
+
+    /// Adds the time since the last sample to the microVM's usage.
+    pub fn sample(&self, id: &str, slot: &mut Slot, running: Option<&Vm>) {
+        let now = now_ms();
+        let elapsed = (now - slot.last_sample_ms.max(0)).max(0) as f64 / 1000.0;
+        slot.last_sample_ms = now;
+        let Ok(Some(row)) = self.store().microvm(id) else {
+            return;
+        };
+        let mut usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
+        let vcpus = Self::config_of(&row).map(|c| c.vcpus).unwrap_or(1) as f64;
+        let vm = running.or(slot.vm.as_ref());
+        if let Some(vm) = vm {
+            usage.running_seconds += elapsed;
+            if let Some(cpu) = process_cpu_seconds(vm.qemu_pid()) {
+                usage.cpu_seconds = cpu.max(usage.cpu_seconds);
+            }
+            usage.cpu_seconds_above_baseline =
+                (usage.cpu_seconds - usage.running_seconds * vcpus).max(0.0);
+        } else if let Some(s) = &slot.suspended {
+            usage.suspended_snapshot_byte_seconds += s.state_bytes() as f64 * elapsed;
+        }
+        if let Ok(v) = serde_json::to_value(&usage) {
+            let _ = self.store().set_usage(id, &v);
+        }
+    }
+}
+
+/// User + system CPU time of a process, from /proc.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some((utime + stime) / hz)
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,93 @@
+//! Start-up recovery after a crash or `kill -9`: every image and microVM is brought to a
+//! consistent state. Guests die with the daemon (their QEMU is tied to it), so microVMs that
+//! were running are TERMINATED with a reason and their files removed; suspended ones stay
+//! SUSPENDED (their state is on disk) and resume on request; interrupted bakes are FAILED.
+
+use std::sync::Arc;
+
+use kiln_types::{MicrovmState, VmId};
+use kiln_vmm::SuspendedVm;
+use tracing::{info, warn};
+
+use crate::images::sync_image;
+use crate::manager::Manager;
+
+pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
+    for id in manager.builder.recover_interrupted()? {
+        info!(id, "interrupted image build marked FAILED");
+    }
+    let creating: Vec<_> = manager
+        .store()
+        .images()?
+        .into_iter()
+        .filter(|i| i.status == "CREATING")
+        .collect();
+    for img in creating {
+        sync_image(manager, &img.name, &img.id);
+    }
+    for row in manager.store().microvms(None, None)? {
+        let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
+        let dir = manager.microvm_dir(&row.id);
+        match state {
+            MicrovmState::Terminated => {}
+            MicrovmState::Suspended => {
+                match VmId::new(&row.id)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|id| {
+                        SuspendedVm::open(id, &dir, manager.assets.clone(), true)
+                            .map_err(anyhow::Error::from)
+                    }) {
+                    Ok(s) => {
+                        manager
+                            .slots
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(row.id.clone())
+                            .or_default()
+                            .try_lock()?
+                            .suspended = Some(s);
+                        info!(id = row.id, "suspended microVM re-adopted");
+                    }
+                    Err(e) => {
+                        warn!(id = row.id, "suspended state unusable: {e}");
+                        let _ = std::fs::remove_dir_all(&dir);
+                        manager.store().set_state(
+                            &row.id,
+                            "TERMINATED",
+                            Some(&format!("suspended state lost while kilnd was down: {e}")),
+                        )?;
+                    }
+                }
+            }
+            _ => {
+                kill_leftover_qemu(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                manager.store().set_state(
+                    &row.id,
+                    "TERMINATED",
+                    Some(&format!(
+                        "kilnd restarted while the microVM was {state}; its memory was lost"
+                    )),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A QEMU whose pid file is still there and alive (it should have died with the daemon).
+fn kill_leftover_qemu(dir: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join("qemu.pid")) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

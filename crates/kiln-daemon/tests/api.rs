@@ -1,0 +1,356 @@
+//! kilnd end to end: a real daemon process, real guests, real HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn bad_requests_get_clear_json_errors() {
+    let d = TestDaemon::start();
+    // Health is open and states the accelerator.
+    let (status, health) = TestDaemon::respond_public(&d, "/health");
+    assert_eq!(status, 200);
+    assert!(health["accelerator"] == "tcg" || health["accelerator"] == "kvm");
+    if health["accelerator"] == "tcg" {
+        assert_eq!(health["devMode"], true);
+        assert!(health["warning"]
+            .as_str()
+            .unwrap()
+            .contains("not a security boundary"));
+    }
+    // 401 without or with a wrong key.
+    let (status, body) = d.post_raw("/v1/microvms", "application/json", b"{}", false);
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "UnauthorizedException");
+    assert!(body["message"].as_str().unwrap().contains("api-key"));
+    let wrong = d.clone_with_key("0".repeat(64));
+    assert_eq!(wrong.get("/v1/microvms").0, 401);
+    // 400: malformed JSON, unknown fields, oversized payload, bad idle policy.
+    let (status, body) = d.post_raw("/v1/microvms", "application/json", b"{not json", true);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("ValidationException"))
+    );
+    let (status, body) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "x", "surprise": 1}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("surprise"),
+        "{body}"
+    );
+    let (status, body) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "x", "runHookPayload": "p".repeat(16 * 1024 + 1)}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("16384"),
+        "{body}"
+    );
+    let (status, _) = d.post("/v1/microvms", json!({"imageIdentifier": "x", "idlePolicy": {"maxIdleDurationSeconds": 0, "suspendedDurationSeconds": 1, "autoResumeEnabled": true}}));
+    assert_eq!(status, 400);
+    let (status, _) = d.get("/v1/microvms?state=SLEEPING");
+    assert_eq!(status, 400);
+    // 404 on unknown ids and routes.
+    let (status, body) = d.post("/v1/microvms", json!({"imageIdentifier": "no-such-image"}));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("ResourceNotFoundException"))
+    );
+    for path in ["/v1/microvms/mvm-0000000000000000", "/v1/images/nope"] {
+        assert_eq!(d.get(path).0, 404, "{path}");
+    }
+    assert_eq!(
+        d.post("/v1/microvms/mvm-0000000000000000/suspend", json!({}))
+            .0,
+        404
+    );
+    assert_eq!(d.get("/v1/nothing-here").0, 404);
+    // The API key is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.home.join("api-key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn lifecycle_hooks_run_in_order_with_the_payload_and_terminate_leaves_nothing() {
+    let report = ReportServer::start();
+    let d = TestDaemon::start();
+    let image = hook_image(&d, &report);
+
+    let (status, run) = d.post(
+        "/v1/microvms",
+        json!({
+            "imageIdentifier": "hooks",
+            "executionRoleArn": "arn:aws:iam::123456789:role/ignored",
+            "idlePolicy": {"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800, "autoResumeEnabled": true},
+            "runHookPayload": "hello-payload"
+        }),
+    );
+    assert_eq!(status, 200, "{run}");
+    let id = run["microvmId"].as_str().unwrap().to_string();
+    assert!(run["endpoint"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{id}.localhost")));
+    assert_eq!(run["state"], "PENDING");
+    d.wait_state(&id, "RUNNING", Duration::from_secs(60));
+
+    // Illegal transitions are 409.
+    let (status, body) = d.post(&format!("/v1/microvms/{id}/resume"), json!({}));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("ConflictException"))
+    );
+    // The image cannot be deleted while a microVM uses it.
+    let (status, body) = d.delete(&format!("/v1/images/{image}"));
+    assert_eq!(status, 409, "{body}");
+
+    // Exec works and counts as activity.
+    let (status, out) = d.post(
+        &format!("/v1/microvms/{id}/exec"),
+        json!({"command": ["cat", "/etc/os-release"]}),
+    );
+    assert_eq!(status, 200, "{out}");
+    assert!(out["stdout"].as_str().unwrap().contains("kiln busybox"));
+
+    assert_eq!(
+        d.post(&format!("/v1/microvms/{id}/suspend"), json!({})).1["state"],
+        "SUSPENDED"
+    );
+    assert_eq!(
+        d.post(&format!("/v1/microvms/{id}/suspend"), json!({})).0,
+        409
+    );
+    assert_eq!(
+        d.post(&format!("/v1/microvms/{id}/resume"), json!({})).1["state"],
+        "RUNNING"
+    );
+    let dir = d.home.join("microvms").join(&id);
+    assert!(dir.is_dir());
+    let (status, done) = d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+    assert_eq!((status, done["state"].as_str()), (200, Some("TERMINATED")));
+    assert_eq!(
+        d.post(&format!("/v1/microvms/{id}/terminate"), json!({})).0,
+        409
+    );
+
+    let calls = report.calls();
+    assert_eq!(
+        calls,
+        vec![
+            "/hook/run?body=hello-payload",
+            "/hook/suspend?body=",
+            "/hook/resume?body=",
+            "/hook/terminate?body="
+        ],
+        "hook order and payload"
+    );
+    // Every process and file of the microVM is gone.
+    assert!(!dir.exists(), "microVM directory removed");
+    assert!(d.qemu_processes().is_empty(), "no QEMU left");
+    let view = d.get(&format!("/v1/microvms/{id}")).1;
+    assert!(
+        view["usage"]["runningSeconds"].as_f64().unwrap() > 0.0,
+        "{view}"
+    );
+    // Every transition is in the event list, with a cursor.
+    let (_, ev) = d.get("/v1/events?since=0&limit=1000");
+    let mine: Vec<String> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["microvm_id"] == id.as_str())
+        .map(|e| e["to_state"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            "PENDING",
+            "RUNNING",
+            "SUSPENDED",
+            "RESUMING",
+            "RUNNING",
+            "TERMINATED"
+        ]
+    );
+    let cursor = ev["nextCursor"].as_i64().unwrap();
+    assert!(d.get(&format!("/v1/events?since={cursor}")).1["events"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Now the image can go.
+    assert_eq!(d.delete(&format!("/v1/images/{image}")).0, 204);
+    let metrics = TestDaemon::respond_public(&d, "/metrics").1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("kiln_microvms{state=\"TERMINATED\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn failing_run_hook_idle_policy_and_concurrent_runs() {
+    let report = ReportServer::start();
+    let d = TestDaemon::start();
+    hook_image(&d, &report);
+
+    // A failing /run terminates the microVM with the reason.
+    let (_, run) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "hooks", "runHookPayload": "please-fail"}),
+    );
+    let id = run["microvmId"].as_str().unwrap();
+    let dead = d.wait_state(id, "TERMINATED", Duration::from_secs(60));
+    assert!(
+        dead["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("run hook failed"),
+        "{dead}"
+    );
+    assert!(!d.home.join("microvms").join(id).exists());
+
+    // Idle: suspended after 1 s without activity, terminated after 2 s suspended.
+    let (_, run) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "hooks", "idlePolicy": {"maxIdleDurationSeconds": 1, "suspendedDurationSeconds": 2, "autoResumeEnabled": true}}),
+    );
+    let idle = run["microvmId"].as_str().unwrap().to_string();
+    let suspended = d.wait_state(&idle, "SUSPENDED", Duration::from_secs(30));
+    assert!(
+        suspended["stateReason"].as_str().unwrap().contains("idle"),
+        "{suspended}"
+    );
+    let gone = d.wait_state(&idle, "TERMINATED", Duration::from_secs(30));
+    assert!(
+        gone["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("suspended for over 2"),
+        "{gone}"
+    );
+    let usage = &gone["usage"];
+    assert!(
+        usage["suspendedSnapshotByteSeconds"].as_f64().unwrap() > 0.0,
+        "{usage}"
+    );
+
+    // Max duration ends a microVM whatever its activity.
+    let (_, run) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "hooks", "maxDurationSeconds": 3}),
+    );
+    let short = run["microvmId"].as_str().unwrap().to_string();
+    let ended = d.wait_state(&short, "TERMINATED", Duration::from_secs(30));
+    assert!(
+        ended["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("maxDurationSeconds"),
+        "{ended}"
+    );
+
+    // Ten concurrent RunMicrovm calls all reach RUNNING.
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(|| {
+                    d.post("/v1/microvms", json!({"imageIdentifier": "hooks"}))
+                        .1["microvmId"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for id in &ids {
+        d.wait_state(id, "RUNNING", Duration::from_secs(120));
+    }
+    let (_, list) = d.get("/v1/microvms?state=RUNNING&imageIdentifier=hooks");
+    assert_eq!(list["microvms"].as_array().unwrap().len(), 10);
+    for id in &ids {
+        assert_eq!(
+            d.post(&format!("/v1/microvms/{id}/terminate"), json!({})).0,
+            200
+        );
+    }
+    assert!(d.qemu_processes().is_empty());
+}
+
+#[test]
+fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
+    let report = ReportServer::start();
+    let mut d = TestDaemon::start();
+    hook_image(&d, &report);
+    let run = |d: &TestDaemon| {
+        d.post("/v1/microvms", json!({"imageIdentifier": "hooks"}))
+            .1["microvmId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let running = run(&d);
+    let suspended = run(&d);
+    d.wait_state(&running, "RUNNING", Duration::from_secs(60));
+    d.wait_state(&suspended, "RUNNING", Duration::from_secs(60));
+    d.post(&format!("/v1/microvms/{suspended}/suspend"), json!({}));
+
+    // kill -9: guests die with the daemon; after the restart the running one is TERMINATED
+    // with a reason and its files are gone, the suspended one resumes.
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        d.qemu_processes().is_empty(),
+        "no orphan QEMU after kill -9"
+    );
+    d.spawn(&[]);
+    let lost = d.wait_state(&running, "TERMINATED", Duration::from_secs(10));
+    assert!(
+        lost["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("kilnd restarted"),
+        "{lost}"
+    );
+    assert!(!d.home.join("microvms").join(&running).exists());
+    assert_eq!(
+        d.get(&format!("/v1/microvms/{suspended}")).1["state"],
+        "SUSPENDED"
+    );
+    let (status, resumed) = d.post(&format!("/v1/microvms/{suspended}/resume"), json!({}));
+    assert_eq!(
+        (status, resumed["state"].as_str()),
+        (200, Some("RUNNING")),
+        "{resumed}"
+    );
+
+    // SIGTERM with the default policy suspends running microVMs; they resume after restart.
+    d.sigterm();
+    assert!(d.qemu_processes().is_empty());
+    d.spawn(&[]);
+    assert_eq!(
+        d.get(&format!("/v1/microvms/{suspended}")).1["state"],
+        "SUSPENDED"
+    );
+    let (status, again) = d.post(&format!("/v1/microvms/{suspended}/resume"), json!({}));
+    assert_eq!((status, again["state"].as_str()), (200, Some("RUNNING")));
+    let (_, out) = d.post(
+        &format!("/v1/microvms/{suspended}/exec"),
+        json!({"command": ["echo", "alive"]}),
+    );
+    assert_eq!(out["stdout"], "alive\n");
+}

@@ -1,0 +1,336 @@
+//! A real `kilnd` process for tests, with a throw-away KILN_HOME, fast idle settings and a
+//! blocking HTTP client; plus a hook-recording test image and a host-side report server.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub struct TestDaemon {
+    pub home: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    pub base: String,
+    pub key: String,
+}
+
+impl TestDaemon {
+    pub fn start() -> TestDaemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("kilnd-test-")
+            .tempdir()
+            .unwrap();
+        let mut d = TestDaemon {
+            home: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+            child: None,
+            base: String::new(),
+            key: String::new(),
+        };
+        d.spawn(&[]);
+        d
+    }
+
+    /// (Re)starts kilnd on this home.
+    pub fn spawn(&mut self, extra: &[&str]) {
+        let _ = std::fs::remove_file(self.home.join("kilnd.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.join("kilnd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .args(["--home"])
+            .arg(&self.home)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--min-idle-seconds",
+                "1",
+                "--tick-ms",
+                "200",
+                "--hook-timeout",
+                "5",
+            ])
+            .args(extra)
+            .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.home.join("kilnd.addr").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.base = format!(
+            "http://{}",
+            std::fs::read_to_string(self.home.join("kilnd.addr"))
+                .unwrap()
+                .trim()
+        );
+        self.key = std::fs::read_to_string(self.home.join("api-key"))
+            .unwrap()
+            .trim()
+            .to_string();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("kilnd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    pub fn sigterm(&mut self) {
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap();
+    }
+
+    fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+        match r {
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.into_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(ureq::Error::Status(status, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => panic!("request failed: {e}"),
+        }
+    }
+
+    fn auth(&self, req: ureq::Request) -> ureq::Request {
+        req.set("Authorization", &format!("Bearer {}", self.key))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        Self::respond(self.auth(ureq::get(&format!("{}{path}", self.base))).call())
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        Self::respond(
+            self.auth(ureq::post(&format!("{}{path}", self.base)))
+                .send_json(body),
+        )
+    }
+
+    pub fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+        auth: bool,
+    ) -> (u16, Value) {
+        let mut req = ureq::post(&format!("{}{path}", self.base)).set("Content-Type", content_type);
+        if auth {
+            req = self.auth(req);
+        }
+        Self::respond(req.send_bytes(body))
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        Self::respond(
+            self.auth(ureq::delete(&format!("{}{path}", self.base)))
+                .call(),
+        )
+    }
+
+    /// Polls GetMicrovm until `state` (or fails with the last view).
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, v) = self.get(&format!("/v1/microvms/{id}"));
+            if v["state"] == state {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never reached {state}: {v}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Uploads a context (files) and builds it; returns the image id once SUCCESSFUL.
+    pub fn build_image(&self, name: &str, files: &[(&str, &str)], build_args: Value) -> String {
+        let tar = tar_of(files);
+        let (status, art) = self.post_raw("/v1/artifacts", "application/x-tar", &tar, true);
+        assert_eq!(status, 200, "{art}");
+        let (status, img) = self.post("/v1/images", json!({"name": name, "codeArtifact": {"artifactId": art["artifactId"]}, "buildArgs": build_args}));
+        assert_eq!(status, 202, "{img}");
+        let id = img["imageIdentifier"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (_, v) = self.get(&format!("/v1/images/{id}"));
+            match v["status"].as_str() {
+                Some("SUCCESSFUL") => return id,
+                Some("FAILED") => panic!("image failed: {v}"),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "image build too slow");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// QEMU processes whose command line mentions this daemon's home.
+    pub fn qemu_processes(&self) -> Vec<u32> {
+        let home = self.home.to_string_lossy().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.starts_with("qemu-system") && cmd.contains(&home)
+            })
+            .collect()
+    }
+}
+
+impl TestDaemon {
+    /// A GET without the key (health, metrics).
+    pub fn respond_public(&self, path: &str) -> (u16, Value) {
+        Self::respond(ureq::get(&format!("{}{path}", self.base)).call())
+    }
+
+    /// A client view of this daemon with another key (owns no process).
+    pub fn clone_with_key(&self, key: String) -> TestDaemon {
+        TestDaemon {
+            home: self.home.clone(),
+            _tmp: None,
+            child: None,
+            base: self.base.clone(),
+            key,
+        }
+    }
+
+    pub fn forget(&mut self) {
+        self.child = None;
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(if path.ends_with(".sh") { 0o755 } else { 0o644 });
+        h.set_cksum();
+        b.append_data(&mut h, path, data.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Records what guests report: `GET /hook/<name>?body=<payload>` lines.
+pub struct ReportServer {
+    pub port: u16,
+    pub calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl ReportServer {
+    pub fn start() -> ReportServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_ok() {
+                    if let Some(path) = line.split_whitespace().nth(1) {
+                        c.lock().unwrap().push(path.to_string());
+                    }
+                }
+                let mut s = stream;
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        ReportServer { port, calls }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// A busybox image whose hook server (nc + sh) answers every hook and reports each call
+/// (with its body) to the host's report server through the user-mode network gateway.
+pub const HOOK_SH: &str = r#"#!/bin/sh
+read -r method path proto
+len=0
+while IFS= read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  [ -z "$line" ] && break
+  case "$line" in [Cc]ontent-[Ll]ength:*) len=$(echo "${line#*:}" | tr -d ' ');; esac
+done
+body=""
+if [ "$len" -gt 0 ] 2>/dev/null; then body=$(head -c "$len"); fi
+code="200 OK"
+case "$body" in *fail*) code="500 Internal Server Error";; esac
+if [ "$path" != "/ready" ]; then wget -q -O /dev/null "http://10.0.2.2:$REPORT_PORT/hook$path?body=$body" 2>/dev/null; fi
+printf 'HTTP/1.1 %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok' "$code"
+"#;
+
+pub const START_SH: &str = "#!/bin/sh\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
+
+pub const DOCKERFILE: &str = "FROM busybox\nARG REPORT_PORT\nENV REPORT_PORT=$REPORT_PORT\nCOPY hook.sh start.sh /srv/\nCMD [\"/srv/start.sh\"]\n";
+
+pub fn hook_image(d: &TestDaemon, report: &ReportServer) -> String {
+    d.build_image(
+        "hooks",
+        &[
+            ("Dockerfile", DOCKERFILE),
+            ("hook.sh", HOOK_SH),
+            ("start.sh", START_SH),
+        ],
+        json!({"REPORT_PORT": report.port.to_string()}),
+    )
+}
+
+pub fn dir_exists(p: &Path) -> bool {
+    p.exists()
+}
