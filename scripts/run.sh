@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# kiln's main job for now: set up what is missing, then run a command in a fresh microVM
-# launched from the base image's template snapshot and print its output.
-#   scripts/run.sh                      # runs: uname -a; cat /etc/os-release
-#   scripts/run.sh -- ls -l /           # any command
+# kiln's main job: set up what is missing, build, and run the kilnd daemon in the
+# foreground (REST API on 127.0.0.1:7070 by default; see `kilnd --help`).
+#   scripts/run.sh                       # KILN_HOME=/var/lib/kiln
+#   scripts/run.sh --listen 127.0.0.1:7171
+# The API key is written to $KILN_HOME/api-key (mode 0600) on first start.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh"
-cargo build -q --release -p kiln-cli --manifest-path "$repo/Cargo.toml"
-kiln="$repo/target/release/kiln"
-[ "${1:-}" = "--" ] && shift
-if [ $# -eq 0 ]; then
-    set -- sh -c 'uname -a; cat /etc/os-release'
-fi
-exec "$kiln" sandbox -- "$@"
+cargo build -q --release -p kiln-daemon -p kiln-cli --manifest-path "$repo/Cargo.toml"
+export KILN_HOME=${KILN_HOME:-/var/lib/kiln}
+echo "kilnd: state in $KILN_HOME, API key in $KILN_HOME/api-key; the kiln CLI is $repo/target/release/kiln" >&2
+exec "$repo/target/release/kilnd" --home "$KILN_HOME" "$@"

@@ -34,14 +34,8 @@ pub fn kiln_home() -> PathBuf {
 }
 
 pub async fn run(args: SandboxArgs) -> anyhow::Result<i32> {
+    // detect() logs the dev-mode warning when emulating.
     let accel = kiln_vmm::accel::detect()?;
-    if accel.dev_mode() {
-        eprintln!(
-            "kiln: {} ({})",
-            kiln_vmm::accel::DEV_MODE_WARNING,
-            accel.reason
-        );
-    }
     let assets = GuestAssets::locate()?;
     let mut machine = MachineSpec::new(accel.accel);
     machine.memory_mib = args.memory;

@@ -274,14 +274,67 @@ async fn get_image(
     Ok(Json(image_view(&row)))
 }
 
-async fn image_logs(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> ApiResult<Response> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn image_logs(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
     let row = m
         .store()
         .image(&id)?
         .ok_or_else(|| ApiError::not_found("image", &id))?;
-    let log = std::fs::read_to_string(m.builder.build_dir(&row.name, &row.id).join("build.log"))
-        .unwrap_or_default();
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response())
+    let path = m.builder.build_dir(&row.name, &row.id).join("build.log");
+    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !q.follow {
+        return Ok((text, std::fs::read_to_string(&path).unwrap_or_default()).into_response());
+    }
+    // Stream the log as it grows until the build is no longer CREATING.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    let (manager, image_id) = (m.clone(), row.id.clone());
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        loop {
+            let done = manager
+                .store()
+                .image(&image_id)
+                .ok()
+                .flatten()
+                .map(|r| r.status != "CREATING")
+                .unwrap_or(true);
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            if bytes.len() > sent {
+                if tx.send(Ok(bytes[sent..].to_vec())).await.is_err() {
+                    return;
+                }
+                sent = bytes.len();
+            }
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Ok((text, axum::body::Body::from_stream(ChannelStream(rx))).into_response())
+}
+
+/// A receiver as a body stream.
+struct ChannelStream(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+
+impl futures_core::Stream for ChannelStream {
+    type Item = Result<Vec<u8>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
 }
 
 async fn delete_image(

@@ -25,7 +25,9 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for img in creating {
         sync_image(manager, &img.name, &img.id);
     }
-    for row in manager.store().microvms(None, None)? {
+    // Bind the rows first: the store's guard must not live across the loop's own writes.
+    let rows = manager.store().microvms(None, None)?;
+    for row in rows {
         let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
         let dir = manager.microvm_dir(&row.id);
         match state {

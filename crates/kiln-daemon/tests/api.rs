@@ -71,6 +71,26 @@ fn bad_requests_get_clear_json_errors() {
         404
     );
     assert_eq!(d.get("/v1/nothing-here").0, 404);
+    // Every route in kiln_daemon::api::ROUTES (checked against spec/openapi.yaml by the
+    // openapi test) is really served: no fallback answer, no 405.
+    for (method, path) in kiln_daemon::api::ROUTES {
+        let url = format!("{}{}", d.base, path.replace("{id}", "x"));
+        let req = ureq::request(&method.to_uppercase(), &url)
+            .set("Authorization", &format!("Bearer {}", d.key));
+        let (status, body) = match if *method == "get" || *method == "delete" {
+            req.call()
+        } else {
+            req.send_json(json!({}))
+        } {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        assert!(
+            status != 405 && !body.contains("UnknownOperation"),
+            "{method} {path} is not routed: {status} {body}"
+        );
+    }
     // The API key is private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(d.home.join("api-key"))
@@ -308,6 +328,37 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
     d.wait_state(&running, "RUNNING", Duration::from_secs(60));
     d.wait_state(&suspended, "RUNNING", Duration::from_secs(60));
     d.post(&format!("/v1/microvms/{suspended}/suspend"), json!({}));
+
+    // A bake in progress, its log followed while it runs.
+    let tar = tar_of(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN echo step-one-done && sleep 600\n",
+    )]);
+    let art = d
+        .post_raw("/v1/artifacts", "application/x-tar", &tar, true)
+        .1;
+    let (_, img) = d.post(
+        "/v1/images",
+        json!({"name": "slow", "codeArtifact": {"artifactId": art["artifactId"]}}),
+    );
+    let slow = img["imageIdentifier"].as_str().unwrap().to_string();
+    let follow = ureq::get(&format!("{}/v1/images/{slow}/logs?follow=true", d.base))
+        .set("Authorization", &format!("Bearer {}", d.key))
+        .call()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(follow.into_reader());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
+            "log stream ended early: {}",
+            d.get(&format!("/v1/images/{slow}")).1
+        );
+        if line.contains("step-one-done") {
+            break;
+        }
+    }
 
     // kill -9: guests die with the daemon; after the restart the running one is TERMINATED
     // with a reason and its files are gone, the suspended one resumes.
