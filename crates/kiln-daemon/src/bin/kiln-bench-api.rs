@@ -1,0 +1,262 @@
+//! `kiln-bench-api`: control-plane benchmark, measured side by side in one run:
+//! RunMicrovm → RUNNING (with /run done) vs a cold boot of the same image's disk, and
+//! GetMicrovm throughput over one keep-alive connection. Prints figures; asserts nothing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kiln_types::VmId;
+use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Template, Vm};
+use serde_json::{json, Value};
+
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    key: String,
+}
+
+impl Client {
+    fn connect(addr: &str, key: &str) -> anyhow::Result<Client> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(Client {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            key: key.to_string(),
+        })
+    }
+
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        ctype: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        write!(
+            self.writer,
+            "{method} {path} HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            self.key,
+            body.len()
+        )?;
+        self.writer.write_all(body)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .context("status line")?
+            .parse()?;
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse()?;
+            }
+        }
+        let mut out = vec![0u8; len];
+        self.reader.read_exact(&mut out)?;
+        Ok((status, out))
+    }
+
+    fn json(&mut self, method: &str, path: &str, body: Value) -> anyhow::Result<Value> {
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (status, out) = self.call(method, path, "application/json", &bytes)?;
+        serde_json::from_slice(&out).with_context(|| {
+            format!(
+                "{method} {path} answered {status}: {}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+    }
+}
+
+fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (path, data) in files {
+        let mut h = [0u8; 512];
+        h[..path.len()].copy_from_slice(path.as_bytes());
+        let mode = if path.ends_with(".sh") {
+            "0000755\0"
+        } else {
+            "0000644\0"
+        };
+        h[100..108].copy_from_slice(mode.as_bytes());
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| *b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data.as_bytes());
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+const HOOK_SH: &str = "#!/bin/sh\nread -r m p v\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; done\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok'\n";
+const START_SH: &str = "#!/bin/sh\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    let home = tempfile::Builder::new()
+        .prefix("kiln-bench-api-")
+        .tempdir()?;
+    let cfg = kiln_daemon::Config {
+        home: home.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse()?,
+        min_idle_seconds: 60,
+        tick: Duration::from_secs(1),
+        hook_timeout: Duration::from_secs(10),
+        on_shutdown: kiln_daemon::ShutdownPolicy::Terminate,
+        ingress_domain: "localhost".into(),
+        ingress_port: 8443,
+    };
+    tokio::spawn(kiln_daemon::serve(cfg));
+    let addr_file = home.path().join("kilnd.addr");
+    while !addr_file.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = std::fs::read_to_string(&addr_file)?;
+    let key = std::fs::read_to_string(home.path().join("api-key"))?
+        .trim()
+        .to_string();
+    let images = home.path().join("images");
+    let result = tokio::task::spawn_blocking(move || measure(&addr, &key, &images)).await?;
+    let (template_dir, run_ms) = result?;
+
+    // Cold boot of the same image's root disk, for the ratio.
+    let assets = GuestAssets::locate()?;
+    let template = Template::open(&template_dir)?;
+    let machine: MachineSpec = template.manifest().machine.clone();
+    let t = Instant::now();
+    let vm = Vm::boot(BootConfig {
+        id: VmId::new("bench-cold")?,
+        dir: home.path().join("cold"),
+        machine,
+        assets,
+        base_disk: template.dir().join("disk.qcow2"),
+        base_format: kiln_vmm::disk::BackingFormat::Qcow2,
+        top_disk: None,
+        disk_size_mib: None,
+        timeout: Duration::from_secs(120),
+        die_with_parent: true,
+    })
+    .await?;
+    let cold = t.elapsed().as_secs_f64() * 1000.0;
+    vm.destroy().await?;
+    println!("cold boot of the same image (agent ready)  {cold:>9.1} ms");
+    println!(
+        "  ratio cold boot / RunMicrovm             {:>9.1}x",
+        cold / run_ms
+    );
+    Ok(())
+}
+
+fn measure(
+    addr: &str,
+    key: &str,
+    images: &std::path::Path,
+) -> anyhow::Result<(std::path::PathBuf, f64)> {
+    let mut c = Client::connect(addr, key)?;
+    let tar = tar_of(&[
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY hook.sh start.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
+        ),
+        ("hook.sh", HOOK_SH),
+        ("start.sh", START_SH),
+    ]);
+    let (status, art) = c.call("POST", "/v1/artifacts", "application/x-tar", &tar)?;
+    anyhow::ensure!(
+        status == 200,
+        "artifact upload answered {status}: {}",
+        String::from_utf8_lossy(&art)
+    );
+    let art: Value = serde_json::from_slice(&art)?;
+    let img = c.json(
+        "POST",
+        "/v1/images",
+        json!({"name": "bench", "codeArtifact": {"artifactId": art["artifactId"]}}),
+    )?;
+    let image = img["imageIdentifier"]
+        .as_str()
+        .context("image id")?
+        .to_string();
+    loop {
+        let v = c.json("GET", &format!("/v1/images/{image}"), json!(null))?;
+        match v["status"].as_str() {
+            Some("SUCCESSFUL") => break,
+            Some("FAILED") => anyhow::bail!("bench image failed: {v}"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let mut runs = Vec::new();
+    let mut last = String::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let run = c.json(
+            "POST",
+            "/v1/microvms",
+            json!({"imageIdentifier": "bench", "runHookPayload": "{}"}),
+        )?;
+        let id = run["microvmId"].as_str().context("microvm id")?.to_string();
+        loop {
+            let v = c.json("GET", &format!("/v1/microvms/{id}"), json!(null))?;
+            match v["state"].as_str() {
+                Some("RUNNING") => break,
+                Some("TERMINATED") => anyhow::bail!("bench microVM terminated: {v}"),
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        runs.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !last.is_empty() {
+            c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
+        }
+        last = id;
+    }
+    runs.sort_by(f64::total_cmp);
+    let run_ms = runs[runs.len() / 2];
+    println!(
+        "RunMicrovm -> RUNNING with /run done       {run_ms:>9.1} ms (median of {})",
+        runs.len()
+    );
+    let n = 2000;
+    let t = Instant::now();
+    for _ in 0..n {
+        let (status, _) = c.call(
+            "GET",
+            &format!("/v1/microvms/{last}"),
+            "application/json",
+            b"",
+        )?;
+        anyhow::ensure!(status == 200, "GetMicrovm answered {status}");
+    }
+    let rps = n as f64 / t.elapsed().as_secs_f64();
+    println!("GetMicrovm throughput (1 connection)      {rps:>9.0} requests/s");
+    c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
+    let tpl = images.join("bench").join(&image).join("template");
+    Ok((tpl, run_ms))
+}
