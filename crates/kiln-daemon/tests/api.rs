@@ -91,6 +91,15 @@ fn bad_requests_get_clear_json_errors() {
             "{method} {path} is not routed: {status} {body}"
         );
     }
+    // Loopback only unless the operator says otherwise.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .args(["--home"])
+        .arg(d.home.join("other"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
     // The API key is private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(d.home.join("api-key"))
