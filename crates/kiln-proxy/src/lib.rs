@@ -1,0 +1,4 @@
+//! kiln-proxy: the ingress. [`token`] issues and checks scoped, short-lived JWE tokens;
+//! [`server`] routes requests by Host to a microVM and forwards them over the agent channel.
+
+pub mod token;
