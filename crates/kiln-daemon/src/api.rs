@@ -57,6 +57,13 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
         .route("/v1/microvms/{id}/terminate", post(terminate_microvm))
         .route("/v1/microvms/{id}/exec", post(exec_microvm))
         .route("/v1/events", get(events))
+        .route("/v1/auth-tokens", post(create_token))
+        .route("/v1/auth-tokens/rotate-key", post(rotate_token_key))
+        .route("/v1/auth-tokens/{id}", axum::routing::delete(revoke_token))
+        .route(
+            "/v1/microvms/{id}/revoke-tokens",
+            post(revoke_microvm_tokens),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             key,
             crate::auth::require_key,
@@ -95,6 +102,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
     ("get", "/v1/events"),
+    ("post", "/v1/auth-tokens"),
+    ("post", "/v1/auth-tokens/rotate-key"),
+    ("delete", "/v1/auth-tokens/{id}"),
+    ("post", "/v1/microvms/{id}/revoke-tokens"),
 ];
 
 async fn health(State(m): State<Arc<Manager>>) -> Json<Value> {
@@ -500,6 +511,91 @@ async fn exec_microvm(
         "signal": out.status.signal,
         "timedOut": out.status.timed_out,
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowedPort {
+    port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateToken {
+    microvm_identifier: String,
+    expiration_in_minutes: u64,
+    #[serde(default)]
+    allowed_ports: Vec<AllowedPort>,
+    #[serde(default)]
+    kind: Option<kiln_proxy::token::TokenKind>,
+}
+
+/// CreateMicrovmAuthToken: a token scoped to one microVM, its ports and an expiry.
+async fn create_token(
+    State(m): State<Arc<Manager>>,
+    ApiJson(req): ApiJson<CreateToken>,
+) -> ApiResult<Json<Value>> {
+    use kiln_proxy::token::{TokenKind, MAX_EXPIRATION_MINUTES};
+    if req.expiration_in_minutes == 0 || req.expiration_in_minutes > MAX_EXPIRATION_MINUTES {
+        return Err(ApiError::bad_request(format!(
+            "expirationInMinutes must be 1 to {MAX_EXPIRATION_MINUTES}"
+        )));
+    }
+    let row = m.row(&req.microvm_identifier)?;
+    if row.state == "TERMINATED" {
+        return Err(ApiError::conflict(format!(
+            "microVM {} is TERMINATED",
+            row.id
+        )));
+    }
+    let mut ports: Vec<u16> = req.allowed_ports.iter().map(|p| p.port).collect();
+    if ports.is_empty() {
+        ports.push(kiln_proxy::server::DEFAULT_PORT);
+    }
+    if ports.contains(&0) {
+        return Err(ApiError::bad_request("allowedPorts: port 0 is not a port"));
+    }
+    let hook_port = row.config["hookPort"].as_u64().unwrap_or(0) as u16;
+    if ports.contains(&hook_port) {
+        return Err(ApiError::bad_request(format!(
+            "allowedPorts: {hook_port} is the lifecycle hook port, which is never reachable"
+        )));
+    }
+    let claims = m.tokens.claims(
+        &row.id,
+        ports,
+        req.expiration_in_minutes,
+        req.kind.unwrap_or(TokenKind::Ingress),
+    );
+    let token = m.tokens.issue(&claims);
+    Ok(Json(json!({
+        "authToken": {"X-aws-proxy-auth": token, "X-Kiln-Auth": token},
+        "tokenId": claims.jti,
+        "expiresAt": claims.exp,
+        "endpoint": m.endpoint(&row.id),
+    })))
+}
+
+async fn revoke_token(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    m.tokens.revoke_token(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn revoke_microvm_tokens(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    m.row(&id)?;
+    m.tokens.revoke_microvm(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate_token_key(State(m): State<Arc<Manager>>) -> ApiResult<Json<Value>> {
+    let kid = m.tokens.rotate().map_err(ApiError::internal)?;
+    Ok(Json(json!({"keyId": kid})))
 }
 
 #[derive(Deserialize)]

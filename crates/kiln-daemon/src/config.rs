@@ -24,7 +24,11 @@ pub struct Config {
     pub hook_timeout: Duration,
     pub on_shutdown: ShutdownPolicy,
     pub ingress_domain: String,
+    /// Port shown in endpoints (`<id>.<domain>:<port>`).
     pub ingress_port: u16,
+    /// Where the ingress listens.
+    pub ingress_listen: SocketAddr,
+    pub ingress_header_timeout: Duration,
 }
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;

@@ -48,6 +48,7 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
                 ),
             ))
         } else if state == MicrovmState::Running
+            && manager.open_requests(&row.id) == 0
             && (now - row.last_activity_at) / 1000
                 >= config.idle_policy.max_idle_duration_seconds as i64
         {

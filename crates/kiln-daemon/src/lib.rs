@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod idle;
 pub mod images;
+pub mod ingress;
 pub mod manager;
 pub mod recovery;
 
@@ -44,6 +45,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         assets,
         accel: accel.accel,
         slots: Mutex::new(Default::default()),
+        tokens: Arc::new(kiln_proxy::token::TokenService::open(
+            &cfg.home.join("ingress-keys.json"),
+        )?),
+        inflight: Mutex::new(Default::default()),
     });
     recovery::recover(&manager)?;
     idle::spawn(manager.clone());
@@ -59,6 +64,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.home.join("kilnd.addr"),
         listener.local_addr()?.to_string(),
     )?;
+    let ingress = tokio::net::TcpListener::bind(cfg.ingress_listen)
+        .await
+        .with_context(|| format!("binding the ingress on {}", cfg.ingress_listen))?;
+    let ingress_addr = ingress.local_addr()?;
+    info!(ingress = %ingress_addr, "ingress ready");
+    std::fs::write(cfg.home.join("kilnd.ingress"), ingress_addr.to_string())?;
+    let proxy_cfg = kiln_proxy::server::ProxyConfig {
+        domain: cfg.ingress_domain.clone(),
+        header_timeout: cfg.ingress_header_timeout,
+        ..Default::default()
+    };
+    tokio::spawn(kiln_proxy::server::serve(
+        ingress,
+        manager.tokens.clone(),
+        Arc::new(ingress::IngressBackend(manager.clone())),
+        proxy_cfg,
+    ));
     let app = api::router(manager.clone(), Arc::new(key));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

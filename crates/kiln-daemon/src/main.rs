@@ -38,8 +38,15 @@ struct Args {
     /// Domain of microVM endpoints (<microvmId>.<domain>).
     #[arg(long, default_value = "localhost")]
     ingress_domain: String,
-    #[arg(long, default_value_t = 8443)]
-    ingress_port: u16,
+    /// Port shown in endpoints; defaults to the --ingress-listen port.
+    #[arg(long)]
+    ingress_port: Option<u16>,
+    /// Address of the ingress proxy (loopback unless --allow-remote).
+    #[arg(long, env = "KILN_INGRESS_LISTEN", default_value = "127.0.0.1:8443")]
+    ingress_listen: SocketAddr,
+    /// Cut off ingress clients that do not finish their headers in this time (ms).
+    #[arg(long, default_value_t = 10_000)]
+    ingress_header_timeout_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +56,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if !args.ingress_listen.ip().is_loopback() && !args.allow_remote {
+        anyhow::bail!(
+            "--ingress-listen {} is not a loopback address: pass --allow-remote to expose it",
+            args.ingress_listen
+        );
+    }
     if !args.listen.ip().is_loopback() && !args.allow_remote {
         anyhow::bail!(
             "--listen {} is not a loopback address: pass --allow-remote to expose the API",
@@ -63,7 +76,9 @@ fn main() -> anyhow::Result<()> {
         hook_timeout: Duration::from_secs(args.hook_timeout.max(1)),
         on_shutdown: args.on_shutdown,
         ingress_domain: args.ingress_domain,
-        ingress_port: args.ingress_port,
+        ingress_port: args.ingress_port.unwrap_or(args.ingress_listen.port()),
+        ingress_listen: args.ingress_listen,
+        ingress_header_timeout: Duration::from_millis(args.ingress_header_timeout_ms.max(100)),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -77,6 +77,9 @@ pub struct Manager {
     pub assets: GuestAssets,
     pub accel: Accel,
     pub slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    pub tokens: Arc<kiln_proxy::token::TokenService>,
+    /// Open ingress requests and streams per microVM.
+    pub inflight: Mutex<HashMap<String, usize>>,
 }
 
 pub fn new_microvm_id() -> String {
@@ -105,6 +108,39 @@ impl Manager {
 
     pub fn endpoint(&self, id: &str) -> String {
         format!("{id}.{}:{}", self.cfg.ingress_domain, self.cfg.ingress_port)
+    }
+
+    /// An ingress request or stream opened: activity, and no idle suspend until it ends.
+    pub fn begin_request(&self, id: &str) {
+        *self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default() += 1;
+        self.record_activity(id);
+    }
+
+    pub fn end_request(&self, id: &str) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = inflight.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inflight.remove(id);
+            }
+        }
+        drop(inflight);
+        self.record_activity(id);
+    }
+
+    /// Open ingress requests and streams of a microVM.
+    pub fn open_requests(&self, id: &str) -> usize {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The one place activity is recorded (proxied requests, open streams, exec sessions).
@@ -402,6 +438,7 @@ impl Manager {
         }
         let _ = std::fs::remove_dir_all(self.microvm_dir(id));
         self.set_state(id, MicrovmState::Terminated, Some(reason));
+        self.tokens.revoke_microvm(id);
         drop(slot);
         self.slots
             .lock()

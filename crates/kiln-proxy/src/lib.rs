@@ -1,4 +1,5 @@
 //! kiln-proxy: the ingress. [`token`] issues and checks scoped, short-lived JWE tokens;
 //! [`server`] routes requests by Host to a microVM and forwards them over the agent channel.
 
+pub mod server;
 pub mod token;

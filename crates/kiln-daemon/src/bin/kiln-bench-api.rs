@@ -133,6 +133,8 @@ async fn run() -> anyhow::Result<()> {
         on_shutdown: kiln_daemon::ShutdownPolicy::Terminate,
         ingress_domain: "localhost".into(),
         ingress_port: 8443,
+        ingress_listen: "127.0.0.1:0".parse()?,
+        ingress_header_timeout: Duration::from_secs(10),
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");

@@ -17,6 +17,8 @@ pub struct TestDaemon {
     child: Option<Child>,
     pub base: String,
     pub key: String,
+    /// host:port of the ingress proxy.
+    pub ingress: String,
 }
 
 impl TestDaemon {
@@ -31,6 +33,7 @@ impl TestDaemon {
             child: None,
             base: String::new(),
             key: String::new(),
+            ingress: String::new(),
         };
         d.spawn(&[]);
         d
@@ -50,6 +53,10 @@ impl TestDaemon {
             .args([
                 "--listen",
                 "127.0.0.1:0",
+                "--ingress-listen",
+                "127.0.0.1:0",
+                "--ingress-header-timeout-ms",
+                "1000",
                 "--min-idle-seconds",
                 "1",
                 "--tick-ms",
@@ -80,6 +87,10 @@ impl TestDaemon {
                 .trim()
         );
         self.key = std::fs::read_to_string(self.home.join("api-key"))
+            .unwrap()
+            .trim()
+            .to_string();
+        self.ingress = std::fs::read_to_string(self.home.join("kilnd.ingress"))
             .unwrap()
             .trim()
             .to_string();
@@ -233,6 +244,7 @@ impl TestDaemon {
             _tmp: None,
             child: None,
             base: self.base.clone(),
+            ingress: self.ingress.clone(),
             key,
         }
     }

@@ -1,0 +1,458 @@
+//! The ingress server: routes `<microvmId>.<domain>` requests that carry a valid token to a
+//! port inside that microVM, over the agent channel (no guest network needed). HTTP/1.1
+//! (keep-alive, chunked, streamed bodies), HTTP/2 cleartext (h2c, gRPC trailers included) and
+//! WebSocket upgrades pass through. Auth headers are stripped before forwarding.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::token::{TokenError, TokenKind, TokenService};
+
+pub const AUTH_HEADERS: [&str; 2] = ["x-kiln-auth", "x-aws-proxy-auth"];
+pub const PORT_HEADERS: [&str; 2] = ["x-kiln-port", "x-aws-proxy-port"];
+pub const DEFAULT_PORT: u16 = 8080;
+/// WebSocket subprotocol entries that carry the token and port for browsers.
+const WS_AUTH_PREFIX: &str = "kiln-auth.";
+const WS_PORT_PREFIX: &str = "kiln-port.";
+
+pub trait GuestStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> GuestStream for T {}
+
+#[derive(Debug)]
+pub enum BackendError {
+    /// Unknown or terminated: 404.
+    NotFound,
+    /// Exists but cannot take traffic now (suspended without auto-resume…): 409.
+    NotRunning(String),
+    /// The guest side failed: 502.
+    Unavailable(String),
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the proxy needs from the control plane.
+pub trait Backend: Send + Sync + 'static {
+    /// A byte stream to `port` inside the microVM (resuming it first if allowed).
+    fn connect(
+        &self,
+        microvm: &str,
+        port: u16,
+    ) -> BoxFuture<'_, Result<Box<dyn GuestStream>, BackendError>>;
+    /// Held while a request or stream is open: the microVM is not suspended meanwhile.
+    fn activity(&self, microvm: &str) -> Box<dyn Send + Sync>;
+    /// The lifecycle hook port, never reachable through the proxy.
+    fn hook_port(&self, microvm: &str) -> Option<u16>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub domain: String,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            domain: "localhost".into(),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+type ProxyBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({"code": code, "message": message}).to_string();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
+        .expect("valid response")
+}
+
+/// Serves the ingress on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    tokens: Arc<TokenService>,
+    backend: Arc<dyn Backend>,
+    cfg: ProxyConfig,
+) {
+    let cfg = Arc::new(cfg);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("ingress accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tokens, backend, cfg) = (tokens.clone(), backend.clone(), cfg.clone());
+        let (header_timeout, max_buf) = (cfg.header_timeout, cfg.max_header_bytes.max(8192));
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (tokens, backend, cfg) = (tokens.clone(), backend.clone(), cfg.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(req, peer, &tokens, backend, &cfg).await,
+                    )
+                }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(max_buf);
+            builder.http2().timer(TokioTimer::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, "ingress connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// The microVM id from a Host (or :authority) of the form `<id>.<domain>[:port]`.
+pub fn microvm_from_host(host: &str, domain: &str) -> Option<String> {
+    let host = host
+        .rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(host);
+    let id = host.strip_suffix(domain)?.strip_suffix('.')?;
+    let valid = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    valid.then(|| id.to_string())
+}
+
+fn header<'a>(req: &'a Request<Incoming>, names: &[&str]) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|n| req.headers().get(*n))
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Token and port carried in `Sec-WebSocket-Protocol` (browsers cannot set headers).
+fn websocket_credentials(req: &Request<Incoming>) -> (Option<String>, Option<String>) {
+    let mut token = None;
+    let mut port = None;
+    for v in req.headers().get_all("sec-websocket-protocol") {
+        for p in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            if let Some(t) = p.strip_prefix(WS_AUTH_PREFIX) {
+                token = Some(t.to_string());
+            } else if let Some(n) = p.strip_prefix(WS_PORT_PREFIX) {
+                port = Some(n.to_string());
+            }
+        }
+    }
+    (token, port)
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tokens: &TokenService,
+    backend: Arc<dyn Backend>,
+    cfg: &ProxyConfig,
+) -> Response<ProxyBody> {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| header(&req, &[HOST.as_str()]).map(str::to_string));
+    let Some(id) = host
+        .as_deref()
+        .and_then(|h| microvm_from_host(h, &cfg.domain))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadHost",
+            &format!("Host must be <microvmId>.{}", cfg.domain),
+        );
+    };
+    let span = info_span!("ingress", microvm = %id, %peer, method = %req.method(), path = %req.uri().path());
+    async move {
+        let (ws_token, ws_port) = websocket_credentials(&req);
+        let Some(token) = header(&req, &AUTH_HEADERS).map(str::to_string).or(ws_token) else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "MissingToken",
+                "send the token from CreateMicrovmAuthToken in X-Kiln-Auth (or X-aws-proxy-auth)",
+            );
+        };
+        let claims = match tokens.verify(&token) {
+            Ok(c) => c,
+            Err(
+                e @ (TokenError::Expired
+                | TokenError::Revoked
+                | TokenError::Forged
+                | TokenError::Malformed),
+            ) => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "InvalidToken",
+                    &format!("{e}: create a new token"),
+                )
+            }
+        };
+        if claims.sub != id {
+            return error(
+                StatusCode::FORBIDDEN,
+                "WrongMicrovm",
+                "the token was issued for another microVM",
+            );
+        }
+        if claims.kind != TokenKind::Ingress {
+            return error(
+                StatusCode::FORBIDDEN,
+                "WrongTokenKind",
+                "this token is for shell access, not ingress",
+            );
+        }
+        let port_text = header(&req, &PORT_HEADERS).map(str::to_string).or(ws_port);
+        let port = match port_text.as_deref().map(|p| p.trim().parse::<u16>()) {
+            None => DEFAULT_PORT,
+            Some(Ok(p)) if p > 0 => p,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "BadPort",
+                    "X-Kiln-Port must be a port number",
+                )
+            }
+        };
+        if backend.hook_port(&id) == Some(port) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "PortNotAllowed",
+                "the lifecycle hook port is never reachable through the ingress",
+            );
+        }
+        if !claims.ports.contains(&port) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "PortNotAllowed",
+                &format!(
+                    "port {port} is not in the token's allowedPorts {:?}",
+                    claims.ports
+                ),
+            );
+        }
+        for name in AUTH_HEADERS.iter().chain(PORT_HEADERS.iter()) {
+            req.headers_mut().remove(*name);
+        }
+        strip_websocket_credentials(&mut req);
+        let guard = backend.activity(&id);
+        let stream = match backend.connect(&id, port).await {
+            Ok(s) => s,
+            Err(BackendError::NotFound) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "MicrovmNotFound",
+                    &format!("microVM {id} does not exist or was terminated"),
+                )
+            }
+            Err(BackendError::NotRunning(why)) => {
+                return error(StatusCode::CONFLICT, "MicrovmNotRunning", &why)
+            }
+            Err(BackendError::Unavailable(why)) => {
+                return error(StatusCode::BAD_GATEWAY, "GuestUnavailable", &why)
+            }
+        };
+        forward(req, stream, guard).await
+    }
+    .instrument(span)
+    .await
+}
+
+fn strip_websocket_credentials(req: &mut Request<Incoming>) {
+    let kept: Vec<String> = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .flat_map(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| {
+            !p.is_empty() && !p.starts_with(WS_AUTH_PREFIX) && !p.starts_with(WS_PORT_PREFIX)
+        })
+        .collect();
+    req.headers_mut().remove("sec-websocket-protocol");
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+            req.headers_mut()
+                .insert(HeaderName::from_static("sec-websocket-protocol"), v);
+        }
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get(CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+}
+
+/// Forwards one request over a fresh guest stream, HTTP/2 for HTTP/2 clients (gRPC), else
+/// HTTP/1.1 (with upgrades). The activity guard lives until the response body ends.
+async fn forward(
+    mut req: Request<Incoming>,
+    stream: Box<dyn GuestStream>,
+    guard: Box<dyn Send + Sync>,
+) -> Response<ProxyBody> {
+    let bad_gateway = |what: &str, e: &dyn std::fmt::Display| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "GuestUnavailable",
+            &format!("{what}: {e}"),
+        )
+    };
+    let io = TokioIo::new(stream);
+    if req.version() == Version::HTTP_2 {
+        let (mut sender, conn) =
+            match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
+                Ok(pair) => pair,
+                Err(e) => return bad_gateway("HTTP/2 to the guest app failed", &e),
+            };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return match sender.send_request(req).await {
+            Ok(resp) => resp.map(|b| {
+                GuardedBody {
+                    inner: b,
+                    _guard: guard,
+                }
+                .boxed()
+            }),
+            Err(e) => bad_gateway("the guest app reset the connection", &e),
+        };
+    }
+    let upgrading = is_upgrade(&req);
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
+        Ok(pair) => pair,
+        Err(e) => return bad_gateway("HTTP/1.1 to the guest app failed", &e),
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    *req.version_mut() = Version::HTTP_11;
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => return bad_gateway("the guest app reset the connection", &e),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let guest_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let (Ok(client), Ok(guest)) = (client_upgrade.await, guest_upgrade.await) {
+                    let (mut c, mut g) = (TokioIo::new(client), TokioIo::new(guest));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut g).await;
+                }
+            });
+            return resp.map(|b| {
+                b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .boxed()
+            });
+        }
+    }
+    resp.map(|b| {
+        GuardedBody {
+            inner: b,
+            _guard: guard,
+        }
+        .boxed()
+    })
+}
+
+/// A response body that keeps the microVM's activity guard until it ends.
+struct GuardedBody {
+    inner: Incoming,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as Self::Error)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_select_a_microvm() {
+        assert_eq!(
+            microvm_from_host("mvm-1.localhost", "localhost").as_deref(),
+            Some("mvm-1")
+        );
+        assert_eq!(
+            microvm_from_host("mvm-1.localhost:8443", "localhost").as_deref(),
+            Some("mvm-1")
+        );
+        assert_eq!(
+            microvm_from_host("mvm-1.sandbox.example", "sandbox.example").as_deref(),
+            Some("mvm-1")
+        );
+        for bad in [
+            "localhost",
+            ".localhost",
+            "a.b.localhost",
+            "MVM.localhost",
+            "mvm-1.otherhost",
+            "mvm_1.localhost",
+        ] {
+            assert_eq!(microvm_from_host(bad, "localhost"), None, "{bad}");
+        }
+    }
+}
