@@ -35,10 +35,22 @@ impl Client {
         ctype: &str,
         body: &[u8],
     ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let extra = format!("Authorization: Bearer {}\r\n", self.key);
+        self.call_with("kiln", &extra, method, path, ctype, body)
+    }
+
+    fn call_with(
+        &mut self,
+        host: &str,
+        extra: &str,
+        method: &str,
+        path: &str,
+        ctype: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
         write!(
             self.writer,
-            "{method} {path} HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
-            self.key,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )?;
         self.writer.write_all(body)?;
@@ -81,6 +93,37 @@ impl Client {
     }
 }
 
+static PROXIED: std::sync::Mutex<Vec<Duration>> = std::sync::Mutex::new(Vec::new());
+
+fn proxied_global() -> Vec<Duration> {
+    PROXIED.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+fn latencies(n: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+fn report(what: &str, samples: &[Duration]) {
+    let mut v = samples.to_vec();
+    v.sort();
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0;
+    let rps = v.len() as f64 / v.iter().sum::<Duration>().as_secs_f64();
+    if what.contains("ingress") {
+        *PROXIED.lock().expect("lock") = samples.to_vec();
+    }
+    println!(
+        "GET {what:<36} {rps:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+        pct(0.5),
+        pct(0.99)
+    );
+}
+
 fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (path, data) in files {
@@ -111,7 +154,7 @@ fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
 }
 
 const HOOK_SH: &str = "#!/bin/sh\nread -r m p v\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; done\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok'\n";
-const START_SH: &str = "#!/bin/sh\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
+const START_SH: &str = "#!/bin/sh\nmkdir -p /www && echo hello > /www/index.html\nhttpd -p 127.0.0.1:8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -146,7 +189,9 @@ async fn run() -> anyhow::Result<()> {
         .trim()
         .to_string();
     let images = home.path().join("images");
-    let result = tokio::task::spawn_blocking(move || measure(&addr, &key, &images)).await?;
+    let ingress = std::fs::read_to_string(home.path().join("kilnd.ingress"))?;
+    let result =
+        tokio::task::spawn_blocking(move || measure(&addr, &ingress, &key, &images)).await?;
     let (template_dir, run_ms) = result?;
 
     // Cold boot of the same image's root disk, for the ratio.
@@ -169,6 +214,75 @@ async fn run() -> anyhow::Result<()> {
     .await?;
     let cold = t.elapsed().as_secs_f64() * 1000.0;
     vm.destroy().await?;
+    // The same GET straight over the agent channel (what the proxy does, minus its own work),
+    // and to a host process on loopback.
+    let clone = template
+        .launch(kiln_vmm::snapshot::LaunchConfig {
+            id: VmId::new("bench-direct")?,
+            dir: home.path().join("direct"),
+            machine: None,
+            assets: GuestAssets::locate()?,
+            timeout: Duration::from_secs(60),
+            die_with_parent: true,
+        })
+        .await?;
+    let agent = clone.agent().clone();
+    let mut direct = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        let stream = agent.connect_port(8080).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/index.html")
+            .header("host", "x")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await?
+            .to_bytes();
+        anyhow::ensure!(body.as_ref() == b"hello\n");
+        direct.push(t.elapsed());
+    }
+    clone.destroy().await?;
+    report("straight over the agent channel", &direct);
+    let host_server = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let host_addr = host_server.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for s in host_server.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().expect("clone"));
+                let mut w = s;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n");
+                    }
+                }
+            });
+        }
+    });
+    let loopback = latencies(300, || {
+        let mut hc = Client::connect(&host_addr, "")?;
+        let (status, _) = hc.call_with("x", "", "GET", "/index.html", "text/plain", b"")?;
+        anyhow::ensure!(status == 200);
+        Ok(())
+    })?;
+    report("direct loopback to a host process", &loopback);
+    let proxied = proxied_global();
+    let rps = |v: &[Duration]| v.len() as f64 / v.iter().sum::<Duration>().as_secs_f64();
+    println!(
+        "  proxy / agent-channel throughput          {:>9.2}x",
+        rps(&proxied) / rps(&direct)
+    );
+    println!(
+        "  proxy / host-loopback throughput          {:>9.4}x",
+        rps(&proxied) / rps(&loopback)
+    );
     println!("cold boot of the same image (agent ready)  {cold:>9.1} ms");
     println!(
         "  ratio cold boot / RunMicrovm             {:>9.1}x",
@@ -179,6 +293,7 @@ async fn run() -> anyhow::Result<()> {
 
 fn measure(
     addr: &str,
+    ingress: &str,
     key: &str,
     images: &std::path::Path,
 ) -> anyhow::Result<(std::path::PathBuf, f64)> {
@@ -258,6 +373,29 @@ fn measure(
     }
     let rps = n as f64 / t.elapsed().as_secs_f64();
     println!("GetMicrovm throughput (1 connection)      {rps:>9.0} requests/s");
+    // Ingress: the same small GET through the proxy (keep-alive to the proxy).
+    let tok = c.json(
+        "POST",
+        "/v1/auth-tokens",
+        json!({"microvmIdentifier": last, "expirationInMinutes": 10}),
+    )?;
+    let tok = tok["authToken"]["X-Kiln-Auth"]
+        .as_str()
+        .context("token")?
+        .to_string();
+    let host = format!("{last}.localhost");
+    let extra = format!("X-Kiln-Auth: {tok}\r\n");
+    // A new connection per request for all three paths (the guest app closes connections).
+    let proxied = latencies(300, || {
+        let mut p = Client::connect(ingress, "")?;
+        let (status, body) = p.call_with(&host, &extra, "GET", "/index.html", "text/plain", b"")?;
+        anyhow::ensure!(
+            status == 200 && body == b"hello\n",
+            "proxy answered {status}"
+        );
+        Ok(())
+    })?;
+    report("through the ingress proxy", &proxied);
     c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
     let tpl = images.join("bench").join(&image).join("template");
     Ok((tpl, run_ms))
