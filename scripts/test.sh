@@ -10,3 +10,14 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast "$@"
 fi
+
+# The Python SDK, installed with pip from the repo into a private venv, tested with pytest
+# against the kilnd binary cargo just built.
+cargo build -q -p kiln-daemon
+venv="$repo/target/pyenv"
+if [ ! -x "$venv/bin/pytest" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check pytest
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$repo/sdk/python"
+(cd "$repo/sdk/python/tests" && "$venv/bin/pytest" -q -p no:cacheprovider .)

@@ -1,0 +1,171 @@
+"""Python client for kiln's control API (kilnd), shaped like boto3's ``lambda-microvms``
+client so code written for the seed's service works by changing only how the client is made::
+
+    import kiln
+    client = kiln.client()            # instead of boto3.client("lambda-microvms", ...)
+    vm = client.run_microvm(imageIdentifier="python-sandbox", idlePolicy={...})
+
+Only the standard library is used. Arguments the seed passes that kiln does not need
+(``executionRoleArn``, ``buildRoleArn``, ``baseImageArn``) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Optional
+
+__all__ = ["Client", "KilnError", "client"]
+
+
+class KilnError(Exception):
+    """An error answered by kilnd: ``code`` (e.g. ``ConflictException``), ``message``, ``status``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{code} ({status}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _home() -> str:
+    return os.environ.get("KILN_HOME", "/var/lib/kiln")
+
+
+class Client:
+    def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0):
+        home = _home()
+        if endpoint is None:
+            endpoint = os.environ.get("KILN_ENDPOINT")
+        if endpoint is None:
+            addr = os.path.join(home, "kilnd.addr")
+            endpoint = "http://" + open(addr).read().strip() if os.path.exists(addr) else "http://127.0.0.1:7070"
+        if api_key is None:
+            api_key = os.environ.get("KILN_API_KEY")
+        if api_key is None:
+            with open(os.path.join(home, "api-key")) as f:
+                api_key = f.read().strip()
+        self.endpoint = endpoint.rstrip("/")
+        self._key = api_key
+        self.timeout = timeout
+
+    # -- transport -------------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None, ctype: str = "application/json") -> Any:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.endpoint + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self._key}")
+        if data is not None:
+            req.add_header("Content-Type", ctype)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                text = resp.read()
+        except urllib.error.HTTPError as e:
+            payload = e.read()
+            try:
+                err = json.loads(payload)
+                raise KilnError(e.code, err.get("code", "Error"), err.get("message", "")) from None
+            except ValueError:
+                raise KilnError(e.code, "Error", payload.decode(errors="replace")) from None
+        if not text:
+            return {}
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text.decode(errors="replace")
+
+    # -- images ----------------------------------------------------------------------------
+    def create_microvm_image(self, name: str, codeArtifact: dict, memorySizeMib: int = 512, vcpus: int = 1,
+                             hookPort: int = 9000, readyTimeoutSeconds: int = 60, buildArgs: Optional[dict] = None,
+                             baseImageArn: Optional[str] = None, buildRoleArn: Optional[str] = None, **_ignored) -> dict:
+        """``codeArtifact``: ``{"uri": "file:///path/ctx.zip"}``, ``{"path": "ctx.zip"}`` or ``{"bytes": b"..."}``
+        (a zip or tar of the build context). Returns ``{"imageIdentifier", "name", "status"}``."""
+        if "bytes" in codeArtifact:
+            blob = codeArtifact["bytes"]
+        else:
+            path = codeArtifact.get("path") or urllib.parse.urlparse(codeArtifact["uri"]).path
+            with open(path, "rb") as f:
+                blob = f.read()
+        art = self._call("POST", "/v1/artifacts", raw=blob, ctype="application/octet-stream")
+        body = {"name": name, "codeArtifact": {"artifactId": art["artifactId"]}, "memorySizeMib": memorySizeMib,
+                "vcpus": vcpus, "hookPort": hookPort, "readyTimeoutSeconds": readyTimeoutSeconds,
+                "buildArgs": buildArgs or {}}
+        return self._call("POST", "/v1/images", body)
+
+    def get_microvm_image(self, imageIdentifier: str) -> dict:
+        return self._call("GET", f"/v1/images/{urllib.parse.quote(imageIdentifier)}")
+
+    def list_microvm_images(self) -> dict:
+        return self._call("GET", "/v1/images")
+
+    def delete_microvm_image(self, imageIdentifier: str) -> dict:
+        return self._call("DELETE", f"/v1/images/{urllib.parse.quote(imageIdentifier)}")
+
+    def wait_microvm_image(self, imageIdentifier: str, timeout: float = 600.0) -> dict:
+        """Polls until the image is SUCCESSFUL (returned) or FAILED (raises)."""
+        deadline = time.time() + timeout
+        while True:
+            img = self.get_microvm_image(imageIdentifier)
+            if img["status"] == "SUCCESSFUL":
+                return img
+            if img["status"] == "FAILED":
+                raise KilnError(409, "ImageBuildFailed", img.get("statusReason") or "build failed")
+            if time.time() > deadline:
+                raise KilnError(408, "Timeout", f"image {imageIdentifier} still {img['status']}")
+            time.sleep(0.5)
+
+    # -- microVMs --------------------------------------------------------------------------
+    def run_microvm(self, imageIdentifier: str, idlePolicy: Optional[dict] = None, runHookPayload: Optional[str] = None,
+                    maxDurationSeconds: Optional[int] = None, executionRoleArn: Optional[str] = None, **_ignored) -> dict:
+        body: dict = {"imageIdentifier": imageIdentifier}
+        if idlePolicy is not None:
+            body["idlePolicy"] = idlePolicy
+        if runHookPayload is not None:
+            body["runHookPayload"] = runHookPayload
+        if maxDurationSeconds is not None:
+            body["maxDurationSeconds"] = maxDurationSeconds
+        return self._call("POST", "/v1/microvms", body)
+
+    def get_microvm(self, microvmIdentifier: str) -> dict:
+        return self._call("GET", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}")
+
+    def list_microvms(self, state: Optional[str] = None, imageIdentifier: Optional[str] = None) -> dict:
+        query = {k: v for k, v in (("state", state), ("imageIdentifier", imageIdentifier)) if v}
+        return self._call("GET", "/v1/microvms" + ("?" + urllib.parse.urlencode(query) if query else ""))
+
+    def suspend_microvm(self, microvmIdentifier: str) -> dict:
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/suspend", {})
+
+    def resume_microvm(self, microvmIdentifier: str) -> dict:
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/resume", {})
+
+    def terminate_microvm(self, microvmIdentifier: str) -> dict:
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/terminate", {})
+
+    def wait_microvm(self, microvmIdentifier: str, state: str = "RUNNING", timeout: float = 120.0) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            vm = self.get_microvm(microvmIdentifier)
+            if vm["state"] == state:
+                return vm
+            if vm["state"] == "TERMINATED":
+                raise KilnError(409, "Terminated", vm.get("stateReason") or "terminated")
+            if time.time() > deadline:
+                raise KilnError(408, "Timeout", f"microVM {microvmIdentifier} is {vm['state']}, not {state}")
+            time.sleep(0.1)
+
+    def create_microvm_auth_token(self, microvmIdentifier: str, expirationInMinutes: int = 5,
+                                  allowedPorts: Optional[list] = None) -> dict:
+        """Returns ``{"authToken": {"X-aws-proxy-auth": ..., "X-Kiln-Auth": ...}, "expiresAt", "tokenId", "endpoint"}``."""
+        return self._call("POST", "/v1/auth-tokens", {"microvmIdentifier": microvmIdentifier,
+                                                      "expirationInMinutes": expirationInMinutes,
+                                                      "allowedPorts": allowedPorts or [{"port": 8080}]})
+
+
+def client(*_service: str, **kwargs) -> Client:
+    """``kiln.client()`` (or ``kiln.client("lambda-microvms", region_name=...)``, extra arguments ignored)."""
+    known = {k: v for k, v in kwargs.items() if k in ("endpoint", "api_key", "timeout")}
+    return Client(**known)

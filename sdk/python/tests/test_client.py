@@ -1,0 +1,104 @@
+"""The Python SDK against a real kilnd with real guests (busybox image)."""
+
+import io
+import os
+import subprocess
+import tarfile
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+import kiln
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+KILND = os.path.join(REPO, "target", "debug", "kilnd")
+
+HOOK_SH = """#!/bin/sh
+read -r m p v
+while IFS= read -r l; do l=$(printf '%s' "$l" | tr -d '\\r'); [ -z "$l" ] && break; done
+printf 'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok'
+"""
+START_SH = "#!/bin/sh\nmkdir -p /www && echo 'hello from the sandbox' > /www/index.html\nhttpd -p 8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n"
+DOCKERFILE = "FROM busybox\nCOPY hook.sh start.sh /srv/\nEXPOSE 8080\nCMD [\"/srv/start.sh\"]\n"
+
+
+def context_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in (("Dockerfile", DOCKERFILE), ("hook.sh", HOOK_SH), ("start.sh", START_SH)):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755 if name.endswith(".sh") else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    home = tempfile.mkdtemp(prefix="kiln-sdk-test-")
+    log = open(os.path.join(home, "kilnd.log"), "w")
+    proc = subprocess.Popen([KILND, "--home", home, "--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0",
+                             "--min-idle-seconds", "1", "--tick-ms", "200"], stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(home, "kilnd.addr")):
+        assert time.time() < deadline, "kilnd did not start"
+        time.sleep(0.05)
+    yield home
+    proc.terminate()
+    proc.wait(timeout=60)
+    subprocess.run(["rm", "-rf", home])
+
+
+def test_seed_shaped_flow(daemon, monkeypatch):
+    monkeypatch.setenv("KILN_HOME", daemon)
+    client = kiln.client("lambda-microvms", region_name="ignored")
+    img = client.create_microvm_image(name="sdk-sandbox", codeArtifact={"bytes": context_tar()},
+                                      buildRoleArn="arn:aws:iam::123456789:role/ignored")
+    assert img["status"] == "CREATING"
+    client.wait_microvm_image("sdk-sandbox")
+    assert any(i["name"] == "sdk-sandbox" for i in client.list_microvm_images()["images"])
+
+    run = client.run_microvm(imageIdentifier="sdk-sandbox", executionRoleArn="arn:aws:iam::1:role/x",
+                             idlePolicy={"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800,
+                                         "autoResumeEnabled": True})
+    vm_id = run["microvmId"]
+    assert run["endpoint"].startswith(vm_id + ".localhost")
+    client.wait_microvm(vm_id, "RUNNING")
+
+    token = client.create_microvm_auth_token(microvmIdentifier=vm_id, expirationInMinutes=5,
+                                             allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
+    ingress = open(os.path.join(daemon, "kilnd.ingress")).read().strip()
+    req = urllib.request.Request(f"http://{ingress}/index.html",
+                                 headers={"Host": f"{vm_id}.localhost", "X-aws-proxy-auth": token,
+                                          "X-aws-proxy-port": "8080"})
+    assert urllib.request.urlopen(req, timeout=30).read() == b"hello from the sandbox\n"
+
+    assert client.suspend_microvm(microvmIdentifier=vm_id)["state"] == "SUSPENDED"
+    # The request auto-resumes it.
+    assert urllib.request.urlopen(req, timeout=60).read() == b"hello from the sandbox\n"
+    assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "RUNNING"
+    assert [v["microvmId"] for v in client.list_microvms(state="RUNNING")["microvms"]] == [vm_id]
+
+    with pytest.raises(kiln.KilnError) as err:
+        client.resume_microvm(microvmIdentifier=vm_id)
+    assert err.value.code == "ConflictException" and err.value.status == 409
+    with pytest.raises(kiln.KilnError) as err:
+        client.delete_microvm_image("sdk-sandbox")
+    assert err.value.status == 409
+
+    assert client.terminate_microvm(microvmIdentifier=vm_id)["state"] == "TERMINATED"
+    assert not os.path.exists(os.path.join(daemon, "microvms", vm_id))
+    with pytest.raises(kiln.KilnError) as err:
+        client.get_microvm(microvmIdentifier="mvm-0000000000000000")
+    assert err.value.code == "ResourceNotFoundException"
+
+
+def test_bad_key_is_a_typed_error(daemon):
+    addr = open(os.path.join(daemon, "kilnd.addr")).read().strip()
+    bad = kiln.Client(endpoint=f"http://{addr}", api_key="0" * 64)
+    with pytest.raises(kiln.KilnError) as err:
+        bad.list_microvms()
+    assert err.value.status == 401 and err.value.code == "UnauthorizedException"
