@@ -464,20 +464,7 @@ impl Builder {
                     .as_ref()
                     .is_some_and(|t| t.join("manifest.json").is_file())
         }) {
-            for step in &plan.steps {
-                log.line(&format!(
-                    "Step {}/{total} : {} (cached)",
-                    step.number, step.text
-                ));
-                record.steps.push(StepRecord {
-                    number: step.number,
-                    line: step.line,
-                    text: step.text.clone(),
-                    key: step.key.clone(),
-                    cached: true,
-                    millis: 0,
-                });
-            }
+            record_cached(&plan.steps, total, log, record);
             log.line(&format!(
                 "Identical to build {}: reusing its template snapshot",
                 same.id
@@ -517,20 +504,7 @@ impl Builder {
             total
         };
         // Steps before the first miss are cached (config steps included).
-        for step in &plan.steps[..first_to_run] {
-            log.line(&format!(
-                "Step {}/{total} : {} (cached)",
-                step.number, step.text
-            ));
-            record.steps.push(StepRecord {
-                number: step.number,
-                line: step.line,
-                text: step.text.clone(),
-                key: step.key.clone(),
-                cached: true,
-                millis: 0,
-            });
-        }
+        record_cached(&plan.steps[..first_to_run], total, log, record);
         record.write(dir)?;
 
         let mut machine = MachineSpec::new(self.accel);
@@ -665,6 +639,24 @@ impl Builder {
             record.write(dir)?;
         }
         start_app_and_wait(vm, spec, &record.runtime, log).await
+    }
+}
+
+/// Logs and records steps reused from the cache.
+fn record_cached(steps: &[PlannedStep], total: usize, log: &BuildLog, record: &mut ImageRecord) {
+    for step in steps {
+        log.line(&format!(
+            "Step {}/{total} : {} (cached)",
+            step.number, step.text
+        ));
+        record.steps.push(StepRecord {
+            number: step.number,
+            line: step.line,
+            text: step.text.clone(),
+            key: step.key.clone(),
+            cached: true,
+            millis: 0,
+        });
     }
 }
 

@@ -73,6 +73,20 @@ pub struct ProcessSpec {
     pub user: Option<String>,
 }
 
+impl ExecRequest {
+    /// `/bin/sh -c script`, stdin closed, no timeout.
+    pub fn shell(script: &str) -> ExecRequest {
+        ExecRequest {
+            process: ProcessSpec {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+            stdin: false,
+            timeout_ms: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub process: ProcessSpec,

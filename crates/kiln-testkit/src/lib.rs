@@ -183,6 +183,19 @@ impl TestTemplate {
     }
 }
 
+/// Launches a clone of `template` into `dir/name`.
+pub async fn launch_from(template: &Template, dir: &Path, name: &str) -> TestVm {
+    let cfg = LaunchConfig {
+        id: id(name),
+        dir: dir.join(name),
+        machine: None,
+        assets: assets(),
+        timeout: BOOT_TIMEOUT,
+        die_with_parent: true,
+    };
+    TestVm::wrap(template.launch(cfg).await.expect("launch from template"))
+}
+
 /// Suspends and resumes, asserting both succeed.
 pub async fn suspend_resume(vm: TestVm) -> TestVm {
     let suspended: SuspendedVm = vm.into_inner().suspend().await.expect("suspend");

@@ -4,8 +4,7 @@
 //! its app port. The slowest test of the suite (several minutes under TCG).
 
 use kiln_image::{BuildSpec, ImageStatus};
-use kiln_testkit::{assets, TestBuilder, TestVm, BOOT_TIMEOUT};
-use kiln_vmm::snapshot::LaunchConfig;
+use kiln_testkit::TestBuilder;
 use kiln_vmm::Template;
 
 const APP: &str = r#"import json, os, six
@@ -65,19 +64,7 @@ async fn debian_image_with_apt_and_pip_answers_on_its_app_port() {
     );
 
     let template = Template::open(record.template.as_ref().unwrap()).unwrap();
-    let vm = TestVm::wrap(
-        template
-            .launch(LaunchConfig {
-                id: kiln_testkit::id("py-clone"),
-                dir: tb.scratch.path().join("clone"),
-                machine: None,
-                assets: assets(),
-                timeout: BOOT_TIMEOUT,
-                die_with_parent: true,
-            })
-            .await
-            .unwrap(),
-    );
+    let vm = kiln_testkit::launch_from(&template, tb.scratch.path(), "py-clone").await;
     let answer = vm
         .agent()
         .http(kiln_image::build::hook_get(8080, "/"))

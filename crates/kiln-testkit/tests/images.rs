@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kiln_image::{BuildSpec, ImageStatus};
-use kiln_testkit::{assets, TestBuilder, TestVm, BOOT_TIMEOUT};
-use kiln_vmm::snapshot::LaunchConfig;
+use kiln_testkit::TestBuilder;
 use kiln_vmm::Template;
 
 const START_SH: &str = "#!/bin/sh\n\
@@ -70,19 +69,7 @@ async fn bakes_launches_and_reuses_cached_steps() {
 
     // A microVM launched from the image answers on its app port, with the build's files.
     let template = Template::open(first.template.as_ref().unwrap()).unwrap();
-    let vm = TestVm::wrap(
-        template
-            .launch(LaunchConfig {
-                id: kiln_testkit::id("app-clone"),
-                dir: tb.scratch.path().join("clone"),
-                machine: None,
-                assets: assets(),
-                timeout: BOOT_TIMEOUT,
-                die_with_parent: true,
-            })
-            .await
-            .unwrap(),
-    );
+    let vm = kiln_testkit::launch_from(&template, tb.scratch.path(), "app-clone").await;
     let page = vm
         .agent()
         .http(kiln_image::build::hook_get(8080, "/index.html"))

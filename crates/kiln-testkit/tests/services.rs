@@ -6,19 +6,10 @@ use std::time::Duration;
 use kiln_proto::{ErrorKind, HttpRequest, ProcessSpec};
 use kiln_testkit::{machine, TestVm};
 use kiln_vmm::agent::AgentError;
-use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn get(port: u16, path: &str) -> HttpRequest {
-    HttpRequest {
-        port,
-        method: "GET".into(),
-        path: path.into(),
-        headers: vec![],
-        body: ByteBuf::new(),
-        timeout_ms: 5000,
-        max_response_bytes: 64 * 1024,
-    }
+    kiln_image::build::hook_get(port, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -228,20 +228,7 @@ impl AgentClient {
 
     /// Convenience: `sh -c script`, output collected (16 MiB at most).
     pub async fn sh(&self, script: &str) -> Result<ExecOutput, AgentError> {
-        let process = ProcessSpec {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        };
-        self.exec(
-            ExecRequest {
-                process,
-                stdin: false,
-                timeout_ms: None,
-            },
-            None,
-            16 << 20,
-        )
-        .await
+        self.exec(ExecRequest::shell(script), None, 16 << 20).await
     }
 
     pub async fn put_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), AgentError> {

@@ -347,19 +347,7 @@ impl Vm {
 
     /// Runs `sh -c script` in the guest.
     pub async fn sh(&self, script: &str) -> Result<ExecOutput, VmError> {
-        let process = ProcessSpec {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        };
-        self.exec(
-            ExecRequest {
-                process,
-                stdin: false,
-                timeout_ms: None,
-            },
-            None,
-        )
-        .await
+        self.exec(ExecRequest::shell(script), None).await
     }
 
     pub(crate) async fn qmp(
