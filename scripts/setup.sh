@@ -63,7 +63,7 @@ fi
 # --- the agent: a static binary (no musl target here: glibc with crt-static) ---------------
 say "building kiln-agent (static)"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
-    cargo build -q --release -p kiln-agent --target "$target" --manifest-path "$repo/Cargo.toml"
+    cargo build -q --release -p kiln-agent -p kiln-testapp --target "$target" --manifest-path "$repo/Cargo.toml"
 agent="$repo/target/$target/release/kiln-agent"
 if ! ldd "$agent" 2>&1 | grep -Eq 'statically linked|not a dynamic'; then
     say "kiln-agent is not static"; exit 1

@@ -196,7 +196,10 @@ impl TestDaemon {
 
     /// Uploads a context (files) and builds it; returns the image id once SUCCESSFUL.
     pub fn build_image(&self, name: &str, files: &[(&str, &str)], build_args: Value) -> String {
-        let tar = tar_of(files);
+        self.build_image_tar(name, tar_of(files), build_args)
+    }
+
+    pub fn build_image_tar(&self, name: &str, tar: Vec<u8>, build_args: Value) -> String {
         let (status, art) = self.post_raw("/v1/artifacts", "application/x-tar", &tar, true);
         assert_eq!(status, 200, "{art}");
         let (status, img) = self.post("/v1/images", json!({"name": name, "codeArtifact": {"artifactId": art["artifactId"]}, "buildArgs": build_args}));
@@ -264,13 +267,22 @@ impl Drop for TestDaemon {
 }
 
 pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+    let bytes: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (*p, d.as_bytes())).collect();
+    tar_of_bytes(&bytes)
+}
+
+pub fn tar_of_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, data) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
-        h.set_mode(if path.ends_with(".sh") { 0o755 } else { 0o644 });
+        h.set_mode(if path.ends_with(".sh") || !path.contains('.') {
+            0o755
+        } else {
+            0o644
+        });
         h.set_cksum();
-        b.append_data(&mut h, path, data.as_bytes()).unwrap();
+        b.append_data(&mut h, path, *data).unwrap();
     }
     b.into_inner().unwrap()
 }

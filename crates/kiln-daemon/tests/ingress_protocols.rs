@@ -1,0 +1,160 @@
+//! Protocols through the ingress against a real guest app (kiln-testapp, built static by
+//! scripts/setup.sh): WebSocket echo with browser-style subprotocol credentials, HTTP/2
+//! (h2c), gRPC-style unary and server-streaming calls with trailers, and a 502 when the guest
+//! app drops the connection.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use sha1::Digest;
+
+fn testapp() -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/x86_64-unknown-linux-gnu/release/kiln-testapp"
+    );
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (scripts/setup.sh builds it)"))
+}
+
+fn setup() -> (TestDaemon, String, String) {
+    let d = TestDaemon::start();
+    let app = testapp();
+    let dockerfile = b"FROM busybox\nCOPY kiln-testapp /srv/\nCMD [\"/srv/kiln-testapp\"]\n";
+    d.build_image_tar(
+        "protos",
+        tar_of_bytes(&[
+            ("Dockerfile", dockerfile.as_slice()),
+            ("kiln-testapp", app.as_slice()),
+        ]),
+        json!({}),
+    );
+    let (_, run) = d.post("/v1/microvms", json!({"imageIdentifier": "protos"}));
+    let id = run["microvmId"].as_str().unwrap().to_string();
+    d.wait_state(&id, "RUNNING", Duration::from_secs(60));
+    let (_, t) = d.post(
+        "/v1/auth-tokens",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5}),
+    );
+    let token = t["authToken"]["X-Kiln-Auth"].as_str().unwrap().to_string();
+    (d, id, token)
+}
+
+fn ws_frame(text: &str) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x81, 0x80 | text.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[test]
+fn websocket_h2_grpc_and_resets_pass_through_the_ingress() {
+    let (d, id, token) = setup();
+
+    // WebSocket with token and port in the subprotocol list, as a browser would send them.
+    let mut s = TcpStream::connect(&d.ingress).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let key = base64::engine::general_purpose::STANDARD.encode(b"kiln-ws-test-key");
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: {id}.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: kiln-auth.{token}, kiln-port.8080\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.contains("101"), "{status}");
+    let mut accept = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line
+            .to_ascii_lowercase()
+            .strip_prefix("sec-websocket-accept:")
+        {
+            accept = Some(v.trim().to_string());
+        }
+    }
+    let expected = base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    ));
+    assert_eq!(
+        accept.as_deref(),
+        Some(expected.to_ascii_lowercase().as_str())
+    );
+    for msg in ["hello", "through the agent channel"] {
+        s.write_all(&ws_frame(msg)).unwrap();
+        let mut head = [0u8; 2];
+        reader.read_exact(&mut head).unwrap();
+        let mut payload = vec![0u8; (head[1] & 0x7f) as usize];
+        reader.read_exact(&mut payload).unwrap();
+        assert_eq!(
+            (head[0], String::from_utf8(payload).unwrap()),
+            (0x81, msg.to_string())
+        );
+    }
+    drop(s);
+
+    // HTTP/2 (prior knowledge, h2c) end to end, and gRPC-style calls with trailers.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&d.ingress).await.unwrap();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let get = hyper::Request::get(format!("http://{id}.localhost/proto"))
+            .header("x-kiln-auth", &token)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.send_request(get).await.unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"HTTP/2.0", "the guest app saw HTTP/2 too");
+
+        let message = [0u8, 0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o'];
+        for (path, copies) in [("/grpc.Echo/Say", 1), ("/grpc.Echo/Stream", 3)] {
+            let call = hyper::Request::post(format!("http://{id}.localhost{path}"))
+                .header("x-kiln-auth", &token)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::copy_from_slice(&message)))
+                .unwrap();
+            let resp = h2.send_request(call).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let collected = resp.into_body().collect().await.unwrap();
+            let trailers = collected
+                .trailers()
+                .cloned()
+                .expect("gRPC trailers pass through");
+            assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+            assert_eq!(collected.to_bytes().len(), message.len() * copies, "{path}");
+        }
+    });
+
+    // A guest app that drops the connection: 502 with a short reason.
+    let mut s = TcpStream::connect(&d.ingress).unwrap();
+    write!(s, "GET /reset HTTP/1.1\r\nHost: {id}.localhost\r\nX-Kiln-Auth: {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.contains("GuestUnavailable"), "{reply}");
+}

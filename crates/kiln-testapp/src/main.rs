@@ -1,0 +1,172 @@
+//! kiln-testapp: runs inside test guests. Port 9000 answers lifecycle hooks; port 8080
+//! serves `/proto` (the HTTP version seen), `/ws` (WebSocket echo), `/grpc.Echo/Say` and
+//! `/grpc.Echo/Stream` (gRPC-style framing with `grpc-status` trailers) and `/reset` (drops the
+//! connection without answering).
+
+use std::convert::Infallible;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    tokio::spawn(serve(9000, true));
+    serve(8080, false).await;
+}
+
+async fn serve(port: u16, hooks: bool) {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .expect("bind");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| async move {
+                Ok::<_, Infallible>(if hooks {
+                    Response::new(full("ok"))
+                } else {
+                    app(req).await
+                })
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn app(mut req: Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/proto" => Response::new(full(format!("{:?}", req.version()))),
+        "/reset" => std::process::abort(),
+        "/ws" => {
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let accept = base64::engine::general_purpose::STANDARD.encode(Sha1::digest(
+                format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+            ));
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let _ = echo_websocket(TokioIo::new(upgraded)).await;
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("upgrade", "websocket")
+                .header("connection", "Upgrade")
+                .header("sec-websocket-accept", accept)
+                .body(full(""))
+                .expect("response")
+        }
+        "/grpc.Echo/Say" | "/grpc.Echo/Stream" => {
+            let repeat = if req.uri().path().ends_with("Stream") {
+                3
+            } else {
+                1
+            };
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..repeat)
+                .map(|_| Ok(Frame::data(body.clone())))
+                .chain(std::iter::once(Ok(Frame::trailers({
+                    let mut t = hyper::HeaderMap::new();
+                    t.insert("grpc-status", "0".parse().expect("header"));
+                    t
+                }))))
+                .collect();
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(futures_iter(frames).boxed())
+                .expect("response")
+        }
+        _ => Response::builder()
+            .status(404)
+            .body(full("not found"))
+            .expect("response"),
+    }
+}
+
+fn futures_iter<T>(items: Vec<T>) -> impl hyper::body::Body<Data = Bytes, Error = Infallible>
+where
+    T: Into<Result<Frame<Bytes>, Infallible>>,
+{
+    struct Frames(std::collections::VecDeque<Result<Frame<Bytes>, Infallible>>);
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(self.0.pop_front())
+        }
+    }
+    Frames(items.into_iter().map(Into::into).collect())
+}
+
+/// Echoes WebSocket text/binary frames (client frames are masked; ours are not).
+async fn echo_websocket<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+) -> std::io::Result<()> {
+    loop {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await?;
+        let opcode = head[0] & 0x0f;
+        let masked = head[1] & 0x80 != 0;
+        let mut len = (head[1] & 0x7f) as u64;
+        if len == 126 {
+            len = s.read_u16().await? as u64;
+        } else if len == 127 {
+            len = s.read_u64().await?;
+        }
+        if len > 1 << 20 {
+            return Ok(());
+        }
+        let mut mask = [0u8; 4];
+        if masked {
+            s.read_exact(&mut mask).await?;
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await?;
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+        }
+        if opcode == 8 {
+            return Ok(());
+        }
+        let mut frame = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            frame.push(payload.len() as u8);
+        } else {
+            frame.push(126);
+            frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&payload);
+        s.write_all(&frame).await?;
+    }
+}
