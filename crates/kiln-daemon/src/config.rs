@@ -29,6 +29,9 @@ pub struct Config {
     /// Where the ingress listens.
     pub ingress_listen: SocketAddr,
     pub ingress_header_timeout: Duration,
+    /// PEM certificate chain and key: the ingress speaks TLS when both are set.
+    pub ingress_tls_cert: Option<PathBuf>,
+    pub ingress_tls_key: Option<PathBuf>,
 }
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;

@@ -75,11 +75,22 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         header_timeout: cfg.ingress_header_timeout,
         ..Default::default()
     };
+    let tls = match (&cfg.ingress_tls_cert, &cfg.ingress_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            kiln_proxy::server::tls_acceptor(cert, key)
+                .map_err(anyhow::Error::msg)
+                .context("ingress TLS")?,
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("--ingress-tls-cert and --ingress-tls-key go together"),
+    };
+    info!(tls = tls.is_some(), "ingress transport");
     tokio::spawn(kiln_proxy::server::serve(
         ingress,
         manager.tokens.clone(),
         Arc::new(ingress::IngressBackend(manager.clone())),
         proxy_cfg,
+        tls,
     ));
     let app = api::router(manager.clone(), Arc::new(key));
     axum::serve(listener, app)

@@ -47,6 +47,12 @@ struct Args {
     /// Cut off ingress clients that do not finish their headers in this time (ms).
     #[arg(long, default_value_t = 10_000)]
     ingress_header_timeout_ms: u64,
+    /// PEM certificate chain for TLS on the ingress (with --ingress-tls-key).
+    #[arg(long)]
+    ingress_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the ingress.
+    #[arg(long)]
+    ingress_tls_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +85,8 @@ fn main() -> anyhow::Result<()> {
         ingress_port: args.ingress_port.unwrap_or(args.ingress_listen.port()),
         ingress_listen: args.ingress_listen,
         ingress_header_timeout: Duration::from_millis(args.ingress_header_timeout_ms.max(100)),
+        ingress_tls_cert: args.ingress_tls_cert,
+        ingress_tls_key: args.ingress_tls_key,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

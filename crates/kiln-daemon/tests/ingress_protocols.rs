@@ -25,7 +25,11 @@ fn testapp() -> Vec<u8> {
 }
 
 fn setup() -> (TestDaemon, String, String) {
-    let d = TestDaemon::start();
+    setup_with(&[])
+}
+
+fn setup_with(extra: &[&str]) -> (TestDaemon, String, String) {
+    let d = TestDaemon::start_with(extra);
     let app = testapp();
     let dockerfile = b"FROM busybox\nCOPY kiln-testapp /srv/\nCMD [\"/srv/kiln-testapp\"]\n";
     d.build_image_tar(
@@ -157,4 +161,88 @@ fn websocket_h2_grpc_and_resets_pass_through_the_ingress() {
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
     assert!(reply.contains("GuestUnavailable"), "{reply}");
+}
+
+#[test]
+fn the_ingress_speaks_tls_with_a_configured_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["*.sandbox.localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (d, id, token) = setup_with(&[
+        "--ingress-domain",
+        "sandbox.localhost",
+        "--ingress-tls-cert",
+        cert_path.to_str().unwrap(),
+        "--ingress-tls-key",
+        key_path.to_str().unwrap(),
+    ]);
+    let host = format!("{id}.sandbox.localhost");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for (alpn, expected) in [
+            (b"http/1.1".to_vec(), "HTTP/1.1"),
+            (b"h2".to_vec(), "HTTP/2.0"),
+        ] {
+            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            config.alpn_protocols = vec![alpn.clone()];
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let tcp = tokio::net::TcpStream::connect(&d.ingress).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake with the configured certificate");
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let uri = format!("https://{host}/proto");
+            let body = if alpn == b"h2" {
+                let (mut h2, conn) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let req = hyper::Request::get(&uri)
+                    .header("x-aws-proxy-auth", &token)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                h2.send_request(req)
+                    .await
+                    .unwrap()
+                    .into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+            } else {
+                let (mut h1, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                let req = hyper::Request::get("/proto")
+                    .header("host", &host)
+                    .header("x-aws-proxy-auth", &token)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                h1.send_request(req)
+                    .await
+                    .unwrap()
+                    .into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+            };
+            assert_eq!(String::from_utf8_lossy(&body), expected);
+        }
+    });
 }

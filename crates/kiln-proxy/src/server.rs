@@ -88,12 +88,40 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
         .expect("valid response")
 }
 
-/// Serves the ingress on `listener` until the task is dropped.
+/// TLS for the ingress: a certificate chain and key from PEM files (rustls), ALPN h2 and
+/// http/1.1, so HTTP/2 (gRPC) works over TLS too.
+pub fn tls_acceptor(
+    cert_pem: &std::path::Path,
+    key_pem: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_pem)
+        .and_then(|it| it.collect())
+        .map_err(|e| format!("reading certificates from {}: {e}", cert_pem.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", cert_pem.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_pem)
+        .map_err(|e| format!("reading the private key from {}: {e}", key_pem.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
+/// Serves the ingress on `listener` until the task is dropped; over TLS when `tls` is set.
 pub async fn serve(
     listener: TcpListener,
     tokens: Arc<TokenService>,
     backend: Arc<dyn Backend>,
     cfg: ProxyConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let cfg = Arc::new(cfg);
     loop {
@@ -106,31 +134,49 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (tokens, backend, cfg) = (tokens.clone(), backend.clone(), cfg.clone());
-        let (header_timeout, max_buf) = (cfg.header_timeout, cfg.max_header_bytes.max(8192));
+        let (tokens, backend, cfg, tls) =
+            (tokens.clone(), backend.clone(), cfg.clone(), tls.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (tokens, backend, cfg) = (tokens.clone(), backend.clone(), cfg.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        handle(req, peer, &tokens, backend, &cfg).await,
-                    )
+            match tls {
+                None => serve_connection(TokioIo::new(stream), peer, tokens, backend, cfg).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(cfg.header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            serve_connection(TokioIo::new(tls_stream), peer, tokens, backend, cfg)
+                                .await
+                        }
+                        Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
                 }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(max_buf);
-            builder.http2().timer(TokioTimer::new());
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, "ingress connection ended: {e}");
             }
         });
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    tokens: Arc<TokenService>,
+    backend: Arc<dyn Backend>,
+    cfg: Arc<ProxyConfig>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (header_timeout, max_buf) = (cfg.header_timeout, cfg.max_header_bytes.max(8192));
+    let service = hyper::service::service_fn(move |req| {
+        let (tokens, backend, cfg) = (tokens.clone(), backend.clone(), cfg.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(req, peer, &tokens, backend, &cfg).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_buf);
+    builder.http2().timer(TokioTimer::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+        debug!(%peer, "ingress connection ended: {e}");
     }
 }
 

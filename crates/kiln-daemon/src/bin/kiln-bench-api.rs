@@ -178,6 +178,8 @@ async fn run() -> anyhow::Result<()> {
         ingress_port: 8443,
         ingress_listen: "127.0.0.1:0".parse()?,
         ingress_header_timeout: Duration::from_secs(10),
+        ingress_tls_cert: None,
+        ingress_tls_key: None,
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");

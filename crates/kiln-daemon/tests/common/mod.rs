@@ -23,6 +23,10 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     pub fn start() -> TestDaemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> TestDaemon {
         let tmp = tempfile::Builder::new()
             .prefix("kilnd-test-")
             .tempdir()
@@ -35,7 +39,7 @@ impl TestDaemon {
             key: String::new(),
             ingress: String::new(),
         };
-        d.spawn(&[]);
+        d.spawn(extra);
         d
     }
 
