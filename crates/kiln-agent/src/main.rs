@@ -16,6 +16,7 @@ mod init;
 mod net;
 mod port;
 mod process;
+mod pty;
 mod reaper;
 mod reseed;
 mod resize;

@@ -10,6 +10,13 @@ use kiln_proto::{ErrorKind, GuestError, ProcessSpec};
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn command(spec: &ProcessSpec) -> Result<Command, GuestError> {
+    let mut cmd = base_command(spec)?;
+    cmd.process_group(0);
+    Ok(cmd)
+}
+
+/// Like [`command`] but without a process group of its own (a terminal session calls setsid).
+pub fn base_command(spec: &ProcessSpec) -> Result<Command, GuestError> {
     let Some(program) = spec.argv.first() else {
         return Err(GuestError::new(
             ErrorKind::InvalidRequest,
@@ -45,8 +52,7 @@ pub fn command(spec: &ProcessSpec) -> Result<Command, GuestError> {
         .env("HOME", &identity.home)
         .env("HOSTNAME", "kiln")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
-        .process_group(0);
+        .current_dir(cwd);
     if identity.uid != 0 || identity.gid != 0 {
         cmd.uid(identity.uid).gid(identity.gid);
     }

@@ -157,6 +157,7 @@ async fn handle_stream(stream: Stream, session: Session, state: Arc<AgentState>)
                 .await
         }
         Request::PutArchive(req) => crate::archive::put(framed, req).await,
+        Request::Shell(req) => crate::pty::run(framed, req, &state.reaper).await,
         Request::Detach => {
             let sent = framed.send(&GuestFrame::Ok).await;
             let _ = framed.close().await;

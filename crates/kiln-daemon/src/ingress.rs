@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_proxy::server::{Backend, BackendError, BoxFuture, GuestStream};
+use kiln_proxy::shell::{ShellChannels, ShellInput, ShellOutput};
 use kiln_types::MicrovmState;
+use kiln_vmm::agent::ExecEvent;
+use tokio::sync::mpsc;
 
 use crate::manager::{Manager, MicrovmConfig};
 
@@ -26,6 +29,51 @@ impl Drop for ActivityGuard {
     }
 }
 
+impl IngressBackend {
+    /// The agent of a RUNNING microVM, resuming it first when its policy allows and waiting
+    /// (bounded) while it is launching or resuming.
+    async fn running_agent(&self, id: &str) -> Result<kiln_vmm::AgentClient, BackendError> {
+        let m = &self.0;
+        let deadline = Instant::now() + WAIT_FOR_RUNNING;
+        loop {
+            let row = match m.store().microvm(id) {
+                Ok(Some(row)) => row,
+                Ok(None) => return Err(BackendError::NotFound),
+                Err(e) => return Err(BackendError::Unavailable(e.to_string())),
+            };
+            let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
+            match state {
+                MicrovmState::Terminated => return Err(BackendError::NotFound),
+                MicrovmState::Running => {
+                    let slot = m.slot(id);
+                    let slot = slot.lock().await;
+                    if let Some(vm) = slot.vm.as_ref() {
+                        return Ok(vm.agent().clone());
+                    }
+                }
+                MicrovmState::Suspended => {
+                    let config: Option<MicrovmConfig> =
+                        serde_json::from_value(row.config.clone()).ok();
+                    if !config.is_some_and(|c| c.idle_policy.auto_resume_enabled) {
+                        return Err(BackendError::NotRunning(format!(
+                            "microVM {id} is SUSPENDED and autoResumeEnabled is false: call ResumeMicrovm first"
+                        )));
+                    }
+                    // A concurrent request may be resuming it already: then just wait.
+                    let _ = m.resume(id, "auto-resume: ingress request").await;
+                }
+                MicrovmState::Pending | MicrovmState::Resuming => {}
+            }
+            if Instant::now() > deadline {
+                return Err(BackendError::NotRunning(format!(
+                    "microVM {id} did not become RUNNING within {WAIT_FOR_RUNNING:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Backend for IngressBackend {
     fn connect(
         &self,
@@ -34,52 +82,81 @@ impl Backend for IngressBackend {
     ) -> BoxFuture<'_, Result<Box<dyn GuestStream>, BackendError>> {
         let id = microvm.to_string();
         Box::pin(async move {
-            let m = &self.0;
-            let deadline = Instant::now() + WAIT_FOR_RUNNING;
-            loop {
-                let row = match m.store().microvm(&id) {
-                    Ok(Some(row)) => row,
-                    Ok(None) => return Err(BackendError::NotFound),
-                    Err(e) => return Err(BackendError::Unavailable(e.to_string())),
-                };
-                let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
-                match state {
-                    MicrovmState::Terminated => return Err(BackendError::NotFound),
-                    MicrovmState::Running => {
-                        let agent = {
-                            let slot = m.slot(&id);
-                            let slot = slot.lock().await;
-                            slot.vm.as_ref().map(|vm| vm.agent().clone())
-                        };
-                        if let Some(agent) = agent {
-                            return match agent.connect_port(port).await {
-                                Ok(stream) => Ok(Box::new(stream) as Box<dyn GuestStream>),
-                                Err(e) => {
-                                    Err(BackendError::Unavailable(crate::manager::error_chain(&e)))
-                                }
-                            };
-                        }
-                    }
-                    MicrovmState::Suspended => {
-                        let config: Option<MicrovmConfig> =
-                            serde_json::from_value(row.config.clone()).ok();
-                        if !config.is_some_and(|c| c.idle_policy.auto_resume_enabled) {
-                            return Err(BackendError::NotRunning(format!(
-                                "microVM {id} is SUSPENDED and autoResumeEnabled is false: call ResumeMicrovm first"
-                            )));
-                        }
-                        // A concurrent request may be resuming it already: then just wait.
-                        let _ = m.resume(&id, "auto-resume: ingress request").await;
-                    }
-                    MicrovmState::Pending | MicrovmState::Resuming => {}
-                }
-                if Instant::now() > deadline {
-                    return Err(BackendError::NotRunning(format!(
-                        "microVM {id} did not become RUNNING within {WAIT_FOR_RUNNING:?}"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            let agent = self.running_agent(&id).await?;
+            match agent.connect_port(port).await {
+                Ok(stream) => Ok(Box::new(stream) as Box<dyn GuestStream>),
+                Err(e) => Err(BackendError::Unavailable(crate::manager::error_chain(&e))),
             }
+        })
+    }
+
+    fn shell(
+        &self,
+        microvm: &str,
+        cols: u16,
+        rows: u16,
+    ) -> BoxFuture<'_, Result<ShellChannels, BackendError>> {
+        let id = microvm.to_string();
+        Box::pin(async move {
+            let agent = self.running_agent(&id).await?;
+            let process = kiln_proto::ProcessSpec {
+                argv: vec!["/bin/sh".into()],
+                env: vec![("TERM".into(), "xterm-256color".into())],
+                cwd: Some("/".into()),
+                user: None,
+            };
+            let mut exec = agent
+                .shell_stream(kiln_proto::ShellRequest {
+                    process,
+                    cols,
+                    rows,
+                })
+                .await
+                .map_err(|e| BackendError::Unavailable(crate::manager::error_chain(&e)))?;
+            let (in_tx, mut in_rx) = mpsc::channel::<ShellInput>(32);
+            let (out_tx, out_rx) = mpsc::channel::<ShellOutput>(32);
+            let manager = self.0.clone();
+            tokio::spawn(async move {
+                let mut input_open = true;
+                loop {
+                    tokio::select! {
+                        event = exec.next() => match event {
+                            Ok(ExecEvent::Stdout(d)) | Ok(ExecEvent::Stderr(d)) => {
+                                if out_tx.send(ShellOutput::Data(d)).await.is_err() {
+                                    let _ = exec.signal(1).await;
+                                    return;
+                                }
+                            }
+                            Ok(ExecEvent::Exited(status)) => {
+                                let _ = out_tx.send(ShellOutput::Exit(status.code)).await;
+                                return;
+                            }
+                            Err(_) => {
+                                let _ = out_tx.send(ShellOutput::Exit(None)).await;
+                                return;
+                            }
+                        },
+                        input = in_rx.recv(), if input_open => match input {
+                            Some(ShellInput::Data(d)) => {
+                                manager.record_activity(&id);
+                                let _ = exec.send_stdin(&d).await;
+                            }
+                            Some(ShellInput::Resize { cols, rows }) => {
+                                let _ = exec.resize(cols, rows).await;
+                            }
+                            None => {
+                                // The client went away: hang up the terminal.
+                                input_open = false;
+                                let _ = exec.signal(1).await;
+                            }
+                        },
+                    }
+                }
+            });
+            Ok(ShellChannels {
+                input: in_tx,
+                output: out_rx,
+            })
         })
     }
 

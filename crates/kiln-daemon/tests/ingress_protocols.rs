@@ -246,3 +246,120 @@ fn the_ingress_speaks_tls_with_a_configured_certificate() {
         }
     });
 }
+
+fn ws_send(s: &mut TcpStream, opcode: u8, data: &[u8]) {
+    let mask = [9u8, 8, 7, 6];
+    let mut f = vec![0x80 | opcode, 0x80 | data.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&f).unwrap();
+}
+
+fn ws_read(r: &mut impl Read) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    r.read_exact(&mut head).unwrap();
+    let mut len = (head[1] & 0x7f) as usize;
+    if len == 126 {
+        let mut b = [0u8; 2];
+        r.read_exact(&mut b).unwrap();
+        len = u16::from_be_bytes(b) as usize;
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).unwrap();
+        len = u64::from_be_bytes(b) as usize;
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).unwrap();
+    (head[0] & 0x0f, payload)
+}
+
+/// Reads terminal output until `needle` shows up; returns everything read.
+fn read_until(r: &mut impl Read, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let (op, payload) = ws_read(r);
+        assert_eq!(
+            op,
+            2,
+            "terminal output comes in binary frames, got {op}: {}",
+            String::from_utf8_lossy(&payload)
+        );
+        seen.push_str(&String::from_utf8_lossy(&payload));
+    }
+    seen
+}
+
+#[test]
+fn a_shell_token_opens_an_interactive_terminal() {
+    let (d, id, ingress_token) = setup();
+    let (_, t) = d.post(
+        "/v1/auth-tokens",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5, "kind": "shell"}),
+    );
+    let shell_token = t["authToken"]["X-Kiln-Auth"].as_str().unwrap().to_string();
+    let host = format!("{id}.localhost");
+
+    // Tokens are kind-scoped both ways.
+    let status_of = |token: &str, path: &str| {
+        let mut s = TcpStream::connect(&d.ingress).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Kiln-Auth: {token}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply.split_whitespace().nth(1).unwrap_or("").to_string()
+    };
+    assert_eq!(status_of(&ingress_token, "/.kiln/shell"), "403");
+    assert_eq!(status_of(&shell_token, "/proto"), "403");
+
+    let mut s = TcpStream::connect(&d.ingress).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /.kiln/shell?cols=80&rows=24 HTTP/1.1\r\nHost: {host}\r\nX-Kiln-Auth: {shell_token}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.contains("101"), "{status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line
+            .to_ascii_lowercase()
+            .strip_prefix("sec-websocket-accept:")
+        {
+            assert_eq!(v.trim(), "s3pplmbitxaq9kygzzhzrbk+xoo=");
+        }
+    }
+    ws_send(&mut s, 2, b"stty size; echo hello-$((6*7))\n");
+    let out = read_until(&mut reader, "hello-42");
+    assert!(
+        out.contains("24 80"),
+        "the terminal has the size asked for: {out:?}"
+    );
+    ws_send(&mut s, 1, br#"{"type":"resize","cols":100,"rows":30}"#);
+    ws_send(&mut s, 2, b"stty size; tty\n");
+    let out = read_until(&mut reader, "/dev/pts/");
+    assert!(
+        out.contains("30 100"),
+        "resize reached the terminal: {out:?}"
+    );
+    ws_send(&mut s, 2, b"exit 3\n");
+    loop {
+        let (op, payload) = ws_read(&mut reader);
+        if op == 1 {
+            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            assert_eq!(
+                (v["type"].as_str(), v["code"].as_i64()),
+                (Some("exit"), Some(3))
+            );
+            break;
+        }
+        assert_eq!(op, 2);
+    }
+    assert_eq!(ws_read(&mut reader).0, 8, "then the server closes");
+}

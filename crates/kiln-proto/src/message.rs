@@ -42,6 +42,10 @@ pub enum Request {
     /// Host then sends a tar stream as `Chunk`s and `End`; the agent unpacks it under
     /// `dest` (entries may not escape it). Reply `Ok` or `Error`.
     PutArchive(PutArchiveRequest),
+    /// Generation 2. Runs a process on a new pseudo-terminal. Reply: `Started`, then
+    /// `Stdout` (the terminal's output), then `Exited`. The host may send `Stdin`, `Resize`
+    /// and `Signal` meanwhile.
+    Shell(ShellRequest),
 }
 
 impl Tagged for Request {
@@ -58,6 +62,7 @@ impl Tagged for Request {
             | Request::AppLogs { .. }
             | Request::Detach
             | Request::PutArchive(_) => 1,
+            Request::Shell(_) => 2,
         }
     }
 }
@@ -103,6 +108,13 @@ pub struct PutFileRequest {
     pub size: u64,
     /// Create missing parent directories.
     pub create_parents: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShellRequest {
+    pub process: ProcessSpec,
+    pub cols: u16,
+    pub rows: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +166,11 @@ pub enum HostFrame {
     Signal(i32),
     Chunk(ByteBuf),
     End,
+    /// Generation 2: new terminal size for a shell.
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
 }
 
 impl Tagged for HostFrame {
@@ -164,6 +181,7 @@ impl Tagged for HostFrame {
             | HostFrame::Signal(_)
             | HostFrame::Chunk(_)
             | HostFrame::End => 1,
+            HostFrame::Resize { .. } => 2,
         }
     }
 }

@@ -111,6 +111,12 @@ fn render() -> String {
             max_bytes: 1 << 20,
         }),
     ];
+    let shell = Request::Shell(ShellRequest {
+        process: spec.clone(),
+        cols: 80,
+        rows: 24,
+    });
+    let requests: Vec<Request> = requests.into_iter().chain(std::iter::once(shell)).collect();
     for r in &requests {
         line(&mut out, r.since(), r);
     }
@@ -120,6 +126,10 @@ fn render() -> String {
         HostFrame::Signal(15),
         HostFrame::Chunk(ByteBuf::from(vec![1, 2])),
         HostFrame::End,
+        HostFrame::Resize {
+            cols: 100,
+            rows: 30,
+        },
     ];
     for f in &host_frames {
         line(&mut out, f.since(), f);

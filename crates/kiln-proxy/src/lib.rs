@@ -2,4 +2,5 @@
 //! [`server`] routes requests by Host to a microVM and forwards them over the agent channel.
 
 pub mod server;
+pub mod shell;
 pub mod token;

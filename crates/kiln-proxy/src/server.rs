@@ -58,6 +58,13 @@ pub trait Backend: Send + Sync + 'static {
     fn activity(&self, microvm: &str) -> Box<dyn Send + Sync>;
     /// The lifecycle hook port, never reachable through the proxy.
     fn hook_port(&self, microvm: &str) -> Option<u16>;
+    /// Opens an interactive terminal in the microVM (shell tokens).
+    fn shell(
+        &self,
+        microvm: &str,
+        cols: u16,
+        rows: u16,
+    ) -> BoxFuture<'_, Result<crate::shell::ShellChannels, BackendError>>;
 }
 
 #[derive(Debug, Clone)]
@@ -273,12 +280,47 @@ async fn handle(
                 "the token was issued for another microVM",
             );
         }
-        if claims.kind != TokenKind::Ingress {
-            return error(
-                StatusCode::FORBIDDEN,
-                "WrongTokenKind",
-                "this token is for shell access, not ingress",
-            );
+        let wants_shell = req.uri().path() == crate::shell::SHELL_PATH;
+        match (claims.kind, wants_shell) {
+            (TokenKind::Shell, true) => {
+                for name in AUTH_HEADERS.iter().chain(PORT_HEADERS.iter()) {
+                    req.headers_mut().remove(*name);
+                }
+                let guard = backend.activity(&id);
+                let b = backend.clone();
+                let shell_id = id.clone();
+                let resp = crate::shell::accept(
+                    req,
+                    move |cols, rows| async move {
+                        b.shell(&shell_id, cols, rows).await.map_err(|e| match e {
+                            BackendError::NotFound => (
+                                StatusCode::NOT_FOUND,
+                                format!("microVM {shell_id} does not exist or was terminated"),
+                            ),
+                            BackendError::NotRunning(why) => (StatusCode::CONFLICT, why),
+                            BackendError::Unavailable(why) => (StatusCode::BAD_GATEWAY, why),
+                        })
+                    },
+                    guard,
+                )
+                .await;
+                return resp.map(|b| b.map_err(|e| match e {}).boxed());
+            }
+            (TokenKind::Shell, false) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "WrongTokenKind",
+                    &format!("a shell token only opens {}", crate::shell::SHELL_PATH),
+                )
+            }
+            (TokenKind::Ingress, true) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "WrongTokenKind",
+                    "the shell needs a token of kind shell",
+                )
+            }
+            (TokenKind::Ingress, false) => {}
         }
         let port_text = header(&req, &PORT_HEADERS).map(str::to_string).or(ws_port);
         let port = match port_text.as_deref().map(|p| p.trim().parse::<u16>()) {

@@ -10,7 +10,7 @@ use kiln_proto::handshake::{self, HandshakeError, Hello, HelloAck, ENTROPY_LEN};
 use kiln_proto::{
     AgentInfo, AppState, ExecRequest, ExitStatus, FrameError, FramedStream, GetFileRequest,
     GuestError, GuestFrame, HostFrame, HttpRequest, HttpResponse, ProcessSpec, PutArchiveRequest,
-    PutFileRequest, Request, Rewind, Session, SessionEnd, SessionError, Stream,
+    PutFileRequest, Request, Rewind, Session, SessionEnd, SessionError, ShellRequest, Stream,
 };
 use rand::RngCore;
 use serde_bytes::ByteBuf;
@@ -176,6 +176,27 @@ impl AgentClient {
     /// Starts a process; events arrive through [`ExecStream::next`].
     pub async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
         let mut stream = self.open(&Request::Exec(req)).await?;
+        match self.recv(&mut stream, "waiting for Started").await? {
+            GuestFrame::Started { pid } => Ok(ExecStream {
+                client: self.clone(),
+                stream,
+                pid,
+                done: false,
+            }),
+            other => Err(self.unexpected(&other, "Started")),
+        }
+    }
+
+    /// Starts a process on a new pseudo-terminal (protocol generation 2). Output arrives as
+    /// `Stdout` events; send input with `send_stdin` and sizes with `resize`.
+    pub async fn shell_stream(&self, req: ShellRequest) -> Result<ExecStream, AgentError> {
+        if self.session.generation() < 2 {
+            return Err(AgentError::Protocol(format!(
+                "the guest agent speaks generation {}; shells need 2",
+                self.session.generation()
+            )));
+        }
+        let mut stream = self.open(&Request::Shell(req)).await?;
         match self.recv(&mut stream, "waiting for Started").await? {
             GuestFrame::Started { pid } => Ok(ExecStream {
                 client: self.clone(),
@@ -408,6 +429,11 @@ impl ExecStream {
 
     pub async fn close_stdin(&mut self) -> Result<(), AgentError> {
         self.send(HostFrame::StdinEof).await
+    }
+
+    /// New terminal size (shells only).
+    pub async fn resize(&mut self, cols: u16, rows: u16) -> Result<(), AgentError> {
+        self.send(HostFrame::Resize { cols, rows }).await
     }
 
     pub async fn signal(&mut self, signal: i32) -> Result<(), AgentError> {
