@@ -4,6 +4,7 @@
 mod bench;
 mod doctor;
 mod image;
+mod remote;
 mod sandbox;
 
 use clap::{Parser, Subcommand};
@@ -11,6 +12,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Self-hostable microVM sandboxes")]
 struct Cli {
+    #[command(flatten)]
+    conn: remote::Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +33,8 @@ enum Command {
     /// Build and inspect images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    #[command(flatten)]
+    Remote(remote::Remote),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,10 @@ fn main() -> anyhow::Result<()> {
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
             Command::Image(cmd) => image::run(cmd).await,
+            Command::Remote(command) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || remote::run(conn, command)).await?)
+            }
         }
     })?;
     std::process::exit(code);

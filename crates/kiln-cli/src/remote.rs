@@ -1,0 +1,273 @@
+//! Commands that talk to a running kilnd over its REST API: run, get, list, suspend,
+//! resume, terminate, token, exec, events. Human tables by default, `--json` for scripts;
+//! exit codes: 2 validation, 3 not found, 4 conflict, 5 auth, 6 kilnd unreachable.
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use kiln_client::{Client, ClientError};
+use serde_json::{json, Value};
+
+#[derive(Args)]
+pub struct Conn {
+    /// kilnd's API (default: $KILN_ENDPOINT, else $KILN_HOME/kilnd.addr).
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
+    /// API key (default: $KILN_API_KEY, else $KILN_HOME/api-key).
+    #[arg(long, global = true)]
+    api_key: Option<String>,
+    /// Output format of API commands: text (tables) or json.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
+
+impl Conn {
+    fn json(&self) -> bool {
+        self.output == "json"
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Remote {
+    /// RunMicrovm: start a microVM from an image.
+    Run {
+        image: String,
+        #[arg(long, default_value_t = 300)]
+        idle_seconds: u64,
+        #[arg(long, default_value_t = 1800)]
+        suspended_seconds: u64,
+        #[arg(long)]
+        no_auto_resume: bool,
+        /// Body of the /run hook.
+        #[arg(long)]
+        payload: Option<String>,
+        #[arg(long)]
+        max_duration: Option<u64>,
+        /// Wait until it is RUNNING (or TERMINATED).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// GetMicrovm.
+    Get { id: String },
+    /// ListMicrovms.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// SuspendMicrovm.
+    Suspend { id: String },
+    /// ResumeMicrovm.
+    Resume { id: String },
+    /// TerminateMicrovm.
+    Terminate { id: String },
+    /// CreateMicrovmAuthToken.
+    Token {
+        id: String,
+        /// Allowed port (repeatable; default 8080).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+        /// ingress or shell.
+        #[arg(long, default_value = "ingress")]
+        kind: String,
+    },
+    /// Run a command in a RUNNING microVM.
+    Exec {
+        id: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Lifecycle events after a cursor.
+    Events {
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+    },
+}
+
+fn print_table(rows: &[&Value]) {
+    println!(
+        "{:<22} {:<11} {:<20} {:<34} REASON",
+        "MICROVM", "STATE", "IMAGE", "ENDPOINT"
+    );
+    for r in rows {
+        println!(
+            "{:<22} {:<11} {:<20} {:<34} {}",
+            r["microvmId"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["imageName"].as_str().unwrap_or(""),
+            r["endpoint"].as_str().unwrap_or(""),
+            r["stateReason"].as_str().unwrap_or("")
+        );
+    }
+}
+
+pub fn run(conn: Conn, cmd: Remote) -> i32 {
+    match execute(&conn, cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
+    let c = Client::from_env(conn.endpoint.clone(), conn.api_key.clone())?;
+    let show = |v: &Value| {
+        if conn.json() {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            print_table(&[v]);
+        }
+    };
+    match cmd {
+        Remote::Run {
+            image,
+            idle_seconds,
+            suspended_seconds,
+            no_auto_resume,
+            payload,
+            max_duration,
+            wait,
+        } => {
+            let idle = json!({"maxIdleDurationSeconds": idle_seconds, "suspendedDurationSeconds": suspended_seconds, "autoResumeEnabled": !no_auto_resume});
+            let run = c.run_microvm(&image, Some(idle), payload, max_duration)?;
+            let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+            let mut view = run;
+            if wait {
+                let deadline = Instant::now() + Duration::from_secs(180);
+                loop {
+                    view = c.get(&format!("/v1/microvms/{id}"))?;
+                    if matches!(view["state"].as_str(), Some("RUNNING" | "TERMINATED"))
+                        || Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            if conn.json() {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&view).unwrap_or_default()
+                );
+            } else {
+                println!("{id}");
+            }
+            Ok(if view["state"] == "TERMINATED" { 1 } else { 0 })
+        }
+        Remote::Get { id } => {
+            show(&c.get(&format!("/v1/microvms/{id}"))?);
+            Ok(0)
+        }
+        Remote::List { state, image } => {
+            let mut q = Vec::new();
+            if let Some(s) = state {
+                q.push(format!("state={s}"));
+            }
+            if let Some(i) = image {
+                q.push(format!("imageIdentifier={i}"));
+            }
+            let path = if q.is_empty() {
+                "/v1/microvms".to_string()
+            } else {
+                format!("/v1/microvms?{}", q.join("&"))
+            };
+            let list = c.get(&path)?;
+            if conn.json() {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+            } else {
+                let rows: Vec<&Value> = list["microvms"]
+                    .as_array()
+                    .map(|a| a.iter().collect())
+                    .unwrap_or_default();
+                print_table(&rows);
+            }
+            Ok(0)
+        }
+        Remote::Suspend { id } => {
+            show(&c.post(&format!("/v1/microvms/{id}/suspend"), json!({}))?);
+            Ok(0)
+        }
+        Remote::Resume { id } => {
+            show(&c.post(&format!("/v1/microvms/{id}/resume"), json!({}))?);
+            Ok(0)
+        }
+        Remote::Terminate { id } => {
+            show(&c.post(&format!("/v1/microvms/{id}/terminate"), json!({}))?);
+            Ok(0)
+        }
+        Remote::Token {
+            id,
+            ports,
+            minutes,
+            kind,
+        } => {
+            let ports: Vec<Value> = if ports.is_empty() {
+                vec![json!({"port": 8080})]
+            } else {
+                ports.iter().map(|p| json!({"port": p})).collect()
+            };
+            let t = c.post("/v1/auth-tokens", json!({"microvmIdentifier": id, "expirationInMinutes": minutes, "allowedPorts": ports, "kind": kind}))?;
+            if conn.json() {
+                println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+            } else {
+                println!(
+                    "{}",
+                    t["authToken"]["X-Kiln-Auth"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+        Remote::Exec {
+            id,
+            timeout,
+            command,
+        } => {
+            let out = c.post(
+                &format!("/v1/microvms/{id}/exec"),
+                json!({"command": command, "timeoutSeconds": timeout}),
+            )?;
+            if conn.json() {
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            } else {
+                print!("{}", out["stdout"].as_str().unwrap_or_default());
+                eprint!("{}", out["stderr"].as_str().unwrap_or_default());
+            }
+            Ok(out["exitCode"]
+                .as_i64()
+                .map(|c| c as i32)
+                .unwrap_or(128 + out["signal"].as_i64().unwrap_or(0) as i32))
+        }
+        Remote::Events { since } => {
+            let ev = c.get(&format!("/v1/events?since={since}"))?;
+            if conn.json() {
+                println!("{}", serde_json::to_string_pretty(&ev).unwrap_or_default());
+            } else {
+                for e in ev["events"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6} {} {:<22} {:>10} -> {:<10} {}",
+                        e["seq"],
+                        e["at_ms"],
+                        e["microvm_id"]
+                            .as_str()
+                            .or(e["image_id"].as_str())
+                            .unwrap_or(""),
+                        e["from_state"].as_str().unwrap_or("-"),
+                        e["to_state"].as_str().unwrap_or("-"),
+                        e["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}

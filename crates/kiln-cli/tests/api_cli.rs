@@ -1,0 +1,183 @@
+//! The `kiln` CLI against a real kilnd: run, list, get, exec, token, suspend, resume,
+//! terminate, events, with text and JSON output and exit codes scripts can rely on.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Child,
+    home: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kilnd() -> Daemon {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let built = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "kiln-daemon", "--bin", "kilnd"])
+        .current_dir(&repo)
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let home = tempfile::tempdir().unwrap();
+    let child = Command::new(repo.join("target/debug/kilnd"))
+        .args(["--home"])
+        .arg(home.path())
+        .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])
+        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !home.path().join("kilnd.addr").exists() {
+        assert!(Instant::now() < deadline, "kilnd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon { child, home }
+}
+
+fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_HOME", d.home.path())
+        .env_remove("KILN_ENDPOINT")
+        .env_remove("KILN_API_KEY")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn context() -> Vec<u8> {
+    let hook = "#!/bin/sh\nread -r m p v\nlen=0\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; \
+        case \"$l\" in [Cc]ontent-[Ll]ength:*) len=$(echo \"${l#*:}\" | tr -d ' ');; esac; done\n\
+        body=\"\"; if [ \"$len\" -gt 0 ] 2>/dev/null; then body=$(head -c \"$len\"); fi\n\
+        code='200 OK'; case \"$body\" in *fail*) code='500 Internal Server Error';; esac\n\
+        printf 'HTTP/1.1 %s\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok' \"$code\"\n";
+    let files: [(&str, &str); 3] = [
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY start.sh hook.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
+        ),
+        (
+            "start.sh",
+            "#!/bin/sh\nexec nc -ll -p 9000 -e /srv/hook.sh\n",
+        ),
+        ("hook.sh", hook),
+    ];
+    let mut b = tar::Builder::new(Vec::new());
+    for (p, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, p, data.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn the_cli_drives_microvms_through_the_api() {
+    let d = kilnd();
+    std::env::set_var("KILN_HOME", d.home.path());
+    let client = kiln_client::Client::from_env(None, None).unwrap();
+    let image = client.create_image("cli", &context()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = client.get(&format!("/v1/images/{image}")).unwrap();
+        if v["status"] == "SUCCESSFUL" {
+            break;
+        }
+        assert!(v["status"] != "FAILED" && Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A microVM through its whole life from the CLI.
+    let (code, id, err) = kiln(&d, &["run", "cli", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_string();
+    let (code, out, _) = kiln(
+        &d,
+        &["exec", &id, "--", "sh", "-c", "echo from-guest; exit 7"],
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (7, "from-guest\n"),
+        "exit codes pass through"
+    );
+    let (code, token, _) = kiln(&d, &["token", &id, "--port", "8080", "--minutes", "2"]);
+    assert_eq!(code, 0);
+    assert_eq!(token.trim().split('.').count(), 5, "a compact JWE: {token}");
+    let (_, shown, _) = kiln(&d, &["get", &id, "--output", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&shown).unwrap()["state"],
+        "RUNNING"
+    );
+    assert_eq!(kiln(&d, &["suspend", &id]).0, 0);
+    assert_eq!(kiln(&d, &["suspend", &id]).0, 4, "conflict");
+    assert_eq!(kiln(&d, &["resume", &id]).0, 0);
+    let (code, gone, _) = kiln(&d, &["terminate", &id]);
+    assert_eq!(code, 0);
+    assert!(gone.contains("TERMINATED"), "{gone}");
+
+    // A failing /run: `kiln run --wait` reports TERMINATED with the reason and exits 1.
+    let (code, out, _) = kiln(
+        &d,
+        &[
+            "run",
+            "cli",
+            "--payload",
+            "please-fail",
+            "--wait",
+            "--output",
+            "json",
+        ],
+    );
+    let failed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (code, failed["state"].as_str()),
+        (1, Some("TERMINATED")),
+        "{out}"
+    );
+    assert!(
+        failed["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("run hook failed"),
+        "{out}"
+    );
+
+    // Exit codes for errors.
+    assert_eq!(kiln(&d, &["get", "mvm-0000000000000000"]).0, 3, "not found");
+    let (code, _, err) = kiln(&d, &["run", "cli", "--idle-seconds", "1"]);
+    assert_eq!(code, 2, "validation: {err}");
+    assert!(err.contains("maxIdleDurationSeconds"), "{err}");
+    let (code, _, err) = kiln(&d, &["list", "--api-key", "bad"]);
+    assert_eq!(code, 5, "auth: {err}");
+    let (code, _, err) = kiln(&d, &["list", "--endpoint", "http://127.0.0.1:9"]);
+    assert_eq!(code, 6, "unreachable: {err}");
+
+    // Tables and events.
+    let (code, table, _) = kiln(&d, &["list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.starts_with("MICROVM") && table.contains("TERMINATED"),
+        "{table}"
+    );
+    let (code, events, _) = kiln(&d, &["events"]);
+    assert_eq!(code, 0);
+    assert!(
+        events.contains("PENDING") && events.contains("TERMINATED"),
+        "{events}"
+    );
+}

@@ -1,0 +1,169 @@
+//! A small blocking client of kilnd's REST API. Configuration, in order: explicit values,
+//! `KILN_ENDPOINT` / `KILN_API_KEY`, then the daemon's files in `KILN_HOME` (`kilnd.addr`,
+//! `api-key`, written by the daemon on start).
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{code} ({status}): {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "Cannot reach kilnd at {endpoint}: {detail} (is it running? scripts/run.sh starts it)"
+    )]
+    Unreachable { endpoint: String, detail: String },
+    #[error("No API key: set KILN_API_KEY or KILN_HOME (the key is in $KILN_HOME/api-key)")]
+    NoKey,
+}
+
+impl ClientError {
+    /// Exit codes scripts can rely on: 2 usage/validation, 3 not found, 4 conflict,
+    /// 5 auth, 6 unreachable, 1 anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Api { status: 400, .. } => 2,
+            ClientError::Api { status: 404, .. } => 3,
+            ClientError::Api { status: 409, .. } => 4,
+            ClientError::Api {
+                status: 401 | 403, ..
+            }
+            | ClientError::NoKey => 5,
+            ClientError::Unreachable { .. } => 6,
+            ClientError::Api { .. } => 1,
+        }
+    }
+}
+
+pub struct Client {
+    endpoint: String,
+    key: String,
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+}
+
+impl Client {
+    pub fn from_env(endpoint: Option<String>, key: Option<String>) -> Result<Client, ClientError> {
+        let endpoint = endpoint
+            .or_else(|| std::env::var("KILN_ENDPOINT").ok())
+            .or_else(|| {
+                std::fs::read_to_string(home().join("kilnd.addr"))
+                    .ok()
+                    .map(|a| format!("http://{}", a.trim()))
+            })
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        let key = key
+            .or_else(|| std::env::var("KILN_API_KEY").ok())
+            .or_else(|| std::fs::read_to_string(home().join("api-key")).ok())
+            .map(|k| k.trim().to_string())
+            .ok_or(ClientError::NoKey)?;
+        Ok(Client {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            key,
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+        let req = ureq::request(method, &format!("{}{path}", self.endpoint))
+            .set("Authorization", &format!("Bearer {}", self.key));
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => {
+                let text = r.into_string().unwrap_or_default();
+                Ok(if text.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_str(&text).unwrap_or(Value::String(text))
+                })
+            }
+            Err(ureq::Error::Status(status, r)) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                Err(ClientError::Api {
+                    status,
+                    code: v["code"].as_str().unwrap_or("Error").to_string(),
+                    message: v["message"].as_str().unwrap_or("").to_string(),
+                })
+            }
+            Err(e) => Err(ClientError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Uploads a build context (zip or tar) and starts CreateMicrovmImage; returns its id.
+    pub fn create_image(&self, name: &str, artifact: &[u8]) -> Result<String, ClientError> {
+        let req = ureq::post(&format!("{}/v1/artifacts", self.endpoint))
+            .set("Authorization", &format!("Bearer {}", self.key))
+            .set("Content-Type", "application/octet-stream");
+        let art: Value = match req.send_bytes(artifact) {
+            Ok(r) => r.into_json().unwrap_or(Value::Null),
+            Err(ureq::Error::Status(status, r)) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                return Err(ClientError::Api {
+                    status,
+                    code: v["code"].as_str().unwrap_or("Error").into(),
+                    message: v["message"].as_str().unwrap_or("").into(),
+                });
+            }
+            Err(e) => {
+                return Err(ClientError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let img = self.post(
+            "/v1/images",
+            json!({"name": name, "codeArtifact": {"artifactId": art["artifactId"]}}),
+        )?;
+        Ok(img["imageIdentifier"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
+        self.call("POST", path, Some(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.call("DELETE", path, None)
+    }
+
+    pub fn run_microvm(
+        &self,
+        image: &str,
+        idle: Option<Value>,
+        payload: Option<String>,
+        max_duration: Option<u64>,
+    ) -> Result<Value, ClientError> {
+        let mut body = json!({"imageIdentifier": image});
+        if let Some(i) = idle {
+            body["idlePolicy"] = i;
+        }
+        if let Some(p) = payload {
+            body["runHookPayload"] = json!(p);
+        }
+        if let Some(m) = max_duration {
+            body["maxDurationSeconds"] = json!(m);
+        }
+        self.post("/v1/microvms", body)
+    }
+}
