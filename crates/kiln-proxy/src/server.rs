@@ -28,7 +28,7 @@ pub const AUTH_HEADERS: [&str; 2] = ["x-kiln-auth", "x-aws-proxy-auth"];
 pub const PORT_HEADERS: [&str; 2] = ["x-kiln-port", "x-aws-proxy-port"];
 pub const DEFAULT_PORT: u16 = 8080;
 /// WebSocket subprotocol entries that carry the token and port for browsers.
-const WS_AUTH_PREFIX: &str = "kiln-auth.";
+pub(crate) const WS_AUTH_PREFIX: &str = "kiln-auth.";
 const WS_PORT_PREFIX: &str = "kiln-port.";
 
 pub trait GuestStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -214,13 +214,11 @@ fn header<'a>(req: &'a Request<Incoming>, names: &[&str]) -> Option<&'a str> {
 fn websocket_credentials(req: &Request<Incoming>) -> (Option<String>, Option<String>) {
     let mut token = None;
     let mut port = None;
-    for v in req.headers().get_all("sec-websocket-protocol") {
-        for p in v.to_str().unwrap_or("").split(',').map(str::trim) {
-            if let Some(t) = p.strip_prefix(WS_AUTH_PREFIX) {
-                token = Some(t.to_string());
-            } else if let Some(n) = p.strip_prefix(WS_PORT_PREFIX) {
-                port = Some(n.to_string());
-            }
+    for p in websocket_protocols(req) {
+        if let Some(t) = p.strip_prefix(WS_AUTH_PREFIX) {
+            token = Some(t.to_string());
+        } else if let Some(n) = p.strip_prefix(WS_PORT_PREFIX) {
+            port = Some(n.to_string());
         }
     }
     (token, port)
@@ -378,9 +376,9 @@ async fn handle(
     .await
 }
 
-fn strip_websocket_credentials(req: &mut Request<Incoming>) {
-    let kept: Vec<String> = req
-        .headers()
+/// The entries of every `Sec-WebSocket-Protocol` header, trimmed, empty ones dropped.
+pub(crate) fn websocket_protocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
         .get_all("sec-websocket-protocol")
         .iter()
         .flat_map(|v| {
@@ -390,6 +388,13 @@ fn strip_websocket_credentials(req: &mut Request<Incoming>) {
                 .map(|p| p.trim().to_string())
                 .collect::<Vec<_>>()
         })
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn strip_websocket_credentials(req: &mut Request<Incoming>) {
+    let kept: Vec<String> = websocket_protocols(req)
+        .into_iter()
         .filter(|p| {
             !p.is_empty() && !p.starts_with(WS_AUTH_PREFIX) && !p.starts_with(WS_PORT_PREFIX)
         })

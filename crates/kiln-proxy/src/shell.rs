@@ -74,18 +74,9 @@ where
     let accept = base64::engine::general_purpose::STANDARD.encode(Sha1::digest(
         format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
     ));
-    let offered = req
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .flat_map(|v| {
-            v.to_str()
-                .unwrap_or("")
-                .split(',')
-                .map(|p| p.trim().to_string())
-                .collect::<Vec<_>>()
-        })
-        .find(|p| !p.is_empty() && !p.starts_with("kiln-auth."));
+    let offered = crate::server::websocket_protocols(&req)
+        .into_iter()
+        .find(|p| !p.starts_with(crate::server::WS_AUTH_PREFIX));
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let _guard = guard;

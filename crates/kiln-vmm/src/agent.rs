@@ -175,7 +175,12 @@ impl AgentClient {
 
     /// Starts a process; events arrive through [`ExecStream::next`].
     pub async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
-        let mut stream = self.open(&Request::Exec(req)).await?;
+        self.start_process(Request::Exec(req)).await
+    }
+
+    /// Opens a stream for an Exec or Shell request and waits for `Started`.
+    async fn start_process(&self, request: Request) -> Result<ExecStream, AgentError> {
+        let mut stream = self.open(&request).await?;
         match self.recv(&mut stream, "waiting for Started").await? {
             GuestFrame::Started { pid } => Ok(ExecStream {
                 client: self.clone(),
@@ -196,16 +201,7 @@ impl AgentClient {
                 self.session.generation()
             )));
         }
-        let mut stream = self.open(&Request::Shell(req)).await?;
-        match self.recv(&mut stream, "waiting for Started").await? {
-            GuestFrame::Started { pid } => Ok(ExecStream {
-                client: self.clone(),
-                stream,
-                pid,
-                done: false,
-            }),
-            other => Err(self.unexpected(&other, "Started")),
-        }
+        self.start_process(Request::Shell(req)).await
     }
 
     /// Runs a process to completion and collects at most `max_output` bytes of output.
