@@ -6,6 +6,7 @@ mod doctor;
 mod image;
 mod remote;
 mod sandbox;
+mod shell;
 
 use clap::{Parser, Subcommand};
 

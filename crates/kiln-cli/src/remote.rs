@@ -82,6 +82,13 @@ pub enum Remote {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// An interactive terminal in a microVM (through the ingress, with a shell token).
+    Shell {
+        id: String,
+        /// host:port of the ingress (default: $KILN_INGRESS, else $KILN_HOME/kilnd.ingress).
+        #[arg(long)]
+        ingress: Option<String>,
+    },
     /// Lifecycle events after a cursor.
     Events {
         #[arg(long, default_value_t = 0)]
@@ -246,6 +253,20 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 .as_i64()
                 .map(|c| c as i32)
                 .unwrap_or(128 + out["signal"].as_i64().unwrap_or(0) as i32))
+        }
+        Remote::Shell { id, ingress } => {
+            let home = std::env::var_os("KILN_HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| "/var/lib/kiln".into());
+            let ingress = ingress
+                .or_else(|| std::env::var("KILN_INGRESS").ok())
+                .or_else(|| {
+                    std::fs::read_to_string(home.join("kilnd.ingress"))
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                })
+                .unwrap_or_else(|| "127.0.0.1:8443".into());
+            crate::shell::run(&c, &id, &ingress)
         }
         Remote::Events { since } => {
             let ev = c.get(&format!("/v1/events?since={since}"))?;

@@ -126,6 +126,28 @@ fn the_cli_drives_microvms_through_the_api() {
     assert_eq!(kiln(&d, &["suspend", &id]).0, 0);
     assert_eq!(kiln(&d, &["suspend", &id]).0, 4, "conflict");
     assert_eq!(kiln(&d, &["resume", &id]).0, 0);
+    // An interactive shell through the ingress, here with piped input.
+    let mut shell = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["shell", &id])
+        .env("KILN_HOME", d.home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        shell.stdin.as_mut().unwrap(),
+        b"echo shell-$((2+3)); exit 4\n",
+    )
+    .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("shell-5"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(4), "the shell's exit code");
     let (code, gone, _) = kiln(&d, &["terminate", &id]);
     assert_eq!(code, 0);
     assert!(gone.contains("TERMINATED"), "{gone}");
