@@ -319,3 +319,71 @@ async fn bad_inputs_fail_clearly_and_leave_nothing_behind() {
         "{r}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_root_filesystem_is_a_base_for_from() {
+    let tb = TestBuilder::new();
+    // A tiny root filesystem tarball, like one exported from another tool.
+    let tar_path = tb.scratch.path().join("rootfs.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+        b.append_path_with_name("/bin/busybox", "bin/busybox")
+            .unwrap();
+        for applet in ["sh", "cat", "echo", "sleep", "sync", "mkdir", "httpd"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+                .unwrap();
+        }
+        let os = b"NAME=\"imported root\"\n";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(os.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/os-release", &os[..]).unwrap();
+        b.finish().unwrap();
+    }
+    let name = format!("test-import-{}", std::process::id());
+    let assets = kiln_testkit::assets();
+    let base = kiln_image::base::import(&assets, &name, &tar_path)
+        .await
+        .unwrap();
+    assert!(base.disk.is_file());
+    let ctx = tb.context(
+        "imported",
+        &[(
+            "Dockerfile",
+            &format!("FROM {name}\nRUN cat /etc/os-release\n"),
+        )],
+    );
+    let record = tb
+        .builder
+        .build(BuildSpec::new("imported", &ctx))
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&base.disk);
+    let _ = std::fs::remove_file(base.disk.with_extension("key"));
+    assert_eq!(
+        record.status,
+        ImageStatus::Successful,
+        "{:?}\n{:?}",
+        record.reason,
+        record.log_tail
+    );
+    let log = std::fs::read_to_string(
+        tb.builder
+            .build_dir("imported", &record.id)
+            .join("build.log"),
+    )
+    .unwrap();
+    assert!(log.contains("[1] NAME=\"imported root\""), "{log}");
+    // Reserved and malformed names are refused.
+    assert!(kiln_image::base::import(&assets, "busybox", &tar_path)
+        .await
+        .is_err());
+    assert!(kiln_image::base::import(&assets, "../x", &tar_path)
+        .await
+        .is_err());
+}
