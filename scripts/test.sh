@@ -13,7 +13,7 @@ fi
 
 # The Python SDK, installed with pip from the repo into a private venv, tested with pytest
 # against the kilnd binary cargo just built.
-cargo build -q -p kiln-daemon
+test -x "$repo/target/debug/kilnd" || { echo "target/debug/kilnd is missing: the workspace test build makes it" >&2; exit 1; }
 venv="$repo/target/pyenv"
 if [ ! -x "$venv/bin/pytest" ]; then
     python3 -m venv "$venv"

@@ -18,15 +18,17 @@ impl Drop for Daemon {
 }
 
 fn kilnd() -> Daemon {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let built = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "kiln-daemon", "--bin", "kilnd"])
-        .current_dir(&repo)
-        .status()
-        .unwrap();
-    assert!(built.success());
+    // The workspace test build builds kilnd (kiln-daemon's tests need it) next to `kiln`.
+    // Building it here instead would compile with other features in the middle of the
+    // suite, starving the guests of the tests running beside this one.
+    let kilnd = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("kilnd");
+    assert!(
+        kilnd.is_file(),
+        "{} is missing: run the suite with `cargo nextest run --workspace` (scripts/test.sh)",
+        kilnd.display()
+    );
     let home = tempfile::tempdir().unwrap();
-    let child = Command::new(repo.join("target/debug/kilnd"))
+    let child = Command::new(&kilnd)
         .args(["--home"])
         .arg(home.path())
         .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])

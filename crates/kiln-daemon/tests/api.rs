@@ -132,7 +132,7 @@ fn lifecycle_hooks_run_in_order_with_the_payload_and_terminate_leaves_nothing() 
         .unwrap()
         .starts_with(&format!("{id}.localhost")));
     assert_eq!(run["state"], "PENDING");
-    d.wait_state(&id, "RUNNING", Duration::from_secs(60));
+    d.wait_state(&id, "RUNNING", Duration::from_secs(90));
 
     // Illegal transitions are 409.
     let (status, body) = d.post(&format!("/v1/microvms/{id}/resume"), json!({}));
@@ -334,8 +334,8 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
     };
     let running = run(&d);
     let suspended = run(&d);
-    d.wait_state(&running, "RUNNING", Duration::from_secs(60));
-    d.wait_state(&suspended, "RUNNING", Duration::from_secs(60));
+    d.wait_state(&running, "RUNNING", Duration::from_secs(90));
+    d.wait_state(&suspended, "RUNNING", Duration::from_secs(90));
     d.post(&format!("/v1/microvms/{suspended}/suspend"), json!({}));
 
     // A bake in progress, its log followed while it runs.

@@ -146,7 +146,7 @@ fn run(d: &TestDaemon, idle: serde_json::Value) -> String {
         json!({"imageIdentifier": "web", "idlePolicy": idle}),
     );
     let id = r["microvmId"].as_str().unwrap().to_string();
-    d.wait_state(&id, "RUNNING", Duration::from_secs(60));
+    d.wait_state(&id, "RUNNING", Duration::from_secs(90));
     id
 }
 

@@ -42,7 +42,7 @@ fn setup_with(extra: &[&str]) -> (TestDaemon, String, String) {
     );
     let (_, run) = d.post("/v1/microvms", json!({"imageIdentifier": "protos"}));
     let id = run["microvmId"].as_str().unwrap().to_string();
-    d.wait_state(&id, "RUNNING", Duration::from_secs(60));
+    d.wait_state(&id, "RUNNING", Duration::from_secs(90));
     let (_, t) = d.post(
         "/v1/auth-tokens",
         json!({"microvmIdentifier": id, "expirationInMinutes": 5}),

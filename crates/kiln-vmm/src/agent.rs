@@ -66,6 +66,9 @@ pub enum ExecEvent {
     Exited(ExitStatus),
 }
 
+/// How much longer than a guest-enforced timeout the host waits before giving up itself.
+const HOST_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct AgentClient {
     session: Session,
@@ -320,10 +323,18 @@ impl AgentClient {
     }
 
     /// One HTTP request to a guest loopback port (the lifecycle hooks use this).
+    /// Calls an HTTP endpoint on the guest's loopback. The guest enforces `timeout_ms`; the
+    /// host gives up a little later on its own, so a guest that never answers cannot hold
+    /// the caller.
     pub async fn http(&self, req: HttpRequest) -> Result<HttpResponse, AgentError> {
         let limit = req.max_response_bytes as usize;
+        let deadline = Duration::from_millis(req.timeout_ms) + HOST_GRACE;
         let mut s = self.open(&Request::Http(req)).await?;
-        match self.recv(&mut s, "waiting for the HTTP response").await? {
+        let frame =
+            tokio::time::timeout(deadline, self.recv(&mut s, "waiting for the HTTP response"))
+                .await
+                .map_err(|_| AgentError::Timeout(deadline))??;
+        match frame {
             GuestFrame::Http(resp) if resp.body.len() <= limit => Ok(resp),
             GuestFrame::Http(resp) => Err(self.violation(format!(
                 "HTTP body of {} bytes over the {limit} limit",

@@ -190,6 +190,11 @@ impl TestDaemon {
                 return v;
             }
             assert!(
+                v["state"] != "TERMINATED",
+                "{id} ended instead of reaching {state}: {v}\n{}",
+                self.log()
+            );
+            assert!(
                 Instant::now() < deadline,
                 "{id} never reached {state}: {v}\n{}",
                 self.log()
