@@ -1,14 +1,13 @@
-//! Network set-up for guests that have a NIC: QEMU user-mode networking's fixed plan
-//! (guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3), configured with ioctls so the
-//! image needs no network tools. The egress issue replaces this with kiln's own backend.
+//! Network set-up for guests that have a NIC: the fixed plan of `kiln_types::guest_net`
+//! (guest 10.0.2.15/24, gateway 10.0.2.2 = the host's network backend, DNS 10.0.2.3 =
+//! kiln's resolver), configured with ioctls so the image needs no network tools.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
-pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+use kiln_types::guest_net::{
+    DNS_ADDR as DNS, GATEWAY_ADDR as GATEWAY, GUEST_ADDR, GUEST_NETMASK as NETMASK,
+};
 
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.

@@ -83,6 +83,7 @@ async fn measure(
         disk_size_mib: None,
         timeout: Duration::from_secs(120),
         die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
     };
     // Cold boots; the last one becomes the template.
     let mut cold = Vec::new();
@@ -109,6 +110,7 @@ async fn measure(
         assets: assets.clone(),
         timeout: Duration::from_secs(60),
         die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
     };
     let mut launches = Vec::new();
     let (mut suspends, mut resumes) = (Vec::new(), Vec::new());
@@ -235,6 +237,7 @@ pub async fn measure_image(
             assets: assets.clone(),
             timeout: Duration::from_secs(60),
             die_with_parent: true,
+            network: kiln_vmm::NetworkAttachment::closed(),
         })
         .await?;
     let launch = t.elapsed();
@@ -251,6 +254,7 @@ pub async fn measure_image(
         disk_size_mib: None,
         timeout: Duration::from_secs(120),
         die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
     })
     .await?;
     let cold_boot = t.elapsed();

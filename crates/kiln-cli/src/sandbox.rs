@@ -60,6 +60,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<i32> {
             assets,
             timeout: Duration::from_secs(60),
             die_with_parent: true,
+            network: kiln_vmm::NetworkAttachment::closed(),
         })
         .await?;
     let launched = launch_started.elapsed();

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::manager::{IdlePolicy, Manager};
+use kiln_vmm::kiln_net::Connector;
 
 /// `Json` whose rejections are API errors (400 with a message that says what is wrong).
 pub struct ApiJson<T>(pub T);
@@ -192,6 +193,9 @@ struct CreateImage {
     build_role_arn: Option<String>,
     #[serde(default)]
     base_image_arn: Option<String>,
+    /// Egress connectors of the build's RUN steps; `[{"type": "internet"}]` when absent.
+    #[serde(default)]
+    connectors: Option<Vec<Connector>>,
 }
 
 async fn create_image(
@@ -211,7 +215,12 @@ async fn create_image(
         .map(|k| dir.join(format!("{id}.{k}")))
         .find(|p| p.is_file())
         .ok_or_else(|| ApiError::not_found("artifact", id))?;
+    let connectors = req
+        .connectors
+        .unwrap_or_else(crate::egress::default_connectors);
+    let policy = m.egress.compile(&connectors)?;
     let mut spec = BuildSpec::new(&req.name, &path);
+    spec.network = m.egress.build_attachment(policy);
     if let Some(d) = req.dockerfile {
         spec.dockerfile = d;
     }
@@ -387,12 +396,16 @@ struct RunMicrovm {
     /// Accepted and ignored: kiln has no IAM roles.
     #[serde(default)]
     execution_role_arn: Option<String>,
-    /// Egress connectors come with the egress issue; accepted now, not yet applied.
+    /// Egress connectors; `[{"type": "internet"}]` when absent.
     #[serde(default)]
-    connectors: Option<Value>,
+    connectors: Option<Vec<Connector>>,
 }
 
 fn microvm_view(m: &Manager, row: &MicrovmRow) -> Value {
+    let mut usage = row.usage.clone();
+    if let (Some(live), Some(obj)) = (m.egress.counters(&row.id), usage.as_object_mut()) {
+        obj.insert("network".into(), json!(live));
+    }
     json!({
         "microvmId": row.id,
         "imageIdentifier": row.image_id,
@@ -404,7 +417,8 @@ fn microvm_view(m: &Manager, row: &MicrovmRow) -> Value {
         "lastActivityAt": row.last_activity_at / 1000,
         "idlePolicy": row.config["idlePolicy"],
         "maxDurationSeconds": row.config["maxDurationSeconds"],
-        "usage": row.usage,
+        "usage": usage,
+        "connectors": row.config["connectors"],
     })
 }
 
@@ -412,12 +426,13 @@ async fn run_microvm(
     State(m): State<Arc<Manager>>,
     ApiJson(req): ApiJson<RunMicrovm>,
 ) -> ApiResult<Json<Value>> {
-    let _ = (&req.execution_role_arn, &req.connectors);
+    let _ = &req.execution_role_arn;
     let row = m.run(
         &req.image_identifier,
         req.idle_policy.unwrap_or_default(),
         req.run_hook_payload,
         req.max_duration_seconds,
+        req.connectors,
     )?;
     Ok(Json(
         json!({"microvmId": row.id, "endpoint": m.endpoint(&row.id), "state": row.state}),

@@ -32,6 +32,8 @@ pub struct Config {
     /// PEM certificate chain and key: the ingress speaks TLS when both are set.
     pub ingress_tls_cert: Option<PathBuf>,
     pub ingress_tls_key: Option<PathBuf>,
+    /// Host services and pinned names for egress connectors.
+    pub egress: kiln_vmm::kiln_net::OperatorConfig,
 }
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod idle;
 pub mod images;
@@ -49,6 +50,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             &cfg.home.join("ingress-keys.json"),
         )?),
         inflight: Mutex::new(Default::default()),
+        egress: egress::Egress::new(cfg.egress.clone()),
     });
     recovery::recover(&manager)?;
     idle::spawn(manager.clone());

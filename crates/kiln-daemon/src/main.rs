@@ -53,6 +53,30 @@ struct Args {
     /// PEM private key for TLS on the ingress.
     #[arg(long)]
     ingress_tls_key: Option<PathBuf>,
+    /// A host port microVMs may ask for with a `host-service` connector, as NAME=ADDR:PORT
+    /// (repeatable). The guest reaches it at 10.0.2.2:PORT. Nothing on the host is
+    /// reachable otherwise.
+    #[arg(long = "host-service", value_parser = kiln_vmm::kiln_net::policy::parse_host_service)]
+    host_services: Vec<kiln_vmm::kiln_net::HostService>,
+    /// A name kiln's guest resolver answers itself, as NAME=IPV4 (repeatable): for
+    /// intranet or test hosts named in allowlists.
+    #[arg(long = "egress-host", value_parser = kiln_vmm::kiln_net::policy::parse_static_host)]
+    egress_hosts: Vec<(String, std::net::Ipv4Addr)>,
+}
+
+fn operator_config(
+    host_services: Vec<kiln_vmm::kiln_net::HostService>,
+    egress_hosts: Vec<(String, std::net::Ipv4Addr)>,
+) -> kiln_vmm::kiln_net::OperatorConfig {
+    let mut static_hosts: std::collections::HashMap<String, Vec<std::net::Ipv4Addr>> =
+        Default::default();
+    for (name, addr) in egress_hosts {
+        static_hosts.entry(name).or_default().push(addr);
+    }
+    kiln_vmm::kiln_net::OperatorConfig {
+        host_services,
+        static_hosts,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         ingress_header_timeout: Duration::from_millis(args.ingress_header_timeout_ms.max(100)),
         ingress_tls_cert: args.ingress_tls_cert,
         ingress_tls_key: args.ingress_tls_key,
+        egress: operator_config(args.host_services, args.egress_hosts),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,14 +12,16 @@ use kiln_image::Builder;
 use kiln_proto::HttpRequest;
 use kiln_store::{now_ms, MicrovmRow, Store};
 use kiln_types::{Accel, MicrovmState, VmId};
+use kiln_vmm::kiln_net::{Connector, CounterSnapshot};
 use kiln_vmm::snapshot::LaunchConfig;
-use kiln_vmm::{GuestAssets, SuspendedVm, Template, Vm};
+use kiln_vmm::{GuestAssets, NetworkAttachment, SuspendedVm, Template, Vm};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::{Config, DEFAULT_MAX_DURATION_SECONDS, MAX_RUN_PAYLOAD_BYTES};
+use crate::egress::{default_connectors, Egress};
 use crate::error::{ApiError, ApiResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +52,9 @@ pub struct MicrovmConfig {
     pub hooks_enabled: bool,
     pub template: PathBuf,
     pub vcpus: u8,
+    /// Egress connectors (rows from before connectors existed get `internet`).
+    #[serde(default = "default_connectors")]
+    pub connectors: Vec<Connector>,
 }
 
 /// Usage metering, shown in GetMicrovm.
@@ -61,6 +66,9 @@ pub struct Usage {
     pub suspended_snapshot_byte_seconds: f64,
     #[serde(default)]
     pub cpu_seconds: f64,
+    /// Bytes each way, connections, denials and DNS queries of the microVM's network.
+    #[serde(default)]
+    pub network: CounterSnapshot,
 }
 
 #[derive(Default)]
@@ -80,6 +88,7 @@ pub struct Manager {
     pub tokens: Arc<kiln_proxy::token::TokenService>,
     /// Open ingress requests and streams per microVM.
     pub inflight: Mutex<HashMap<String, usize>>,
+    pub egress: Egress,
 }
 
 pub fn new_microvm_id() -> String {
@@ -174,7 +183,10 @@ impl Manager {
         idle: IdlePolicy,
         payload: Option<String>,
         max_duration: Option<u64>,
+        connectors: Option<Vec<Connector>>,
     ) -> ApiResult<MicrovmRow> {
+        let connectors = connectors.unwrap_or_else(default_connectors);
+        self.egress.compile(&connectors)?;
         if idle.max_idle_duration_seconds < self.cfg.min_idle_seconds {
             return Err(ApiError::bad_request(format!(
                 "idlePolicy.maxIdleDurationSeconds must be at least {} (got {})",
@@ -216,6 +228,7 @@ impl Manager {
             hooks_enabled: img.record["hooks_enabled"].as_bool().unwrap_or(false),
             template,
             vcpus: img.record["vcpus"].as_u64().unwrap_or(1) as u8,
+            connectors,
         };
         let now = now_ms();
         let row = MicrovmRow {
@@ -232,12 +245,13 @@ impl Manager {
         };
         self.store().insert_microvm(&row)?;
         let (this, id) = (self.clone(), row.id.clone());
+        let network = self.network_of(&id, &config, CounterSnapshot::default())?;
         let slot = self.slot(&id);
         let span = info_span!("microvm", id = %id);
         tokio::spawn(
             async move {
                 let mut slot = slot.lock().await;
-                this.launch(&id, &config, payload, &mut slot).await;
+                this.launch(&id, &config, payload, network, &mut slot).await;
             }
             .instrument(span),
         );
@@ -249,6 +263,7 @@ impl Manager {
         id: &str,
         config: &MicrovmConfig,
         payload: Option<String>,
+        network: NetworkAttachment,
         slot: &mut Slot,
     ) {
         let vm_id = match VmId::new(id) {
@@ -257,7 +272,7 @@ impl Manager {
         };
         let launched = async {
             let template = Template::open(&config.template)?;
-            template
+            let vm = template
                 .launch(LaunchConfig {
                     id: vm_id,
                     dir: self.microvm_dir(id),
@@ -265,8 +280,16 @@ impl Manager {
                     assets: self.assets.clone(),
                     timeout: Duration::from_secs(60),
                     die_with_parent: true,
+                    network,
                 })
-                .await
+                .await?;
+            if config.connectors.contains(&Connector::None) {
+                if let Err(e) = vm.detach_nic().await {
+                    let _ = vm.destroy().await;
+                    return Err(e);
+                }
+            }
+            Ok::<_, kiln_vmm::VmError>(vm)
         }
         .await;
         let vm = match launched {
@@ -302,6 +325,19 @@ impl Manager {
         slot.last_sample_ms = now_ms();
         self.record_activity(id);
         self.set_state(id, MicrovmState::Running, None);
+    }
+
+    /// The network a microVM's NIC leads to, from its connectors.
+    pub fn network_of(
+        self: &Arc<Self>,
+        id: &str,
+        config: &MicrovmConfig,
+        earlier: CounterSnapshot,
+    ) -> ApiResult<NetworkAttachment> {
+        let policy = self.egress.compile(&config.connectors)?;
+        Ok(self
+            .egress
+            .attachment(Arc::downgrade(self), id, policy, earlier))
     }
 
     /// POSTs to a lifecycle hook; Err carries a one-line reason.
@@ -385,6 +421,11 @@ impl Manager {
         self.set_state(id, MicrovmState::Resuming, Some(reason));
         match suspended.resume(Duration::from_secs(60)).await {
             Ok(vm) => {
+                if config.connectors.contains(&Connector::None) {
+                    if let Err(e) = vm.detach_nic().await {
+                        warn!(id, "taking the NIC away again after resume failed: {e}");
+                    }
+                }
                 if config.hooks_enabled {
                     if let Err(why) = self
                         .hook(&vm, config.hook_port, "/resume", Vec::new())
@@ -439,6 +480,7 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.microvm_dir(id));
         self.set_state(id, MicrovmState::Terminated, Some(reason));
         self.tokens.revoke_microvm(id);
+        self.egress.forget(id);
         drop(slot);
         self.slots
             .lock()
@@ -510,6 +552,9 @@ impl Manager {
                 (usage.cpu_seconds - usage.running_seconds * vcpus).max(0.0);
         } else if let Some(s) = &slot.suspended {
             usage.suspended_snapshot_byte_seconds += s.state_bytes() as f64 * elapsed;
+        }
+        if let Some(network) = self.egress.counters(id) {
+            usage.network = network;
         }
         if let Ok(v) = serde_json::to_value(&usage) {
             let _ = self.store().set_usage(id, &v);

@@ -10,7 +10,7 @@ use kiln_vmm::SuspendedVm;
 use tracing::{info, warn};
 
 use crate::images::sync_image;
-use crate::manager::Manager;
+use crate::manager::{Manager, MicrovmConfig, Usage};
 
 pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for id in manager.builder.recover_interrupted()? {
@@ -33,12 +33,24 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
         match state {
             MicrovmState::Terminated => {}
             MicrovmState::Suspended => {
-                match VmId::new(&row.id)
+                let reopened = VmId::new(&row.id)
                     .map_err(anyhow::Error::from)
                     .and_then(|id| {
                         SuspendedVm::open(id, &dir, manager.assets.clone(), true)
                             .map_err(anyhow::Error::from)
-                    }) {
+                    })
+                    .and_then(|mut s| {
+                        // The NIC leads where the microVM's connectors say, as before.
+                        let config: MicrovmConfig = serde_json::from_value(row.config.clone())?;
+                        let usage: Usage =
+                            serde_json::from_value(row.usage.clone()).unwrap_or_default();
+                        let network = manager
+                            .network_of(&row.id, &config, usage.network)
+                            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                        s.set_network(network);
+                        Ok(s)
+                    });
+                match reopened {
                     Ok(s) => {
                         manager
                             .slots

@@ -113,7 +113,12 @@ fn bad_requests_get_clear_json_errors() {
 #[test]
 fn lifecycle_hooks_run_in_order_with_the_payload_and_terminate_leaves_nothing() {
     let report = ReportServer::start();
-    let d = TestDaemon::start();
+    // The hooks report to a server on host loopback: an operator-defined host service,
+    // the only way a guest reaches a host port.
+    let d = TestDaemon::start_with(&[
+        "--host-service",
+        &format!("report=127.0.0.1:{}", report.port),
+    ]);
     let image = hook_image(&d, &report);
 
     let (status, run) = d.post(
@@ -122,7 +127,8 @@ fn lifecycle_hooks_run_in_order_with_the_payload_and_terminate_leaves_nothing() 
             "imageIdentifier": "hooks",
             "executionRoleArn": "arn:aws:iam::123456789:role/ignored",
             "idlePolicy": {"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800, "autoResumeEnabled": true},
-            "runHookPayload": "hello-payload"
+            "runHookPayload": "hello-payload",
+            "connectors": [{"type": "host-service", "name": "report"}]
         }),
     );
     assert_eq!(status, 200, "{run}");

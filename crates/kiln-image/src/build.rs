@@ -12,7 +12,7 @@ use kiln_proto::{ErrorKind, ExecRequest, HttpRequest, ProcessSpec, PutArchiveReq
 use kiln_types::{Accel, VmId};
 use kiln_vmm::agent::ExecEvent;
 use kiln_vmm::disk::BackingFormat;
-use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Vm, VmError};
+use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, NetworkAttachment, Vm, VmError};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use sha2::Digest;
@@ -52,6 +52,8 @@ pub struct BuildSpec {
     /// Also require `GET /validate` to answer 200.
     pub validate: bool,
     pub limits: ContextLimits,
+    /// Where RUN steps (and the app until the snapshot) may connect: `internet` by default.
+    pub network: NetworkAttachment,
 }
 
 impl BuildSpec {
@@ -70,6 +72,7 @@ impl BuildSpec {
             ready_timeout: Duration::from_secs(60),
             validate: false,
             limits: ContextLimits::default(),
+            network: NetworkAttachment::internet(),
         }
     }
 }
@@ -526,6 +529,7 @@ impl Builder {
             disk_size_mib: spec.disk_mib,
             timeout: Duration::from_secs(180),
             die_with_parent: true,
+            network: spec.network.clone(),
         })
         .await;
         let mut vm = match vm {

@@ -351,6 +351,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records an event about a microVM that is not a state change (e.g. `egress`).
+    pub fn record_event(&self, microvm_id: &str, kind: &str, reason: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO events (at_ms, microvm_id, kind, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![now_ms(), microvm_id, kind, reason],
+        )?;
+        Ok(())
+    }
+
     /// Events after `cursor` (a sequence number), oldest first.
     pub fn events_since(&self, cursor: i64, limit: i64) -> Result<Vec<EventRow>> {
         let mut stmt = self.conn.prepare(

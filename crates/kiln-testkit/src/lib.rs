@@ -16,6 +16,8 @@ use kiln_vmm::snapshot::LaunchConfig;
 use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, SuspendedVm, Template, Vm};
 use tempfile::TempDir;
 
+pub mod netns;
+
 /// Generous under TCG, where a cold boot takes ~4.5 s on an idle core.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -67,11 +69,24 @@ impl TestVm {
     }
 
     pub async fn boot_with(machine: MachineSpec) -> TestVm {
+        Self::boot_inner(machine, kiln_vmm::NetworkAttachment::closed()).await
+    }
+
+    /// Boots with a NIC leading to `network`.
+    pub async fn boot_with_network(
+        mut machine: MachineSpec,
+        network: kiln_vmm::NetworkAttachment,
+    ) -> TestVm {
+        machine.network = true;
+        Self::boot_inner(machine, network).await
+    }
+
+    async fn boot_inner(machine: MachineSpec, network: kiln_vmm::NetworkAttachment) -> TestVm {
         init_logging();
         let scratch = scratch();
-        let vm = Vm::boot(boot_config(scratch.path(), "boot", machine))
-            .await
-            .expect("cold boot");
+        let mut cfg = boot_config(scratch.path(), "boot", machine);
+        cfg.network = network;
+        let vm = Vm::boot(cfg).await.expect("cold boot");
         TestVm {
             vm: Some(vm),
             _scratch: Some(scratch),
@@ -133,6 +148,7 @@ pub fn boot_config(dir: &Path, name: &str, machine: MachineSpec) -> BootConfig {
         assets,
         timeout: BOOT_TIMEOUT,
         die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
     }
 }
 
@@ -170,6 +186,7 @@ impl TestTemplate {
             assets: assets(),
             timeout: BOOT_TIMEOUT,
             die_with_parent: true,
+            network: kiln_vmm::NetworkAttachment::closed(),
         }
     }
 
@@ -192,6 +209,7 @@ pub async fn launch_from(template: &Template, dir: &Path, name: &str) -> TestVm 
         assets: assets(),
         timeout: BOOT_TIMEOUT,
         die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
     };
     TestVm::wrap(template.launch(cfg).await.expect("launch from template"))
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod accel;
+pub mod guest_net;
 mod state;
 mod vm_id;
 

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::assets::GuestAssets;
 use crate::machine::MachineSpec;
 use crate::manifest::{qemu_version, HostFacts};
+use crate::network::NetworkAttachment;
 use crate::snapshot::Template;
 use crate::vm::{remove_dir, BootConfig, Vm, VmError};
 
@@ -53,6 +54,7 @@ pub async fn ensure(
         disk_size_mib: None,
         timeout: boot_timeout,
         die_with_parent: true,
+        network: NetworkAttachment::closed(),
     })
     .await;
     let result = match vm {

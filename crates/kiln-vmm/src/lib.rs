@@ -5,7 +5,8 @@
 //! - [`machine`]: the fixed machine shape (CPU model, memory, vCPUs) and its command line;
 //! - [`process`], [`qmp`]: the QEMU process, its console log and its control socket;
 //! - [`agent`]: the typed client of the guest agent;
-//! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume.
+//! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume;
+//! - [`network`]: how a VM's NIC reaches the world (kiln-net's egress backend).
 
 pub mod accel;
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod base_template;
 pub mod disk;
 pub mod machine;
 pub mod manifest;
+pub mod network;
 pub mod process;
 pub mod qmp;
 pub mod snapshot;
@@ -22,7 +24,9 @@ pub mod vm;
 pub use accel::{AccelChoice, AccelProbe};
 pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::GuestAssets;
+pub use kiln_net;
 pub use machine::MachineSpec;
 pub use manifest::{Manifest, ManifestMismatch};
+pub use network::NetworkAttachment;
 pub use snapshot::{SuspendedVm, Template};
 pub use vm::{BootConfig, Vm, VmError};

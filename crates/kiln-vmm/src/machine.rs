@@ -1,6 +1,6 @@
 //! The machine shape and the QEMU command line. Nothing else in kiln builds QEMU arguments.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use kiln_types::Accel;
@@ -54,7 +54,7 @@ pub struct MachineSpec {
     pub vcpus: u8,
     pub cpu_model: String,
     pub accel: Accel,
-    /// A virtio-net device with QEMU user-mode networking.
+    /// A virtio-net device; its backend is chosen at each start (see `network`).
     pub network: bool,
 }
 
@@ -111,10 +111,15 @@ impl VmPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
+    pub fn net_socket(&self) -> PathBuf {
+        self.dir.join("net.sock")
+    }
 }
 
 /// Builds the full argument list. `incoming` starts QEMU paused, waiting for a migration
-/// stream (launch and resume).
+/// stream (launch and resume); `netdev` is the NIC's backend when the machine has one.
+// Each argument is one independent part of the command line; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn qemu_args(
     spec: &MachineSpec,
     assets: &GuestAssets,
@@ -123,6 +128,7 @@ pub fn qemu_args(
     disk: &Path,
     kernel_cmdline: &str,
     incoming: bool,
+    netdev: Option<&OsStr>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
@@ -189,9 +195,11 @@ pub fn qemu_args(
         ),
     ]);
     if spec.network {
+        // Without a backend the NIC gets QEMU's user networking restricted to nothing.
+        let netdev = netdev.unwrap_or(OsStr::new("user,id=net0,restrict=on"));
         push(&[
             "-netdev",
-            "user,id=net0",
+            &netdev.to_string_lossy(),
             "-device",
             "virtio-net-device,netdev=net0",
         ]);
@@ -244,6 +252,7 @@ mod tests {
             Path::new("/vm/disk.qcow2"),
             "console=ttyS0 tsc_early_khz=1000",
             true,
+            None,
         ));
         assert!(args.contains("mem-path=/t/memory.ram,share=off"), "{args}");
         assert!(args.contains("-incoming defer -S"));
@@ -279,8 +288,12 @@ mod tests {
             Path::new("/vm/disk.qcow2"),
             KERNEL_CMDLINE,
             false,
+            Some(OsStr::new(
+                "stream,id=net0,server=off,addr.type=unix,addr.path=/vm/net.sock",
+            )),
         ));
-        assert!(args.contains("share=on") && args.contains("virtio-net-device"));
+        assert!(args.contains("share=on") && args.contains("virtio-net-device,netdev=net0"));
+        assert!(args.contains("-netdev stream,id=net0,server=off,addr.type=unix"));
         assert!(!args.contains("-incoming"));
     }
 }

@@ -18,6 +18,7 @@ use crate::assets::GuestAssets;
 use crate::disk::{self, BackingFormat};
 use crate::machine::{MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION};
 use crate::manifest::{sha256_file, HostFacts, Manifest, SnapshotKind, MANIFEST_FORMAT};
+use crate::network::NetworkAttachment;
 use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, StartSpec, Vm, VmError};
 
 const STATE_FILE: &str = "device.state";
@@ -44,6 +45,8 @@ pub struct LaunchConfig {
     pub assets: GuestAssets,
     pub timeout: Duration,
     pub die_with_parent: bool,
+    /// Where the NIC (templates from image builds have one) leads.
+    pub network: NetworkAttachment,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
@@ -176,6 +179,7 @@ impl Vm {
                 assets: saved.assets,
                 manifest,
                 die_with_parent: saved.die_with_parent,
+                network: saved.network,
             })
         }
         .instrument(span)
@@ -248,6 +252,7 @@ impl Template {
                     incoming: Some(Incoming { state, ignore_shared: true }),
                     timeout: cfg.timeout,
                     die_with_parent: cfg.die_with_parent,
+                    network: cfg.network.clone(),
                 })
                 .await
             }
@@ -277,10 +282,12 @@ pub struct SuspendedVm {
     assets: GuestAssets,
     manifest: Manifest,
     die_with_parent: bool,
+    network: NetworkAttachment,
 }
 
 impl SuspendedVm {
-    /// Re-opens a suspended VM from its directory (e.g. after a daemon restart).
+    /// Re-opens a suspended VM from its directory (e.g. after a daemon restart). Its NIC
+    /// leads nowhere until [`SuspendedVm::set_network`] says otherwise.
     pub fn open(
         id: VmId,
         dir: &Path,
@@ -294,7 +301,13 @@ impl SuspendedVm {
             assets,
             manifest,
             die_with_parent,
+            network: NetworkAttachment::closed(),
         })
+    }
+
+    /// Where the NIC leads after resume (by default: where it led before suspend).
+    pub fn set_network(&mut self, network: NetworkAttachment) {
+        self.network = network;
     }
 
     pub fn id(&self) -> &VmId {
@@ -338,6 +351,7 @@ impl SuspendedVm {
                 }),
                 timeout,
                 die_with_parent: self.die_with_parent,
+                network: self.network.clone(),
             })
             .await?;
             let _ = std::fs::remove_dir_all(&suspend_dir);

@@ -13,6 +13,7 @@ use crate::assets::{AssetsError, GuestAssets};
 use crate::disk::{self, BackingFormat, DiskError};
 use crate::machine::{qemu_args, MachineSpec, MemoryBacking, VmPaths};
 use crate::manifest::{ManifestError, ManifestMismatch};
+use crate::network::NetworkAttachment;
 use crate::process::{ExitInfo, ProcessError, QemuProcess};
 use crate::qmp::{Qmp, QmpError};
 
@@ -96,6 +97,8 @@ pub struct BootConfig {
     /// Kill QEMU when the spawning thread dies (tests, CLI). The daemon turns this off so
     /// guests survive its restart.
     pub die_with_parent: bool,
+    /// Where the NIC (if `machine.network`) leads.
+    pub network: NetworkAttachment,
 }
 
 /// What remains of a VM whose state was saved and whose QEMU has ended.
@@ -107,6 +110,7 @@ pub(crate) struct SavedVm {
     pub kernel_cmdline: String,
     pub active_disk: PathBuf,
     pub die_with_parent: bool,
+    pub network: NetworkAttachment,
 }
 
 /// Everything [`Vm::start`] needs.
@@ -121,6 +125,7 @@ pub(crate) struct StartSpec {
     pub incoming: Option<Incoming>,
     pub timeout: Duration,
     pub die_with_parent: bool,
+    pub network: NetworkAttachment,
 }
 
 /// A stream of guest state to load at start.
@@ -144,6 +149,9 @@ pub struct Vm {
     pub(crate) agent: AgentClient,
     pub(crate) span: Span,
     pub(crate) die_with_parent: bool,
+    pub(crate) network: NetworkAttachment,
+    /// The running network backend; it ends with the VM.
+    pub(crate) _net_backend: Option<kiln_net::NetworkBackend>,
     /// Remove the directory when dropped (off once it was handed to a snapshot).
     pub(crate) owns_dir: bool,
 }
@@ -171,6 +179,7 @@ impl Vm {
                     incoming: None,
                     timeout: cfg.timeout,
                     die_with_parent: cfg.die_with_parent,
+                    network: cfg.network,
                 })
                 .await
             }
@@ -201,8 +210,21 @@ impl Vm {
             incoming,
             timeout,
             die_with_parent,
+            network,
         } = spec;
         let span = Span::current();
+        let (net_backend, netdev) = if machine.network {
+            let (backend, arg) =
+                network
+                    .start(&paths.net_socket())
+                    .map_err(|source| VmError::Dir {
+                        path: paths.net_socket(),
+                        source,
+                    })?;
+            (backend, Some(arg))
+        } else {
+            (None, None)
+        };
         let args = qemu_args(
             &machine,
             &assets,
@@ -211,6 +233,7 @@ impl Vm {
             &disk,
             &kernel_cmdline,
             incoming.is_some(),
+            netdev.as_deref(),
         );
         let process = QemuProcess::spawn(&args, &paths.console_log(), die_with_parent)?;
         let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
@@ -255,6 +278,8 @@ impl Vm {
                 agent,
                 span,
                 die_with_parent,
+                network,
+                _net_backend: net_backend,
                 owns_dir: true,
             }),
             Err(e) => {
@@ -419,6 +444,7 @@ impl Vm {
             kernel_cmdline: self.kernel_cmdline.clone(),
             active_disk: self.active_disk.clone(),
             die_with_parent: self.die_with_parent,
+            network: self.network.clone(),
         }
     }
 
@@ -465,6 +491,47 @@ impl Vm {
             &mut self.active_disk,
             new_top.to_path_buf(),
         ))
+    }
+
+    /// Takes the NIC away (the `none` connector): QEMU puts the link down, which the guest
+    /// cannot undo, and the guest's virtio-net driver lets go of the device so no interface
+    /// is left. Idempotent; call again after a resume.
+    pub async fn detach_nic(&self) -> Result<(), VmError> {
+        if !self.machine.network {
+            return Ok(());
+        }
+        self.qmp
+            .execute("set_link", json!({"name": "net0", "up": false}))
+            .await
+            .map_err(|source| VmError::Qmp {
+                id: self.id.clone(),
+                source,
+            })?;
+        let unbind = "d=/sys/bus/virtio/drivers/virtio_net; for dev in $d/virtio*; do \
+                      [ -e \"$dev\" ] && echo \"${dev##*/}\" > $d/unbind; done; \
+                      ! ls /sys/class/net | grep -qv '^lo$'";
+        let limit = Duration::from_secs(10);
+        let out = tokio::time::timeout(limit, self.agent.sh(unbind))
+            .await
+            .map_err(|_| VmError::Timeout {
+                id: self.id.clone(),
+                what: "detaching the NIC",
+                timeout: limit,
+            })?
+            .map_err(|source| VmError::Agent {
+                id: self.id.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(VmError::Invalid {
+                id: self.id.clone(),
+                reason: format!(
+                    "the guest kept a network interface: {}",
+                    out.stderr_text().trim()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Kills QEMU and removes every file of this VM.

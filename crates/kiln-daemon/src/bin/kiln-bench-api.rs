@@ -180,6 +180,7 @@ async fn run() -> anyhow::Result<()> {
         ingress_header_timeout: Duration::from_secs(10),
         ingress_tls_cert: None,
         ingress_tls_key: None,
+        egress: Default::default(),
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");
@@ -212,6 +213,7 @@ async fn run() -> anyhow::Result<()> {
         disk_size_mib: None,
         timeout: Duration::from_secs(120),
         die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
     })
     .await?;
     let cold = t.elapsed().as_secs_f64() * 1000.0;
@@ -226,6 +228,7 @@ async fn run() -> anyhow::Result<()> {
             assets: GuestAssets::locate()?,
             timeout: Duration::from_secs(60),
             die_with_parent: true,
+            network: kiln_vmm::NetworkAttachment::closed(),
         })
         .await?;
     let agent = clone.agent().clone();

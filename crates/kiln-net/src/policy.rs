@@ -1,0 +1,593 @@
+//! Egress connectors and the policy they compile to.
+//!
+//! A microVM names its connectors at RunMicrovm (builds at CreateMicrovmImage):
+//! `none`, `internet`, `allowlist` (CIDRs and DNS names, with ports) and `host-service` (one
+//! named host port the operator defined). Whatever the connectors, host loopback and every
+//! host address stay closed: the only way to a host port is a `host-service`.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::addressing::{guest_net, DNS_ADDR, GATEWAY_ADDR};
+
+/// At most this many connectors, destinations and ports: policies are checked per connection.
+pub const MAX_ENTRIES: usize = 64;
+const MAX_NAME_LEN: usize = 253;
+
+/// One connector as the API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Connector {
+    /// No network at all: the guest's NIC is detached.
+    None,
+    /// Public destinations only.
+    Internet,
+    /// Only the listed destinations.
+    Allowlist { destinations: Vec<Destination> },
+    /// One host port the operator defined by name (kilnd `--host-service NAME=ADDR:PORT`).
+    HostService { name: String },
+}
+
+/// An allowlist entry: a CIDR or a DNS name (`*.example.com` matches subdomains), and the
+/// ports allowed (empty: every port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// A host port the operator allows microVMs to ask for by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostService {
+    pub name: String,
+    pub target: SocketAddr,
+}
+
+/// What the operator configured once for every microVM.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorConfig {
+    pub host_services: Vec<HostService>,
+    /// Names kiln's resolver answers itself (for private test or intranet hosts).
+    pub static_hosts: HashMap<String, Vec<Ipv4Addr>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("connector `none` cannot be combined with other connectors")]
+    NoneWithOthers,
+    #[error("too many {what} (the limit is {MAX_ENTRIES})")]
+    TooMany { what: &'static str },
+    #[error("allowlist destination #{index} must have exactly one of `cidr` or `name`")]
+    CidrOrName { index: usize },
+    #[error("allowlist destination #{index}: `{cidr}` is not an IPv4 CIDR like 10.1.2.0/24")]
+    BadCidr { index: usize, cidr: String },
+    #[error("allowlist destination #{index}: `{name}` is not a DNS name")]
+    BadName { index: usize, name: String },
+    #[error("allowlist destination #{index}: port 0 is not a port")]
+    BadPort { index: usize },
+    #[error("unknown host-service `{name}`: the operator defines them with kilnd --host-service NAME=ADDR:PORT (defined: {defined})")]
+    UnknownHostService { name: String, defined: String },
+}
+
+/// Ports a rule allows; empty means all.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ports(Vec<u16>);
+
+impl Ports {
+    pub fn allows(&self, port: u16) -> bool {
+        self.0.is_empty() || self.0.contains(&port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NamePattern {
+    Exact(String),
+    /// `*.example.com`: any name below `example.com`.
+    Suffix(String),
+}
+
+impl NamePattern {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Exact(n) => n == name,
+            NamePattern::Suffix(s) => name.len() > s.len() + 1 && name.ends_with(&format!(".{s}")),
+        }
+    }
+}
+
+/// Why a destination was refused; shown in denial events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    NoNetwork,
+    HostAddress,
+    Reserved,
+    PrivateRange,
+    LinkLocal,
+    NotAllowed,
+    Gateway,
+    UnsupportedProtocol,
+}
+
+impl std::fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DenyReason::NoNetwork => "the microVM has no network (connector none)",
+            DenyReason::HostAddress => "host addresses are closed (use a host-service connector)",
+            DenyReason::Reserved => "reserved or multicast address",
+            DenyReason::PrivateRange => {
+                "private range (allow it explicitly with an allowlist CIDR)"
+            }
+            DenyReason::LinkLocal => "link-local range (metadata services live there)",
+            DenyReason::NotAllowed => "not in the microVM's allowlist",
+            DenyReason::Gateway => "no host service on that gateway port",
+            DenyReason::UnsupportedProtocol => "only TCP and DNS leave the microVM",
+        })
+    }
+}
+
+/// The decision for one outgoing connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Connect to this host address.
+    Allow(SocketAddr),
+    Deny(DenyReason),
+}
+
+/// What the host looks like from the policy's point of view: its own addresses and the
+/// networks it is attached to.
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    pub addrs: Vec<Ipv4Addr>,
+    pub subnets: Vec<Ipv4Net>,
+}
+
+impl HostFacts {
+    /// Reads the host's interface addresses.
+    pub fn read() -> HostFacts {
+        let mut facts = HostFacts::default();
+        for iface in if_addrs::get_if_addrs().unwrap_or_default() {
+            if let if_addrs::IfAddr::V4(v4) = iface.addr {
+                facts.addrs.push(v4.ip);
+                let prefix = u32::from(v4.netmask).leading_ones() as u8;
+                if let Ok(net) = Ipv4Net::new(v4.ip, prefix) {
+                    facts.subnets.push(net.trunc());
+                }
+            }
+        }
+        facts
+    }
+}
+
+/// Ranges no connector opens (except a host-service, which names its target itself).
+const ALWAYS_CLOSED: &[(&str, DenyReason)] = &[
+    ("0.0.0.0/8", DenyReason::Reserved),
+    ("127.0.0.0/8", DenyReason::HostAddress),
+    ("224.0.0.0/4", DenyReason::Reserved),
+    ("240.0.0.0/4", DenyReason::Reserved),
+];
+
+/// Ranges `internet` does not reach; an allowlist CIDR can open them explicitly.
+const NOT_INTERNET: &[(&str, DenyReason)] = &[
+    ("10.0.0.0/8", DenyReason::PrivateRange),
+    ("172.16.0.0/12", DenyReason::PrivateRange),
+    ("192.168.0.0/16", DenyReason::PrivateRange),
+    ("100.64.0.0/10", DenyReason::PrivateRange),
+    ("169.254.0.0/16", DenyReason::LinkLocal),
+];
+
+fn in_ranges(ip: Ipv4Addr, ranges: &[(&str, DenyReason)]) -> Option<DenyReason> {
+    ranges.iter().find_map(|(cidr, why)| {
+        let net: Ipv4Net = cidr.parse().expect("constant CIDR");
+        net.contains(&ip).then_some(*why)
+    })
+}
+
+/// A microVM's compiled egress policy.
+#[derive(Debug, Clone, Default)]
+pub struct EgressPolicy {
+    none: bool,
+    internet: bool,
+    cidrs: Vec<(Ipv4Net, Ports)>,
+    names: Vec<(NamePattern, Ports)>,
+    /// Guest port on the gateway address → host target.
+    host_services: Vec<(u16, SocketAddr)>,
+    static_hosts: HashMap<String, Vec<Ipv4Addr>>,
+    host: HostFacts,
+}
+
+fn valid_name(name: &str) -> bool {
+    name.len() <= MAX_NAME_LEN
+        && !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Lower-cases a DNS name and drops the trailing dot.
+pub fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl EgressPolicy {
+    /// Compiles connectors against the operator's configuration and the host's addresses.
+    pub fn compile(
+        connectors: &[Connector],
+        operator: &OperatorConfig,
+        host: HostFacts,
+    ) -> Result<EgressPolicy, PolicyError> {
+        if connectors.len() > MAX_ENTRIES {
+            return Err(PolicyError::TooMany { what: "connectors" });
+        }
+        let mut policy = EgressPolicy {
+            host,
+            static_hosts: operator
+                .static_hosts
+                .iter()
+                .map(|(k, v)| (normalize_name(k), v.clone()))
+                .collect(),
+            ..EgressPolicy::default()
+        };
+        if connectors.contains(&Connector::None) {
+            if connectors.len() > 1 {
+                return Err(PolicyError::NoneWithOthers);
+            }
+            policy.none = true;
+            return Ok(policy);
+        }
+        for connector in connectors {
+            match connector {
+                Connector::None => unreachable!("handled above"),
+                Connector::Internet => policy.internet = true,
+                Connector::Allowlist { destinations } => policy.add_destinations(destinations)?,
+                Connector::HostService { name } => {
+                    let service = operator
+                        .host_services
+                        .iter()
+                        .find(|s| &s.name == name)
+                        .ok_or_else(|| PolicyError::UnknownHostService {
+                            name: name.clone(),
+                            defined: defined_names(operator),
+                        })?;
+                    policy
+                        .host_services
+                        .push((service.target.port(), service.target));
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    fn add_destinations(&mut self, destinations: &[Destination]) -> Result<(), PolicyError> {
+        if destinations.len() + self.cidrs.len() + self.names.len() > MAX_ENTRIES {
+            return Err(PolicyError::TooMany {
+                what: "allowlist destinations",
+            });
+        }
+        for (index, d) in destinations.iter().enumerate() {
+            if d.ports.len() > MAX_ENTRIES {
+                return Err(PolicyError::TooMany { what: "ports" });
+            }
+            if d.ports.contains(&0) {
+                return Err(PolicyError::BadPort { index });
+            }
+            let ports = Ports(d.ports.clone());
+            match (&d.cidr, &d.name) {
+                (Some(cidr), None) => {
+                    let net = cidr
+                        .parse::<Ipv4Net>()
+                        .or_else(|_| cidr.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                        .map_err(|_| PolicyError::BadCidr {
+                            index,
+                            cidr: cidr.clone(),
+                        })?;
+                    self.cidrs.push((net.trunc(), ports));
+                }
+                (None, Some(name)) => {
+                    let name = normalize_name(name);
+                    let pattern = match name.strip_prefix("*.") {
+                        Some(suffix) if valid_name(suffix) => NamePattern::Suffix(suffix.into()),
+                        None if valid_name(&name) => NamePattern::Exact(name),
+                        _ => return Err(PolicyError::BadName { index, name }),
+                    };
+                    self.names.push((pattern, ports));
+                }
+                _ => return Err(PolicyError::CidrOrName { index }),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the guest gets no network at all.
+    pub fn is_none(&self) -> bool {
+        self.none
+    }
+
+    /// Whether kiln's resolver answers `name`, and with which ports connections to its
+    /// addresses are then allowed (`None`: the name is refused).
+    pub fn name_rule(&self, name: &str) -> Option<NameGrant> {
+        if self.none {
+            return None;
+        }
+        let name = normalize_name(name);
+        let ports: Vec<Ports> = self
+            .names
+            .iter()
+            .filter(|(p, _)| p.matches(&name))
+            .map(|(_, ports)| ports.clone())
+            .collect();
+        if !ports.is_empty() {
+            return Some(NameGrant::Ports(ports));
+        }
+        if self.internet {
+            return Some(NameGrant::AnyPublic);
+        }
+        None
+    }
+
+    /// Addresses the operator pinned for `name`, if any.
+    pub fn static_host(&self, name: &str) -> Option<&[Ipv4Addr]> {
+        self.static_hosts
+            .get(&normalize_name(name))
+            .map(Vec::as_slice)
+    }
+
+    /// Decides a TCP connection from the guest to `dst`. `resolved` holds the ports that
+    /// allowlisted names resolved to `dst` grant.
+    pub fn check_tcp(&self, dst: SocketAddrV4, resolved: &[Ports]) -> Verdict {
+        let (ip, port) = (*dst.ip(), dst.port());
+        if self.none {
+            return Verdict::Deny(DenyReason::NoNetwork);
+        }
+        if guest_net().contains(&ip) {
+            if ip == GATEWAY_ADDR {
+                if let Some((_, target)) = self.host_services.iter().find(|(p, _)| *p == port) {
+                    return Verdict::Allow(*target);
+                }
+            }
+            return Verdict::Deny(if ip == GATEWAY_ADDR || ip == DNS_ADDR {
+                DenyReason::Gateway
+            } else {
+                DenyReason::NotAllowed
+            });
+        }
+        if let Some(why) = in_ranges(ip, ALWAYS_CLOSED) {
+            return Verdict::Deny(why);
+        }
+        if self.host.addrs.contains(&ip) || ip.is_broadcast() {
+            return Verdict::Deny(DenyReason::HostAddress);
+        }
+        let allow = Verdict::Allow(SocketAddr::V4(dst));
+        if self
+            .cidrs
+            .iter()
+            .any(|(net, ports)| net.contains(&ip) && ports.allows(port))
+            || resolved.iter().any(|p| p.allows(port))
+        {
+            return allow;
+        }
+        if self.cidrs.iter().any(|(net, _)| net.contains(&ip)) {
+            return Verdict::Deny(DenyReason::NotAllowed); // listed, but not this port
+        }
+        // Not opened by a rule: private, link-local and host-network addresses say so.
+        let special = in_ranges(ip, NOT_INTERNET).or_else(|| {
+            self.host
+                .subnets
+                .iter()
+                .any(|net| net.contains(&ip))
+                .then_some(DenyReason::PrivateRange)
+        });
+        match (special, self.internet) {
+            (Some(why), _) => Verdict::Deny(why),
+            (None, true) => allow,
+            (None, false) => Verdict::Deny(DenyReason::NotAllowed),
+        }
+    }
+}
+
+/// What resolving an allowed name grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameGrant {
+    /// Through `internet`: the addresses are checked like any public destination.
+    AnyPublic,
+    /// Through allowlist names: connections to the resolved addresses on these ports.
+    Ports(Vec<Ports>),
+}
+
+fn defined_names(operator: &OperatorConfig) -> String {
+    if operator.host_services.is_empty() {
+        return "none".into();
+    }
+    operator
+        .host_services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parses `NAME=ADDR:PORT` (kilnd's `--host-service`).
+pub fn parse_host_service(text: &str) -> Result<HostService, String> {
+    let (name, target) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected NAME=ADDR:PORT"))?;
+    if !valid_name(name) {
+        return Err(format!("`{name}` is not a valid service name"));
+    }
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|_| format!("`{target}`: expected ADDR:PORT, e.g. 127.0.0.1:5432"))?;
+    Ok(HostService {
+        name: name.to_string(),
+        target,
+    })
+}
+
+/// Parses `NAME=IPV4` (kilnd's `--egress-host`).
+pub fn parse_static_host(text: &str) -> Result<(String, Ipv4Addr), String> {
+    let (name, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected NAME=IPV4"))?;
+    let name = normalize_name(name);
+    if !valid_name(&name) {
+        return Err(format!("`{name}` is not a DNS name"));
+    }
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;
+    Ok((name, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostFacts {
+        HostFacts {
+            addrs: vec![Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::LOCALHOST],
+            subnets: vec!["192.0.2.0/24".parse().unwrap()],
+        }
+    }
+
+    fn compile(json: &str) -> Result<EgressPolicy, PolicyError> {
+        let connectors: Vec<Connector> = serde_json::from_str(json).unwrap();
+        let operator = OperatorConfig {
+            host_services: vec![HostService {
+                name: "reports".into(),
+                target: "127.0.0.1:7000".parse().unwrap(),
+            }],
+            static_hosts: HashMap::new(),
+        };
+        EgressPolicy::compile(&connectors, &operator, host())
+    }
+
+    fn tcp(p: &EgressPolicy, dst: &str) -> Verdict {
+        p.check_tcp(dst.parse().unwrap(), &[])
+    }
+
+    #[test]
+    fn internet_reaches_public_addresses_only() {
+        let p = compile(r#"[{"type":"internet"}]"#).unwrap();
+        assert!(matches!(tcp(&p, "203.0.113.80:443"), Verdict::Allow(_)));
+        for (dst, why) in [
+            ("127.0.0.1:8443", DenyReason::HostAddress),
+            ("192.0.2.2:22", DenyReason::HostAddress),
+            ("192.0.2.1:80", DenyReason::PrivateRange),
+            ("169.254.169.254:80", DenyReason::LinkLocal),
+            ("10.1.2.3:80", DenyReason::PrivateRange),
+            ("172.20.0.1:80", DenyReason::PrivateRange),
+            ("192.168.1.1:80", DenyReason::PrivateRange),
+            ("100.64.0.1:80", DenyReason::PrivateRange),
+            ("224.0.0.1:80", DenyReason::Reserved),
+            ("10.0.2.2:7000", DenyReason::Gateway),
+        ] {
+            assert_eq!(tcp(&p, dst), Verdict::Deny(why), "{dst}");
+        }
+    }
+
+    #[test]
+    fn allowlists_open_only_what_they_name() {
+        let p = compile(
+            r#"[{"type":"allowlist","destinations":[{"cidr":"10.213.1.0/24","ports":[8080]},{"name":"*.example.test"}]}]"#,
+        )
+        .unwrap();
+        assert!(matches!(tcp(&p, "10.213.1.2:8080"), Verdict::Allow(_)));
+        assert_eq!(
+            tcp(&p, "10.213.1.2:22"),
+            Verdict::Deny(DenyReason::NotAllowed)
+        );
+        assert_eq!(
+            tcp(&p, "10.213.2.2:8080"),
+            Verdict::Deny(DenyReason::PrivateRange)
+        );
+        assert_eq!(
+            tcp(&p, "169.254.169.254:80"),
+            Verdict::Deny(DenyReason::LinkLocal)
+        );
+        assert_eq!(
+            tcp(&p, "203.0.113.80:443"),
+            Verdict::Deny(DenyReason::NotAllowed)
+        );
+        // Loopback stays closed even when a CIDR covers it.
+        let wide =
+            compile(r#"[{"type":"allowlist","destinations":[{"cidr":"0.0.0.0/0"}]}]"#).unwrap();
+        assert_eq!(
+            tcp(&wide, "127.0.0.1:80"),
+            Verdict::Deny(DenyReason::HostAddress)
+        );
+        assert_eq!(
+            tcp(&wide, "192.0.2.2:80"),
+            Verdict::Deny(DenyReason::HostAddress)
+        );
+        // Names: only allowed ones resolve; their addresses get their ports.
+        assert!(p.name_rule("api.example.test.").is_some());
+        assert!(p.name_rule("example.test").is_none());
+        assert!(p.name_rule("other.test").is_none());
+        let grant = Ports(vec![443]);
+        let v = p.check_tcp(
+            "198.51.100.7:443".parse().unwrap(),
+            std::slice::from_ref(&grant),
+        );
+        assert!(matches!(v, Verdict::Allow(_)));
+        let v = p.check_tcp("198.51.100.7:80".parse().unwrap(), &[grant]);
+        assert_eq!(v, Verdict::Deny(DenyReason::NotAllowed));
+    }
+
+    #[test]
+    fn host_services_and_none() {
+        let p = compile(r#"[{"type":"host-service","name":"reports"}]"#).unwrap();
+        assert_eq!(
+            tcp(&p, "10.0.2.2:7000"),
+            Verdict::Allow("127.0.0.1:7000".parse().unwrap())
+        );
+        assert_eq!(tcp(&p, "10.0.2.2:7001"), Verdict::Deny(DenyReason::Gateway));
+        assert_eq!(
+            tcp(&p, "127.0.0.1:7000"),
+            Verdict::Deny(DenyReason::HostAddress)
+        );
+        let none = compile(r#"[{"type":"none"}]"#).unwrap();
+        assert!(none.is_none());
+        assert_eq!(
+            tcp(&none, "203.0.113.80:443"),
+            Verdict::Deny(DenyReason::NoNetwork)
+        );
+        assert!(none.name_rule("example.com").is_none());
+    }
+
+    #[test]
+    fn bad_connectors_say_what_to_fix() {
+        let e = compile(r#"[{"type":"host-service","name":"db"}]"#).unwrap_err();
+        assert!(e.to_string().contains("reports"), "{e}");
+        let e = compile(r#"[{"type":"none"},{"type":"internet"}]"#).unwrap_err();
+        assert_eq!(e, PolicyError::NoneWithOthers);
+        let e = compile(r#"[{"type":"allowlist","destinations":[{"cidr":"10.0.0.0/33"}]}]"#)
+            .unwrap_err();
+        assert!(matches!(e, PolicyError::BadCidr { .. }), "{e}");
+        let e = compile(
+            r#"[{"type":"allowlist","destinations":[{"cidr":"10.0.0.0/8","name":"a.b"}]}]"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, PolicyError::CidrOrName { index: 0 }), "{e}");
+        let e =
+            compile(r#"[{"type":"allowlist","destinations":[{"name":"bad name"}]}]"#).unwrap_err();
+        assert!(matches!(e, PolicyError::BadName { .. }), "{e}");
+        assert!(serde_json::from_str::<Vec<Connector>>(r#"[{"type":"vpc"}]"#).is_err());
+        assert!(parse_host_service("db=127.0.0.1:5432").is_ok());
+        assert!(parse_host_service("db").is_err());
+        assert_eq!(
+            parse_static_host("Allowed.Test=10.213.1.2").unwrap(),
+            ("allowed.test".into(), Ipv4Addr::new(10, 213, 1, 2))
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! Egress connectors on real guests: kiln's network backend lets a guest reach exactly what
+//! its policy allows. Test hosts live in network namespaces this test creates; the canary
+//! listens on host loopback; nothing else is addressed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kiln_testkit::netns::{Canary, NetnsHost};
+use kiln_testkit::{machine, TestVm};
+use kiln_vmm::kiln_net::{
+    Connector, Denial, EgressPolicy, HostFacts, HostService, NetCounters, OperatorConfig,
+};
+use kiln_vmm::NetworkAttachment;
+
+const ALLOWED_NAME: &str = "allowed.kiln.test";
+
+struct Guest {
+    vm: TestVm,
+    counters: Arc<NetCounters>,
+    denials: Arc<Mutex<Vec<Denial>>>,
+}
+
+async fn boot(connectors: &[Connector], operator: &OperatorConfig) -> Guest {
+    let policy = EgressPolicy::compile(connectors, operator, HostFacts::read()).unwrap();
+    let counters = Arc::new(NetCounters::default());
+    let denials = Arc::new(Mutex::new(Vec::new()));
+    let sink = denials.clone();
+    let network = NetworkAttachment::Egress {
+        policy: Arc::new(policy),
+        counters: counters.clone(),
+        denials: Arc::new(move |d| sink.lock().unwrap().push(d)),
+    };
+    Guest {
+        vm: TestVm::boot_with_network(machine(), network).await,
+        counters,
+        denials,
+    }
+}
+
+/// `wget` from the guest: Ok(body) or Err(stderr).
+async fn fetch(vm: &TestVm, url: &str) -> Result<String, String> {
+    let out = vm
+        // (busybox wget's -T crashes it; the backend answers refusals at once anyway)
+        .sh(&format!("wget -q -O - '{url}'"))
+        .await
+        .unwrap();
+    if out.status.success() {
+        Ok(out.stdout_text())
+    } else {
+        Err(out.stderr_text())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowlist_host_service_and_internet_reach_only_what_they_allow() {
+    let allowed = NetnsHost::start("allowed", 8080);
+    let other = NetnsHost::start("other", 8080);
+    let canary = Canary::start();
+    let service = NetnsHostlessService::start();
+    let operator = OperatorConfig {
+        host_services: vec![HostService {
+            name: "svc".into(),
+            target: format!("127.0.0.1:{}", service.port).parse().unwrap(),
+        }],
+        static_hosts: HashMap::from([(ALLOWED_NAME.to_string(), vec![allowed.addr])]),
+    };
+    let allowlist: Vec<Connector> = serde_json::from_value(serde_json::json!([
+        {"type": "allowlist", "destinations": [
+            {"cidr": format!("{}/32", allowed.addr), "ports": [8080]},
+            {"name": ALLOWED_NAME, "ports": [8080]}
+        ]},
+        {"type": "host-service", "name": "svc"}
+    ]))
+    .unwrap();
+    let g = boot(&allowlist, &operator).await;
+    let vm = &g.vm;
+
+    // The allowed host, by address and by name.
+    let by_addr = fetch(vm, &allowed.url(&allowed.addr.to_string())).await;
+    assert_eq!(
+        by_addr.as_deref().map(str::trim),
+        Ok(allowed.token.as_str())
+    );
+    let by_name = fetch(vm, &allowed.url(ALLOWED_NAME)).await;
+    assert_eq!(
+        by_name.as_deref().map(str::trim),
+        Ok(allowed.token.as_str())
+    );
+    // The named host service, at the gateway.
+    let svc = fetch(vm, &format!("http://10.0.2.2:{}/", service.port)).await;
+    assert_eq!(svc.as_deref(), Ok("service\n"));
+
+    // Everything else is refused: another test host, another port, the canary on host
+    // loopback through the gateway, the metadata address, names not allowed.
+    for url in [
+        other.url(&other.addr.to_string()),
+        format!("http://{}:8081/", allowed.addr),
+        format!("http://10.0.2.2:{}/", canary.port),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://not-allowed.kiln.test:8080/".to_string(),
+    ] {
+        assert!(fetch(vm, &url).await.is_err(), "{url} must be refused");
+    }
+    let nslookup = vm
+        .sh("nslookup not-allowed.kiln.test 10.0.2.3")
+        .await
+        .unwrap();
+    assert!(!nslookup.status.success(), "unlisted names do not resolve");
+    assert_eq!(canary.hits(), 0, "the canary was never reached");
+
+    let counts = g.counters.snapshot();
+    assert!(counts.connections >= 3, "{counts:?}");
+    assert!(counts.bytes_in > 0 && counts.bytes_out > 0, "{counts:?}");
+    assert!(counts.denials >= 5, "{counts:?}");
+    let denials: Vec<String> = g
+        .denials
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    assert!(
+        denials
+            .iter()
+            .any(|d| d.contains(&format!("{}:8080", other.addr)) && d.contains("private range")),
+        "{denials:?}"
+    );
+    assert!(
+        denials
+            .iter()
+            .any(|d| d.contains("169.254.169.254:80") && d.contains("link-local")),
+        "{denials:?}"
+    );
+    drop(g);
+
+    // `internet`: public destinations only. A name that resolves to a private address
+    // resolves, but the connection is refused; the host-service is not granted.
+    let g = boot(&[Connector::Internet], &operator).await;
+    for url in [
+        allowed.url(&allowed.addr.to_string()),
+        allowed.url(ALLOWED_NAME),
+        format!("http://10.0.2.2:{}/", service.port),
+        format!("http://10.0.2.2:{}/", canary.port),
+    ] {
+        assert!(fetch(&g.vm, &url).await.is_err(), "{url} must be refused");
+    }
+    assert_eq!(canary.hits(), 0, "the canary was never reached");
+    assert!(g.counters.snapshot().denials >= 4);
+}
+
+/// A plain HTTP server on host loopback standing for an operator's host service.
+struct NetnsHostlessService {
+    port: u16,
+}
+
+impl NetnsHostlessService {
+    fn start() -> NetnsHostlessService {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf);
+                let _ = stream.write_all(
+                    b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nservice\n",
+                );
+            }
+        });
+        NetnsHostlessService { port }
+    }
+}
