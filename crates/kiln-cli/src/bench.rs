@@ -1,7 +1,9 @@
 //! `kiln bench`: measured side by side in one run, never asserted.
 //! - cold boot → agent ready vs launch from template → agent ready (ratio);
 //! - suspend and resume times;
-//! - host memory (PSS) of N clones of one template vs one cold-booted VM.
+//! - host memory (PSS) of N clones of one template vs one cold-booted VM;
+//! - image bake and first launch vs cold boot;
+//! - guest network throughput and connection rate: kiln's backend vs QEMU user-net.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,6 +23,17 @@ pub struct BenchArgs {
     /// Base image to measure.
     #[arg(long, default_value = "busybox")]
     base: String,
+    /// Which measurements to run.
+    #[arg(long, value_enum, default_value = "all")]
+    part: BenchPart,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPart {
+    All,
+    Runtime,
+    Image,
+    Network,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -54,9 +67,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "kiln bench: accel={} ({}), {} MiB guest, base {}",
         accel.accel, accel.reason, machine.memory_mib, args.base
     );
-    let mut result = measure(&args, &assets, &machine, &scratch).await;
-    if result.is_ok() {
+    let wants = |p: BenchPart| args.part == BenchPart::All || args.part == p;
+    let mut result = Ok(());
+    if wants(BenchPart::Runtime) {
+        result = measure(&args, &assets, &machine, &scratch).await;
+    }
+    if result.is_ok() && wants(BenchPart::Image) {
         result = measure_image(&assets, &machine, &scratch).await;
+    }
+    if result.is_ok() && wants(BenchPart::Network) {
+        result = crate::bench_net::measure(&assets, &machine, &scratch).await;
     }
     let _ = std::fs::remove_dir_all(&scratch);
     result

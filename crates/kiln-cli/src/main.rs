@@ -2,6 +2,7 @@
 //! microVM launched from a cached template) and `bench`.
 
 mod bench;
+mod bench_net;
 mod doctor;
 mod image;
 mod remote;

@@ -43,10 +43,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, Link
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(frame.len() + 4);
-    buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-    buf.extend_from_slice(frame);
-    w.write_all(&buf).await
+    w.write_all(&(frame.len() as u32).to_be_bytes()).await?;
+    w.write_all(frame).await
 }
 
 /// smoltcp's view of the link: frames queued in and out by the stack's task.

@@ -15,6 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tracing::{debug, warn, Instrument};
@@ -81,7 +82,10 @@ async fn serve(
     counters: Arc<NetCounters>,
     denials: DenialSink,
 ) {
-    let (mut read, mut write) = link.into_split();
+    let (read, write) = link.into_split();
+    // Two reads and one write per frame would dominate the cost: buffer both ways.
+    let mut read = tokio::io::BufReader::with_capacity(1 << 16, read);
+    let mut write = tokio::io::BufWriter::with_capacity(1 << 16, write);
     let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(LINK_QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(LINK_QUEUE);
     let reader = tokio::spawn(async move {
@@ -100,6 +104,15 @@ async fn serve(
     let writer = tokio::spawn(async move {
         while let Some(frame) = out_rx.recv().await {
             if device::write_frame(&mut write, &frame).await.is_err() {
+                return;
+            }
+            // Write whatever else is queued, then flush once.
+            while let Ok(frame) = out_rx.try_recv() {
+                if device::write_frame(&mut write, &frame).await.is_err() {
+                    return;
+                }
+            }
+            if write.flush().await.is_err() {
                 return;
             }
         }
