@@ -5,6 +5,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 "$repo/scripts/setup.sh"
+# The egress tests put test hosts in network namespaces: they need iproute2's `ip`.
+if ! command -v ip >/dev/null 2>&1; then
+    apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+fi
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@"
 else
