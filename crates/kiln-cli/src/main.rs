@@ -4,6 +4,7 @@
 mod bench;
 mod doctor;
 mod image;
+mod image_api;
 mod remote;
 mod sandbox;
 mod shell;
@@ -31,9 +32,9 @@ enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Measure cold boot vs launch from template, suspend/resume, and clone memory.
     Bench(bench::BenchArgs),
-    /// Build and inspect images.
+    /// Build and inspect images (through kilnd; `image local` bakes without it).
     #[command(subcommand)]
-    Image(image::ImageCommand),
+    Image(image_api::ImageCommand),
     #[command(flatten)]
     Remote(remote::Remote),
 }
@@ -53,7 +54,14 @@ fn main() -> anyhow::Result<()> {
             Command::Doctor { json } => doctor::run(json).map(|ok| if ok { 0 } else { 1 }),
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
-            Command::Image(cmd) => image::run(cmd).await,
+            Command::Image(image_api::ImageCommand::Local(cmd)) => image::run(cmd).await,
+            Command::Image(image_api::ImageCommand::Import { name, tarball }) => {
+                image::import(&name, &tarball).await
+            }
+            Command::Image(cmd) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || image_api::run(conn, cmd)).await?)
+            }
             Command::Remote(command) => {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || remote::run(conn, command)).await?)

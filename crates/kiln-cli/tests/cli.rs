@@ -108,7 +108,7 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     .unwrap();
 
     let mut child = kiln(home.path())
-        .args(["image", "build"])
+        .args(["image", "local", "build"])
         .arg(&ctx)
         .args(["--name", "slow"])
         .stderr(std::process::Stdio::piped())
@@ -132,7 +132,7 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     child.wait().unwrap();
 
     let out = kiln(home.path())
-        .args(["image", "list", "--json"])
+        .args(["image", "local", "list", "--json"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -166,7 +166,7 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     )
     .unwrap();
     let out = kiln(home.path())
-        .args(["image", "build"])
+        .args(["image", "local", "build"])
         .arg(&ctx)
         .args(["--name", "slow", "--quiet"])
         .output()
