@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Report guest assets, QEMU, and which accelerator kiln will use and why.
+    /// Report guest assets, QEMU, which accelerator kiln will use and why, and kilnd's health.
     Doctor {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -51,7 +51,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Doctor { json } => doctor::run(json).map(|ok| if ok { 0 } else { 1 }),
+            Command::Doctor { json } => {
+                doctor::run(json, cli.conn.endpoint.clone()).map(|ok| if ok { 0 } else { 1 })
+            }
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
             Command::Image(image_api::ImageCommand::Local(cmd)) => image::run(cmd).await,

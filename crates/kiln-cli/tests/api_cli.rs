@@ -49,6 +49,7 @@ fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .env("KILN_HOME", d.home.path())
+        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
         .env_remove("KILN_ENDPOINT")
         .env_remove("KILN_API_KEY")
         .output()
@@ -324,4 +325,47 @@ fn image_commands_build_follow_and_delete_through_the_api() {
 
     assert_eq!(kiln(&d, &["image", "delete", &failed_id]).0, 0);
     assert_eq!(kiln(&d, &["image", "get", &failed_id]).0, 3, "gone");
+}
+
+/// `kiln doctor` shows the health of the kilnd it is configured for, and says so when
+/// none answers (without failing: the local checks decide).
+#[test]
+fn doctor_reports_the_daemons_health() {
+    let d = kilnd();
+    let (code, out, err) = kiln(&d, &["doctor", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let daemon = &report["daemon"];
+    assert_eq!(daemon["reachable"], true, "{report}");
+    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
+    assert_eq!(daemon["endpoint"], format!("http://{}", addr.trim()));
+    assert_eq!(daemon["health"]["status"], "ok");
+    assert_eq!(
+        daemon["health"]["accelerator"], report["accelerator"],
+        "kilnd runs on this machine with the same rule"
+    );
+    assert_eq!(daemon["health"]["devMode"], report["dev_mode"]);
+
+    let (code, text, _) = kiln(&d, &["doctor"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains(&format!("ok   kilnd         http://{}", addr.trim())),
+        "{text}"
+    );
+    if report["dev_mode"] == true {
+        assert!(text.contains("WARN kilnd"), "{text}");
+    }
+
+    let (code, out, _) = kiln(
+        &d,
+        &["doctor", "--json", "--endpoint", "http://127.0.0.1:9"],
+    );
+    assert_eq!(code, 0, "an absent daemon is not a local failure");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["daemon"]["reachable"], false, "{report}");
+    let (_, text, _) = kiln(&d, &["doctor", "--endpoint", "http://127.0.0.1:9"]);
+    assert!(
+        text.contains("not answering at http://127.0.0.1:9"),
+        "{text}"
+    );
 }
