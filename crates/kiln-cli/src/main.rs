@@ -37,6 +37,11 @@ enum Command {
     Image(image_api::ImageCommand),
     #[command(flatten)]
     Remote(remote::Remote),
+    /// Print a shell completion script: `source <(kiln completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +51,11 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -64,6 +74,7 @@ fn main() -> anyhow::Result<()> {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || image_api::run(conn, cmd)).await?)
             }
+            Command::Completions { .. } => Ok(0),
             Command::Remote(command) => {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || remote::run(conn, command)).await?)

@@ -178,3 +178,46 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
         "{stdout}"
     );
 }
+
+#[test]
+fn completions_name_the_subcommands() {
+    let home = tempfile::tempdir().unwrap();
+    let out = kiln(home.path())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        script.contains("complete -F _kiln"),
+        "a bash completion script"
+    );
+    for sub in [
+        "image",
+        "create",
+        "logs",
+        "run",
+        "exec",
+        "shell",
+        "doctor",
+        "completions",
+    ] {
+        assert!(script.contains(sub), "{sub} is completed");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = kiln(home.path())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("terminate"));
+    }
+    let out = kiln(home.path())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
