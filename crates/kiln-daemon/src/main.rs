@@ -53,6 +53,10 @@ struct Args {
     /// PEM private key for TLS on the ingress.
     #[arg(long)]
     ingress_tls_key: Option<PathBuf>,
+    /// TLS on the ingress with kilnd's own CA (made once in KILN_HOME/tls) and a
+    /// certificate for *.<ingress domain> (needs a domain of two labels, e.g. kiln.localhost).
+    #[arg(long, conflicts_with_all = ["ingress_tls_cert", "ingress_tls_key"])]
+    ingress_tls_self_signed: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +78,12 @@ fn main() -> anyhow::Result<()> {
             args.listen
         );
     }
+    let (ingress_tls_cert, ingress_tls_key) = if args.ingress_tls_self_signed {
+        let (cert, key) = kiln_daemon::tls::ensure(&args.home, &args.ingress_domain)?;
+        (Some(cert), Some(key))
+    } else {
+        (args.ingress_tls_cert, args.ingress_tls_key)
+    };
     let cfg = Config {
         home: args.home,
         listen: args.listen,
@@ -85,8 +95,8 @@ fn main() -> anyhow::Result<()> {
         ingress_port: args.ingress_port.unwrap_or(args.ingress_listen.port()),
         ingress_listen: args.ingress_listen,
         ingress_header_timeout: Duration::from_millis(args.ingress_header_timeout_ms.max(100)),
-        ingress_tls_cert: args.ingress_tls_cert,
-        ingress_tls_key: args.ingress_tls_key,
+        ingress_tls_cert,
+        ingress_tls_key,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,6 +7,16 @@ client so code written for the seed's service works by changing only how the cli
 
 Only the standard library is used. Arguments the seed passes that kiln does not need
 (``executionRoleArn``, ``buildRoleArn``, ``baseImageArn``) are accepted and ignored.
+
+The seed's ``requests.post(f"https://{endpoint}/execute", headers={"X-aws-proxy-auth": token}, ...)``
+works unchanged with ``kiln.client("lambda-microvms", route_endpoints=True)`` against a kilnd
+started with ``--ingress-tls-self-signed --ingress-domain kiln.localhost``: the endpoint's
+names resolve to kilnd's ingress inside this process and kilnd's CA is trusted. Exactly what
+that changes in the process (``socket.getaddrinfo``, ``REQUESTS_CA_BUNDLE``, ``SSL_CERT_FILE``)
+and why is written in :mod:`kiln.ingress`.
+
+:class:`Sandbox` is a context manager: a microVM for the length of a ``with`` block, with a
+request helper that handles auth tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
-__all__ = ["Client", "KilnError", "client"]
+__all__ = ["Client", "KilnError", "Sandbox", "client"]
 
 
 class KilnError(Exception):
@@ -37,7 +47,10 @@ def _home() -> str:
 
 
 class Client:
-    def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0):
+    def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
+                 route_endpoints: bool = False):
+        """``route_endpoints=True``: make ``https://{endpoint}`` of a microVM reachable from this
+        process as it is (see :mod:`kiln.ingress` for exactly what is patched)."""
         home = _home()
         if endpoint is None:
             endpoint = os.environ.get("KILN_ENDPOINT")
@@ -52,6 +65,9 @@ class Client:
         self.endpoint = endpoint.rstrip("/")
         self._key = api_key
         self.timeout = timeout
+        self._ingress: Optional[dict] = None
+        if route_endpoints:
+            self.route_endpoints()
 
     # -- transport -------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None, ctype: str = "application/json") -> Any:
@@ -76,6 +92,22 @@ class Client:
             return json.loads(text)
         except ValueError:
             return text.decode(errors="replace")
+
+    # -- ingress ---------------------------------------------------------------------------
+    def ingress_info(self) -> dict:
+        """kilnd's ``GET /v1/ingress``: ``domain``, ``port``, ``listen``, ``tls``, ``caCertificate``."""
+        if self._ingress is None:
+            self._ingress = self._call("GET", "/v1/ingress")
+        return self._ingress
+
+    def route_endpoints(self) -> dict:
+        """Resolve ``<microvmId>.<domain>`` to kilnd's ingress in this process and trust kilnd's
+        CA (when it serves its own certificate); returns the ingress info. See :mod:`kiln.ingress`."""
+        from . import ingress
+
+        info = self.ingress_info()
+        ingress.install(info, urllib.parse.urlparse(self.endpoint).hostname or "127.0.0.1")
+        return info
 
     # -- images ----------------------------------------------------------------------------
     def create_microvm_image(self, name: str, codeArtifact: dict, memorySizeMib: int = 512, vcpus: int = 1,
@@ -164,8 +196,17 @@ class Client:
                                                       "expirationInMinutes": expirationInMinutes,
                                                       "allowedPorts": allowedPorts or [{"port": 8080}]})
 
+    def revoke_microvm_auth_tokens(self, microvmIdentifier: str) -> dict:
+        """Revokes every token issued so far for the microVM (immediately)."""
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/revoke-tokens", {})
+
 
 def client(*_service: str, **kwargs) -> Client:
-    """``kiln.client()`` (or ``kiln.client("lambda-microvms", region_name=...)``, extra arguments ignored)."""
-    known = {k: v for k, v in kwargs.items() if k in ("endpoint", "api_key", "timeout")}
+    """``kiln.client()`` (or ``kiln.client("lambda-microvms", region_name=...)``, extra arguments
+    ignored). Keyword arguments of :class:`Client` (``endpoint``, ``api_key``, ``timeout``,
+    ``route_endpoints``) are passed on."""
+    known = {k: v for k, v in kwargs.items() if k in ("endpoint", "api_key", "timeout", "route_endpoints")}
     return Client(**known)
+
+
+from .sandbox import Sandbox  # noqa: E402  (needs KilnError and client above)
