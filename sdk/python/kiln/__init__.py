@@ -42,6 +42,15 @@ class KilnError(Exception):
         self.message = message
 
 
+def _error(e: "urllib.error.HTTPError") -> KilnError:
+    payload = e.read()
+    try:
+        err = json.loads(payload)
+        return KilnError(e.code, err.get("code", "Error"), err.get("message", ""))
+    except (ValueError, AttributeError):
+        return KilnError(e.code, "Error", payload.decode(errors="replace"))
+
+
 def _home() -> str:
     return os.environ.get("KILN_HOME", "/var/lib/kiln")
 
@@ -80,12 +89,7 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read()
         except urllib.error.HTTPError as e:
-            payload = e.read()
-            try:
-                err = json.loads(payload)
-                raise KilnError(e.code, err.get("code", "Error"), err.get("message", "")) from None
-            except ValueError:
-                raise KilnError(e.code, "Error", payload.decode(errors="replace")) from None
+            raise _error(e) from None
         if not text:
             return {}
         try:
@@ -135,6 +139,19 @@ class Client:
 
     def delete_microvm_image(self, imageIdentifier: str) -> dict:
         return self._call("DELETE", f"/v1/images/{urllib.parse.quote(imageIdentifier)}")
+
+    def get_microvm_image_logs(self, imageIdentifier: str, follow: bool = False):
+        """The build log, line by line; with ``follow``, streamed until the build ends."""
+        path = f"/v1/images/{urllib.parse.quote(imageIdentifier)}/logs?follow={'true' if follow else 'false'}"
+        req = urllib.request.Request(self.endpoint + path)
+        req.add_header("Authorization", f"Bearer {self._key}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=None if follow else self.timeout)
+        except urllib.error.HTTPError as e:
+            raise _error(e) from None
+        with resp:
+            for line in resp:
+                yield line.decode("utf-8", errors="replace").rstrip("\n")
 
     def wait_microvm_image(self, imageIdentifier: str, timeout: float = 600.0) -> dict:
         """Polls until the image is SUCCESSFUL (returned) or FAILED (raises)."""

@@ -72,11 +72,16 @@ def context_tar(start: str = START_SH) -> bytes:
 
 
 class Kilnd:
-    """kilnd on a fresh home with a low idle floor; stopped (SIGTERM) and removed by stop()."""
+    """kilnd with a low idle floor on a fresh home (removed by stop()) or on ``home`` (kept)."""
 
-    def __init__(self, *extra: str):
-        self.home = tempfile.mkdtemp(prefix="kiln-sdk-test-")
-        self.log = open(os.path.join(self.home, "kilnd.log"), "w")
+    def __init__(self, *extra: str, home: str = None):
+        self.keep = home is not None
+        self.home = home or tempfile.mkdtemp(prefix="kiln-sdk-test-")
+        os.makedirs(self.home, exist_ok=True)
+        for stale in ("kilnd.addr", "kilnd.ingress"):
+            if os.path.exists(os.path.join(self.home, stale)):
+                os.remove(os.path.join(self.home, stale))
+        self.log = open(os.path.join(self.home, "kilnd.log"), "a")
         self.proc = subprocess.Popen(
             [KILND, "--home", self.home, "--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0",
              "--min-idle-seconds", "1", "--tick-ms", "200", *extra],
@@ -91,5 +96,6 @@ class Kilnd:
 
     def stop(self):
         self.proc.terminate()
-        self.proc.wait(timeout=60)
-        subprocess.run(["rm", "-rf", self.home])
+        self.proc.wait(timeout=120)
+        if not self.keep:
+            subprocess.run(["rm", "-rf", self.home])
