@@ -5,6 +5,7 @@ mod bench;
 mod doctor;
 mod image;
 mod image_api;
+mod mcp;
 mod remote;
 mod sandbox;
 mod shell;
@@ -37,6 +38,8 @@ enum Command {
     Image(image_api::ImageCommand),
     #[command(flatten)]
     Remote(remote::Remote),
+    /// Serve the Model Context Protocol on stdin/stdout: sandbox tools for AI agents.
+    Mcp,
     /// Print a shell completion script: `source <(kiln completions bash)`.
     Completions {
         #[arg(value_enum)]
@@ -75,6 +78,13 @@ fn main() -> anyhow::Result<()> {
                 Ok(tokio::task::spawn_blocking(move || image_api::run(conn, cmd)).await?)
             }
             Command::Completions { .. } => Ok(0),
+            Command::Mcp => {
+                let client = kiln_client::Client::from_env(
+                    cli.conn.endpoint.clone(),
+                    cli.conn.api_key.clone(),
+                )?;
+                mcp::serve(client).await
+            }
             Command::Remote(command) => {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || remote::run(conn, command)).await?)

@@ -2,48 +2,12 @@
 //! terminate, events, with text and JSON output and exit codes scripts can rely on.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Daemon {
-    child: Child,
-    home: tempfile::TempDir,
-}
+mod common;
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kilnd() -> Daemon {
-    // The workspace test build builds kilnd (kiln-daemon's tests need it) next to `kiln`.
-    // Building it here instead would compile with other features in the middle of the
-    // suite, starving the guests of the tests running beside this one.
-    let kilnd = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("kilnd");
-    assert!(
-        kilnd.is_file(),
-        "{} is missing: run the suite with `cargo nextest run --workspace` (scripts/test.sh)",
-        kilnd.display()
-    );
-    let home = tempfile::tempdir().unwrap();
-    let child = Command::new(&kilnd)
-        .args(["--home"])
-        .arg(home.path())
-        .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])
-        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !home.path().join("kilnd.addr").exists() {
-        assert!(Instant::now() < deadline, "kilnd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon { child, home }
-}
+use common::{kilnd, Daemon};
 
 fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))

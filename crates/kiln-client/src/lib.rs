@@ -2,7 +2,11 @@
 //! `KILN_ENDPOINT` / `KILN_API_KEY`, then the daemon's files in `KILN_HOME` (`kilnd.addr`,
 //! `api-key`, written by the daemon on start).
 
+mod ingress;
+
 use std::path::PathBuf;
+
+pub use ingress::{IngressInfo, SandboxRequest, SandboxResponse};
 
 use serde_json::{json, Value};
 

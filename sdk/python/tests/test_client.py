@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 
 import kiln
-from conftest import Kilnd, context_tar
+from conftest import HTTPD_START_SH, Kilnd, context_tar
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def daemon():
 def test_seed_shaped_flow(daemon, monkeypatch):
     monkeypatch.setenv("KILN_HOME", daemon)
     client = kiln.client("lambda-microvms", region_name="ignored")
-    img = client.create_microvm_image(name="sdk-sandbox", codeArtifact={"bytes": context_tar()},
+    img = client.create_microvm_image(name="sdk-sandbox", codeArtifact={"bytes": context_tar(HTTPD_START_SH)},
                                       buildRoleArn="arn:aws:iam::123456789:role/ignored")
     assert img["status"] == "CREATING"
     client.wait_microvm_image("sdk-sandbox")

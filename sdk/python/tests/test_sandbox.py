@@ -9,7 +9,7 @@ import requests
 
 import kiln
 from kiln import ingress
-from conftest import EXECUTOR_START_SH, Kilnd, context_tar
+from conftest import Kilnd, context_tar
 
 IDLE = {"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800, "autoResumeEnabled": True}
 
@@ -18,7 +18,7 @@ IDLE = {"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800, "autoRe
 def kilnd():
     d = Kilnd("--ingress-tls-self-signed", "--ingress-domain", "kiln.localhost")
     c = kiln.Client(endpoint=d.api, api_key=open(os.path.join(d.home, "api-key")).read().strip())
-    c.create_microvm_image(name="executor", codeArtifact={"bytes": context_tar(EXECUTOR_START_SH)})
+    c.create_microvm_image(name="executor", codeArtifact={"bytes": context_tar()})
     c.wait_microvm_image("executor")
     yield d
     d.stop()
