@@ -19,9 +19,10 @@ fi
 # against the kilnd binary cargo just built.
 test -x "$repo/target/debug/kilnd" || { echo "target/debug/kilnd is missing: the workspace test build makes it" >&2; exit 1; }
 venv="$repo/target/pyenv"
-if [ ! -x "$venv/bin/pytest" ]; then
+# requests: the seed's tool functions use it, unchanged (sdk/python/tests/test_sandbox.py).
+if ! "$venv/bin/python" -c 'import pytest, requests' >/dev/null 2>&1; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check pytest
+    "$venv/bin/pip" install -q --disable-pip-version-check pytest requests
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$repo/sdk/python"
 (cd "$repo/sdk/python/tests" && "$venv/bin/pytest" -q -p no:cacheprovider .)

@@ -1,18 +1,23 @@
-//! `kiln doctor`: what is present, what is missing, and which accelerator will be used.
+//! `kiln doctor`: what is present, what is missing, and which accelerator will be used;
+//! and, when a kilnd answers at the configured address, its health (accelerator, dev mode).
 
 use kiln_vmm::accel::{self, DEV_MODE_WARNING};
 use kiln_vmm::manifest::qemu_version;
 use kiln_vmm::GuestAssets;
 use serde_json::json;
+use std::time::Duration;
 
-/// Prints the report; returns whether kiln can run guests here.
-pub fn run(as_json: bool) -> anyhow::Result<bool> {
+/// Prints the report; returns whether kiln can run guests here. A kilnd that does not
+/// answer is reported, not a failure: the local checks decide.
+pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
     let accel = accel::detect()?;
     let dir = GuestAssets::default_dir();
     let assets = GuestAssets::open(&dir);
     let qemu = qemu_version();
     let qemu_ok = qemu != "unknown";
     let ready = qemu_ok && assets.is_ok();
+    let endpoint = kiln_client::endpoint_from_env(endpoint);
+    let daemon = kiln_client::health(&endpoint, Duration::from_secs(3));
     if as_json {
         let report = json!({
             "ready": ready,
@@ -26,6 +31,10 @@ pub fn run(as_json: bool) -> anyhow::Result<bool> {
             "kernel": assets.as_ref().ok().map(|a| a.kernel_version.clone()),
             "bases": assets.as_ref().map(|a| a.bases()).unwrap_or_default(),
             "problem": assets.as_ref().err().map(|e| e.to_string()),
+            "daemon": match &daemon {
+                Ok(h) => json!({"endpoint": endpoint, "reachable": true, "health": h}),
+                Err(e) => json!({"endpoint": endpoint, "reachable": false, "problem": e.to_string()}),
+            },
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ready);
@@ -51,6 +60,24 @@ pub fn run(as_json: bool) -> anyhow::Result<bool> {
             println!("ok   base images   {}", a.bases().join(", "));
         }
         Err(e) => println!("FAIL guest assets  {e}"),
+    }
+    match &daemon {
+        Ok(h) => {
+            println!(
+                "ok   kilnd         {endpoint}: {}, accelerator {}",
+                h["status"].as_str().unwrap_or("?"),
+                h["accelerator"].as_str().unwrap_or("?")
+            );
+            if h["devMode"] == true {
+                println!(
+                    "WARN kilnd         {}",
+                    h["warning"].as_str().unwrap_or(DEV_MODE_WARNING)
+                );
+            }
+        }
+        Err(_) => {
+            println!("info kilnd         not answering at {endpoint} (scripts/run.sh starts it)")
+        }
     }
     if !ready {
         println!("\nRun scripts/setup.sh to install what is missing.");

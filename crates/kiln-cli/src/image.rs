@@ -1,5 +1,5 @@
-//! `kiln image build|list|get|logs|import`: images built locally (the REST API and the
-//! daemon come with the control plane).
+//! `kiln image local build|list|get|logs` and `kiln image import`: images baked on this
+//! machine without kilnd (the API commands are in `image_api.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use kiln_image::{BuildSpec, Builder, ImageStatus};
 use kiln_vmm::GuestAssets;
 
 #[derive(Subcommand)]
-pub enum ImageCommand {
+pub enum LocalCommand {
     /// Bake an image from a build context (a directory, .zip or .tar with a Dockerfile).
     Build {
         /// The build context.
@@ -58,8 +58,6 @@ pub enum ImageCommand {
     Get { name: String },
     /// Print the build log of an image's latest build.
     Logs { name: String },
-    /// Import a root filesystem tarball as a base image usable as `FROM <name>`.
-    Import { name: String, tarball: PathBuf },
 }
 
 fn builder() -> anyhow::Result<Builder> {
@@ -76,10 +74,10 @@ fn builder() -> anyhow::Result<Builder> {
     Ok(builder)
 }
 
-pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
+pub async fn run(cmd: LocalCommand) -> anyhow::Result<i32> {
     let builder = builder()?;
     match cmd {
-        ImageCommand::Build {
+        LocalCommand::Build {
             context,
             name,
             dockerfile,
@@ -131,7 +129,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 1
             })
         }
-        ImageCommand::List { json } => {
+        LocalCommand::List { json } => {
             let records: Vec<_> = builder
                 .names()
                 .iter()
@@ -157,17 +155,17 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCommand::Get { name } => match builder.find(&name) {
+        LocalCommand::Get { name } => match builder.find(&name) {
             Some(r) => {
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 Ok(0)
             }
             None => {
-                eprintln!("kiln: no image named {name:?} (see `kiln image list`)");
+                eprintln!("kiln: no image named {name:?} (see `kiln image local list`)");
                 Ok(2)
             }
         },
-        ImageCommand::Logs { name } => match builder.builds(&name).pop() {
+        LocalCommand::Logs { name } => match builder.builds(&name).pop() {
             Some(r) => {
                 let log =
                     std::fs::read_to_string(builder.build_dir(&name, &r.id).join("build.log"))?;
@@ -175,19 +173,22 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 Ok(0)
             }
             None => {
-                eprintln!("kiln: no image named {name:?} (see `kiln image list`)");
+                eprintln!("kiln: no image named {name:?} (see `kiln image local list`)");
                 Ok(2)
             }
         },
-        ImageCommand::Import { name, tarball } => {
-            let base = kiln_image::base::import(&builder.assets, &name, &tarball).await?;
-            println!(
-                "imported {} ({}); use it as FROM {}",
-                base.name,
-                base.disk.display(),
-                base.name
-            );
-            Ok(0)
-        }
     }
+}
+
+/// `kiln image import`: a root filesystem tarball as a base image usable as `FROM <name>`.
+pub async fn import(name: &str, tarball: &std::path::Path) -> anyhow::Result<i32> {
+    let builder = builder()?;
+    let base = kiln_image::base::import(&builder.assets, name, tarball).await?;
+    println!(
+        "imported {} ({}); use it as FROM {}",
+        base.name,
+        base.disk.display(),
+        base.name
+    );
+    Ok(0)
 }

@@ -5,6 +5,8 @@ mod bench;
 mod bench_net;
 mod doctor;
 mod image;
+mod image_api;
+mod mcp;
 mod remote;
 mod sandbox;
 mod shell;
@@ -22,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Report guest assets, QEMU, and which accelerator kiln will use and why.
+    /// Report guest assets, QEMU, which accelerator kiln will use and why, and kilnd's health.
     Doctor {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -32,11 +34,18 @@ enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Measure cold boot vs launch from template, suspend/resume, and clone memory.
     Bench(bench::BenchArgs),
-    /// Build and inspect images.
+    /// Build and inspect images (through kilnd; `image local` bakes without it).
     #[command(subcommand)]
-    Image(image::ImageCommand),
+    Image(image_api::ImageCommand),
     #[command(flatten)]
     Remote(remote::Remote),
+    /// Serve the Model Context Protocol on stdin/stdout: sandbox tools for AI agents.
+    Mcp,
+    /// Print a shell completion script: `source <(kiln completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,15 +55,37 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Doctor { json } => doctor::run(json).map(|ok| if ok { 0 } else { 1 }),
+            Command::Doctor { json } => {
+                doctor::run(json, cli.conn.endpoint.clone()).map(|ok| if ok { 0 } else { 1 })
+            }
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
-            Command::Image(cmd) => image::run(cmd).await,
+            Command::Image(image_api::ImageCommand::Local(cmd)) => image::run(cmd).await,
+            Command::Image(image_api::ImageCommand::Import { name, tarball }) => {
+                image::import(&name, &tarball).await
+            }
+            Command::Image(cmd) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || image_api::run(conn, cmd)).await?)
+            }
+            Command::Completions { .. } => Ok(0),
+            Command::Mcp => {
+                let client = kiln_client::Client::from_env(
+                    cli.conn.endpoint.clone(),
+                    cli.conn.api_key.clone(),
+                )?;
+                mcp::serve(client).await
+            }
             Command::Remote(command) => {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || remote::run(conn, command)).await?)

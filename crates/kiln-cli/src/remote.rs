@@ -12,17 +12,17 @@ use serde_json::{json, Value};
 pub struct Conn {
     /// kilnd's API (default: $KILN_ENDPOINT, else $KILN_HOME/kilnd.addr).
     #[arg(long, global = true)]
-    endpoint: Option<String>,
+    pub(crate) endpoint: Option<String>,
     /// API key (default: $KILN_API_KEY, else $KILN_HOME/api-key).
     #[arg(long, global = true)]
-    api_key: Option<String>,
+    pub(crate) api_key: Option<String>,
     /// Output format of API commands: text (tables) or json.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    output: String,
+    pub(crate) output: String,
 }
 
 impl Conn {
-    fn json(&self) -> bool {
+    pub(crate) fn json(&self) -> bool {
         self.output == "json"
     }
 }

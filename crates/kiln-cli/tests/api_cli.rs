@@ -2,53 +2,18 @@
 //! terminate, events, with text and JSON output and exit codes scripts can rely on.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Daemon {
-    child: Child,
-    home: tempfile::TempDir,
-}
+mod common;
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kilnd() -> Daemon {
-    // The workspace test build builds kilnd (kiln-daemon's tests need it) next to `kiln`.
-    // Building it here instead would compile with other features in the middle of the
-    // suite, starving the guests of the tests running beside this one.
-    let kilnd = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("kilnd");
-    assert!(
-        kilnd.is_file(),
-        "{} is missing: run the suite with `cargo nextest run --workspace` (scripts/test.sh)",
-        kilnd.display()
-    );
-    let home = tempfile::tempdir().unwrap();
-    let child = Command::new(&kilnd)
-        .args(["--home"])
-        .arg(home.path())
-        .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])
-        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !home.path().join("kilnd.addr").exists() {
-        assert!(Instant::now() < deadline, "kilnd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon { child, home }
-}
+use common::{kilnd, Daemon};
 
 fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .env("KILN_HOME", d.home.path())
+        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
         .env_remove("KILN_ENDPOINT")
         .env_remove("KILN_API_KEY")
         .output()
@@ -203,5 +168,168 @@ fn the_cli_drives_microvms_through_the_api() {
     assert!(
         events.contains("PENDING") && events.contains("TERMINATED"),
         "{events}"
+    );
+}
+
+/// `kiln image create|list|get|logs|delete` through kilnd: a directory context with a build
+/// arg and the streamed progress, a failing build (exit 1, reason and log tail, JSON
+/// record), following the log of a running build, and deleting.
+#[test]
+fn image_commands_build_follow_and_delete_through_the_api() {
+    let d = kilnd();
+    let ctx = d.home.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let mut archive = tar::Archive::new(std::io::Cursor::new(context()));
+    archive.unpack(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nARG GREETING=unset\nCOPY start.sh hook.sh /srv/\n\
+         RUN echo greeting=$GREETING\nCMD [\"/srv/start.sh\"]\n",
+    )
+    .unwrap();
+    let ctx = ctx.to_str().unwrap();
+
+    let (code, out, err) = kiln(
+        &d,
+        &[
+            "image",
+            "create",
+            "hello",
+            ctx,
+            "--build-arg",
+            "GREETING=hi-there",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("Step 1/") && err.contains("greeting=hi-there"),
+        "the build log streams with the build arg applied: {err}"
+    );
+    assert!(
+        out.contains("hello-") && out.contains("SUCCESSFUL"),
+        "{out}"
+    );
+    let built = out.split_whitespace().nth(1).unwrap().to_string();
+
+    // A failing build: exit 1, the reason and the log tail on stderr, the JSON record.
+    let bad = d.home.path().join("bad.tar");
+    let mut b = tar::Builder::new(Vec::new());
+    let text = b"FROM busybox\nRUN echo about-to-fail; exit 5\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_size(text.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "Dockerfile", &text[..]).unwrap();
+    std::fs::write(&bad, b.into_inner().unwrap()).unwrap();
+    let (code, out, err) = kiln(
+        &d,
+        &[
+            "image",
+            "create",
+            "broken",
+            bad.to_str().unwrap(),
+            "--quiet",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(!err.contains("Building broken as"), "--quiet: {err}");
+    assert!(err.contains("exit code 5"), "the reason: {err}");
+    assert!(err.contains("about-to-fail"), "the log tail: {err}");
+    let failed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(failed["status"], "FAILED", "{out}");
+    let failed_id = failed["imageIdentifier"].as_str().unwrap().to_string();
+
+    // Not a build context.
+    let (code, _, err) = kiln(&d, &["image", "create", "x", "/etc/hostname"]);
+    assert_eq!(code, 2, "{err}");
+
+    // A build followed from another command while it runs.
+    std::fs::write(
+        Path::new(ctx).join("Dockerfile"),
+        "FROM busybox\nRUN sleep 3; echo slow-step-done\nRUN exit 0\n",
+    )
+    .unwrap();
+    let (code, out, err) = kiln(
+        &d,
+        &[
+            "image",
+            "create",
+            "slow",
+            ctx,
+            "--no-wait",
+            "--no-wait-ready",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let slow = out.trim().to_string();
+    assert!(slow.starts_with("slow-"), "{out}");
+    let (code, _, err) = kiln(&d, &["image", "delete", &slow]);
+    assert_eq!(code, 4, "a build in progress cannot be deleted: {err}");
+    let (code, log, err) = kiln(&d, &["image", "logs", &slow, "-f"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        log.contains("slow-step-done") && log.contains("Step 2/2"),
+        "-f follows until the build ends: {log}"
+    );
+    let (_, shown, _) = kiln(&d, &["image", "get", &slow, "--output", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["status"], "SUCCESSFUL", "{shown}");
+
+    let (code, table, _) = kiln(&d, &["image", "list"]);
+    assert_eq!(code, 0);
+    assert!(table.starts_with("NAME"), "{table}");
+    for needle in [built.as_str(), failed_id.as_str(), slow.as_str(), "FAILED"] {
+        assert!(table.contains(needle), "{needle} in {table}");
+    }
+    let (code, log, _) = kiln(&d, &["image", "logs", "hello"]);
+    assert_eq!(code, 0);
+    assert!(log.contains("greeting=hi-there"), "{log}");
+
+    assert_eq!(kiln(&d, &["image", "delete", &failed_id]).0, 0);
+    assert_eq!(kiln(&d, &["image", "get", &failed_id]).0, 3, "gone");
+}
+
+/// `kiln doctor` shows the health of the kilnd it is configured for, and says so when
+/// none answers (without failing: the local checks decide).
+#[test]
+fn doctor_reports_the_daemons_health() {
+    let d = kilnd();
+    let (code, out, err) = kiln(&d, &["doctor", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let daemon = &report["daemon"];
+    assert_eq!(daemon["reachable"], true, "{report}");
+    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
+    assert_eq!(daemon["endpoint"], format!("http://{}", addr.trim()));
+    assert_eq!(daemon["health"]["status"], "ok");
+    assert_eq!(
+        daemon["health"]["accelerator"], report["accelerator"],
+        "kilnd runs on this machine with the same rule"
+    );
+    assert_eq!(daemon["health"]["devMode"], report["dev_mode"]);
+
+    let (code, text, _) = kiln(&d, &["doctor"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains(&format!("ok   kilnd         http://{}", addr.trim())),
+        "{text}"
+    );
+    if report["dev_mode"] == true {
+        assert!(text.contains("WARN kilnd"), "{text}");
+    }
+
+    let (code, out, _) = kiln(
+        &d,
+        &["doctor", "--json", "--endpoint", "http://127.0.0.1:9"],
+    );
+    assert_eq!(code, 0, "an absent daemon is not a local failure");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["daemon"]["reachable"], false, "{report}");
+    let (_, text, _) = kiln(&d, &["doctor", "--endpoint", "http://127.0.0.1:9"]);
+    assert!(
+        text.contains("not answering at http://127.0.0.1:9"),
+        "{text}"
     );
 }

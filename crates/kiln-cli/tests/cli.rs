@@ -108,7 +108,7 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     .unwrap();
 
     let mut child = kiln(home.path())
-        .args(["image", "build"])
+        .args(["image", "local", "build"])
         .arg(&ctx)
         .args(["--name", "slow"])
         .stderr(std::process::Stdio::piped())
@@ -132,7 +132,7 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     child.wait().unwrap();
 
     let out = kiln(home.path())
-        .args(["image", "list", "--json"])
+        .args(["image", "local", "list", "--json"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -166,7 +166,7 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     )
     .unwrap();
     let out = kiln(home.path())
-        .args(["image", "build"])
+        .args(["image", "local", "build"])
         .arg(&ctx)
         .args(["--name", "slow", "--quiet"])
         .output()
@@ -176,5 +176,48 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     assert!(
         stdout.contains("Failed") && stdout.contains("exit code 5"),
         "{stdout}"
+    );
+}
+
+#[test]
+fn completions_name_the_subcommands() {
+    let home = tempfile::tempdir().unwrap();
+    let out = kiln(home.path())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        script.contains("complete -F _kiln"),
+        "a bash completion script"
+    );
+    for sub in [
+        "image",
+        "create",
+        "logs",
+        "run",
+        "exec",
+        "shell",
+        "doctor",
+        "completions",
+    ] {
+        assert!(script.contains(sub), "{sub} is completed");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = kiln(home.path())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("terminate"));
+    }
+    let out = kiln(home.path())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
     );
 }

@@ -2,7 +2,11 @@
 //! `KILN_ENDPOINT` / `KILN_API_KEY`, then the daemon's files in `KILN_HOME` (`kilnd.addr`,
 //! `api-key`, written by the daemon on start).
 
+mod ingress;
+
 use std::path::PathBuf;
+
+pub use ingress::{IngressInfo, SandboxRequest, SandboxResponse};
 
 use serde_json::{json, Value};
 
@@ -51,16 +55,40 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
 }
 
+/// kilnd's API address: `endpoint` if given, else `KILN_ENDPOINT`, else `KILN_HOME/kilnd.addr`,
+/// else the default `http://127.0.0.1:7070`.
+pub fn endpoint_from_env(endpoint: Option<String>) -> String {
+    endpoint
+        .or_else(|| std::env::var("KILN_ENDPOINT").ok())
+        .or_else(|| {
+            std::fs::read_to_string(home().join("kilnd.addr"))
+                .ok()
+                .map(|a| format!("http://{}", a.trim()))
+        })
+        .unwrap_or_else(|| "http://127.0.0.1:7070".into())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// kilnd's unauthenticated health endpoint (`status`, `accelerator`, `devMode`, `warning`),
+/// with a short timeout: for `kiln doctor`, which must not hang on a dead address.
+pub fn health(endpoint: &str, timeout: std::time::Duration) -> Result<Value, ClientError> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let unreachable = |detail: String| ClientError::Unreachable {
+        endpoint: endpoint.to_string(),
+        detail,
+    };
+    let resp = agent
+        .get(&format!("{endpoint}/health"))
+        .call()
+        .map_err(|e| unreachable(e.to_string()))?;
+    resp.into_json()
+        .map_err(|e| unreachable(format!("not kilnd's health answer: {e}")))
+}
+
 impl Client {
     pub fn from_env(endpoint: Option<String>, key: Option<String>) -> Result<Client, ClientError> {
-        let endpoint = endpoint
-            .or_else(|| std::env::var("KILN_ENDPOINT").ok())
-            .or_else(|| {
-                std::fs::read_to_string(home().join("kilnd.addr"))
-                    .ok()
-                    .map(|a| format!("http://{}", a.trim()))
-            })
-            .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        let endpoint = endpoint_from_env(endpoint);
         let key = key
             .or_else(|| std::env::var("KILN_API_KEY").ok())
             .or_else(|| std::fs::read_to_string(home().join("api-key")).ok())
@@ -88,51 +116,83 @@ impl Client {
                     serde_json::from_str(&text).unwrap_or(Value::String(text))
                 })
             }
-            Err(ureq::Error::Status(status, r)) => {
-                let v: Value = r.into_json().unwrap_or(Value::Null);
-                Err(ClientError::Api {
-                    status,
-                    code: v["code"].as_str().unwrap_or("Error").to_string(),
-                    message: v["message"].as_str().unwrap_or("").to_string(),
-                })
-            }
-            Err(e) => Err(ClientError::Unreachable {
-                endpoint: self.endpoint.clone(),
-                detail: e.to_string(),
-            }),
+            Err(e) => Err(self.error(e)),
         }
     }
 
-    /// Uploads a build context (zip or tar) and starts CreateMicrovmImage; returns its id.
-    pub fn create_image(&self, name: &str, artifact: &[u8]) -> Result<String, ClientError> {
+    /// Uploads a build context (zip or tar); returns the artifact id.
+    pub fn upload_artifact(&self, artifact: &[u8]) -> Result<String, ClientError> {
         let req = ureq::post(&format!("{}/v1/artifacts", self.endpoint))
             .set("Authorization", &format!("Bearer {}", self.key))
             .set("Content-Type", "application/octet-stream");
         let art: Value = match req.send_bytes(artifact) {
             Ok(r) => r.into_json().unwrap_or(Value::Null),
-            Err(ureq::Error::Status(status, r)) => {
-                let v: Value = r.into_json().unwrap_or(Value::Null);
-                return Err(ClientError::Api {
-                    status,
-                    code: v["code"].as_str().unwrap_or("Error").into(),
-                    message: v["message"].as_str().unwrap_or("").into(),
-                });
-            }
-            Err(e) => {
-                return Err(ClientError::Unreachable {
-                    endpoint: self.endpoint.clone(),
-                    detail: e.to_string(),
-                })
-            }
+            Err(e) => return Err(self.error(e)),
         };
-        let img = self.post(
-            "/v1/images",
-            json!({"name": name, "codeArtifact": {"artifactId": art["artifactId"]}}),
-        )?;
+        Ok(art["artifactId"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Uploads a build context (zip or tar) and starts CreateMicrovmImage; returns its id.
+    pub fn create_image(&self, name: &str, artifact: &[u8]) -> Result<String, ClientError> {
+        let img = self.create_image_with(name, artifact, json!({}))?;
         Ok(img["imageIdentifier"]
             .as_str()
             .unwrap_or_default()
             .to_string())
+    }
+
+    /// CreateMicrovmImage with more request fields (`memorySizeMib`, `buildArgs`, …, see
+    /// spec/openapi.yaml) merged into the body; returns the answer (`imageIdentifier`, …).
+    pub fn create_image_with(
+        &self,
+        name: &str,
+        artifact: &[u8],
+        fields: Value,
+    ) -> Result<Value, ClientError> {
+        let artifact_id = self.upload_artifact(artifact)?;
+        let mut body = json!({"name": name, "codeArtifact": {"artifactId": artifact_id}});
+        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), fields) {
+            body.extend(extra);
+        }
+        self.post("/v1/images", body)
+    }
+
+    /// An image's build log; with `follow`, a stream that ends when the build does.
+    pub fn image_logs(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
+        let path = format!("/v1/images/{id}/logs?follow={follow}");
+        match ureq::get(&format!("{}{path}", self.endpoint))
+            .set("Authorization", &format!("Bearer {}", self.key))
+            .call()
+        {
+            Ok(r) => Ok(r.into_reader()),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn error(&self, e: ureq::Error) -> ClientError {
+        match e {
+            ureq::Error::Status(status, r) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                ClientError::Api {
+                    status,
+                    code: v["code"].as_str().unwrap_or("Error").to_string(),
+                    message: v["message"].as_str().unwrap_or("").to_string(),
+                }
+            }
+            e => ClientError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    /// The API address this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {

@@ -58,6 +58,7 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
         .route("/v1/microvms/{id}/terminate", post(terminate_microvm))
         .route("/v1/microvms/{id}/exec", post(exec_microvm))
         .route("/v1/events", get(events))
+        .route("/v1/ingress", get(ingress_info))
         .route("/v1/auth-tokens", post(create_token))
         .route("/v1/auth-tokens/rotate-key", post(rotate_token_key))
         .route("/v1/auth-tokens/{id}", axum::routing::delete(revoke_token))
@@ -103,6 +104,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
     ("get", "/v1/events"),
+    ("get", "/v1/ingress"),
     ("post", "/v1/auth-tokens"),
     ("post", "/v1/auth-tokens/rotate-key"),
     ("delete", "/v1/auth-tokens/{id}"),
@@ -543,6 +545,23 @@ struct CreateToken {
     allowed_ports: Vec<AllowedPort>,
     #[serde(default)]
     kind: Option<kiln_proxy::token::TokenKind>,
+}
+
+/// How clients reach microVM endpoints: the ingress address, domain, whether it speaks TLS,
+/// and kilnd's own CA certificate when it serves one (`--ingress-tls-self-signed`).
+async fn ingress_info(State(m): State<Arc<Manager>>) -> ApiResult<Json<Value>> {
+    let cfg = &m.cfg;
+    let ca = crate::tls::own_ca(&cfg.home, cfg.ingress_tls_cert.as_deref())
+        .map(std::fs::read_to_string)
+        .transpose()
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({
+        "domain": cfg.ingress_domain,
+        "port": cfg.ingress_port,
+        "listen": cfg.ingress_listen.to_string(),
+        "tls": cfg.ingress_tls_cert.is_some(),
+        "caCertificate": ca,
+    })))
 }
 
 /// CreateMicrovmAuthToken: a token scoped to one microVM, its ports and an expiry.

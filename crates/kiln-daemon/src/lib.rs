@@ -12,6 +12,7 @@ pub mod images;
 pub mod ingress;
 pub mod manager;
 pub mod recovery;
+pub mod tls;
 
 use std::sync::{Arc, Mutex};
 
@@ -22,13 +23,22 @@ pub use config::{Config, ShutdownPolicy};
 pub use manager::Manager;
 
 /// Opens everything, recovers, and serves until SIGTERM/SIGINT.
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&cfg.home)
         .with_context(|| format!("creating {}", cfg.home.display()))?;
+    // Bound first so that endpoints show the real port when the listen port is 0.
+    let ingress = tokio::net::TcpListener::bind(cfg.ingress_listen)
+        .await
+        .with_context(|| format!("binding the ingress on {}", cfg.ingress_listen))?;
+    let ingress_addr = ingress.local_addr()?;
+    cfg.ingress_listen = ingress_addr;
+    if cfg.ingress_port == 0 {
+        cfg.ingress_port = ingress_addr.port();
+    }
     let key = auth::load_or_create(&cfg.home).context("API key")?;
     let store = kiln_store::Store::open(&cfg.home.join("kiln.db"))?;
     let accel = kiln_vmm::accel::detect()?;
@@ -66,10 +76,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.home.join("kilnd.addr"),
         listener.local_addr()?.to_string(),
     )?;
-    let ingress = tokio::net::TcpListener::bind(cfg.ingress_listen)
-        .await
-        .with_context(|| format!("binding the ingress on {}", cfg.ingress_listen))?;
-    let ingress_addr = ingress.local_addr()?;
     info!(ingress = %ingress_addr, "ingress ready");
     std::fs::write(cfg.home.join("kilnd.ingress"), ingress_addr.to_string())?;
     let proxy_cfg = kiln_proxy::server::ProxyConfig {

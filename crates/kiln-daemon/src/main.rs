@@ -62,6 +62,10 @@ struct Args {
     /// intranet or test hosts named in allowlists.
     #[arg(long = "egress-host", value_parser = kiln_vmm::kiln_net::policy::parse_static_host)]
     egress_hosts: Vec<(String, std::net::Ipv4Addr)>,
+    /// TLS on the ingress with kilnd's own CA (made once in KILN_HOME/tls) and a
+    /// certificate for *.<ingress domain> (needs a domain of two labels, e.g. kiln.localhost).
+    #[arg(long, conflicts_with_all = ["ingress_tls_cert", "ingress_tls_key"])]
+    ingress_tls_self_signed: bool,
 }
 
 fn operator_config(
@@ -98,6 +102,12 @@ fn main() -> anyhow::Result<()> {
             args.listen
         );
     }
+    let (ingress_tls_cert, ingress_tls_key) = if args.ingress_tls_self_signed {
+        let (cert, key) = kiln_daemon::tls::ensure(&args.home, &args.ingress_domain)?;
+        (Some(cert), Some(key))
+    } else {
+        (args.ingress_tls_cert, args.ingress_tls_key)
+    };
     let cfg = Config {
         home: args.home,
         listen: args.listen,
@@ -109,8 +119,8 @@ fn main() -> anyhow::Result<()> {
         ingress_port: args.ingress_port.unwrap_or(args.ingress_listen.port()),
         ingress_listen: args.ingress_listen,
         ingress_header_timeout: Duration::from_millis(args.ingress_header_timeout_ms.max(100)),
-        ingress_tls_cert: args.ingress_tls_cert,
-        ingress_tls_key: args.ingress_tls_key,
+        ingress_tls_cert,
+        ingress_tls_key,
         egress: operator_config(args.host_services, args.egress_hosts),
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -177,6 +177,46 @@ fn ingress_authenticates_forwards_and_resumes() {
         (page.status, page.text()),
         (200, "app on 8080\n".to_string())
     );
+    // An HTTP/2 client (here h2c; browsers and curl over TLS alike) reaches an app that
+    // speaks only HTTP/1.1 (busybox httpd): the request is translated, GET and POST.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use http_body_util::{BodyExt, Full};
+        let tcp = tokio::net::TcpStream::connect(&d.ingress).await.unwrap();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        for (method, path, body) in [
+            ("GET", "/index.html", ""),
+            ("POST", "/cgi-bin/echo.sh", "over h2"),
+            ("GET", "/index.html", ""),
+        ] {
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(format!("http://{host}{path}"))
+                .header("x-kiln-auth", &tok)
+                .body(Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = h2.send_request(req).await.unwrap();
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let status = resp.status();
+            let text = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&text);
+            assert_eq!(status, 200, "{method} {path}: {text}");
+            if method == "GET" {
+                assert_eq!(text, "app on 8080\n");
+            } else {
+                assert!(text.contains("len=7"), "{text}");
+            }
+        }
+    });
     let echo = request(
         &d.ingress,
         "POST",

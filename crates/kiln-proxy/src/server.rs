@@ -1,7 +1,8 @@
 //! The ingress server: routes `<microvmId>.<domain>` requests that carry a valid token to a
 //! port inside that microVM, over the agent channel (no guest network needed). HTTP/1.1
 //! (keep-alive, chunked, streamed bodies), HTTP/2 cleartext (h2c, gRPC trailers included) and
-//! WebSocket upgrades pass through. Auth headers are stripped before forwarding.
+//! WebSocket upgrades pass through; HTTP/2 requests to an app that speaks only HTTP/1.1 are
+//! translated (see [`crate::h2`]). Auth headers are stripped before forwarding.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::h2::Http2Apps;
 use crate::token::{TokenError, TokenKind, TokenService};
 
 pub const AUTH_HEADERS: [&str; 2] = ["x-kiln-auth", "x-aws-proxy-auth"];
@@ -131,6 +133,7 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let cfg = Arc::new(cfg);
+    let apps = Arc::new(Http2Apps::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -143,14 +146,17 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (tokens, backend, cfg, tls) =
             (tokens.clone(), backend.clone(), cfg.clone(), tls.clone());
+        let apps = apps.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(TokioIo::new(stream), peer, tokens, backend, cfg).await,
+                None => {
+                    serve_connection(TokioIo::new(stream), peer, tokens, backend, cfg, apps).await
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout(cfg.header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            serve_connection(TokioIo::new(tls_stream), peer, tokens, backend, cfg)
-                                .await
+                            let io = TokioIo::new(tls_stream);
+                            serve_connection(io, peer, tokens, backend, cfg, apps).await
                         }
                         Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -167,13 +173,18 @@ async fn serve_connection<I>(
     tokens: Arc<TokenService>,
     backend: Arc<dyn Backend>,
     cfg: Arc<ProxyConfig>,
+    apps: Arc<Http2Apps>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (header_timeout, max_buf) = (cfg.header_timeout, cfg.max_header_bytes.max(8192));
     let service = hyper::service::service_fn(move |req| {
-        let (tokens, backend, cfg) = (tokens.clone(), backend.clone(), cfg.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(req, peer, &tokens, backend, &cfg).await) }
+        let (tokens, backend, cfg, apps) =
+            (tokens.clone(), backend.clone(), cfg.clone(), apps.clone());
+        async move {
+            let resp = handle(req, peer, &tokens, backend, &cfg, &apps).await;
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -230,6 +241,7 @@ async fn handle(
     tokens: &TokenService,
     backend: Arc<dyn Backend>,
     cfg: &ProxyConfig,
+    apps: &Http2Apps,
 ) -> Response<ProxyBody> {
     let host = req
         .uri()
@@ -354,6 +366,20 @@ async fn handle(
         }
         strip_websocket_credentials(&mut req);
         let guard = backend.activity(&id);
+        let http2 = req.version() == Version::HTTP_2
+            && (is_grpc(&req)
+                || match apps.known(&id, port) {
+                    Some(known) => known,
+                    None => match backend.connect(&id, port).await {
+                        Ok(probe_stream) => {
+                            let found = crate::h2::probe(probe_stream).await;
+                            debug!(port, http2 = found, "the guest app's protocol");
+                            apps.learn(&id, port, found);
+                            found
+                        }
+                        Err(_) => false, // reported by the connect below
+                    },
+                });
         let stream = match backend.connect(&id, port).await {
             Ok(s) => s,
             Err(BackendError::NotFound) => {
@@ -370,7 +396,7 @@ async fn handle(
                 return error(StatusCode::BAD_GATEWAY, "GuestUnavailable", &why)
             }
         };
-        forward(req, stream, guard).await
+        forward(req, stream, guard, http2).await
     }
     .instrument(span)
     .await
@@ -417,12 +443,38 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
-/// Forwards one request over a fresh guest stream, HTTP/2 for HTTP/2 clients (gRPC), else
-/// HTTP/1.1 (with upgrades). The activity guard lives until the response body ends.
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// An HTTP/2 request as an HTTP/1.1 one: origin-form target and a Host header (HTTP/2 carries
+/// the authority in the URI).
+fn to_http1(req: &mut Request<Incoming>) {
+    if let Some(authority) = req.uri().authority().cloned() {
+        if !req.headers().contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+    }
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        if let Ok(uri) = hyper::Uri::builder().path_and_query(pq).build() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// Forwards one request over a fresh guest stream: HTTP/2 when `http2` (an HTTP/2 client and
+/// an app that speaks it), else HTTP/1.1 (with upgrades). The activity guard lives until the
+/// response body ends.
 async fn forward(
     mut req: Request<Incoming>,
     stream: Box<dyn GuestStream>,
     guard: Box<dyn Send + Sync>,
+    http2: bool,
 ) -> Response<ProxyBody> {
     let bad_gateway = |what: &str, e: &dyn std::fmt::Display| {
         error(
@@ -432,7 +484,7 @@ async fn forward(
         )
     };
     let io = TokioIo::new(stream);
-    if req.version() == Version::HTTP_2 {
+    if http2 {
         let (mut sender, conn) =
             match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
                 Ok(pair) => pair,
@@ -461,6 +513,9 @@ async fn forward(
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
+    if req.version() == Version::HTTP_2 {
+        to_http1(&mut req);
+    }
     *req.version_mut() = Version::HTTP_11;
     let mut resp = match sender.send_request(req).await {
         Ok(r) => r,

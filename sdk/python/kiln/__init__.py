@@ -7,6 +7,16 @@ client so code written for the seed's service works by changing only how the cli
 
 Only the standard library is used. Arguments the seed passes that kiln does not need
 (``executionRoleArn``, ``buildRoleArn``, ``baseImageArn``) are accepted and ignored.
+
+The seed's ``requests.post(f"https://{endpoint}/execute", headers={"X-aws-proxy-auth": token}, ...)``
+works unchanged with ``kiln.client("lambda-microvms", route_endpoints=True)`` against a kilnd
+started with ``--ingress-tls-self-signed --ingress-domain kiln.localhost``: the endpoint's
+names resolve to kilnd's ingress inside this process and kilnd's CA is trusted. Exactly what
+that changes in the process (``socket.getaddrinfo``, ``REQUESTS_CA_BUNDLE``, ``SSL_CERT_FILE``)
+and why is written in :mod:`kiln.ingress`.
+
+:class:`Sandbox` is a context manager: a microVM for the length of a ``with`` block, with a
+request helper that handles auth tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
-__all__ = ["Client", "KilnError", "client"]
+__all__ = ["Client", "KilnError", "Sandbox", "client"]
 
 
 class KilnError(Exception):
@@ -32,12 +42,24 @@ class KilnError(Exception):
         self.message = message
 
 
+def _error(e: "urllib.error.HTTPError") -> KilnError:
+    payload = e.read()
+    try:
+        err = json.loads(payload)
+        return KilnError(e.code, err.get("code", "Error"), err.get("message", ""))
+    except (ValueError, AttributeError):
+        return KilnError(e.code, "Error", payload.decode(errors="replace"))
+
+
 def _home() -> str:
     return os.environ.get("KILN_HOME", "/var/lib/kiln")
 
 
 class Client:
-    def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0):
+    def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
+                 route_endpoints: bool = False):
+        """``route_endpoints=True``: make ``https://{endpoint}`` of a microVM reachable from this
+        process as it is (see :mod:`kiln.ingress` for exactly what is patched)."""
         home = _home()
         if endpoint is None:
             endpoint = os.environ.get("KILN_ENDPOINT")
@@ -52,6 +74,9 @@ class Client:
         self.endpoint = endpoint.rstrip("/")
         self._key = api_key
         self.timeout = timeout
+        self._ingress: Optional[dict] = None
+        if route_endpoints:
+            self.route_endpoints()
 
     # -- transport -------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None, ctype: str = "application/json") -> Any:
@@ -64,18 +89,29 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read()
         except urllib.error.HTTPError as e:
-            payload = e.read()
-            try:
-                err = json.loads(payload)
-                raise KilnError(e.code, err.get("code", "Error"), err.get("message", "")) from None
-            except ValueError:
-                raise KilnError(e.code, "Error", payload.decode(errors="replace")) from None
+            raise _error(e) from None
         if not text:
             return {}
         try:
             return json.loads(text)
         except ValueError:
             return text.decode(errors="replace")
+
+    # -- ingress ---------------------------------------------------------------------------
+    def ingress_info(self) -> dict:
+        """kilnd's ``GET /v1/ingress``: ``domain``, ``port``, ``listen``, ``tls``, ``caCertificate``."""
+        if self._ingress is None:
+            self._ingress = self._call("GET", "/v1/ingress")
+        return self._ingress
+
+    def route_endpoints(self) -> dict:
+        """Resolve ``<microvmId>.<domain>`` to kilnd's ingress in this process and trust kilnd's
+        CA (when it serves its own certificate); returns the ingress info. See :mod:`kiln.ingress`."""
+        from . import ingress
+
+        info = self.ingress_info()
+        ingress.install(info, urllib.parse.urlparse(self.endpoint).hostname or "127.0.0.1")
+        return info
 
     # -- images ----------------------------------------------------------------------------
     def create_microvm_image(self, name: str, codeArtifact: dict, memorySizeMib: int = 512, vcpus: int = 1,
@@ -103,6 +139,19 @@ class Client:
 
     def delete_microvm_image(self, imageIdentifier: str) -> dict:
         return self._call("DELETE", f"/v1/images/{urllib.parse.quote(imageIdentifier)}")
+
+    def get_microvm_image_logs(self, imageIdentifier: str, follow: bool = False):
+        """The build log, line by line; with ``follow``, streamed until the build ends."""
+        path = f"/v1/images/{urllib.parse.quote(imageIdentifier)}/logs?follow={'true' if follow else 'false'}"
+        req = urllib.request.Request(self.endpoint + path)
+        req.add_header("Authorization", f"Bearer {self._key}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=None if follow else self.timeout)
+        except urllib.error.HTTPError as e:
+            raise _error(e) from None
+        with resp:
+            for line in resp:
+                yield line.decode("utf-8", errors="replace").rstrip("\n")
 
     def wait_microvm_image(self, imageIdentifier: str, timeout: float = 600.0) -> dict:
         """Polls until the image is SUCCESSFUL (returned) or FAILED (raises)."""
@@ -164,8 +213,17 @@ class Client:
                                                       "expirationInMinutes": expirationInMinutes,
                                                       "allowedPorts": allowedPorts or [{"port": 8080}]})
 
+    def revoke_microvm_auth_tokens(self, microvmIdentifier: str) -> dict:
+        """Revokes every token issued so far for the microVM (immediately)."""
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/revoke-tokens", {})
+
 
 def client(*_service: str, **kwargs) -> Client:
-    """``kiln.client()`` (or ``kiln.client("lambda-microvms", region_name=...)``, extra arguments ignored)."""
-    known = {k: v for k, v in kwargs.items() if k in ("endpoint", "api_key", "timeout")}
+    """``kiln.client()`` (or ``kiln.client("lambda-microvms", region_name=...)``, extra arguments
+    ignored). Keyword arguments of :class:`Client` (``endpoint``, ``api_key``, ``timeout``,
+    ``route_endpoints``) are passed on."""
+    known = {k: v for k, v in kwargs.items() if k in ("endpoint", "api_key", "timeout", "route_endpoints")}
     return Client(**known)
+
+
+from .sandbox import Sandbox  # noqa: E402  (needs KilnError and client above)

@@ -1,61 +1,25 @@
 """The Python SDK against a real kilnd with real guests (busybox image)."""
 
-import io
 import os
-import subprocess
-import tarfile
-import tempfile
-import time
 import urllib.request
 
 import pytest
 
 import kiln
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-KILND = os.path.join(REPO, "target", "debug", "kilnd")
-
-HOOK_SH = """#!/bin/sh
-read -r m p v
-while IFS= read -r l; do l=$(printf '%s' "$l" | tr -d '\\r'); [ -z "$l" ] && break; done
-printf 'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok'
-"""
-START_SH = "#!/bin/sh\nmkdir -p /www && echo 'hello from the sandbox' > /www/index.html\nhttpd -p 8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n"
-DOCKERFILE = "FROM busybox\nCOPY hook.sh start.sh /srv/\nEXPOSE 8080\nCMD [\"/srv/start.sh\"]\n"
-
-
-def context_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, text in (("Dockerfile", DOCKERFILE), ("hook.sh", HOOK_SH), ("start.sh", START_SH)):
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o755 if name.endswith(".sh") else 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from conftest import HTTPD_START_SH, Kilnd, context_tar
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    home = tempfile.mkdtemp(prefix="kiln-sdk-test-")
-    log = open(os.path.join(home, "kilnd.log"), "w")
-    proc = subprocess.Popen([KILND, "--home", home, "--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0",
-                             "--min-idle-seconds", "1", "--tick-ms", "200"], stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.time() + 60
-    while not os.path.exists(os.path.join(home, "kilnd.addr")):
-        assert time.time() < deadline, "kilnd did not start"
-        time.sleep(0.05)
-    yield home
-    proc.terminate()
-    proc.wait(timeout=60)
-    subprocess.run(["rm", "-rf", home])
+    d = Kilnd()
+    yield d.home
+    d.stop()
 
 
 def test_seed_shaped_flow(daemon, monkeypatch):
     monkeypatch.setenv("KILN_HOME", daemon)
     client = kiln.client("lambda-microvms", region_name="ignored")
-    img = client.create_microvm_image(name="sdk-sandbox", codeArtifact={"bytes": context_tar()},
+    img = client.create_microvm_image(name="sdk-sandbox", codeArtifact={"bytes": context_tar(HTTPD_START_SH)},
                                       buildRoleArn="arn:aws:iam::123456789:role/ignored")
     assert img["status"] == "CREATING"
     client.wait_microvm_image("sdk-sandbox")

@@ -1,0 +1,277 @@
+//! `kiln mcp`: a Model Context Protocol server on stdin/stdout (rmcp), so an AI agent can use
+//! kiln sandboxes directly: create one from an image, run code in it through the ingress (a
+//! POST to its executor, with a fresh token), read and write files, run commands, destroy it.
+//! Every tool calls kilnd's API with the CLI's configuration (`--endpoint`, `KILN_HOME`, …).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_client::{Client, SandboxRequest};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::schemars::{self, JsonSchema};
+use rmcp::{tool, tool_handler, tool_router, ServerHandler, ServiceExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Largest file `write_file` sends (it travels as an argument of an exec request).
+const MAX_WRITE_BYTES: usize = 48 * 1024;
+
+#[derive(Clone)]
+pub struct KilnMcp {
+    client: Arc<Client>,
+    tool_router: ToolRouter<Self>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct CreateSandbox {
+    /// Image name or id (see `kiln image list`).
+    image: String,
+    /// Suspend after this many idle seconds (default 300); a request resumes it.
+    idle_seconds: Option<u64>,
+    /// Body of the image's /run hook.
+    run_hook_payload: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct RunCode {
+    microvm_id: String,
+    /// The code; sent as {"code": ..., "timeout": ...}.
+    code: String,
+    /// Path of the executor in the sandbox (default /execute).
+    path: Option<String>,
+    /// App port (default 8080).
+    port: Option<u16>,
+    /// Seconds the code may run (default 60).
+    timeout_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct Sandbox {
+    microvm_id: String,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct ReadFile {
+    microvm_id: String,
+    /// Absolute path in the sandbox.
+    path: String,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct WriteFile {
+    microvm_id: String,
+    /// Absolute path in the sandbox (parent directories are made).
+    path: String,
+    /// Text content (at most 48 KiB).
+    content: String,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct RunCommand {
+    microvm_id: String,
+    /// Program and arguments, e.g. ["sh", "-c", "ls /"].
+    command: Vec<String>,
+    /// Seconds before it is killed (default 60).
+    timeout_seconds: Option<u64>,
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+impl KilnMcp {
+    /// Runs a blocking client call off the async runtime; errors become tool errors.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Client) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || f(&client))
+            .await
+            .map_err(|e| format!("kiln: {e}"))?
+    }
+
+    async fn exec(&self, id: String, command: Vec<String>, timeout: u64) -> Result<Value, String> {
+        self.call(move |c| {
+            c.post(
+                &format!("/v1/microvms/{id}/exec"),
+                json!({"command": command, "timeoutSeconds": timeout}),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+    }
+}
+
+#[tool_router(router = tool_router)]
+impl KilnMcp {
+    pub fn new(client: Client) -> KilnMcp {
+        KilnMcp {
+            client: Arc::new(client),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    #[tool(
+        description = "Create an isolated microVM sandbox from an image and wait until it runs. Returns microvmId and endpoint."
+    )]
+    async fn create_sandbox(
+        &self,
+        Parameters(p): Parameters<CreateSandbox>,
+    ) -> Result<String, String> {
+        self.call(move |c| {
+            let idle = json!({"maxIdleDurationSeconds": p.idle_seconds.unwrap_or(300),
+                              "suspendedDurationSeconds": 1800, "autoResumeEnabled": true});
+            let run = c
+                .run_microvm(&p.image, Some(idle), p.run_hook_payload, None)
+                .map_err(|e| e.to_string())?;
+            let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+            let deadline = Instant::now() + Duration::from_secs(180);
+            loop {
+                let vm = c.get(&format!("/v1/microvms/{id}")).map_err(|e| e.to_string())?;
+                match vm["state"].as_str() {
+                    Some("RUNNING") => {
+                        return Ok(pretty(&json!({"microvmId": id, "endpoint": vm["endpoint"], "state": "RUNNING"})))
+                    }
+                    Some("TERMINATED") => {
+                        return Err(format!("sandbox {id} terminated: {}", vm["stateReason"].as_str().unwrap_or("?")))
+                    }
+                    _ if Instant::now() > deadline => {
+                        return Err(format!("sandbox {id} is still {}", vm["state"]))
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Run code in a sandbox: POST {\"code\", \"timeout\"} to its executor (default /execute on port 8080) through kiln's ingress with a short-lived token. State persists between calls. Returns the HTTP status and the executor's answer."
+    )]
+    async fn run_code(&self, Parameters(p): Parameters<RunCode>) -> Result<String, String> {
+        self.call(move |c| {
+            let timeout = p.timeout_seconds.unwrap_or(60);
+            let path = p.path.unwrap_or_else(|| "/execute".into());
+            let req = SandboxRequest {
+                method: "POST",
+                path: &path,
+                port: p.port.unwrap_or(8080),
+                body: Some(json!({"code": p.code, "timeout": timeout})),
+                timeout: Duration::from_secs(timeout + 60),
+            };
+            let answer = c
+                .sandbox_request(&p.microvm_id, &req)
+                .map_err(|e| e.to_string())?;
+            let body = serde_json::from_str(&answer.body).unwrap_or(Value::String(answer.body));
+            let out = pretty(&json!({"status": answer.status, "response": body}));
+            if (200..300).contains(&answer.status) {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Run a command in a sandbox (no shell unless you ask for one). Returns stdout, stderr and the exit code."
+    )]
+    async fn run_command(&self, Parameters(p): Parameters<RunCommand>) -> Result<String, String> {
+        let out = self
+            .exec(p.microvm_id, p.command, p.timeout_seconds.unwrap_or(60))
+            .await?;
+        Ok(pretty(&out))
+    }
+
+    #[tool(description = "Read a text file from a sandbox.")]
+    async fn read_file(&self, Parameters(p): Parameters<ReadFile>) -> Result<String, String> {
+        let out = self
+            .exec(
+                p.microvm_id,
+                vec!["cat".into(), "--".into(), p.path.clone()],
+                60,
+            )
+            .await?;
+        if out["exitCode"] != 0 {
+            return Err(format!(
+                "reading {}: {}",
+                p.path,
+                out["stderr"].as_str().unwrap_or("").trim()
+            ));
+        }
+        Ok(out["stdout"].as_str().unwrap_or_default().to_string())
+    }
+
+    #[tool(description = "Write a text file in a sandbox (replaces it; makes parent directories).")]
+    async fn write_file(&self, Parameters(p): Parameters<WriteFile>) -> Result<String, String> {
+        if p.content.len() > MAX_WRITE_BYTES {
+            return Err(format!(
+                "{} bytes is more than write_file sends ({MAX_WRITE_BYTES}): write it in parts with run_command",
+                p.content.len()
+            ));
+        }
+        let script = "mkdir -p \"$(dirname \"$2\")\" && printf %s \"$1\" > \"$2\"";
+        let command = ["sh", "-c", script, "sh", &p.content, &p.path]
+            .map(String::from)
+            .to_vec();
+        let out = self.exec(p.microvm_id, command, 60).await?;
+        if out["exitCode"] != 0 {
+            return Err(format!(
+                "writing {}: {}",
+                p.path,
+                out["stderr"].as_str().unwrap_or("").trim()
+            ));
+        }
+        Ok(format!("wrote {} bytes to {}", p.content.len(), p.path))
+    }
+
+    #[tool(description = "Destroy a sandbox: its memory, disk and processes are gone.")]
+    async fn destroy_sandbox(&self, Parameters(p): Parameters<Sandbox>) -> Result<String, String> {
+        self.call(move |c| {
+            let vm = c
+                .post(
+                    &format!("/v1/microvms/{}/terminate", p.microvm_id),
+                    json!({}),
+                )
+                .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "sandbox {} is {}",
+                p.microvm_id,
+                vm["state"].as_str().unwrap_or("?")
+            ))
+        })
+        .await
+    }
+
+    #[tool(description = "List sandboxes that are not terminated.")]
+    async fn list_sandboxes(&self) -> Result<String, String> {
+        self.call(|c| {
+            let all = c.get("/v1/microvms").map_err(|e| e.to_string())?;
+            let live: Vec<Value> = all["microvms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["state"] != "TERMINATED")
+                .map(|v| json!({"microvmId": v["microvmId"], "state": v["state"], "image": v["imageName"], "endpoint": v["endpoint"]}))
+                .collect();
+            Ok(pretty(&Value::Array(live)))
+        })
+        .await
+    }
+}
+
+#[tool_handler(
+    router = self.tool_router,
+    name = "kiln",
+    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file) as often as needed — state persists — then destroy_sandbox."
+)]
+impl ServerHandler for KilnMcp {}
+
+/// Serves MCP on stdin/stdout until the client closes it.
+pub async fn serve(client: Client) -> anyhow::Result<i32> {
+    let service = KilnMcp::new(client).serve(rmcp::transport::stdio()).await?;
+    service.waiting().await?;
+    Ok(0)
+}

@@ -1,0 +1,161 @@
+//! `kiln mcp` with a real MCP client: rmcp's client spawns `kiln mcp` and talks to it over
+//! the child's stdin/stdout (initialize, tools/list, tools/call) against a real kilnd whose
+//! ingress speaks TLS with its own CA, and a busybox image with an executor on 8080
+//! (examples/busybox-executor).
+
+mod common;
+
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{json, Value};
+
+type Client = RunningService<RoleClient, ()>;
+
+async fn call(client: &Client, tool: &'static str, args: Value) -> (bool, String) {
+    let Value::Object(args) = args else {
+        panic!("arguments are an object")
+    };
+    let result: CallToolResult = client
+        .call_tool(CallToolRequestParams::new(tool).with_arguments(args))
+        .await
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    let text = result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (result.is_error != Some(true), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
+    let d = common::kilnd_with(&[
+        "--ingress-tls-self-signed",
+        "--ingress-domain",
+        "kiln.localhost",
+    ]);
+    let home = d.home.path().to_path_buf();
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/busybox-executor"
+    );
+    let built = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["image", "create", "executor", example, "--quiet"])
+        .env("KILN_HOME", &home)
+        .env_remove("KILN_ENDPOINT")
+        .env_remove("KILN_API_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+
+    let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln")).configure(|c| {
+        c.arg("mcp")
+            .env("KILN_HOME", &home)
+            .env_remove("KILN_ENDPOINT")
+            .env_remove("KILN_API_KEY");
+    });
+    let client: Client = ().serve(TokioChildProcess::new(command).unwrap()).await.unwrap();
+    let server = client.peer_info().expect("initialized");
+    assert_eq!(server.server_info.as_ref().unwrap().name, "kiln");
+    assert!(server.capabilities.tools.is_some());
+    let mut tools: Vec<String> = client
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    tools.sort();
+    assert_eq!(
+        tools,
+        [
+            "create_sandbox",
+            "destroy_sandbox",
+            "list_sandboxes",
+            "read_file",
+            "run_code",
+            "run_command",
+            "write_file"
+        ]
+    );
+
+    let (ok, created) = call(&client, "create_sandbox", json!({"image": "executor"})).await;
+    assert!(ok, "{created}");
+    let created: Value = serde_json::from_str(&created).unwrap();
+    let id = created["microvmId"].as_str().unwrap().to_string();
+    assert_eq!(created["state"], "RUNNING");
+
+    // Code through the ingress (HTTPS, a fresh token), state kept between calls.
+    let (ok, ran) = call(
+        &client,
+        "run_code",
+        json!({"microvm_id": id, "code": "uname -s; echo $((6*7)) > /workspace/answer; cat /workspace/answer"}),
+    )
+    .await;
+    assert!(ok, "{ran}");
+    let ran: Value = serde_json::from_str(&ran).unwrap();
+    assert_eq!(ran["status"], 200, "{ran}");
+    assert_eq!(ran["response"]["stdout"], "Linux\n42\n", "{ran}");
+    assert_eq!(ran["response"]["exit_code"], 0);
+
+    // Files: written and read through the API's exec; the executor sees them too.
+    let (ok, wrote) = call(
+        &client,
+        "write_file",
+        json!({"microvm_id": id, "path": "/workspace/notes/a.txt", "content": "hello\n'quoted' $HOME\n"}),
+    )
+    .await;
+    assert!(ok, "{wrote}");
+    let (ok, read) = call(
+        &client,
+        "read_file",
+        json!({"microvm_id": id, "path": "/workspace/notes/a.txt"}),
+    )
+    .await;
+    assert!(ok, "{read}");
+    assert_eq!(read, "hello\n'quoted' $HOME\n", "written verbatim");
+    let (_, ran) = call(
+        &client,
+        "run_code",
+        json!({"microvm_id": id, "code": "wc -l < /workspace/notes/a.txt"}),
+    )
+    .await;
+    assert!(ran.contains(r#""stdout": "2\n""#), "{ran}");
+    let (ok, missing) = call(
+        &client,
+        "read_file",
+        json!({"microvm_id": id, "path": "/nope"}),
+    )
+    .await;
+    assert!(!ok && missing.contains("/nope"), "a tool error: {missing}");
+    let (ok, out) = call(
+        &client,
+        "run_command",
+        json!({"microvm_id": id, "command": ["sh", "-c", "exit 3"]}),
+    )
+    .await;
+    assert!(ok && out.contains(r#""exitCode": 3"#), "{out}");
+    let (_, listed) = call(&client, "list_sandboxes", json!({})).await;
+    assert!(listed.contains(&id), "{listed}");
+
+    let (ok, gone) = call(&client, "destroy_sandbox", json!({"microvm_id": id})).await;
+    assert!(ok && gone.contains("TERMINATED"), "{gone}");
+    assert!(!home.join("microvms").join(&id).exists());
+    let (ok, after) = call(
+        &client,
+        "run_code",
+        json!({"microvm_id": id, "code": "true"}),
+    )
+    .await;
+    assert!(!ok && after.contains("TERMINATED"), "{after}");
+    let (_, listed) = call(&client, "list_sandboxes", json!({})).await;
+    assert!(!listed.contains(&id), "{listed}");
+    client.cancel().await.unwrap();
+}

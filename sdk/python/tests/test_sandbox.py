@@ -1,0 +1,144 @@
+"""Over HTTPS with kilnd's own CA (--ingress-tls-self-signed): the seed's three tool functions
+unchanged but for how the client is made, and the Sandbox context manager."""
+
+import os
+import urllib.request
+
+import pytest
+import requests
+
+import kiln
+from kiln import ingress
+from conftest import Kilnd, context_tar
+
+IDLE = {"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800, "autoResumeEnabled": True}
+
+
+@pytest.fixture(scope="module")
+def kilnd():
+    d = Kilnd("--ingress-tls-self-signed", "--ingress-domain", "kiln.localhost")
+    c = kiln.Client(endpoint=d.api, api_key=open(os.path.join(d.home, "api-key")).read().strip())
+    c.create_microvm_image(name="executor", codeArtifact={"bytes": context_tar()})
+    c.wait_microvm_image("executor")
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def home(kilnd, monkeypatch):
+    monkeypatch.setenv("KILN_HOME", kilnd.home)
+    for var in ("KILN_ENDPOINT", "KILN_API_KEY", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    yield kilnd.home
+    ingress.uninstall()
+
+
+def test_the_seeds_tool_functions_work_over_https_unchanged(home):
+    # --- the seed's agent code; only the next line differs (boto3.client → kiln.client) ---
+    lambda_client = kiln.client("lambda-microvms", region_name="us-east-1", route_endpoints=True)
+    SANDBOX_IMAGE_ARN = "executor"
+    SANDBOX_ROLE_ARN = "arn:aws:iam::123456789:role/MicroVMExecutionRole"
+
+    def create_sandbox() -> dict:
+        response = lambda_client.run_microvm(
+            imageIdentifier=SANDBOX_IMAGE_ARN,
+            executionRoleArn=SANDBOX_ROLE_ARN,
+            idlePolicy={
+                "maxIdleDurationSeconds": 300,
+                "suspendedDurationSeconds": 1800,
+                "autoResumeEnabled": True,
+            },
+        )
+        return {
+            "sandbox_id": response["microvmId"],
+            "endpoint": f"https://{response['endpoint']}",
+        }
+
+    def run_code(sandbox_id: str, endpoint: str, code: str) -> dict:
+        token_response = lambda_client.create_microvm_auth_token(
+            microvmIdentifier=sandbox_id,
+            expirationInMinutes=5,
+            allowedPorts=[{"port": 8080}],
+        )
+        token = token_response["authToken"]["X-aws-proxy-auth"]
+
+        resp = requests.post(
+            f"{endpoint}/execute",
+            headers={
+                "X-aws-proxy-auth": token,
+                "X-aws-proxy-port": "8080",
+            },
+            json={"code": code, "timeout": 60},
+        )
+        return resp.json()
+
+    def destroy_sandbox(sandbox_id: str) -> str:
+        lambda_client.terminate_microvm(microvmIdentifier=sandbox_id)
+        return "Sandbox terminated. All state destroyed."
+    # --- end of the seed's code ---
+
+    box = create_sandbox()
+    vm_id, endpoint = box["sandbox_id"], box["endpoint"]
+    port = lambda_client.ingress_info()["port"]
+    assert endpoint == f"https://{vm_id}.kiln.localhost:{port}"
+
+    out = run_code(vm_id, endpoint, "uname -s; cat /etc/os-release")
+    assert out["exit_code"] == 0, out
+    assert out["stdout"].startswith("Linux\n") and "kiln busybox" in out["stdout"], out
+    out = run_code(vm_id, endpoint, "echo 1700000000 > /workspace/state.txt")
+    assert out["exit_code"] == 0, out
+    assert run_code(vm_id, endpoint, "cat /workspace/state.txt")["stdout"] == "1700000000\n"
+
+    # urllib (http.client + ssl's default context) works the same way.
+    token = lambda_client.create_microvm_auth_token(microvmIdentifier=vm_id, expirationInMinutes=5,
+                                                    allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
+    req = urllib.request.Request(f"{endpoint}/health", headers={"X-aws-proxy-auth": token})
+    assert urllib.request.urlopen(req, timeout=60).read() == b'{"status": "ready"}'
+
+    # Without the routing and the trust, the same call cannot even connect.
+    ingress.uninstall()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        run_code(vm_id, endpoint, "true")
+    lambda_client.route_endpoints()
+    with pytest.raises(requests.exceptions.SSLError):
+        _untrusted(endpoint, token)
+
+    assert destroy_sandbox(vm_id).startswith("Sandbox terminated")
+    assert lambda_client.get_microvm(microvmIdentifier=vm_id)["state"] == "TERMINATED"
+    assert not os.path.exists(os.path.join(home, "microvms", vm_id))
+
+
+def _untrusted(endpoint: str, token: str):
+    """The request with requests' own CA bundle only: kilnd's CA is what makes it verify."""
+    import certifi
+
+    requests.post(f"{endpoint}/execute", json={"code": "true"}, verify=certifi.where(),
+                  headers={"X-aws-proxy-auth": token})
+
+
+def test_sandbox_context_manager_handles_tokens_and_cleans_up(home):
+    client = kiln.client()  # no routing: Sandbox connects to the ingress itself
+    with kiln.Sandbox("executor", client=client, idlePolicy=IDLE) as sb:
+        vm_id = sb.microvm_id
+        assert sb.info()["state"] == "RUNNING"
+        assert sb.post("/execute", json={"code": "echo $((6*7))"}).json()["stdout"] == "42\n"
+        assert sb.post("/echo", json={"a": [1, 2], "b": "x"}).json() == {"a": [1, 2], "b": "x"}
+        assert sb.get("/health").json() == {"status": "ready"}
+        first = sb.token()
+        assert sb.token() == first, "a token is reused while it is valid"
+        # Revoked tokens: the helper gets a 401, takes a new token and retries.
+        client.revoke_microvm_auth_tokens(microvmIdentifier=vm_id)
+        assert sb.get("/health").status == 200
+        assert sb.token() != first
+    assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "TERMINATED"
+    assert not os.path.exists(os.path.join(home, "microvms", vm_id))
+
+    # An exception inside the block still terminates the microVM.
+    with pytest.raises(RuntimeError):
+        with kiln.Sandbox("executor", client=client) as sb:
+            vm_id = sb.microvm_id
+            raise RuntimeError("boom")
+    assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "TERMINATED"
+    with pytest.raises(kiln.KilnError) as err:
+        sb.get("/health").raise_for_status()
+    assert err.value.status in (401, 404, 409, 502), err.value
