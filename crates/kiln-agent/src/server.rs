@@ -15,6 +15,8 @@ use crate::app::AppSupervisor;
 use crate::port::Port;
 use crate::reaper::Reaper;
 
+/// How long a detaching session gets to flush its last frames.
+const DETACH_FLUSH: Duration = Duration::from_secs(1);
 /// How often the agent looks for a host while none is connected.
 const HOST_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -49,7 +51,7 @@ impl AgentState {
 pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
     let mut quiet_failures = 0u32;
     loop {
-        let result = handshake::server(port.clone(), |nonce, generation| HelloAck {
+        let result = handshake::server(port.session_handle(), |nonce, generation| HelloAck {
             nonce,
             generation,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -62,7 +64,7 @@ pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
                 crate::reseed::apply(&hello);
                 let n = state.sessions.load(Ordering::Relaxed);
                 info!(session = n, generation, "host connected");
-                run_session(io, generation, state.clone())
+                run_session(io, generation, state.clone(), port.clone())
                     .instrument(tracing::info_span!("session", n))
                     .await;
             }
@@ -81,20 +83,40 @@ pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
     }
 }
 
-async fn run_session<S>(io: S, generation: u16, state: Arc<AgentState>)
+/// What a stream handler needs besides its stream.
+#[derive(Clone)]
+struct SessionCtx {
+    session: Session,
+    state: Arc<AgentState>,
+    port: Port,
+    /// Signalled when the host asked to detach: the session loop ends without waiting.
+    detached: Arc<tokio::sync::Notify>,
+}
+
+async fn run_session<S>(io: S, generation: u16, state: Arc<AgentState>, port: Port)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (session, mut accepted) = Session::server(io, generation);
+    let ctx = SessionCtx {
+        session: session.clone(),
+        state,
+        port,
+        detached: Arc::new(tokio::sync::Notify::new()),
+    };
     loop {
         tokio::select! {
             stream = accepted.recv() => match stream {
                 Some(stream) => {
-                    let (session, state) = (session.clone(), state.clone());
-                    tokio::spawn(async move { handle_stream(stream, session, state).await });
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { handle_stream(stream, ctx).await });
                 }
                 None => break,
             },
+            _ = ctx.detached.notified() => {
+                info!("detached: ready for the next host");
+                break;
+            }
             end = session.wait_end() => {
                 info!(%end, "host session ended");
                 break;
@@ -103,7 +125,8 @@ where
     }
 }
 
-async fn handle_stream(stream: Stream, session: Session, state: Arc<AgentState>) {
+async fn handle_stream(stream: Stream, ctx: SessionCtx) {
+    let (session, state) = (&ctx.session, &ctx.state);
     let mut framed = FramedStream::new(stream);
     let request: Request = match framed.expect("waiting for a request").await {
         Ok(r) => r,
@@ -159,10 +182,15 @@ async fn handle_stream(stream: Stream, session: Session, state: Arc<AgentState>)
         Request::PutArchive(req) => crate::archive::put(framed, req).await,
         Request::Shell(req) => crate::pty::run(framed, req, &state.reaper).await,
         Request::Detach => {
+            // No reading after this point: once the host hears Ok it may snapshot the
+            // guest, and this session must not eat the next host's hello after a restore.
+            ctx.port.retire_sessions();
             let sent = framed.send(&GuestFrame::Ok).await;
             let _ = framed.close().await;
             info!("host asked to detach: ending the session");
-            session.close().await;
+            let _ = tokio::time::timeout(DETACH_FLUSH, session.close()).await;
+            ctx.port.seal_retired();
+            ctx.detached.notify_one();
             sent
         }
     };
