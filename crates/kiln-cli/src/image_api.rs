@@ -68,6 +68,9 @@ pub struct CreateArgs {
     /// KEY=VALUE, for ARG (repeatable).
     #[arg(long = "build-arg")]
     build_args: Vec<String>,
+    /// Egress connectors of the build as JSON (default: '[{"type":"internet"}]').
+    #[arg(long, value_parser = crate::remote::parse_json)]
+    connectors: Option<Value>,
     /// Print only the result, not the build log.
     #[arg(long)]
     quiet: bool,
@@ -90,6 +93,9 @@ impl CreateArgs {
         let mut set = |k: &str, v: Value| f[k] = v;
         if let Some(d) = &self.dockerfile {
             set("dockerfile", json!(d));
+        }
+        if let Some(c) = &self.connectors {
+            set("connectors", c.clone());
         }
         if let Some(m) = self.memory {
             set("memorySizeMib", json!(m));

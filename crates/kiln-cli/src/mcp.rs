@@ -31,6 +31,9 @@ pub struct CreateSandbox {
     idle_seconds: Option<u64>,
     /// Body of the image's /run hook.
     run_hook_payload: Option<String>,
+    /// Egress connectors, e.g. [{"type": "none"}] or [{"type": "allowlist", "destinations":
+    /// [{"name": "api.example.com", "ports": [443]}]}]; default: public internet only.
+    connectors: Option<Value>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -124,7 +127,7 @@ impl KilnMcp {
             let idle = json!({"maxIdleDurationSeconds": p.idle_seconds.unwrap_or(300),
                               "suspendedDurationSeconds": 1800, "autoResumeEnabled": true});
             let run = c
-                .run_microvm(&p.image, Some(idle), p.run_hook_payload, None)
+                .run_microvm(&p.image, Some(idle), p.run_hook_payload, None, p.connectors)
                 .map_err(|e| e.to_string())?;
             let id = run["microvmId"].as_str().unwrap_or_default().to_string();
             let deadline = Instant::now() + Duration::from_secs(180);

@@ -43,6 +43,9 @@ pub enum Remote {
         payload: Option<String>,
         #[arg(long)]
         max_duration: Option<u64>,
+        /// Egress connectors as JSON, e.g. '[{"type":"none"}]' (default: internet).
+        #[arg(long, value_parser = parse_json)]
+        connectors: Option<Value>,
         /// Wait until it is RUNNING (or TERMINATED).
         #[arg(long)]
         wait: bool,
@@ -96,6 +99,11 @@ pub enum Remote {
     },
 }
 
+/// Parses a JSON flag value (clap reports the error with the flag's name).
+pub fn parse_json(text: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
+}
+
 fn print_table(rows: &[&Value]) {
     println!(
         "{:<22} {:<11} {:<20} {:<34} REASON",
@@ -140,10 +148,11 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             no_auto_resume,
             payload,
             max_duration,
+            connectors,
             wait,
         } => {
             let idle = json!({"maxIdleDurationSeconds": idle_seconds, "suspendedDurationSeconds": suspended_seconds, "autoResumeEnabled": !no_auto_resume});
-            let run = c.run_microvm(&image, Some(idle), payload, max_duration)?;
+            let run = c.run_microvm(&image, Some(idle), payload, max_duration, connectors)?;
             let id = run["microvmId"].as_str().unwrap_or_default().to_string();
             let mut view = run;
             if wait {

@@ -146,6 +146,25 @@ fn the_cli_drives_microvms_through_the_api() {
         "{out}"
     );
 
+    // Egress connectors: `none` leaves the guest without a network interface; a connector
+    // kilnd does not know is a validation error (exit 2).
+    let (code, closed, err) = kiln(
+        &d,
+        &[
+            "run",
+            "cli",
+            "--connectors",
+            r#"[{"type":"none"}]"#,
+            "--wait",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, nics, _) = kiln(&d, &["exec", closed.trim(), "--", "ls", "/sys/class/net"]);
+    assert_eq!((code, nics.trim()), (0, "lo"));
+    assert_eq!(kiln(&d, &["terminate", closed.trim()]).0, 0);
+    let (code, _, err) = kiln(&d, &["run", "cli", "--connectors", r#"[{"type":"vpc"}]"#]);
+    assert_eq!(code, 2, "{err}");
+
     // Exit codes for errors.
     assert_eq!(kiln(&d, &["get", "mvm-0000000000000000"]).0, 3, "not found");
     let (code, _, err) = kiln(&d, &["run", "cli", "--idle-seconds", "1"]);

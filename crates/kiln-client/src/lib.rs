@@ -213,8 +213,12 @@ impl Client {
         idle: Option<Value>,
         payload: Option<String>,
         max_duration: Option<u64>,
+        connectors: Option<Value>,
     ) -> Result<Value, ClientError> {
         let mut body = json!({"imageIdentifier": image});
+        if let Some(c) = connectors {
+            body["connectors"] = c;
+        }
         if let Some(i) = idle {
             body["idlePolicy"] = i;
         }

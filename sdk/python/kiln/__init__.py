@@ -116,7 +116,8 @@ class Client:
     # -- images ----------------------------------------------------------------------------
     def create_microvm_image(self, name: str, codeArtifact: dict, memorySizeMib: int = 512, vcpus: int = 1,
                              hookPort: int = 9000, readyTimeoutSeconds: int = 60, buildArgs: Optional[dict] = None,
-                             baseImageArn: Optional[str] = None, buildRoleArn: Optional[str] = None, **_ignored) -> dict:
+                             baseImageArn: Optional[str] = None, buildRoleArn: Optional[str] = None,
+                             connectors: Optional[list] = None, **_ignored) -> dict:
         """``codeArtifact``: ``{"uri": "file:///path/ctx.zip"}``, ``{"path": "ctx.zip"}`` or ``{"bytes": b"..."}``
         (a zip or tar of the build context). Returns ``{"imageIdentifier", "name", "status"}``."""
         if "bytes" in codeArtifact:
@@ -129,6 +130,8 @@ class Client:
         body = {"name": name, "codeArtifact": {"artifactId": art["artifactId"]}, "memorySizeMib": memorySizeMib,
                 "vcpus": vcpus, "hookPort": hookPort, "readyTimeoutSeconds": readyTimeoutSeconds,
                 "buildArgs": buildArgs or {}}
+        if connectors is not None:
+            body["connectors"] = connectors
         return self._call("POST", "/v1/images", body)
 
     def get_microvm_image(self, imageIdentifier: str) -> dict:
@@ -168,8 +171,12 @@ class Client:
 
     # -- microVMs --------------------------------------------------------------------------
     def run_microvm(self, imageIdentifier: str, idlePolicy: Optional[dict] = None, runHookPayload: Optional[str] = None,
-                    maxDurationSeconds: Optional[int] = None, executionRoleArn: Optional[str] = None, **_ignored) -> dict:
+                    maxDurationSeconds: Optional[int] = None, executionRoleArn: Optional[str] = None,
+                    connectors: Optional[list] = None, **_ignored) -> dict:
+        """``connectors``: egress, e.g. ``[{"type": "none"}]``; kilnd's default is ``internet``."""
         body: dict = {"imageIdentifier": imageIdentifier}
+        if connectors is not None:
+            body["connectors"] = connectors
         if idlePolicy is not None:
             body["idlePolicy"] = idlePolicy
         if runHookPayload is not None:

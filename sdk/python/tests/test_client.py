@@ -53,6 +53,14 @@ def test_seed_shaped_flow(daemon, monkeypatch):
         client.delete_microvm_image("sdk-sandbox")
     assert err.value.status == 409
 
+    # Egress connectors pass through; a bad one is a typed validation error before anything runs.
+    closed = client.run_microvm(imageIdentifier="sdk-sandbox", connectors=[{"type": "none"}])["microvmId"]
+    assert client.get_microvm(microvmIdentifier=closed)["connectors"] == [{"type": "none"}]
+    client.terminate_microvm(microvmIdentifier=closed)
+    with pytest.raises(kiln.KilnError) as err:
+        client.run_microvm(imageIdentifier="sdk-sandbox", connectors=[{"type": "host-service", "name": "nope"}])
+    assert err.value.status == 400 and "host-service" in err.value.message
+
     assert client.terminate_microvm(microvmIdentifier=vm_id)["state"] == "TERMINATED"
     assert not os.path.exists(os.path.join(daemon, "microvms", vm_id))
     with pytest.raises(kiln.KilnError) as err:
