@@ -97,6 +97,32 @@ pub enum Remote {
         #[arg(long, default_value_t = 0)]
         since: i64,
     },
+    /// The app's stdout and stderr in a RUNNING microVM (-f: keep printing new output).
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+        /// How much of the newest output to fetch.
+        #[arg(long, default_value_t = 64 << 10)]
+        max_bytes: u32,
+    },
+}
+
+/// What `new` adds after `old`, when both are tails of one growing log: the longest
+/// suffix of `old` that starts `new` is the overlap.
+fn log_increment<'a>(old: &str, new: &'a str) -> &'a str {
+    if old.is_empty() {
+        return new;
+    }
+    if let Some(rest) = new.strip_prefix(old) {
+        return rest;
+    }
+    for (i, _) in old.char_indices().skip(1) {
+        if let Some(rest) = new.strip_prefix(&old[i..]) {
+            return rest;
+        }
+    }
+    new
 }
 
 /// Parses a JSON flag value (clap reports the error with the flag's name).
@@ -277,6 +303,25 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 .unwrap_or_else(|| "127.0.0.1:8443".into());
             crate::shell::run(&c, &id, &ingress)
         }
+        Remote::Logs {
+            id,
+            follow,
+            max_bytes,
+        } => {
+            let path = format!("/v1/microvms/{id}/logs?maxBytes={max_bytes}");
+            let mut shown = String::new();
+            loop {
+                let logs = c.get(&path)?;
+                let text = logs["logs"].as_str().unwrap_or_default().to_string();
+                print!("{}", log_increment(&shown, &text));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                if !follow {
+                    return Ok(0);
+                }
+                shown = text;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
         Remote::Events { since } => {
             let ev = c.get(&format!("/v1/events?since={since}"))?;
             if conn.json() {
@@ -299,5 +344,21 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             }
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_increment;
+
+    #[test]
+    fn following_prints_only_what_is_new() {
+        assert_eq!(log_increment("", "a\nb\n"), "a\nb\n");
+        assert_eq!(log_increment("a\nb\n", "a\nb\nc\n"), "c\n");
+        // The kept tail moved on: the overlap is found, not repeated.
+        assert_eq!(log_increment("a\nb\nc\n", "b\nc\nd\n"), "d\n");
+        assert_eq!(log_increment("same", "same"), "");
+        // Nothing in common (the buffer wrapped entirely): everything is new.
+        assert_eq!(log_increment("old", "xyz"), "xyz");
     }
 }

@@ -38,7 +38,7 @@ fn context() -> Vec<u8> {
         ),
         (
             "start.sh",
-            "#!/bin/sh\nexec nc -ll -p 9000 -e /srv/hook.sh\n",
+            "#!/bin/sh\necho app-started-$((6*7))\nexec nc -ll -p 9000 -e /srv/hook.sh\n",
         ),
         ("hook.sh", hook),
     ];
@@ -82,6 +82,10 @@ fn the_cli_drives_microvms_through_the_api() {
         (7, "from-guest\n"),
         "exit codes pass through"
     );
+    // The app's output, as the guest keeps it.
+    let (code, logs, err) = kiln(&d, &["logs", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(logs.contains("app-started-42"), "{logs}");
     let (code, token, _) = kiln(&d, &["token", &id, "--port", "8080", "--minutes", "2"]);
     assert_eq!(code, 0);
     assert_eq!(token.trim().split('.').count(), 5, "a compact JWE: {token}");

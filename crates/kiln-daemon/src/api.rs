@@ -57,6 +57,7 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
         .route("/v1/microvms/{id}/resume", post(resume_microvm))
         .route("/v1/microvms/{id}/terminate", post(terminate_microvm))
         .route("/v1/microvms/{id}/exec", post(exec_microvm))
+        .route("/v1/microvms/{id}/logs", get(microvm_logs))
         .route("/v1/events", get(events))
         .route("/v1/ingress", get(ingress_info))
         .route("/v1/auth-tokens", post(create_token))
@@ -103,6 +104,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/resume"),
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
+    ("get", "/v1/microvms/{id}/logs"),
     ("get", "/v1/events"),
     ("get", "/v1/ingress"),
     ("post", "/v1/auth-tokens"),
@@ -506,6 +508,26 @@ struct ExecBody {
     command: Vec<String>,
     #[serde(default)]
     timeout_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AppLogsQuery {
+    max_bytes: Option<u32>,
+}
+
+/// The app's output (stdout and stderr, interleaved) as the guest keeps it: the newest
+/// `maxBytes` (64 KiB by default, 1 MiB at most).
+async fn microvm_logs(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    Query(q): Query<AppLogsQuery>,
+) -> ApiResult<Json<Value>> {
+    let max = q.max_bytes.unwrap_or(64 << 10).clamp(1, 1 << 20);
+    let logs = m.app_logs(&id, max).await?;
+    Ok(Json(
+        json!({"microvmId": id, "logs": String::from_utf8_lossy(&logs)}),
+    ))
 }
 
 async fn exec_microvm(

@@ -489,6 +489,32 @@ impl Manager {
         self.row(id)
     }
 
+    /// The agent of a RUNNING microVM; `what` names the request in the conflict message.
+    async fn running_agent(&self, id: &str, what: &str) -> ApiResult<kiln_vmm::AgentClient> {
+        let slot = self.slot(id);
+        let slot = slot.lock().await;
+        let row = self.row(id)?;
+        match (&slot.vm, Self::state_of(&row)) {
+            (Some(vm), MicrovmState::Running) => Ok(vm.agent().clone()),
+            (_, state) => Err(ApiError::conflict(format!(
+                "microVM {id} is {state}; {what} needs RUNNING (resume it first)"
+            ))),
+        }
+    }
+
+    /// The tail of the app's stdout and stderr, as the guest agent keeps it. Reading logs is
+    /// not activity: it does not keep a microVM from idling.
+    pub async fn app_logs(&self, id: &str, max_bytes: u32) -> ApiResult<Vec<u8>> {
+        let agent = self.running_agent(id, "reading logs").await?;
+        agent.app_logs(max_bytes).await.map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "LogsFailed",
+                error_chain(&e),
+            )
+        })
+    }
+
     /// Runs a command in a RUNNING microVM (an exec session counts as activity).
     pub async fn exec(
         &self,
@@ -499,19 +525,7 @@ impl Manager {
         if argv.is_empty() {
             return Err(ApiError::bad_request("command must name a program"));
         }
-        let agent = {
-            let slot = self.slot(id);
-            let slot = slot.lock().await;
-            let row = self.row(id)?;
-            match (&slot.vm, Self::state_of(&row)) {
-                (Some(vm), MicrovmState::Running) => vm.agent().clone(),
-                (_, state) => {
-                    return Err(ApiError::conflict(format!(
-                        "microVM {id} is {state}; exec needs RUNNING"
-                    )))
-                }
-            }
-        };
+        let agent = self.running_agent(id, "exec").await?;
         self.record_activity(id);
         let req = kiln_proto::ExecRequest {
             process: kiln_proto::ProcessSpec {
