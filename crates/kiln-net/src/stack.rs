@@ -42,6 +42,8 @@ const CHUNK: usize = 16 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Egress passes per step: enough for a window's worth of segments, bounded for fairness.
+const MAX_EGRESS_PASSES: usize = 64;
 
 /// A guest TCP connection: (guest address, destination).
 type Tuple = (SocketAddrV4, SocketAddrV4);
@@ -213,8 +215,17 @@ impl Stack {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.serve_dns();
         self.pump();
-        self.iface
-            .poll(self.now(), &mut self.device, &mut self.sockets);
+        // smoltcp sends at most one segment per socket per egress pass: repeat while it
+        // sends (bounded), refilling socket buffers from the host side in between.
+        for _ in 0..MAX_EGRESS_PASSES {
+            let before = self.device.tx.len();
+            self.iface
+                .poll_egress(self.now(), &mut self.device, &mut self.sockets);
+            if self.device.tx.len() == before {
+                break;
+            }
+            self.pump();
+        }
     }
 
     /// Looks at a frame from the guest before smoltcp does: new TCP connections are held
@@ -566,19 +577,23 @@ async fn relay(
     let downstream = async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to_guest
-                        .send(Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    wake.notify_one();
-                }
+            let n = tokio::select! {
+                read = read.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                // The guest side is gone (connection ended, VM stopped): do not keep an
+                // idle host connection open waiting for bytes nobody will read.
+                _ = to_guest.closed() => break,
+            };
+            if to_guest
+                .send(Bytes::copy_from_slice(&buf[..n]))
+                .await
+                .is_err()
+            {
+                break;
             }
+            wake.notify_one();
         }
         // Dropping the sender tells the stack the host is done: the guest gets a FIN.
         drop(to_guest);
