@@ -123,7 +123,7 @@ impl CreateArgs {
 }
 
 /// A usage error (exit code 2) raised on the client side.
-fn usage(message: String) -> ClientError {
+pub(crate) fn usage(message: String) -> ClientError {
     ClientError::Api {
         status: 400,
         code: "ValidationException".into(),

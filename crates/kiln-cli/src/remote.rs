@@ -65,9 +65,10 @@ pub enum Remote {
     Resume { id: String },
     /// TerminateMicrovm.
     Terminate { id: String },
-    /// CreateMicrovmAuthToken.
+    /// CreateMicrovmAuthToken: `kiln token [create] <microvmId>`.
     Token {
-        id: String,
+        #[arg(num_args = 1..=2, required = true, value_name = "[create] MICROVM_ID")]
+        target: Vec<String>,
         /// Allowed port (repeatable; default 8080).
         #[arg(long = "port")]
         ports: Vec<u16>,
@@ -248,11 +249,21 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             Ok(0)
         }
         Remote::Token {
-            id,
+            target,
             ports,
             minutes,
             kind,
         } => {
+            let id = match target.as_slice() {
+                [id] => id.clone(),
+                [verb, id] if verb == "create" => id.clone(),
+                _ => {
+                    return Err(crate::image_api::usage(format!(
+                        "kiln token {}: use `kiln token [create] <microvmId>`",
+                        target.join(" ")
+                    )))
+                }
+            };
             let ports: Vec<Value> = if ports.is_empty() {
                 vec![json!({"port": 8080})]
             } else {

@@ -89,6 +89,8 @@ fn the_cli_drives_microvms_through_the_api() {
     let (code, token, _) = kiln(&d, &["token", &id, "--port", "8080", "--minutes", "2"]);
     assert_eq!(code, 0);
     assert_eq!(token.trim().split('.').count(), 5, "a compact JWE: {token}");
+    let (code, token, _) = kiln(&d, &["token", "create", &id, "--port", "8080"]);
+    assert_eq!((code, token.trim().split('.').count()), (0, 5), "{token}");
     let (_, shown, _) = kiln(&d, &["get", &id, "--output", "json"]);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&shown).unwrap()["state"],
