@@ -86,24 +86,44 @@ fn id(name: String) -> VmId {
     VmId::new(name).expect("bench ids are valid")
 }
 
+/// A cold boot of `machine` on `base` into `scratch/name`, NIC (if any) leading nowhere.
+pub fn cold_boot_config(
+    scratch: &Path,
+    name: &str,
+    machine: MachineSpec,
+    assets: &GuestAssets,
+    (base_disk, base_format): (std::path::PathBuf, kiln_vmm::disk::BackingFormat),
+) -> BootConfig {
+    BootConfig {
+        id: id(name.to_string()),
+        dir: scratch.join(name),
+        machine,
+        assets: assets.clone(),
+        base_disk,
+        base_format,
+        top_disk: None,
+        disk_size_mib: None,
+        timeout: Duration::from_secs(120),
+        die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
+    }
+}
+
 async fn measure(
     args: &BenchArgs,
     assets: &GuestAssets,
     machine: &MachineSpec,
     scratch: &Path,
 ) -> anyhow::Result<()> {
-    let boot = |n: usize| BootConfig {
-        id: id(format!("cold-{n}")),
-        dir: scratch.join(format!("cold-{n}")),
-        machine: machine.clone(),
-        assets: assets.clone(),
-        base_disk: assets.base_disk(&args.base).expect("base exists"),
-        base_format: kiln_vmm::disk::BackingFormat::Raw,
-        top_disk: None,
-        disk_size_mib: None,
-        timeout: Duration::from_secs(120),
-        die_with_parent: true,
-        network: kiln_vmm::NetworkAttachment::closed(),
+    let base = assets.base_disk(&args.base)?;
+    let boot = |n: usize| {
+        cold_boot_config(
+            scratch,
+            &format!("cold-{n}"),
+            machine.clone(),
+            assets,
+            (base.clone(), kiln_vmm::disk::BackingFormat::Raw),
+        )
     };
     // Cold boots; the last one becomes the template.
     let mut cold = Vec::new();
@@ -263,19 +283,16 @@ pub async fn measure_image(
     let launch = t.elapsed();
     vm.destroy().await?;
     let t = Instant::now();
-    let cold = Vm::boot(BootConfig {
-        id: id("image-cold".into()),
-        dir: scratch.join("image-cold"),
-        machine: template.manifest().machine.clone(),
-        assets: assets.clone(),
-        base_disk: template.dir().join("disk.qcow2"),
-        base_format: kiln_vmm::disk::BackingFormat::Qcow2,
-        top_disk: None,
-        disk_size_mib: None,
-        timeout: Duration::from_secs(120),
-        die_with_parent: true,
-        network: kiln_vmm::NetworkAttachment::closed(),
-    })
+    let cold = Vm::boot(cold_boot_config(
+        scratch,
+        "image-cold",
+        template.manifest().machine.clone(),
+        assets,
+        (
+            template.dir().join("disk.qcow2"),
+            kiln_vmm::disk::BackingFormat::Qcow2,
+        ),
+    ))
     .await?;
     let cold_boot = t.elapsed();
     cold.destroy().await?;

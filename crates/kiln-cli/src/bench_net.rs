@@ -6,10 +6,10 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kiln_vmm::kiln_net::{Connector, EgressPolicy, HostFacts, HostService, OperatorConfig};
-use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, NetworkAttachment, Vm};
+use kiln_vmm::{GuestAssets, MachineSpec, NetworkAttachment, Vm};
 
 /// Bytes the throughput test downloads.
 const BULK_BYTES: usize = 32 << 20;
@@ -62,20 +62,18 @@ async fn measure_one(
 ) -> anyhow::Result<Figures> {
     let mut machine = machine.clone();
     machine.network = true;
-    let vm = Vm::boot(BootConfig {
-        id: kiln_types::VmId::new(format!("net-{name}"))?,
-        dir: scratch.join(format!("net-{name}")),
+    let mut cfg = crate::bench::cold_boot_config(
+        scratch,
+        &format!("net-{name}"),
         machine,
-        assets: assets.clone(),
-        base_disk: assets.base_disk("busybox")?,
-        base_format: kiln_vmm::disk::BackingFormat::Raw,
-        top_disk: None,
-        disk_size_mib: None,
-        timeout: Duration::from_secs(120),
-        die_with_parent: true,
-        network,
-    })
-    .await?;
+        assets,
+        (
+            assets.base_disk("busybox")?,
+            kiln_vmm::disk::BackingFormat::Raw,
+        ),
+    );
+    cfg.network = network;
+    let vm = Vm::boot(cfg).await?;
     let url = format!("http://10.0.2.2:{port}");
     // Warm up (ARP, first connection), then time inside one exec each.
     vm.agent()

@@ -224,7 +224,8 @@ async fn create_image(
         .unwrap_or_else(crate::egress::default_connectors);
     let policy = m.egress.compile(&connectors)?;
     let mut spec = BuildSpec::new(&req.name, &path);
-    spec.network = m.egress.build_attachment(policy);
+    // Builds have no microVM id to attach events to: their denials are logged.
+    spec.network = kiln_vmm::NetworkAttachment::egress(policy);
     if let Some(d) = req.dockerfile {
         spec.dockerfile = d;
     }

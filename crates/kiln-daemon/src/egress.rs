@@ -75,11 +75,6 @@ impl Egress {
         }
     }
 
-    /// A build's network: no events (builds have no microVM id), denials logged.
-    pub fn build_attachment(&self, policy: EgressPolicy) -> NetworkAttachment {
-        NetworkAttachment::egress(policy)
-    }
-
     fn record_denial(&self, manager: &Manager, id: &str, denial: &Denial) {
         let now = now_ms();
         let allowed = {

@@ -283,11 +283,9 @@ impl Manager {
                     network,
                 })
                 .await?;
-            if config.connectors.contains(&Connector::None) {
-                if let Err(e) = vm.detach_nic().await {
-                    let _ = vm.destroy().await;
-                    return Err(e);
-                }
+            if let Err(e) = apply_no_network(config, &vm).await {
+                let _ = vm.destroy().await;
+                return Err(e);
             }
             Ok::<_, kiln_vmm::VmError>(vm)
         }
@@ -421,10 +419,8 @@ impl Manager {
         self.set_state(id, MicrovmState::Resuming, Some(reason));
         match suspended.resume(Duration::from_secs(60)).await {
             Ok(vm) => {
-                if config.connectors.contains(&Connector::None) {
-                    if let Err(e) = vm.detach_nic().await {
-                        warn!(id, "taking the NIC away again after resume failed: {e}");
-                    }
+                if let Err(e) = apply_no_network(&config, &vm).await {
+                    warn!(id, "taking the NIC away again after resume failed: {e}");
                 }
                 if config.hooks_enabled {
                     if let Err(why) = self
@@ -574,6 +570,14 @@ impl Manager {
             let _ = self.store().set_usage(id, &v);
         }
     }
+}
+
+/// The `none` connector takes the NIC away; needed after every launch and resume.
+async fn apply_no_network(config: &MicrovmConfig, vm: &Vm) -> Result<(), kiln_vmm::VmError> {
+    if config.connectors.contains(&Connector::None) {
+        vm.detach_nic().await?;
+    }
+    Ok(())
 }
 
 /// User + system CPU time of a process, from /proc.

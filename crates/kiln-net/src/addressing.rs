@@ -8,6 +8,4 @@ use kiln_types::guest_net::{GUEST_NET_ADDR, GUEST_NET_PREFIX};
 pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
 
 /// The guest network, 10.0.2.0/24.
-pub fn guest_net() -> Ipv4Net {
-    Ipv4Net::new(GUEST_NET_ADDR, GUEST_NET_PREFIX).expect("valid guest network")
-}
+pub const GUEST_NET: Ipv4Net = Ipv4Net::new_assert(GUEST_NET_ADDR, GUEST_NET_PREFIX);

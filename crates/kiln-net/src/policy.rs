@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::addressing::{guest_net, DNS_ADDR, GATEWAY_ADDR};
+use crate::addressing::{DNS_ADDR, GATEWAY_ADDR, GUEST_NET};
 
 /// At most this many connectors, destinations and ports: policies are checked per connection.
 pub const MAX_ENTRIES: usize = 64;
@@ -166,28 +166,31 @@ impl HostFacts {
     }
 }
 
+const fn net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), prefix)
+}
+
 /// Ranges no connector opens (except a host-service, which names its target itself).
-const ALWAYS_CLOSED: &[(&str, DenyReason)] = &[
-    ("0.0.0.0/8", DenyReason::Reserved),
-    ("127.0.0.0/8", DenyReason::HostAddress),
-    ("224.0.0.0/4", DenyReason::Reserved),
-    ("240.0.0.0/4", DenyReason::Reserved),
+const ALWAYS_CLOSED: &[(Ipv4Net, DenyReason)] = &[
+    (net(0, 0, 0, 0, 8), DenyReason::Reserved),
+    (net(127, 0, 0, 0, 8), DenyReason::HostAddress),
+    (net(224, 0, 0, 0, 4), DenyReason::Reserved),
+    (net(240, 0, 0, 0, 4), DenyReason::Reserved),
 ];
 
 /// Ranges `internet` does not reach; an allowlist CIDR can open them explicitly.
-const NOT_INTERNET: &[(&str, DenyReason)] = &[
-    ("10.0.0.0/8", DenyReason::PrivateRange),
-    ("172.16.0.0/12", DenyReason::PrivateRange),
-    ("192.168.0.0/16", DenyReason::PrivateRange),
-    ("100.64.0.0/10", DenyReason::PrivateRange),
-    ("169.254.0.0/16", DenyReason::LinkLocal),
+const NOT_INTERNET: &[(Ipv4Net, DenyReason)] = &[
+    (net(10, 0, 0, 0, 8), DenyReason::PrivateRange),
+    (net(172, 16, 0, 0, 12), DenyReason::PrivateRange),
+    (net(192, 168, 0, 0, 16), DenyReason::PrivateRange),
+    (net(100, 64, 0, 0, 10), DenyReason::PrivateRange),
+    (net(169, 254, 0, 0, 16), DenyReason::LinkLocal),
 ];
 
-fn in_ranges(ip: Ipv4Addr, ranges: &[(&str, DenyReason)]) -> Option<DenyReason> {
-    ranges.iter().find_map(|(cidr, why)| {
-        let net: Ipv4Net = cidr.parse().expect("constant CIDR");
-        net.contains(&ip).then_some(*why)
-    })
+fn in_ranges(ip: Ipv4Addr, ranges: &[(Ipv4Net, DenyReason)]) -> Option<DenyReason> {
+    ranges
+        .iter()
+        .find_map(|(net, why)| net.contains(&ip).then_some(*why))
 }
 
 /// A microVM's compiled egress policy.
@@ -350,7 +353,7 @@ impl EgressPolicy {
         if self.none {
             return Verdict::Deny(DenyReason::NoNetwork);
         }
-        if guest_net().contains(&ip) {
+        if GUEST_NET.contains(&ip) {
             if ip == GATEWAY_ADDR {
                 if let Some((_, target)) = self.host_services.iter().find(|(p, _)| *p == port) {
                     return Verdict::Allow(*target);

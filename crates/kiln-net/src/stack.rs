@@ -8,7 +8,7 @@
 //! flight to the host socket; at most [`MAX_CONNECTIONS`] connections, [`MAX_CONNECTING`]
 //! pending connects and [`MAX_LOOKUPS`] pending DNS lookups per guest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,7 +78,7 @@ pub struct Stack {
     sockets: SocketSet<'static>,
     dns_socket: SocketHandle,
     conns: HashMap<Tuple, Conn>,
-    connecting: HashMap<Tuple, ()>,
+    connecting: HashSet<Tuple>,
     lookups: usize,
     resolved: HashMap<Ipv4Addr, Vec<Ports>>,
     policy: Arc<EgressPolicy>,
@@ -142,7 +142,7 @@ impl Stack {
             sockets,
             dns_socket,
             conns: HashMap::new(),
-            connecting: HashMap::new(),
+            connecting: HashSet::new(),
             lookups: 0,
             resolved: HashMap::new(),
             policy,
@@ -248,7 +248,7 @@ impl Stack {
     }
 
     fn new_connection(&mut self, tuple: Tuple, syn: Vec<u8>) {
-        if self.connecting.contains_key(&tuple) {
+        if self.connecting.contains(&tuple) {
             return; // a retransmitted SYN while the host connect runs
         }
         let dst = tuple.1;
@@ -267,7 +267,7 @@ impl Stack {
             self.device.rx.push_back(syn);
             return;
         }
-        self.connecting.insert(tuple, ());
+        self.connecting.insert(tuple);
         let done = self.connected_tx.clone();
         tokio::spawn(async move {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))

@@ -56,7 +56,7 @@ async fn allowlist_host_service_and_internet_reach_only_what_they_allow() {
     let allowed = NetnsHost::start("allowed", 8080);
     let other = NetnsHost::start("other", 8080);
     let canary = Canary::start();
-    let service = NetnsHostlessService::start();
+    let service = LoopbackService::start();
     let operator = OperatorConfig {
         host_services: vec![HostService {
             name: "svc".into(),
@@ -149,12 +149,12 @@ async fn allowlist_host_service_and_internet_reach_only_what_they_allow() {
 }
 
 /// A plain HTTP server on host loopback standing for an operator's host service.
-struct NetnsHostlessService {
+struct LoopbackService {
     port: u16,
 }
 
-impl NetnsHostlessService {
-    fn start() -> NetnsHostlessService {
+impl LoopbackService {
+    fn start() -> LoopbackService {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -167,6 +167,6 @@ impl NetnsHostlessService {
                 );
             }
         });
-        NetnsHostlessService { port }
+        LoopbackService { port }
     }
 }
