@@ -12,19 +12,50 @@ assets=${KILN_ASSETS:-$KILN_HOME/assets}
 target=x86_64-unknown-linux-gnu
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-# --- host packages --------------------------------------------------------------------
-packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio kmod mmdebstrap)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || { say "need root to install: ${missing[*]}"; exit 1; }
-    say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
+# --- host packages: QEMU 10 (from backports on Debian 12) and the tools the bake uses ---------
+# shellcheck source=scripts/setup-lib.sh
+. "$repo/scripts/setup-lib.sh"
+codename=$(kiln_codename)
+[ -n "$codename" ] || { say "cannot read VERSION_CODENAME from /etc/os-release: kiln needs Debian 12 (bookworm)"; exit 1; }
+need_root() {
+    [ "$(id -u)" = 0 ] || { say "need root to $1 (run scripts/setup.sh as root)"; exit 1; }
+}
+export DEBIAN_FRONTEND=noninteractive
+mapfile -t qemu_missing < <(kiln_qemu_packages_to_install)
+mapfile -t base_missing < <(kiln_base_packages_to_install)
+suite=""
+if [ ${#qemu_missing[@]} -gt 0 ] || [ ${#base_missing[@]} -gt 0 ]; then
+    need_root "install ${qemu_missing[*]} ${base_missing[*]}"
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    suite=$(kiln_qemu_suite "$codename")
+    if [ -n "$suite" ] && ! kiln_suite_enabled "$suite"; then
+        entry=$(kiln_backports_entry "$codename" "$suite") || {
+            say "no apt source for Debian's $codename suite to derive $suite from: add $suite to apt's sources and run again"
+            exit 1
+        }
+        say "enabling $suite (from this host's own $codename source) in /etc/apt/sources.list.d/$KILN_BACKPORTS_FILE"
+        printf '%s\n' "$entry" >"/etc/apt/sources.list.d/$KILN_BACKPORTS_FILE.tmp"
+        mv "/etc/apt/sources.list.d/$KILN_BACKPORTS_FILE.tmp" "/etc/apt/sources.list.d/$KILN_BACKPORTS_FILE"
+        apt-get update -qq
+    fi
+    if [ ${#qemu_missing[@]} -gt 0 ]; then
+        say "installing ${qemu_missing[*]}${suite:+ from $suite}"
+        apt-get install -y -qq --no-install-recommends ${suite:+-t "$suite"} "${qemu_missing[@]}" >/dev/null
+    fi
+    if [ ${#base_missing[@]} -gt 0 ]; then
+        say "installing ${base_missing[*]}"
+        apt-get install -y -qq --no-install-recommends "${base_missing[@]}" >/dev/null
+    fi
 fi
+# Checked after installing, every run: a tool that is missing, broken or of the wrong version
+# stops set-up here with the command that fixes it.
+mkdir -p "$assets"
+if ! checks=$(kiln_verify "${suite:-$(kiln_qemu_suite "$codename")}"); then
+    printf '%s\n' "$checks" | sed -n 's/^fail \([^ ]*\) \(.*\) -- \(.*\)/setup: \1: \2\n       fix: \3/p' >&2
+    say "set-up is incomplete: fix the above and run scripts/setup.sh again"
+    exit 1
+fi
+printf '%s\n' "$checks" >"$assets/host-checks.tmp" && mv "$assets/host-checks.tmp" "$assets/host-checks"
 
 mkdir -p "$assets/kernel" "$assets/bases"
 
@@ -65,7 +96,7 @@ say "building kiln-agent (static)"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
     cargo build -q --release -p kiln-agent -p kiln-testapp --target "$target" --manifest-path "$repo/Cargo.toml"
 agent="$repo/target/$target/release/kiln-agent"
-if ! ldd "$agent" 2>&1 | grep -Eq 'statically linked|not a dynamic'; then
+if ! kiln_is_static "$agent"; then
     say "kiln-agent is not static"; exit 1
 fi
 

@@ -18,6 +18,19 @@ pub enum ImageCommand {
     Create(CreateArgs),
     /// GetMicrovmImage (by id, or by name: its newest good build).
     Get { id: String },
+    /// Bake an image again from the build context and settings it was created with
+    /// (CreateMicrovmImage with its recorded request): for an image whose status is
+    /// REBUILD_REQUIRED after a QEMU or machine change on this host.
+    Rebuild {
+        /// Image name or id.
+        name: String,
+        /// Print only the result, not the build log.
+        #[arg(long)]
+        quiet: bool,
+        /// Return once the build is accepted (prints the image id).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// ListMicrovmImages: the newest build of every image.
     List,
     /// DeleteMicrovmImage (refused while microVMs use it or while it builds).
@@ -189,6 +202,27 @@ fn execute(conn: &Conn, cmd: ImageCommand) -> Result<i32, ClientError> {
     let c = Client::from_env(conn.endpoint.clone(), conn.api_key.clone())?;
     match cmd {
         ImageCommand::Create(args) => create(&c, conn, args),
+        ImageCommand::Rebuild {
+            name,
+            quiet,
+            no_wait,
+        } => {
+            let image = c.get(&format!("/v1/images/{name}"))?;
+            let request = image
+                .get("buildRequest")
+                .filter(|r| r.is_object())
+                .cloned()
+                .ok_or_else(|| ClientError::Api {
+                    status: 409,
+                    code: "ConflictException".into(),
+                    message: format!(
+                        "image {name} has no recorded build request (it was created before \
+                         kiln recorded them): run `kiln image create` with its context again"
+                    ),
+                })?;
+            let started = c.post("/v1/images", request)?;
+            follow(&c, conn, &started, quiet, no_wait)
+        }
         ImageCommand::Get { id } => {
             let v = c.get(&format!("/v1/images/{id}"))?;
             if conn.json() {
@@ -238,20 +272,32 @@ fn create(c: &Client, conn: &Conn, args: CreateArgs) -> Result<i32, ClientError>
     let fields = args.fields()?;
     let bytes = artifact(&args.context)?;
     let started = c.create_image_with(&args.name, &bytes, fields)?;
+    follow(c, conn, &started, args.quiet, args.no_wait)
+}
+
+/// Follows a build that CreateMicrovmImage accepted (`started`: its answer) to its end.
+fn follow(
+    c: &Client,
+    conn: &Conn,
+    started: &Value,
+    quiet: bool,
+    no_wait: bool,
+) -> Result<i32, ClientError> {
     let id = started["imageIdentifier"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    if args.no_wait {
+    let name = started["name"].as_str().unwrap_or_default();
+    if no_wait {
         if conn.json() {
-            print_json(&started);
+            print_json(started);
         } else {
             println!("{id}");
         }
         return Ok(0);
     }
-    let progress = Progress::new(args.quiet);
-    progress.line(&format!("Building {} as {id}", args.name));
+    let progress = Progress::new(quiet);
+    progress.line(&format!("Building {name} as {id}"));
     // The log stream ends when the build does; if it breaks early, poll the record.
     if let Ok(reader) = c.image_logs(&id, true) {
         for line in BufReader::new(reader).lines() {
@@ -288,7 +334,7 @@ fn create(c: &Client, conn: &Conn, args: CreateArgs) -> Result<i32, ClientError>
                 .as_str()
                 .unwrap_or("no reason recorded")
         );
-        if args.quiet || !conn.json() {
+        if quiet || !conn.json() {
             if let Some(tail) = record["logTail"].as_str() {
                 eprintln!("last lines of the build log:");
                 for l in tail.lines() {

@@ -98,6 +98,14 @@ pub enum Remote {
         #[arg(long, default_value_t = 0)]
         since: i64,
     },
+    /// Download a SUSPENDED microVM's whole disk as one standalone qcow2 (also for one
+    /// this host can no longer resume).
+    Disk {
+        id: String,
+        /// Where to write it (default: <id>.qcow2).
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
+    },
     /// The app's stdout and stderr in a RUNNING microVM (-f: keep printing new output).
     Logs {
         id: String,
@@ -313,6 +321,27 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 })
                 .unwrap_or_else(|| "127.0.0.1:8443".into());
             crate::shell::run(&c, &id, &ingress)
+        }
+        Remote::Disk { id, output } => {
+            let output = output.unwrap_or_else(|| format!("{id}.qcow2").into());
+            let mut body = c.get_stream(&format!("/v1/microvms/{id}/disk"))?;
+            let part = output.with_extension("qcow2.part");
+            let written = std::fs::File::create(&part)
+                .and_then(|mut f| std::io::copy(&mut body, &mut f))
+                .and_then(|n| std::fs::rename(&part, &output).map(|()| n));
+            match written {
+                Ok(n) => {
+                    eprintln!("wrote {n} bytes to {}", output.display());
+                    Ok(0)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&part);
+                    Err(ClientError::Unreachable {
+                        endpoint: c.endpoint().to_string(),
+                        detail: format!("downloading the disk to {}: {e}", output.display()),
+                    })
+                }
+            }
         }
         Remote::Logs {
             id,

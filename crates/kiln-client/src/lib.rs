@@ -163,7 +163,14 @@ impl Client {
         id: &str,
         follow: bool,
     ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
-        let path = format!("/v1/images/{id}/logs?follow={follow}");
+        self.get_stream(&format!("/v1/images/{id}/logs?follow={follow}"))
+    }
+
+    /// A GET whose body is read as it arrives (logs, disk downloads).
+    pub fn get_stream(
+        &self,
+        path: &str,
+    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
         match ureq::get(&format!("{}{path}", self.endpoint))
             .set("Authorization", &format!("Bearer {}", self.key))
             .call()

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_image::BuildSpec;
 use kiln_store::{now_ms, MicrovmRow};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
@@ -58,6 +58,7 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
         .route("/v1/microvms/{id}/terminate", post(terminate_microvm))
         .route("/v1/microvms/{id}/exec", post(exec_microvm))
         .route("/v1/microvms/{id}/logs", get(microvm_logs))
+        .route("/v1/microvms/{id}/disk", get(microvm_disk))
         .route("/v1/events", get(events))
         .route("/v1/ingress", get(ingress_info))
         .route("/v1/auth-tokens", post(create_token))
@@ -105,6 +106,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
     ("get", "/v1/microvms/{id}/logs"),
+    ("get", "/v1/microvms/{id}/disk"),
     ("get", "/v1/events"),
     ("get", "/v1/ingress"),
     ("post", "/v1/auth-tokens"),
@@ -163,13 +165,15 @@ async fn upload_artifact(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CodeArtifact {
     artifact_id: String,
 }
 
-#[derive(Deserialize)]
+/// CreateMicrovmImage's request. Recorded with the build (`buildRequest` in
+/// GetMicrovmImage) so that `kiln image rebuild` can submit it again.
+#[derive(Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CreateImage {
     name: String,
@@ -207,6 +211,7 @@ async fn create_image(
     ApiJson(req): ApiJson<CreateImage>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let _ = (&req.build_role_arn, &req.base_image_arn);
+    let recorded = serde_json::to_value(&req).map_err(ApiError::internal)?;
     let id = &req.code_artifact.artifact_id;
     if !id.starts_with("art-") || !id[4..].bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request(format!(
@@ -224,6 +229,7 @@ async fn create_image(
         .unwrap_or_else(crate::egress::default_connectors);
     let policy = m.egress.compile(&connectors)?;
     let mut spec = BuildSpec::new(&req.name, &path);
+    spec.request = Some(recorded);
     // Builds have no microVM id to attach events to: their denials are logged.
     spec.network = kiln_vmm::NetworkAttachment::egress(policy);
     if let Some(d) = req.dockerfile {
@@ -278,6 +284,7 @@ fn image_view(row: &kiln_store::ImageRow) -> Value {
         "exposedPorts": r["runtime"]["exposed_ports"],
         "steps": r["steps"],
         "logTail": r["log_tail"],
+        "buildRequest": r["request"],
     })
 }
 
@@ -424,6 +431,7 @@ fn microvm_view(m: &Manager, row: &MicrovmRow) -> Value {
         "maxDurationSeconds": row.config["maxDurationSeconds"],
         "usage": usage,
         "connectors": row.config["connectors"],
+        "resumeBlockedReason": m.not_resumable(&row.id),
     })
 }
 
@@ -529,6 +537,25 @@ async fn microvm_logs(
     Ok(Json(
         json!({"microvmId": id, "logs": String::from_utf8_lossy(&logs)}),
     ))
+}
+
+/// A SUSPENDED microVM's whole disk as one standalone qcow2 (its files, for a microVM this
+/// host can no longer resume, or a backup).
+async fn microvm_disk(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    let (file, bytes) = m.export_disk(&id).await?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    axum::response::Response::builder()
+        .header("content-type", "application/x-qemu-disk")
+        .header("content-length", bytes)
+        .header(
+            "content-disposition",
+            format!("attachment; filename=\"{id}.qcow2\""),
+        )
+        .body(body)
+        .map_err(ApiError::internal)
 }
 
 async fn exec_microvm(

@@ -39,7 +39,10 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
             continue;
         };
         let age_s = (now - row.created_at) / 1000;
-        let action: Option<(&str, String)> = if age_s >= config.max_duration_seconds as i64 {
+        let action: Option<(&str, String)> = if manager.not_resumable(&row.id).is_some() {
+            // Kept for its owner to download: policy never deletes it.
+            None
+        } else if age_s >= config.max_duration_seconds as i64 {
             Some((
                 "terminate",
                 format!(

@@ -60,6 +60,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
             &cfg.home.join("ingress-keys.json"),
         )?),
         inflight: Mutex::new(Default::default()),
+        not_resumable: Mutex::new(Default::default()),
         egress: egress::Egress::new(cfg.egress.clone()),
     });
     recovery::recover(&manager)?;

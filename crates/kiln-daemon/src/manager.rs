@@ -89,6 +89,9 @@ pub struct Manager {
     /// Open ingress requests and streams per microVM.
     pub inflight: Mutex<HashMap<String, usize>>,
     pub egress: Egress,
+    /// SUSPENDED microVMs this host cannot resume (their snapshot was taken with another
+    /// QEMU or machine), with the differences. They are kept, never deleted by policy.
+    pub not_resumable: Mutex<HashMap<String, String>>,
 }
 
 pub fn new_microvm_id() -> String {
@@ -157,6 +160,12 @@ impl Manager {
         if let Err(e) = self.store().touch(id, now_ms()) {
             warn!(id, "recording activity failed: {e}");
         }
+    }
+
+    /// Why this SUSPENDED microVM cannot be resumed on this host, if it cannot.
+    pub fn not_resumable(&self, id: &str) -> Option<String> {
+        let map = self.not_resumable.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).cloned()
     }
 
     pub fn row(&self, id: &str) -> ApiResult<MicrovmRow> {
@@ -410,6 +419,9 @@ impl Manager {
                 "microVM {id} is {state}; only a SUSPENDED microVM can be resumed"
             )));
         }
+        if let Some(why) = self.not_resumable(id) {
+            return Err(ApiError::conflict(not_resumable_message(id, &why)));
+        }
         let config = Self::config_of(&row)?;
         self.sample(id, &mut slot, None);
         let suspended = slot
@@ -445,6 +457,31 @@ impl Manager {
             }
         }
         self.row(id)
+    }
+
+    /// A standalone copy of a SUSPENDED microVM's disk (overlay and backing chain in one
+    /// qcow2), already unlinked: it is gone once the caller drops the file.
+    pub async fn export_disk(&self, id: &str) -> ApiResult<(tokio::fs::File, u64)> {
+        let slot = self.slot(id);
+        let _slot = slot.lock().await;
+        let row = self.row(id)?;
+        let state = Self::state_of(&row);
+        if state != MicrovmState::Suspended {
+            return Err(ApiError::conflict(format!(
+                "microVM {id} is {state}: its disk can be downloaded while it is SUSPENDED \
+                 (suspend it first)"
+            )));
+        }
+        let dir = self.microvm_dir(id);
+        let out = dir.join(format!("export-{}.qcow2", now_ms()));
+        kiln_vmm::disk::flatten(&dir.join("disk.qcow2"), &out)
+            .await
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+        let opened = tokio::fs::File::open(&out).await;
+        let _ = std::fs::remove_file(&out);
+        let file = opened.map_err(ApiError::internal)?;
+        let bytes = file.metadata().await.map_err(ApiError::internal)?.len();
+        Ok((file, bytes))
     }
 
     pub async fn terminate(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
@@ -595,6 +632,15 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// An error and its causes on one line.
+/// What a client is told when it asks to resume a microVM this host cannot restore.
+pub fn not_resumable_message(id: &str, why: &str) -> String {
+    format!(
+        "microVM {id} cannot be resumed on this host: {why}. It stays SUSPENDED with its \
+         files: download its disk with `kiln disk {id}` (GET /v1/microvms/{id}/disk), \
+         then terminate it"
+    )
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

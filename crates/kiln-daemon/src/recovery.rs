@@ -6,11 +6,14 @@
 use std::sync::Arc;
 
 use kiln_types::{MicrovmState, VmId};
-use kiln_vmm::SuspendedVm;
+use kiln_vmm::{SuspendedVm, Template};
 use tracing::{info, warn};
 
 use crate::images::sync_image;
 use crate::manager::{Manager, MicrovmConfig, Usage};
+
+/// The status of an image whose template this host cannot launch.
+pub const REBUILD_REQUIRED: &str = "REBUILD_REQUIRED";
 
 pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for id in manager.builder.recover_interrupted()? {
@@ -25,6 +28,7 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for img in creating {
         sync_image(manager, &img.name, &img.id);
     }
+    check_images(manager)?;
     // Bind the rows first: the store's guard must not live across the loop's own writes.
     let rows = manager.store().microvms(None, None)?;
     for row in rows {
@@ -52,6 +56,17 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                     });
                 match reopened {
                     Ok(s) => {
+                        if let Err(mismatch) = s.compatibility() {
+                            warn!(
+                                id = row.id,
+                                "suspended microVM cannot be resumed here: {mismatch}"
+                            );
+                            manager
+                                .not_resumable
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(row.id.clone(), mismatch.to_string());
+                        }
                         manager
                             .slots
                             .lock()
@@ -84,6 +99,48 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                     )),
                 )?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Marks SUCCESSFUL images whose template this host cannot launch (another QEMU, machine
+/// layout, …) REBUILD_REQUIRED with the differences, and gives the status back to those
+/// that can launch again (QEMU rolled back).
+fn check_images(manager: &Manager) -> anyhow::Result<()> {
+    let images = manager.store().all_images()?;
+    for mut img in images {
+        if img.status != "SUCCESSFUL" && img.status != REBUILD_REQUIRED {
+            continue;
+        }
+        let Some(template) = img.record["template"]
+            .as_str()
+            .map(std::path::PathBuf::from)
+        else {
+            continue;
+        };
+        let verdict = Template::open(&template)
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.compatibility(&manager.assets).map_err(|e| e.to_string()));
+        let (status, reason) = match verdict {
+            Ok(()) => ("SUCCESSFUL", None),
+            Err(why) => (
+                REBUILD_REQUIRED,
+                Some(format!(
+                    "{why}. Rebuild it with `kiln image rebuild {}` (its build context and \
+                     settings are submitted again)",
+                    img.name
+                )),
+            ),
+        };
+        if img.status != status {
+            info!(
+                id = img.id,
+                status, "image status after checking its template"
+            );
+            img.status = status.to_string();
+            img.reason = reason;
+            manager.store().upsert_image(&img)?;
         }
     }
     Ok(())

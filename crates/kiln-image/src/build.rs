@@ -54,6 +54,9 @@ pub struct BuildSpec {
     pub limits: ContextLimits,
     /// Where RUN steps (and the app until the snapshot) may connect: `internet` by default.
     pub network: NetworkAttachment,
+    /// The request that asked for this build, kept in the record as it is (the control
+    /// plane's CreateMicrovmImage body) so the same build can be asked for again.
+    pub request: Option<serde_json::Value>,
 }
 
 impl BuildSpec {
@@ -73,6 +76,7 @@ impl BuildSpec {
             validate: false,
             limits: ContextLimits::default(),
             network: NetworkAttachment::internet(),
+            request: None,
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct ImageRecord {
     /// true when it has an app and the build waited for its /ready.
     #[serde(default)]
     pub hooks_enabled: bool,
+    /// [`BuildSpec::request`], as it was.
+    #[serde(default)]
+    pub request: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +309,7 @@ impl Builder {
             template: None,
             image_key: None,
             hooks_enabled: false,
+            request: spec.request.clone(),
         };
         record.write(&dir)?;
         let span = info_span!("build", image = %spec.name, id = %id);
@@ -463,9 +471,10 @@ impl Builder {
         if let Some(same) = self.builds(&spec.name).into_iter().rev().find(|r| {
             r.status == ImageStatus::Successful
                 && r.image_key.as_deref() == Some(&image_key)
-                && r.template
-                    .as_ref()
-                    .is_some_and(|t| t.join("manifest.json").is_file())
+                && r.template.as_ref().is_some_and(|t| {
+                    // Only a template this host can still launch (same QEMU, machine, …).
+                    kiln_vmm::Template::open(t).is_ok_and(|t| t.compatibility(&self.assets).is_ok())
+                })
         }) {
             record_cached(&plan.steps, total, log, record);
             log.line(&format!(

@@ -233,6 +233,17 @@ impl Store {
         rows.into_iter().map(Self::to_image).collect()
     }
 
+    /// Every build of every image, oldest first.
+    pub fn all_images(&self) -> Result<Vec<ImageRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, name, status, reason, created_at, record FROM images ORDER BY created_at, id",
+        )?;
+        let rows = stmt
+            .query_map([], Self::image_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(Self::to_image).collect()
+    }
+
     pub fn delete_image(&self, id: &str) -> Result<bool> {
         let tx = self.conn.unchecked_transaction()?;
         let n = tx.execute("DELETE FROM images WHERE id = ?1", [id])?;

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use kiln_testkit::{machine, suspend_resume, TestTemplate, TestVm};
-use kiln_vmm::VmError;
+use kiln_testkit::{assets, machine, suspend_resume, TestTemplate, TestVm};
+use kiln_vmm::GuestAssets;
 
 /// A shell loop that counts in memory and publishes its count to a tmpfs file.
 const COUNTER: &str = "mkdir -p /run/c && (i=0; while true; do i=$((i+1)); echo $i > /run/c/n; sleep 0.1; done) >/dev/null 2>&1 &";
@@ -146,8 +146,27 @@ async fn restores_that_cannot_be_honoured_are_refused_clearly() {
         .launch(tpl.launch_config("tampered"))
         .await
         .expect_err("tampered manifest");
-    assert!(matches!(err, VmError::Invalid { .. }), "{err}");
-    assert!(err.to_string().contains("RAM size"), "{err}");
+    // The recorded machine arguments say 512M, the tampered spec 256M: either check names it.
+    assert!(err.to_string().contains("256"), "{err}");
+    std::fs::write(&manifest_path, text.clone()).unwrap();
+
+    // A template baked by another QEMU (as one from 7.2 before the upgrade) names it.
+    let old = text.replace(
+        &format!(
+            "\"qemu_version\": \"{}\"",
+            tpl.template.manifest().qemu_version
+        ),
+        "\"qemu_version\": \"QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u18)\"",
+    );
+    assert_ne!(old, text, "the manifest records the QEMU version");
+    std::fs::write(&manifest_path, old).unwrap();
+    let err = tpl
+        .template
+        .launch(tpl.launch_config("old-qemu"))
+        .await
+        .expect_err("another QEMU")
+        .to_string();
+    assert!(err.contains("QEMU version: snapshot has 7.2.15"), "{err}");
     std::fs::write(&manifest_path, text).unwrap();
 
     // A corrupted state file is caught by its checksum.
@@ -163,4 +182,55 @@ async fn restores_that_cannot_be_honoured_are_refused_clearly() {
         .expect_err("corrupt state")
         .to_string();
     assert!(err.contains("checksum"), "{err}");
+}
+
+/// A host whose guest kernel and agent were updated after the image was baked: a copy of
+/// the assets with an unbootable kernel, another kernel release and another agent build.
+fn updated_host_assets(dir: &std::path::Path) -> GuestAssets {
+    let now = assets();
+    std::fs::create_dir_all(dir.join("kernel")).unwrap();
+    std::fs::write(dir.join("kernel/vmlinuz"), b"not a kernel").unwrap();
+    std::fs::write(dir.join("kernel/version"), "6.1.0-99-amd64\n").unwrap();
+    std::fs::copy(&now.initramfs, dir.join("initramfs.cpio")).unwrap();
+    std::fs::write(dir.join("initramfs.key"), "another-agent-build\n").unwrap();
+    GuestAssets::open(dir).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_and_suspended_vms_keep_their_kernel_across_host_updates() {
+    let tpl = TestTemplate::build(COUNTER).await;
+    let boot = tpl.template.dir().join("boot");
+    assert!(boot.join("kernel/vmlinuz").is_file() && boot.join("initramfs.cpio").is_file());
+    let updated = updated_host_assets(&tpl.scratch.path().join("updated-assets"));
+    tpl.template
+        .compatibility(&updated)
+        .expect("the template boots its own kernel, not the host's new one");
+
+    let mut cfg = tpl.launch_config("after-update");
+    cfg.assets = updated.clone();
+    let vm = TestVm::wrap(
+        tpl.template
+            .launch(cfg)
+            .await
+            .expect("launch after a host update"),
+    );
+    assert_counting(&vm).await;
+    let suspended = vm.into_inner().suspend().await.expect("suspend");
+    let dir = suspended.dir().to_path_buf();
+    drop(suspended);
+    // Re-opened as kilnd does after a restart, with the host's (updated) assets.
+    let reopened =
+        kiln_vmm::SuspendedVm::open(kiln_testkit::id("after-update"), &dir, updated, true)
+            .expect("reopen");
+    reopened
+        .compatibility()
+        .expect("resumes with the kernel it booted");
+    let vm = TestVm::wrap(
+        reopened
+            .resume(Duration::from_secs(120))
+            .await
+            .expect("resume"),
+    );
+    assert_counting(&vm).await;
+    vm.destroy().await;
 }

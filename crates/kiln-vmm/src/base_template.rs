@@ -8,8 +8,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::assets::GuestAssets;
-use crate::machine::MachineSpec;
-use crate::manifest::{qemu_version, HostFacts};
+use crate::machine::{restore_signature, MachineSpec};
+use crate::manifest::{qemu_version, upstream_version, HostFacts};
 use crate::network::NetworkAttachment;
 use crate::snapshot::Template;
 use crate::vm::{remove_dir, BootConfig, Vm, VmError};
@@ -91,6 +91,7 @@ fn cache_key(base_disk: &Path, machine: &MachineSpec, assets: &GuestAssets) -> S
     h.update(serde_json::to_vec(machine).unwrap_or_default());
     h.update(assets.kernel_version.as_bytes());
     h.update(assets.initramfs_key.as_bytes());
-    h.update(qemu_version().as_bytes());
+    h.update(upstream_version(qemu_version()).as_bytes());
+    h.update(restore_signature(machine).join("\n").as_bytes());
     hex::encode(&h.finalize()[..8])
 }

@@ -14,6 +14,8 @@ pub enum DiskError {
         backing: PathBuf,
         stderr: String,
     },
+    #[error("qemu-img could not copy disk {disk}: {stderr}")]
+    Flatten { disk: PathBuf, stderr: String },
 }
 
 /// The format of a backing file, as qemu-img names it.
@@ -50,6 +52,27 @@ pub async fn create_overlay(
             overlay: overlay.to_path_buf(),
             backing: backing.to_path_buf(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Writes the whole chain under `disk` (its overlay and every backing layer) as one
+/// standalone qcow2 at `out`: a copy that needs nothing of kiln's to open.
+pub async fn flatten(disk: &Path, out: &Path) -> Result<(), DiskError> {
+    let result = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+        .arg(disk)
+        .arg(out)
+        .output()
+        .await
+        .map_err(DiskError::Spawn)?;
+    if result.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(out);
+        Err(DiskError::Flatten {
+            disk: disk.to_path_buf(),
+            stderr: String::from_utf8_lossy(&result.stderr).trim().to_string(),
         })
     }
 }

@@ -46,7 +46,63 @@ pub fn host_tsc_khz() -> u64 {
 }
 
 /// Bump when the argument layout below changes in a way that breaks restoring older snapshots.
-pub const MACHINE_LAYOUT_VERSION: u32 = 1;
+/// 2: QEMU 10, qboot firmware, `file:` migration.
+pub const MACHINE_LAYOUT_VERSION: u32 = 2;
+
+/// QEMU's own qboot firmware (package qemu-system-data). QEMU 10's default microvm firmware,
+/// SeaBIOS' `bios-microvm.bin`, prints nothing and hangs with Debian's kernel (measured);
+/// qboot reaches `/init` in about 8 s under TCG. `KILN_QEMU_FIRMWARE` overrides it.
+pub const DEFAULT_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
+
+/// The firmware file QEMU boots (`-bios`).
+pub fn firmware_path() -> PathBuf {
+    std::env::var_os("KILN_QEMU_FIRMWARE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_FIRMWARE))
+}
+
+/// The arguments a restore depends on: the machine, accelerator, CPU model, vCPUs, RAM and
+/// every device in order, and the firmware (its file name and size: its ROM is part of the
+/// migrated state). Paths, sockets and backends are left out: they differ from VM to VM and
+/// a restore does not care. A snapshot records this list; a restore compares it with the
+/// list it would use now, so any change to the command line that matters is caught.
+pub fn restore_signature(spec: &MachineSpec) -> Vec<String> {
+    let paths = VmPaths::new(Path::new("/"));
+    let assets = GuestAssets {
+        dir: PathBuf::new(),
+        kernel: PathBuf::new(),
+        initramfs: PathBuf::new(),
+        kernel_version: String::new(),
+        initramfs_key: String::new(),
+    };
+    let args = qemu_args(
+        spec,
+        &assets,
+        &paths,
+        &MemoryBacking::Anonymous,
+        Path::new("/"),
+        "",
+        false,
+        None,
+    );
+    let mut out = Vec::new();
+    for pair in args.windows(2) {
+        let (flag, value) = (pair[0].to_string_lossy(), pair[1].to_string_lossy());
+        match flag.as_ref() {
+            "-machine" | "-accel" | "-cpu" | "-smp" | "-m" | "-device" => {
+                out.push(format!("{flag} {value}"))
+            }
+            "-bios" => {
+                let path = Path::new(value.as_ref());
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                out.push(format!("-bios {name} ({size} bytes)"));
+            }
+            _ => {}
+        }
+    }
+    out
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineSpec {
@@ -167,6 +223,7 @@ pub fn qemu_args(
         MemoryBacking::Anonymous => format!("memory-backend-ram,id=mem,size={mem}"),
     };
     push(&["-object", &backend]);
+    push(&["-bios", &firmware_path().display().to_string()]);
     push(&["-kernel", &assets.kernel.display().to_string()]);
     push(&["-initrd", &assets.initramfs.display().to_string()]);
     push(&["-append", kernel_cmdline]);
@@ -209,10 +266,10 @@ pub fn qemu_args(
         &format!("unix:{},server=on,wait=off", paths.qmp_socket().display()),
     ]);
     push(&["-pidfile", &paths.pid_file().display().to_string()]);
-    // Deny what QEMU never needs; `spawn` stays allowed for `exec:` migration.
+    // Deny what QEMU never needs, spawning included: snapshots use `file:` migration.
     push(&[
         "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
     if incoming {
         push(&["-incoming", "defer", "-S"]);

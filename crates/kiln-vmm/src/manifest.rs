@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::assets::GuestAssets;
-use crate::machine::{MachineSpec, KERNEL_CMDLINE, MACHINE_LAYOUT_VERSION};
+use crate::machine::{restore_signature, MachineSpec, KERNEL_CMDLINE, MACHINE_LAYOUT_VERSION};
 
-pub const MANIFEST_FORMAT: u32 = 1;
+/// 2: QEMU's upstream version (not Debian's build), the machine's restore signature.
+pub const MANIFEST_FORMAT: u32 = 2;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Manifests are small; a larger file is refused unread.
 const MANIFEST_MAX_BYTES: u64 = 64 * 1024;
@@ -35,7 +36,15 @@ pub struct Manifest {
     pub kernel_cmdline: String,
     pub kernel_version: String,
     pub initramfs_key: String,
+    /// QEMU's upstream version (`10.0.2`): what a restore depends on. Format 1 held the
+    /// whole `--version` line; its upstream part is compared.
     pub qemu_version: String,
+    /// The whole `--version` line (Debian's package revision included), for people.
+    #[serde(default)]
+    pub qemu_build: String,
+    /// [`restore_signature`] of the machine when the snapshot was taken.
+    #[serde(default)]
+    pub machine_args: Vec<String>,
     pub state_sha256: String,
     pub state_bytes: u64,
     /// Size of the RAM file (templates only).
@@ -45,6 +54,7 @@ pub struct Manifest {
 /// What this host offers, compared against a manifest.
 #[derive(Debug, Clone)]
 pub struct HostFacts {
+    /// Upstream version, e.g. `10.0.2`.
     pub qemu_version: String,
     pub kernel_version: String,
     pub initramfs_key: String,
@@ -53,10 +63,29 @@ pub struct HostFacts {
 impl HostFacts {
     pub fn new(assets: &GuestAssets) -> HostFacts {
         HostFacts {
-            qemu_version: qemu_version().to_string(),
+            qemu_version: upstream_version(qemu_version()).to_string(),
             kernel_version: assets.kernel_version.clone(),
             initramfs_key: assets.initramfs_key.clone(),
         }
+    }
+}
+
+/// The upstream version in a `--version` line: `QEMU emulator version 10.0.2 (Debian
+/// 1:10.0.2+ds-2+deb13u1~bpo12+1)` → `10.0.2`. A backports security update changes only the
+/// part in parentheses, which never decides whether a snapshot restores. Text without a
+/// version comes back as it is.
+pub fn upstream_version(line: &str) -> &str {
+    let after = line
+        .split_once("version ")
+        .map_or(line, |(_, rest)| rest)
+        .trim_start();
+    let end = after
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(after.len());
+    if end == 0 {
+        line
+    } else {
+        &after[..end]
     }
 }
 
@@ -124,10 +153,8 @@ impl Manifest {
 
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(self).expect("manifest serializes"),
-        )?;
+        let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
         std::fs::rename(tmp, dir.join(MANIFEST_FILE))
     }
 
@@ -157,8 +184,9 @@ impl Manifest {
         if !self.kernel_cmdline.starts_with(KERNEL_CMDLINE) {
             differ("kernel command line", &self.kernel_cmdline, &KERNEL_CMDLINE);
         }
-        if self.qemu_version != host.qemu_version {
-            differ("QEMU version", &self.qemu_version, &host.qemu_version);
+        let qemu = upstream_version(&self.qemu_version);
+        if qemu != host.qemu_version {
+            differ("QEMU version", &qemu, &host.qemu_version);
         }
         if self.kernel_version != host.kernel_version {
             differ("guest kernel", &self.kernel_version, &host.kernel_version);
@@ -168,6 +196,23 @@ impl Manifest {
                 "initramfs/agent build",
                 &self.initramfs_key,
                 &host.initramfs_key,
+            );
+        }
+        let signature = restore_signature(requested.unwrap_or(&self.machine));
+        if self.machine_args != signature {
+            let old: Vec<&String> = self
+                .machine_args
+                .iter()
+                .filter(|a| !signature.contains(a))
+                .collect();
+            let new: Vec<&String> = signature
+                .iter()
+                .filter(|a| !self.machine_args.contains(a))
+                .collect();
+            differ(
+                "machine arguments",
+                &format!("{old:?}"),
+                &format!("{new:?}"),
             );
         }
         if let Some(req) = requested {
@@ -211,7 +256,7 @@ mod tests {
 
     fn sample() -> (Manifest, HostFacts) {
         let host = HostFacts {
-            qemu_version: "QEMU 7.2".into(),
+            qemu_version: "10.0.2".into(),
             kernel_version: "6.1".into(),
             initramfs_key: "k".into(),
         };
@@ -225,7 +270,10 @@ mod tests {
             kernel_cmdline: KERNEL_CMDLINE.into(),
             kernel_version: "6.1".into(),
             initramfs_key: "k".into(),
-            qemu_version: "QEMU 7.2".into(),
+            qemu_version: "10.0.2".into(),
+            qemu_build: "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
+                .into(),
+            machine_args: restore_signature(&MachineSpec::new(Accel::Tcg)),
             state_sha256: "00".into(),
             state_bytes: 1,
             memory_bytes: Some(512 << 20),
@@ -242,7 +290,7 @@ mod tests {
     #[test]
     fn every_difference_is_named() {
         let (m, mut host) = sample();
-        host.qemu_version = "QEMU 8.0".into();
+        host.qemu_version = "10.1.0".into();
         let mut req = MachineSpec::new(Accel::Kvm);
         req.cpu_model = "Skylake-Client".into();
         req.memory_mib = 1024;
@@ -258,7 +306,58 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from: {text}");
         }
-        assert_eq!(err.differences.len(), 4);
+        // QEMU, the machine arguments (CPU model, RAM), CPU model, RAM, accelerator.
+        assert_eq!(err.differences.len(), 5, "{text}");
+        assert!(text.contains("machine arguments"), "{text}");
+    }
+
+    #[test]
+    fn upstream_version_ignores_the_debian_revision() {
+        for (line, want) in [
+            (
+                "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)",
+                "10.0.2",
+            ),
+            (
+                "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u18)",
+                "7.2.15",
+            ),
+            ("10.0.2", "10.0.2"),
+            ("unknown", "unknown"),
+        ] {
+            assert_eq!(upstream_version(line), want);
+        }
+    }
+
+    #[test]
+    fn a_backports_security_update_keeps_snapshots_restorable() {
+        let (mut m, host) = sample();
+        // Taken before the update: another Debian revision of the same upstream QEMU.
+        m.qemu_version =
+            "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u2~bpo12+1)".into();
+        m.check(&host, Some(&MachineSpec::new(Accel::Tcg))).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_manifest_from_qemu_7_names_what_differs() {
+        let (m, host) = sample();
+        let mut old = serde_json::to_value(&m).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("qemu_build");
+        obj.remove("machine_args");
+        obj.insert("format_version".into(), 1.into());
+        obj.insert("machine_layout".into(), 1.into());
+        obj.insert(
+            "qemu_version".into(),
+            "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u18)".into(),
+        );
+        let old: Manifest = serde_json::from_value(old).unwrap();
+        let text = old.check(&host, None).unwrap_err().to_string();
+        assert!(
+            text.contains("QEMU version: snapshot has 7.2.15, this restore has 10.0.2"),
+            "{text}"
+        );
+        assert!(text.contains("machine arguments"), "{text}");
     }
 
     #[test]

@@ -16,8 +16,12 @@ use tracing::{info, info_span, Instrument};
 
 use crate::assets::GuestAssets;
 use crate::disk::{self, BackingFormat};
-use crate::machine::{MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION};
-use crate::manifest::{sha256_file, HostFacts, Manifest, SnapshotKind, MANIFEST_FORMAT};
+use crate::machine::{
+    restore_signature, MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION,
+};
+use crate::manifest::{
+    sha256_file, HostFacts, Manifest, ManifestMismatch, SnapshotKind, MANIFEST_FORMAT,
+};
 use crate::network::NetworkAttachment;
 use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, StartSpec, Vm, VmError};
 
@@ -25,6 +29,9 @@ const STATE_FILE: &str = "device.state";
 const MEMORY_FILE: &str = "memory.ram";
 const DISK_FILE: &str = "disk.qcow2";
 const SUSPEND_DIR: &str = "suspended";
+/// The kernel and initramfs a snapshot's guest was booted with, kept beside it (laid out as a
+/// [`GuestAssets`] directory) so that a kernel or agent update on the host never breaks it.
+const BOOT_DIR: &str = "boot";
 /// How long the agent gets to end its session before a snapshot.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -77,10 +84,43 @@ fn manifest_for(
         kernel_version: host.kernel_version,
         initramfs_key: host.initramfs_key,
         qemu_version: host.qemu_version,
+        qemu_build: crate::manifest::qemu_version().to_string(),
+        machine_args: restore_signature(&saved.machine),
         state_sha256: sha256_file(state).map_err(io_err(state))?,
         state_bytes: std::fs::metadata(state).map_err(io_err(state))?.len(),
         memory_bytes,
     })
+}
+
+/// Keeps the guest's kernel and initramfs in `dir` (hard links where the filesystem allows,
+/// copies otherwise), read-only.
+fn keep_boot_files(assets: &GuestAssets, dir: &Path) -> Result<(), VmError> {
+    let kernel_dir = dir.join("kernel");
+    std::fs::create_dir_all(&kernel_dir).map_err(io_err(&kernel_dir))?;
+    let files = [
+        (assets.kernel.clone(), kernel_dir.join("vmlinuz")),
+        (assets.initramfs.clone(), dir.join("initramfs.cpio")),
+    ];
+    for (from, to) in files {
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(io_err(&to))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444))
+                .map_err(io_err(&to))?;
+        }
+    }
+    let texts = [
+        (kernel_dir.join("version"), &assets.kernel_version),
+        (dir.join("initramfs.key"), &assets.initramfs_key),
+    ];
+    for (path, text) in texts {
+        std::fs::write(&path, format!("{text}\n")).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// The boot files kept in `dir`, or `fallback` (the host's) for snapshots that keep none.
+fn boot_assets(dir: &Path, fallback: &GuestAssets) -> GuestAssets {
+    GuestAssets::open(&dir.join(BOOT_DIR)).unwrap_or_else(|_| fallback.clone())
 }
 
 fn verify_state(id: &VmId, manifest: &Manifest, state: &Path) -> Result<(), VmError> {
@@ -124,6 +164,7 @@ impl Vm {
                     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).map_err(io_err(&to))?;
                 }
                 remove_dir(&saved.paths.dir)?;
+                keep_boot_files(&saved.assets, &dir.join(BOOT_DIR))?;
                 let manifest = manifest_for(&saved, SnapshotKind::Template, &state, Some(memory_bytes))?;
                 manifest.write(dir).map_err(io_err(dir))?;
                 Ok::<_, VmError>(Template { dir: dir.to_path_buf(), manifest })
@@ -167,6 +208,11 @@ impl Vm {
             if let MemoryBacking::SharedFile(ram) = memory {
                 let _ = std::fs::remove_file(ram);
             }
+            // The boot files stay in the VM's directory: a resume boots what the guest had.
+            let boot = saved.paths.dir.join(BOOT_DIR);
+            if saved.assets.dir != boot {
+                keep_boot_files(&saved.assets, &boot)?;
+            }
             let manifest = manifest_for(&saved, SnapshotKind::Suspended, &state, None)?;
             manifest.write(&suspend_dir).map_err(io_err(&suspend_dir))?;
             info!(
@@ -174,9 +220,9 @@ impl Vm {
                 "suspended"
             );
             Ok(SuspendedVm {
+                assets: boot_assets(&saved.paths.dir, &saved.assets),
                 id: saved.id,
                 paths: saved.paths,
-                assets: saved.assets,
                 manifest,
                 die_with_parent: saved.die_with_parent,
                 network: saved.network,
@@ -215,6 +261,13 @@ impl Template {
         &self.manifest
     }
 
+    /// Whether this host can launch the template (`host`: the host's guest assets, used
+    /// when the template keeps no boot files of its own); the error names every difference.
+    pub fn compatibility(&self, host: &GuestAssets) -> Result<(), ManifestMismatch> {
+        let assets = boot_assets(&self.dir, host);
+        self.manifest.check(&HostFacts::new(&assets), None)
+    }
+
     /// Launches a copy-on-write clone.
     pub async fn launch(&self, cfg: LaunchConfig) -> Result<Vm, VmError> {
         let span = info_span!("vm", id = %cfg.id);
@@ -222,7 +275,8 @@ impl Template {
             let started = Instant::now();
             // Re-read: the manifest on disk is what the restore will honour.
             let manifest = Manifest::read(&self.dir)?;
-            manifest.check(&HostFacts::new(&cfg.assets), cfg.machine.as_ref())?;
+            let assets = boot_assets(&self.dir, &cfg.assets);
+            manifest.check(&HostFacts::new(&assets), cfg.machine.as_ref())?;
             let memory = self.dir.join(MEMORY_FILE);
             let expected = u64::from(manifest.machine.memory_mib) << 20;
             let actual = std::fs::metadata(&memory).map_err(io_err(&memory))?.len();
@@ -240,13 +294,16 @@ impl Template {
             create_vm_dir(&cfg.dir)?;
             let paths = VmPaths::new(&cfg.dir);
             let result = async {
+                let boot = cfg.dir.join(BOOT_DIR);
+                keep_boot_files(&assets, &boot)?;
+                let assets = GuestAssets::open(&boot)?;
                 disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2, None).await?;
                 Vm::start(StartSpec {
                     id: cfg.id.clone(),
                     disk: paths.disk(),
                     paths,
                     machine: manifest.machine.clone(),
-                    assets: cfg.assets.clone(),
+                    assets,
                     memory: MemoryBacking::PrivateFile(memory),
                     kernel_cmdline: manifest.kernel_cmdline.clone(),
                     incoming: Some(Incoming { state, ignore_shared: true }),
@@ -298,7 +355,7 @@ impl SuspendedVm {
         Ok(SuspendedVm {
             id,
             paths: VmPaths::new(dir),
-            assets,
+            assets: boot_assets(dir, &assets),
             manifest,
             die_with_parent,
             network: NetworkAttachment::closed(),
@@ -320,6 +377,11 @@ impl SuspendedVm {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Whether this host can resume the VM; the error names every difference.
+    pub fn compatibility(&self) -> Result<(), ManifestMismatch> {
+        self.manifest.check(&HostFacts::new(&self.assets), None)
     }
 
     /// Bytes the suspended state occupies on disk (the state file; the overlay is extra).

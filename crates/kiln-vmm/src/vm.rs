@@ -397,7 +397,7 @@ impl Vm {
             json!({"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}),
         )
         .await?;
-        let uri = format!("exec:cat > {}", shell_quote(&self.id, path)?);
+        let uri = file_uri(&self.id, path)?;
         self.qmp("migrate", json!({ "uri": uri })).await?;
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -586,7 +586,7 @@ pub(crate) async fn load_state(
     )
     .await
     .map_err(q)?;
-    let uri = format!("exec:cat {}", shell_quote(id, &incoming.state)?);
+    let uri = file_uri(id, &incoming.state)?;
     qmp.execute("migrate-incoming", json!({ "uri": uri }))
         .await
         .map_err(q)?;
@@ -634,19 +634,20 @@ pub(crate) async fn load_state(
     Ok(())
 }
 
-/// Quotes a kiln-made path for QEMU's `exec:` migration. Paths with a quote are refused.
-fn shell_quote(id: &VmId, path: &Path) -> Result<String, VmError> {
+/// A `file:` migration URI (QEMU writes and reads the file itself: no shell, so `-sandbox`
+/// can deny spawning). QEMU splits the URI at commas, so a path with one is refused.
+fn file_uri(id: &VmId, path: &Path) -> Result<String, VmError> {
     let text = path
         .to_str()
-        .filter(|s| !s.contains('\'') && !s.contains('\n'))
+        .filter(|s| !s.contains(',') && !s.contains('\n'))
         .ok_or_else(|| VmError::Invalid {
             id: id.clone(),
             reason: format!(
-                "state path {} contains a quote or is not UTF-8",
+                "state path {} contains a comma or is not UTF-8",
                 path.display()
             ),
         })?;
-    Ok(format!("'{text}'"))
+    Ok(format!("file:{text}"))
 }
 
 pub(crate) fn create_vm_dir(dir: &Path) -> Result<(), VmError> {

@@ -23,6 +23,28 @@ pub fn kilnd() -> Daemon {
 
 /// kilnd with more flags.
 pub fn kilnd_with(extra: &[&str]) -> Daemon {
+    let home = tempfile::tempdir().unwrap();
+    let child = spawn_kilnd(home.path(), extra);
+    Daemon { child, home }
+}
+
+impl Daemon {
+    /// Stops kilnd with SIGTERM (its default shutdown suspends running microVMs).
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// Starts kilnd again on the same home.
+    pub fn start_again(&mut self, extra: &[&str]) {
+        self.child = spawn_kilnd(self.home.path(), extra);
+    }
+}
+
+fn spawn_kilnd(home: &Path, extra: &[&str]) -> Child {
     // The workspace test build builds kilnd (kiln-daemon's tests need it) next to `kiln`.
     // Building it here instead would compile with other features in the middle of the
     // suite, starving the guests of the tests running beside this one.
@@ -32,10 +54,10 @@ pub fn kilnd_with(extra: &[&str]) -> Daemon {
         "{} is missing: run the suite with `cargo nextest run --workspace` (scripts/test.sh)",
         kilnd.display()
     );
-    let home = tempfile::tempdir().unwrap();
+    let _ = std::fs::remove_file(home.join("kilnd.addr"));
     let child = Command::new(&kilnd)
         .args(["--home"])
-        .arg(home.path())
+        .arg(home)
         .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])
         .args(extra)
         .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
@@ -44,9 +66,9 @@ pub fn kilnd_with(extra: &[&str]) -> Daemon {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !home.path().join("kilnd.addr").exists() {
+    while !home.join("kilnd.addr").exists() {
         assert!(Instant::now() < deadline, "kilnd did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Daemon { child, home }
+    child
 }
