@@ -6,6 +6,9 @@
 //! handshake that reseeds the RNG and sets the clock (so every restore gets fresh entropy
 //! and the right time). See docs/ARCHITECTURE.md.
 
+// A binary's output is its interface.
+#![allow(clippy::print_stdout)]
+
 mod app;
 mod archive;
 mod exec;
@@ -39,16 +42,28 @@ fn main() {
     } else {
         warn!("not running as PID 1: skipping guest set-up (test mode)");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio runtime");
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
     runtime.block_on(run());
 }
 
 async fn run() {
-    let reaper = reaper::Reaper::start();
+    let reaper = match reaper::Reaper::start() {
+        Ok(reaper) => reaper,
+        Err(e) => {
+            error!("cannot install the SIGCHLD handler: {e}");
+            std::process::exit(1);
+        }
+    };
     let state = server::AgentState::new(reaper);
     let port = loop {
         match port::Port::open_by_name(kiln_proto::AGENT_PORT_NAME) {

@@ -19,12 +19,13 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Starts the reaping task. Must run inside the tokio runtime.
-    pub fn start() -> Reaper {
+    /// Starts the reaping task. Must run inside the tokio runtime. Fails when the SIGCHLD
+    /// handler cannot be installed.
+    pub fn start() -> std::io::Result<Reaper> {
         let reaper = Reaper {
             waiters: Arc::new(Mutex::new(HashMap::new())),
         };
-        let mut sigchld = signal(SignalKind::child()).expect("SIGCHLD handler");
+        let mut sigchld = signal(SignalKind::child())?;
         let task_reaper = reaper.clone();
         tokio::spawn(async move {
             loop {
@@ -34,7 +35,7 @@ impl Reaper {
                 }
             }
         });
-        reaper
+        Ok(reaper)
     }
 
     /// Spawns `cmd`; the receiver yields its exit status once it has been reaped.

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use kiln_types::VmId;
 use kiln_vmm::snapshot::LaunchConfig;
 use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Vm};
@@ -82,6 +83,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     result
 }
 
+// INVARIANT: every caller names its VM with a short fixed lowercase word, with a number or
+// the network backend's name ("cold-3", "clone-0", "net-kiln"), which VmId accepts.
+#[allow(clippy::expect_used)]
 fn id(name: String) -> VmId {
     VmId::new(name).expect("bench ids are valid")
 }
@@ -136,7 +140,7 @@ async fn measure(
             prev.destroy().await?;
         }
     }
-    let single = last.expect("at least one round");
+    let single = last.context("--rounds must be at least 1")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let single_pss = pss_kib(single.qemu_pid());
     let t = Instant::now();
@@ -266,7 +270,7 @@ pub async fn measure_image(
         cached
             .template
             .as_ref()
-            .expect("successful build has a template"),
+            .context("the successful build has no template")?,
     )?;
     let t = Instant::now();
     let vm = template

@@ -1,6 +1,9 @@
 //! `kiln`: the command line. For now: `doctor`, `sandbox` (run a command in a fresh
 //! microVM launched from a cached template) and `bench`.
 
+// A binary's output is its interface.
+#![allow(clippy::print_stdout)]
+
 mod bench;
 mod bench_net;
 mod doctor;

@@ -1,6 +1,9 @@
 //! The `kiln` CLI against a real kilnd: run, list, get, exec, token, suspend, resume,
 //! terminate, events, with text and JSON output and exit codes scripts can rely on.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,6 +1,9 @@
 //! The `kiln` binary end to end: doctor reports the accelerator rule's choice, and
 //! `kiln sandbox` runs a command in a real microVM launched from a cached template.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 fn kiln(home: &std::path::Path) -> Command {

@@ -3,6 +3,9 @@
 //! ingress speaks TLS with its own CA, and a busybox image with an executor on 8080
 //! (examples/busybox-executor).
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use rmcp::model::{CallToolRequestParams, CallToolResult};

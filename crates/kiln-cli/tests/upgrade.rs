@@ -5,6 +5,7 @@
 //!
 //! The upgrade is simulated the way it shows on disk: the snapshots' manifests say they were
 //! taken by QEMU 7.2 (what kiln ran before QEMU 10), everything else is real.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

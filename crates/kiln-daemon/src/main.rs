@@ -1,5 +1,8 @@
 //! `kilnd`: kiln's daemon.
 
+// A binary's output is its interface.
+#![allow(clippy::print_stdout)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

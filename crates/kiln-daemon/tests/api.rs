@@ -1,5 +1,8 @@
 //! kilnd end to end: a real daemon process, real guests, real HTTP.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,9 @@
 //! counters in GetMicrovm and the denial events. Test hosts live in network namespaces this
 //! test creates; the canary listens on host loopback.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

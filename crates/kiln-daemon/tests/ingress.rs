@@ -1,5 +1,8 @@
 //! The ingress end to end: a real kilnd, real guests, raw HTTP over real sockets.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -3,6 +3,9 @@
 //! (h2c), gRPC-style unary and server-streaming calls with trailers, and a 502 when the guest
 //! app drops the connection.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,5 +1,8 @@
 //! spec/openapi.yaml and the server's routes agree, both ways.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 
 #[test]

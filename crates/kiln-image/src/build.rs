@@ -188,6 +188,14 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The build VM's id, named after this process.
+// INVARIANT: "build-" and a decimal process id is lowercase, digits and '-', at most 16
+// characters, so VmId accepts it.
+#[allow(clippy::expect_used)]
+fn build_vm_id() -> VmId {
+    VmId::new(format!("build-{}", std::process::id())).expect("valid id")
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
     move |source| BuildError::Io {
         path: path.to_path_buf(),
@@ -198,11 +206,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
 impl ImageRecord {
     pub fn write(&self, dir: &Path) -> Result<(), BuildError> {
         let tmp = dir.join("image.json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(self).expect("record serializes"),
-        )
-        .map_err(io(&tmp))?;
+        // Fails only for a template path that is not UTF-8.
+        let json = serde_json::to_vec_pretty(self).map_err(|e| BuildError::Io {
+            path: tmp.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&tmp, json).map_err(io(&tmp))?;
         std::fs::rename(&tmp, dir.join("image.json")).map_err(io(dir))
     }
 
@@ -468,20 +477,21 @@ impl Builder {
             hex::encode(sha2::Sha256::digest(shape.as_bytes()))
         };
         record.image_key = Some(image_key.clone());
-        if let Some(same) = self.builds(&spec.name).into_iter().rev().find(|r| {
-            r.status == ImageStatus::Successful
-                && r.image_key.as_deref() == Some(&image_key)
-                && r.template.as_ref().is_some_and(|t| {
-                    // Only a template this host can still launch (same QEMU, machine, …).
-                    kiln_vmm::Template::open(t).is_ok_and(|t| t.compatibility(&self.assets).is_ok())
-                })
+        if let Some((same_id, template)) = self.builds(&spec.name).into_iter().rev().find_map(|r| {
+            if r.status != ImageStatus::Successful || r.image_key.as_deref() != Some(&image_key) {
+                return None;
+            }
+            // Only a template this host can still launch (same QEMU, machine, …).
+            let template = r.template.filter(|t| {
+                kiln_vmm::Template::open(t).is_ok_and(|t| t.compatibility(&self.assets).is_ok())
+            })?;
+            Some((r.id, template))
         }) {
             record_cached(&plan.steps, total, log, record);
             log.line(&format!(
-                "Identical to build {}: reusing its template snapshot",
-                same.id
+                "Identical to build {same_id}: reusing its template snapshot"
             ));
-            return Ok(same.template.expect("checked above"));
+            return Ok(template);
         }
         log.line(&format!(
             "Building {} from {} ({} steps)",
@@ -528,7 +538,7 @@ impl Builder {
         std::fs::write(dir.join(ACTIVE_TOP_FILE), top.to_string_lossy().as_bytes())
             .map_err(io(dir))?;
         let vm = Vm::boot(BootConfig {
-            id: VmId::new(format!("build-{}", std::process::id())).expect("valid id"),
+            id: build_vm_id(),
             dir: dir.join("vm"),
             machine,
             assets: self.assets.clone(),

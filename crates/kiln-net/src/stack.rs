@@ -105,6 +105,9 @@ impl Stack {
         let mut iface = Interface::new(config, &mut device, SmolInstant::from_millis(0));
         iface.update_ip_addrs(|addrs| {
             for a in [GATEWAY_ADDR, DNS_ADDR] {
+                // INVARIANT: the list starts empty and smoltcp's default capacity
+                // (iface-max-addr-count) is 2: both addresses fit.
+                #[allow(clippy::expect_used)]
                 addrs
                     .push(IpCidr::new(
                         IpAddress::Ipv4(a),
@@ -115,6 +118,9 @@ impl Stack {
         });
         // Accept packets for every destination: the stack stands in for the whole world.
         iface.set_any_ip(true);
+        // INVARIANT: the table starts empty and smoltcp's default capacity
+        // (iface-max-route-count) is 2: one route fits.
+        #[allow(clippy::expect_used)]
         iface
             .routes_mut()
             .add_default_ipv4_route(GATEWAY_ADDR)
@@ -127,6 +133,9 @@ impl Stack {
             ),
             udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]),
         );
+        // INVARIANT: binding fails only for port 0 or an already bound socket; this one is
+        // fresh and binds port 53.
+        #[allow(clippy::expect_used)]
         udp_socket
             .bind(IpListenEndpoint {
                 addr: Some(IpAddress::Ipv4(DNS_ADDR)),

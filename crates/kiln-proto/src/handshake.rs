@@ -131,6 +131,8 @@ async fn read_marked<S: AsyncRead + Unpin, T: DeserializeOwned>(
     loop {
         if let Some(pos) = buf.windows(magic.len()).position(|w| w == magic) {
             if buf.len() >= pos + 12 {
+                // INVARIANT: the range is 4 bytes long and within `buf` (checked just above).
+                #[allow(clippy::expect_used)]
                 let len = u32::from_be_bytes(buf[pos + 8..pos + 12].try_into().expect("4 bytes"))
                     as usize;
                 if len > MAX_HANDSHAKE_LEN {

@@ -3,6 +3,9 @@
 //! `GENERATION_CURRENT` fails here. To record a new generation: bump the constant, then run
 //! this test once with `KILN_BLESS_SCHEMA=1` (it never overwrites an existing file).
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fmt::Write;
 use std::path::PathBuf;
 

@@ -83,6 +83,13 @@ struct KeyFile {
     keys: Vec<StoredKey>,
 }
 
+impl KeyFile {
+    /// The key new tokens are signed with: the newest one not retired.
+    fn current(&self) -> Option<&StoredKey> {
+        self.keys.iter().rev().find(|k| k.retired.is_none())
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Header {
     alg: String,
@@ -138,19 +145,19 @@ impl TokenService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyFile::default(),
             Err(e) => return Err(io(e)),
         };
+        // `issue` signs with the current key: one that is not a valid AES-256 key makes the
+        // file corrupt; a missing one is made.
+        if file.current().is_some_and(|k| Self::cipher(k).is_none()) {
+            return Err(KeyError::Corrupt(path.to_path_buf()));
+        }
+        let needs_key = file.current().is_none();
         let service = TokenService {
             path: path.to_path_buf(),
             keys: RwLock::new(file),
             revoked_tokens: RwLock::default(),
             revoked_before: RwLock::default(),
         };
-        if service
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys
-            .is_empty()
-        {
+        if needs_key {
             service.rotate()?;
         }
         Ok(service)
@@ -169,8 +176,8 @@ impl TokenService {
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(file).expect("keys serialize"))
-            .map_err(io)?;
+        let json = serde_json::to_vec_pretty(file).map_err(|e| io(std::io::Error::other(e)))?;
+        f.write_all(&json).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)
     }
@@ -205,21 +212,28 @@ impl TokenService {
     /// Issues a token for `claims` with the current key.
     pub fn issue(&self, claims: &Claims) -> String {
         let file = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let key = file
-            .keys
-            .iter()
-            .rev()
-            .find(|k| k.retired.is_none())
-            .expect("a current key");
+        // INVARIANT: `open` makes sure of a current key and `rotate`, the only other writer,
+        // always adds one.
+        #[allow(clippy::expect_used)]
+        let key = file.current().expect("a current key");
         let header = Header {
             alg: "dir".into(),
             enc: "A256GCM".into(),
             kid: key.kid.clone(),
             typ: "kiln-token".into(),
         };
-        let header_b64 = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
+        // INVARIANT: Header and Claims hold only strings, numbers, a list of ports and a unit
+        // enum, which serde_json always encodes.
+        #[allow(clippy::expect_used)]
+        let (header_json, plaintext) = (
+            serde_json::to_vec(&header).expect("header serializes"),
+            serde_json::to_vec(claims).expect("claims serialize"),
+        );
+        let header_b64 = B64.encode(header_json);
         let iv = random_bytes::<12>();
-        let plaintext = serde_json::to_vec(claims).expect("claims serialize");
+        // INVARIANT: `open` checked the current key's cipher (and `rotate` makes valid keys);
+        // AES-GCM fails only on messages of tens of gigabytes; claims are a few hundred bytes.
+        #[allow(clippy::expect_used)]
         let sealed = Self::cipher(key)
             .expect("stored key is valid")
             .encrypt(

@@ -7,6 +7,9 @@
 //! ```
 //! Guest assets come from `scripts/setup.sh` (the test command runs it first).
 
+// A test fixture crate: a failed set-up step panics the test that asked for it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

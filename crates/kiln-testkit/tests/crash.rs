@@ -1,5 +1,8 @@
 //! A QEMU that dies under a VM is reported as a crash with its reason and console.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use kiln_testkit::TestVm;

@@ -3,6 +3,9 @@
 //! from the build VM), an HTTP app whose /ready returns 200, and a clone that answers on
 //! its app port. The slowest test of the suite (several minutes under TCG).
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kiln_image::{BuildSpec, ImageStatus};
 use kiln_testkit::TestBuilder;
 use kiln_vmm::Template;

@@ -2,6 +2,9 @@
 //! its policy allows. Test hosts live in network namespaces this test creates; the canary
 //! listens on host loopback; nothing else is addressed.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,9 @@
 //! Exec through the agent on a real guest: output, exit codes, stdin, env, cwd, user, large
 //! output, concurrency, timeouts, and a stream the host never reads.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use kiln_proto::{ErrorKind, ExecRequest, ProcessSpec};

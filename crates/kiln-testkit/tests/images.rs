@@ -1,6 +1,9 @@
 //! Baking images from Dockerfiles on real guests (busybox base): the whole flow, the step
 //! cache, and every bad input, each leaving nothing half-made behind.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use kiln_image::{BuildSpec, ImageStatus};

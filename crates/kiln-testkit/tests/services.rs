@@ -1,6 +1,9 @@
 //! The agent's other services on a real guest: files, a supervised app, HTTP calls to a
 //! guest port, raw byte streams forwarded to a guest port, and the optional network device.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use kiln_proto::{ErrorKind, HttpRequest, ProcessSpec};

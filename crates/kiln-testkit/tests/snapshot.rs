@@ -1,5 +1,8 @@
 //! Templates, copy-on-write clones, suspend and resume on real guests.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, SystemTime};
 
 use kiln_testkit::{assets, machine, suspend_resume, TestTemplate, TestVm};

@@ -31,6 +31,9 @@ impl NetworkAttachment {
 
     /// kiln's backend with the `internet` connector alone (public destinations).
     pub fn internet() -> NetworkAttachment {
+        // INVARIANT: compile fails only for too many connectors, `none` with others, a bad
+        // allowlist or an unknown host service; one `internet` connector is none of these.
+        #[allow(clippy::expect_used)]
         let policy = EgressPolicy::compile(
             &[Connector::Internet],
             &OperatorConfig::default(),

@@ -238,13 +238,9 @@ impl Template {
     pub fn open(dir: &Path) -> Result<Template, VmError> {
         let manifest = Manifest::read(dir)?;
         if manifest.kind != SnapshotKind::Template {
-            return Err(VmError::Invalid {
-                id: VmId::new("template").expect("valid id"),
-                reason: format!(
-                    "{} holds a {:?} snapshot, not a template",
-                    dir.display(),
-                    manifest.kind
-                ),
+            return Err(VmError::NotTemplate {
+                dir: dir.to_path_buf(),
+                kind: manifest.kind,
             });
         }
         Ok(Template {

@@ -75,6 +75,11 @@ pub enum VmError {
     Mismatch(#[from] ManifestMismatch),
     #[error("VM {id}: {reason}")]
     Invalid { id: VmId, reason: String },
+    #[error("{} holds a {kind:?} snapshot, not a template", dir.display())]
+    NotTemplate {
+        dir: PathBuf,
+        kind: crate::manifest::SnapshotKind,
+    },
 }
 
 /// What a cold boot needs.

@@ -2,6 +2,9 @@
 //! must only end its own session, with the reason reported, never crash or hang the host.
 //! The peer here plays a compromised guest agent over a real socket pair.
 
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use kiln_proto::handshake::{self, HelloAck};

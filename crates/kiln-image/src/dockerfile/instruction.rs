@@ -348,12 +348,14 @@ impl Transfer {
             Some(words) => words,
             None => split_words(rest, escape).map_err(err)?,
         };
-        if words.len() < 2 {
-            return Err(err(format!(
-                "{keyword} needs at least one source and a destination"
-            )));
-        }
-        let (dest, sources) = words.split_last().expect("two words at least");
+        let (dest, sources) = match words.split_last() {
+            Some((dest, sources)) if !sources.is_empty() => (dest, sources),
+            _ => {
+                return Err(err(format!(
+                    "{keyword} needs at least one source and a destination"
+                )))
+            }
+        };
         Ok(Transfer {
             sources: sources.to_vec(),
             dest: dest.clone(),
