@@ -50,9 +50,10 @@ kiln_upstream_major() {
 kiln_candidate_version() {
     local pkg=$1 suite=$2
     if [ -z "$suite" ]; then
-        apt-cache policy "$pkg" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -v '(none)' | sed -n 1p
+        { apt-cache policy "$pkg" 2>/dev/null || true; } |
+            awk '$1 == "Candidate:" && $2 != "(none)" { print $2; exit }'
     else
-        apt-cache policy "$pkg" 2>/dev/null | awk -v s="$suite/" '
+        { apt-cache policy "$pkg" 2>/dev/null || true; } | awk -v s="$suite/" '
             /^ +(\*\*\* )?[0-9]/ { sub(/^ +(\*\*\* )?/, ""); v = $1 }
             index($0, s) && v != "" { print v; exit }'
     fi
@@ -60,7 +61,7 @@ kiln_candidate_version() {
 
 # The installed version of a package, or nothing.
 kiln_installed_version() {
-    dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null |
+    { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } |
         awk '$1 == "install" && $2 == "ok" && $3 == "installed" { print $4 }'
 }
 
@@ -159,7 +160,7 @@ kiln_fix_qemu() {
 }
 
 kiln_tool_version() {
-    "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | sed -n 1p
+    { "$1" --version 2>/dev/null || true; } | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | sed -n 1p
 }
 
 kiln_check_qemu() {

@@ -4,6 +4,7 @@
 #
 #   KILN_HOME    state directory            (default /var/lib/kiln)
 #   KILN_ASSETS  guest assets directory     (default $KILN_HOME/assets)
+#   (and the variables scripts/setup-lib.sh reads: apt's directory, os-release, firmware)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,9 +34,10 @@ if [ ${#qemu_missing[@]} -gt 0 ] || [ ${#base_missing[@]} -gt 0 ]; then
             say "no apt source for Debian's $codename suite to derive $suite from: add $suite to apt's sources and run again"
             exit 1
         }
-        say "enabling $suite (from this host's own $codename source) in /etc/apt/sources.list.d/$KILN_BACKPORTS_FILE"
-        printf '%s\n' "$entry" >"/etc/apt/sources.list.d/$KILN_BACKPORTS_FILE.tmp"
-        mv "/etc/apt/sources.list.d/$KILN_BACKPORTS_FILE.tmp" "/etc/apt/sources.list.d/$KILN_BACKPORTS_FILE"
+        list="${KILN_APT_SOURCES_DIR:-/etc/apt}/sources.list.d/$KILN_BACKPORTS_FILE"
+        say "enabling $suite (from this host's own $codename source) in $list"
+        printf '%s\n' "$entry" >"$list.tmp"
+        mv "$list.tmp" "$list"
         apt-get update -qq
     fi
     if [ ${#qemu_missing[@]} -gt 0 ]; then

@@ -103,8 +103,7 @@ pub enum Remote {
     Disk {
         id: String,
         /// Where to write it (default: <id>.qcow2).
-        #[arg(short, long)]
-        output: Option<std::path::PathBuf>,
+        file: Option<std::path::PathBuf>,
     },
     /// The app's stdout and stderr in a RUNNING microVM (-f: keep printing new output).
     Logs {
@@ -322,8 +321,8 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 .unwrap_or_else(|| "127.0.0.1:8443".into());
             crate::shell::run(&c, &id, &ingress)
         }
-        Remote::Disk { id, output } => {
-            let output = output.unwrap_or_else(|| format!("{id}.qcow2").into());
+        Remote::Disk { id, file } => {
+            let output = file.unwrap_or_else(|| format!("{id}.qcow2").into());
             let mut body = c.get_stream(&format!("/v1/microvms/{id}/disk"))?;
             let part = output.with_extension("qcow2.part");
             let written = std::fs::File::create(&part)

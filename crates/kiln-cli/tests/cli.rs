@@ -37,6 +37,68 @@ fn doctor_reports_the_accelerator_and_dev_mode() {
             .contains("vmx"));
     }
     assert_eq!(report["ready"], true, "{report}");
+    // QEMU 10 and its firmware, and what set-up checked after installing.
+    let upstream = |v: &serde_json::Value| {
+        kiln_vmm::manifest::upstream_version(v.as_str().unwrap()).to_string()
+    };
+    assert!(upstream(&report["qemu"]).starts_with("10."), "{report}");
+    assert_eq!(
+        upstream(&report["qemu"]),
+        upstream(&report["qemu_img"]),
+        "{report}"
+    );
+    assert!(
+        report["firmware"]["bytes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(report["firmware"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("qboot.rom"));
+    let checks = report["setup_checks"]
+        .as_array()
+        .expect("set-up checks recorded");
+    for tool in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "firmware",
+        "mke2fs",
+        "busybox",
+        "cpio",
+        "mmdebstrap",
+        "dpkg-deb",
+        "xz",
+        "zstd",
+        "ip",
+        "python3-venv",
+    ] {
+        assert!(
+            checks.iter().any(|c| c["name"] == tool && c["ok"] == true),
+            "{tool} not checked: {report}"
+        );
+    }
+    // A failed check recorded by set-up makes the host not ready, and says which.
+    let assets = tempfile::tempdir().unwrap();
+    let real = kiln_vmm::GuestAssets::default_dir();
+    for f in ["kernel", "initramfs.cpio", "initramfs.key", "bases"] {
+        std::os::unix::fs::symlink(real.join(f), assets.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        assets.path().join("host-checks"),
+        "ok qemu-img 10.0.2\nfail mmdebstrap not installed -- apt-get install -y mmdebstrap\n",
+    )
+    .unwrap();
+    let broken = kiln(home.path())
+        .env("KILN_ASSETS", assets.path())
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(!broken.status.success());
+    let text = String::from_utf8_lossy(&broken.stdout);
+    assert!(
+        text.contains("FAIL set-up check  mmdebstrap not installed"),
+        "{text}"
+    );
     assert!(report["bases"]
         .as_array()
         .unwrap()

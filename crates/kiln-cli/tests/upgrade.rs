@@ -38,13 +38,21 @@ fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
 
 fn ok(d: &Daemon, args: &[&str]) -> String {
     let (code, out, err) = kiln(d, args);
-    assert_eq!(code, 0, "kiln {args:?} failed: {out}{err}");
+    let log = || std::fs::read_to_string(d.home.path().join("kilnd.log")).unwrap_or_default();
+    assert_eq!(
+        code,
+        0,
+        "kiln {args:?} failed: {out}{err}\n--- kilnd ---\n{}",
+        log()
+    );
     out
 }
 
 fn api(d: &Daemon, path: &str) -> Value {
-    std::env::set_var("KILN_HOME", d.home.path());
-    let c = kiln_client::Client::from_env(None, None).unwrap();
+    let read = |f: &str| std::fs::read_to_string(d.home.path().join(f)).unwrap();
+    let endpoint = format!("http://{}", read("kilnd.addr").trim());
+    let c =
+        kiln_client::Client::from_env(Some(endpoint), Some(read("api-key").trim().into())).unwrap();
     c.get(path).unwrap()
 }
 
@@ -72,7 +80,7 @@ fn taken_by_old_qemu(manifest: &Path) {
 fn download_disk(d: &Daemon, id: &str, scratch: &Path) -> Vec<u8> {
     let file = scratch.join(format!("{id}.qcow2"));
     let _ = std::fs::remove_file(&file);
-    ok(d, &["disk", id, "--output", file.to_str().unwrap()]);
+    ok(d, &["disk", id, file.to_str().unwrap()]);
     let info = Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&file)

@@ -221,8 +221,13 @@ impl Manager {
             .image(image)?
             .ok_or_else(|| ApiError::not_found("image", image))?;
         if img.status != "SUCCESSFUL" {
+            let why = img
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
             return Err(ApiError::conflict(format!(
-                "image {} is {}, not SUCCESSFUL: it cannot run",
+                "image {} is {}, not SUCCESSFUL: it cannot run{why}",
                 img.id, img.status
             )));
         }

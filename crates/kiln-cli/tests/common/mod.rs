@@ -55,19 +55,34 @@ fn spawn_kilnd(home: &Path, extra: &[&str]) -> Child {
         kilnd.display()
     );
     let _ = std::fs::remove_file(home.join("kilnd.addr"));
-    let child = Command::new(&kilnd)
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("kilnd.log"))
+        .unwrap();
+    let mut child = Command::new(&kilnd)
         .args(["--home"])
         .arg(home)
         .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])
         .args(extra)
         .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !home.join("kilnd.addr").exists() {
-        assert!(Instant::now() < deadline, "kilnd did not start");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "kilnd ended at start ({status}):\n{}",
+                std::fs::read_to_string(home.join("kilnd.log")).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kilnd did not start:\n{}",
+            std::fs::read_to_string(home.join("kilnd.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     child
