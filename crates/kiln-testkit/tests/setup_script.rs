@@ -197,6 +197,9 @@ impl FakeHost {
     }
 }
 
+/// What a check case does to a working fake host.
+type Breakage = dyn Fn(&FakeHost);
+
 fn which(tool: &str) -> Option<PathBuf> {
     ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
         .iter()
@@ -314,7 +317,7 @@ fn the_checks_after_installing_name_what_is_wrong_and_the_fix() {
     );
     assert!(!out.contains("fail"), "{out}");
 
-    let cases: [(&str, &dyn Fn(&FakeHost), &str); 5] = [
+    let cases: [(&str, &Breakage, &str); 5] = [
         ("missing mke2fs", &|h| h.remove_tool("mke2fs"), "fail mke2fs not installed -- apt-get install -y e2fsprogs"),
         (
             "an old emulator",
