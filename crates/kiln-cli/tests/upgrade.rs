@@ -174,6 +174,11 @@ fn after_a_qemu_upgrade_images_rebuild_and_suspended_microvms_are_kept() {
             && reason.contains("kiln image rebuild upg"),
         "{reason}"
     );
+    let metrics = metrics(&d);
+    assert!(
+        metrics.contains("kiln_images{status=\"REBUILD_REQUIRED\"} 1"),
+        "{metrics}"
+    );
     let (code, _, err) = kiln(&d, &["run", "upg"]);
     assert_eq!(
         code, 4,
@@ -226,4 +231,19 @@ fn old_image_template(d: &Daemon, image: &Value) -> String {
     let record = d.home.path().join("images/upg").join(id).join("image.json");
     let record: Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
     record["template"].as_str().unwrap().to_string()
+}
+
+/// kilnd's Prometheus text (unauthenticated, like /health).
+fn metrics(d: &Daemon) -> String {
+    use std::io::{Read, Write};
+    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
+    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: kilnd\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
 }

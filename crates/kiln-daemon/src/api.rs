@@ -135,7 +135,12 @@ async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
     }
     out.push_str("# HELP kiln_images Images by latest build status.\n# TYPE kiln_images gauge\n");
     let images = m.store().images()?;
-    for status in ["CREATING", "SUCCESSFUL", "FAILED"] {
+    for status in [
+        "CREATING",
+        "SUCCESSFUL",
+        "FAILED",
+        crate::recovery::REBUILD_REQUIRED,
+    ] {
         let n = images.iter().filter(|i| i.status == status).count();
         out.push_str(&format!("kiln_images{{status=\"{status}\"}} {n}\n"));
     }

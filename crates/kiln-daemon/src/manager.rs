@@ -636,7 +636,6 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / hz)
 }
 
-/// An error and its causes on one line.
 /// What a client is told when it asks to resume a microVM this host cannot restore.
 pub fn not_resumable_message(id: &str, why: &str) -> String {
     format!(
@@ -646,6 +645,7 @@ pub fn not_resumable_message(id: &str, why: &str) -> String {
     )
 }
 
+/// An error and its causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
