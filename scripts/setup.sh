@@ -93,6 +93,16 @@ if [ ! -s "$assets/kernel/vmlinuz" ] || [ ! -s "$assets/kernel/version" ]; then
     trap - EXIT
 fi
 
+# --- the same kernel uncompressed, for direct PVH boot (kernel/vmlinux; kiln prefers it) -------
+if [ ! -s "$assets/kernel/vmlinux" ] || [ "$assets/kernel/vmlinux" -ot "$assets/kernel/vmlinuz" ]; then
+    if kiln_extract_pvh "$assets/kernel/vmlinuz" "$assets/kernel/vmlinux"; then
+        say "extracted the kernel for direct PVH boot"
+    else
+        say "the guest kernel has no PVH entry: guests boot the compressed kernel through the firmware"
+        rm -f "$assets/kernel/vmlinux"
+    fi
+fi
+
 # --- the agent: a static binary (no musl target here: glibc with crt-static) ---------------
 say "building kiln-agent (static)"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \

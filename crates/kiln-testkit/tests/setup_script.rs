@@ -397,3 +397,36 @@ fn setup_sh_enables_backports_installs_and_stops_on_a_failed_check() {
         "stopped before building"
     );
 }
+
+#[test]
+fn the_pvh_kernel_is_extracted_from_debians_bzimage_and_nothing_else_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = |from: &Path, to: &Path| {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                ". {REPO}/scripts/setup-lib.sh; kiln_extract_pvh \"$0\" \"$1\""
+            ))
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success()
+    };
+    // The real guest kernel that set-up fetched.
+    let bzimage = kiln_vmm::GuestAssets::default_dir().join("kernel/vmlinuz");
+    let out = dir.path().join("vmlinux");
+    assert!(
+        extract(&bzimage, &out),
+        "Debian's kernel carries a PVH entry"
+    );
+    let elf = std::fs::read(&out).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert!(elf.len() > std::fs::metadata(&bzimage).unwrap().len() as usize);
+    // Not a kernel: refused, nothing written.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"\xfd7zXZ\x00 but not really xz").unwrap();
+    let none = dir.path().join("none");
+    assert!(!extract(&junk, &none));
+    assert!(!none.exists() && !dir.path().join("none.tmp").exists());
+}

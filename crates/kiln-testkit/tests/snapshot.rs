@@ -193,6 +193,7 @@ fn updated_host_assets(dir: &std::path::Path) -> GuestAssets {
     let now = assets();
     std::fs::create_dir_all(dir.join("kernel")).unwrap();
     std::fs::write(dir.join("kernel/vmlinuz"), b"not a kernel").unwrap();
+    std::fs::write(dir.join("kernel/vmlinux"), b"not a kernel either").unwrap();
     std::fs::write(dir.join("kernel/version"), "6.1.0-99-amd64\n").unwrap();
     std::fs::copy(&now.initramfs, dir.join("initramfs.cpio")).unwrap();
     std::fs::write(dir.join("initramfs.key"), "another-agent-build\n").unwrap();
@@ -203,7 +204,9 @@ fn updated_host_assets(dir: &std::path::Path) -> GuestAssets {
 async fn templates_and_suspended_vms_keep_their_kernel_across_host_updates() {
     let tpl = TestTemplate::build(COUNTER).await;
     let boot = tpl.template.dir().join("boot");
-    assert!(boot.join("kernel/vmlinuz").is_file() && boot.join("initramfs.cpio").is_file());
+    let kernel = assets().kernel;
+    let kept = boot.join("kernel").join(kernel.file_name().unwrap());
+    assert!(kept.is_file() && boot.join("initramfs.cpio").is_file());
     let updated = updated_host_assets(&tpl.scratch.path().join("updated-assets"));
     tpl.template
         .compatibility(&updated)

@@ -97,8 +97,13 @@ fn manifest_for(
 fn keep_boot_files(assets: &GuestAssets, dir: &Path) -> Result<(), VmError> {
     let kernel_dir = dir.join("kernel");
     std::fs::create_dir_all(&kernel_dir).map_err(io_err(&kernel_dir))?;
+    // The kernel keeps its name: `vmlinux` (PVH) or `vmlinuz`, as GuestAssets looks for them.
+    let kernel_name = assets
+        .kernel
+        .file_name()
+        .unwrap_or_else(|| "vmlinuz".as_ref());
     let files = [
-        (assets.kernel.clone(), kernel_dir.join("vmlinuz")),
+        (assets.kernel.clone(), kernel_dir.join(kernel_name)),
         (assets.initramfs.clone(), dir.join("initramfs.cpio")),
     ];
     for (from, to) in files {
