@@ -10,23 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{kilnd, Daemon};
-
-fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_HOME", d.home.path())
-        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
-        .env_remove("KILN_ENDPOINT")
-        .env_remove("KILN_API_KEY")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{kiln, kilnd};
 
 fn context() -> Vec<u8> {
     let hook = "#!/bin/sh\nread -r m p v\nlen=0\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; \

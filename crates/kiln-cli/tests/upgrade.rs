@@ -15,26 +15,10 @@ use serde_json::Value;
 
 mod common;
 
-use common::{kilnd_with, Daemon};
+use common::{kiln, kilnd_with, Daemon};
 
 const OLD_QEMU: &str = "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u18)";
 const FLAGS: &[&str] = &["--min-idle-seconds", "1", "--tick-ms", "200"];
-
-fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_HOME", d.home.path())
-        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
-        .env_remove("KILN_ENDPOINT")
-        .env_remove("KILN_API_KEY")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn ok(d: &Daemon, args: &[&str]) -> String {
     let (code, out, err) = kiln(d, args);

@@ -17,6 +17,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs the `kiln` binary against `d`: (exit code, stdout, stderr).
+pub fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_HOME", d.home.path())
+        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
+        .env_remove("KILN_ENDPOINT")
+        .env_remove("KILN_API_KEY")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn kilnd() -> Daemon {
     kilnd_with(&[])
 }
