@@ -13,6 +13,8 @@ use kiln_types::VmId;
 use kiln_vmm::snapshot::LaunchConfig;
 use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Vm};
 
+use crate::bench_report::Report;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Repetitions of each timed step (medians are printed).
@@ -27,6 +29,9 @@ pub struct BenchArgs {
     /// Which measurements to run.
     #[arg(long, value_enum, default_value = "all")]
     part: BenchPart,
+    /// Print one JSON document (every figure with its samples, median, min and max).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,13 +42,12 @@ pub enum BenchPart {
     Network,
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+fn all_ms(v: &[Duration]) -> Vec<f64> {
+    v.iter().copied().map(ms).collect()
 }
 
 /// Proportional set size of a process in KiB (shared pages divided among sharers).
@@ -64,23 +68,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .join("bench")
         .join(std::process::id().to_string());
     std::fs::create_dir_all(&scratch)?;
-    println!(
-        "kiln bench: accel={} ({}), {} MiB guest, base {}",
-        accel.accel, accel.reason, machine.memory_mib, args.base
+    let mut report = Report::new(
+        args.json,
+        &format!(
+            "kiln bench: accel={} ({}), {} MiB guest, base {}, kernel {}",
+            accel.accel,
+            accel.reason,
+            machine.memory_mib,
+            args.base,
+            assets.kernel.display()
+        ),
+        serde_json::json!({
+            "accelerator": accel.accel, "reason": accel.reason, "memoryMib": machine.memory_mib,
+            "base": args.base, "rounds": args.rounds, "kernel": assets.kernel,
+            "qemu": kiln_vmm::manifest::qemu_version(),
+        }),
     );
     let wants = |p: BenchPart| args.part == BenchPart::All || args.part == p;
     let mut result = Ok(());
     if wants(BenchPart::Runtime) {
-        result = measure(&args, &assets, &machine, &scratch).await;
+        result = measure(&args, &assets, &machine, &scratch, &mut report).await;
     }
     if result.is_ok() && wants(BenchPart::Image) {
-        result = measure_image(&assets, &machine, &scratch).await;
+        result = measure_image(&assets, &machine, &scratch, &mut report).await;
     }
     if result.is_ok() && wants(BenchPart::Network) {
-        result = crate::bench_net::measure(&assets, &machine, &scratch).await;
+        result = crate::bench_net::measure(&assets, &machine, &scratch, &mut report).await;
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    result
+    result?;
+    report.finish()
 }
 
 // INVARIANT: every caller names its VM with a short fixed lowercase word, with a number or
@@ -118,6 +135,7 @@ async fn measure(
     assets: &GuestAssets,
     machine: &MachineSpec,
     scratch: &Path,
+    report: &mut Report,
 ) -> anyhow::Result<()> {
     let base = assets.base_disk(&args.base)?;
     let boot = |n: usize| {
@@ -184,43 +202,25 @@ async fn measure(
         vm.destroy().await?;
     }
 
-    let (cold_ms, launch_ms) = (ms(median(cold)), ms(median(launches)));
-    println!(
-        "cold boot -> agent ready         {cold_ms:>9.1} ms (median of {})",
-        args.rounds
+    let cold = report.samples("cold boot -> agent ready", "ms", &all_ms(&cold));
+    let launch = report.samples("template launch -> agent ready", "ms", &all_ms(&launches));
+    report.ratio("ratio cold/launch", &cold, &launch);
+    report.samples("template snapshot", "ms", &[ms(snapshot_time)]);
+    report.samples("suspend (state to disk)", "ms", &all_ms(&suspends));
+    report.samples("resume -> agent ready", "ms", &all_ms(&resumes));
+    let one = report.samples("PSS of one cold-booted VM", "KiB", &[single_pss as f64]);
+    let all = report.samples(
+        &format!("PSS of {} clones (sum)", args.clones),
+        "KiB",
+        &[clone_pss as f64],
     );
-    println!(
-        "template launch -> agent ready   {launch_ms:>9.1} ms (median of {})",
-        args.rounds
-    );
-    println!(
-        "  ratio cold/launch              {:>9.1}x",
-        cold_ms / launch_ms
-    );
-    println!(
-        "template snapshot                {:>9.1} ms",
-        ms(snapshot_time)
-    );
-    println!(
-        "suspend (state to disk)          {:>9.1} ms",
-        ms(median(suspends))
-    );
-    println!(
-        "resume -> agent ready            {:>9.1} ms",
-        ms(median(resumes))
-    );
-    println!("PSS of one cold-booted VM        {:>9} KiB", single_pss);
-    println!(
-        "PSS of {} clones (sum)           {:>9} KiB",
-        args.clones, clone_pss
-    );
-    if single_pss > 0 {
-        println!(
-            "  {} clones vs {} separate VMs   {:>9.2}x the memory",
-            args.clones,
-            args.clones,
-            clone_pss as f64 / (single_pss * args.clones as u64) as f64
+    if single_pss > 0 && args.clones > 0 {
+        let separate = report.samples(
+            &format!("PSS of {} separate VMs (estimate)", args.clones),
+            "KiB",
+            &[one.median * args.clones as f64],
         );
+        report.ratio("clones vs separate VMs, memory", &all, &separate);
     }
     template.delete()?;
     Ok(())
@@ -232,6 +232,7 @@ pub async fn measure_image(
     assets: &GuestAssets,
     machine: &MachineSpec,
     scratch: &Path,
+    report: &mut Report,
 ) -> anyhow::Result<()> {
     let ctx = scratch.join("image-context");
     std::fs::create_dir_all(ctx.join("app"))?;
@@ -300,19 +301,10 @@ pub async fn measure_image(
     .await?;
     let cold_boot = t.elapsed();
     cold.destroy().await?;
-    println!("image bake (busybox, 4 steps)      {:>9.1} ms", ms(bake));
-    println!(
-        "rebuild, every step cached          {:>9.1} ms",
-        ms(rebuild)
-    );
-    println!("first launch from the image         {:>9.1} ms", ms(launch));
-    println!(
-        "cold boot of the same root disk     {:>9.1} ms",
-        ms(cold_boot)
-    );
-    println!(
-        "  ratio cold/launch                 {:>9.1}x",
-        ms(cold_boot) / ms(launch)
-    );
+    report.samples("image bake (busybox, 4 steps)", "ms", &[ms(bake)]);
+    report.samples("rebuild, every step cached", "ms", &[ms(rebuild)]);
+    let launch = report.samples("first launch from the image", "ms", &[ms(launch)]);
+    let cold = report.samples("cold boot of the same root disk", "ms", &[ms(cold_boot)]);
+    report.ratio("ratio cold/launch", &cold, &launch);
     Ok(())
 }

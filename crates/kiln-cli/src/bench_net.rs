@@ -108,6 +108,7 @@ pub async fn measure(
     assets: &GuestAssets,
     machine: &MachineSpec,
     scratch: &Path,
+    report: &mut crate::bench_report::Report,
 ) -> anyhow::Result<()> {
     let port = serve()?;
     let operator = OperatorConfig {
@@ -139,19 +140,29 @@ pub async fn measure(
         scratch,
     )
     .await?;
-    println!("network, guest → host service (guest CPU-bound under TCG):");
-    println!(
-        "  throughput, {} MiB over one connection: kiln backend {:.1} MiB/s, QEMU user-net {:.1} MiB/s: {:.2}x",
-        BULK_BYTES >> 20,
-        kiln.mib_per_s,
-        qemu.mib_per_s,
-        kiln.mib_per_s / qemu.mib_per_s
+    report.section("network, guest → host service (guest CPU-bound under TCG):");
+    let mib = BULK_BYTES >> 20;
+    let k = report.samples(
+        &format!("throughput, {mib} MiB, kiln backend"),
+        "MiB/s",
+        &[kiln.mib_per_s],
     );
-    println!(
-        "  connection rate, {CONNECTIONS} sequential HTTP requests: kiln backend {:.1}/s, QEMU user-net {:.1}/s: {:.2}x",
-        kiln.conns_per_s,
-        qemu.conns_per_s,
-        kiln.conns_per_s / qemu.conns_per_s
+    let q = report.samples(
+        &format!("throughput, {mib} MiB, QEMU user-net"),
+        "MiB/s",
+        &[qemu.mib_per_s],
     );
+    report.ratio("throughput kiln/QEMU", &k, &q);
+    let k = report.samples(
+        &format!("{CONNECTIONS} sequential requests, kiln backend"),
+        "conn/s",
+        &[kiln.conns_per_s],
+    );
+    let q = report.samples(
+        &format!("{CONNECTIONS} sequential requests, QEMU user-net"),
+        "conn/s",
+        &[qemu.conns_per_s],
+    );
+    report.ratio("connection rate kiln/QEMU", &k, &q);
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_net;
+mod bench_report;
 mod doctor;
 mod image;
 mod image_api;

@@ -286,3 +286,40 @@ fn completions_name_the_subcommands() {
         "an unknown shell is a usage error"
     );
 }
+
+#[test]
+fn bench_json_gives_every_figure_with_its_spread() {
+    let home = tempfile::tempdir().unwrap();
+    let out = kiln(home.path())
+        .args([
+            "bench", "--json", "--part", "runtime", "--rounds", "2", "--clones", "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(doc["meta"]["rounds"], 2);
+    let figures = doc["figures"].as_array().unwrap();
+    let find = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {doc}"))
+    };
+    let launch = find("template launch -> agent ready");
+    assert_eq!(launch["n"], 2);
+    assert_eq!(launch["samples"].as_array().unwrap().len(), 2);
+    let (min, med, max) = (
+        launch["min"].as_f64().unwrap(),
+        launch["median"].as_f64().unwrap(),
+        launch["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= med && med <= max, "{launch}");
+    let ratio = find("ratio cold/launch");
+    assert!(ratio["min"].as_f64().unwrap() <= ratio["median"].as_f64().unwrap());
+}
