@@ -142,27 +142,26 @@ pub async fn measure(
     .await?;
     report.section("network, guest → host service (guest CPU-bound under TCG):");
     let mib = BULK_BYTES >> 20;
-    let k = report.samples(
-        &format!("throughput, {mib} MiB, kiln backend"),
-        "MiB/s",
-        &[kiln.mib_per_s],
-    );
-    let q = report.samples(
-        &format!("throughput, {mib} MiB, QEMU user-net"),
-        "MiB/s",
-        &[qemu.mib_per_s],
-    );
-    report.ratio("throughput kiln/QEMU", &k, &q);
-    let k = report.samples(
-        &format!("{CONNECTIONS} sequential requests, kiln backend"),
-        "conn/s",
-        &[kiln.conns_per_s],
-    );
-    let q = report.samples(
-        &format!("{CONNECTIONS} sequential requests, QEMU user-net"),
-        "conn/s",
-        &[qemu.conns_per_s],
-    );
-    report.ratio("connection rate kiln/QEMU", &k, &q);
+    let pairs = [
+        (
+            format!("throughput, {mib} MiB"),
+            "MiB/s",
+            "throughput",
+            kiln.mib_per_s,
+            qemu.mib_per_s,
+        ),
+        (
+            format!("{CONNECTIONS} sequential requests"),
+            "conn/s",
+            "connection rate",
+            kiln.conns_per_s,
+            qemu.conns_per_s,
+        ),
+    ];
+    for (what, unit, ratio, ours, theirs) in pairs {
+        let k = report.samples(&format!("{what}, kiln backend"), unit, &[ours]);
+        let q = report.samples(&format!("{what}, QEMU user-net"), unit, &[theirs]);
+        report.ratio(&format!("{ratio} kiln/QEMU"), &k, &q);
+    }
     Ok(())
 }
