@@ -127,6 +127,7 @@ pub fn cold_boot_config(
         timeout: Duration::from_secs(120),
         die_with_parent: true,
         network: kiln_vmm::NetworkAttachment::closed(),
+        confinement: crate::confinement(),
     }
 }
 
@@ -173,6 +174,7 @@ async fn measure(
         timeout: Duration::from_secs(60),
         die_with_parent: true,
         network: kiln_vmm::NetworkAttachment::closed(),
+        confinement: crate::confinement(),
     };
     let mut launches = Vec::new();
     let (mut suspends, mut resumes) = (Vec::new(), Vec::new());
@@ -246,6 +248,7 @@ pub async fn measure_image(
         layers_dir: scratch.join("layers"),
         assets: assets.clone(),
         accel: machine.accel,
+        confinement: crate::confinement(),
     };
     let t = Instant::now();
     let first = builder
@@ -283,6 +286,7 @@ pub async fn measure_image(
             timeout: Duration::from_secs(60),
             die_with_parent: true,
             network: kiln_vmm::NetworkAttachment::closed(),
+            confinement: crate::confinement(),
         })
         .await?;
     let launch = t.elapsed();

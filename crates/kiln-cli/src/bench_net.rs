@@ -73,6 +73,9 @@ async fn measure_one(
         ),
     );
     cfg.network = network;
+    // Both backends unjailed: QEMU's user networking reaches the host only from the host's
+    // network namespace, and this compares backends, not jails.
+    cfg.confinement = kiln_vmm::Confinement::Unjailed;
     let vm = Vm::boot(cfg).await?;
     let url = format!("http://10.0.2.2:{port}");
     // Warm up (ARP, first connection), then time inside one exec each.

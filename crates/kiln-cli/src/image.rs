@@ -67,6 +67,7 @@ fn builder() -> anyhow::Result<Builder> {
         layers_dir: home.join("layers"),
         assets: GuestAssets::locate()?,
         accel: kiln_vmm::accel::detect()?.accel,
+        confinement: crate::confinement(),
     };
     for id in builder.recover_interrupted()? {
         eprintln!("kiln: build {id} was interrupted; marked FAILED and cleaned up");

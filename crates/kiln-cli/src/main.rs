@@ -22,8 +22,20 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     conn: remote::Conn,
+    /// Start guests (sandbox, image local, bench) unjailed, as this user in the host's
+    /// namespaces: development only.
+    #[arg(long, global = true)]
+    no_jail: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The jail of every guest this process starts (`--no-jail` turns it off).
+static CONFINEMENT: std::sync::OnceLock<kiln_vmm::Confinement> = std::sync::OnceLock::new();
+
+/// The jail of every guest this process starts.
+pub fn confinement() -> kiln_vmm::Confinement {
+    *CONFINEMENT.get_or_init(kiln_vmm::Confinement::default)
 }
 
 #[derive(Subcommand)]
@@ -59,6 +71,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if cli.no_jail {
+        let _ = CONFINEMENT.set(kiln_vmm::Confinement::from_no_jail(true));
+    }
     if let Command::Completions { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());

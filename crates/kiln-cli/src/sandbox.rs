@@ -47,6 +47,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<i32> {
         &machine,
         &assets,
         Duration::from_secs(120),
+        crate::confinement(),
     )
     .await?;
     let prepared = started.elapsed();
@@ -61,6 +62,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<i32> {
             timeout: Duration::from_secs(60),
             die_with_parent: true,
             network: kiln_vmm::NetworkAttachment::closed(),
+            confinement: crate::confinement(),
         })
         .await?;
     let launched = launch_started.elapsed();

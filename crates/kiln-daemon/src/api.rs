@@ -122,6 +122,13 @@ async fn health(State(m): State<Arc<Manager>>) -> Json<Value> {
         "accelerator": m.accel.as_str(),
         "devMode": dev,
         "warning": dev.then_some(kiln_vmm::accel::DEV_MODE_WARNING),
+        "jail": match m.confinement {
+            kiln_vmm::Confinement::Jailed(_) => json!(kiln_jail::facts()),
+            kiln_vmm::Confinement::Unjailed => json!({
+                "enabled": false,
+                "warning": "--no-jail: QEMU runs unjailed (development only)",
+            }),
+        },
     }))
 }
 

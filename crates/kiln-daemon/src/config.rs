@@ -34,6 +34,8 @@ pub struct Config {
     pub ingress_tls_key: Option<PathBuf>,
     /// Host services and pinned names for egress connectors.
     pub egress: kiln_vmm::kiln_net::OperatorConfig,
+    /// Run QEMU unjailed (development only; logged loudly on every start).
+    pub no_jail: bool,
 }
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;

@@ -43,11 +43,13 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     let store = kiln_store::Store::open(&cfg.home.join("kiln.db"))?;
     let accel = kiln_vmm::accel::detect()?;
     let assets = kiln_vmm::GuestAssets::locate()?;
+    let confinement = jail(&cfg)?;
     let builder = kiln_image::Builder {
         images_dir: cfg.home.join("images"),
         layers_dir: cfg.home.join("layers"),
         assets: assets.clone(),
         accel: accel.accel,
+        confinement,
     };
     let manager = Arc::new(Manager {
         cfg: cfg.clone(),
@@ -55,6 +57,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         builder,
         assets,
         accel: accel.accel,
+        confinement,
         slots: Mutex::new(Default::default()),
         tokens: Arc::new(kiln_proxy::token::TokenService::open(
             &cfg.home.join("ingress-keys.json"),
@@ -108,6 +111,31 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         .await?;
     shutdown(&manager).await;
     Ok(())
+}
+
+/// The jail every microVM gets: checked by starting a test jail, so kilnd refuses to start
+/// on a host that cannot give one (and says which part), unless `--no-jail`.
+fn jail(cfg: &Config) -> anyhow::Result<kiln_vmm::Confinement> {
+    if cfg.no_jail {
+        warn!(
+            "--no-jail: every QEMU runs as root in the host's namespaces, without chroot or \
+             cgroups. A guest that escapes QEMU owns this host. Development only."
+        );
+        return Ok(kiln_vmm::Confinement::Unjailed);
+    }
+    kiln_jail::preflight().context(
+        "every microVM runs in a jail and this host cannot give one; fix the part named \
+         above, or start kilnd with --no-jail for development only",
+    )?;
+    let swept = kiln_jail::sweep();
+    let facts = kiln_jail::facts();
+    info!(
+        uids = %facts.uid_range,
+        cgroups = %facts.cgroups.join(", "),
+        swept,
+        "jail ready"
+    );
+    Ok(kiln_vmm::Confinement::default())
 }
 
 /// Installs the SIGTERM and SIGINT handlers; the future ends at the first of either.

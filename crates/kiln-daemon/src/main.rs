@@ -26,6 +26,10 @@ struct Args {
     /// Allow a non-loopback --listen address.
     #[arg(long)]
     allow_remote: bool,
+    /// Run every QEMU unjailed, as this process, in the host's namespaces. Development and
+    /// benchmarks only: a guest that escapes QEMU then owns the host.
+    #[arg(long)]
+    no_jail: bool,
     /// Lowest maxIdleDurationSeconds accepted (default: the API minimum, 60).
     #[arg(long, default_value_t = kiln_daemon::config::API_MIN_IDLE_SECONDS)]
     min_idle_seconds: u64,
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         ingress_tls_cert,
         ingress_tls_key,
         egress: operator_config(args.host_services, args.egress_hosts),
+        no_jail: args.no_jail,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

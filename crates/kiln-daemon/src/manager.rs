@@ -84,6 +84,8 @@ pub struct Manager {
     pub builder: Builder,
     pub assets: GuestAssets,
     pub accel: Accel,
+    /// Every microVM's jail (or `--no-jail`).
+    pub confinement: kiln_vmm::Confinement,
     pub slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     pub tokens: Arc<kiln_proxy::token::TokenService>,
     /// Open ingress requests and streams per microVM.
@@ -295,6 +297,7 @@ impl Manager {
                     timeout: Duration::from_secs(60),
                     die_with_parent: true,
                     network,
+                    confinement: self.confinement,
                 })
                 .await?;
             if let Err(e) = apply_no_network(config, &vm).await {

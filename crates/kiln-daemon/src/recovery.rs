@@ -40,8 +40,14 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                 let reopened = VmId::new(&row.id)
                     .map_err(anyhow::Error::from)
                     .and_then(|id| {
-                        SuspendedVm::open(id, &dir, manager.assets.clone(), true)
-                            .map_err(anyhow::Error::from)
+                        SuspendedVm::open(
+                            id,
+                            &dir,
+                            manager.assets.clone(),
+                            true,
+                            manager.confinement,
+                        )
+                        .map_err(anyhow::Error::from)
                     })
                     .and_then(|mut s| {
                         // The NIC leads where the microVM's connectors say, as before.

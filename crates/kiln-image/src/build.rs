@@ -179,6 +179,8 @@ pub struct Builder {
     pub layers_dir: PathBuf,
     pub assets: GuestAssets,
     pub accel: Accel,
+    /// The build VM's jail (or `--no-jail`).
+    pub confinement: kiln_vmm::Confinement,
 }
 
 fn now() -> u64 {
@@ -533,7 +535,8 @@ impl Builder {
         machine.memory_mib = spec.memory_mib;
         machine.vcpus = spec.vcpus;
         machine.network = true;
-        let top = layers.new_top();
+        let staging = layers.staging_dir().map_err(io(&self.layers_dir))?;
+        let top = layers.new_top(&staging);
         // Recovery deletes this unfinished layer if the build is interrupted.
         std::fs::write(dir.join(ACTIVE_TOP_FILE), top.to_string_lossy().as_bytes())
             .map_err(io(dir))?;
@@ -549,6 +552,7 @@ impl Builder {
             timeout: Duration::from_secs(180),
             die_with_parent: true,
             network: spec.network.clone(),
+            confinement: self.confinement,
         })
         .await;
         let mut vm = match vm {
@@ -646,7 +650,14 @@ impl Builder {
                 Action::Config => {}
             }
             if step.action.changes_disk() {
-                let finished = vm.commit_layer(&layers.new_top()).await?;
+                // Next to the current top: the build's own staging directory.
+                let staging = vm
+                    .active_disk()
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .to_path_buf();
+                let next = layers.new_top(&staging);
+                let finished = vm.commit_layer(&next).await?;
                 layers
                     .record(&step.key, &finished)
                     .map_err(io(&self.layers_dir))?;

@@ -1,10 +1,18 @@
 //! The step cache: qcow2 layers keyed by step hash. Each layer's backing file is its
-//! parent layer (or the base), named by absolute path, so layers never move.
+//! parent layer (or the base), named by absolute path, so layers never move. Each build
+//! writes its layers in a staging directory of its own (`b-<nonce>-<pid>/`).
 
 use std::path::{Path, PathBuf};
 
 pub struct LayerStore {
     dir: PathBuf,
+}
+
+fn nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl LayerStore {
@@ -22,20 +30,29 @@ impl LayerStore {
         path.is_file().then_some(path)
     }
 
-    /// A fresh path for a build's writable top.
-    pub fn new_top(&self) -> PathBuf {
-        let nonce: u64 = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        self.dir
-            .join(format!("{:016x}-{}.qcow2", nonce, std::process::id()))
+    /// A new directory for one build's layers: the build VM's jail may write there and
+    /// nowhere else in the store. Layers never move out of it (their backing paths are
+    /// absolute); once finished they are root's and read-only.
+    pub fn staging_dir(&self) -> std::io::Result<PathBuf> {
+        let dir = self
+            .dir
+            .join(format!("b-{:016x}-{}", nanos(), std::process::id()));
+        std::fs::create_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// A fresh path for a build's writable top, in its staging directory.
+    pub fn new_top(&self, staging: &Path) -> PathBuf {
+        staging.join(format!("{:016x}.qcow2", nanos()))
     }
 
     /// Records a finished layer under `key` (atomically).
     pub fn record(&self, key: &str, layer: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(layer, std::fs::Permissions::from_mode(0o444))?;
         let name = layer
-            .file_name()
+            .strip_prefix(&self.dir)
+            .ok()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         let tmp = self.dir.join("index").join(format!(".{key}.tmp"));

@@ -152,6 +152,7 @@ pub fn boot_config(dir: &Path, name: &str, machine: MachineSpec) -> BootConfig {
         timeout: BOOT_TIMEOUT,
         die_with_parent: true,
         network: kiln_vmm::NetworkAttachment::closed(),
+        confinement: kiln_vmm::Confinement::default(),
     }
 }
 
@@ -190,6 +191,7 @@ impl TestTemplate {
             timeout: BOOT_TIMEOUT,
             die_with_parent: true,
             network: kiln_vmm::NetworkAttachment::closed(),
+            confinement: kiln_vmm::Confinement::default(),
         }
     }
 
@@ -213,6 +215,7 @@ pub async fn launch_from(template: &Template, dir: &Path, name: &str) -> TestVm 
         timeout: BOOT_TIMEOUT,
         die_with_parent: true,
         network: kiln_vmm::NetworkAttachment::closed(),
+        confinement: kiln_vmm::Confinement::default(),
     };
     TestVm::wrap(template.launch(cfg).await.expect("launch from template"))
 }
@@ -239,6 +242,7 @@ impl TestBuilder {
             layers_dir: scratch.path().join("layers"),
             assets: assets(),
             accel: machine().accel,
+            confinement: kiln_vmm::Confinement::default(),
         };
         TestBuilder { builder, scratch }
     }

@@ -9,7 +9,9 @@ use kiln_testkit::{assets, machine, suspend_resume, TestTemplate, TestVm};
 use kiln_vmm::GuestAssets;
 
 /// A shell loop that counts in memory and publishes its count to a tmpfs file.
-const COUNTER: &str = "mkdir -p /run/c && (i=0; while true; do i=$((i+1)); echo $i > /run/c/n; sleep 0.1; done) >/dev/null 2>&1 &";
+/// The count is written beside the file and renamed over it, so a reader never
+/// sees the moment between the shell's truncation and its write (an empty file).
+const COUNTER: &str = "mkdir -p /run/c && (i=0; while true; do i=$((i+1)); echo $i > /run/c/n.new; mv /run/c/n.new /run/c/n; sleep 0.1; done) >/dev/null 2>&1 &";
 
 async fn count(vm: &TestVm) -> u64 {
     vm.ok("cat /run/c/n")
@@ -225,9 +227,14 @@ async fn templates_and_suspended_vms_keep_their_kernel_across_host_updates() {
     let dir = suspended.dir().to_path_buf();
     drop(suspended);
     // Re-opened as kilnd does after a restart, with the host's (updated) assets.
-    let reopened =
-        kiln_vmm::SuspendedVm::open(kiln_testkit::id("after-update"), &dir, updated, true)
-            .expect("reopen");
+    let reopened = kiln_vmm::SuspendedVm::open(
+        kiln_testkit::id("after-update"),
+        &dir,
+        updated,
+        true,
+        kiln_vmm::Confinement::default(),
+    )
+    .expect("reopen");
     reopened
         .compatibility()
         .expect("resumes with the kernel it booted");

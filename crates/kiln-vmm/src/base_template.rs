@@ -8,6 +8,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::assets::GuestAssets;
+use crate::confine::Confinement;
 use crate::machine::{restore_signature, MachineSpec};
 use crate::manifest::{qemu_version, upstream_version, HostFacts};
 use crate::network::NetworkAttachment;
@@ -21,6 +22,7 @@ pub async fn ensure(
     machine: &MachineSpec,
     assets: &GuestAssets,
     boot_timeout: Duration,
+    confinement: Confinement,
 ) -> Result<Template, VmError> {
     let base_disk = assets.base_disk(base)?;
     let dir = cache_dir.join(format!("{base}-{}", cache_key(&base_disk, machine, assets)));
@@ -55,6 +57,7 @@ pub async fn ensure(
         timeout: boot_timeout,
         die_with_parent: true,
         network: NetworkAttachment::closed(),
+        confinement,
     })
     .await;
     let result = match vm {

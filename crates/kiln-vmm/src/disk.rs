@@ -76,3 +76,93 @@ pub async fn flatten(disk: &Path, out: &Path) -> Result<(), DiskError> {
         })
     }
 }
+
+/// Most files a disk chain may have (a Dockerfile's steps each add one layer).
+pub const MAX_CHAIN: usize = 512;
+
+/// The backing file named in a qcow2 header, if any (`None` for raw files). Only headers
+/// kiln trusts are read this way: files owned by root that no VM can write.
+pub fn backing_file(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let mut header = [0u8; 20];
+    if f.read_exact(&mut header).is_err() || &header[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(header[16..20].try_into().unwrap_or_default());
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > 1023 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: backing file name of {len} bytes", path.display()),
+        ));
+    }
+    let mut name = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut name)?;
+    use std::os::unix::ffi::OsStringExt;
+    let name = PathBuf::from(std::ffi::OsString::from_vec(name));
+    Ok(Some(match path.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    }))
+}
+
+/// `base` and every file under it in its backing chain. Each must be a root-owned file that
+/// neither group nor others can write: the chain a jail may read is never one a VM made.
+pub fn trusted_chain(base: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut chain = Vec::new();
+    let mut next = Some(base.to_path_buf());
+    while let Some(file) = next {
+        if chain.len() >= MAX_CHAIN {
+            return Err(std::io::Error::other(format!(
+                "disk chain under {} has over {MAX_CHAIN} files",
+                base.display()
+            )));
+        }
+        let meta = std::fs::metadata(&file)?;
+        if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "disk layer {} must be a root-owned file no one else can write",
+                    file.display()
+                ),
+            ));
+        }
+        next = backing_file(&file)?;
+        chain.push(file);
+    }
+    Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn chains_are_read_from_qcow2_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let mid = dir.path().join("mid.qcow2");
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&mid, &base, BackingFormat::Raw, None)
+            .await
+            .unwrap();
+        create_overlay(&top, &mid, BackingFormat::Qcow2, None)
+            .await
+            .unwrap();
+        assert_eq!(backing_file(&top).unwrap(), Some(mid.clone()));
+        assert_eq!(backing_file(&base).unwrap(), None);
+        assert_eq!(trusted_chain(&top).unwrap(), vec![top.clone(), mid, base]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = trusted_chain(&top).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    }
+}

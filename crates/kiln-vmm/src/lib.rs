@@ -6,12 +6,14 @@
 //! - [`process`], [`qmp`]: the QEMU process, its console log and its control socket;
 //! - [`agent`]: the typed client of the guest agent;
 //! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume;
+//! - [`confine`]: the jail each QEMU runs in (or `--no-jail`), built by `kiln-jail`;
 //! - [`network`]: how a VM's NIC reaches the world (kiln-net's egress backend).
 
 pub mod accel;
 pub mod agent;
 pub mod assets;
 pub mod base_template;
+pub mod confine;
 pub mod disk;
 pub mod machine;
 pub mod manifest;
@@ -24,6 +26,7 @@ pub mod vm;
 pub use accel::{AccelChoice, AccelProbe};
 pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::GuestAssets;
+pub use confine::{Confinement, JailLimits};
 pub use kiln_net;
 pub use machine::MachineSpec;
 pub use manifest::{Manifest, ManifestMismatch};

@@ -45,6 +45,9 @@ pub fn host_tsc_khz() -> u64 {
     })
 }
 
+/// The TCG translation cache in MiB (`-accel tcg,tb-size=`); QEMU's default is 1024.
+pub const TCG_TB_SIZE_MIB: u32 = 128;
+
 /// Bump when the argument layout below changes in a way that breaks restoring older snapshots.
 /// 2: QEMU 10, qboot firmware, `file:` migration.
 pub const MACHINE_LAYOUT_VERSION: u32 = 2;
@@ -89,9 +92,9 @@ pub fn restore_signature(spec: &MachineSpec) -> Vec<String> {
     for pair in args.windows(2) {
         let (flag, value) = (pair[0].to_string_lossy(), pair[1].to_string_lossy());
         match flag.as_ref() {
-            "-machine" | "-accel" | "-cpu" | "-smp" | "-m" | "-device" => {
-                out.push(format!("{flag} {value}"))
-            }
+            "-machine" | "-cpu" | "-smp" | "-m" | "-device" => out.push(format!("{flag} {value}")),
+            // Accelerator options (the translation cache size) are not migrated state.
+            "-accel" => out.push(format!("-accel {}", value.split(',').next().unwrap_or(""))),
             "-bios" => {
                 let path = Path::new(value.as_ref());
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -202,7 +205,12 @@ pub fn qemu_args(
         "-machine",
         "microvm,x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem",
     ]);
-    push(&["-accel", spec.accel.as_str()]);
+    match spec.accel {
+        // The translation cache is QEMU's largest allocation under TCG (1 GiB by default):
+        // bounded so a jail's memory limit can be RAM plus a fixed overhead.
+        Accel::Tcg => push(&["-accel", &format!("tcg,tb-size={TCG_TB_SIZE_MIB}")]),
+        Accel::Kvm => push(&["-accel", spec.accel.as_str()]),
+    }
     push(&[
         "-cpu",
         &spec.cpu_model,
@@ -216,8 +224,9 @@ pub fn qemu_args(
             "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
             p.display()
         ),
+        // Opened read-only (no VM may write a template), mapped private and writable.
         MemoryBacking::PrivateFile(p) => format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share=off",
+            "memory-backend-file,id=mem,size={mem},mem-path={},share=off,readonly=on,rom=off",
             p.display()
         ),
         MemoryBacking::Anonymous => format!("memory-backend-ram,id=mem,size={mem}"),
@@ -265,7 +274,6 @@ pub fn qemu_args(
         "-qmp",
         &format!("unix:{},server=on,wait=off", paths.qmp_socket().display()),
     ]);
-    push(&["-pidfile", &paths.pid_file().display().to_string()]);
     // Deny what QEMU never needs, spawning included: snapshots use `file:` migration.
     push(&[
         "-sandbox",
@@ -311,7 +319,10 @@ mod tests {
             true,
             None,
         ));
-        assert!(args.contains("mem-path=/t/memory.ram,share=off"), "{args}");
+        assert!(
+            args.contains("mem-path=/t/memory.ram,share=off,readonly=on,rom=off"),
+            "{args}"
+        );
         assert!(args.contains("-incoming defer -S"));
         assert!(args.contains("-cpu Nehalem-v1"));
         assert!(args.contains("-accel tcg"));

@@ -49,6 +49,10 @@ pub struct Manifest {
     pub state_bytes: u64,
     /// Size of the RAM file (templates only).
     pub memory_bytes: Option<u64>,
+    /// The first file under the snapshot's own disk overlay, as kiln recorded it (a jail
+    /// reads that chain; the overlay's own header is the guest's QEMU's to write).
+    #[serde(default)]
+    pub disk_backing: Option<String>,
 }
 
 /// What this host offers, compared against a manifest.
@@ -152,9 +156,21 @@ impl Manifest {
     }
 
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
         let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
+        // The directory may have been a jailed QEMU's: whatever it left at the temporary
+        // name (a symlink, say) is removed, and the file is created anew, never followed.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
         std::fs::rename(tmp, dir.join(MANIFEST_FILE))
     }
 
@@ -277,6 +293,7 @@ mod tests {
             state_sha256: "00".into(),
             state_bytes: 1,
             memory_bytes: Some(512 << 20),
+            disk_backing: None,
         };
         (m, host)
     }

@@ -17,10 +17,17 @@ pub const CONSOLE_LOG_CAP: u64 = 4 * 1024 * 1024;
 /// Bytes of QEMU's own stderr kept for error reports.
 const STDERR_CAP: usize = 64 * 1024;
 
+/// How long the jailer may take to report (cgroups, ownership and mounts: milliseconds).
+const JAIL_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("Starting qemu-system-x86_64 failed (scripts/setup.sh installs it)")]
     Spawn(#[source] std::io::Error),
+    #[error("Starting QEMU in its jail failed (jails need root; `--no-jail` is for development)")]
+    Jail(#[source] kiln_jail::JailError),
+    #[error("Starting QEMU in its jail failed: kiln-jailer did not report within {0:?}")]
+    JailTimeout(std::time::Duration),
 }
 
 /// How QEMU ended.
@@ -28,10 +35,27 @@ pub enum ProcessError {
 pub struct ExitInfo {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it: its jail's memory limit was reached.
+    pub oom_killed: bool,
+}
+
+impl ExitInfo {
+    fn unknown() -> ExitInfo {
+        ExitInfo {
+            code: None,
+            signal: None,
+            oom_killed: false,
+        }
+    }
 }
 
 impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.oom_killed {
+            return f.write_str(
+                "out of memory: QEMU reached its jail's memory limit and the kernel killed it",
+            );
+        }
         match (self.code, self.signal) {
             (Some(code), _) => write!(f, "QEMU exited with code {code}"),
             (None, Some(sig)) => write!(f, "QEMU was killed by signal {sig}"),
@@ -42,6 +66,8 @@ impl std::fmt::Display for ExitInfo {
 
 pub struct QemuProcess {
     pid: u32,
+    /// The jail QEMU runs in (`None` with `--no-jail`).
+    jail: Option<kiln_jail::JailReport>,
     exit: watch::Receiver<Option<ExitInfo>>,
     kill: Mutex<Option<oneshot::Sender<()>>>,
     console: PathBuf,
@@ -49,16 +75,39 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    /// Starts QEMU. With `die_with_parent`, the kernel kills QEMU when the spawning thread
-    /// exits, so a crashed or killed host process never leaves guests behind.
-    pub fn spawn(
+    /// Starts QEMU, in the jail `jail` describes unless it is `None`. With
+    /// `die_with_parent`, the kernel kills QEMU when the spawning thread exits, so a crashed
+    /// or killed host process never leaves guests behind.
+    pub async fn spawn(
         args: &[OsString],
         console: &Path,
         die_with_parent: bool,
+        jail: Option<kiln_jail::JailSpec>,
     ) -> Result<QemuProcess, ProcessError> {
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(args)
-            .stdin(Stdio::null())
+        let jailed = jail.is_some();
+        let owned_dirs = jail
+            .as_ref()
+            .map(|j| j.owned_dirs.clone())
+            .unwrap_or_default();
+        let mut cmd = match jail {
+            Some(mut spec) => {
+                spec.args = args
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect();
+                let (jailer, jailer_args) =
+                    kiln_jail::invocation(&spec).map_err(ProcessError::Jail)?;
+                let mut cmd = Command::new(jailer);
+                cmd.args(jailer_args);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("qemu-system-x86_64");
+                cmd.args(args);
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -73,16 +122,26 @@ impl QemuProcess {
             }
         }
         let mut child = cmd.spawn().map_err(ProcessError::Spawn)?;
-        let pid = child.id().unwrap_or(0);
+        let stderr_pipe = child.stderr.take();
+        let mut stderr_reader = stderr_pipe.map(tokio::io::BufReader::new);
+        let report = match &mut stderr_reader {
+            Some(reader) if jailed => Some(read_report(reader, &mut child).await?),
+            _ => None,
+        };
+        let pid = report
+            .as_ref()
+            .map(|r| r.pid)
+            .unwrap_or_else(|| child.id().unwrap_or(0));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(out) = child.stdout.take() {
             tokio::spawn(capture_console(out, console.to_path_buf()));
         }
-        if let Some(err) = child.stderr.take() {
+        if let Some(err) = stderr_reader {
             tokio::spawn(capture_stderr(err, stderr.clone()));
         }
         let (exit_tx, exit) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let cgroups = report.as_ref().map(|r| r.cgroups.clone());
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -91,29 +150,37 @@ impl QemuProcess {
                     child.wait().await
                 }
             };
-            let info = match status {
+            let mut info = match status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
                     ExitInfo {
                         code: s.code(),
                         signal: s.signal(),
+                        oom_killed: false,
                     }
                 }
-                Err(_) => ExitInfo {
-                    code: None,
-                    signal: None,
-                },
+                Err(_) => ExitInfo::unknown(),
             };
+            if let Some(cgroups) = cgroups {
+                info.oom_killed = cgroups.oom_kills() > 0;
+                release_jail(&cgroups, &owned_dirs).await;
+            }
             info!(pid, %info, "QEMU process ended");
             let _ = exit_tx.send(Some(info));
         });
         Ok(QemuProcess {
             pid,
+            jail: report,
             exit,
             kill: Mutex::new(Some(kill_tx)),
             console: console.to_path_buf(),
             stderr,
         })
+    }
+
+    /// The jail QEMU runs in, if it is jailed.
+    pub fn jail(&self) -> Option<&kiln_jail::JailReport> {
+        self.jail.as_ref()
     }
 
     pub fn pid(&self) -> u32 {
@@ -129,10 +196,7 @@ impl QemuProcess {
     pub async fn wait(&self) -> ExitInfo {
         let mut exit = self.exit.clone();
         let result = exit.wait_for(|e| e.is_some()).await.map(|e| e.clone());
-        result.ok().flatten().unwrap_or(ExitInfo {
-            code: None,
-            signal: None,
-        })
+        result.ok().flatten().unwrap_or_else(ExitInfo::unknown)
     }
 
     /// Sends SIGKILL (once) and waits for the process to be reaped.
@@ -153,6 +217,59 @@ impl QemuProcess {
         }
         text
     }
+}
+
+/// The jailer's first line: its report, or why it failed (then it has exited).
+async fn read_report(
+    reader: &mut tokio::io::BufReader<tokio::process::ChildStderr>,
+    child: &mut tokio::process::Child,
+) -> Result<kiln_jail::JailReport, ProcessError> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    let read = tokio::time::timeout(JAIL_REPORT_TIMEOUT, async {
+        // A line is bounded: the report is a few hundred bytes.
+        let mut limited = (&mut *reader).take(64 * 1024);
+        limited.read_line(&mut line).await
+    })
+    .await;
+    match read {
+        Ok(Ok(_)) => kiln_jail::parse_first_line(&line).map_err(|e| {
+            let _ = child.start_kill();
+            ProcessError::Jail(e)
+        }),
+        Ok(Err(e)) => Err(ProcessError::Spawn(e)),
+        Err(_) => {
+            let _ = child.start_kill();
+            Err(ProcessError::JailTimeout(JAIL_REPORT_TIMEOUT))
+        }
+    }
+}
+
+/// After a jailed QEMU ended: its cgroups go, its directories go back to root.
+async fn release_jail(cgroups: &kiln_jail::Cgroups, owned_dirs: &[PathBuf]) {
+    let cgroups = cgroups.clone();
+    let dirs = owned_dirs.to_vec();
+    let done = tokio::task::spawn_blocking(move || {
+        // The waiter's exit is reported before the kernel has always emptied the cgroup.
+        for _ in 0..300 {
+            match cgroups.remove() {
+                Err(kiln_jail::cgroup::CgroupError::Busy(_)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => {
+                    warn!("removing a jail's cgroups: {e}");
+                    break;
+                }
+                Ok(()) => break,
+            }
+        }
+        for dir in dirs {
+            if let Err(e) = kiln_jail::reclaim(&dir) {
+                warn!(dir = %dir.display(), "giving a jail's directory back to root: {e}");
+            }
+        }
+    });
+    let _ = done.await;
 }
 
 /// Reads the last `max_bytes` of a file as text (lossy).

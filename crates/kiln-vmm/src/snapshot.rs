@@ -15,6 +15,7 @@ use kiln_types::VmId;
 use tracing::{info, info_span, Instrument};
 
 use crate::assets::GuestAssets;
+use crate::confine::Confinement;
 use crate::disk::{self, BackingFormat};
 use crate::machine::{
     restore_signature, MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION,
@@ -54,6 +55,8 @@ pub struct LaunchConfig {
     pub die_with_parent: bool,
     /// Where the NIC (templates from image builds have one) leads.
     pub network: NetworkAttachment,
+    /// QEMU's jail (or `--no-jail`).
+    pub confinement: Confinement,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
@@ -89,6 +92,10 @@ fn manifest_for(
         state_sha256: sha256_file(state).map_err(io_err(state))?,
         state_bytes: std::fs::metadata(state).map_err(io_err(state))?.len(),
         memory_bytes,
+        disk_backing: saved
+            .disk_base
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
     })
 }
 
@@ -160,11 +167,13 @@ impl Vm {
                 if let Err(e) = self.agent.detach(DETACH_TIMEOUT).await {
                     tracing::warn!("agent did not detach cleanly before the snapshot: {e}");
                 }
-                let state = dir.join(STATE_FILE);
-                self.save_state(&state, true).await?;
+                // Written in the VM's own directory (all its jail may write), then moved.
+                let written = self.paths.dir.join(STATE_FILE);
+                self.save_state(&written, true).await?;
                 let memory_bytes = u64::from(self.machine.memory_mib) << 20;
                 let saved = self.finish_after_save().await;
-                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (saved.active_disk.clone(), dir.join(DISK_FILE))] {
+                let state = dir.join(STATE_FILE);
+                for (from, to) in [(ram, dir.join(MEMORY_FILE)), (saved.active_disk.clone(), dir.join(DISK_FILE)), (written, state.clone())] {
                     std::fs::rename(&from, &to).map_err(io_err(&to))?;
                     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).map_err(io_err(&to))?;
                 }
@@ -200,6 +209,7 @@ impl Vm {
             }
             let suspend_dir = self.paths.dir.join(SUSPEND_DIR);
             std::fs::create_dir_all(&suspend_dir).map_err(io_err(&suspend_dir))?;
+            self.give_to_jail(&suspend_dir).map_err(io_err(&suspend_dir))?;
             if let Err(e) = self.agent.detach(DETACH_TIMEOUT).await {
                 tracing::warn!("agent did not detach cleanly before suspend: {e}");
             }
@@ -231,6 +241,7 @@ impl Vm {
                 manifest,
                 die_with_parent: saved.die_with_parent,
                 network: saved.network,
+                confinement: saved.confinement,
             })
         }
         .instrument(span)
@@ -302,6 +313,7 @@ impl Template {
                 Vm::start(StartSpec {
                     id: cfg.id.clone(),
                     disk: paths.disk(),
+                    disk_base: Some(self.dir.join(DISK_FILE)),
                     paths,
                     machine: manifest.machine.clone(),
                     assets,
@@ -311,6 +323,7 @@ impl Template {
                     timeout: cfg.timeout,
                     die_with_parent: cfg.die_with_parent,
                     network: cfg.network.clone(),
+                    confinement: cfg.confinement,
                 })
                 .await
             }
@@ -341,6 +354,7 @@ pub struct SuspendedVm {
     manifest: Manifest,
     die_with_parent: bool,
     network: NetworkAttachment,
+    confinement: Confinement,
 }
 
 impl SuspendedVm {
@@ -351,6 +365,7 @@ impl SuspendedVm {
         dir: &Path,
         assets: GuestAssets,
         die_with_parent: bool,
+        confinement: Confinement,
     ) -> Result<SuspendedVm, VmError> {
         let manifest = Manifest::read(&dir.join(SUSPEND_DIR))?;
         Ok(SuspendedVm {
@@ -360,6 +375,7 @@ impl SuspendedVm {
             manifest,
             die_with_parent,
             network: NetworkAttachment::closed(),
+            confinement,
         })
     }
 
@@ -400,10 +416,17 @@ impl SuspendedVm {
             manifest.check(&HostFacts::new(&self.assets), Some(&self.manifest.machine))?;
             let state = suspend_dir.join(STATE_FILE);
             verify_state(&self.id, &manifest, &state)?;
+            // Snapshots from before the jail did not record the chain's first file: the
+            // overlay's header names it (its QEMU ran as root, unjailed).
+            let disk_base = match &manifest.disk_backing {
+                Some(p) => Some(PathBuf::from(p)),
+                None => disk::backing_file(&self.paths.disk()).map_err(io_err(&self.paths.dir))?,
+            };
             let vm = Vm::start(StartSpec {
                 id: self.id.clone(),
                 paths: self.paths.clone(),
                 disk: self.paths.disk(),
+                disk_base,
                 machine: manifest.machine.clone(),
                 assets: self.assets.clone(),
                 memory: MemoryBacking::Anonymous,
@@ -415,6 +438,7 @@ impl SuspendedVm {
                 timeout,
                 die_with_parent: self.die_with_parent,
                 network: self.network.clone(),
+                confinement: self.confinement,
             })
             .await?;
             let _ = std::fs::remove_dir_all(&suspend_dir);

@@ -10,6 +10,7 @@ use tracing::{info, info_span, warn, Instrument, Span};
 
 use crate::agent::{AgentClient, AgentError, ExecOutput};
 use crate::assets::{AssetsError, GuestAssets};
+use crate::confine::{jail_spec, Confinement, VmFiles};
 use crate::disk::{self, BackingFormat, DiskError};
 use crate::machine::{qemu_args, MachineSpec, MemoryBacking, VmPaths};
 use crate::manifest::{ManifestError, ManifestMismatch};
@@ -104,6 +105,8 @@ pub struct BootConfig {
     pub die_with_parent: bool,
     /// Where the NIC (if `machine.network`) leads.
     pub network: NetworkAttachment,
+    /// QEMU's jail (or `--no-jail`).
+    pub confinement: Confinement,
 }
 
 /// What remains of a VM whose state was saved and whose QEMU has ended.
@@ -114,8 +117,10 @@ pub(crate) struct SavedVm {
     pub assets: GuestAssets,
     pub kernel_cmdline: String,
     pub active_disk: PathBuf,
+    pub disk_base: Option<PathBuf>,
     pub die_with_parent: bool,
     pub network: NetworkAttachment,
+    pub confinement: Confinement,
 }
 
 /// Everything [`Vm::start`] needs.
@@ -126,11 +131,14 @@ pub(crate) struct StartSpec {
     pub assets: GuestAssets,
     pub memory: MemoryBacking,
     pub disk: PathBuf,
+    /// The first file under `disk` in its chain, as kiln knows it (see [`crate::confine`]).
+    pub disk_base: Option<PathBuf>,
     pub kernel_cmdline: String,
     pub incoming: Option<Incoming>,
     pub timeout: Duration,
     pub die_with_parent: bool,
     pub network: NetworkAttachment,
+    pub confinement: Confinement,
 }
 
 /// A stream of guest state to load at start.
@@ -155,6 +163,9 @@ pub struct Vm {
     pub(crate) span: Span,
     pub(crate) die_with_parent: bool,
     pub(crate) network: NetworkAttachment,
+    pub(crate) confinement: Confinement,
+    /// The first file under the VM's own overlay (its jail may read that chain).
+    pub(crate) disk_base: Option<PathBuf>,
     /// The running network backend; it ends with the VM.
     pub(crate) _net_backend: Option<kiln_net::NetworkBackend>,
     /// Remove the directory when dropped (off once it was handed to a snapshot).
@@ -181,10 +192,12 @@ impl Vm {
                     machine: cfg.machine,
                     assets: cfg.assets,
                     disk: top,
+                    disk_base: Some(cfg.base_disk.clone()),
                     incoming: None,
                     timeout: cfg.timeout,
                     die_with_parent: cfg.die_with_parent,
                     network: cfg.network,
+                    confinement: cfg.confinement,
                 })
                 .await
             }
@@ -211,11 +224,13 @@ impl Vm {
             assets,
             memory,
             disk,
+            disk_base,
             kernel_cmdline,
             incoming,
             timeout,
             die_with_parent,
             network,
+            confinement,
         } = spec;
         let span = Span::current();
         let (net_backend, netdev) = if machine.network {
@@ -240,7 +255,32 @@ impl Vm {
             incoming.is_some(),
             netdev.as_deref(),
         );
-        let process = QemuProcess::spawn(&args, &paths.console_log(), die_with_parent)?;
+        let jail = match &confinement {
+            Confinement::Jailed(limits) => {
+                let files = VmFiles {
+                    paths: &paths,
+                    machine: &machine,
+                    assets: &assets,
+                    memory: &memory,
+                    disk: &disk,
+                    disk_base: disk_base.as_deref(),
+                    incoming: incoming.as_ref().map(|i| i.state.as_path()),
+                };
+                let spec = jail_spec(&files, limits, Vec::new(), die_with_parent).map_err(|e| {
+                    VmError::Invalid {
+                        id: id.clone(),
+                        reason: crate::confine::describe(&e),
+                    }
+                })?;
+                Some(spec)
+            }
+            Confinement::Unjailed => None,
+        };
+        let process =
+            QemuProcess::spawn(&args, &paths.console_log(), die_with_parent, jail).await?;
+        // The pid as the host sees it (a jailed QEMU is PID 1 of its own namespace), for
+        // start-up recovery.
+        let _ = std::fs::write(paths.pid_file(), format!("{}\n", process.pid()));
         let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
             id: id.clone(),
             exit,
@@ -284,6 +324,8 @@ impl Vm {
                 span,
                 die_with_parent,
                 network,
+                confinement,
+                disk_base,
                 _net_backend: net_backend,
                 owns_dir: true,
             }),
@@ -314,6 +356,20 @@ impl Vm {
 
     pub fn qemu_pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Makes a file or directory kiln created while the VM runs its QEMU's (a jailed QEMU
+    /// writes only what its uid owns).
+    pub(crate) fn give_to_jail(&self, path: &Path) -> std::io::Result<()> {
+        match self.process.jail() {
+            Some(j) => std::os::unix::fs::lchown(path, Some(j.uid), Some(j.gid)),
+            None => Ok(()),
+        }
+    }
+
+    /// The jail QEMU runs in (uid, cgroups), unless started with `--no-jail`.
+    pub fn jail(&self) -> Option<&kiln_jail::JailReport> {
+        self.process.jail()
     }
 
     /// The agent client. Errors from it can be turned into crash reports with
@@ -448,8 +504,10 @@ impl Vm {
             assets: self.assets.clone(),
             kernel_cmdline: self.kernel_cmdline.clone(),
             active_disk: self.active_disk.clone(),
+            disk_base: self.disk_base.clone(),
             die_with_parent: self.die_with_parent,
             network: self.network.clone(),
+            confinement: self.confinement,
         }
     }
 

@@ -184,6 +184,7 @@ async fn run() -> anyhow::Result<()> {
         ingress_tls_cert: None,
         ingress_tls_key: None,
         egress: Default::default(),
+        no_jail: false,
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");
@@ -217,6 +218,7 @@ async fn run() -> anyhow::Result<()> {
         timeout: Duration::from_secs(120),
         die_with_parent: true,
         network: kiln_vmm::NetworkAttachment::closed(),
+        confinement: kiln_vmm::Confinement::default(),
     })
     .await?;
     let cold = t.elapsed().as_secs_f64() * 1000.0;
@@ -232,6 +234,7 @@ async fn run() -> anyhow::Result<()> {
             timeout: Duration::from_secs(60),
             die_with_parent: true,
             network: kiln_vmm::NetworkAttachment::closed(),
+            confinement: kiln_vmm::Confinement::default(),
         })
         .await?;
     let agent = clone.agent().clone();

@@ -1,0 +1,206 @@
+//! The jail every microVM's QEMU runs in, as Firecracker's jailer does for Firecracker: its
+//! own uid and gid from a reserved range, new mount, PID, IPC, UTS, network and cgroup
+//! namespaces, a root holding only that VM's files, cgroup limits on memory, pids and CPU,
+//! no capabilities, `no_new_privs`, no inherited descriptors. QEMU's own seccomp filter
+//! (`-sandbox on,…,spawn=deny`) comes on top.
+//!
+//! The set-up runs in a separate, single-threaded root process (`kiln-jailer`) that drops
+//! before `exec`, so QEMU is unprivileged from its first instruction. [`sys`] holds every
+//! system call; the rest of kiln asks for "this program with these files" ([`JailSpec`]).
+
+pub mod cgroup;
+pub mod jailer;
+pub mod spec;
+mod sys;
+pub mod uids;
+
+use std::path::{Path, PathBuf};
+
+pub use cgroup::Cgroups;
+pub use spec::{JailReport, JailSpec, Limits, ERROR_PREFIX, READY_PREFIX, UID_BASE, UID_SLOTS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(
+        "kiln-jailer was not found next to {exe} (build it: cargo build -p kiln-jail; or set \
+         KILN_JAILER)"
+    )]
+    NoJailer { exe: PathBuf },
+    #[error("the jail could not be set up: {0}")]
+    Failed(String),
+    #[error("kiln-jailer said something unexpected before its report: {0:?}")]
+    Garbled(String),
+}
+
+/// The `kiln-jailer` binary: `KILN_JAILER`, else next to the running program, else one
+/// directory up (a test binary in `target/*/deps`).
+pub fn jailer_path() -> Result<PathBuf, JailError> {
+    if let Some(p) = std::env::var_os("KILN_JAILER") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    [dir.join("kiln-jailer"), dir.join("../kiln-jailer")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or(JailError::NoJailer { exe })
+}
+
+/// The jailer's command line for `spec`.
+pub fn invocation(spec: &JailSpec) -> Result<(PathBuf, Vec<String>), JailError> {
+    let json = serde_json::to_string(spec).map_err(|e| JailError::Failed(e.to_string()))?;
+    Ok((jailer_path()?, vec!["--spec".into(), json]))
+}
+
+/// Reads the jailer's first line of standard error: the report, or why it failed.
+pub fn parse_first_line(line: &str) -> Result<JailReport, JailError> {
+    let line = line.trim_end();
+    if let Some(json) = line.strip_prefix(READY_PREFIX) {
+        return serde_json::from_str(json).map_err(|e| JailError::Garbled(format!("{e}: {json}")));
+    }
+    if let Some(reason) = line.strip_prefix(ERROR_PREFIX) {
+        return Err(JailError::Failed(reason.to_string()));
+    }
+    Err(JailError::Garbled(line.chars().take(200).collect()))
+}
+
+/// Gives a jail's directories back to root once its program has ended, so no file of kiln's
+/// stays owned by a uid another jail may get next.
+pub fn reclaim(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    jailer::chown_tree(dir, 0, 0, false).map_err(std::io::Error::other)
+}
+
+/// Cleans what jails left behind when kilnd was killed: cgroups of uid slots nobody holds.
+pub fn sweep() -> usize {
+    cgroup::sweep(uids::is_free)
+}
+
+/// Starts one throw-away jail (running `true`) and says whether every part of it worked:
+/// kilnd refuses to start without it, naming the part that failed (unless `--no-jail`).
+pub fn preflight() -> Result<JailReport, JailError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let run_dir = uids::lock_path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/run/kiln/jail"));
+    let dir = run_dir.join(format!("check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| JailError::Failed(format!("creating {}: {e}", dir.display())))?;
+    let program = ["/usr/bin/true", "/bin/true"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| JailError::Failed("no `true` program to start in a test jail".into()))?;
+    let spec = JailSpec {
+        program,
+        args: Vec::new(),
+        owned_dirs: vec![dir.clone()],
+        read_only: Vec::new(),
+        devices: Vec::new(),
+        limits: Limits::new(64 << 20, 16, 0.5),
+        die_with_parent: true,
+    };
+    let (jailer, args) = invocation(&spec)?;
+    let out = std::process::Command::new(&jailer)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| JailError::Failed(format!("running {}: {e}", jailer.display())));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report = parse_first_line(stderr.lines().next().unwrap_or_default());
+    if let Ok(r) = &report {
+        let _ = r.cgroups.remove();
+    }
+    let report = report?;
+    if !out.status.success() {
+        return Err(JailError::Failed(format!(
+            "a test jail ended with {}: {}",
+            out.status,
+            stderr.lines().skip(1).collect::<Vec<_>>().join("; ")
+        )));
+    }
+    Ok(report)
+}
+
+/// What this host's jail is made of, for `kiln doctor` and `/health`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JailFacts {
+    pub uid_range: String,
+    pub uids_in_use: usize,
+    pub namespaces: Vec<&'static str>,
+    /// `memory: v1 (/sys/fs/cgroup/memory/…/kiln)`, per controller.
+    pub cgroups: Vec<String>,
+    pub seccomp: String,
+}
+
+/// Describes the jail this host gives (without starting one).
+pub fn facts() -> JailFacts {
+    let cgroups = match cgroup::hierarchies() {
+        Ok(hs) => hs
+            .iter()
+            .map(|h| {
+                let v = if h.v2 { "v2" } else { "v1" };
+                format!("{}: {v} ({})", h.controller, h.kiln_dir().display())
+            })
+            .collect(),
+        Err(e) => vec![format!("unavailable: {e}")],
+    };
+    let seccomp = if Path::new("/proc/sys/kernel/seccomp/actions_avail").exists() {
+        "QEMU -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            .to_string()
+    } else {
+        "unavailable: the kernel has no seccomp filter support".to_string()
+    };
+    JailFacts {
+        uid_range: format!("{UID_BASE}-{}", UID_BASE + (UID_SLOTS - 1)),
+        uids_in_use: uids::in_use(1024).len(),
+        namespaces: vec!["mount", "pid", "ipc", "uts", "net", "cgroup"],
+        cgroups,
+        seccomp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_line_is_the_report_or_the_reason() {
+        let err = parse_first_line("kiln-jailer: error: cgroups: no memory controller\n");
+        assert!(matches!(err, Err(JailError::Failed(r)) if r == "cgroups: no memory controller"));
+        assert!(matches!(
+            parse_first_line("qemu: something"),
+            Err(JailError::Garbled(_))
+        ));
+        let c = cgroup::Controller {
+            dir: "/sys/fs/cgroup/memory/kiln/vm-1".into(),
+            v2: false,
+        };
+        let report = JailReport {
+            uid: UID_BASE,
+            gid: UID_BASE,
+            pid: 42,
+            cgroups: Cgroups {
+                memory: c.clone(),
+                pids: c.clone(),
+                cpu: c.clone(),
+                cpuacct: c,
+            },
+        };
+        let line = format!(
+            "{READY_PREFIX}{}\n",
+            serde_json::to_string(&report).unwrap()
+        );
+        assert_eq!(parse_first_line(&line).unwrap(), report);
+    }
+}

@@ -1,0 +1,189 @@
+//! What a jail holds (the spec kilnd hands the jailer) and what the jailer reports back.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// First uid (and gid) of the range kiln reserves for microVMs: one per running microVM,
+/// far above the ranges Debian hands to people (1000–59999), system users (100–999) and
+/// systemd's container ranges (up to 1879048191).
+pub const UID_BASE: u32 = 1_900_000_000;
+/// How many microVMs can run jailed on one machine at once (all kiln homes together).
+pub const UID_SLOTS: u32 = 65_536;
+
+/// One jailed program: who it runs as is chosen by the jailer (a free uid slot); everything
+/// else is said here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JailSpec {
+    /// Absolute path of the program (QEMU).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Directories the program owns: chowned to its uid (except any `boot/` inside, whose
+    /// files are hard links of shared assets) and visible read-write at the same path.
+    pub owned_dirs: Vec<PathBuf>,
+    /// Files visible read-only at the same path (kernel, initramfs, firmware, template RAM
+    /// and state, the disk chain under the VM's own overlay).
+    pub read_only: Vec<PathBuf>,
+    /// Device nodes visible inside (beyond null, zero, random and urandom): `/dev/kvm`.
+    pub devices: Vec<PathBuf>,
+    pub limits: Limits,
+    /// Kill the program when the process that started the jailer goes away.
+    pub die_with_parent: bool,
+}
+
+/// The cgroup limits of one jail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// CPU time allowed per period, in microseconds (`cpu_period_us` × CPUs).
+    pub cpu_quota_us: u64,
+    pub cpu_period_us: u64,
+}
+
+/// The CFS period kiln uses: 100 ms, the kernel's default.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+impl Limits {
+    /// Limits for `cpus` CPUs (fractions allowed) and `memory_bytes`.
+    pub fn new(memory_bytes: u64, pids: u64, cpus: f64) -> Limits {
+        Limits {
+            memory_bytes,
+            pids,
+            cpu_quota_us: quota_for(cpus),
+            cpu_period_us: CPU_PERIOD_US,
+        }
+    }
+}
+
+/// The CFS quota that gives `cpus` CPUs (at least 1 ms per period, the kernel's minimum).
+pub fn quota_for(cpus: f64) -> u64 {
+    ((cpus.max(0.0) * CPU_PERIOD_US as f64).round() as u64).max(1_000)
+}
+
+/// What the jailer reports on its first line of standard error, before the program runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JailReport {
+    pub uid: u32,
+    pub gid: u32,
+    /// The program's pid as the host sees it.
+    pub pid: u32,
+    pub cgroups: crate::cgroup::Cgroups,
+}
+
+/// The prefix of the jailer's report line (followed by the report as JSON).
+pub const READY_PREFIX: &str = "kiln-jailer: ready ";
+/// The prefix of the jailer's failure line (followed by the reason).
+pub const ERROR_PREFIX: &str = "kiln-jailer: error: ";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("jail path {0} must be absolute and plain (no `..`, no `.`)")]
+    NotPlain(PathBuf),
+    #[error("jail path {0} is not UTF-8")]
+    NotUtf8(PathBuf),
+    #[error("jail limit {what} must be positive")]
+    ZeroLimit { what: &'static str },
+    #[error("a jail needs at least one directory of its own")]
+    NoDirectory,
+}
+
+impl JailSpec {
+    /// Refuses relative or dotted paths (a bind mount of `..` would widen the view) and
+    /// zero limits (a zero in a cgroup file means something else per controller).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.owned_dirs.is_empty() {
+            return Err(SpecError::NoDirectory);
+        }
+        let paths = std::iter::once(&self.program)
+            .chain(&self.owned_dirs)
+            .chain(&self.read_only)
+            .chain(&self.devices);
+        for p in paths {
+            check_plain(p)?;
+        }
+        let l = &self.limits;
+        for (what, v) in [
+            ("memoryBytes", l.memory_bytes),
+            ("pids", l.pids),
+            ("cpuQuotaUs", l.cpu_quota_us),
+            ("cpuPeriodUs", l.cpu_period_us),
+        ] {
+            if v == 0 {
+                return Err(SpecError::ZeroLimit { what });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_plain(p: &Path) -> Result<(), SpecError> {
+    if p.to_str().is_none() {
+        return Err(SpecError::NotUtf8(p.to_path_buf()));
+    }
+    let plain = p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && p != Path::new("/");
+    if plain {
+        Ok(())
+    } else {
+        Err(SpecError::NotPlain(p.to_path_buf()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JailSpec {
+        JailSpec {
+            program: "/usr/bin/qemu-system-x86_64".into(),
+            args: vec!["-nodefaults".into()],
+            owned_dirs: vec!["/var/lib/kiln/run/a".into()],
+            read_only: vec!["/var/lib/kiln/assets/kernel/vmlinux".into()],
+            devices: vec![],
+            limits: Limits::new(768 << 20, 256, 1.0),
+            die_with_parent: true,
+        }
+    }
+
+    #[test]
+    fn plain_absolute_paths_pass_and_round_trip() {
+        let s = spec();
+        s.validate().unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<JailSpec>(&json).unwrap(), s);
+        assert!(json.contains("\"ownedDirs\""), "{json}");
+    }
+
+    #[test]
+    fn dotted_relative_or_root_paths_are_refused() {
+        for bad in ["/var/lib/kiln/run/../..", "run/a", "/", "/var/./lib"] {
+            let mut s = spec();
+            s.read_only.push(bad.into());
+            assert_eq!(s.validate(), Err(SpecError::NotPlain(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn zero_limits_and_no_directory_are_refused() {
+        let mut s = spec();
+        s.limits.pids = 0;
+        assert_eq!(s.validate(), Err(SpecError::ZeroLimit { what: "pids" }));
+        let mut s = spec();
+        s.owned_dirs.clear();
+        assert_eq!(s.validate(), Err(SpecError::NoDirectory));
+    }
+
+    #[test]
+    fn quotas_follow_cpus_with_the_kernel_minimum() {
+        assert_eq!(quota_for(1.0), 100_000);
+        assert_eq!(quota_for(0.25), 25_000);
+        assert_eq!(quota_for(4.0), 400_000);
+        assert_eq!(quota_for(0.0), 1_000);
+    }
+}
