@@ -86,7 +86,17 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
     let checks_ok = checks
         .as_ref()
         .is_some_and(|c| c.iter().all(|(ok, _, _)| *ok));
-    let ready = qemu.problem.is_none() && fw_size.is_some() && assets.is_ok() && checks_ok;
+    // A real (throw-away) jail, started the way every microVM's is.
+    let jail = kiln_jail::preflight().map_err(|e| {
+        let mut text = e.to_string();
+        if let Some(source) = std::error::Error::source(&e) {
+            text.push_str(&format!(": {source}"));
+        }
+        text
+    });
+    let jail_facts = kiln_jail::facts();
+    let ready =
+        qemu.problem.is_none() && fw_size.is_some() && assets.is_ok() && checks_ok && jail.is_ok();
     let endpoint = kiln_client::endpoint_from_env(endpoint);
     let daemon = kiln_client::health(&endpoint, Duration::from_secs(3));
     if as_json {
@@ -108,6 +118,15 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
             "kernel": assets.as_ref().ok().map(|a| a.kernel_version.clone()),
             "bases": assets.as_ref().map(|a| a.bases()).unwrap_or_default(),
             "problem": assets.as_ref().err().map(|e| e.to_string()),
+            "jail": {
+                "ok": jail.is_ok(),
+                "problem": jail.as_ref().err(),
+                "uidRange": jail_facts.uid_range,
+                "uidsInUse": jail_facts.uids_in_use,
+                "namespaces": jail_facts.namespaces,
+                "cgroups": jail_facts.cgroups,
+                "seccomp": jail_facts.seccomp,
+            },
             "daemon": match &daemon {
                 Ok(h) => json!({"endpoint": endpoint, "reachable": true, "health": h}),
                 Err(e) => json!({"endpoint": endpoint, "reachable": false, "problem": e.to_string()}),
@@ -166,6 +185,23 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
         }
         Err(e) => println!("FAIL guest assets  {e}"),
     }
+    match &jail {
+        Ok(_) => println!(
+            "ok   jail          uids {} ({} in use), namespaces {}",
+            jail_facts.uid_range,
+            jail_facts.uids_in_use,
+            jail_facts.namespaces.join(" ")
+        ),
+        Err(e) => println!("FAIL jail          {e}"),
+    }
+    for line in &jail_facts.cgroups {
+        println!("{} jail cgroup   {line}", mark(jail.is_ok()));
+    }
+    println!(
+        "{} jail seccomp  {}",
+        mark(jail.is_ok()),
+        jail_facts.seccomp
+    );
     match &daemon {
         Ok(h) => {
             println!(

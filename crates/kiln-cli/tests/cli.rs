@@ -217,12 +217,22 @@ fn image_build_streams_its_log_and_an_interrupted_build_is_recovered() {
     left.sort();
     assert_eq!(left, vec!["build.log", "image.json"]);
     // Only the finished layer of step 1 remains; the unfinished one is gone.
+    // Each build writes its layers in a staging directory of its own.
     let layers: Vec<_> = std::fs::read_dir(home.path().join("layers"))
         .unwrap()
         .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "qcow2"))
+        .filter(|d| d.file_type().unwrap().is_dir() && d.file_name() != "index")
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
         .collect();
     assert_eq!(layers.len(), 1, "{layers:?}");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&layers[0]).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (0, 0o444),
+        "a finished layer is root's and read-only, whatever uid built it"
+    );
 
     // The next build reuses step 1 and fails clearly on a bad step.
     std::fs::write(

@@ -346,9 +346,22 @@ impl Builder {
             }
         }
         record.write(&dir)?;
-        let _ = std::fs::remove_file(dir.join(ACTIVE_TOP_FILE));
+        self.settle_layers(&dir);
         let _ = std::fs::remove_file(&lock_path);
         Ok(record)
+    }
+
+    /// Settles the staging directory of the build in `dir` (see
+    /// [`LayerStore::settle_staging`]): finished layers kept, root's and read-only.
+    fn settle_layers(&self, dir: &Path) {
+        if let Ok(staging) = std::fs::read_to_string(dir.join(ACTIVE_TOP_FILE)) {
+            if let Ok(layers) = LayerStore::open(&self.layers_dir) {
+                if let Err(e) = layers.settle_staging(Path::new(staging.trim())) {
+                    tracing::warn!("settling the build's layers in {}: {e}", staging.trim());
+                }
+            }
+        }
+        let _ = std::fs::remove_file(dir.join(ACTIVE_TOP_FILE));
     }
 
     /// Finishes builds that were interrupted (the process was killed): marks them FAILED
@@ -379,15 +392,9 @@ impl Builder {
                     continue; // still building
                 }
             }
-            if let Ok(top) = std::fs::read_to_string(dir.join(ACTIVE_TOP_FILE)) {
-                let top = PathBuf::from(top.trim());
-                if top.parent() == Some(self.layers_dir.as_path()) {
-                    let _ = std::fs::remove_file(top);
-                }
-            }
+            self.settle_layers(&dir);
             let _ = std::fs::remove_dir_all(dir.join("vm"));
             let _ = std::fs::remove_dir_all(dir.join("template"));
-            let _ = std::fs::remove_file(dir.join(ACTIVE_TOP_FILE));
             let _ = std::fs::remove_file(dir.join(".lock"));
             record.status = ImageStatus::Failed;
             record.reason = Some("interrupted".into());
@@ -537,9 +544,12 @@ impl Builder {
         machine.network = true;
         let staging = layers.staging_dir().map_err(io(&self.layers_dir))?;
         let top = layers.new_top(&staging);
-        // Recovery deletes this unfinished layer if the build is interrupted.
-        std::fs::write(dir.join(ACTIVE_TOP_FILE), top.to_string_lossy().as_bytes())
-            .map_err(io(dir))?;
+        // Recovery keeps the finished layers there and deletes the unfinished one.
+        std::fs::write(
+            dir.join(ACTIVE_TOP_FILE),
+            staging.to_string_lossy().as_bytes(),
+        )
+        .map_err(io(dir))?;
         let vm = Vm::boot(BootConfig {
             id: build_vm_id(),
             dir: dir.join("vm"),
@@ -557,10 +567,7 @@ impl Builder {
         .await;
         let mut vm = match vm {
             Ok(vm) => vm,
-            Err(e) => {
-                let _ = std::fs::remove_file(&top);
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
         let result = self
             .execute(

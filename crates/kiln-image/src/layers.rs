@@ -46,6 +46,41 @@ impl LayerStore {
         staging.join(format!("{:016x}.qcow2", nanos()))
     }
 
+    /// Ends a build's staging directory (after the build, or after it was interrupted):
+    /// layers the index records stay, read-only and root's; anything else (an unfinished
+    /// top) is removed, and so is the directory once empty.
+    pub fn settle_staging(&self, staging: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if !staging.starts_with(&self.dir) || !staging.is_dir() {
+            return Ok(());
+        }
+        let mut recorded = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(self.dir.join("index"))?.flatten() {
+            if let Ok(name) = std::fs::read_to_string(entry.path()) {
+                recorded.insert(self.dir.join(name.trim()));
+            }
+        }
+        let mut kept = 0;
+        for entry in std::fs::read_dir(staging)?.flatten() {
+            let path = entry.path();
+            if recorded.contains(&path) && entry.file_type()?.is_file() {
+                std::os::unix::fs::lchown(&path, Some(0), Some(0))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
+                kept += 1;
+            } else if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        if kept == 0 {
+            std::fs::remove_dir(staging)
+        } else {
+            std::os::unix::fs::lchown(staging, Some(0), Some(0))?;
+            std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o755))
+        }
+    }
+
     /// Records a finished layer under `key` (atomically).
     pub fn record(&self, key: &str, layer: &Path) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;

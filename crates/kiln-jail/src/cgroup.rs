@@ -157,14 +157,21 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
-fn slot_name(uid: u32) -> String {
-    format!("vm-{uid}")
+/// A jail's cgroup is named by its uid and its jailer's pid: the next jail on the same uid
+/// never meets the previous one's cgroup (which its kilnd may still be removing).
+fn jail_name(uid: u32, jailer: u32) -> String {
+    format!("vm-{uid}-{jailer}")
+}
+
+/// (uid, jailer pid) from a jail cgroup's name.
+fn parse_name(name: &str) -> Option<(u32, u32)> {
+    let (uid, pid) = name.strip_prefix("vm-")?.split_once('-')?;
+    Some((uid.parse().ok()?, pid.parse().ok()?))
 }
 
 impl Cgroups {
-    /// Creates fresh cgroups for the jail with `uid` (a leftover of a crash is removed
-    /// first) and applies `limits`.
-    pub fn create(uid: u32, limits: &Limits) -> Result<Cgroups, CgroupError> {
+    /// Creates the cgroups of the jail with `uid` started by `jailer` and applies `limits`.
+    pub fn create(uid: u32, jailer: u32, limits: &Limits) -> Result<Cgroups, CgroupError> {
         let hs = hierarchies()?;
         let dir_of = |c: &str| -> Result<Controller, CgroupError> {
             let h = hs
@@ -174,8 +181,7 @@ impl Cgroups {
             if h.v2 {
                 enable_v2_controllers(&join(&h.mount, &h.own))?;
             }
-            let dir = h.kiln_dir().join(slot_name(uid));
-            remove_dir(&dir)?;
+            let dir = h.kiln_dir().join(jail_name(uid, jailer));
             std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Io {
                 path: dir.clone(),
                 source,
@@ -344,8 +350,10 @@ fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Removes the cgroups of every jail whose uid slot `is_free` says is unused (left behind by
-/// a kill -9 of kilnd). Returns how many were removed.
+/// Removes the cgroups of jails that ended without their kilnd removing them (a kill -9):
+/// those whose uid slot `is_free` says nobody holds, or whose jailer is gone. A jail being
+/// set up holds its slot and its jailer lives, so it is never touched. Returns how many
+/// were removed.
 pub fn sweep(is_free: impl Fn(u32) -> bool) -> usize {
     let Ok(hs) = hierarchies() else {
         return 0;
@@ -356,29 +364,37 @@ pub fn sweep(is_free: impl Fn(u32) -> bool) -> usize {
             continue;
         };
         for e in entries.flatten() {
-            let name = e.file_name();
-            let uid = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("vm-"))
-                .and_then(|u| u.parse::<u32>().ok());
-            if let Some(uid) = uid {
-                if is_free(uid) && std::fs::remove_dir(e.path()).is_ok() {
-                    removed += 1;
-                }
+            let Some((uid, jailer)) = e.file_name().to_str().and_then(parse_name) else {
+                continue;
+            };
+            let gone = is_free(uid) || !Path::new(&format!("/proc/{jailer}")).exists();
+            if gone && std::fs::remove_dir(e.path()).is_ok() {
+                removed += 1;
             }
         }
     }
     removed
 }
 
-/// The cgroup directories of the jail with `uid` that exist now (for leak checks).
+/// The cgroup directories of jails with `uid` that exist now (for leak checks).
 pub fn existing(uid: u32) -> Vec<PathBuf> {
-    hierarchies()
-        .unwrap_or_default()
-        .iter()
-        .map(|h| h.kiln_dir().join(slot_name(uid)))
-        .filter(|d| d.is_dir())
-        .collect()
+    let mut out = Vec::new();
+    for h in hierarchies().unwrap_or_default() {
+        let Ok(entries) = std::fs::read_dir(h.kiln_dir()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name
+                .to_str()
+                .and_then(parse_name)
+                .is_some_and(|(u, _)| u == uid)
+            {
+                out.push(e.path());
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -415,6 +431,16 @@ mod tests {
         let mounts = parse_mounts(MOUNTINFO);
         // The unified mount here lists nothing (no cgroup.controllers file to read).
         assert!(locate("io", &mounts, OWN).is_none());
+    }
+
+    #[test]
+    fn jail_names_carry_uid_and_jailer() {
+        assert_eq!(
+            parse_name(&jail_name(1_900_000_007, 4242)),
+            Some((1_900_000_007, 4242))
+        );
+        assert_eq!(parse_name("vm-12"), None);
+        assert_eq!(parse_name("other"), None);
     }
 
     #[test]

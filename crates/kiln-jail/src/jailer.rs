@@ -68,7 +68,7 @@ fn jail(spec: &JailSpec) -> Result<Never, JailerError> {
         .map_err(|e| JailerError::Spec(e.to_string()))?;
     let slot = uids::take().map_err(JailerError::Uid)?;
     let (uid, gid) = (slot.uid(), slot.uid());
-    let cgroups = Cgroups::create(uid, &spec.limits)?;
+    let cgroups = Cgroups::create(uid, sys::getpid(), &spec.limits)?;
     cgroups.join(sys::getpid())?;
     for dir in &spec.owned_dirs {
         chown_tree(dir, uid, gid, true)?;

@@ -1,6 +1,6 @@
 //! What a jail holds (the spec kilnd hands the jailer) and what the jailer reports back.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -121,13 +121,14 @@ impl JailSpec {
 }
 
 fn check_plain(p: &Path) -> Result<(), SpecError> {
-    if p.to_str().is_none() {
+    let Some(text) = p.to_str() else {
         return Err(SpecError::NotUtf8(p.to_path_buf()));
-    }
-    let plain = p.is_absolute()
-        && p.components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
-        && p != Path::new("/");
+    };
+    // Checked on the text: `Path::components` would quietly drop a `.`.
+    let plain = text.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+    });
     if plain {
         Ok(())
     } else {
@@ -162,7 +163,14 @@ mod tests {
 
     #[test]
     fn dotted_relative_or_root_paths_are_refused() {
-        for bad in ["/var/lib/kiln/run/../..", "run/a", "/", "/var/./lib"] {
+        for bad in [
+            "/var/lib/kiln/run/../..",
+            "run/a",
+            "/",
+            "/var/./lib",
+            "/var//lib",
+            "/var/",
+        ] {
             let mut s = spec();
             s.read_only.push(bad.into());
             assert_eq!(s.validate(), Err(SpecError::NotPlain(bad.into())), "{bad}");

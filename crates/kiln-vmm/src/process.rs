@@ -142,12 +142,30 @@ impl QemuProcess {
         let (exit_tx, exit) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let cgroups = report.as_ref().map(|r| r.cgroups.clone());
+        let jailed_qemu = report.as_ref().map(|r| r.pid);
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
                 _ = kill_rx => {
-                    let _ = child.start_kill();
-                    child.wait().await
+                    // A jailed QEMU is killed itself: its jailer then reaps it and ends, so
+                    // once the jailer is reaped QEMU is gone too.
+                    if let Some(qemu) = jailed_qemu {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(qemu as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        if let Ok(status) =
+                            tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await
+                        {
+                            status
+                        } else {
+                            let _ = child.start_kill();
+                            child.wait().await
+                        }
+                    } else {
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
                 }
             };
             let mut info = match status {

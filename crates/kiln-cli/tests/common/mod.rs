@@ -55,6 +55,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Kills kilnd with SIGKILL: no shutdown of any kind runs.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts kilnd again on the same home.
     pub fn start_again(&mut self, extra: &[&str]) {
         self.child = spawn_kilnd(self.home.path(), extra);

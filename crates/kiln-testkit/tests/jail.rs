@@ -1,0 +1,262 @@
+//! Every QEMU in its own jail, read from the outside as an attacker's view would be: its
+//! `/proc/<pid>/` entries, its mounts, its cgroups, and what its uid can open.
+
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use kiln_testkit::{TestTemplate, TestVm};
+use kiln_vmm::{Confinement, JailLimits};
+
+fn status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
+}
+
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("{name} missing from status"))
+        .trim()
+}
+
+fn ns(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+/// Whether `uid` can open `path` for reading, tried by a process running as that uid.
+fn can_read_as(uid: u32, path: &Path) -> bool {
+    std::process::Command::new("/usr/bin/head")
+        .args(["-c", "1"])
+        .arg(path)
+        .uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The options of the mount at `target` in `pid`'s mount namespace.
+fn mount_options(pid: u32, target: &Path) -> Option<String> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (Path::new(f.get(4)?) == target).then(|| f.get(5).unwrap_or(&"").to_string())
+    })
+}
+
+/// Processes running as `uid` now.
+fn processes_of(uid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .map(|s| field(&s, "Uid").split_whitespace().next() == Some(&uid.to_string()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_qemu_is_unprivileged_and_sees_only_its_own_files() {
+    let tpl = TestTemplate::build("").await;
+    let secret = tpl.scratch.path().join("api-key");
+    std::fs::write(&secret, "not for guests\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let a = tpl.launch("jail-a").await;
+    let b = tpl.launch("jail-b").await;
+    let (ja, jb) = (a.jail().unwrap().clone(), b.jail().unwrap().clone());
+    assert_ne!(ja.uid, jb.uid, "two microVMs never share a uid");
+
+    let pid = a.qemu_pid();
+    let st = status(pid);
+    for id in field(&st, "Uid")
+        .split_whitespace()
+        .chain(field(&st, "Gid").split_whitespace())
+    {
+        assert_eq!(
+            id,
+            ja.uid.to_string(),
+            "every uid and gid is the jail's: {st}"
+        );
+    }
+    assert_eq!(field(&st, "NoNewPrivs"), "1");
+    assert_eq!(field(&st, "Seccomp"), "2", "QEMU's seccomp filter is on");
+    assert_eq!(field(&st, "CapEff"), "0000000000000000");
+    assert_eq!(field(&st, "CapPrm"), "0000000000000000");
+    assert_eq!(field(&st, "CapBnd"), "0000000000000000");
+    assert!(
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .unwrap()
+            .ends_with("qemu-system-x86_64"),
+        "the jailed process is QEMU itself"
+    );
+    for kind in ["mnt", "pid", "ipc", "uts", "net", "cgroup"] {
+        assert_ne!(
+            ns(&pid.to_string(), kind),
+            ns("self", kind),
+            "{kind} namespace"
+        );
+    }
+    assert_ne!(
+        ns(&pid.to_string(), "mnt"),
+        ns(&b.qemu_pid().to_string(), "mnt")
+    );
+    // Inherited descriptors: only what QEMU opened itself (no kilnd socket or lock file).
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert!(
+            !target.to_string_lossy().contains("uids.lock"),
+            "QEMU holds the jail's lock file"
+        );
+    }
+
+    // Its root: the system's programs, its own directory, the template files read-only.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    assert!(inside(a.dir()).join("disk.qcow2").is_file());
+    assert!(
+        !inside(&secret).exists(),
+        "other files of the home are not in the jail"
+    );
+    assert!(
+        !inside(b.dir()).exists(),
+        "another VM's directory is not in the jail"
+    );
+    let template_ram = tpl.template.dir().join("memory.ram");
+    assert!(inside(&template_ram).is_file());
+    let opts = mount_options(pid, &template_ram).expect("the template RAM is a mount");
+    assert!(
+        opts.split(',').any(|o| o == "ro"),
+        "template RAM mounted {opts}"
+    );
+    let meta = std::fs::metadata(&template_ram).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o444));
+    assert_eq!(
+        std::fs::metadata(a.dir()).unwrap().uid(),
+        ja.uid,
+        "its directory is its own"
+    );
+
+    // What its uid can open on the host: not the home's secrets, not another VM's files.
+    assert!(!can_read_as(ja.uid, &secret));
+    assert!(!can_read_as(ja.uid, &b.dir().join("disk.qcow2")));
+    assert!(
+        can_read_as(jb.uid, &b.dir().join("disk.qcow2")),
+        "the check can succeed"
+    );
+
+    // Its cgroups carry the limits.
+    let cg = &ja.cgroups;
+    assert_eq!(
+        cg.memory_limit(),
+        Some((512 + kiln_vmm::confine::QEMU_OVERHEAD_MIB) << 20)
+    );
+    assert_eq!(cg.pids_limit(), Some(kiln_vmm::confine::PIDS_LIMIT));
+    assert_eq!(
+        cg.cpu_quota_us(),
+        Some(100_000),
+        "one vCPU: one CPU of quota"
+    );
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(own.contains(&format!("kiln/vm-{}", ja.uid)), "{own}");
+    assert!(
+        cg.cpu_seconds().unwrap() > 0.0,
+        "CPU use is read from the cgroup"
+    );
+
+    // Exec, suspend and resume all work jailed.
+    assert_eq!(a.ok("echo jailed").await, "jailed\n");
+    let a = kiln_testkit::suspend_resume(a).await;
+    assert_eq!(a.ok("echo resumed").await, "resumed\n");
+    a.destroy().await;
+    b.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_left_behind_after_terminate_or_suspend() {
+    let tpl = TestTemplate::build("").await;
+    let vm = tpl.launch("leave-none").await;
+    let j = vm.jail().unwrap().clone();
+    assert!(!kiln_jail::uids::is_free(j.uid));
+    assert!(!kiln_jail::cgroup::existing(j.uid).is_empty());
+    let dir = vm.dir().to_path_buf();
+    let suspended = vm.into_inner().suspend().await.unwrap();
+    // Suspended: no process, no cgroup, the uid free, every file root's again.
+    assert!(processes_of(j.uid).is_empty());
+    assert!(kiln_jail::cgroup::existing(j.uid).is_empty());
+    assert!(kiln_jail::uids::is_free(j.uid));
+    for entry in walk(&dir) {
+        let uid = std::fs::symlink_metadata(&entry).unwrap().uid();
+        assert_eq!(uid, 0, "{} still belongs to uid {uid}", entry.display());
+    }
+    let vm = TestVm::wrap(suspended.resume(kiln_testkit::BOOT_TIMEOUT).await.unwrap());
+    let j2 = vm.jail().unwrap().clone();
+    vm.destroy().await;
+    assert!(processes_of(j2.uid).is_empty());
+    assert!(kiln_jail::cgroup::existing(j2.uid).is_empty());
+    assert!(kiln_jail::uids::is_free(j2.uid));
+    assert!(!dir.exists());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_memory_limit_a_qemu_is_killed_alone_and_reported() {
+    let tpl = TestTemplate::build("").await;
+    let bystander = tpl.launch("oom-bystander").await;
+    let mut cfg = tpl.launch_config("oom-victim");
+    cfg.confinement = Confinement::Jailed(JailLimits {
+        memory_mib: Some(256),
+        cpus: None,
+    });
+    let victim = TestVm::wrap(tpl.template.launch(cfg).await.expect("launch"));
+    assert_eq!(
+        victim.jail().unwrap().cgroups.memory_limit(),
+        Some(256 << 20)
+    );
+    // 400 MiB into the guest's RAM-backed /dev/shm: QEMU's memory grows past its limit.
+    let _ = victim
+        .sh("mount -o remount,size=480m /dev/shm && dd if=/dev/zero of=/dev/shm/fill bs=1M count=400")
+        .await;
+    let crash = victim.wait_crash().await.to_string();
+    assert!(crash.contains("out of memory"), "{crash}");
+    assert_eq!(bystander.ok("echo still here").await, "still here\n");
+    bystander.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unjailed_qemu_runs_as_the_caller_for_development() {
+    let tpl = TestTemplate::build("").await;
+    let mut cfg = tpl.launch_config("no-jail");
+    cfg.confinement = Confinement::Unjailed;
+    let vm = TestVm::wrap(tpl.template.launch(cfg).await.expect("launch"));
+    assert!(vm.jail().is_none());
+    let st = status(vm.qemu_pid());
+    assert_eq!(field(&st, "Uid").split_whitespace().next(), Some("0"));
+    assert_eq!(ns(&vm.qemu_pid().to_string(), "mnt"), ns("self", "mnt"));
+    assert_eq!(vm.ok("echo ok").await, "ok\n");
+    vm.destroy().await;
+}
