@@ -1,5 +1,6 @@
 //! `kiln bench`: measured side by side in one run, never asserted.
 //! - cold boot → agent ready vs launch from template → agent ready (ratio);
+//! - launch with the jail vs without (`--no-jail`);
 //! - suspend and resume times;
 //! - host memory (PSS) of N clones of one template vs one cold-booted VM;
 //! - image bake and first launch vs cold boot;
@@ -192,6 +193,24 @@ async fn measure(
         vm.destroy().await?;
     }
 
+    // The jail's cost: launches of the same template jailed and unjailed, alternating.
+    let (mut jailed, mut unjailed) = (Vec::new(), Vec::new());
+    for n in 0..args.rounds {
+        for jail in [n % 2 == 0, n % 2 == 1] {
+            let mut cfg = launch(format!("jail-{n}-{}", u8::from(jail)));
+            cfg.confinement = if jail {
+                kiln_vmm::Confinement::default()
+            } else {
+                kiln_vmm::Confinement::Unjailed
+            };
+            let t = Instant::now();
+            let vm = template.launch(cfg).await?;
+            let took = t.elapsed();
+            vm.destroy().await?;
+            if jail { &mut jailed } else { &mut unjailed }.push(took);
+        }
+    }
+
     let mut clones = Vec::new();
     for n in 0..args.clones {
         let vm = template.launch(launch(format!("mem-{n}"))).await?;
@@ -207,6 +226,9 @@ async fn measure(
     let cold = report.samples("cold boot -> agent ready", "ms", &all_ms(&cold));
     let launch = report.samples("template launch -> agent ready", "ms", &all_ms(&launches));
     report.ratio("ratio cold/launch", &cold, &launch);
+    let with_jail = report.samples("launch, jailed", "ms", &all_ms(&jailed));
+    let without = report.samples("launch, --no-jail", "ms", &all_ms(&unjailed));
+    report.ratio("ratio jailed/unjailed launch", &with_jail, &without);
     report.samples("template snapshot", "ms", &[ms(snapshot_time)]);
     report.samples("suspend (state to disk)", "ms", &all_ms(&suspends));
     report.samples("resume -> agent ready", "ms", &all_ms(&resumes));
