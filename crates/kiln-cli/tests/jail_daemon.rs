@@ -140,3 +140,145 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
     let vm: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(vm["state"], "TERMINATED", "{vm}");
 }
+
+/// CPU-seconds a process's cgroup used so far (cpuacct on v1, cpu.stat on v2), read the way
+/// an operator would, from the process's own /proc entry.
+fn cgroup_cpu_seconds(pid: u32) -> f64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, list, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        if list.split(',').any(|c| c == "cpuacct") {
+            let file = format!("/sys/fs/cgroup/cpuacct{path}/cpuacct.usage");
+            let ns: f64 = std::fs::read_to_string(file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            return ns / 1e9;
+        }
+        if list.is_empty() {
+            let file = format!("/sys/fs/cgroup{path}/cpu.stat");
+            if let Ok(stat) = std::fs::read_to_string(file) {
+                let usec: f64 = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                return usec / 1e6;
+            }
+        }
+    }
+    panic!("no CPU accounting cgroup for {pid}: {own}")
+}
+
+/// CPUs used over `window`, from the cgroup.
+fn cpu_rate(pid: u32, window: Duration) -> f64 {
+    let (t0, c0) = (Instant::now(), cgroup_cpu_seconds(pid));
+    std::thread::sleep(window);
+    (cgroup_cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64()
+}
+
+#[test]
+fn a_cpu_hog_bursts_while_it_has_credit_then_is_held_to_its_baseline() {
+    // 1.5 CPU-seconds of credit: a hog bursting at 4 x 0.1 CPU spends it in 5 s.
+    let d = common::kilnd_with(&["--cpu-credit-max-seconds", "1.5", "--tick-ms", "200"]);
+    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
+    let key = std::fs::read_to_string(d.home.path().join("api-key")).unwrap();
+    let client = kiln_client::Client::from_env(
+        Some(format!("http://{}", addr.trim())),
+        Some(key.trim().into()),
+    )
+    .unwrap();
+    let img = client
+        .create_image_with("burst", &context(), serde_json::json!({"cpuBaseline": 0.1}))
+        .unwrap();
+    let image = img["imageIdentifier"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let v = client.get(&format!("/v1/images/{image}")).unwrap();
+        if v["status"] == "SUCCESSFUL" {
+            assert_eq!(
+                (v["cpuBaseline"].as_f64(), v["vcpus"].as_u64()),
+                (Some(0.1), Some(1)),
+                "{v}"
+            );
+            break;
+        }
+        assert!(v["status"] != "FAILED" && Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, id, err) = kiln(&d, &["run", "burst", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_string();
+    let pid: u32 =
+        std::fs::read_to_string(d.home.path().join("microvms").join(&id).join("qemu.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let (code, _, err) = kiln(
+        &d,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "(while :; do :; done) >/dev/null 2>&1 </dev/null &",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let bursting = cpu_rate(pid, Duration::from_millis(1500));
+    assert!(
+        bursting > 0.2,
+        "with credit it uses clearly more than its 0.1 baseline: {bursting}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let vm = client.get(&format!("/v1/microvms/{id}")).unwrap();
+        if vm["usage"]["cpuCreditSeconds"].as_f64() == Some(0.0) {
+            assert!(
+                vm["usage"]["cpuSecondsAboveBaseline"].as_f64().unwrap() > 1.0,
+                "{vm}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the credit was never spent: {vm}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    let held = cpu_rate(pid, Duration::from_secs(3));
+    assert!(
+        held <= 0.13,
+        "spent, it is held to its 0.1 baseline: {held}"
+    );
+
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(addr.trim()).unwrap();
+        write!(
+            conn,
+            "GET /metrics HTTP/1.0\r\nAuthorization: Bearer {}\r\n\r\n",
+            key.trim()
+        )
+        .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(
+        metrics.contains(&format!(
+            "kiln_microvm_burst_cpu_seconds_total{{microvm=\"{id}\""
+        )),
+        "{metrics}"
+    );
+    let (code, _, err) = kiln(&d, &["terminate", &id]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -132,6 +132,54 @@ async fn health(State(m): State<Arc<Manager>>) -> Json<Value> {
     }))
 }
 
+/// Per-microVM metering (microVMs not yet terminated), as the seed bills: running seconds,
+/// CPU above the baseline (burst), suspended snapshot byte-seconds; plus CPU and credit.
+fn metering(rows: &[kiln_store::MicrovmRow], out: &mut String) {
+    let series: [(&str, &str, &str, &str); 5] = [
+        (
+            "kiln_microvm_running_seconds_total",
+            "counter",
+            "runningSeconds",
+            "Seconds a microVM ran.",
+        ),
+        (
+            "kiln_microvm_cpu_seconds_total",
+            "counter",
+            "cpuSeconds",
+            "CPU-seconds a microVM used (its cgroup).",
+        ),
+        (
+            "kiln_microvm_burst_cpu_seconds_total",
+            "counter",
+            "cpuSecondsAboveBaseline",
+            "CPU-seconds above the microVM's baseline.",
+        ),
+        (
+            "kiln_microvm_suspended_snapshot_byte_seconds_total",
+            "counter",
+            "suspendedSnapshotByteSeconds",
+            "Byte-seconds of suspended snapshot state.",
+        ),
+        (
+            "kiln_microvm_cpu_credit_seconds",
+            "gauge",
+            "cpuCreditSeconds",
+            "Burst credit left (CPU-seconds above the baseline).",
+        ),
+    ];
+    let live: Vec<_> = rows.iter().filter(|r| r.state != "TERMINATED").collect();
+    for (name, kind, field, help) in series {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for r in &live {
+            let v = r.usage[field].as_f64().unwrap_or(0.0);
+            out.push_str(&format!(
+                "{name}{{microvm=\"{}\",image=\"{}\"}} {v}\n",
+                r.id, r.image_name
+            ));
+        }
+    }
+}
+
 async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
     let rows = m.store().microvms(None, None)?;
     let mut out =
@@ -140,6 +188,7 @@ async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
         let n = rows.iter().filter(|r| r.state == state).count();
         out.push_str(&format!("kiln_microvms{{state=\"{state}\"}} {n}\n"));
     }
+    metering(&rows, &mut out);
     out.push_str("# HELP kiln_images Images by latest build status.\n# TYPE kiln_images gauge\n");
     let images = m.store().images()?;
     for status in [
@@ -196,6 +245,10 @@ struct CreateImage {
     memory_size_mib: Option<u32>,
     #[serde(default)]
     vcpus: Option<u8>,
+    /// CPUs the microVM is held to once its burst credit is spent (fractions allowed);
+    /// it bursts to 4x. Default: a quarter of `vcpus`.
+    #[serde(default)]
+    cpu_baseline: Option<f64>,
     #[serde(default)]
     disk_size_mib: Option<u32>,
     #[serde(default)]
@@ -248,7 +301,12 @@ async fn create_image(
         spec.dockerfile = d;
     }
     spec.memory_mib = req.memory_size_mib.unwrap_or(512);
-    spec.vcpus = req.vcpus.unwrap_or(1);
+    let baseline = req
+        .cpu_baseline
+        .unwrap_or(f64::from(req.vcpus.unwrap_or(1)) / crate::cpu::BURST_FACTOR);
+    crate::cpu::check_baseline(baseline).map_err(ApiError::bad_request)?;
+    spec.cpu_baseline = baseline;
+    spec.vcpus = req.vcpus.unwrap_or(1).max(crate::cpu::vcpus_for(baseline));
     spec.disk_mib = req.disk_size_mib;
     spec.hook_port = req
         .hook_port
@@ -292,6 +350,7 @@ fn image_view(row: &kiln_store::ImageRow) -> Value {
         "createdAt": row.created_at / 1000,
         "memorySizeMib": r["memory_mib"],
         "vcpus": r["vcpus"],
+        "cpuBaseline": r["cpu_baseline"],
         "hookPort": r["hook_port"],
         "exposedPorts": r["runtime"]["exposed_ports"],
         "steps": r["steps"],

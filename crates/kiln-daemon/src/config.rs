@@ -36,6 +36,8 @@ pub struct Config {
     pub egress: kiln_vmm::kiln_net::OperatorConfig,
     /// Run QEMU unjailed (development only; logged loudly on every start).
     pub no_jail: bool,
+    /// CPU-seconds above its baseline a microVM can bank (and starts with).
+    pub cpu_credit_max_seconds: f64,
 }
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod cpu;
 pub mod egress;
 pub mod error;
 pub mod idle;

@@ -30,6 +30,9 @@ struct Args {
     /// benchmarks only: a guest that escapes QEMU then owns the host.
     #[arg(long)]
     no_jail: bool,
+    /// CPU-seconds above its baseline a microVM can bank for bursts (it starts full).
+    #[arg(long, default_value_t = 300.0)]
+    cpu_credit_max_seconds: f64,
     /// Lowest maxIdleDurationSeconds accepted (default: the API minimum, 60).
     #[arg(long, default_value_t = kiln_daemon::config::API_MIN_IDLE_SECONDS)]
     min_idle_seconds: u64,
@@ -130,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         ingress_tls_key,
         egress: operator_config(args.host_services, args.egress_hosts),
         no_jail: args.no_jail,
+        cpu_credit_max_seconds: args.cpu_credit_max_seconds.max(0.0),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

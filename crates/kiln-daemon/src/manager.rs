@@ -52,6 +52,9 @@ pub struct MicrovmConfig {
     pub hooks_enabled: bool,
     pub template: PathBuf,
     pub vcpus: u8,
+    /// CPUs held to once the burst credit is spent (rows from before: a quarter of vcpus).
+    #[serde(default)]
+    pub cpu_baseline: Option<f64>,
     /// Egress connectors (rows from before connectors existed get `internet`).
     #[serde(default = "default_connectors")]
     pub connectors: Vec<Connector>,
@@ -66,6 +69,11 @@ pub struct Usage {
     pub suspended_snapshot_byte_seconds: f64,
     #[serde(default)]
     pub cpu_seconds: f64,
+    /// The CPU baseline and the burst credit left (CPU-seconds above the baseline).
+    #[serde(default)]
+    pub cpu_baseline: f64,
+    #[serde(default)]
+    pub cpu_credit_seconds: f64,
     /// Bytes each way, connections, denials and DNS queries of the microVM's network.
     #[serde(default)]
     pub network: CounterSnapshot,
@@ -76,6 +84,11 @@ pub struct Slot {
     pub vm: Option<Vm>,
     pub suspended: Option<SuspendedVm>,
     pub last_sample_ms: i64,
+    /// Burst credit (jailed microVMs), and the cgroup it was last read from.
+    pub cpu: Option<crate::cpu::CpuCredit>,
+    pub cpu_cgroup: Option<PathBuf>,
+    /// The cgroup's count of throttled periods at the last tick.
+    pub cpu_throttled: Option<u64>,
 }
 
 pub struct Manager {
@@ -103,6 +116,26 @@ pub fn new_microvm_id() -> String {
 }
 
 impl Manager {
+    /// The CPUs a microVM is held to once its burst credit is spent.
+    pub fn baseline_of(config: &MicrovmConfig) -> f64 {
+        config
+            .cpu_baseline
+            .unwrap_or(f64::from(config.vcpus) / crate::cpu::BURST_FACTOR)
+    }
+
+    /// The jail of a microVM: kilnd's, with a CPU quota of 4x its baseline to start.
+    pub fn confinement_of(&self, config: &MicrovmConfig) -> kiln_vmm::Confinement {
+        match self.confinement {
+            kiln_vmm::Confinement::Jailed(limits) => {
+                kiln_vmm::Confinement::Jailed(kiln_vmm::JailLimits {
+                    cpus: Some(Self::baseline_of(config) * crate::cpu::BURST_FACTOR),
+                    ..limits
+                })
+            }
+            kiln_vmm::Confinement::Unjailed => kiln_vmm::Confinement::Unjailed,
+        }
+    }
+
     pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -244,6 +277,7 @@ impl Manager {
             hooks_enabled: img.record["hooks_enabled"].as_bool().unwrap_or(false),
             template,
             vcpus: img.record["vcpus"].as_u64().unwrap_or(1) as u8,
+            cpu_baseline: img.record["cpu_baseline"].as_f64(),
             connectors,
         };
         let now = now_ms();
@@ -297,7 +331,7 @@ impl Manager {
                     timeout: Duration::from_secs(60),
                     die_with_parent: true,
                     network,
-                    confinement: self.confinement,
+                    confinement: self.confinement_of(config),
                 })
                 .await?;
             if let Err(e) = apply_no_network(config, &vm).await {
@@ -317,6 +351,11 @@ impl Manager {
                 )
             }
         };
+        slot.cpu = Some(crate::cpu::CpuCredit::new(
+            Self::baseline_of(config),
+            self.cfg.cpu_credit_max_seconds,
+        ));
+        slot.cpu_cgroup = None;
         if config.hooks_enabled {
             if let Err(why) = self
                 .hook(
@@ -596,15 +635,46 @@ impl Manager {
             return;
         };
         let mut usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
-        let vcpus = Self::config_of(&row).map(|c| c.vcpus).unwrap_or(1) as f64;
+        let config = Self::config_of(&row);
+        let vcpus = config.as_ref().map(|c| c.vcpus).unwrap_or(1) as f64;
         let vm = running.or(slot.vm.as_ref());
         if let Some(vm) = vm {
             usage.running_seconds += elapsed;
-            if let Some(cpu) = process_cpu_seconds(vm.qemu_pid()) {
-                usage.cpu_seconds = cpu.max(usage.cpu_seconds);
+            match (vm.jail(), slot.cpu.as_mut()) {
+                // Jailed: usage from the cgroup, and the burst quota set from the credit.
+                (Some(jail), Some(credit)) => {
+                    let cgroups = &jail.cgroups;
+                    if slot.cpu_cgroup.as_deref() != Some(cgroups.cpuacct.dir.as_path()) {
+                        credit.restart();
+                        slot.cpu_cgroup = Some(cgroups.cpuacct.dir.clone());
+                        slot.cpu_throttled = None;
+                    }
+                    if let Some(now) = cgroups.cpu_seconds() {
+                        let throttled = cgroups.nr_throttled().unwrap_or(0);
+                        let was = slot.cpu_throttled.replace(throttled);
+                        let tick = credit.tick(now, elapsed, was.is_some_and(|w| throttled > w));
+                        usage.cpu_seconds += tick.used;
+                        usage.cpu_seconds_above_baseline += tick.above;
+                        let quota = kiln_jail::spec::quota_for(tick.quota_cpus);
+                        if cgroups.cpu_quota_us() != Some(quota) {
+                            if let Err(e) =
+                                cgroups.set_cpu_quota(quota, kiln_jail::spec::CPU_PERIOD_US)
+                            {
+                                tracing::warn!(id, "setting the CPU quota: {e}");
+                            }
+                        }
+                    }
+                    usage.cpu_baseline = credit.baseline;
+                    usage.cpu_credit_seconds = credit.credit;
+                }
+                _ => {
+                    if let Some(cpu) = process_cpu_seconds(vm.qemu_pid()) {
+                        usage.cpu_seconds = cpu.max(usage.cpu_seconds);
+                    }
+                    usage.cpu_seconds_above_baseline =
+                        (usage.cpu_seconds - usage.running_seconds * vcpus).max(0.0);
+                }
             }
-            usage.cpu_seconds_above_baseline =
-                (usage.cpu_seconds - usage.running_seconds * vcpus).max(0.0);
         } else if let Some(s) = &slot.suspended {
             usage.suspended_snapshot_byte_seconds += s.state_bytes() as f64 * elapsed;
         }

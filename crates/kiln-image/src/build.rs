@@ -42,6 +42,8 @@ pub struct BuildSpec {
     pub dockerfile: String,
     pub memory_mib: u32,
     pub vcpus: u8,
+    /// CPUs a microVM of this image is held to once its burst credit is spent.
+    pub cpu_baseline: f64,
     /// Root disk size; the base's size when `None`.
     pub disk_mib: Option<u32>,
     pub build_args: BTreeMap<String, String>,
@@ -68,6 +70,7 @@ impl BuildSpec {
             dockerfile: "Dockerfile".into(),
             memory_mib: 512,
             vcpus: 1,
+            cpu_baseline: 0.25,
             disk_mib: None,
             build_args: BTreeMap::new(),
             hook_port: DEFAULT_HOOK_PORT,
@@ -100,7 +103,7 @@ pub struct StepRecord {
 }
 
 /// What is known about an image; written as `image.json` in its build directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
     pub id: String,
     pub name: String,
@@ -113,6 +116,10 @@ pub struct ImageRecord {
     pub hook_port: u16,
     pub memory_mib: u32,
     pub vcpus: u8,
+    /// CPUs a microVM is held to without burst credit (older records: none, a quarter of
+    /// the vCPUs).
+    #[serde(default)]
+    pub cpu_baseline: Option<f64>,
     pub created_unix: u64,
     pub finished_unix: Option<u64>,
     /// The template snapshot directory, once SUCCESSFUL.
@@ -315,6 +322,7 @@ impl Builder {
             hook_port: spec.hook_port,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
+            cpu_baseline: Some(spec.cpu_baseline),
             created_unix: now(),
             finished_unix: None,
             template: None,

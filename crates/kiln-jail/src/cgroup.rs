@@ -278,6 +278,12 @@ impl Cgroups {
         }
     }
 
+    /// How many CFS periods the kernel held the jail to its CPU quota so far.
+    pub fn nr_throttled(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string(self.cpu.dir.join("cpu.stat")).ok()?;
+        field(&stat, "nr_throttled")
+    }
+
     /// How many times the kernel's OOM killer ended a process of this jail.
     pub fn oom_kills(&self) -> u64 {
         let m = &self.memory;

@@ -185,6 +185,7 @@ async fn run() -> anyhow::Result<()> {
         ingress_tls_key: None,
         egress: Default::default(),
         no_jail: false,
+        cpu_credit_max_seconds: 300.0,
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");
