@@ -10,35 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{kiln, kilnd};
-
-fn context() -> Vec<u8> {
-    let hook = "#!/bin/sh\nread -r m p v\nlen=0\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; \
-        case \"$l\" in [Cc]ontent-[Ll]ength:*) len=$(echo \"${l#*:}\" | tr -d ' ');; esac; done\n\
-        body=\"\"; if [ \"$len\" -gt 0 ] 2>/dev/null; then body=$(head -c \"$len\"); fi\n\
-        code='200 OK'; case \"$body\" in *fail*) code='500 Internal Server Error';; esac\n\
-        printf 'HTTP/1.1 %s\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok' \"$code\"\n";
-    let files: [(&str, &str); 3] = [
-        (
-            "Dockerfile",
-            "FROM busybox\nCOPY start.sh hook.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
-        ),
-        (
-            "start.sh",
-            "#!/bin/sh\necho app-started-$((6*7))\nexec nc -ll -p 9000 -e /srv/hook.sh\n",
-        ),
-        ("hook.sh", hook),
-    ];
-    let mut b = tar::Builder::new(Vec::new());
-    for (p, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_cksum();
-        b.append_data(&mut h, p, data.as_bytes()).unwrap();
-    }
-    b.into_inner().unwrap()
-}
+use common::{context, kiln, kilnd};
 
 #[test]
 fn the_cli_drives_microvms_through_the_api() {

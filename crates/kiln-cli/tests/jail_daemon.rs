@@ -10,35 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{kiln, kilnd};
-
-fn context() -> Vec<u8> {
-    let hook = "#!/bin/sh\nread -r m p v\nlen=0\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; \
-        case \"$l\" in [Cc]ontent-[Ll]ength:*) len=$(echo \"${l#*:}\" | tr -d ' ');; esac; done\n\
-        body=\"\"; if [ \"$len\" -gt 0 ] 2>/dev/null; then body=$(head -c \"$len\"); fi\n\
-        code='200 OK'; case \"$body\" in *fail*) code='500 Internal Server Error';; esac\n\
-        printf 'HTTP/1.1 %s\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok' \"$code\"\n";
-    let files: [(&str, &str); 3] = [
-        (
-            "Dockerfile",
-            "FROM busybox\nCOPY start.sh hook.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
-        ),
-        (
-            "start.sh",
-            "#!/bin/sh\necho app-started-$((6*7))\nexec nc -ll -p 9000 -e /srv/hook.sh\n",
-        ),
-        ("hook.sh", hook),
-    ];
-    let mut b = tar::Builder::new(Vec::new());
-    for (p, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_cksum();
-        b.append_data(&mut h, p, data.as_bytes()).unwrap();
-    }
-    b.into_inner().unwrap()
-}
+use common::{client, context, kiln, kilnd, wait_image};
 
 fn uid_of(pid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -49,6 +21,25 @@ fn uid_of(pid: u32) -> Option<u32> {
         .next()?
         .parse()
         .ok()
+}
+
+/// The kiln cgroup directories `pid` is in, as the host sees them.
+fn cgroup_dirs(pid: u32) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    own.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
+            if !path.contains("/kiln/vm-") {
+                return None;
+            }
+            let controller = list.split(',').next().filter(|c| !c.is_empty());
+            Some(match controller {
+                Some(c) => PathBuf::from(format!("/sys/fs/cgroup/{c}{path}")),
+                None => PathBuf::from(format!("/sys/fs/cgroup{path}")),
+            })
+        })
+        .collect()
 }
 
 fn files_owned_by(dir: &Path, uid: u32, out: &mut Vec<PathBuf>) {
@@ -81,24 +72,9 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
         "{kilnd_jail}"
     );
 
-    // Not through KILN_HOME in this process: kilnd's restart below finds its assets by it.
-    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
-    let key = std::fs::read_to_string(d.home.path().join("api-key")).unwrap();
-    let client = kiln_client::Client::from_env(
-        Some(format!("http://{}", addr.trim())),
-        Some(key.trim().into()),
-    )
-    .unwrap();
+    let client = client(&d);
     let image = client.create_image("jailed", &context()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let v = client.get(&format!("/v1/images/{image}")).unwrap();
-        if v["status"] == "SUCCESSFUL" {
-            break;
-        }
-        assert!(v["status"] != "FAILED" && Instant::now() < deadline, "{v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_image(&client, &image);
     let (code, id, err) = kiln(&d, &["run", "jailed", "--wait"]);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_string();
@@ -116,6 +92,8 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
     let (code, out, err) = kiln(&d, &["exec", &id, "--", "echo", "jailed"]);
     assert_eq!((code, out.as_str()), (0, "jailed\n"), "{err}");
 
+    let cgroups = cgroup_dirs(pid);
+    assert!(cgroups.len() >= 3, "{cgroups:?}");
     d.kill_hard();
     let deadline = Instant::now() + Duration::from_secs(20);
     while uid_of(pid) == Some(uid) {
@@ -123,14 +101,15 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        !kiln_jail::cgroup::existing(uid).is_empty() || !kiln_jail::uids::is_free(uid),
+        cgroups.iter().all(|c| c.is_dir()),
         "the kill left the jail's cgroups (what the restart must clean)"
     );
 
     d.start_again(&[]);
+    let left: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
     assert!(
-        kiln_jail::cgroup::existing(uid).is_empty() || !kiln_jail::uids::is_free(uid),
-        "cgroups of a dead jail survived kilnd's restart"
+        left.is_empty(),
+        "cgroups of a dead jail survived kilnd's restart: {left:?}"
     );
     let mut left = Vec::new();
     files_owned_by(d.home.path(), uid, &mut left);
@@ -185,31 +164,16 @@ fn cpu_rate(pid: u32, window: Duration) -> f64 {
 fn a_cpu_hog_bursts_while_it_has_credit_then_is_held_to_its_baseline() {
     // 1.5 CPU-seconds of credit: a hog bursting at 4 x 0.1 CPU spends it in 5 s.
     let d = common::kilnd_with(&["--cpu-credit-max-seconds", "1.5", "--tick-ms", "200"]);
-    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
-    let key = std::fs::read_to_string(d.home.path().join("api-key")).unwrap();
-    let client = kiln_client::Client::from_env(
-        Some(format!("http://{}", addr.trim())),
-        Some(key.trim().into()),
-    )
-    .unwrap();
+    let client = client(&d);
     let img = client
         .create_image_with("burst", &context(), serde_json::json!({"cpuBaseline": 0.1}))
         .unwrap();
-    let image = img["imageIdentifier"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let v = client.get(&format!("/v1/images/{image}")).unwrap();
-        if v["status"] == "SUCCESSFUL" {
-            assert_eq!(
-                (v["cpuBaseline"].as_f64(), v["vcpus"].as_u64()),
-                (Some(0.1), Some(1)),
-                "{v}"
-            );
-            break;
-        }
-        assert!(v["status"] != "FAILED" && Instant::now() < deadline, "{v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let v = wait_image(&client, img["imageIdentifier"].as_str().unwrap());
+    assert_eq!(
+        (v["cpuBaseline"].as_f64(), v["vcpus"].as_u64()),
+        (Some(0.1), Some(1)),
+        "{v}"
+    );
     let (code, id, err) = kiln(&d, &["run", "burst", "--wait"]);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_string();
@@ -260,6 +224,8 @@ fn a_cpu_hog_bursts_while_it_has_credit_then_is_held_to_its_baseline() {
         "spent, it is held to its 0.1 baseline: {held}"
     );
 
+    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
+    let key = std::fs::read_to_string(d.home.path().join("api-key")).unwrap();
     let metrics = {
         use std::io::{Read, Write};
         let mut conn = std::net::TcpStream::connect(addr.trim()).unwrap();

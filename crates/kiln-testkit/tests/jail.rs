@@ -50,18 +50,17 @@ fn mount_options(pid: u32, target: &Path) -> Option<String> {
     })
 }
 
-/// Processes running as `uid` now.
-fn processes_of(uid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .map(|s| field(&s, "Uid").split_whitespace().next() == Some(&uid.to_string()))
-                .unwrap_or(false)
-        })
-        .collect()
+/// Whether everything of jail `j` is gone: QEMU, its cgroups. (Its uid may already be
+/// another jail's: tests run side by side and the lowest free uid is taken first.)
+fn jail_gone(j: &kiln_jail::JailReport) -> bool {
+    let c = &j.cgroups;
+    let qemu_alive = std::fs::read_to_string(format!("/proc/{}/status", j.pid))
+        .map(|s| field(&s, "Uid").split_whitespace().next() == Some(&j.uid.to_string()))
+        .unwrap_or(false);
+    !qemu_alive
+        && [&c.memory, &c.pids, &c.cpu, &c.cpuacct]
+            .iter()
+            .all(|d| !d.dir.exists())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,14 +188,15 @@ async fn nothing_is_left_behind_after_terminate_or_suspend() {
     let tpl = TestTemplate::build("").await;
     let vm = tpl.launch("leave-none").await;
     let j = vm.jail().unwrap().clone();
-    assert!(!kiln_jail::uids::is_free(j.uid));
-    assert!(!kiln_jail::cgroup::existing(j.uid).is_empty());
+    assert!(
+        !kiln_jail::uids::is_free(j.uid),
+        "a running jail holds its uid"
+    );
+    assert!(!jail_gone(&j));
     let dir = vm.dir().to_path_buf();
     let suspended = vm.into_inner().suspend().await.unwrap();
-    // Suspended: no process, no cgroup, the uid free, every file root's again.
-    assert!(processes_of(j.uid).is_empty());
-    assert!(kiln_jail::cgroup::existing(j.uid).is_empty());
-    assert!(kiln_jail::uids::is_free(j.uid));
+    // Suspended: no process, no cgroup, every file root's again.
+    assert!(jail_gone(&j));
     for entry in walk(&dir) {
         let uid = std::fs::symlink_metadata(&entry).unwrap().uid();
         assert_eq!(uid, 0, "{} still belongs to uid {uid}", entry.display());
@@ -204,9 +204,7 @@ async fn nothing_is_left_behind_after_terminate_or_suspend() {
     let vm = TestVm::wrap(suspended.resume(kiln_testkit::BOOT_TIMEOUT).await.unwrap());
     let j2 = vm.jail().unwrap().clone();
     vm.destroy().await;
-    assert!(processes_of(j2.uid).is_empty());
-    assert!(kiln_jail::cgroup::existing(j2.uid).is_empty());
-    assert!(kiln_jail::uids::is_free(j2.uid));
+    assert!(jail_gone(&j2));
     assert!(!dir.exists());
 }
 
@@ -241,8 +239,14 @@ async fn over_its_memory_limit_a_qemu_is_killed_alone_and_reported() {
     let _ = victim
         .sh("mount -o remount,size=480m /dev/shm && dd if=/dev/zero of=/dev/shm/fill bs=1M count=400")
         .await;
+    let jail = victim.jail().unwrap().clone();
     let crash = victim.wait_crash().await.to_string();
     assert!(crash.contains("out of memory"), "{crash}");
+    assert!(
+        crash.contains("console tail"),
+        "the report carries the console: {crash}"
+    );
+    assert!(jail_gone(&jail), "a crashed QEMU leaves nothing either");
     assert_eq!(bystander.ok("echo still here").await, "still here\n");
     bystander.destroy().await;
 }

@@ -110,3 +110,58 @@ fn spawn_kilnd(home: &Path, extra: &[&str]) -> Child {
     }
     child
 }
+
+/// A busybox build context whose app answers every lifecycle hook on port 9000 with 200
+/// ("fail" in a body answers 500).
+pub fn context() -> Vec<u8> {
+    let hook = "#!/bin/sh\nread -r m p v\nlen=0\nwhile IFS= read -r l; do l=$(printf '%s' \"$l\" | tr -d '\\r'); [ -z \"$l\" ] && break; \
+        case \"$l\" in [Cc]ontent-[Ll]ength:*) len=$(echo \"${l#*:}\" | tr -d ' ');; esac; done\n\
+        body=\"\"; if [ \"$len\" -gt 0 ] 2>/dev/null; then body=$(head -c \"$len\"); fi\n\
+        code='200 OK'; case \"$body\" in *fail*) code='500 Internal Server Error';; esac\n\
+        printf 'HTTP/1.1 %s\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok' \"$code\"\n";
+    let files: [(&str, &str); 3] = [
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY start.sh hook.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
+        ),
+        (
+            "start.sh",
+            "#!/bin/sh\necho app-started-$((6*7))\nexec nc -ll -p 9000 -e /srv/hook.sh\n",
+        ),
+        ("hook.sh", hook),
+    ];
+    let mut b = tar::Builder::new(Vec::new());
+    for (p, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, p, data.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A client of `d`, configured explicitly (not through KILN_HOME in the test's environment,
+/// which a restarted kilnd would also read).
+pub fn client(d: &Daemon) -> kiln_client::Client {
+    let addr = std::fs::read_to_string(d.home.path().join("kilnd.addr")).unwrap();
+    let key = std::fs::read_to_string(d.home.path().join("api-key")).unwrap();
+    kiln_client::Client::from_env(
+        Some(format!("http://{}", addr.trim())),
+        Some(key.trim().into()),
+    )
+    .unwrap()
+}
+
+/// Waits until image `id` is SUCCESSFUL (panics on FAILED or after 3 minutes).
+pub fn wait_image(client: &kiln_client::Client, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let v = client.get(&format!("/v1/images/{id}")).unwrap();
+        if v["status"] == "SUCCESSFUL" {
+            return v;
+        }
+        assert!(v["status"] != "FAILED" && Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
