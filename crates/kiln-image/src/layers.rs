@@ -84,6 +84,13 @@ impl LayerStore {
     /// Records a finished layer under `key` (atomically).
     pub fn record(&self, key: &str, layer: &Path) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
+        // The layer was a jailed QEMU's: only a regular file is taken (never a link).
+        if !std::fs::symlink_metadata(layer)?.file_type().is_file() {
+            return Err(std::io::Error::other(format!(
+                "layer {} is not a regular file",
+                layer.display()
+            )));
+        }
         std::fs::set_permissions(layer, std::fs::Permissions::from_mode(0o444))?;
         let name = layer
             .strip_prefix(&self.dir)

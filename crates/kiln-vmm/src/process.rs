@@ -293,7 +293,14 @@ async fn release_jail(cgroups: &kiln_jail::Cgroups, owned_dirs: &[PathBuf]) {
 /// Reads the last `max_bytes` of a file as text (lossy).
 pub fn tail_of_file(path: &Path, max_bytes: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // A link planted by a jailed QEMU in its directory is not followed (it could name a
+    // secret of the host's, shown to clients in crash reports).
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+    else {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -304,10 +311,12 @@ pub fn tail_of_file(path: &Path, max_bytes: usize) -> String {
 }
 
 async fn capture_console(mut out: impl AsyncRead + Unpin, path: PathBuf) {
+    // The VM's directory is its (jailed) QEMU's: never follow a link planted there.
     async fn open(p: &Path) -> std::io::Result<tokio::fs::File> {
         tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(p)
             .await
     }
@@ -351,5 +360,31 @@ async fn capture_stderr(mut err: impl AsyncRead + Unpin, keep: Arc<Mutex<Vec<u8>
         keep.extend_from_slice(&buf[..n]);
         let excess = keep.len().saturating_sub(STDERR_CAP);
         keep.drain(..excess);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_planted_in_a_vm_directory_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "host secret").unwrap();
+        let vm = dir.path().join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        let console = vm.join("console.log");
+        std::os::unix::fs::symlink(&secret, &console).unwrap();
+        assert_eq!(
+            tail_of_file(&console, 100),
+            "",
+            "a crash report never shows it"
+        );
+        let pid = vm.join("qemu.pid");
+        std::os::unix::fs::symlink(&secret, &pid).unwrap();
+        crate::vm::write_new(&pid, b"42\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret");
+        assert_eq!(std::fs::read_to_string(&pid).unwrap(), "42\n");
     }
 }

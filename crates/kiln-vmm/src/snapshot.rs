@@ -102,6 +102,13 @@ fn manifest_for(
 /// Keeps the guest's kernel and initramfs in `dir` (hard links where the filesystem allows,
 /// copies otherwise), read-only.
 fn keep_boot_files(assets: &GuestAssets, dir: &Path) -> Result<(), VmError> {
+    // The VM's directory may have been a jailed QEMU's: a link there is not followed.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(VmError::Dir {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other("a symbolic link where the boot files go"),
+        });
+    }
     let kernel_dir = dir.join("kernel");
     std::fs::create_dir_all(&kernel_dir).map_err(io_err(&kernel_dir))?;
     // The kernel keeps its name: `vmlinux` (PVH) or `vmlinuz`, as GuestAssets looks for them.
@@ -125,7 +132,7 @@ fn keep_boot_files(assets: &GuestAssets, dir: &Path) -> Result<(), VmError> {
         (dir.join("initramfs.key"), &assets.initramfs_key),
     ];
     for (path, text) in texts {
-        std::fs::write(&path, format!("{text}\n")).map_err(io_err(&path))?;
+        crate::vm::write_new(&path, format!("{text}\n").as_bytes()).map_err(io_err(&path))?;
     }
     Ok(())
 }
@@ -174,6 +181,7 @@ impl Vm {
                 let saved = self.finish_after_save().await;
                 let state = dir.join(STATE_FILE);
                 for (from, to) in [(ram, dir.join(MEMORY_FILE)), (saved.active_disk.clone(), dir.join(DISK_FILE)), (written, state.clone())] {
+                    crate::vm::regular_file(&saved.id, &from)?;
                     std::fs::rename(&from, &to).map_err(io_err(&to))?;
                     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).map_err(io_err(&to))?;
                 }

@@ -280,7 +280,7 @@ impl Vm {
             QemuProcess::spawn(&args, &paths.console_log(), die_with_parent, jail).await?;
         // The pid as the host sees it (a jailed QEMU is PID 1 of its own namespace), for
         // start-up recovery.
-        let _ = std::fs::write(paths.pid_file(), format!("{}\n", process.pid()));
+        let _ = write_new(&paths.pid_file(), format!("{}\n", process.pid()).as_bytes());
         let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
             id: id.clone(),
             exit,
@@ -711,6 +711,32 @@ fn file_uri(id: &VmId, path: &Path) -> Result<String, VmError> {
             ),
         })?;
     Ok(format!("file:{text}"))
+}
+
+/// Writes `bytes` to a new file at `path`, removing what was there first: a VM's directory
+/// is its jailed QEMU's, and a link it planted must never be written through.
+pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(bytes)
+}
+
+/// Refuses anything but a regular file at `path` (a link a jailed QEMU left in its place).
+pub(crate) fn regular_file(id: &VmId, path: &Path) -> Result<(), VmError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        _ => Err(VmError::Invalid {
+            id: id.clone(),
+            reason: format!("{} is not a regular file", path.display()),
+        }),
+    }
 }
 
 pub(crate) fn create_vm_dir(dir: &Path) -> Result<(), VmError> {
