@@ -248,3 +248,47 @@ fn a_cpu_hog_bursts_while_it_has_credit_then_is_held_to_its_baseline() {
     let (code, _, err) = kiln(&d, &["terminate", &id]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn a_microvm_over_its_memory_limit_is_terminated_alone_with_the_reason() {
+    // A limit below the guest's 512 MiB: filling the guest's RAM goes over.
+    let d = common::kilnd_with(&["--jail-memory-mib", "300"]);
+    let client = client(&d);
+    let image = client.create_image("oom", &context()).unwrap();
+    wait_image(&client, &image);
+    let run = |name: &str| {
+        let (code, id, err) = kiln(&d, &["run", "oom", "--wait"]);
+        assert_eq!(code, 0, "{name}: {err}");
+        id.trim().to_string()
+    };
+    let (victim, bystander) = (run("victim"), run("bystander"));
+    let _ = kiln(
+        &d,
+        &[
+            "exec",
+            &victim,
+            "--",
+            "sh",
+            "-c",
+            "mount -o remount,size=480m /dev/shm && dd if=/dev/zero of=/dev/shm/fill bs=1M count=400",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vm = loop {
+        let vm = client.get(&format!("/v1/microvms/{victim}")).unwrap();
+        if vm["state"] == "TERMINATED" {
+            break vm;
+        }
+        assert!(Instant::now() < deadline, "never terminated: {vm}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let reason = vm["stateReason"].as_str().unwrap_or_default();
+    assert!(reason.contains("out of memory"), "{reason}");
+    assert!(reason.contains("console tail"), "{reason}");
+    let (code, out, err) = kiln(&d, &["exec", &bystander, "--", "echo", "unharmed"]);
+    assert_eq!((code, out.as_str()), (0, "unharmed\n"), "{err}");
+    assert_eq!(
+        client.get(&format!("/v1/microvms/{bystander}")).unwrap()["state"],
+        "RUNNING"
+    );
+}

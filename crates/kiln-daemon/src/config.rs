@@ -38,6 +38,10 @@ pub struct Config {
     pub no_jail: bool,
     /// CPU-seconds above its baseline a microVM can bank (and starts with).
     pub cpu_credit_max_seconds: f64,
+    /// Memory a microVM's QEMU may use beyond guest RAM (its jail's limit is the sum).
+    pub qemu_memory_overhead_mib: u64,
+    /// The whole memory limit of every jail instead (tests set one below guest RAM).
+    pub jail_memory_mib: Option<u64>,
 }
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;

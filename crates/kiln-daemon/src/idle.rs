@@ -38,6 +38,9 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
         let Ok(config) = serde_json::from_value::<MicrovmConfig>(row.config.clone()) else {
             continue;
         };
+        if state == MicrovmState::Running && manager.reap_if_crashed(&row.id).await {
+            continue;
+        }
         let age_s = (now - row.created_at) / 1000;
         let action: Option<(&str, String)> = if manager.not_resumable(&row.id).is_some() {
             // Kept for its owner to download: policy never deletes it.

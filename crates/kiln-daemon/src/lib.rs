@@ -117,6 +117,10 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
 /// The jail every microVM gets: checked by starting a test jail, so kilnd refuses to start
 /// on a host that cannot give one (and says which part), unless `--no-jail`.
 fn jail(cfg: &Config) -> anyhow::Result<kiln_vmm::Confinement> {
+    use std::os::unix::fs::PermissionsExt;
+    // Nothing of the home is any other user's business (a jail sees only its own files).
+    std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", cfg.home.display()))?;
     if cfg.no_jail {
         warn!(
             "--no-jail: every QEMU runs as root in the host's namespaces, without chroot or \
@@ -136,7 +140,11 @@ fn jail(cfg: &Config) -> anyhow::Result<kiln_vmm::Confinement> {
         swept,
         "jail ready"
     );
-    Ok(kiln_vmm::Confinement::default())
+    Ok(kiln_vmm::Confinement::Jailed(kiln_vmm::JailLimits {
+        overhead_mib: Some(cfg.qemu_memory_overhead_mib),
+        memory_mib: cfg.jail_memory_mib,
+        cpus: None,
+    }))
 }
 
 /// Installs the SIGTERM and SIGINT handlers; the future ends at the first of either.

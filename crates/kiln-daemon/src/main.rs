@@ -33,6 +33,14 @@ struct Args {
     /// CPU-seconds above its baseline a microVM can bank for bursts (it starts full).
     #[arg(long, default_value_t = 300.0)]
     cpu_credit_max_seconds: f64,
+    /// Memory a microVM's QEMU may use beyond its guest RAM; over the sum the kernel kills
+    /// it alone and the microVM is TERMINATED with "out of memory".
+    #[arg(long, default_value_t = kiln_vmm::confine::QEMU_OVERHEAD_MIB)]
+    qemu_memory_overhead_mib: u64,
+    /// Every jail's whole memory limit instead of guest RAM plus the overhead (tests use a
+    /// limit below guest RAM to see the OOM killer at work).
+    #[arg(long)]
+    jail_memory_mib: Option<u64>,
     /// Lowest maxIdleDurationSeconds accepted (default: the API minimum, 60).
     #[arg(long, default_value_t = kiln_daemon::config::API_MIN_IDLE_SECONDS)]
     min_idle_seconds: u64,
@@ -134,6 +142,8 @@ fn main() -> anyhow::Result<()> {
         egress: operator_config(args.host_services, args.egress_hosts),
         no_jail: args.no_jail,
         cpu_credit_max_seconds: args.cpu_credit_max_seconds.max(0.0),
+        qemu_memory_overhead_mib: args.qemu_memory_overhead_mib.max(16),
+        jail_memory_mib: args.jail_memory_mib.map(|m| m.max(64)),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -569,6 +569,34 @@ impl Manager {
         self.row(id)
     }
 
+    /// A RUNNING microVM whose QEMU ended on its own (a crash; the OOM killer at its jail's
+    /// memory limit) becomes TERMINATED with how QEMU ended and its console tail; its files,
+    /// tokens and egress state go. Returns whether it had ended.
+    pub async fn reap_if_crashed(&self, id: &str) -> bool {
+        let slot = self.slot(id);
+        let Ok(mut slot) = slot.try_lock() else {
+            return false;
+        };
+        let Some(report) = slot.vm.as_ref().and_then(|vm| vm.crash()) else {
+            return false;
+        };
+        warn!(id, "QEMU ended on its own: {report}");
+        if let Some(vm) = slot.vm.take() {
+            self.sample(id, &mut slot, Some(&vm));
+            let _ = vm.destroy().await;
+        }
+        let _ = std::fs::remove_dir_all(self.microvm_dir(id));
+        self.set_state(id, MicrovmState::Terminated, Some(&report.to_string()));
+        self.tokens.revoke_microvm(id);
+        self.egress.forget(id);
+        drop(slot);
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        true
+    }
+
     /// The agent of a RUNNING microVM; `what` names the request in the conflict message.
     async fn running_agent(&self, id: &str, what: &str) -> ApiResult<kiln_vmm::AgentClient> {
         let slot = self.slot(id);

@@ -228,7 +228,7 @@ async fn over_its_memory_limit_a_qemu_is_killed_alone_and_reported() {
     let mut cfg = tpl.launch_config("oom-victim");
     cfg.confinement = Confinement::Jailed(JailLimits {
         memory_mib: Some(256),
-        cpus: None,
+        ..Default::default()
     });
     let victim = TestVm::wrap(tpl.template.launch(cfg).await.expect("launch"));
     assert_eq!(

@@ -55,6 +55,8 @@ impl Confinement {
 pub struct JailLimits {
     /// The whole memory limit (guest RAM + QEMU), instead of RAM + [`QEMU_OVERHEAD_MIB`].
     pub memory_mib: Option<u64>,
+    /// QEMU's allowance beyond guest RAM, instead of [`QEMU_OVERHEAD_MIB`].
+    pub overhead_mib: Option<u64>,
     /// CPUs the quota allows, instead of the machine's vCPUs.
     pub cpus: Option<f64>,
 }
@@ -122,7 +124,8 @@ pub(crate) fn jail_spec(
         kiln_types::Accel::Tcg => Vec::new(),
     };
     let ram = u64::from(files.machine.memory_mib);
-    let memory_mib = limits.memory_mib.unwrap_or(ram + QEMU_OVERHEAD_MIB);
+    let overhead = limits.overhead_mib.unwrap_or(QEMU_OVERHEAD_MIB);
+    let memory_mib = limits.memory_mib.unwrap_or(ram + overhead);
     let cpus = limits.cpus.unwrap_or(f64::from(files.machine.vcpus));
     Ok(JailSpec {
         program: qemu_binary()?,

@@ -186,6 +186,8 @@ async fn run() -> anyhow::Result<()> {
         egress: Default::default(),
         no_jail: false,
         cpu_credit_max_seconds: 300.0,
+        qemu_memory_overhead_mib: kiln_vmm::confine::QEMU_OVERHEAD_MIB,
+        jail_memory_mib: None,
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");
