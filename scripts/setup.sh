@@ -51,6 +51,8 @@ if [ ${#qemu_missing[@]} -gt 0 ] || [ ${#base_missing[@]} -gt 0 ]; then
 fi
 # Checked after installing, every run: a tool that is missing, broken or of the wrong version
 # stops set-up here with the command that fixes it.
+# KILN_HOME holds the API key, keys, the database and every microVM: root's alone.
+mkdir -p "$KILN_HOME" && chmod 0700 "$KILN_HOME"
 mkdir -p "$assets"
 if ! checks=$(kiln_verify "${suite:-$(kiln_qemu_suite "$codename")}"); then
     printf '%s\n' "$checks" | sed -n 's/^fail \([^ ]*\) \(.*\) -- \(.*\)/setup: \1: \2\n       fix: \3/p' >&2
@@ -151,4 +153,7 @@ if [ "$(cat "$assets/bases/busybox.key" 2>/dev/null)" != "$bbver" ]; then
     echo "$bbver" >"$assets/bases/busybox.key"
     rm -rf "$root"
 fi
+# Shared guest assets are root's and read-only; jails reach them only through read-only binds.
+chmod 0444 "$assets/kernel/vmlinuz" "$assets/initramfs.cpio" "$assets"/bases/*.ext4
+[ ! -e "$assets/kernel/vmlinux" ] || chmod 0444 "$assets/kernel/vmlinux"
 say "guest assets ready in $assets"

@@ -21,6 +21,7 @@ const REAL: &[&str] = &[
     "head",
     "mv",
     "mkdir",
+    "chmod",
     "dirname",
     "rm",
     "grep",
