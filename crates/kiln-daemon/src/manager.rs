@@ -557,6 +557,13 @@ impl Manager {
         if let Some(s) = slot.suspended.take() {
             let _ = s.discard();
         }
+        self.finish_termination(id, slot, reason);
+        self.row(id)
+    }
+
+    /// The end of every termination: the microVM's files, its state, tokens, egress state
+    /// and slot.
+    fn finish_termination(&self, id: &str, slot: tokio::sync::MutexGuard<'_, Slot>, reason: &str) {
         let _ = std::fs::remove_dir_all(self.microvm_dir(id));
         self.set_state(id, MicrovmState::Terminated, Some(reason));
         self.tokens.revoke_microvm(id);
@@ -566,7 +573,6 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        self.row(id)
     }
 
     /// A RUNNING microVM whose QEMU ended on its own (a crash; the OOM killer at its jail's
@@ -585,15 +591,7 @@ impl Manager {
             self.sample(id, &mut slot, Some(&vm));
             let _ = vm.destroy().await;
         }
-        let _ = std::fs::remove_dir_all(self.microvm_dir(id));
-        self.set_state(id, MicrovmState::Terminated, Some(&report.to_string()));
-        self.tokens.revoke_microvm(id);
-        self.egress.forget(id);
-        drop(slot);
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.finish_termination(id, slot, &report.to_string());
         true
     }
 
