@@ -14,6 +14,8 @@ use rand::RngCore;
 use crate::error::ApiError;
 
 pub const KEY_FILE: &str = "api-key";
+/// The shortest key kilnd accepts from an existing file (its own are 64 hex characters).
+pub const MIN_KEY_LEN: usize = 32;
 
 /// Reads the key, creating it (0600) when missing; refuses a key file others can read.
 pub fn load_or_create(home: &Path) -> std::io::Result<String> {
@@ -30,7 +32,20 @@ pub fn load_or_create(home: &Path) -> std::io::Result<String> {
                     ),
                 ));
             }
-            Ok(key.trim().to_string())
+            let key = key.trim().to_string();
+            // An empty key would compare equal to an empty header: never "auth off".
+            if key.len() < MIN_KEY_LEN || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} holds a key of {} characters: use at least {MIN_KEY_LEN} printable \
+                         characters without spaces, or remove the file and kilnd writes a new one",
+                        path.display(),
+                        key.chars().count()
+                    ),
+                ));
+            }
+            Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut bytes = [0u8; 32];
@@ -98,6 +113,24 @@ mod tests {
             load_or_create(dir.path()).is_err(),
             "a world-readable key is refused"
         );
+    }
+
+    #[test]
+    fn an_empty_or_short_key_stops_kilnd_instead_of_letting_everyone_in() {
+        for bad in [
+            "",
+            "\n",
+            "short-key\n",
+            "a key with spaces in the middle of it, long\n",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(KEY_FILE);
+            std::fs::write(&path, bad).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let err = load_or_create(dir.path()).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{bad:?}");
+            assert!(err.to_string().contains("at least 32"), "{err}");
+        }
     }
 
     #[test]
