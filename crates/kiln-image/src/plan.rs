@@ -94,6 +94,32 @@ pub enum PlanError {
 
 const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 
+/// Most bytes the build's environment (ENV and ARG names and values) may hold.
+pub const MAX_ENV_BYTES: usize = 1024 * 1024;
+
+/// Refuses an environment grown past [`MAX_ENV_BYTES`], naming the line that did it.
+fn check_env_size(
+    env: &[(String, String)],
+    args: &BTreeMap<String, String>,
+    line: usize,
+) -> Result<(), PlanError> {
+    let size: usize = env
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .chain(args.iter().map(|(k, v)| k.len() + v.len()))
+        .sum();
+    if size > MAX_ENV_BYTES {
+        return Err(PlanError::Parse(ParseError::new(
+            line,
+            format!(
+                "the build's ENV and ARG values reach {size} bytes, over the limit of \
+                 {MAX_ENV_BYTES}; keep large data in files"
+            ),
+        )));
+    }
+    Ok(())
+}
+
 fn join_guest(base: &str, rel: &str) -> String {
     if rel.starts_with('/') {
         normalize(rel)
@@ -202,6 +228,7 @@ pub fn plan(
                     env.retain(|(key, _)| key != k);
                     env.push((k.clone(), v));
                 }
+                check_env_size(&env, &args, line)?;
                 Action::Config
             }
             Instruction::Arg(a) => {
@@ -218,6 +245,7 @@ pub fn plan(
                     })
                     .unwrap_or_default();
                 args.insert(a.name.clone(), v);
+                check_env_size(&env, &args, line)?;
                 Action::Config
             }
             Instruction::User(u) => {
@@ -328,4 +356,48 @@ fn transfer_action(
         chmod: t.chmod,
         extract_archives,
     })
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+    use crate::context::{BuildContext, ContextLimits};
+    use crate::dockerfile::Dockerfile;
+
+    fn plan_of(text: &str) -> Result<Plan, PlanError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), text).unwrap();
+        let ctx = BuildContext::from_dir(dir.path(), ContextLimits::default()).unwrap();
+        plan(
+            &Dockerfile::parse(text).unwrap(),
+            &ctx,
+            &BTreeMap::new(),
+            "",
+        )
+    }
+
+    #[test]
+    fn a_doubling_variable_stops_at_the_limit_naming_its_line() {
+        let mut text = String::from("FROM busybox\nENV A=aaaaaaaaaaaaaaaa\n");
+        for _ in 0..30 {
+            text.push_str("ENV A=$A$A\n");
+        }
+        let err = plan_of(&text).unwrap_err().to_string();
+        // 16 bytes doubled 12 times is 64 KiB; the 13th doubling (line 15) is refused.
+        assert!(err.contains("line 15"), "{err}");
+        assert!(err.contains("65536 bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_whole_environment_is_bounded_too() {
+        let mut text = String::from("FROM busybox\nENV A=aaaaaaaaaaaaaaaa\n");
+        for _ in 0..12 {
+            text.push_str("ENV A=$A$A\n");
+        }
+        for n in 0..20 {
+            text.push_str(&format!("ENV B{n}=$A\n"));
+        }
+        let err = plan_of(&text).unwrap_err().to_string();
+        assert!(err.contains("over the limit of 1048576"), "{err}");
+    }
 }

@@ -152,6 +152,12 @@ fn substitution_follows_docker_rules() {
     );
     assert_eq!(substitute("cost \\$5 $", &vars).unwrap(), "cost $5 $");
     assert!(substitute("${NAME", &vars).is_err());
+    // Doubling a variable line after line stops at the limit, with what to do.
+    let big = "a".repeat(40 * 1024);
+    let doubled = |_: &str| Some(big.clone());
+    let err = substitute("$A$A", &doubled).unwrap_err();
+    assert!(err.contains("65536 bytes"), "{err}");
+    assert_eq!(substitute("$A", &doubled).unwrap().len(), 40 * 1024);
 }
 
 #[test]

@@ -70,12 +70,20 @@ pub fn json_array(s: &str) -> Option<Vec<String>> {
     serde_json::from_str::<Vec<String>>(s).ok()
 }
 
+/// Most bytes one word may expand to: `ENV A=$A$A` doubles per line, and 30 such lines
+/// would ask for 16 GiB.
+pub const MAX_EXPANDED_BYTES: usize = 64 * 1024;
+
 /// Replaces `$NAME`, `${NAME}`, `${NAME:-default}` and `${NAME:+alternative}`; `\$` is a
-/// literal dollar. Unknown names become empty, as in Docker.
+/// literal dollar. Unknown names become empty, as in Docker. A word that would expand past
+/// [`MAX_EXPANDED_BYTES`] is refused.
 pub fn substitute(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
+        if out.len() > MAX_EXPANDED_BYTES {
+            return Err(too_long());
+        }
         if c == '\\' && chars.peek() == Some(&'$') {
             out.push('$');
             chars.next();
@@ -127,7 +135,17 @@ pub fn substitute(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
             _ => out.push('$'),
         }
     }
+    if out.len() > MAX_EXPANDED_BYTES {
+        return Err(too_long());
+    }
     Ok(out)
+}
+
+fn too_long() -> String {
+    format!(
+        "a word expands to over {MAX_EXPANDED_BYTES} bytes after variable substitution (the \
+         limit); shorten the variables it uses"
+    )
 }
 
 pub fn valid_name(name: &str) -> bool {
