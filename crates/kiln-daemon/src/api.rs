@@ -271,11 +271,43 @@ struct CreateImage {
     connectors: Option<Vec<Connector>>,
 }
 
+/// Most a root disk may grow to, and longest a build may wait for `/ready`.
+pub const MAX_DISK_MIB: u32 = 256 * 1024;
+pub const MAX_READY_TIMEOUT_SECONDS: u64 = 3600;
+
+/// Range checks of CreateMicrovmImage's numbers, before anything is started.
+fn check_image_sizes(req: &CreateImage) -> ApiResult<()> {
+    if let Some(d) = req
+        .disk_size_mib
+        .filter(|d| !(64..=MAX_DISK_MIB).contains(d))
+    {
+        return Err(ApiError::bad_request(format!(
+            "diskSizeMib {d} must be 64 to {MAX_DISK_MIB}"
+        )));
+    }
+    if let Some(t) = req
+        .ready_timeout_seconds
+        .filter(|t| !(1..=MAX_READY_TIMEOUT_SECONDS).contains(t))
+    {
+        return Err(ApiError::bad_request(format!(
+            "readyTimeoutSeconds {t} must be 1 to {MAX_READY_TIMEOUT_SECONDS}"
+        )));
+    }
+    if let Some(v) = req.vcpus.filter(|v| !(1..=8).contains(v)) {
+        return Err(ApiError::bad_request(format!("vcpus {v} must be 1 to 8")));
+    }
+    if let Some(b) = req.cpu_baseline {
+        crate::cpu::check_baseline(b).map_err(ApiError::bad_request)?;
+    }
+    Ok(())
+}
+
 async fn create_image(
     State(m): State<Arc<Manager>>,
     ApiJson(req): ApiJson<CreateImage>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let _ = (&req.build_role_arn, &req.base_image_arn);
+    check_image_sizes(&req)?;
     let recorded = serde_json::to_value(&req).map_err(ApiError::internal)?;
     let id = &req.code_artifact.artifact_id;
     if !id.starts_with("art-") || !id[4..].bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -59,6 +59,23 @@ fn bad_requests_get_clear_json_errors() {
     assert_eq!(status, 400);
     let (status, _) = d.get("/v1/microvms?state=SLEEPING");
     assert_eq!(status, 400);
+    // Every size and timeout of an image is range-checked before anything starts.
+    for (field, value, named) in [
+        (
+            "readyTimeoutSeconds",
+            json!(u64::MAX),
+            "readyTimeoutSeconds",
+        ),
+        ("diskSizeMib", json!(u32::MAX), "diskSizeMib"),
+        ("cpuBaseline", json!(5.0), "cpuBaseline"),
+        ("vcpus", json!(0), "vcpus"),
+    ] {
+        let mut body = json!({"name": "x", "codeArtifact": {"artifactId": "art-00"}});
+        body[field] = value;
+        let (status, body) = d.post("/v1/images", body);
+        assert_eq!(status, 400, "{field}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(named), "{body}");
+    }
     // 404 on unknown ids and routes.
     let (status, body) = d.post("/v1/microvms", json!({"imageIdentifier": "no-such-image"}));
     assert_eq!(
