@@ -98,6 +98,50 @@ struct Header {
     typ: String,
 }
 
+/// Revocations as kept on disk beside the key file (0600), so a revoked token stays revoked
+/// across a restart of kilnd.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revocations {
+    /// Token id → when its revocation can be forgotten (it has expired by then), seconds.
+    tokens: BTreeMap<String, u64>,
+    /// microVM → tokens issued at or before this time (milliseconds) are revoked.
+    before: BTreeMap<String, u64>,
+}
+
+/// `ingress-keys.json` → `ingress-keys.revocations.json`.
+fn revocations_path(keys: &Path) -> PathBuf {
+    keys.with_extension("revocations.json")
+}
+
+impl Revocations {
+    fn load(path: &Path) -> Result<Revocations, KeyError> {
+        let mut r: Revocations = match std::fs::read(path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|_| KeyError::Corrupt(path.to_path_buf()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Revocations::default(),
+            Err(source) => {
+                return Err(KeyError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        r.prune();
+        Ok(r)
+    }
+
+    /// Drops what no token can need any more: every token expires within
+    /// `MAX_EXPIRATION_MINUTES` of its issue.
+    fn prune(&mut self) {
+        let now = now_secs();
+        self.tokens.retain(|_, until| *until > now);
+        let horizon = now_millis().saturating_sub(MAX_EXPIRATION_MINUTES * 60 * 1000);
+        self.before.retain(|_, at| *at > horizon);
+    }
+}
+
 /// Keys, revocations, issue and verify.
 pub struct TokenService {
     path: PathBuf,
@@ -151,11 +195,12 @@ impl TokenService {
             return Err(KeyError::Corrupt(path.to_path_buf()));
         }
         let needs_key = file.current().is_none();
+        let revoked = Revocations::load(&revocations_path(path))?;
         let service = TokenService {
             path: path.to_path_buf(),
             keys: RwLock::new(file),
-            revoked_tokens: RwLock::default(),
-            revoked_before: RwLock::default(),
+            revoked_tokens: RwLock::new(revoked.tokens),
+            revoked_before: RwLock::new(revoked.before),
         };
         if needs_key {
             service.rotate()?;
@@ -331,6 +376,42 @@ impl TokenService {
         let now = now_secs();
         revoked.retain(|_, until| *until > now);
         revoked.insert(jti.to_string(), now + MAX_EXPIRATION_MINUTES * 60);
+        drop(revoked);
+        self.save_revocations();
+    }
+
+    /// Writes the revocations beside the key file (atomically, 0600, synced). A failure is
+    /// logged: the revocation holds in memory regardless.
+    fn save_revocations(&self) {
+        let mut r = Revocations {
+            tokens: self
+                .revoked_tokens
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            before: self
+                .revoked_before
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
+        r.prune();
+        let path = revocations_path(&self.path);
+        let write = || -> std::io::Result<()> {
+            let tmp = path.with_extension("tmp");
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec(&r).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %path.display(), "saving token revocations: {e}");
+        }
     }
 
     /// Revokes every token issued so far for a microVM.
@@ -339,6 +420,7 @@ impl TokenService {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(microvm.to_string(), now_millis());
+        self.save_revocations();
     }
 
     /// Builds claims for a new token, issued after any revocation for that microVM.
@@ -437,5 +519,13 @@ mod tests {
             s.verify(&fresh).is_ok(),
             "tokens issued after a revocation work"
         );
+        // A restart (the service opened again) keeps every revocation.
+        let restarted = TokenService::open(&dir.path().join("keys.json")).unwrap();
+        assert_eq!(restarted.verify(&after), Err(TokenError::Revoked));
+        assert_eq!(restarted.verify(&before), Err(TokenError::Revoked));
+        assert!(restarted.verify(&fresh).is_ok());
+        let saved = dir.path().join("keys.revocations.json");
+        let mode = std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }
