@@ -744,14 +744,4 @@ pub fn not_resumable_message(id: &str, why: &str) -> String {
     )
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use kiln_vmm::error_chain;

@@ -83,11 +83,10 @@ pub enum ConfineError {
     Chain(#[source] std::io::Error),
 }
 
-/// The jail for one start of QEMU with `args`.
+/// The jail for one start of QEMU (its arguments are filled in by `QemuProcess::spawn`).
 pub(crate) fn jail_spec(
     files: &VmFiles<'_>,
     limits: &JailLimits,
-    args: Vec<String>,
     die_with_parent: bool,
 ) -> Result<JailSpec, ConfineError> {
     let mut owned_dirs = vec![files.paths.dir.clone()];
@@ -129,25 +128,13 @@ pub(crate) fn jail_spec(
     let cpus = limits.cpus.unwrap_or(f64::from(files.machine.vcpus));
     Ok(JailSpec {
         program: qemu_binary()?,
-        args,
+        args: Vec::new(),
         owned_dirs,
         read_only,
         devices,
         limits: Limits::new(memory_mib << 20, PIDS_LIMIT, cpus),
         die_with_parent,
     })
-}
-
-/// The error and its causes on one line.
-pub(crate) fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// `qemu-system-x86_64` as found on PATH (the jail execs it by absolute path).
@@ -186,7 +173,7 @@ mod tests {
             disk_base: None,
             incoming: Some(Path::new("/k/templates/t/device.state")),
         };
-        let Ok(spec) = jail_spec(&files, &JailLimits::default(), vec![], true) else {
+        let Ok(spec) = jail_spec(&files, &JailLimits::default(), true) else {
             return; // no QEMU on this host: nothing to say about its jail
         };
         assert_eq!(spec.owned_dirs, vec![PathBuf::from("/k/run/a")]);

@@ -33,3 +33,15 @@ pub use manifest::{Manifest, ManifestMismatch};
 pub use network::NetworkAttachment;
 pub use snapshot::{SuspendedVm, Template};
 pub use vm::{BootConfig, Vm, VmError};
+
+/// An error and its causes on one line (how kiln shows errors to people).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -266,12 +266,11 @@ impl Vm {
                     disk_base: disk_base.as_deref(),
                     incoming: incoming.as_ref().map(|i| i.state.as_path()),
                 };
-                let spec = jail_spec(&files, limits, Vec::new(), die_with_parent).map_err(|e| {
-                    VmError::Invalid {
+                let spec =
+                    jail_spec(&files, limits, die_with_parent).map_err(|e| VmError::Invalid {
                         id: id.clone(),
-                        reason: crate::confine::describe(&e),
-                    }
-                })?;
+                        reason: crate::error_chain(&e),
+                    })?;
                 Some(spec)
             }
             Confinement::Unjailed => None,
