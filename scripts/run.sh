@@ -7,7 +7,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh"
-cargo build -q --release -p kiln-daemon -p kiln-cli -p kiln-jail --manifest-path "$repo/Cargo.toml"
+cargo build -q --release -p kiln-daemon -p kiln-cli -p kiln-jail -p kiln-net --manifest-path "$repo/Cargo.toml"
 export KILN_HOME=${KILN_HOME:-/var/lib/kiln}
 echo "kilnd: state in $KILN_HOME, API key in $KILN_HOME/api-key; the kiln CLI is $repo/target/release/kiln" >&2
 exec "$repo/target/release/kilnd" --home "$KILN_HOME" "$@"

@@ -95,8 +95,13 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
         text
     });
     let jail_facts = kiln_jail::facts();
-    let ready =
-        qemu.problem.is_none() && fw_size.is_some() && assets.is_ok() && checks_ok && jail.is_ok();
+    let net_backend = kiln_vmm::netproc::check_net_backend();
+    let ready = qemu.problem.is_none()
+        && fw_size.is_some()
+        && assets.is_ok()
+        && checks_ok
+        && jail.is_ok()
+        && net_backend.is_ok();
     let endpoint = kiln_client::endpoint_from_env(endpoint);
     let daemon = kiln_client::health(&endpoint, Duration::from_secs(3));
     if as_json {
@@ -126,6 +131,10 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
                 "namespaces": jail_facts.namespaces,
                 "cgroups": jail_facts.cgroups,
                 "seccomp": jail_facts.seccomp,
+            },
+            "netBackend": match &net_backend {
+                Ok(path) => json!({"ok": true, "path": path}),
+                Err(problem) => json!({"ok": false, "problem": problem}),
             },
             "daemon": match &daemon {
                 Ok(h) => json!({"endpoint": endpoint, "reachable": true, "health": h}),
@@ -202,6 +211,13 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
         mark(jail.is_ok()),
         jail_facts.seccomp
     );
+    match &net_backend {
+        Ok(path) => println!(
+            "ok   net backend   {} (jailed in the host's network namespace; seccomp checked)",
+            path.display()
+        ),
+        Err(e) => println!("FAIL net backend   {e}"),
+    }
     match &daemon {
         Ok(h) => {
             println!(

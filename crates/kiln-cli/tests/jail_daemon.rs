@@ -65,6 +65,7 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
     assert_eq!(code, 0, "{health}{err}");
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["jail"]["ok"], true, "{health}");
+    assert_eq!(health["netBackend"]["ok"], true, "{health}");
     let kilnd_jail = &health["daemon"]["health"]["jail"];
     assert_eq!(kilnd_jail["uidRange"], "1900000000-1900065535", "{health}");
     assert!(
@@ -91,13 +92,29 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
     );
     let (code, out, err) = kiln(&d, &["exec", &id, "--", "echo", "jailed"]);
     assert_eq!((code, out.as_str()), (0, "jailed\n"), "{err}");
+    let net_pid: u32 = std::fs::read_to_string(pid_file.with_file_name("net.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let net_uid = uid_of(net_pid).expect("the network backend runs");
+    assert!(
+        net_uid >= kiln_jail::UID_BASE && net_uid != uid,
+        "the network backend has a jail uid of its own, not {net_uid}"
+    );
 
-    let cgroups = cgroup_dirs(pid);
+    let mut cgroups = cgroup_dirs(pid);
     assert!(cgroups.len() >= 3, "{cgroups:?}");
+    let net_cgroups = cgroup_dirs(net_pid);
+    assert!(net_cgroups.len() >= 3, "{net_cgroups:?}");
+    cgroups.extend(net_cgroups);
     d.kill_hard();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while uid_of(pid) == Some(uid) {
-        assert!(Instant::now() < deadline, "QEMU outlived kilnd's kill -9");
+    while uid_of(pid) == Some(uid) || uid_of(net_pid) == Some(net_uid) {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU or its network backend outlived kilnd's kill -9"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
@@ -113,7 +130,8 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
     );
     let mut left = Vec::new();
     files_owned_by(d.home.path(), uid, &mut left);
-    assert!(left.is_empty(), "files of the dead jail's uid: {left:?}");
+    files_owned_by(d.home.path(), net_uid, &mut left);
+    assert!(left.is_empty(), "files of the dead jails' uids: {left:?}");
     let (code, out, _) = kiln(&d, &["get", &id, "--output", "json"]);
     assert_eq!(code, 0);
     let vm: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -121,10 +121,16 @@ fn jail(cfg: &Config) -> anyhow::Result<kiln_vmm::Confinement> {
     // Nothing of the home is any other user's business (a jail sees only its own files).
     std::fs::set_permissions(&cfg.home, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", cfg.home.display()))?;
+    // Every microVM's network runs in this program, jailed or not.
+    let backend = kiln_vmm::netproc::check_net_backend()
+        .map_err(anyhow::Error::msg)
+        .context("the network backend (kiln-net-backend) cannot run here")?;
+    info!(path = %backend.display(), "network backend ready (seccomp filter checked)");
     if cfg.no_jail {
         warn!(
-            "--no-jail: every QEMU runs as root in the host's namespaces, without chroot or \
-             cgroups. A guest that escapes QEMU owns this host. Development only."
+            "--no-jail: every QEMU and network backend runs as root in the host's \
+             namespaces, without chroot or cgroups. A guest that escapes QEMU owns this host. \
+             Development only."
         );
         return Ok(kiln_vmm::Confinement::Unjailed);
     }

@@ -134,7 +134,19 @@ fn connectors_decide_what_a_microvm_reaches() {
     assert_eq!(canary.hits(), 0, "the loopback canary was never reached");
 
     // Counters and denial events.
-    let view = d.get(&format!("/v1/microvms/{listed}")).1;
+    // The backend reports every 100 ms (denials at once): wait for it to catch up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let view = loop {
+        let view = d.get(&format!("/v1/microvms/{listed}")).1;
+        let n = &view["usage"]["network"];
+        let caught_up = n["connections"].as_u64() >= Some(2)
+            && n["bytesIn"].as_u64() > Some(0)
+            && n["denials"].as_u64() >= Some(2);
+        if caught_up || std::time::Instant::now() > deadline {
+            break view;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let net = &view["usage"]["network"];
     assert!(net["connections"].as_u64().unwrap() >= 2, "{view}");
     assert!(net["bytesIn"].as_u64().unwrap() > 0, "{view}");

@@ -3,11 +3,12 @@
 //! 1. take a free uid slot (held until this process ends);
 //! 2. create the slot's cgroups with the spec's limits and join them;
 //! 3. give the owned directories to the uid;
-//! 4. unshare mount, IPC, UTS, network, cgroup and PID namespaces, and fork: the child is
-//!    PID 1 of the new PID namespace;
+//! 4. unshare mount, IPC, UTS, network (unless the spec keeps the host's), cgroup and PID
+//!    namespaces, and fork: the child is PID 1 of the new PID namespace;
 //! 5. child: build a tmpfs root holding only the spec's paths, pivot into it, drop to the
 //!    uid (no groups, no capabilities, `no_new_privs`), die with the parent, close every
-//!    descriptor from 3 up, and exec the program once the parent says go;
+//!    descriptor from 3 up but those the spec keeps, and exec the program once the parent
+//!    says go;
 //! 6. parent: report the uid and the child's host pid on stderr, say go, drop to the uid
 //!    too, and wait: it ends the way the child ended.
 
@@ -79,7 +80,7 @@ fn jail(spec: &JailSpec) -> Result<Never, JailerError> {
         .mode(0o755)
         .create(&root)
         .map_err(JailerError::Mounts)?;
-    sys::unshare_namespaces().map_err(JailerError::Namespaces)?;
+    sys::unshare_namespaces(spec.host_network).map_err(JailerError::Namespaces)?;
     let (ready_r, ready_w) = sys::pipe().map_err(JailerError::Namespaces)?;
     let (go_r, go_w) = sys::pipe().map_err(JailerError::Namespaces)?;
     match sys::fork().map_err(JailerError::Namespaces)? {
@@ -89,6 +90,9 @@ fn jail(spec: &JailSpec) -> Result<Never, JailerError> {
         }
         Forked::Parent { child } => {
             drop((ready_w, go_r));
+            // The kept descriptors are the program's alone: a link stays open only as long as
+            // the program that serves it.
+            sys::close_range(3, spec.keep_fds).map_err(JailerError::Namespaces)?;
             parent(spec, child, uid, gid, cgroups, ready_r, go_w, slot)
         }
     }
@@ -124,7 +128,7 @@ fn child(
     }
     drop(go);
     sys::set_umask(0o077);
-    if let Err(e) = sys::close_from_3() {
+    if let Err(e) = sys::close_from(3 + spec.keep_fds) {
         eprintln!("{ERROR_PREFIX}{}", JailerError::Start(e));
         std::process::exit(125);
     }

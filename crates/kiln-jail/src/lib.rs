@@ -1,8 +1,10 @@
 //! The jail every microVM's QEMU runs in, as Firecracker's jailer does for Firecracker: its
 //! own uid and gid from a reserved range, new mount, PID, IPC, UTS, network and cgroup
 //! namespaces, a root holding only that VM's files, cgroup limits on memory, pids and CPU,
-//! no capabilities, `no_new_privs`, no inherited descriptors. QEMU's own seccomp filter
-//! (`-sandbox on,…,spawn=deny`) comes on top.
+//! no capabilities, `no_new_privs`, no inherited descriptors but those the spec passes.
+//! QEMU's own seccomp filter (`-sandbox on,…,spawn=deny`) comes on top. Each microVM's
+//! network backend gets the same jail with a uid of its own, except that it keeps the
+//! host's network namespace, and [`seccomp`]'s filter instead of QEMU's.
 //!
 //! The set-up runs in a separate, single-threaded root process (`kiln-jailer`) that drops
 //! before `exec`, so QEMU is unprivileged from its first instruction. [`sys`] holds every
@@ -10,6 +12,7 @@
 
 pub mod cgroup;
 pub mod jailer;
+pub mod seccomp;
 pub mod spec;
 mod sys;
 pub mod uids;
@@ -22,10 +25,14 @@ pub use spec::{JailReport, JailSpec, Limits, ERROR_PREFIX, READY_PREFIX, UID_BAS
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
     #[error(
-        "kiln-jailer was not found next to {exe} (build it: cargo build -p kiln-jail; or set \
-         KILN_JAILER)"
+        "{name} was not found next to {exe} (build it: cargo build -p {package}; or set {env})"
     )]
-    NoJailer { exe: PathBuf },
+    NoHelper {
+        name: &'static str,
+        package: &'static str,
+        env: &'static str,
+        exe: PathBuf,
+    },
     #[error("the jail could not be set up: {0}")]
     Failed(String),
     #[error("kiln-jailer said something unexpected before its report: {0:?}")]
@@ -35,15 +42,41 @@ pub enum JailError {
 /// The `kiln-jailer` binary: `KILN_JAILER`, else next to the running program, else one
 /// directory up (a test binary in `target/*/deps`).
 pub fn jailer_path() -> Result<PathBuf, JailError> {
-    if let Some(p) = std::env::var_os("KILN_JAILER") {
+    helper_path("kiln-jailer", "kiln-jail", "KILN_JAILER")
+}
+
+/// One of kiln's own programs (`name`, built by cargo package `package`): the path in the
+/// environment variable `env`, else next to the running program, else one directory up.
+/// Canonical, since a jail binds it at that path.
+pub fn helper_path(
+    name: &'static str,
+    package: &'static str,
+    env: &'static str,
+) -> Result<PathBuf, JailError> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().unwrap_or(Path::new("/"));
-    [dir.join("kiln-jailer"), dir.join("../kiln-jailer")]
+    [dir.join(name), dir.join("..").join(name)]
         .into_iter()
         .find(|p| p.is_file())
-        .ok_or(JailError::NoJailer { exe })
+        .and_then(|p| p.canonicalize().ok())
+        .ok_or(JailError::NoHelper {
+            name,
+            package,
+            env,
+            exe,
+        })
+}
+
+/// Makes `fds` descriptors 3, 4, … of the program `cmd` starts (directly, or through
+/// the jailer with `keep_fds` set to their number).
+pub fn pass_fds(
+    cmd: &mut std::process::Command,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> std::io::Result<()> {
+    sys::pass_fds(cmd, fds)
 }
 
 /// The jailer's command line for `spec`.
@@ -106,6 +139,8 @@ pub fn preflight() -> Result<JailReport, JailError> {
         devices: Vec::new(),
         limits: Limits::new(64 << 20, 16, 0.5),
         die_with_parent: true,
+        host_network: false,
+        keep_fds: 0,
     };
     let (jailer, args) = invocation(&spec)?;
     let out = std::process::Command::new(&jailer)
@@ -156,8 +191,11 @@ pub fn facts() -> JailFacts {
         Err(e) => vec![format!("unavailable: {e}")],
     };
     let seccomp = if Path::new("/proc/sys/kernel/seccomp/actions_avail").exists() {
-        "QEMU -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-            .to_string()
+        format!(
+            "QEMU: -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,\
+             resourcecontrol=deny; network backend: {}",
+            seccomp::HELPER_FILTER
+        )
     } else {
         "unavailable: the kernel has no seccomp filter support".to_string()
     };

@@ -30,7 +30,18 @@ pub struct JailSpec {
     pub limits: Limits,
     /// Kill the program when the process that started the jailer goes away.
     pub die_with_parent: bool,
+    /// Stay in the host's network namespace (the network backend, which makes the guest's
+    /// outbound connections); every other namespace is still new.
+    #[serde(default)]
+    pub host_network: bool,
+    /// Descriptors 3 up to 3 + this are the program's (a socket kilnd passed, such as the
+    /// guest's network link); every other descriptor is closed before `exec`.
+    #[serde(default)]
+    pub keep_fds: u32,
 }
+
+/// At most this many descriptors pass into a jail.
+pub const MAX_KEPT_FDS: u32 = 8;
 
 /// The cgroup limits of one jail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,16 +98,16 @@ pub enum SpecError {
     NotUtf8(PathBuf),
     #[error("jail limit {what} must be positive")]
     ZeroLimit { what: &'static str },
-    #[error("a jail needs at least one directory of its own")]
-    NoDirectory,
+    #[error("a jail keeps at most {MAX_KEPT_FDS} descriptors, not {0}")]
+    TooManyFds(u32),
 }
 
 impl JailSpec {
     /// Refuses relative or dotted paths (a bind mount of `..` would widen the view) and
     /// zero limits (a zero in a cgroup file means something else per controller).
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.owned_dirs.is_empty() {
-            return Err(SpecError::NoDirectory);
+        if self.keep_fds > MAX_KEPT_FDS {
+            return Err(SpecError::TooManyFds(self.keep_fds));
         }
         let paths = std::iter::once(&self.program)
             .chain(&self.owned_dirs)
@@ -149,6 +160,8 @@ mod tests {
             devices: vec![],
             limits: Limits::new(768 << 20, 256, 1.0),
             die_with_parent: true,
+            host_network: false,
+            keep_fds: 0,
         }
     }
 
@@ -178,13 +191,27 @@ mod tests {
     }
 
     #[test]
-    fn zero_limits_and_no_directory_are_refused() {
+    fn zero_limits_and_too_many_descriptors_are_refused() {
         let mut s = spec();
         s.limits.pids = 0;
         assert_eq!(s.validate(), Err(SpecError::ZeroLimit { what: "pids" }));
         let mut s = spec();
+        s.keep_fds = MAX_KEPT_FDS + 1;
+        assert_eq!(s.validate(), Err(SpecError::TooManyFds(MAX_KEPT_FDS + 1)));
+        s.keep_fds = 1;
         s.owned_dirs.clear();
-        assert_eq!(s.validate(), Err(SpecError::NoDirectory));
+        s.validate().expect("a helper may own no directory");
+    }
+
+    #[test]
+    fn older_specs_without_network_or_descriptors_still_parse() {
+        let mut json: serde_json::Value = serde_json::to_value(spec()).unwrap();
+        let obj = json.as_object_mut().unwrap();
+        obj.remove("hostNetwork");
+        obj.remove("keepFds");
+        let s: JailSpec = serde_json::from_value(json).unwrap();
+        assert!(!s.host_network);
+        assert_eq!(s.keep_fds, 0);
     }
 
     #[test]

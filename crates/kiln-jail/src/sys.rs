@@ -60,13 +60,15 @@ pub fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
 }
 
 /// New mount, IPC, UTS, network, cgroup and (for children) PID namespaces.
-pub fn unshare_namespaces() -> io::Result<()> {
-    let flags = libc::CLONE_NEWNS
+pub fn unshare_namespaces(host_network: bool) -> io::Result<()> {
+    let mut flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWNET
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWCGROUP;
+    if !host_network {
+        flags |= libc::CLONE_NEWNET;
+    }
     // SAFETY: unshare takes only flags and changes only this process's namespaces.
     check(unsafe { libc::unshare(flags) })
 }
@@ -247,9 +249,19 @@ pub fn die_with_parent() -> io::Result<()> {
 }
 
 /// Closes every descriptor from 3 up.
-pub fn close_from_3() -> io::Result<()> {
+/// Closes every descriptor from `first` up.
+pub fn close_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range only closes descriptors; nothing in this process uses them after.
-    check(unsafe { libc::close_range(3, libc::c_uint::MAX, 0) })
+    check(unsafe { libc::close_range(first, libc::c_uint::MAX, 0) })
+}
+
+/// Closes descriptors `first..first + count` (the jailer's copies of the program's).
+pub fn close_range(first: u32, count: u32) -> io::Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; these descriptors belong to the jailed program, not to this process.
+    check(unsafe { libc::close_range(first, first + count - 1, 0) })
 }
 
 pub fn set_umask(mask: libc::mode_t) {
@@ -325,4 +337,45 @@ pub fn exit_like(ended: Ended) -> ! {
 pub fn getpid() -> u32 {
     // SAFETY: getpid cannot fail.
     unsafe { libc::getpid() as u32 }
+}
+
+/// Arranges for `fds` to be the spawned program's descriptors 3, 4, … in order; every other
+/// descriptor of this process stays close-on-exec. The descriptors stay open here until
+/// `cmd` is dropped.
+pub fn pass_fds(cmd: &mut std::process::Command, fds: Vec<OwnedFd>) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let count = fds.len();
+    if count > crate::spec::MAX_KEPT_FDS as usize {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut raw = [-1 as libc::c_int; crate::spec::MAX_KEPT_FDS as usize];
+    for (slot, fd) in raw.iter_mut().zip(&fds) {
+        *slot = fd.as_raw_fd();
+    }
+    let above = 3 + count as libc::c_int;
+    // SAFETY: the closure runs in the forked child before exec. It only calls fcntl and
+    // dup2, which are async-signal-safe, on descriptors it owns in that child, and
+    // allocates nothing (`raw` is a fixed array captured by value). `fds` is moved in only
+    // to keep the descriptors open in this process until `cmd` is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep_open = &fds;
+            let mut moved = [-1 as libc::c_int; crate::spec::MAX_KEPT_FDS as usize];
+            // First out of the way of 3.., so no target overwrites a source not yet moved.
+            for i in 0..count {
+                moved[i] = libc::fcntl(raw[i], libc::F_DUPFD_CLOEXEC, above);
+                if moved[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // dup2 clears close-on-exec on the target; the moved copies close at exec.
+            for (i, fd) in moved.iter().enumerate().take(count) {
+                if libc::dup2(*fd, 3 + i as libc::c_int) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }

@@ -29,6 +29,8 @@ fn spec(dir: &std::path::Path, script: &str) -> JailSpec {
         devices: vec![],
         limits: Limits::new(128 << 20, 32, 0.5),
         die_with_parent: true,
+        host_network: false,
+        keep_fds: 0,
     }
 }
 
@@ -72,6 +74,56 @@ fn a_program_runs_unprivileged_seeing_only_its_files() {
     assert_eq!(own.uid(), report.uid, "what it writes is its uid's");
     // The jailer's cgroups are the caller's to remove once it ended.
     report.cgroups.remove().unwrap();
+}
+
+/// A network backend's jail: the host's network namespace, its link passed as descriptor 3
+/// (and nothing else), every other namespace its own.
+#[test]
+fn a_helper_keeps_the_host_network_and_only_the_descriptors_it_is_given() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("vm")).unwrap();
+    std::fs::write(dir.path().join("shared.txt"), "shared\n").unwrap();
+    let script = "readlink /proc/self/ns/net; readlink /proc/self/ns/mnt; \
+                  ls /proc/self/fd | sort -n | tr '\\n' ' '; echo; \
+                  echo hello-from-jail >&3";
+    let mut spec = spec(dir.path(), script);
+    spec.host_network = true;
+    spec.keep_fds = 1;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-jailer"));
+    cmd.args(["--spec", &serde_json::to_string(&spec).unwrap()]);
+    kiln_jail::pass_fds(&mut cmd, vec![theirs.into()]).unwrap();
+    let out = cmd.output().unwrap();
+    drop(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let report = kiln_jail::parse_first_line(stderr.lines().next().unwrap()).unwrap();
+    report.cgroups.remove().unwrap();
+    let mut lines = stdout.lines();
+    let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert_eq!(
+        lines.next(),
+        host_net.to_str(),
+        "the host's network namespace"
+    );
+    assert_ne!(
+        lines.next(),
+        host_mnt.to_str(),
+        "a mount namespace of its own"
+    );
+    // 0-2, the passed link as 3, and the directory `ls` itself reads.
+    assert_eq!(lines.next(), Some("0 1 2 3 4 "), "{stdout}");
+    let mut got = String::new();
+    let mut ours = ours;
+    ours.flush().unwrap();
+    ours.read_to_string(&mut got).unwrap();
+    assert_eq!(
+        got, "hello-from-jail\n",
+        "the link works and closes with the program"
+    );
 }
 
 #[test]

@@ -2,23 +2,22 @@
 //! a Unix socket served here; behind it a userspace TCP/IP stack (smoltcp) plays gateway and
 //! resolver and applies the microVM's egress connectors before any host socket is opened.
 //! No root, no tap device, no host firewall rules: a guest can only reach what the backend
-//! chooses to connect to on its behalf.
+//! chooses to connect to on its behalf. It runs as a process of its own per microVM
+//! (`kiln-net-backend`, see [`backend`]), outside kilnd and jailed.
 
 pub mod addressing;
+pub mod backend;
 pub mod device;
 pub mod dns;
 pub mod observe;
 pub mod policy;
 pub mod stack;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixListener;
 use tokio::sync::mpsc;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
 pub use observe::{CounterSnapshot, Denial, DenialSink, NetCounters};
 pub use policy::{
@@ -28,55 +27,8 @@ pub use policy::{
 /// Frames queued between QEMU and the stack, each way.
 const LINK_QUEUE: usize = 256;
 
-/// The backend of one running guest: serves the first QEMU that connects to `socket`.
-/// Dropping it stops the stack and removes the socket.
-pub struct NetworkBackend {
-    socket: PathBuf,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl NetworkBackend {
-    /// Binds `socket` (mode 0600) and serves it in the background.
-    pub fn start(
-        socket: &Path,
-        policy: Arc<EgressPolicy>,
-        counters: Arc<NetCounters>,
-        denials: DenialSink,
-    ) -> std::io::Result<NetworkBackend> {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-        let task = tokio::spawn(
-            async move {
-                // One QEMU per backend: the listener closes once it has connected.
-                let link = match listener.accept().await {
-                    Ok((link, _)) => link,
-                    Err(e) => return warn!("network backend accept failed: {e}"),
-                };
-                drop(listener);
-                serve(link, policy, counters, denials).await;
-            }
-            .instrument(tracing::Span::current()),
-        );
-        Ok(NetworkBackend {
-            socket: socket.to_path_buf(),
-            task,
-        })
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-}
-
-impl Drop for NetworkBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-async fn serve(
+/// Serves one guest link (QEMU's `-netdev stream`) under `policy` until it closes.
+pub async fn serve(
     link: tokio::net::UnixStream,
     policy: Arc<EgressPolicy>,
     counters: Arc<NetCounters>,

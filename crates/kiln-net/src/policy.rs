@@ -78,7 +78,7 @@ pub enum PolicyError {
 }
 
 /// Ports a rule allows; empty means all.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ports(Vec<u16>);
 
 impl Ports {
@@ -87,7 +87,7 @@ impl Ports {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum NamePattern {
     Exact(String),
     /// `*.example.com`: any name below `example.com`.
@@ -104,7 +104,7 @@ impl NamePattern {
 }
 
 /// Why a destination was refused; shown in denial events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DenyReason {
     NoNetwork,
     HostAddress,
@@ -143,7 +143,7 @@ pub enum Verdict {
 
 /// What the host looks like from the policy's point of view: its own addresses and the
 /// networks it is attached to.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HostFacts {
     pub addrs: Vec<Ipv4Addr>,
     pub subnets: Vec<Ipv4Net>,
@@ -193,8 +193,10 @@ fn in_ranges(ip: Ipv4Addr, ranges: &[(Ipv4Net, DenyReason)]) -> Option<DenyReaso
         .find_map(|(net, why)| net.contains(&ip).then_some(*why))
 }
 
-/// A microVM's compiled egress policy.
-#[derive(Debug, Clone, Default)]
+/// A microVM's compiled egress policy. It is serialised only to hand it, compiled, to the
+/// microVM's network backend process (kilnd compiles and validates it first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
     none: bool,
     internet: bool,

@@ -264,3 +264,98 @@ async fn unjailed_qemu_runs_as_the_caller_for_development() {
     assert_eq!(vm.ok("echo ok").await, "ok\n");
     vm.destroy().await;
 }
+
+/// The network backend of a microVM: its own uid (not QEMU's), no privileges, kiln's
+/// seccomp filter, new mount/PID/IPC/UTS namespaces but the host's network namespace, a
+/// root without the home, its own cgroups; gone with the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_backend_is_jailed_apart_from_qemu_in_the_host_network() {
+    let scratch = kiln_testkit::scratch();
+    let secret = scratch.path().join("api-key");
+    std::fs::write(&secret, "not for guests\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    use kiln_vmm::kiln_net::{Connector, EgressPolicy, HostFacts, OperatorConfig};
+    let connectors: Vec<Connector> = serde_json::from_value(serde_json::json!([
+        {"type": "allowlist", "destinations": [{"name": "pinned.kiln.test", "ports": [80]}]}
+    ]))
+    .unwrap();
+    let operator = OperatorConfig {
+        static_hosts: [(
+            "pinned.kiln.test".to_string(),
+            vec!["192.0.2.7".parse().unwrap()],
+        )]
+        .into(),
+        ..OperatorConfig::default()
+    };
+    let policy = EgressPolicy::compile(&connectors, &operator, HostFacts::read()).unwrap();
+    let network = kiln_vmm::NetworkAttachment::egress(policy);
+    let vm = TestVm::boot_with_network(kiln_testkit::machine(), network).await;
+    let (qemu, net) = (vm.jail().unwrap().clone(), vm.net_jail().unwrap().clone());
+    assert_eq!(vm.net_pid(), Some(net.pid));
+    assert_ne!(net.uid, qemu.uid, "the backend's uid is not QEMU's");
+    assert!(net.uid >= kiln_jail::UID_BASE);
+    let st = status(net.pid);
+    assert_eq!(
+        field(&st, "Uid").split_whitespace().next(),
+        Some(net.uid.to_string().as_str()),
+        "{st}"
+    );
+    assert_eq!(field(&st, "NoNewPrivs"), "1");
+    assert_eq!(field(&st, "Seccomp"), "2", "kiln's filter is on");
+    assert_eq!(field(&st, "CapEff"), "0000000000000000");
+    assert!(std::fs::read_link(format!("/proc/{}/exe", net.pid))
+        .unwrap()
+        .ends_with("kiln-net-backend"));
+    let pid = net.pid.to_string();
+    assert_eq!(ns(&pid, "net"), ns("self", "net"), "the host's network");
+    for kind in ["mnt", "pid", "ipc", "uts", "cgroup"] {
+        assert_ne!(ns(&pid, kind), ns("self", kind), "{kind} namespace");
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(
+        !root.join(vm.dir().strip_prefix("/").unwrap()).exists(),
+        "no VM files"
+    );
+    assert!(!root.join(secret.strip_prefix("/").unwrap()).exists());
+    assert!(
+        root.join("etc/resolv.conf").is_file(),
+        "the resolver's files"
+    );
+    assert!(!can_read_as(net.uid, &secret));
+    assert!(!can_read_as(net.uid, &vm.dir().join("disk.qcow2")));
+    // Only its link beyond standard I/O: no kilnd socket, no lock file, no QMP.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            std::fs::read_link(e.path())
+                .unwrap_or_default()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        fds.iter()
+            .all(|t| !t.contains("uids.lock") && !t.contains(".sock")),
+        "{fds:?}"
+    );
+    assert_eq!(
+        net.cgroups.memory_limit(),
+        Some(kiln_vmm::netproc::NET_MEMORY_MIB << 20)
+    );
+    assert!(net.cgroups.pids_limit().is_some());
+    // It works: the guest's resolver is the backend.
+    let out = vm.sh("nslookup pinned.kiln.test 10.0.2.3").await.unwrap();
+    assert!(
+        out.stdout_text().contains("192.0.2.7"),
+        "{}",
+        out.stdout_text()
+    );
+    vm.destroy().await;
+    assert!(
+        jail_gone(&net),
+        "the backend and its cgroups end with the VM"
+    );
+    assert!(jail_gone(&qemu));
+}

@@ -134,6 +134,9 @@ pub(crate) fn jail_spec(
         devices,
         limits: Limits::new(memory_mib << 20, PIDS_LIMIT, cpus),
         die_with_parent,
+        host_network: false,
+        // Set from the descriptors QEMU is given (its network link).
+        keep_fds: 0,
     })
 }
 

@@ -7,7 +7,8 @@
 //! - [`agent`]: the typed client of the guest agent;
 //! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume;
 //! - [`confine`]: the jail each QEMU runs in (or `--no-jail`), built by `kiln-jail`;
-//! - [`network`]: how a VM's NIC reaches the world (kiln-net's egress backend).
+//! - [`network`], [`netproc`]: how a VM's NIC reaches the world (kiln-net's egress backend,
+//!   a jailed process per VM).
 
 pub mod accel;
 pub mod agent;
@@ -17,6 +18,7 @@ pub mod confine;
 pub mod disk;
 pub mod machine;
 pub mod manifest;
+pub mod netproc;
 pub mod network;
 pub mod process;
 pub mod qmp;

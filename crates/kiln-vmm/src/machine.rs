@@ -170,8 +170,9 @@ impl VmPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
-    pub fn net_socket(&self) -> PathBuf {
-        self.dir.join("net.sock")
+    /// The network backend's host pid (for operators, tests and start-up recovery).
+    pub fn net_pid_file(&self) -> PathBuf {
+        self.dir.join("net.pid")
     }
 }
 
@@ -357,11 +358,11 @@ mod tests {
             KERNEL_CMDLINE,
             false,
             Some(OsStr::new(
-                "stream,id=net0,server=off,addr.type=unix,addr.path=/vm/net.sock",
+                "stream,id=net0,server=off,addr.type=fd,addr.str=3",
             )),
         ));
         assert!(args.contains("share=on") && args.contains("virtio-net-device,netdev=net0"));
-        assert!(args.contains("-netdev stream,id=net0,server=off,addr.type=unix"));
+        assert!(args.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=3"));
         assert!(!args.contains("-incoming"));
     }
 }

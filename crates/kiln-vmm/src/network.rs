@@ -1,15 +1,18 @@
 //! How a VM's NIC reaches the world. kiln's own backend (`kiln-net`) is the default: a
-//! userspace stack behind a `-netdev stream` socket that applies the VM's egress policy.
+//! userspace stack in a process of its own (see `netproc`) behind QEMU's `-netdev stream`,
+//! applying the VM's egress policy.
 //! QEMU's built-in user-mode networking remains only for side-by-side benchmarks — it lets
 //! the guest reach host loopback and must never carry a sandbox.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use kiln_net::{
-    Connector, DenialSink, EgressPolicy, HostFacts, NetCounters, NetworkBackend, OperatorConfig,
-};
+use kiln_net::{Connector, DenialSink, EgressPolicy, HostFacts, NetCounters, OperatorConfig};
+
+use crate::confine::Confinement;
+use crate::netproc::NetBackendProcess;
+use crate::vm::VmError;
 
 #[derive(Clone)]
 pub enum NetworkAttachment {
@@ -52,30 +55,54 @@ impl NetworkAttachment {
         }
     }
 
-    /// Starts the backend (if any) and returns QEMU's `-netdev` value.
-    pub(crate) fn start(
+    /// Starts the backend (if any) and returns it, the descriptor QEMU gets as its
+    /// descriptor 3 (its end of the guest's link), and QEMU's `-netdev` value.
+    pub(crate) async fn start(
         &self,
-        socket: &Path,
-    ) -> std::io::Result<(Option<NetworkBackend>, OsString)> {
+        confinement: &Confinement,
+        die_with_parent: bool,
+    ) -> Result<Started, VmError> {
         match self {
             NetworkAttachment::Egress {
                 policy,
                 counters,
                 denials,
             } => {
-                let backend = NetworkBackend::start(
-                    socket,
-                    policy.clone(),
-                    counters.clone(),
-                    denials.clone(),
-                )?;
-                let mut arg = OsString::from("stream,id=net0,server=off,addr.type=unix,addr.path=");
-                arg.push(socket);
-                Ok((Some(backend), arg))
+                let (qemu_end, backend_end) =
+                    std::os::unix::net::UnixStream::pair().map_err(|source| VmError::Dir {
+                        path: "socketpair".into(),
+                        source,
+                    })?;
+                let backend = NetBackendProcess::spawn(
+                    policy,
+                    counters,
+                    denials,
+                    backend_end.into(),
+                    confinement,
+                    die_with_parent,
+                )
+                .await?;
+                Ok(Started {
+                    backend: Some(backend),
+                    qemu_fd: Some(qemu_end.into()),
+                    netdev: "stream,id=net0,server=off,addr.type=fd,addr.str=3".into(),
+                })
             }
-            NetworkAttachment::QemuUserUnfiltered => Ok((None, "user,id=net0".into())),
+            NetworkAttachment::QemuUserUnfiltered => Ok(Started {
+                backend: None,
+                qemu_fd: None,
+                netdev: "user,id=net0".into(),
+            }),
         }
     }
+}
+
+/// A started NIC backend.
+pub(crate) struct Started {
+    pub backend: Option<NetBackendProcess>,
+    /// QEMU's end of the link (its descriptor 3).
+    pub qemu_fd: Option<OwnedFd>,
+    pub netdev: OsString,
 }
 
 impl Default for NetworkAttachment {

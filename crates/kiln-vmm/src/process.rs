@@ -22,13 +22,39 @@ const JAIL_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
-    #[error("Starting qemu-system-x86_64 failed (scripts/setup.sh installs it)")]
-    Spawn(#[source] std::io::Error),
-    #[error("Starting QEMU in its jail failed (jails need root; `--no-jail` is for development)")]
-    Jail(#[source] kiln_jail::JailError),
-    #[error("Starting QEMU in its jail failed: kiln-jailer did not report within {0:?}")]
-    JailTimeout(std::time::Duration),
+    #[error("Starting {} failed ({})", .what.name, .what.hint)]
+    Spawn {
+        what: Program,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "Starting {} in its jail failed (jails need root; `--no-jail` is for development)",
+        .what.name
+    )]
+    Jail {
+        what: Program,
+        #[source]
+        source: kiln_jail::JailError,
+    },
+    #[error("Starting {} in its jail failed: kiln-jailer did not report within {after:?}", .what.name)]
+    JailTimeout {
+        what: Program,
+        after: std::time::Duration,
+    },
 }
+
+/// A program kiln starts per microVM: what errors call it and how to get it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Program {
+    pub name: &'static str,
+    pub hint: &'static str,
+}
+
+pub(crate) const QEMU: Program = Program {
+    name: "qemu-system-x86_64",
+    hint: "scripts/setup.sh installs it",
+};
 
 /// How QEMU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,105 +94,142 @@ pub struct QemuProcess {
     pid: u32,
     /// The jail QEMU runs in (`None` with `--no-jail`).
     jail: Option<kiln_jail::JailReport>,
-    exit: watch::Receiver<Option<ExitInfo>>,
-    kill: Mutex<Option<oneshot::Sender<()>>>,
+    supervisor: Supervisor,
     console: PathBuf,
     stderr: Arc<Mutex<Vec<u8>>>,
 }
 
-impl QemuProcess {
-    /// Starts QEMU, in the jail `jail` describes unless it is `None`. With
-    /// `die_with_parent`, the kernel kills QEMU when the spawning thread exits, so a crashed
-    /// or killed host process never leaves guests behind.
-    pub async fn spawn(
-        args: &[OsString],
-        console: &Path,
-        die_with_parent: bool,
-        jail: Option<kiln_jail::JailSpec>,
-    ) -> Result<QemuProcess, ProcessError> {
-        let jailed = jail.is_some();
-        let owned_dirs = jail
-            .as_ref()
-            .map(|j| j.owned_dirs.clone())
-            .unwrap_or_default();
-        let mut cmd = match jail {
-            Some(mut spec) => {
-                spec.args = args
-                    .iter()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect();
-                let (jailer, jailer_args) =
-                    kiln_jail::invocation(&spec).map_err(ProcessError::Jail)?;
-                let mut cmd = Command::new(jailer);
-                cmd.args(jailer_args);
-                cmd
-            }
-            None => {
-                let mut cmd = Command::new("qemu-system-x86_64");
-                cmd.args(args);
-                cmd
-            }
-        };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if die_with_parent {
-            // SAFETY: the closure runs in the forked child before exec and only makes the
-            // prctl system call, which is async-signal-safe; it touches no shared state.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                        .map_err(std::io::Error::from)
-                });
-            }
+/// A program kiln started, directly or through the jailer, before its report is read.
+pub(crate) struct Started {
+    what: Program,
+    pub child: tokio::process::Child,
+    pub stderr: tokio::io::BufReader<tokio::process::ChildStderr>,
+    jail: Option<kiln_jail::JailSpec>,
+}
+
+/// Starts `program` with `args`: through the jailer under `jail` (the program and arguments
+/// go into the spec), else directly. `pass` become its descriptors 3, 4, …; its standard
+/// output and error are piped.
+pub(crate) fn start(
+    what: Program,
+    program: &Path,
+    args: &[String],
+    jail: Option<kiln_jail::JailSpec>,
+    pass: Vec<std::os::fd::OwnedFd>,
+    die_with_parent: bool,
+    stdin: Stdio,
+) -> Result<Started, ProcessError> {
+    let mut cmd = match &jail {
+        Some(spec) => {
+            let mut spec = spec.clone();
+            spec.args = args.to_vec();
+            spec.keep_fds = pass.len() as u32;
+            let (jailer, jailer_args) = kiln_jail::invocation(&spec)
+                .map_err(|source| ProcessError::Jail { what, source })?;
+            let mut cmd = std::process::Command::new(jailer);
+            cmd.args(jailer_args);
+            cmd
         }
-        let mut child = cmd.spawn().map_err(ProcessError::Spawn)?;
-        let stderr_pipe = child.stderr.take();
-        let mut stderr_reader = stderr_pipe.map(tokio::io::BufReader::new);
-        let report = match &mut stderr_reader {
-            Some(reader) if jailed => Some(read_report(reader, &mut child).await?),
-            _ => None,
+        None => {
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args);
+            cmd
+        }
+    };
+    cmd.stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !pass.is_empty() {
+        kiln_jail::pass_fds(&mut cmd, pass)
+            .map_err(|source| ProcessError::Spawn { what, source })?;
+    }
+    if die_with_parent {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only makes the
+        // prctl system call, which is async-signal-safe; it touches no shared state.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut cmd = Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| ProcessError::Spawn { what, source })?;
+    let stderr = child
+        .stderr
+        .take()
+        .map(tokio::io::BufReader::new)
+        .ok_or_else(|| ProcessError::Spawn {
+            what,
+            source: std::io::Error::other("no stderr pipe"),
+        })?;
+    Ok(Started {
+        what,
+        child,
+        stderr,
+        jail,
+    })
+}
+
+impl Started {
+    /// Reads the jail's report (if jailed) and watches the program from then on: its host
+    /// pid, its jail, and the handle that kills it and tells how it ended.
+    pub async fn supervise(mut self) -> Result<Supervised, ProcessError> {
+        let what = self.what;
+        let report = match &self.jail {
+            Some(_) => Some(read_report(what, &mut self.stderr, &mut self.child).await?),
+            None => None,
         };
         let pid = report
             .as_ref()
             .map(|r| r.pid)
-            .unwrap_or_else(|| child.id().unwrap_or(0));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(capture_console(out, console.to_path_buf()));
-        }
-        if let Some(err) = stderr_reader {
-            tokio::spawn(capture_stderr(err, stderr.clone()));
-        }
+            .unwrap_or_else(|| self.child.id().unwrap_or(0));
+        let owned_dirs = self.jail.map(|j| j.owned_dirs).unwrap_or_default();
+        let supervisor = Supervisor::watch(self.child, pid, report.clone(), owned_dirs, what.name);
+        Ok(Supervised {
+            pid,
+            jail: report,
+            supervisor,
+            stderr: self.stderr,
+        })
+    }
+}
+
+/// A started program once its jail reported: what follows on its stderr is its own.
+pub(crate) struct Supervised {
+    pub pid: u32,
+    pub jail: Option<kiln_jail::JailReport>,
+    pub supervisor: Supervisor,
+    pub stderr: tokio::io::BufReader<tokio::process::ChildStderr>,
+}
+
+/// Watches one started program: kills it on request, reaps it, releases its jail, and
+/// tells how it ended.
+pub(crate) struct Supervisor {
+    exit: watch::Receiver<Option<ExitInfo>>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Supervisor {
+    fn watch(
+        mut child: tokio::process::Child,
+        pid: u32,
+        report: Option<kiln_jail::JailReport>,
+        owned_dirs: Vec<PathBuf>,
+        what: &'static str,
+    ) -> Supervisor {
         let (exit_tx, exit) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let cgroups = report.as_ref().map(|r| r.cgroups.clone());
-        let jailed_qemu = report.as_ref().map(|r| r.pid);
+        let jailed_pid = report.as_ref().map(|r| r.pid);
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
-                _ = kill_rx => {
-                    // A jailed QEMU is killed itself: its jailer then reaps it and ends, so
-                    // once the jailer is reaped QEMU is gone too.
-                    if let Some(qemu) = jailed_qemu {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(qemu as i32),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                        if let Ok(status) =
-                            tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await
-                        {
-                            status
-                        } else {
-                            let _ = child.start_kill();
-                            child.wait().await
-                        }
-                    } else {
-                        let _ = child.start_kill();
-                        child.wait().await
-                    }
-                }
+                _ = kill_rx => kill_and_reap(&mut child, jailed_pid).await,
             };
             let mut info = match status {
                 Ok(s) => {
@@ -183,14 +246,96 @@ impl QemuProcess {
                 info.oom_killed = cgroups.oom_kills() > 0;
                 release_jail(&cgroups, &owned_dirs).await;
             }
-            info!(pid, %info, "QEMU process ended");
+            info!(pid, %info, "{what} process ended");
             let _ = exit_tx.send(Some(info));
         });
-        Ok(QemuProcess {
-            pid,
-            jail: report,
+        Supervisor {
             exit,
             kill: Mutex::new(Some(kill_tx)),
+        }
+    }
+
+    pub fn exited(&self) -> Option<ExitInfo> {
+        self.exit.borrow().clone()
+    }
+
+    pub async fn wait(&self) -> ExitInfo {
+        let mut exit = self.exit.clone();
+        let result = exit.wait_for(|e| e.is_some()).await.map(|e| e.clone());
+        result.ok().flatten().unwrap_or_else(ExitInfo::unknown)
+    }
+
+    /// Asks for SIGKILL (once), without waiting.
+    pub fn start_kill(&self) {
+        if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn kill(&self) -> ExitInfo {
+        self.start_kill();
+        self.wait().await
+    }
+}
+
+/// A jailed program is killed itself: its jailer then reaps it and ends, so once the
+/// jailer is reaped the program is gone too.
+async fn kill_and_reap(
+    child: &mut tokio::process::Child,
+    jailed_pid: Option<u32>,
+) -> std::io::Result<std::process::ExitStatus> {
+    if let Some(pid) = jailed_pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if let Ok(status) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await
+        {
+            return status;
+        }
+    }
+    let _ = child.start_kill();
+    child.wait().await
+}
+
+impl QemuProcess {
+    /// Starts QEMU, in the jail `jail` describes unless it is `None`. With
+    /// `die_with_parent`, the kernel kills QEMU when the spawning thread exits, so a crashed
+    /// or killed host process never leaves guests behind.
+    /// `pass` become QEMU's descriptors 3, 4, … (the network link).
+    pub async fn spawn(
+        args: &[OsString],
+        console: &Path,
+        die_with_parent: bool,
+        jail: Option<kiln_jail::JailSpec>,
+        pass: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<QemuProcess, ProcessError> {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let program = Path::new(QEMU.name);
+        let mut started = start(
+            QEMU,
+            program,
+            &args,
+            jail,
+            pass,
+            die_with_parent,
+            Stdio::null(),
+        )?;
+        let stdout = started.child.stdout.take();
+        let s = started.supervise().await?;
+        if let Some(out) = stdout {
+            tokio::spawn(capture_console(out, console.to_path_buf()));
+        }
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(capture_stderr(s.stderr, stderr.clone(), "qemu"));
+        Ok(QemuProcess {
+            pid: s.pid,
+            jail: s.jail,
+            supervisor: s.supervisor,
             console: console.to_path_buf(),
             stderr,
         })
@@ -207,22 +352,17 @@ impl QemuProcess {
 
     /// How QEMU ended, if it has.
     pub fn exited(&self) -> Option<ExitInfo> {
-        self.exit.borrow().clone()
+        self.supervisor.exited()
     }
 
     /// Waits for QEMU to end.
     pub async fn wait(&self) -> ExitInfo {
-        let mut exit = self.exit.clone();
-        let result = exit.wait_for(|e| e.is_some()).await.map(|e| e.clone());
-        result.ok().flatten().unwrap_or_else(ExitInfo::unknown)
+        self.supervisor.wait().await
     }
 
     /// Sends SIGKILL (once) and waits for the process to be reaped.
     pub async fn kill(&self) -> ExitInfo {
-        if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = tx.send(());
-        }
-        self.wait().await
+        self.supervisor.kill().await
     }
 
     /// The last `max_bytes` of the guest console, then QEMU's own error output.
@@ -238,7 +378,8 @@ impl QemuProcess {
 }
 
 /// The jailer's first line: its report, or why it failed (then it has exited).
-async fn read_report(
+pub(crate) async fn read_report(
+    what: Program,
     reader: &mut tokio::io::BufReader<tokio::process::ChildStderr>,
     child: &mut tokio::process::Child,
 ) -> Result<kiln_jail::JailReport, ProcessError> {
@@ -253,12 +394,15 @@ async fn read_report(
     match read {
         Ok(Ok(_)) => kiln_jail::parse_first_line(&line).map_err(|e| {
             let _ = child.start_kill();
-            ProcessError::Jail(e)
+            ProcessError::Jail { what, source: e }
         }),
-        Ok(Err(e)) => Err(ProcessError::Spawn(e)),
+        Ok(Err(source)) => Err(ProcessError::Spawn { what, source }),
         Err(_) => {
             let _ = child.start_kill();
-            Err(ProcessError::JailTimeout(JAIL_REPORT_TIMEOUT))
+            Err(ProcessError::JailTimeout {
+                what,
+                after: JAIL_REPORT_TIMEOUT,
+            })
         }
     }
 }
@@ -346,7 +490,11 @@ async fn capture_console(mut out: impl AsyncRead + Unpin, path: PathBuf) {
     }
 }
 
-async fn capture_stderr(mut err: impl AsyncRead + Unpin, keep: Arc<Mutex<Vec<u8>>>) {
+pub(crate) async fn capture_stderr(
+    mut err: impl AsyncRead + Unpin,
+    keep: Arc<Mutex<Vec<u8>>>,
+    what: &'static str,
+) {
     let mut buf = vec![0u8; 4096];
     while let Ok(n) = err.read(&mut buf).await {
         if n == 0 {
@@ -354,7 +502,7 @@ async fn capture_stderr(mut err: impl AsyncRead + Unpin, keep: Arc<Mutex<Vec<u8>
         }
         let text = String::from_utf8_lossy(&buf[..n]);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            warn!("qemu: {line}");
+            warn!("{what}: {line}");
         }
         let mut keep = keep.lock().unwrap_or_else(|p| p.into_inner());
         keep.extend_from_slice(&buf[..n]);

@@ -167,7 +167,7 @@ pub struct Vm {
     /// The first file under the VM's own overlay (its jail may read that chain).
     pub(crate) disk_base: Option<PathBuf>,
     /// The running network backend; it ends with the VM.
-    pub(crate) _net_backend: Option<kiln_net::NetworkBackend>,
+    pub(crate) net_backend: Option<crate::netproc::NetBackendProcess>,
     /// Remove the directory when dropped (off once it was handed to a snapshot).
     pub(crate) owns_dir: bool,
 }
@@ -233,17 +233,12 @@ impl Vm {
             confinement,
         } = spec;
         let span = Span::current();
-        let (net_backend, netdev) = if machine.network {
-            let (backend, arg) =
-                network
-                    .start(&paths.net_socket())
-                    .map_err(|source| VmError::Dir {
-                        path: paths.net_socket(),
-                        source,
-                    })?;
-            (backend, Some(arg))
+        let (net_backend, qemu_fds, netdev) = if machine.network {
+            let started = network.start(&confinement, die_with_parent).await?;
+            let fds = started.qemu_fd.into_iter().collect::<Vec<_>>();
+            (started.backend, fds, Some(started.netdev))
         } else {
-            (None, None)
+            (None, Vec::new(), None)
         };
         let args = qemu_args(
             &machine,
@@ -276,10 +271,17 @@ impl Vm {
             Confinement::Unjailed => None,
         };
         let process =
-            QemuProcess::spawn(&args, &paths.console_log(), die_with_parent, jail).await?;
+            QemuProcess::spawn(&args, &paths.console_log(), die_with_parent, jail, qemu_fds)
+                .await?;
         // The pid as the host sees it (a jailed QEMU is PID 1 of its own namespace), for
         // start-up recovery.
         let _ = write_new(&paths.pid_file(), format!("{}\n", process.pid()).as_bytes());
+        if let Some(backend) = &net_backend {
+            let _ = write_new(
+                &paths.net_pid_file(),
+                format!("{}\n", backend.pid()).as_bytes(),
+            );
+        }
         let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
             id: id.clone(),
             exit,
@@ -325,7 +327,7 @@ impl Vm {
                 network,
                 confinement,
                 disk_base,
-                _net_backend: net_backend,
+                net_backend,
                 owns_dir: true,
             }),
             Err(e) => {
@@ -336,6 +338,9 @@ impl Vm {
                     _ => e,
                 };
                 process.kill().await;
+                if let Some(backend) = &net_backend {
+                    backend.finish().await;
+                }
                 Err(e)
             }
         }
@@ -369,6 +374,16 @@ impl Vm {
     /// The jail QEMU runs in (uid, cgroups), unless started with `--no-jail`.
     pub fn jail(&self) -> Option<&kiln_jail::JailReport> {
         self.process.jail()
+    }
+
+    /// The jail of this VM's network backend, if it has one and is jailed.
+    pub fn net_jail(&self) -> Option<&kiln_jail::JailReport> {
+        self.net_backend.as_ref().and_then(|b| b.jail())
+    }
+
+    /// The host pid of this VM's network backend, if it has one.
+    pub fn net_pid(&self) -> Option<u32> {
+        self.net_backend.as_ref().map(|b| b.pid())
     }
 
     /// The agent client. Errors from it can be turned into crash reports with
@@ -495,6 +510,10 @@ impl Vm {
         {
             self.process.kill().await;
         }
+        // Its last counters are in before the VM is reported saved.
+        if let Some(backend) = self.net_backend.take() {
+            backend.finish().await;
+        }
         self.owns_dir = false;
         SavedVm {
             id: self.id.clone(),
@@ -599,6 +618,9 @@ impl Vm {
     /// Kills QEMU and removes every file of this VM.
     pub async fn destroy(mut self) -> Result<(), VmError> {
         let exit = self.process.kill().await;
+        if let Some(backend) = self.net_backend.take() {
+            backend.finish().await;
+        }
         info!(parent: &self.span, %exit, "destroyed");
         self.owns_dir = false;
         remove_dir(&self.paths.dir)

@@ -65,8 +65,10 @@ impl TestDaemon {
                 "1",
                 "--tick-ms",
                 "200",
+                // Ten guests restoring at once under TCG on two cores (the concurrent-runs
+                // test) take more than 5 s to answer their first hook; none waits on it.
                 "--hook-timeout",
-                "5",
+                "30",
             ])
             .args(extra)
             .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())

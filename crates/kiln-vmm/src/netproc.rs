@@ -1,0 +1,246 @@
+//! A microVM's network backend process (`kiln-net-backend`): started beside QEMU, jailed
+//! like it (own uid, mount/PID/IPC/UTS namespaces, cgroups, kiln's seccomp filter) but in
+//! the host's network namespace, since it makes the guest's outbound connections. The
+//! guest's link is a socket pair: one end is QEMU's `-netdev stream` (descriptor 3), the
+//! other the backend's (descriptor 3). Its reports (counters, denials) land in the
+//! caller's [`NetCounters`] and [`DenialSink`].
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_jail::{JailSpec, Limits};
+use kiln_net::backend::{BackendConfig, BackendEvent, MAX_EVENT_LINE};
+use kiln_net::{DenialSink, EgressPolicy, NetCounters};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tracing::{warn, Instrument};
+
+use crate::confine::Confinement;
+use crate::process::{self, ProcessError, Program, Supervisor};
+
+pub(crate) const NET_BACKEND: Program = Program {
+    name: "kiln-net-backend",
+    hint: "build it: cargo build -p kiln-net; or set KILN_NET_BACKEND",
+};
+
+/// The backend's memory: at most 256 connections with 64 KiB each way in the stack and
+/// 64 KiB in flight each, the link queues, the runtime.
+pub const NET_MEMORY_MIB: u64 = 160;
+/// Its main thread, the resolver's threads, and the jailer waiting on it.
+const NET_PIDS: u64 = 32;
+/// Its CPU quota, in CPUs.
+const NET_CPUS: f64 = 1.0;
+/// How long a backend may take to end after its guest's link closed (it reports its last
+/// counters first) before it is killed.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Files the C library's resolver reads (for names `internet` and allowlists resolve).
+const RESOLVER_FILES: &[&str] = &[
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+];
+
+pub(crate) struct NetBackendProcess {
+    pid: u32,
+    jail: Option<kiln_jail::JailReport>,
+    supervisor: Supervisor,
+    reports: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl NetBackendProcess {
+    /// Starts the backend on `link` (its end of the guest's socket pair).
+    pub async fn spawn(
+        policy: &EgressPolicy,
+        counters: &Arc<NetCounters>,
+        denials: &DenialSink,
+        link: OwnedFd,
+        confinement: &Confinement,
+        die_with_parent: bool,
+    ) -> Result<NetBackendProcess, ProcessError> {
+        let program = kiln_jail::helper_path(NET_BACKEND.name, "kiln-net", "KILN_NET_BACKEND")
+            .map_err(|source| ProcessError::Jail {
+                what: NET_BACKEND,
+                source,
+            })?;
+        let jail = confinement
+            .is_jailed()
+            .then(|| jail_spec(&program, die_with_parent));
+        let mut started = process::start(
+            NET_BACKEND,
+            &program,
+            &[],
+            jail,
+            vec![link],
+            die_with_parent,
+            Stdio::piped(),
+        )?;
+        let config = BackendConfig {
+            policy: policy.clone(),
+            counters: counters.snapshot(),
+        };
+        let spawn_err = |source| ProcessError::Spawn {
+            what: NET_BACKEND,
+            source,
+        };
+        let json = serde_json::to_vec(&config).map_err(|e| spawn_err(e.into()))?;
+        if let Some(mut stdin) = started.child.stdin.take() {
+            // Written before the report is read: the pipe holds it while the jail is set up.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&json).await;
+            });
+        }
+        let stdout = started.child.stdout.take();
+        let s = started.supervise().await?;
+        tokio::spawn(
+            process::capture_stderr(s.stderr, Arc::new(Mutex::new(Vec::new())), "net backend")
+                .in_current_span(),
+        );
+        let reports = stdout.map(|out| {
+            let (counters, denials) = (counters.clone(), denials.clone());
+            tokio::spawn(read_reports(out, counters, denials).in_current_span())
+        });
+        Ok(NetBackendProcess {
+            pid: s.pid,
+            jail: s.jail,
+            supervisor: s.supervisor,
+            reports: Mutex::new(reports),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn jail(&self) -> Option<&kiln_jail::JailReport> {
+        self.jail.as_ref()
+    }
+
+    /// Once QEMU has ended: lets the backend report its last counters and end, killing it
+    /// if it does not within [`FINISH_TIMEOUT`].
+    pub async fn finish(&self) {
+        if tokio::time::timeout(FINISH_TIMEOUT, self.supervisor.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                pid = self.pid,
+                "the network backend outlived its guest's link: killed"
+            );
+        }
+        self.supervisor.kill().await;
+        let reports = self
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(reports) = reports {
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, reports).await;
+        }
+    }
+}
+
+impl Drop for NetBackendProcess {
+    fn drop(&mut self) {
+        self.supervisor.start_kill();
+    }
+}
+
+/// The backend's jail: nothing of `KILN_HOME`, only its program, the resolver's files and
+/// the system's libraries; the host's network namespace.
+fn jail_spec(program: &Path, die_with_parent: bool) -> JailSpec {
+    JailSpec {
+        program: program.to_path_buf(),
+        args: Vec::new(),
+        owned_dirs: Vec::new(),
+        read_only: RESOLVER_FILES
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .collect(),
+        devices: Vec::new(),
+        limits: Limits::new(NET_MEMORY_MIB << 20, NET_PIDS, NET_CPUS),
+        die_with_parent,
+        host_network: true,
+        keep_fds: 1,
+    }
+}
+
+/// Applies the backend's report lines: counters are totals, denials go to the sink. Lines
+/// are bounded; anything else is dropped (the backend handles hostile traffic).
+async fn read_reports(
+    out: tokio::process::ChildStdout,
+    counters: Arc<NetCounters>,
+    denials: DenialSink,
+) {
+    let mut out = tokio::io::BufReader::new(out);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = (MAX_EVENT_LINE + 1) as u64;
+        match (&mut out).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            // Over-long: skip to its end, a bounded piece at a time.
+            loop {
+                line.clear();
+                match (&mut out).take(limit).read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line.last() == Some(&b'\n') => break,
+                    Ok(_) => {}
+                }
+            }
+            continue;
+        }
+        let Some(event) = std::str::from_utf8(&line)
+            .ok()
+            .and_then(BackendEvent::parse)
+        else {
+            continue;
+        };
+        match event {
+            BackendEvent::Counters { counters: c } => {
+                counters.bytes_out.store(c.bytes_out, Ordering::Relaxed);
+                counters.bytes_in.store(c.bytes_in, Ordering::Relaxed);
+                counters.connections.store(c.connections, Ordering::Relaxed);
+                counters.denials.store(c.denials, Ordering::Relaxed);
+                counters.dns_queries.store(c.dns_queries, Ordering::Relaxed);
+            }
+            denial @ BackendEvent::Denial { .. } => {
+                if let Some(d) = denial.into_denial() {
+                    denials(d);
+                }
+            }
+        }
+    }
+}
+
+/// Finds `kiln-net-backend` and has it prove its seccomp filter (`--check-seccomp`):
+/// kilnd refuses to start without a working backend, `kiln doctor` shows the result.
+pub fn check_net_backend() -> Result<PathBuf, String> {
+    let program = kiln_jail::helper_path(NET_BACKEND.name, "kiln-net", "KILN_NET_BACKEND")
+        .map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(&program)
+        .arg("--check-seccomp")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", program.display()))?;
+    if out.status.success() {
+        return Ok(program);
+    }
+    let said = String::from_utf8_lossy(&out.stdout);
+    let wrong: Vec<&str> = said.lines().filter(|l| l.ends_with("(WRONG)")).collect();
+    Err(format!(
+        "{} --check-seccomp ended with {}: {}{}",
+        program.display(),
+        out.status,
+        wrong.join("; "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
