@@ -359,3 +359,119 @@ async fn the_network_backend_is_jailed_apart_from_qemu_in_the_host_network() {
     );
     assert!(jail_gone(&qemu));
 }
+
+/// The same jail on a host whose memory, pids and CPU controllers are on cgroup v2: these
+/// hosts mount them under v1, so the jailer runs inside a guest (its own kernel) that mounts
+/// only the unified hierarchy. It must find v2 for every controller, enable them down the
+/// tree, write `memory.max`, `pids.max` and `cpu.max`, run the program inside, and the
+/// kernel must enforce the memory limit (an allocation over it is OOM-killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cgroup_v2_host_the_jail_uses_v2_for_every_controller() {
+    let vm = TestVm::boot().await;
+    // The jailer and the libraries it links, at the host's paths.
+    let jailer = kiln_jail::jailer_path().unwrap();
+    let mut files = vec![jailer.clone()];
+    let ldd = std::process::Command::new("ldd")
+        .arg(&jailer)
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        files.extend(path);
+    }
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        vm.agent()
+            .put_file(f.to_str().unwrap(), &bytes, 0o755)
+            .await
+            .unwrap_or_else(|e| panic!("copying {} into the guest: {e}", f.display()));
+    }
+    let setup = vm
+        .sh(
+            "mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup; \
+             cat /proc/self/cgroup; cat /sys/fs/cgroup/cgroup.controllers; mkdir -p /tmp/v2vm",
+        )
+        .await
+        .unwrap();
+    let text = setup.stdout_text();
+    assert!(text.starts_with("0::/\n"), "the guest is v2-only: {text}");
+    for c in ["memory", "pids", "cpu"] {
+        assert!(text.contains(c), "the guest's v2 hierarchy has {c}: {text}");
+    }
+    let spec = kiln_jail::JailSpec {
+        program: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            "id -u; awk 'BEGIN { s = sprintf(\"%100000000s\", \"\"); print \"survived\", length(s) }'"
+                .into(),
+        ],
+        owned_dirs: vec!["/tmp/v2vm".into()],
+        read_only: Vec::new(),
+        devices: Vec::new(),
+        limits: kiln_jail::Limits::new(48 << 20, 16, 0.5),
+        die_with_parent: true,
+        host_network: false,
+        keep_fds: 0,
+    };
+    let json = serde_json::to_string(&spec).unwrap().replace('\'', "'\\''");
+    let run = vm
+        .sh(&format!(
+            "{} --spec '{json}' 2>/tmp/jailer.err; echo exit=$?; head -1 /tmp/jailer.err",
+            jailer.display()
+        ))
+        .await
+        .unwrap();
+    let out = run.stdout_text();
+    let report_line = out.lines().last().unwrap_or_default();
+    let report = kiln_jail::parse_first_line(report_line)
+        .unwrap_or_else(|e| panic!("{e}: {out}{}", run.stderr_text()));
+    let c = &report.cgroups;
+    assert!(
+        [&c.memory, &c.pids, &c.cpu, &c.cpuacct]
+            .iter()
+            .all(|h| h.v2 && h.dir == c.memory.dir),
+        "one v2 directory for every controller: {c:?}"
+    );
+    assert!(out.starts_with(&format!("{}\n", report.uid)), "{out}");
+    assert!(
+        !out.contains("survived"),
+        "over its memory limit it is killed: {out}"
+    );
+    assert!(
+        out.contains("exit=137"),
+        "the jailer ends as the program did: {out}"
+    );
+    let dir = c.memory.dir.display();
+    let limits = vm
+        .sh(&format!(
+            "cat {dir}/memory.max {dir}/pids.max {dir}/cpu.max; \
+             grep -E '^oom_kill ' {dir}/memory.events; \
+             cat {dir}/../cgroup.subtree_control; rmdir {dir} && echo removed"
+        ))
+        .await
+        .unwrap()
+        .stdout_text();
+    let mut lines = limits.lines();
+    assert_eq!(
+        lines.next(),
+        Some((48u64 << 20).to_string().as_str()),
+        "{limits}"
+    );
+    assert_eq!(lines.next(), Some("16"), "{limits}");
+    assert_eq!(lines.next(), Some("50000 100000"), "{limits}");
+    let ooms: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ooms >= 1, "the kernel counted the OOM kill: {limits}");
+    let enabled = lines.next().unwrap_or_default();
+    for ctl in ["memory", "pids", "cpu"] {
+        assert!(enabled.contains(ctl), "{ctl} enabled for jails: {limits}");
+    }
+    assert_eq!(lines.next(), Some("removed"), "{limits}");
+    vm.destroy().await;
+}
