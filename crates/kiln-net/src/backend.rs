@@ -93,6 +93,7 @@ impl BackendEvent {
                 protocol: match protocol.as_str() {
                     "tcp" => "tcp",
                     "udp" => "udp",
+                    "dns" => "dns",
                     _ => "other",
                 },
                 destination: destination.chars().take(256).collect(),

@@ -9,6 +9,7 @@ pub mod addressing;
 pub mod backend;
 pub mod device;
 pub mod dns;
+pub mod hostaddrs;
 pub mod observe;
 pub mod policy;
 pub mod stack;

@@ -111,6 +111,10 @@ pub enum DenyReason {
     Reserved,
     PrivateRange,
     LinkLocal,
+    /// A cloud's metadata or wire server, outside the link-local range.
+    Metadata,
+    /// A name whose DNS answer held only addresses that stay closed.
+    ClosedAnswer,
     NotAllowed,
     Gateway,
     UnsupportedProtocol,
@@ -125,7 +129,13 @@ impl std::fmt::Display for DenyReason {
             DenyReason::PrivateRange => {
                 "private range (allow it explicitly with an allowlist CIDR)"
             }
-            DenyReason::LinkLocal => "link-local range (metadata services live there)",
+            DenyReason::LinkLocal => {
+                "link-local range (cloud metadata lives there; no connector opens it)"
+            }
+            DenyReason::Metadata => "a cloud metadata or wire server (no connector opens it)",
+            DenyReason::ClosedAnswer => {
+                "it resolved only to private or closed addresses (allow them with a CIDR)"
+            }
             DenyReason::NotAllowed => "not in the microVM's allowlist",
             DenyReason::Gateway => "no host service on that gateway port",
             DenyReason::UnsupportedProtocol => "only TCP and DNS leave the microVM",
@@ -143,26 +153,32 @@ pub enum Verdict {
 
 /// What the host looks like from the policy's point of view: its own addresses and the
 /// networks it is attached to.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFacts {
     pub addrs: Vec<Ipv4Addr>,
     pub subnets: Vec<Ipv4Net>,
 }
 
 impl HostFacts {
-    /// Reads the host's interface addresses.
+    /// Reads the host's interface addresses (empty if they cannot be read).
     pub fn read() -> HostFacts {
+        HostFacts::try_read().unwrap_or_default()
+    }
+
+    /// Reads the host's interface addresses.
+    pub fn try_read() -> std::io::Result<HostFacts> {
         let mut facts = HostFacts::default();
-        for iface in if_addrs::get_if_addrs().unwrap_or_default() {
-            if let if_addrs::IfAddr::V4(v4) = iface.addr {
-                facts.addrs.push(v4.ip);
-                let prefix = u32::from(v4.netmask).leading_ones() as u8;
-                if let Ok(net) = Ipv4Net::new(v4.ip, prefix) {
-                    facts.subnets.push(net.trunc());
+        for (ip, mask) in crate::hostaddrs::read()? {
+            facts.addrs.push(ip);
+            let prefix = u32::from(mask).leading_ones() as u8;
+            if let Ok(net) = Ipv4Net::new(ip, prefix) {
+                let net = net.trunc();
+                if !facts.subnets.contains(&net) {
+                    facts.subnets.push(net);
                 }
             }
         }
-        facts
+        Ok(facts)
     }
 }
 
@@ -170,12 +186,20 @@ const fn net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
     Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), prefix)
 }
 
-/// Ranges no connector opens (except a host-service, which names its target itself).
+/// Ranges no connector opens, an explicit allowlist CIDR included (a host-service names its
+/// target itself): the host's loopback, "this network", link-local (169.254.169.254 and the
+/// other cloud metadata endpoints), multicast and reserved space, and the metadata and wire
+/// servers clouds put outside link-local.
 const ALWAYS_CLOSED: &[(Ipv4Net, DenyReason)] = &[
     (net(0, 0, 0, 0, 8), DenyReason::Reserved),
     (net(127, 0, 0, 0, 8), DenyReason::HostAddress),
+    (net(169, 254, 0, 0, 16), DenyReason::LinkLocal),
     (net(224, 0, 0, 0, 4), DenyReason::Reserved),
     (net(240, 0, 0, 0, 4), DenyReason::Reserved),
+    // Azure's wire server.
+    (net(168, 63, 129, 16, 32), DenyReason::Metadata),
+    // Alibaba Cloud's metadata service.
+    (net(100, 100, 100, 200, 32), DenyReason::Metadata),
 ];
 
 /// Ranges `internet` does not reach; an allowlist CIDR can open them explicitly.
@@ -184,7 +208,6 @@ const NOT_INTERNET: &[(Ipv4Net, DenyReason)] = &[
     (net(172, 16, 0, 0, 12), DenyReason::PrivateRange),
     (net(192, 168, 0, 0, 16), DenyReason::PrivateRange),
     (net(100, 64, 0, 0, 10), DenyReason::PrivateRange),
-    (net(169, 254, 0, 0, 16), DenyReason::LinkLocal),
 ];
 
 fn in_ranges(ip: Ipv4Addr, ranges: &[(Ipv4Net, DenyReason)]) -> Option<DenyReason> {
@@ -349,8 +372,9 @@ impl EgressPolicy {
     }
 
     /// Decides a TCP connection from the guest to `dst`. `resolved` holds the ports that
-    /// allowlisted names resolved to `dst` grant.
-    pub fn check_tcp(&self, dst: SocketAddrV4, resolved: &[Ports]) -> Verdict {
+    /// allowlisted names resolved to `dst` grant; `pinned`: one of them is a name the
+    /// operator pinned (`--egress-host`), which may lead to a private address.
+    pub fn check_tcp(&self, dst: SocketAddrV4, resolved: &[Ports], pinned: bool) -> Verdict {
         let (ip, port) = (*dst.ip(), dst.port());
         if self.none {
             return Verdict::Deny(DenyReason::NoNetwork);
@@ -378,26 +402,65 @@ impl EgressPolicy {
             .cidrs
             .iter()
             .any(|(net, ports)| net.contains(&ip) && ports.allows(port))
-            || resolved.iter().any(|p| p.allows(port))
         {
             return allow;
         }
         if self.cidrs.iter().any(|(net, _)| net.contains(&ip)) {
             return Verdict::Deny(DenyReason::NotAllowed); // listed, but not this port
         }
-        // Not opened by a rule: private, link-local and host-network addresses say so.
-        let special = in_ranges(ip, NOT_INTERNET).or_else(|| {
+        // Not opened by a CIDR: private and host-network addresses stay closed, also when
+        // an allowlisted name resolved to them (a DNS answer never opens the inside).
+        let granted = resolved.iter().any(|p| p.allows(port));
+        match self.private(ip) {
+            Some(_) if granted && pinned => allow,
+            Some(why) => Verdict::Deny(why),
+            None if granted || self.internet => allow,
+            None => Verdict::Deny(DenyReason::NotAllowed),
+        }
+    }
+}
+
+impl EgressPolicy {
+    /// Why `ip` is private to this host's side (a private range or a network the host is
+    /// on), if it is.
+    fn private(&self, ip: Ipv4Addr) -> Option<DenyReason> {
+        in_ranges(ip, NOT_INTERNET).or_else(|| {
             self.host
                 .subnets
                 .iter()
                 .any(|net| net.contains(&ip))
                 .then_some(DenyReason::PrivateRange)
-        });
-        match (special, self.internet) {
-            (Some(why), _) => Verdict::Deny(why),
-            (None, true) => allow,
-            (None, false) => Verdict::Deny(DenyReason::NotAllowed),
+        })
+    }
+
+    /// The addresses of a DNS answer the guest may see: none that no connector opens (closed
+    /// ranges, the host's own), and no private one unless an allowlist CIDR names it. Names
+    /// the operator pinned (`--egress-host`) are not filtered here; connections to them
+    /// still are.
+    pub fn filter_answer(&self, addrs: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        addrs
+            .iter()
+            .copied()
+            .filter(|ip| {
+                in_ranges(*ip, ALWAYS_CLOSED).is_none()
+                    && !self.host.addrs.contains(ip)
+                    && !ip.is_broadcast()
+                    && (self.private(*ip).is_none()
+                        || self.cidrs.iter().any(|(net, _)| net.contains(ip)))
+            })
+            .collect()
+    }
+
+    /// The host's addresses changed: later checks use `host`.
+    pub fn with_host(&self, host: HostFacts) -> EgressPolicy {
+        EgressPolicy {
+            host,
+            ..self.clone()
         }
+    }
+
+    pub fn host(&self) -> &HostFacts {
+        &self.host
     }
 }
 
@@ -478,7 +541,7 @@ mod tests {
     }
 
     fn tcp(p: &EgressPolicy, dst: &str) -> Verdict {
-        p.check_tcp(dst.parse().unwrap(), &[])
+        p.check_tcp(dst.parse().unwrap(), &[], false)
     }
 
     #[test]
@@ -543,10 +606,87 @@ mod tests {
         let v = p.check_tcp(
             "198.51.100.7:443".parse().unwrap(),
             std::slice::from_ref(&grant),
+            false,
         );
         assert!(matches!(v, Verdict::Allow(_)));
-        let v = p.check_tcp("198.51.100.7:80".parse().unwrap(), &[grant]);
+        let v = p.check_tcp(
+            "198.51.100.7:80".parse().unwrap(),
+            std::slice::from_ref(&grant),
+            false,
+        );
         assert_eq!(v, Verdict::Deny(DenyReason::NotAllowed));
+        // A DNS answer never opens the inside; a name the operator pinned may.
+        let inside = "10.9.8.7:443".parse().unwrap();
+        let v = p.check_tcp(inside, std::slice::from_ref(&grant), false);
+        assert_eq!(v, Verdict::Deny(DenyReason::PrivateRange));
+        let v = p.check_tcp(inside, std::slice::from_ref(&grant), true);
+        assert!(matches!(v, Verdict::Allow(_)));
+        let metadata = "169.254.169.254:443".parse().unwrap();
+        let v = p.check_tcp(metadata, std::slice::from_ref(&grant), true);
+        assert_eq!(v, Verdict::Deny(DenyReason::LinkLocal), "not even pinned");
+    }
+
+    #[test]
+    fn metadata_and_link_local_stay_closed_whatever_the_connectors_say() {
+        let wide = compile(
+            r#"[{"type":"internet"},{"type":"allowlist","destinations":[
+                {"cidr":"0.0.0.0/0"},{"cidr":"169.254.169.254/32"},{"cidr":"168.63.129.16"}]}]"#,
+        )
+        .unwrap();
+        for (dst, why) in [
+            ("169.254.169.254:80", DenyReason::LinkLocal),
+            ("169.254.170.2:80", DenyReason::LinkLocal),
+            ("168.63.129.16:80", DenyReason::Metadata),
+            ("100.100.100.200:80", DenyReason::Metadata),
+            ("0.0.0.0:80", DenyReason::Reserved),
+            ("127.0.0.53:53", DenyReason::HostAddress),
+            ("239.255.255.250:1900", DenyReason::Reserved),
+            ("255.255.255.255:67", DenyReason::Reserved),
+            ("192.0.2.2:7070", DenyReason::HostAddress),
+        ] {
+            assert_eq!(tcp(&wide, dst), Verdict::Deny(why), "{dst}");
+        }
+        // An explicit CIDR still opens a private range.
+        assert!(matches!(tcp(&wide, "10.1.2.3:80"), Verdict::Allow(_)));
+    }
+
+    #[test]
+    fn dns_answers_lose_what_would_stay_closed() {
+        let p = compile(
+            r#"[{"type":"allowlist","destinations":[{"name":"*.example.test"},{"cidr":"10.5.0.0/16"}]}]"#,
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let answer = [
+            "198.51.100.7",
+            "169.254.169.254",
+            "127.0.0.1",
+            "10.1.1.1",
+            "10.5.1.1",
+            "192.0.2.2",
+            "192.0.2.9",
+            "168.63.129.16",
+        ]
+        .map(ip);
+        assert_eq!(
+            p.filter_answer(&answer),
+            vec![ip("198.51.100.7"), ip("10.5.1.1")],
+            "public, and private only where a CIDR grants it"
+        );
+        let moved = p.with_host(HostFacts {
+            addrs: vec![ip("198.51.100.7")],
+            subnets: vec![],
+        });
+        // The old host address and network are plain public addresses now.
+        assert_eq!(
+            moved.filter_answer(&answer),
+            vec![ip("10.5.1.1"), ip("192.0.2.2"), ip("192.0.2.9")]
+        );
+        assert_eq!(
+            tcp(&moved, "198.51.100.7:80"),
+            Verdict::Deny(DenyReason::HostAddress),
+            "the host's new address is closed"
+        );
     }
 
     #[test]

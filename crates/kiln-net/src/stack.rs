@@ -64,6 +64,19 @@ struct Connected {
     stream: Option<TcpStream>,
 }
 
+/// What an answered name taught the stack about one address.
+struct Learned {
+    ports: Vec<Ports>,
+    /// From a name the operator pinned (may lead inside).
+    pinned: bool,
+    /// The guest was told to forget the answer by then (its TTL, and some slack).
+    expires: std::time::Instant,
+}
+
+/// How long an answer's addresses stay granted: the TTL given to the guest, plus slack for
+/// a guest that connects just as its cache expires.
+const LEARNED_FOR: Duration = Duration::from_secs(dns::ANSWER_TTL as u64 + 30);
+
 /// A finished DNS lookup.
 struct Resolved {
     to: IpEndpoint,
@@ -80,7 +93,7 @@ pub struct Stack {
     conns: HashMap<Tuple, Conn>,
     connecting: HashSet<Tuple>,
     lookups: usize,
-    resolved: HashMap<Ipv4Addr, Vec<Ports>>,
+    resolved: HashMap<Ipv4Addr, Learned>,
     policy: Arc<EgressPolicy>,
     counters: Arc<NetCounters>,
     denials: DenialSink,
@@ -90,7 +103,13 @@ pub struct Stack {
     resolved_tx: mpsc::Sender<Resolved>,
     resolved_rx: mpsc::Receiver<Resolved>,
     started: std::time::Instant,
+    /// When the host's addresses were last read.
+    host_read: std::time::Instant,
 }
+
+/// The host's addresses are re-read before a connection or an answer when they are older
+/// than this: an address the host gains is closed within a second.
+const HOST_REFRESH: Duration = Duration::from_secs(1);
 
 impl Stack {
     pub fn new(
@@ -163,6 +182,22 @@ impl Stack {
             resolved_tx,
             resolved_rx,
             started,
+            host_read: started,
+        }
+    }
+
+    /// Re-reads the host's addresses if they are older than [`HOST_REFRESH`] (two ioctls;
+    /// a failed read keeps the last ones).
+    fn refresh_host(&mut self) {
+        if self.host_read.elapsed() < HOST_REFRESH {
+            return;
+        }
+        self.host_read = std::time::Instant::now();
+        if let Ok(host) = crate::policy::HostFacts::try_read() {
+            if &host != self.policy.host() {
+                tracing::info!(addrs = ?host.addrs, "the host's addresses changed");
+                self.policy = Arc::new(self.policy.with_host(host));
+            }
         }
     }
 
@@ -261,8 +296,17 @@ impl Stack {
             return; // a retransmitted SYN while the host connect runs
         }
         let dst = tuple.1;
-        let grants = self.resolved.get(dst.ip()).cloned().unwrap_or_default();
-        let target = match self.policy.check_tcp(dst, &grants) {
+        self.refresh_host();
+        let now = std::time::Instant::now();
+        let (grants, pinned) = match self.resolved.get(dst.ip()) {
+            Some(l) if l.expires > now => (l.ports.clone(), l.pinned),
+            Some(_) => {
+                self.resolved.remove(dst.ip());
+                (Vec::new(), false)
+            }
+            None => (Vec::new(), false),
+        };
+        let target = match self.policy.check_tcp(dst, &grants, pinned) {
             Verdict::Allow(target) => target,
             Verdict::Deny(why) => {
                 self.deny("tcp", dst.to_string(), why);
@@ -470,20 +514,42 @@ impl Stack {
         }
     }
 
-    /// `pending`: the answer comes from a lookup counted in `lookups`.
-    fn finish_lookup(&mut self, done: Resolved, pending: bool) {
+    /// `pending`: the answer comes from a lookup counted in `lookups` (the host's resolver);
+    /// otherwise from a name the operator pinned. A looked-up answer loses the addresses
+    /// that would stay closed before the guest sees it.
+    fn finish_lookup(&mut self, mut done: Resolved, pending: bool) {
         if pending {
             self.lookups = self.lookups.saturating_sub(1);
+            self.refresh_host();
+            if let Answer::Addresses(addrs) = &done.answer {
+                let kept = self.policy.filter_answer(addrs);
+                if kept.is_empty() {
+                    self.deny("dns", done.query.name.clone(), DenyReason::ClosedAnswer);
+                    done.answer = Answer::NoSuchName;
+                } else {
+                    done.answer = Answer::Addresses(kept);
+                }
+            }
         }
         if let (NameGrant::Ports(ports), Answer::Addresses(addrs)) = (&done.grant, &done.answer) {
+            let now = std::time::Instant::now();
+            if self.resolved.len() >= MAX_RESOLVED {
+                self.resolved.retain(|_, l| l.expires > now);
+            }
             for addr in addrs {
                 if self.resolved.len() >= MAX_RESOLVED && !self.resolved.contains_key(addr) {
                     break;
                 }
-                let entry = self.resolved.entry(*addr).or_default();
+                let entry = self.resolved.entry(*addr).or_insert_with(|| Learned {
+                    ports: Vec::new(),
+                    pinned: false,
+                    expires: now,
+                });
+                entry.expires = now + LEARNED_FOR;
+                entry.pinned |= !pending;
                 for p in ports {
-                    if !entry.contains(p) {
-                        entry.push(p.clone());
+                    if !entry.ports.contains(p) {
+                        entry.ports.push(p.clone());
                     }
                 }
             }

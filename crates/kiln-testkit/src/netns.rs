@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct NetnsHost {
     pub name: String,
     pub addr: Ipv4Addr,
+    /// The host's end of the veth pair: a host address while this host exists.
+    pub host_side: Ipv4Addr,
     pub port: u16,
     /// What the server answers at `/token.txt`.
     pub token: String,
@@ -71,6 +73,7 @@ impl NetnsHost {
         let host = NetnsHost {
             name,
             addr,
+            host_side,
             port,
             token,
             veth,

@@ -193,3 +193,74 @@ impl LoopbackService {
         LoopbackService { port }
     }
 }
+
+/// Whatever the connectors say: cloud metadata, link-local and a host address the host gained
+/// after the guest started stay closed, also to an allowlist CIDR that covers them. The
+/// running backend re-reads the host's addresses (a network namespace created now adds
+/// one), and a canary listening on the new address never sees a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_addresses_stay_closed_and_new_host_addresses_close_at_once() {
+    let wide: Vec<Connector> = serde_json::from_value(serde_json::json!([
+        {"type": "allowlist", "destinations": [
+            {"cidr": "10.213.0.0/16"}, {"cidr": "169.254.0.0/16"}, {"cidr": "168.63.129.16/32"}
+        ]}
+    ]))
+    .unwrap();
+    let g = boot(&wide, &OperatorConfig::default()).await;
+    // Created after the guest's backend read the host's addresses.
+    let late = NetnsHost::start("late", 8080);
+    // A canary on the new host address: it counts every connection that reaches it.
+    let listener = std::net::TcpListener::bind((late.host_side, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    // Past the backend's one-second cache of the host's addresses (wall clock, not work).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let refused = fetch(&g.vm, &format!("http://{}:{port}/", late.host_side)).await;
+    assert!(refused.is_err(), "the host's new address is refused");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the host's new address"
+    );
+    let body = fetch(&g.vm, &late.url(&late.addr.to_string())).await;
+    assert_eq!(
+        body.as_deref().map(str::trim),
+        Ok(late.token.as_str()),
+        "the CIDR still opens the test host itself"
+    );
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://168.63.129.16/machine",
+    ] {
+        assert!(fetch(&g.vm, url).await.is_err(), "{url} must be refused");
+    }
+    let denials: Vec<String> = {
+        let _ = settled(&g.counters, |c| c.denials >= 3).await;
+        g.denials
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    };
+    for (dst, why) in [
+        (
+            format!("{}:{port}", late.host_side),
+            "host addresses are closed",
+        ),
+        ("169.254.169.254:80".to_string(), "link-local"),
+        ("168.63.129.16:80".to_string(), "metadata or wire server"),
+    ] {
+        assert!(
+            denials.iter().any(|d| d.contains(&dst) && d.contains(why)),
+            "{dst} ({why}) in {denials:?}"
+        );
+    }
+}
