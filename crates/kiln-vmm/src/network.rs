@@ -46,12 +46,24 @@ impl NetworkAttachment {
         NetworkAttachment::egress(policy)
     }
 
-    /// kiln's backend with `policy`, fresh counters, denials only logged.
+    /// kiln's backend with `policy`, fresh counters, denials only logged: at most
+    /// [`DENIAL_LOGS_PER_MINUTE`] a minute (a hostile build step can be denied thousands of
+    /// times a second; the counters still count every one).
     pub fn egress(policy: EgressPolicy) -> NetworkAttachment {
+        let limiter = std::sync::Mutex::new(LogLimiter::default());
         NetworkAttachment::Egress {
             policy: Arc::new(policy),
             counters: Arc::new(NetCounters::default()),
-            denials: Arc::new(|d| tracing::info!("{d}")),
+            denials: Arc::new(move |d| {
+                let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
+                match l.admit(std::time::Instant::now()) {
+                    Admit::Log { suppressed: 0 } => tracing::info!("{d}"),
+                    Admit::Log { suppressed } => {
+                        tracing::info!("{d} ({suppressed} more denials were not logged)")
+                    }
+                    Admit::Drop => {}
+                }
+            }),
         }
     }
 
@@ -97,6 +109,45 @@ impl NetworkAttachment {
     }
 }
 
+/// Denials logged per minute for guests without an event stream (builds, the CLI).
+pub const DENIAL_LOGS_PER_MINUTE: u32 = 20;
+
+/// A fixed one-minute window of at most [`DENIAL_LOGS_PER_MINUTE`] lines.
+#[derive(Default)]
+struct LogLimiter {
+    window: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Log this one, saying how many were dropped before it.
+    Log { suppressed: u64 },
+    Drop,
+}
+
+impl LogLimiter {
+    fn admit(&mut self, now: std::time::Instant) -> Admit {
+        let fresh = self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(60));
+        if fresh {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < DENIAL_LOGS_PER_MINUTE {
+            self.logged += 1;
+            Admit::Log {
+                suppressed: std::mem::take(&mut self.suppressed),
+            }
+        } else {
+            self.suppressed += 1;
+            Admit::Drop
+        }
+    }
+}
+
 /// A started NIC backend.
 pub(crate) struct Started {
     pub backend: Option<NetBackendProcess>,
@@ -117,5 +168,25 @@ impl std::fmt::Debug for NetworkAttachment {
             NetworkAttachment::Egress { policy, .. } => write!(f, "Egress({policy:?})"),
             NetworkAttachment::QemuUserUnfiltered => f.write_str("QemuUserUnfiltered"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denial_logs_are_limited_per_minute_and_say_what_they_dropped() {
+        let mut l = LogLimiter::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..DENIAL_LOGS_PER_MINUTE {
+            assert_eq!(l.admit(t0), Admit::Log { suppressed: 0 });
+        }
+        for _ in 0..1000 {
+            assert_eq!(l.admit(t0), Admit::Drop);
+        }
+        let later = t0 + std::time::Duration::from_secs(61);
+        assert_eq!(l.admit(later), Admit::Log { suppressed: 1000 });
+        assert_eq!(l.admit(later), Admit::Log { suppressed: 0 });
     }
 }

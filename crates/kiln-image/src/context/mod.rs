@@ -47,7 +47,12 @@ pub enum ContextError {
     Missing { what: String, source_path: String },
     #[error("Bad .dockerignore pattern {pattern:?}")]
     BadIgnore { pattern: String },
+    #[error("Build context entry {entry:?}: its {what} is over {MAX_PATH_BYTES} bytes")]
+    TooLong { entry: String, what: &'static str },
 }
+
+/// Longest entry name or symlink target (Linux's PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -232,6 +237,12 @@ impl Unpacker {
 
     fn add_symlink(&mut self, name: &str, target: &str) -> Result<(), ContextError> {
         self.count()?;
+        if target.len() > MAX_PATH_BYTES {
+            return Err(ContextError::TooLong {
+                entry: name.chars().take(200).collect(),
+                what: "symlink target",
+            });
+        }
         let rel = safe_relative(name)?;
         self.check_parents(&rel)?;
         self.entries.insert(
@@ -277,10 +288,20 @@ impl BuildContext {
             let mut entry = archive.by_index(i)?;
             let name = entry.name().to_string();
             let mode = entry.unix_mode().unwrap_or(0o644);
+            if name.len() > MAX_PATH_BYTES {
+                return Err(ContextError::TooLong {
+                    entry: name.chars().take(200).collect(),
+                    what: "name",
+                });
+            }
             if mode & 0o170000 == 0o120000 {
-                let mut target = String::new();
-                entry.read_to_string(&mut target).map_err(io(path))?;
-                un.add_symlink(&name, &target)?;
+                // A symlink's target is its (compressed, so possibly huge) content: bounded.
+                let mut target = Vec::new();
+                (&mut entry)
+                    .take(MAX_PATH_BYTES as u64 + 1)
+                    .read_to_end(&mut target)
+                    .map_err(io(path))?;
+                un.add_symlink(&name, &String::from_utf8_lossy(&target))?;
             } else if entry.is_dir() {
                 un.add_dir(&name, mode)?;
             } else {
@@ -297,6 +318,12 @@ impl BuildContext {
         for entry in archive.entries().map_err(io(path))? {
             let mut entry = entry.map_err(io(path))?;
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            if name.len() > MAX_PATH_BYTES {
+                return Err(ContextError::TooLong {
+                    entry: name.chars().take(200).collect(),
+                    what: "name",
+                });
+            }
             let mode = entry.header().mode().unwrap_or(0o644);
             match entry.header().entry_type() {
                 tar::EntryType::Directory => un.add_dir(&name, mode)?,

@@ -205,3 +205,30 @@ fn select_expands_globs_and_directories() {
     let d2 = ctx.digest(&ctx.select("lib", "x").unwrap()).unwrap();
     assert_ne!(d1, d2);
 }
+
+/// A zip symlink's target is its content, which deflate can make enormous from a few bytes:
+/// it is read only up to PATH_MAX, and a longer one is refused.
+#[test]
+fn a_zip_symlink_with_a_huge_target_is_refused_without_reading_it_all() {
+    let file = tempfile::Builder::new().suffix(".zip").tempfile().unwrap();
+    let mut w = zip::ZipWriter::new(file.reopen().unwrap());
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    w.start_file("Dockerfile", opts).unwrap();
+    w.write_all(b"FROM a\n").unwrap();
+    w.add_symlink("link", "a".repeat(1 << 20), opts).unwrap();
+    w.finish().unwrap();
+    let err = BuildContext::load(file.path(), ContextLimits::default()).unwrap_err();
+    assert!(
+        matches!(&err, ContextError::TooLong { entry, what: "symlink target" } if entry == "link"),
+        "{err}"
+    );
+    // A long name is refused too, in both formats.
+    let long = "d/".repeat(MAX_PATH_BYTES / 2 + 1);
+    let z = zip_with(&[(long.as_str(), b"x")]);
+    let err = BuildContext::load(z.path(), ContextLimits::default()).unwrap_err();
+    assert!(
+        matches!(err, ContextError::TooLong { what: "name", .. }),
+        "{err}"
+    );
+}
