@@ -11,6 +11,8 @@ pub mod base;
 pub mod build;
 pub mod context;
 pub mod dockerfile;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layers;
 pub mod log;
 pub mod plan;

@@ -9,6 +9,8 @@ pub mod addressing;
 pub mod backend;
 pub mod device;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hostaddrs;
 pub mod observe;
 pub mod policy;

@@ -13,6 +13,8 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generation;
 pub mod handshake;
 pub mod message;

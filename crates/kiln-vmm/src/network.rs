@@ -123,7 +123,9 @@ struct LogLimiter {
 #[derive(Debug, PartialEq, Eq)]
 enum Admit {
     /// Log this one, saying how many were dropped before it.
-    Log { suppressed: u64 },
+    Log {
+        suppressed: u64,
+    },
     Drop,
 }
 

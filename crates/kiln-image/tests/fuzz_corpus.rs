@@ -1,0 +1,37 @@
+//! Replays the checked-in fuzz corpus (`fuzz/corpus/<target>/`) through the same entry
+//! points the fuzz targets call: cheap, no fuzzer needed, and a crash fails the test.
+
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+fn replay(target: &str, run: fn(&[u8])) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let mut inputs = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        run(&std::fs::read(&path).unwrap());
+        inputs += 1;
+    }
+    assert!(
+        inputs > 0,
+        "the {target} corpus in {} is empty",
+        dir.display()
+    );
+}
+
+#[test]
+fn corpus_dockerfile() {
+    replay("dockerfile", kiln_image::fuzzing::dockerfile);
+}
+
+#[test]
+fn corpus_context_tar() {
+    replay("context_tar", kiln_image::fuzzing::context_tar);
+}
+
+#[test]
+fn corpus_context_zip() {
+    replay("context_zip", kiln_image::fuzzing::context_zip);
+}
