@@ -434,7 +434,9 @@ async fn image_logs(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
     let (manager, image_id) = (m.clone(), row.id.clone());
     tokio::spawn(async move {
-        let mut sent = 0usize;
+        // Only what was appended since the last read is read (the file is capped per build,
+        // but a follower should cost nothing for the part it has).
+        let mut sent = 0u64;
         loop {
             let done = manager
                 .store()
@@ -443,12 +445,15 @@ async fn image_logs(
                 .flatten()
                 .map(|r| r.status != "CREATING")
                 .unwrap_or(true);
-            let bytes = std::fs::read(&path).unwrap_or_default();
-            if bytes.len() > sent {
-                if tx.send(Ok(bytes[sent..].to_vec())).await.is_err() {
+            loop {
+                let chunk = read_from(&path, sent).await;
+                if chunk.is_empty() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+                if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
-                sent = bytes.len();
             }
             if done {
                 return;
@@ -457,6 +462,20 @@ async fn image_logs(
         }
     });
     Ok((text, axum::body::Body::from_stream(ChannelStream(rx))).into_response())
+}
+
+/// Up to 1 MiB of `path` from byte `offset` (empty at its end or if it cannot be read).
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(1 << 20).read_to_end(&mut buf).await;
+    buf
 }
 
 /// A receiver as a body stream.

@@ -353,6 +353,7 @@ impl Builder {
                 let _ = std::fs::remove_dir_all(dir.join("template"));
             }
         }
+        log.finish();
         record.write(&dir)?;
         self.settle_layers(&dir);
         let _ = std::fs::remove_file(&lock_path);
