@@ -47,6 +47,9 @@ pub struct Dockerfile {
 
 /// Largest Dockerfile accepted.
 pub const MAX_DOCKERFILE_BYTES: usize = 1024 * 1024;
+/// Most instructions after FROM. Each RUN, COPY or ADD is a disk layer in the image's chain
+/// (which a jail reads whole), so the chain stays far below what a VM can open.
+pub const MAX_STEPS: usize = 256;
 
 impl Dockerfile {
     pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
@@ -84,6 +87,15 @@ impl Dockerfile {
                         format!(
                             "{} before FROM: only ARG may come before FROM",
                             other.keyword()
+                        ),
+                    ))
+                }
+                _ if steps.len() >= MAX_STEPS => {
+                    return Err(ParseError::new(
+                        logical.line,
+                        format!(
+                            "over {MAX_STEPS} instructions after FROM: join RUN lines with && \
+                             or split the image"
                         ),
                     ))
                 }

@@ -168,3 +168,13 @@ fn oversized_dockerfiles_are_refused() {
     );
     assert!(error(&big).to_string().contains("bytes"));
 }
+
+#[test]
+fn too_many_steps_are_refused_at_the_first_one_over() {
+    let ok = format!("FROM a\n{}", "RUN true\n".repeat(MAX_STEPS));
+    assert_eq!(Dockerfile::parse(&ok).unwrap().steps.len(), MAX_STEPS);
+    let over = format!("FROM a\n{}", "RUN true\n".repeat(MAX_STEPS + 1));
+    let e = error(&over);
+    assert_eq!(e.line, MAX_STEPS + 2, "{e}");
+    assert!(e.to_string().contains("over 256 instructions"), "{e}");
+}
