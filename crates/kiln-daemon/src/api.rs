@@ -365,6 +365,15 @@ async fn create_image(
         ));
     }
     let name = spec.name.clone();
+    let _admission = m.admission.lock().unwrap_or_else(|p| p.into_inner());
+    let building = m.store().count_building_images()?;
+    if building >= m.cfg.max_concurrent_builds {
+        return Err(ApiError::quota(format!(
+            "{building} image builds are running and the limit is {}: wait for one to finish, \
+             or raise kilnd --max-concurrent-builds",
+            m.cfg.max_concurrent_builds
+        )));
+    }
     let image_id = crate::images::start_build(&m, spec);
     Ok((
         StatusCode::ACCEPTED,

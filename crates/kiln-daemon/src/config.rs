@@ -42,7 +42,16 @@ pub struct Config {
     pub qemu_memory_overhead_mib: u64,
     /// The whole memory limit of every jail instead (tests set one below guest RAM).
     pub jail_memory_mib: Option<u64>,
+    /// At most this many microVMs not TERMINATED (starting, RUNNING or SUSPENDED).
+    pub max_microvms: usize,
+    /// At most this many image builds at once.
+    pub max_concurrent_builds: usize,
 }
+
+/// Default of `--max-microvms`: what one machine of a few dozen GiB can hold at 512 MiB.
+pub const DEFAULT_MAX_MICROVMS: usize = 64;
+/// Default of `--max-concurrent-builds`.
+pub const DEFAULT_MAX_CONCURRENT_BUILDS: usize = 2;
 
 pub const API_MIN_IDLE_SECONDS: u64 = 60;
 pub const DEFAULT_MAX_DURATION_SECONDS: u64 = 8 * 3600;

@@ -30,6 +30,14 @@ impl ApiError {
             format!("{what} {id:?} does not exist"),
         )
     }
+    /// A kilnd quota is reached (429): the message names it and the flag that raises it.
+    pub fn quota(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "ServiceQuotaExceededException",
+            message,
+        )
+    }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "ConflictException", message)
     }

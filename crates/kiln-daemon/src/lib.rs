@@ -65,6 +65,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         )?),
         inflight: Mutex::new(Default::default()),
         not_resumable: Mutex::new(Default::default()),
+        admission: Mutex::new(()),
         egress: egress::Egress::new(cfg.egress.clone()),
     });
     recovery::recover(&manager)?;

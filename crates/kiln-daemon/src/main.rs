@@ -50,6 +50,12 @@ struct Args {
     /// Timeout of each lifecycle hook call, in seconds.
     #[arg(long, default_value_t = 10)]
     hook_timeout: u64,
+    /// At most this many microVMs that are not TERMINATED (RunMicrovm answers 429 beyond).
+    #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_MICROVMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    max_microvms: usize,
+    /// At most this many image builds at once (CreateMicrovmImage answers 429 beyond).
+    #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_CONCURRENT_BUILDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    max_concurrent_builds: usize,
     /// What SIGTERM does with running microVMs.
     #[arg(long, value_enum, default_value = "suspend")]
     on_shutdown: ShutdownPolicy,
@@ -144,6 +150,8 @@ fn main() -> anyhow::Result<()> {
         cpu_credit_max_seconds: args.cpu_credit_max_seconds.max(0.0),
         qemu_memory_overhead_mib: args.qemu_memory_overhead_mib.max(16),
         jail_memory_mib: args.jail_memory_mib.map(|m| m.max(64)),
+        max_microvms: args.max_microvms,
+        max_concurrent_builds: args.max_concurrent_builds,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -107,6 +107,9 @@ pub struct Manager {
     /// SUSPENDED microVMs this host cannot resume (their snapshot was taken with another
     /// QEMU or machine), with the differences. They are kept, never deleted by policy.
     pub not_resumable: Mutex<HashMap<String, String>>,
+    /// Held while a new microVM or build is counted against its quota and recorded, so two
+    /// requests at once cannot both take the last place.
+    pub admission: Mutex<()>,
 }
 
 pub fn new_microvm_id() -> String {
@@ -280,6 +283,15 @@ impl Manager {
             cpu_baseline: img.record["cpu_baseline"].as_f64(),
             connectors,
         };
+        let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.store().count_live_microvms()?;
+        if live >= self.cfg.max_microvms {
+            return Err(ApiError::quota(format!(
+                "{live} microVMs are not TERMINATED and the limit is {}: terminate one, or raise \
+                 kilnd --max-microvms",
+                self.cfg.max_microvms
+            )));
+        }
         let now = now_ms();
         let row = MicrovmRow {
             id: new_microvm_id(),

@@ -265,6 +265,26 @@ impl Store {
         Ok(ids)
     }
 
+    /// MicroVMs not TERMINATED (what `--max-microvms` counts).
+    pub fn count_live_microvms(&self) -> Result<usize> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM microvms WHERE state != 'TERMINATED'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
+    /// Image builds still CREATING (what `--max-concurrent-builds` counts).
+    pub fn count_building_images(&self) -> Result<usize> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM images WHERE status = 'CREATING'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
     pub fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
         tx.execute(

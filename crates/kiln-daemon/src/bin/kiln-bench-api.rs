@@ -188,6 +188,8 @@ async fn run() -> anyhow::Result<()> {
         cpu_credit_max_seconds: 300.0,
         qemu_memory_overhead_mib: kiln_vmm::confine::QEMU_OVERHEAD_MIB,
         jail_memory_mib: None,
+        max_microvms: kiln_daemon::config::DEFAULT_MAX_MICROVMS,
+        max_concurrent_builds: kiln_daemon::config::DEFAULT_MAX_CONCURRENT_BUILDS,
     };
     tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");

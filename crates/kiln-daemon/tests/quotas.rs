@@ -1,0 +1,83 @@
+//! kilnd's quotas: microVMs not TERMINATED (`--max-microvms`) and image builds at once
+//! (`--max-concurrent-builds`). Past one, the request gets a 429 that names the limit and the
+//! flag, nothing is started, and a place freed is usable at once.
+
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{tar_of, TestDaemon};
+use serde_json::json;
+
+const CONTEXT: &[(&str, &str)] = &[(
+    "Dockerfile",
+    "FROM busybox\nCMD [\"sh\", \"-c\", \"sleep 3600\"]\n",
+)];
+
+#[test]
+fn quotas_refuse_the_microvm_or_build_over_the_limit_naming_the_flag() {
+    let d = TestDaemon::start_with(&["--max-microvms", "1", "--max-concurrent-builds", "1"]);
+    // Two builds at once: the second is refused while the first runs.
+    let (status, art) = d.post_raw("/v1/artifacts", "application/x-tar", &tar_of(CONTEXT), true);
+    assert_eq!(status, 200, "{art}");
+    let artifact = art["artifactId"].clone();
+    let (status, first) = d.post(
+        "/v1/images",
+        json!({"name": "quota", "codeArtifact": {"artifactId": artifact}, "waitForReady": false}),
+    );
+    assert_eq!(status, 202, "{first}");
+    let (status, second) = d.post(
+        "/v1/images",
+        json!({"name": "quota-two", "codeArtifact": {"artifactId": artifact}, "waitForReady": false}),
+    );
+    assert_eq!(status, 429, "{second}");
+    assert_eq!(second["code"], "ServiceQuotaExceededException", "{second}");
+    let says = second["message"].as_str().unwrap();
+    assert!(
+        says.contains("limit is 1") && says.contains("--max-concurrent-builds"),
+        "{second}"
+    );
+    let (_, images) = d.get("/v1/images");
+    assert!(
+        !images.to_string().contains("quota-two"),
+        "the refused build left nothing: {images}"
+    );
+    let image = first["imageIdentifier"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, v) = d.get(&format!("/v1/images/{image}"));
+        match v["status"].as_str() {
+            Some("SUCCESSFUL") => break,
+            Some("FAILED") => panic!("image failed: {v}"),
+            _ => assert!(std::time::Instant::now() < deadline, "build too slow"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // One microVM at most: the second is refused until the first is terminated.
+    let run = || d.post("/v1/microvms", json!({"imageIdentifier": "quota"}));
+    let (status, one) = run();
+    assert_eq!(status, 200, "{one}");
+    let one = one["microvmId"].as_str().unwrap().to_string();
+    let (status, two) = run();
+    assert_eq!(status, 429, "{two}");
+    let says = two["message"].as_str().unwrap();
+    assert!(
+        says.contains("limit is 1") && says.contains("--max-microvms"),
+        "{two}"
+    );
+    let (_, list) = d.get("/v1/microvms");
+    assert_eq!(list["microvms"].as_array().unwrap().len(), 1, "{list}");
+    d.wait_state(&one, "RUNNING", Duration::from_secs(120));
+    let (status, _) = d.post(&format!("/v1/microvms/{one}/terminate"), json!({}));
+    assert_eq!(status, 200);
+    let (status, again) = run();
+    assert_eq!(status, 200, "a freed place is usable at once: {again}");
+    let again = again["microvmId"].as_str().unwrap().to_string();
+    d.wait_state(&again, "RUNNING", Duration::from_secs(120));
+    let (status, _) = d.post(&format!("/v1/microvms/{again}/terminate"), json!({}));
+    assert_eq!(status, 200);
+}
