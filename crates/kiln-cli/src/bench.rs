@@ -64,7 +64,10 @@ fn pss_kib(pid: u32) -> u64 {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let accel = kiln_vmm::accel::detect()?;
     let assets = GuestAssets::locate()?;
-    let machine = MachineSpec::new(accel.accel);
+    // As kilnd's microVMs are: with a NIC, so every launch starts its network backend too
+    // (a jailed process of its own), closed to everything.
+    let mut machine = MachineSpec::new(accel.accel);
+    machine.network = true;
     let scratch = crate::sandbox::kiln_home()
         .join("bench")
         .join(std::process::id().to_string());

@@ -67,46 +67,63 @@ impl NetworkAttachment {
         }
     }
 
-    /// Starts the backend (if any) and returns it, the descriptor QEMU gets as its
-    /// descriptor 3 (its end of the guest's link), and QEMU's `-netdev` value.
-    pub(crate) async fn start(
-        &self,
-        confinement: &Confinement,
-        die_with_parent: bool,
-    ) -> Result<Started, VmError> {
+    /// The guest's link, before any process starts: QEMU's `-netdev` value and its
+    /// descriptor (its descriptor 3), and the backend's end. QEMU and the backend can then
+    /// start side by side; the socket pair holds what either sends first.
+    pub(crate) fn link(&self) -> Result<Link, VmError> {
         match self {
-            NetworkAttachment::Egress {
-                policy,
-                counters,
-                denials,
-            } => {
+            NetworkAttachment::Egress { .. } => {
                 let (qemu_end, backend_end) =
                     std::os::unix::net::UnixStream::pair().map_err(|source| VmError::Dir {
                         path: "socketpair".into(),
                         source,
                     })?;
-                let backend = NetBackendProcess::spawn(
-                    policy,
-                    counters,
-                    denials,
-                    backend_end.into(),
-                    confinement,
-                    die_with_parent,
-                )
-                .await?;
-                Ok(Started {
-                    backend: Some(backend),
+                Ok(Link {
                     qemu_fd: Some(qemu_end.into()),
+                    backend_fd: Some(backend_end.into()),
                     netdev: "stream,id=net0,server=off,addr.type=fd,addr.str=3".into(),
                 })
             }
-            NetworkAttachment::QemuUserUnfiltered => Ok(Started {
-                backend: None,
+            NetworkAttachment::QemuUserUnfiltered => Ok(Link {
                 qemu_fd: None,
+                backend_fd: None,
                 netdev: "user,id=net0".into(),
             }),
         }
     }
+
+    /// Starts the backend on the link's other end (QEMU's user networking has none).
+    pub(crate) async fn start_backend(
+        &self,
+        backend_fd: Option<OwnedFd>,
+        confinement: &Confinement,
+        die_with_parent: bool,
+    ) -> Result<Option<NetBackendProcess>, VmError> {
+        let (
+            NetworkAttachment::Egress {
+                policy,
+                counters,
+                denials,
+            },
+            Some(fd),
+        ) = (self, backend_fd)
+        else {
+            return Ok(None);
+        };
+        let backend =
+            NetBackendProcess::spawn(policy, counters, denials, fd, confinement, die_with_parent)
+                .await?;
+        Ok(Some(backend))
+    }
+}
+
+/// The guest's link (see [`NetworkAttachment::link`]).
+pub(crate) struct Link {
+    /// QEMU's end (its descriptor 3).
+    pub qemu_fd: Option<OwnedFd>,
+    /// The backend's end (its descriptor 3).
+    pub backend_fd: Option<OwnedFd>,
+    pub netdev: OsString,
 }
 
 /// Denials logged per minute for guests without an event stream (builds, the CLI).
@@ -148,14 +165,6 @@ impl LogLimiter {
             Admit::Drop
         }
     }
-}
-
-/// A started NIC backend.
-pub(crate) struct Started {
-    pub backend: Option<NetBackendProcess>,
-    /// QEMU's end of the link (its descriptor 3).
-    pub qemu_fd: Option<OwnedFd>,
-    pub netdev: OsString,
 }
 
 impl Default for NetworkAttachment {

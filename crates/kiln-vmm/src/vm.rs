@@ -233,10 +233,10 @@ impl Vm {
             confinement,
         } = spec;
         let span = Span::current();
-        let (net_backend, qemu_fds, netdev) = if machine.network {
-            let started = network.start(&confinement, die_with_parent).await?;
-            let fds = started.qemu_fd.into_iter().collect::<Vec<_>>();
-            (started.backend, fds, Some(started.netdev))
+        let (backend_fd, qemu_fds, netdev) = if machine.network {
+            let link = network.link()?;
+            let fds = link.qemu_fd.into_iter().collect::<Vec<_>>();
+            (link.backend_fd, fds, Some(link.netdev))
         } else {
             (None, Vec::new(), None)
         };
@@ -270,9 +270,26 @@ impl Vm {
             }
             Confinement::Unjailed => None,
         };
-        let process =
-            QemuProcess::spawn(&args, &paths.console_log(), die_with_parent, jail, qemu_fds)
-                .await?;
+        // QEMU and its network backend start side by side (each jail takes tens of ms).
+        let console = paths.console_log();
+        let (backend, process) = tokio::join!(
+            network.start_backend(backend_fd, &confinement, die_with_parent),
+            QemuProcess::spawn(&args, &console, die_with_parent, jail, qemu_fds)
+        );
+        let (net_backend, process) = match (backend, process) {
+            (Ok(backend), Ok(process)) => (backend, process),
+            (Ok(backend), Err(e)) => {
+                if let Some(b) = backend {
+                    b.finish().await;
+                }
+                return Err(e.into());
+            }
+            (Err(e), Ok(process)) => {
+                process.kill().await;
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+        };
         // The pid as the host sees it (a jailed QEMU is PID 1 of its own namespace), for
         // start-up recovery.
         let _ = write_new(&paths.pid_file(), format!("{}\n", process.pid()).as_bytes());
