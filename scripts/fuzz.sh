@@ -2,7 +2,7 @@
 # Runs every fuzz target (fuzz/fuzz_targets/) for a while with cargo-fuzz (libFuzzer),
 # starting from the checked-in corpus. New inputs go to a scratch corpus; a crash leaves its
 # input in fuzz/artifacts/<target>/ and fails the run. CI does not run this: it replays the
-# corpus through the same entry points as ordinary tests (tests/fuzz_corpus.rs).
+# corpus through the same entry points as ordinary tests (crates/kiln-daemon/tests/fuzz_corpus.rs).
 #   scripts/fuzz.sh            # 60 s per target
 #   scripts/fuzz.sh 600 dns    # 10 minutes of the dns target
 set -euo pipefail
