@@ -7,8 +7,11 @@
 
 use kiln_vmm::kiln_net;
 
+/// A fuzz entry point: untrusted bytes in, no panic out.
+type Entry = fn(&[u8]);
+
 /// Every fuzz target and its entry point, as in `fuzz/fuzz_targets/`.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Entry)] = &[
     ("dns", kiln_net::fuzzing::dns),
     ("link", kiln_net::fuzzing::link),
     ("connectors", kiln_net::fuzzing::connectors),
