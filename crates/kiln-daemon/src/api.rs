@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_image::BuildSpec;
-use kiln_store::{now_ms, MicrovmRow};
+use kiln_store::MicrovmRow;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -43,7 +43,7 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
     let protected = Router::new()
         .route(
             "/v1/artifacts",
-            post(upload_artifact).layer(DefaultBodyLimit::max(512 * 1024 * 1024)),
+            post(upload_artifact).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/images", post(create_image).get(list_images))
         .route("/v1/images/{id}", get(get_image).delete(delete_image))
@@ -204,26 +204,83 @@ async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
+/// Streams an upload to disk (never whole in memory), under `--max-artifact-mib`, then
+/// names it with a random id: two uploads at once never share a name.
 async fn upload_artifact(
     State(m): State<Arc<Manager>>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
-    let kind = if body.starts_with(b"PK\x03\x04") {
-        "zip"
-    } else if body.len() > 262 && &body[257..262] == b"ustar" {
-        "tar"
-    } else {
-        return Err(ApiError::bad_request(
-            "the artifact must be a zip or tar archive of the build context",
-        ));
-    };
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
     let dir = crate::images::artifacts_dir(&m);
-    std::fs::create_dir_all(&dir).map_err(ApiError::internal)?;
-    let id = format!("art-{:x}", now_ms());
-    std::fs::write(dir.join(format!("{id}.{kind}")), &body).map_err(ApiError::internal)?;
-    Ok(Json(
-        json!({"artifactId": id, "bytes": body.len(), "format": kind}),
-    ))
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut nonce = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let id = format!("art-{}", hex::encode(nonce));
+    let partial = dir.join(format!(".{id}.upload"));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .await
+        .map_err(ApiError::internal)?;
+    let outcome = async {
+        let mut body = body;
+        let mut head = Vec::new();
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total += data.len() as u64;
+            if total > m.cfg.max_artifact_bytes {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "ValidationException",
+                    format!(
+                        "the artifact is over {} MiB: leave large files out of the context \
+                         (.dockerignore), or raise kilnd --max-artifact-mib",
+                        m.cfg.max_artifact_bytes >> 20
+                    ),
+                ));
+            }
+            if head.len() < 262 {
+                head.extend_from_slice(&data[..data.len().min(262 - head.len())]);
+            }
+            file.write_all(&data).await.map_err(ApiError::internal)?;
+        }
+        file.sync_all().await.map_err(ApiError::internal)?;
+        let kind = if head.starts_with(b"PK\x03\x04") {
+            "zip"
+        } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+            "tar"
+        } else {
+            return Err(ApiError::bad_request(
+                "the artifact must be a zip or tar archive of the build context",
+            ));
+        };
+        Ok((kind, total))
+    }
+    .await;
+    match outcome {
+        Ok((kind, total)) => {
+            tokio::fs::rename(&partial, dir.join(format!("{id}.{kind}")))
+                .await
+                .map_err(ApiError::internal)?;
+            Ok(Json(
+                json!({"artifactId": id, "bytes": total, "format": kind}),
+            ))
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            Err(e)
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize)]

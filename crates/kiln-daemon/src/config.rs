@@ -46,7 +46,12 @@ pub struct Config {
     pub max_microvms: usize,
     /// At most this many image builds at once.
     pub max_concurrent_builds: usize,
+    /// Largest build context upload, in bytes.
+    pub max_artifact_bytes: u64,
 }
+
+/// Default of `--max-artifact-mib`.
+pub const DEFAULT_MAX_ARTIFACT_MIB: u64 = 512;
 
 /// Default of `--max-microvms`: what one machine of a few dozen GiB can hold at 512 MiB.
 pub const DEFAULT_MAX_MICROVMS: usize = 64;

@@ -56,6 +56,9 @@ struct Args {
     /// At most this many image builds at once (CreateMicrovmImage answers 429 beyond).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_CONCURRENT_BUILDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     max_concurrent_builds: usize,
+    /// Largest build context upload, in MiB (POST /v1/artifacts answers 413 beyond).
+    #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_ARTIFACT_MIB, value_parser = clap::value_parser!(u64).range(1..=16384))]
+    max_artifact_mib: u64,
     /// What SIGTERM does with running microVMs.
     #[arg(long, value_enum, default_value = "suspend")]
     on_shutdown: ShutdownPolicy,
@@ -152,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         jail_memory_mib: args.jail_memory_mib.map(|m| m.max(64)),
         max_microvms: args.max_microvms,
         max_concurrent_builds: args.max_concurrent_builds,
+        max_artifact_bytes: args.max_artifact_mib << 20,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -81,3 +81,57 @@ fn quotas_refuse_the_microvm_or_build_over_the_limit_naming_the_flag() {
     let (status, _) = d.post(&format!("/v1/microvms/{again}/terminate"), json!({}));
     assert_eq!(status, 200);
 }
+
+#[test]
+fn uploads_stream_to_disk_under_their_cap_with_ids_of_their_own() {
+    let d = TestDaemon::start_with(&["--max-artifact-mib", "1"]);
+    let artifacts = d.home.join("artifacts");
+    // Two uploads at once get two ids (they were named by the millisecond).
+    let tar = tar_of(CONTEXT);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let ups: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let (status, art) =
+                        d.post_raw("/v1/artifacts", "application/x-tar", &tar, true);
+                    assert_eq!(status, 200, "{art}");
+                    art["artifactId"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        ups.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "{ids:?}");
+    for id in &ids {
+        let file = artifacts.join(format!("{id}.tar"));
+        assert_eq!(std::fs::read(&file).unwrap(), tar, "{id} holds its upload");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // Over the cap: 413 naming the flag, and nothing left behind.
+    let mut big = tar_of(&[("Dockerfile", "FROM busybox\n")]);
+    big.extend(std::iter::repeat_n(0u8, 2 << 20));
+    let (status, err) = d.post_raw("/v1/artifacts", "application/x-tar", &big, true);
+    assert_eq!(status, 413, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-artifact-mib"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&artifacts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !ids.iter().any(|id| n.starts_with(id.as_str())))
+        .collect();
+    assert!(left.is_empty(), "a refused upload left {left:?}");
+    // Not an archive: 400, nothing kept.
+    let (status, err) = d.post_raw("/v1/artifacts", "application/x-tar", b"hello", true);
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 4);
+}
