@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kiln_image::{BuildSpec, ImageRecord};
 use kiln_store::ImageRow;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::manager::Manager;
 
@@ -68,4 +68,52 @@ pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
 /// Where uploaded build-context artifacts are kept.
 pub fn artifacts_dir(manager: &Manager) -> PathBuf {
     manager.cfg.home.join("artifacts")
+}
+
+/// An uploaded build context no image build refers to is removed this long after its
+/// upload (the build requests of kept images keep theirs, to be submitted again).
+pub const ARTIFACT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// A partial upload (kilnd died while receiving it) is removed after this long.
+const PARTIAL_UPLOAD_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes artifacts no image refers to once older than [`ARTIFACT_TTL`], and partial
+/// uploads left by a crash. If the images cannot be read, nothing is removed. Returns how
+/// many files went.
+pub fn sweep_artifacts(manager: &Manager) -> usize {
+    let Ok(images) = manager.store().all_images() else {
+        return 0;
+    };
+    let referenced: std::collections::HashSet<String> = images
+        .iter()
+        .filter_map(|i| i.record["request"]["codeArtifact"]["artifactId"].as_str())
+        .map(str::to_string)
+        .collect();
+    let Ok(entries) = std::fs::read_dir(artifacts_dir(manager)) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        let id = name
+            .strip_suffix(".zip")
+            .or_else(|| name.strip_suffix(".tar"));
+        let stale = if name.starts_with('.') && name.ends_with(".upload") {
+            age > PARTIAL_UPLOAD_TTL
+        } else if let Some(id) = id.filter(|id| id.starts_with("art-")) {
+            age > ARTIFACT_TTL && !referenced.contains(id)
+        } else {
+            false
+        };
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            info!(artifact = %name, "removed an unused build context");
+            removed += 1;
+        }
+    }
+    removed
 }

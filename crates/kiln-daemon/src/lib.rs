@@ -70,6 +70,16 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     });
     recovery::recover(&manager)?;
     idle::spawn(manager.clone());
+    // Unused uploads go a day after their upload: checked at start and every hour.
+    let sweeper = manager.clone();
+    tokio::spawn(async move {
+        let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            hourly.tick().await;
+            let manager = sweeper.clone();
+            let _ = tokio::task::spawn_blocking(move || images::sweep_artifacts(&manager)).await;
+        }
+    });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;

@@ -135,3 +135,60 @@ fn uploads_stream_to_disk_under_their_cap_with_ids_of_their_own() {
     assert_eq!(status, 400, "{err}");
     assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 4);
 }
+
+/// Sets a file's modification time `ago` in the past (as a day passing would).
+fn age(path: &std::path::Path, ago: &str) {
+    let ok = std::process::Command::new("touch")
+        .args(["-d", ago])
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "touch {}", path.display());
+}
+
+#[test]
+fn unused_uploads_go_a_day_after_upload_and_used_ones_stay() {
+    let mut d = TestDaemon::start();
+    let artifacts = d.home.join("artifacts");
+    let upload = |d: &TestDaemon| {
+        let (status, art) =
+            d.post_raw("/v1/artifacts", "application/x-tar", &tar_of(CONTEXT), true);
+        assert_eq!(status, 200, "{art}");
+        art["artifactId"].as_str().unwrap().to_string()
+    };
+    let (unused, used, fresh) = (upload(&d), upload(&d), upload(&d));
+    let (status, img) = d.post(
+        "/v1/images",
+        json!({"name": "kept", "codeArtifact": {"artifactId": used}, "waitForReady": false}),
+    );
+    assert_eq!(status, 202, "{img}");
+    let id = img["imageIdentifier"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while d.get(&format!("/v1/images/{id}")).1["status"] != "SUCCESSFUL" {
+        assert!(std::time::Instant::now() < deadline, "build too slow");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let file = |a: &str| artifacts.join(format!("{a}.tar"));
+    age(&file(&unused), "2 days ago");
+    age(&file(&used), "2 days ago");
+    let partial = artifacts.join(".art-0000000000000000.upload");
+    std::fs::write(&partial, b"half an upload").unwrap();
+    age(&partial, "2 hours ago");
+    // The sweep runs when kilnd starts (and every hour).
+    d.sigterm();
+    d.spawn(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while file(&unused).exists() || partial.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an unused day-old upload or a stale partial one was kept"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        file(&used).exists(),
+        "an image's build request keeps its upload"
+    );
+    assert!(file(&fresh).exists(), "an unused upload stays for a day");
+}
