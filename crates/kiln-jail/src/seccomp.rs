@@ -141,23 +141,26 @@ fn eperm_filter() -> Result<BpfProgram, SeccompError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, namespace);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch()?,
-    )
-    .map_err(build)?;
-    filter.try_into().map_err(build)
+    failing_with(rules, libc::EPERM)
 }
 
 /// The `ENOSYS` filter: `clone3`, whose flags sit behind a pointer no filter can read.
 fn enosys_filter() -> Result<BpfProgram, SeccompError> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    failing_with(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        libc::ENOSYS,
+    )
+}
+
+/// A filter that allows every call but those `rules` match, which fail with `errno`.
+fn failing_with(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    errno: libc::c_int,
+) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
+        SeccompAction::Errno(errno as u32),
         arch()?,
     )
     .map_err(build)?;
