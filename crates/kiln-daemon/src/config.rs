@@ -7,6 +7,8 @@ use std::time::Duration;
 /// What a graceful shutdown (SIGTERM) does with running microVMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ShutdownPolicy {
+    /// Leave them running: the next kilnd takes them back (upgrades keep sandboxes).
+    Keep,
     /// Suspend them to disk; they are SUSPENDED after the restart and resume on request.
     Suspend,
     /// Terminate them.

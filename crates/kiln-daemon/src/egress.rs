@@ -48,13 +48,15 @@ impl Egress {
             .map_err(|e| ApiError::bad_request(format!("connectors: {e}")))
     }
 
-    /// The network of microVM `id`: its policy, its (lasting) counters, denials as events.
+    /// The network of microVM `id`: its policy, its (lasting) counters, denials as events,
+    /// and its backend's reports served at `control` (so a restarted kilnd reads them again).
     pub fn attachment(
         &self,
         manager: Weak<Manager>,
         id: &str,
         policy: EgressPolicy,
         earlier: CounterSnapshot,
+        control: std::path::PathBuf,
     ) -> NetworkAttachment {
         let counters = self
             .counters
@@ -72,6 +74,7 @@ impl Egress {
                     m.egress.record_denial(&m, &id, &denial);
                 }
             }),
+            control: Some(control),
         }
     }
 

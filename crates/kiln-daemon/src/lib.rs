@@ -31,6 +31,13 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&cfg.home)
         .with_context(|| format!("creating {}", cfg.home.display()))?;
+    // The network backends' report sockets: root's alone.
+    let net_dir = cfg.home.join("run").join("net");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&net_dir)
+        .with_context(|| format!("creating {}", net_dir.display()))?;
     // Bound first so that endpoints show the real port when the listen port is 0.
     let ingress = tokio::net::TcpListener::bind(cfg.ingress_listen)
         .await
@@ -68,7 +75,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         admission: Mutex::new(()),
         egress: egress::Egress::new(cfg.egress.clone()),
     });
-    recovery::recover(&manager)?;
+    recovery::recover(&manager).await?;
     idle::spawn(manager.clone());
     // Unused uploads go a day after their upload: checked at start and every hour.
     let sweeper = manager.clone();
@@ -177,8 +184,13 @@ fn shutdown_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// Graceful shutdown: suspend or terminate running microVMs per the daemon setting.
+/// Graceful shutdown: leave running microVMs running for the next kilnd (the default), or
+/// suspend or terminate them, per the daemon setting.
 async fn shutdown(manager: &Arc<Manager>) {
+    if manager.cfg.on_shutdown == ShutdownPolicy::Keep {
+        leave_running(manager).await;
+        return;
+    }
     let running = manager
         .store()
         .microvms(Some("RUNNING"), None)
@@ -186,6 +198,7 @@ async fn shutdown(manager: &Arc<Manager>) {
     info!(count = running.len(), policy = ?manager.cfg.on_shutdown, "shutting down");
     for row in running {
         let result = match manager.cfg.on_shutdown {
+            ShutdownPolicy::Keep => continue,
             ShutdownPolicy::Suspend => manager.suspend(&row.id, "kilnd shut down").await,
             ShutdownPolicy::Terminate => manager.terminate(&row.id, "kilnd shut down").await,
         };
@@ -193,4 +206,30 @@ async fn shutdown(manager: &Arc<Manager>) {
             warn!(id = row.id, "shutdown action failed: {}", e.message);
         }
     }
+}
+
+/// Lets go of every running microVM without stopping it: their runtime records are in the
+/// store, so the next kilnd takes them back. Waits for transitions in progress first.
+async fn leave_running(manager: &Arc<Manager>) {
+    let slots: Vec<_> = manager
+        .slots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, slot)| (id.clone(), slot.clone()))
+        .collect();
+    let mut kept = 0;
+    for (id, slot) in slots {
+        let mut slot = slot.lock().await;
+        if let Some(vm) = slot.vm.take() {
+            manager.sample(&id, &mut slot, Some(&vm));
+            manager.keep_runtime(&id, &vm);
+            vm.leave_running();
+            kept += 1;
+        }
+    }
+    info!(
+        kept,
+        "shutting down: running microVMs left running for the next kilnd"
+    );
 }

@@ -59,8 +59,9 @@ struct Args {
     /// Largest build context upload, in MiB (POST /v1/artifacts answers 413 beyond).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_ARTIFACT_MIB, value_parser = clap::value_parser!(u64).range(1..=16384))]
     max_artifact_mib: u64,
-    /// What SIGTERM does with running microVMs.
-    #[arg(long, value_enum, default_value = "suspend")]
+    /// What SIGTERM does with running microVMs: leave them running for the next kilnd
+    /// (keep), suspend them to disk, or terminate them.
+    #[arg(long, value_enum, default_value = "keep")]
     on_shutdown: ShutdownPolicy,
     /// Domain of microVM endpoints (<microvmId>.<domain>).
     #[arg(long, default_value = "localhost")]

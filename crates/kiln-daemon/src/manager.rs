@@ -216,7 +216,10 @@ impl Manager {
         row.state.parse().unwrap_or(MicrovmState::Terminated)
     }
 
-    fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) {
+    pub(crate) fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) {
+        if to == MicrovmState::Terminated {
+            self.forget_runtime(id);
+        }
         if let Err(e) = self.store().set_state(id, to.as_str(), reason) {
             warn!(id, "recording state {to} failed: {e}");
         }
@@ -341,7 +344,8 @@ impl Manager {
                     machine: None,
                     assets: self.assets.clone(),
                     timeout: Duration::from_secs(60),
-                    die_with_parent: true,
+                    // Guests outlive kilnd: a restart takes them back (recovery).
+                    die_with_parent: false,
                     network,
                     confinement: self.confinement_of(config),
                 })
@@ -363,6 +367,7 @@ impl Manager {
                 )
             }
         };
+        self.keep_runtime(id, &vm);
         slot.cpu = Some(crate::cpu::CpuCredit::new(
             Self::baseline_of(config),
             self.cfg.cpu_credit_max_seconds,
@@ -401,9 +406,41 @@ impl Manager {
         earlier: CounterSnapshot,
     ) -> ApiResult<NetworkAttachment> {
         let policy = self.egress.compile(&config.connectors)?;
-        Ok(self
-            .egress
-            .attachment(Arc::downgrade(self), id, policy, earlier))
+        Ok(self.egress.attachment(
+            Arc::downgrade(self),
+            id,
+            policy,
+            earlier,
+            self.net_control(id),
+        ))
+    }
+
+    /// Where microVM `id`'s network backend serves its reports: a directory of kilnd's
+    /// (0700, root's), never the VM's own, which its jailed QEMU owns.
+    pub fn net_control(&self, id: &str) -> PathBuf {
+        self.cfg
+            .home
+            .join("run")
+            .join("net")
+            .join(format!("{id}.sock"))
+    }
+
+    /// Keeps what a restarted kilnd needs to take `vm` back, before the state that needs it.
+    pub fn keep_runtime(&self, id: &str, vm: &Vm) {
+        let record = serde_json::to_value(vm.record());
+        let kept = record
+            .map_err(kiln_store::StoreError::from)
+            .and_then(|r| self.store().set_runtime(id, Some(&r)));
+        if let Err(e) = kept {
+            warn!(id, "keeping the microVM's runtime record failed: {e}");
+        }
+    }
+
+    /// Forgets the runtime record once no process of the microVM runs.
+    pub fn forget_runtime(&self, id: &str) {
+        if let Err(e) = self.store().set_runtime(id, None) {
+            warn!(id, "forgetting the microVM's runtime record failed: {e}");
+        }
     }
 
     /// POSTs to a lifecycle hook; Err carries a one-line reason.
@@ -453,6 +490,7 @@ impl Manager {
         self.sample(id, &mut slot, Some(&vm));
         match vm.suspend().await {
             Ok(suspended) => {
+                self.forget_runtime(id);
                 slot.suspended = Some(suspended);
                 self.set_state(id, MicrovmState::Suspended, Some(&note));
             }
@@ -490,6 +528,7 @@ impl Manager {
         self.set_state(id, MicrovmState::Resuming, Some(reason));
         match suspended.resume(Duration::from_secs(60)).await {
             Ok(vm) => {
+                self.keep_runtime(id, &vm);
                 if let Err(e) = apply_no_network(&config, &vm).await {
                     warn!(id, "taking the NIC away again after resume failed: {e}");
                 }
@@ -577,6 +616,7 @@ impl Manager {
     /// and slot.
     fn finish_termination(&self, id: &str, slot: tokio::sync::MutexGuard<'_, Slot>, reason: &str) {
         let _ = std::fs::remove_dir_all(self.microvm_dir(id));
+        let _ = std::fs::remove_file(self.net_control(id));
         self.set_state(id, MicrovmState::Terminated, Some(reason));
         self.tokens.revoke_microvm(id);
         self.egress.forget(id);

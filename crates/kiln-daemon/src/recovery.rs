@@ -1,12 +1,17 @@
-//! Start-up recovery after a crash or `kill -9`: every image and microVM is brought to a
-//! consistent state. Guests die with the daemon (their QEMU is tied to it), so microVMs that
-//! were running are TERMINATED with a reason and their files removed; suspended ones stay
-//! SUSPENDED (their state is on disk) and resume on request; interrupted bakes are FAILED.
+//! Start-up recovery after a crash, a `kill -9` or an upgrade: every image and microVM is
+//! brought to a consistent state. Guests outlive kilnd, so RUNNING microVMs are taken back
+//! (their QEMU and network backend watched again, QMP and a new agent session opened, idle
+//! timers and metering resumed); one whose QEMU ended while kilnd was down is TERMINATED
+//! with the reason and its console tail. Suspended ones stay SUSPENDED (their state is on
+//! disk) and resume on request; microVMs caught mid-launch are TERMINATED, their leftover
+//! processes killed; interrupted bakes are FAILED.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use kiln_store::now_ms;
 use kiln_types::{MicrovmState, VmId};
-use kiln_vmm::{SuspendedVm, Template};
+use kiln_vmm::{AdoptConfig, SuspendedVm, Template, Vm, VmRecord};
 use tracing::{info, warn};
 
 use crate::images::sync_image;
@@ -15,7 +20,7 @@ use crate::manager::{Manager, MicrovmConfig, Usage};
 /// The status of an image whose template this host cannot launch.
 pub const REBUILD_REQUIRED: &str = "REBUILD_REQUIRED";
 
-pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
+pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for id in manager.builder.recover_interrupted()? {
         info!(id, "interrupted image build marked FAILED");
     }
@@ -44,7 +49,7 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                             id,
                             &dir,
                             manager.assets.clone(),
-                            true,
+                            false,
                             manager.confinement,
                         )
                         .map_err(anyhow::Error::from)
@@ -94,20 +99,126 @@ pub fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                     }
                 }
             }
+            MicrovmState::Running => readopt(manager, &row).await,
             _ => {
+                if let Some(record) = recorded(manager, &row.id) {
+                    record.kill_if_running();
+                }
                 kill_leftover_qemu(&dir);
                 let _ = std::fs::remove_dir_all(&dir);
-                manager.store().set_state(
+                let _ = std::fs::remove_file(manager.net_control(&row.id));
+                manager.set_state(
                     &row.id,
-                    "TERMINATED",
+                    MicrovmState::Terminated,
                     Some(&format!(
                         "kilnd restarted while the microVM was {state}; its memory was lost"
                     )),
-                )?;
+                );
             }
         }
     }
     Ok(())
+}
+
+/// The runtime record kept for a microVM, if there is a readable one.
+fn recorded(manager: &Manager, id: &str) -> Option<VmRecord> {
+    let value = manager.store().runtime(id).ok().flatten()?;
+    match serde_json::from_value(value) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(id, "the microVM's runtime record is unreadable: {e}");
+            None
+        }
+    }
+}
+
+/// Takes a RUNNING microVM back, or TERMINATES it with why that failed.
+async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow) {
+    let id = row.id.as_str();
+    let dir = manager.microvm_dir(id);
+    let record = recorded(manager, id);
+    match adopt(manager, row, record.clone()).await {
+        Ok(vm) => {
+            let config: Option<MicrovmConfig> = serde_json::from_value(row.config.clone()).ok();
+            let slot = manager.slot(id);
+            let Ok(mut slot) = slot.try_lock() else {
+                return;
+            };
+            if let Some(config) = &config {
+                slot.cpu = Some(crate::cpu::CpuCredit::new(
+                    Manager::baseline_of(config),
+                    manager.cfg.cpu_credit_max_seconds,
+                ));
+            }
+            slot.cpu_cgroup = None;
+            slot.last_sample_ms = now_ms();
+            slot.vm = Some(vm);
+            if let Err(e) = manager.store().record_event(
+                id,
+                "adopted",
+                "kilnd restarted and took the microVM back",
+            ) {
+                warn!(id, "recording the adoption failed: {e}");
+            }
+            info!(id, "running microVM re-adopted");
+        }
+        Err(why) => {
+            warn!(id, "running microVM lost: {why}");
+            if let Some(record) = &record {
+                record.kill_if_running();
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(manager.net_control(id));
+            manager.set_state(id, MicrovmState::Terminated, Some(&why));
+        }
+    }
+}
+
+/// What is needed to adopt a RUNNING microVM, then the adoption; Err is the reason it
+/// becomes TERMINATED.
+async fn adopt(
+    manager: &Arc<Manager>,
+    row: &kiln_store::MicrovmRow,
+    record: Option<VmRecord>,
+) -> Result<Vm, String> {
+    let id = row.id.as_str();
+    let Some(record) = record else {
+        return Err(
+            "kilnd restarted while the microVM was RUNNING and no record of its processes              was kept (it ran under a kilnd older than re-adoption); its memory was lost"
+                .into(),
+        );
+    };
+    let config: MicrovmConfig =
+        serde_json::from_value(row.config.clone()).map_err(|e| format!("its config: {e}"))?;
+    let usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
+    let network = manager
+        .network_of(id, &config, usage.network)
+        .map_err(|e| e.message)?;
+    let vm_id = VmId::new(id).map_err(|e| e.to_string())?;
+    let console = manager.microvm_dir(id).join("console.log");
+    Vm::adopt(AdoptConfig {
+        id: vm_id,
+        dir: manager.microvm_dir(id),
+        record,
+        network,
+        confinement: manager.confinement_of(&config),
+        timeout: Duration::from_secs(30),
+    })
+    .await
+    .map_err(|e| {
+        let mut why = format!(
+            "kilnd restarted and could not take the microVM back: {}",
+            kiln_vmm::error_chain(&e)
+        );
+        if !matches!(
+            e,
+            kiln_vmm::VmError::Crashed { .. } | kiln_vmm::VmError::AgentUnreachable { .. }
+        ) {
+            let tail = kiln_vmm::process::tail_of_file(&console, kiln_vmm::vm::CONSOLE_TAIL);
+            why.push_str(&format!("\n--- console tail ---\n{tail}"));
+        }
+        why
+    })
 }
 
 /// Marks SUCCESSFUL images whose template this host cannot launch (another QEMU, machine

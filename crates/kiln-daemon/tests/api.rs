@@ -395,24 +395,54 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
         }
     }
 
-    // kill -9: guests die with the daemon; after the restart the running one is TERMINATED
-    // with a reason and its files are gone, the suspended one resumes.
+    // A counter in the running guest: its memory must outlive kilnd.
+    let sh = |d: &TestDaemon, id: &str, script: &str| {
+        let (status, out) = d.post(
+            &format!("/v1/microvms/{id}/exec"),
+            json!({"command": ["sh", "-c", script]}),
+        );
+        assert_eq!(status, 200, "{out}\n{}", d.log());
+        out["stdout"].as_str().unwrap().to_string()
+    };
+    sh(
+        &d,
+        &running,
+        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) \
+         >/dev/null 2>&1 </dev/null &",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let count =
+        |d: &TestDaemon, id: &str| -> u64 { sh(d, id, "cat /tmp/count").trim().parse().unwrap() };
+    let before = count(&d, &running);
+    assert!(before > 0);
+
+    // kill -9: the running guest outlives kilnd (the bake's build VM does not) and the
+    // restart takes it back with its memory; the suspended one resumes.
     d.kill9();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        d.qemu_processes().is_empty(),
-        "no orphan QEMU after kill -9"
+    assert_eq!(
+        d.qemu_processes().len(),
+        1,
+        "the running guest outlives kilnd"
     );
+    std::thread::sleep(Duration::from_millis(500));
     d.spawn(&[]);
-    let lost = d.wait_state(&running, "TERMINATED", Duration::from_secs(10));
-    assert!(
-        lost["stateReason"]
-            .as_str()
-            .unwrap()
-            .contains("kilnd restarted"),
-        "{lost}"
+    assert_eq!(
+        d.get(&format!("/v1/microvms/{running}")).1["state"],
+        "RUNNING",
+        "{}",
+        d.log()
     );
-    assert!(!d.home.join("microvms").join(&running).exists());
+    let after = count(&d, &running);
+    assert!(
+        after > before + 3,
+        "the counter kept counting while kilnd was down: {before} then {after}"
+    );
+    assert_eq!(
+        d.get(&format!("/v1/images/{slow}")).1["status"],
+        "FAILED",
+        "the interrupted bake"
+    );
     assert_eq!(
         d.get(&format!("/v1/microvms/{suspended}")).1["state"],
         "SUSPENDED"
@@ -424,7 +454,44 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
         "{resumed}"
     );
 
-    // SIGTERM with the default policy suspends running microVMs; they resume after restart.
+    // SIGTERM with the default policy leaves both running for the next kilnd.
+    d.sigterm();
+    assert_eq!(d.qemu_processes().len(), 2, "{}", d.log());
+    d.spawn(&[]);
+    for id in [&running, &suspended] {
+        assert_eq!(d.get(&format!("/v1/microvms/{id}")).1["state"], "RUNNING");
+        assert_eq!(sh(&d, id, "echo alive"), "alive\n");
+    }
+    assert!(count(&d, &running) > after);
+
+    // A guest whose QEMU ends while kilnd is down is TERMINATED with the reason.
+    d.kill9();
+    let pid: i32 = std::fs::read_to_string(d.home.join("microvms").join(&running).join("qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.spawn(&[]);
+    let lost = d.get(&format!("/v1/microvms/{running}")).1;
+    assert_eq!(lost["state"], "TERMINATED", "{lost}");
+    let reason = lost["stateReason"].as_str().unwrap();
+    assert!(
+        reason.contains("kilnd restarted") && reason.contains("QEMU ended while kilnd was down"),
+        "{reason}"
+    );
+    assert!(reason.contains("console tail"), "{reason}");
+    assert!(!d.home.join("microvms").join(&running).exists());
+    assert_eq!(sh(&d, &suspended, "echo still"), "still\n");
+
+    // SIGTERM with --on-shutdown suspend suspends running microVMs; they resume after.
+    d.sigterm();
+    d.spawn(&["--on-shutdown", "suspend"]);
     d.sigterm();
     assert!(d.qemu_processes().is_empty());
     d.spawn(&[]);
@@ -434,9 +501,5 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
     );
     let (status, again) = d.post(&format!("/v1/microvms/{suspended}/resume"), json!({}));
     assert_eq!((status, again["state"].as_str()), (200, Some("RUNNING")));
-    let (_, out) = d.post(
-        &format!("/v1/microvms/{suspended}/exec"),
-        json!({"command": ["echo", "alive"]}),
-    );
-    assert_eq!(out["stdout"], "alive\n");
+    assert_eq!(sh(&d, &suspended, "echo alive"), "alive\n");
 }

@@ -208,6 +208,49 @@ pub fn facts() -> JailFacts {
     }
 }
 
+/// A process kiln started earlier and watches again (after kilnd restarted): a handle that
+/// refers to that very process, whatever pid reuse happens later.
+pub struct ProcessHandle {
+    pidfd: std::os::fd::OwnedFd,
+}
+
+impl ProcessHandle {
+    /// The process `pid`, if it is the one that started at `start_time` (clock ticks after
+    /// boot, as `/proc/<pid>/stat` says): a pid the kernel has given to another process
+    /// since is refused.
+    pub fn open(pid: u32, start_time: u64) -> std::io::Result<ProcessHandle> {
+        let pidfd = sys::pidfd_open(pid)?;
+        // Checked after the handle is taken, so the handle is the process checked.
+        if process_start_time(pid) != Some(start_time) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("process {pid} is not the one kiln started (its pid was reused)"),
+            ));
+        }
+        Ok(ProcessHandle { pidfd })
+    }
+
+    pub fn kill(&self) -> std::io::Result<()> {
+        sys::pidfd_send_signal(&self.pidfd, libc::SIGKILL)
+    }
+}
+
+/// Readable once the process has ended.
+impl std::os::fd::AsRawFd for ProcessHandle {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.pidfd.as_raw_fd()
+    }
+}
+
+/// When process `pid` started (field 22 of `/proc/<pid>/stat`), to tell it from a later
+/// process with the same pid.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after its last ')'.
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,13 @@
 //! (`kiln-net-backend`, jailed like QEMU but in the host's network namespace). kilnd hands
 //! it the compiled policy and the counters so far on standard input, the guest's link as
 //! descriptor 3 (the other end is QEMU's `-netdev stream`), and reads what it reports, one
-//! JSON object per line on standard output: the counters (at most every
-//! [`COUNTER_INTERVAL`], and once more at the end) and each denial.
+//! JSON object per line on descriptor 4: the counters (at most every [`COUNTER_INTERVAL`],
+//! on each new reader, and once more at the end) and each denial.
+//!
+//! Descriptor 4 is either a connected stream ([`Reports::Stream`]: builds, tests, the CLI)
+//! or a listening socket ([`Reports::Listener`]: kilnd's microVMs), so that a kilnd that
+//! restarts reconnects to a backend that kept serving its guest: the newest reader gets
+//! the reports, and the totals at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +28,16 @@ pub const MAX_EVENT_LINE: usize = 4096;
 pub const COUNTER_INTERVAL: Duration = Duration::from_millis(100);
 /// Denials queued for the report; beyond that they are only counted.
 const EVENT_QUEUE: usize = 256;
+/// A reader that takes no report for this long is dropped (a listener waits for the next).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the reports go.
+pub enum Reports {
+    /// One reader for the backend's whole life.
+    Stream(Box<dyn AsyncWrite + Unpin + Send>),
+    /// Readers connect here, one at a time; each new one replaces the last.
+    Listener(tokio::net::UnixListener),
+}
 
 /// What kilnd sends on the backend's standard input.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,12 +119,9 @@ impl BackendEvent {
     }
 }
 
-/// Serves `link` under `config` until the guest's side closes, reporting on `out`. A
+/// Serves `link` under `config` until the guest's side closes, reporting to `reports`. A
 /// report that cannot be written (kilnd went away) is dropped; the guest is still served.
-pub async fn run<W>(link: tokio::net::UnixStream, config: BackendConfig, out: W)
-where
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+pub async fn run(link: tokio::net::UnixStream, config: BackendConfig, reports: Reports) {
     let counters = Arc::new(NetCounters::from_snapshot(config.counters));
     let (tx, rx) = mpsc::channel::<BackendEvent>(EVENT_QUEUE);
     let denials: DenialSink = Arc::new(move |d: Denial| {
@@ -119,21 +131,24 @@ where
             reason: d.reason,
         });
     });
-    let reporter = tokio::spawn(report(rx, counters.clone(), out));
+    let reporter = tokio::spawn(report(rx, counters.clone(), reports));
     crate::serve(link, Arc::new(config.policy), counters, denials).await;
     // The stack (and with it the last sender) is gone: the reporter writes the final totals.
     let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
 }
 
-async fn report<W: AsyncWrite + Unpin>(
+async fn report(
     mut rx: mpsc::Receiver<BackendEvent>,
     counters: Arc<NetCounters>,
-    mut out: W,
+    reports: Reports,
 ) {
+    let (mut out, listener) = match reports {
+        Reports::Stream(w) => (Some(w), None),
+        Reports::Listener(l) => (None, Some(l)),
+    };
     let mut tick = tokio::time::interval(COUNTER_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = counters.snapshot();
-    let mut open = true;
     loop {
         let event = tokio::select! {
             event = rx.recv() => match event {
@@ -148,32 +163,54 @@ async fn report<W: AsyncWrite + Unpin>(
                 last = now;
                 BackendEvent::Counters { counters: now }
             }
+            reader = accept(listener.as_ref()) => {
+                let Ok(reader) = reader else { continue };
+                // A new reader learns the totals at once.
+                out = Some(Box::new(reader));
+                last = counters.snapshot();
+                BackendEvent::Counters { counters: last }
+            }
         };
-        if open {
-            open = write_event(&mut out, &event).await;
-        }
+        send(&mut out, &event).await;
         // A denial's count goes out with it, not a tick later.
         let now = counters.snapshot();
-        if open && matches!(event, BackendEvent::Denial { .. }) && now != last {
+        if matches!(event, BackendEvent::Denial { .. }) && now != last {
             last = now;
-            open = write_event(&mut out, &BackendEvent::Counters { counters: now }).await;
+            send(&mut out, &BackendEvent::Counters { counters: now }).await;
         }
     }
     let last = BackendEvent::Counters {
         counters: counters.snapshot(),
     };
-    if open {
-        write_event(&mut out, &last).await;
+    send(&mut out, &last).await;
+}
+
+/// The next reader on `listener`; never, without one.
+async fn accept(
+    listener: Option<&tokio::net::UnixListener>,
+) -> std::io::Result<tokio::net::UnixStream> {
+    match listener {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
     }
 }
 
-/// Writes one line; false once the reader is gone.
-async fn write_event<W: AsyncWrite + Unpin>(out: &mut W, event: &BackendEvent) -> bool {
+/// Writes one line to the reader, if there is one; a reader that is gone or stalled is
+/// dropped.
+async fn send(out: &mut Option<Box<dyn AsyncWrite + Unpin + Send>>, event: &BackendEvent) {
+    let Some(w) = out else { return };
     let Ok(mut line) = serde_json::to_vec(event) else {
-        return true;
+        return;
     };
     line.push(b'\n');
-    out.write_all(&line).await.is_ok() && out.flush().await.is_ok()
+    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+        w.write_all(&line).await?;
+        w.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        *out = None;
+    }
 }
 
 #[cfg(test)]

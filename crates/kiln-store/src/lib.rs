@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 /// Numbered schema migrations; never edit one that has shipped, append a new one.
-const MIGRATIONS: &[&str] = &["CREATE TABLE images (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE images (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         status TEXT NOT NULL,
@@ -39,7 +40,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE images (
         from_state TEXT,
         to_state TEXT,
         reason TEXT
-    );"];
+    );",
+    // What kilnd needs to take a running microVM back after a restart (kiln-vmm's VmRecord).
+    "ALTER TABLE microvms ADD COLUMN runtime TEXT;",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -380,6 +384,29 @@ impl Store {
             params![id, serde_json::to_string(usage)?],
         )?;
         Ok(())
+    }
+
+    /// Keeps (or with `None` forgets) what a restarted kilnd needs to take the microVM's
+    /// running processes back. Written before the state that needs it.
+    pub fn set_runtime(&self, id: &str, runtime: Option<&serde_json::Value>) -> Result<()> {
+        let text = runtime.map(serde_json::to_string).transpose()?;
+        self.conn.execute(
+            "UPDATE microvms SET runtime = ?2 WHERE id = ?1",
+            params![id, text],
+        )?;
+        Ok(())
+    }
+
+    /// What [`Store::set_runtime`] kept for a microVM.
+    pub fn runtime(&self, id: &str) -> Result<Option<serde_json::Value>> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT runtime FROM microvms WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .flatten();
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
     }
 
     /// Records an event about a microVM that is not a state change (e.g. `egress`).

@@ -105,3 +105,27 @@ fn images_resolve_by_name_to_the_newest_good_build() {
     assert!(store.delete_image("app-2").unwrap());
     assert!(store.image("app-2").unwrap().is_none());
 }
+
+#[test]
+fn a_runtime_record_is_kept_until_forgotten_and_old_databases_gain_the_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.db");
+    {
+        // A database from before the column: only the first migration applied.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let store = Store { conn };
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.runtime("a").unwrap(), None);
+    let record = serde_json::json!({"qemu": {"pid": 42}});
+    store.set_runtime("a", Some(&record)).unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.runtime("a").unwrap(), Some(record));
+    store.set_runtime("a", None).unwrap();
+    assert_eq!(store.runtime("a").unwrap(), None);
+    assert_eq!(store.runtime("missing").unwrap(), None);
+}

@@ -32,6 +32,32 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// QEMU processes whose command line names `home` (a test kilnd's guests).
+pub fn guests_of(home: &Path) -> Vec<u32> {
+    let home = home.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.starts_with("qemu-system") && cmd.contains(&home)
+        })
+        .collect()
+}
+
+/// Kills a test kilnd's guests once the kilnd is gone: they outlive it by design, and a
+/// test's must not outlive the test. Their network backends end with their links.
+pub fn kill_guests_of(home: &Path) {
+    for pid in guests_of(home) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 pub fn assets() -> GuestAssets {
     GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"))
 }

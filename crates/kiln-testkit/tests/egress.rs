@@ -32,6 +32,7 @@ async fn boot(connectors: &[Connector], operator: &OperatorConfig) -> Guest {
         policy: Arc::new(policy),
         counters: counters.clone(),
         denials: Arc::new(move |d| sink.lock().unwrap().push(d)),
+        control: None,
     };
     Guest {
         vm: TestVm::boot_with_network(machine(), network).await,

@@ -21,7 +21,8 @@ pub enum AssetsError {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct GuestAssets {
     pub dir: PathBuf,
     pub kernel: PathBuf,

@@ -34,7 +34,7 @@ pub use machine::MachineSpec;
 pub use manifest::{Manifest, ManifestMismatch};
 pub use network::NetworkAttachment;
 pub use snapshot::{SuspendedVm, Template};
-pub use vm::{BootConfig, Vm, VmError};
+pub use vm::{AdoptConfig, BootConfig, Vm, VmError, VmRecord};
 
 /// An error and its causes on one line (how kiln shows errors to people).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

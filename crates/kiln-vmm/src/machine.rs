@@ -130,7 +130,8 @@ impl MachineSpec {
 }
 
 /// Where a VM's RAM lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum MemoryBacking {
     /// A file mapped shared: what a template snapshot needs (`x-ignore-shared`).
     SharedFile(PathBuf),
@@ -166,6 +167,11 @@ impl VmPaths {
     }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+    /// QEMU serves the serial console here; kiln copies it into [`VmPaths::console_log`]
+    /// and connects again after a restart.
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
     }
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("qemu.pid")
@@ -237,12 +243,13 @@ pub fn qemu_args(
     push(&["-kernel", &assets.kernel.display().to_string()]);
     push(&["-initrd", &assets.initramfs.display().to_string()]);
     push(&["-append", kernel_cmdline]);
-    push(&[
-        "-chardev",
-        "stdio,id=console,signal=off",
-        "-serial",
-        "chardev:console",
-    ]);
+    // A socket, not QEMU's standard output: the guest must outlive the process that reads
+    // its console. QEMU waits for that reader before it starts, so no byte is lost at boot.
+    let console = format!(
+        "socket,id=console,path={},server=on,wait=on",
+        paths.console_socket().display()
+    );
+    push(&["-chardev", &console, "-serial", "chardev:console"]);
     let drive = format!(
         "file={},if=none,id=root,format=qcow2,cache=writeback,discard=unmap",
         disk.display()

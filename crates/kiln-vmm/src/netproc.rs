@@ -2,8 +2,10 @@
 //! like it (own uid, mount/PID/IPC/UTS namespaces, cgroups, kiln's seccomp filter) but in
 //! the host's network namespace, since it makes the guest's outbound connections. The
 //! guest's link is a socket pair: one end is QEMU's `-netdev stream` (descriptor 3), the
-//! other the backend's (descriptor 3). Its reports (counters, denials) land in the
-//! caller's [`NetCounters`] and [`DenialSink`].
+//! other the backend's (descriptor 3). Its reports (counters, denials) come on descriptor
+//! 4 and land in the caller's [`NetCounters`] and [`DenialSink`]: a socket pair, or for
+//! kilnd's microVMs a listening socket at a path of kilnd's (`control`), so that a kilnd
+//! that restarts reads them again from the backend that kept serving the guest.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tracing::{warn, Instrument};
 
 use crate::confine::Confinement;
-use crate::process::{self, ProcessError, Program, Supervisor};
+use crate::process::{self, ProcessError, ProcessRecord, Program, Supervisor};
 
 pub(crate) const NET_BACKEND: Program = Program {
     name: "kiln-net-backend",
@@ -50,10 +52,47 @@ pub(crate) struct NetBackendProcess {
     jail: Option<kiln_jail::JailReport>,
     supervisor: Supervisor,
     reports: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    record: ProcessRecord,
+    /// The listening socket's path, removed once the backend has ended.
+    control: Option<PathBuf>,
+    /// Killed when dropped, unless left running for a later kilnd.
+    kill_on_drop: bool,
+}
+
+/// Where the backend's reports come from: its descriptor 4, and kiln's end.
+struct ReportChannel {
+    backend_fd: OwnedFd,
+    /// A socket-pair end, or `None` for a listener (kiln connects once it runs).
+    reader: Option<std::os::unix::net::UnixStream>,
+}
+
+impl ReportChannel {
+    fn new(control: Option<&Path>) -> std::io::Result<ReportChannel> {
+        let Some(path) = control else {
+            let (reader, backend) = std::os::unix::net::UnixStream::pair()?;
+            return Ok(ReportChannel {
+                backend_fd: backend.into(),
+                reader: Some(reader),
+            });
+        };
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(ReportChannel {
+            backend_fd: listener.into(),
+            reader: None,
+        })
+    }
 }
 
 impl NetBackendProcess {
-    /// Starts the backend on `link` (its end of the guest's socket pair).
+    /// Starts the backend on `link` (its end of the guest's socket pair). With `control`,
+    /// its reports are served at that path (kilnd's microVMs); else on a socket pair.
+    #[allow(clippy::too_many_arguments)]
     pub async fn spawn(
         policy: &EgressPolicy,
         counters: &Arc<NetCounters>,
@@ -61,7 +100,12 @@ impl NetBackendProcess {
         link: OwnedFd,
         confinement: &Confinement,
         die_with_parent: bool,
+        control: Option<&Path>,
     ) -> Result<NetBackendProcess, ProcessError> {
+        let spawn_err = |source| ProcessError::Spawn {
+            what: NET_BACKEND,
+            source,
+        };
         let program = kiln_jail::helper_path(NET_BACKEND.name, "kiln-net", "KILN_NET_BACKEND")
             .map_err(|source| ProcessError::Jail {
                 what: NET_BACKEND,
@@ -70,22 +114,23 @@ impl NetBackendProcess {
         let jail = confinement
             .is_jailed()
             .then(|| jail_spec(&program, die_with_parent));
+        let channel = ReportChannel::new(control).map_err(spawn_err)?;
+        let args: Vec<String> = control
+            .map(|_| "--listen".to_string())
+            .into_iter()
+            .collect();
         let mut started = process::start(
             NET_BACKEND,
             &program,
-            &[],
+            &args,
             jail,
-            vec![link],
+            vec![link, channel.backend_fd],
             die_with_parent,
             Stdio::piped(),
         )?;
         let config = BackendConfig {
             policy: policy.clone(),
             counters: counters.snapshot(),
-        };
-        let spawn_err = |source| ProcessError::Spawn {
-            what: NET_BACKEND,
-            source,
         };
         let json = serde_json::to_vec(&config).map_err(|e| spawn_err(e.into()))?;
         if let Some(mut stdin) = started.child.stdin.take() {
@@ -94,22 +139,72 @@ impl NetBackendProcess {
                 let _ = stdin.write_all(&json).await;
             });
         }
-        let stdout = started.child.stdout.take();
         let s = started.supervise().await?;
         tokio::spawn(
             process::capture_stderr(s.stderr, Arc::new(Mutex::new(Vec::new())), "net backend")
                 .in_current_span(),
         );
-        let reports = stdout.map(|out| {
-            let (counters, denials) = (counters.clone(), denials.clone());
-            tokio::spawn(read_reports(out, counters, denials).in_current_span())
-        });
+        let reader = match (channel.reader, control) {
+            (Some(pair), _) => {
+                pair.set_nonblocking(true).map_err(spawn_err)?;
+                tokio::net::UnixStream::from_std(pair).map_err(spawn_err)?
+            }
+            // The listener queues this connection until the backend accepts it.
+            (None, Some(path)) => tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(spawn_err)?,
+            (None, None) => return Err(spawn_err(std::io::Error::other("no report channel"))),
+        };
+        let reports =
+            tokio::spawn(read_reports(reader, counters.clone(), denials.clone()).in_current_span());
         Ok(NetBackendProcess {
             pid: s.pid,
             jail: s.jail,
             supervisor: s.supervisor,
-            reports: Mutex::new(reports),
+            reports: Mutex::new(Some(reports)),
+            record: s.record,
+            control: control.map(Path::to_path_buf),
+            kill_on_drop: true,
         })
+    }
+
+    /// Watches again the backend an earlier kilnd started and reads its reports again at
+    /// `control` (it sends its totals first). Fails when that backend is gone.
+    pub async fn adopt(
+        record: &ProcessRecord,
+        control: &Path,
+        counters: &Arc<NetCounters>,
+        denials: &DenialSink,
+    ) -> std::io::Result<NetBackendProcess> {
+        let supervisor = Supervisor::adopt(record, NET_BACKEND.name)?;
+        let reader = match tokio::net::UnixStream::connect(control).await {
+            Ok(r) => r,
+            Err(e) => {
+                supervisor.kill().await;
+                return Err(e);
+            }
+        };
+        let reports =
+            tokio::spawn(read_reports(reader, counters.clone(), denials.clone()).in_current_span());
+        Ok(NetBackendProcess {
+            pid: record.pid,
+            jail: record.jail.clone(),
+            supervisor,
+            reports: Mutex::new(Some(reports)),
+            record: record.clone(),
+            control: Some(control.to_path_buf()),
+            kill_on_drop: true,
+        })
+    }
+
+    /// What a later kilnd needs to watch this backend again.
+    pub fn record(&self) -> &ProcessRecord {
+        &self.record
+    }
+
+    /// Leaves the backend running when this handle goes (kilnd stops; a later one adopts).
+    pub fn leave_running(mut self) {
+        self.kill_on_drop = false;
     }
 
     pub fn pid(&self) -> u32 {
@@ -141,12 +236,17 @@ impl NetBackendProcess {
         if let Some(reports) = reports {
             let _ = tokio::time::timeout(FINISH_TIMEOUT, reports).await;
         }
+        if let Some(path) = &self.control {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
 impl Drop for NetBackendProcess {
     fn drop(&mut self) {
-        self.supervisor.start_kill();
+        if self.kill_on_drop {
+            self.supervisor.start_kill();
+        }
     }
 }
 
@@ -166,14 +266,14 @@ fn jail_spec(program: &Path, die_with_parent: bool) -> JailSpec {
         limits: Limits::new(NET_MEMORY_MIB << 20, NET_PIDS, NET_CPUS),
         die_with_parent,
         host_network: true,
-        keep_fds: 1,
+        keep_fds: 2,
     }
 }
 
 /// Applies the backend's report lines: counters are totals, denials go to the sink. Lines
 /// are bounded; anything else is dropped (the backend handles hostile traffic).
 async fn read_reports(
-    out: tokio::process::ChildStdout,
+    out: tokio::net::UnixStream,
     counters: Arc<NetCounters>,
     denials: DenialSink,
 ) {

@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_net::{Connector, DenialSink, EgressPolicy, HostFacts, NetCounters, OperatorConfig};
@@ -21,6 +22,9 @@ pub enum NetworkAttachment {
         policy: Arc<EgressPolicy>,
         counters: Arc<NetCounters>,
         denials: DenialSink,
+        /// Where the backend serves its reports, for a VM that outlives its kilnd (a path
+        /// in a directory only root reads); `None`: a socket pair, gone with this process.
+        control: Option<PathBuf>,
     },
     /// QEMU's user-mode networking (benchmarks only: no policy, host loopback reachable).
     QemuUserUnfiltered,
@@ -64,6 +68,7 @@ impl NetworkAttachment {
                     Admit::Drop => {}
                 }
             }),
+            control: None,
         }
     }
 
@@ -104,15 +109,23 @@ impl NetworkAttachment {
                 policy,
                 counters,
                 denials,
+                control,
             },
             Some(fd),
         ) = (self, backend_fd)
         else {
             return Ok(None);
         };
-        let backend =
-            NetBackendProcess::spawn(policy, counters, denials, fd, confinement, die_with_parent)
-                .await?;
+        let backend = NetBackendProcess::spawn(
+            policy,
+            counters,
+            denials,
+            fd,
+            confinement,
+            die_with_parent,
+            control.as_deref(),
+        )
+        .await?;
         Ok(Some(backend))
     }
 }

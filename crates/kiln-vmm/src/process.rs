@@ -1,5 +1,7 @@
 //! The QEMU process: spawned with its console captured into a size-capped log, watched for
-//! exit, killed on request or when the owning thread dies.
+//! exit, killed on request or (tests, the CLI) when the owning thread dies. kilnd's guests
+//! outlive it: a [`ProcessRecord`] says which process to watch again after a restart, and
+//! [`QemuProcess::adopt`] does (its console is a socket the new kilnd reconnects to).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,8 @@ use tracing::{info, warn};
 pub const CONSOLE_LOG_CAP: u64 = 4 * 1024 * 1024;
 /// Bytes of QEMU's own stderr kept for error reports.
 const STDERR_CAP: usize = 64 * 1024;
+/// What QEMU prints while it waits for the console's reader.
+const CONSOLE_WAIT_NOTICE: &str = "QEMU waiting for connection on:";
 
 /// How long the jailer may take to report (cgroups, ownership and mounts: milliseconds).
 const JAIL_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -90,8 +94,25 @@ impl std::fmt::Display for ExitInfo {
     }
 }
 
+/// What kiln keeps of a process it started, to watch it again after kilnd restarted:
+/// kilnd writes it to its own store (never into the VM's directory, which a jailed QEMU
+/// owns).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessRecord {
+    /// The program's host pid.
+    pub pid: u32,
+    /// When it started (clock ticks after boot): a reused pid is not mistaken for it.
+    pub start_time: u64,
+    /// Its jail (`None` with `--no-jail`).
+    pub jail: Option<kiln_jail::JailReport>,
+    /// The directories its jail owns while it runs (given back to root when it ends).
+    pub owned_dirs: Vec<PathBuf>,
+}
+
 pub struct QemuProcess {
     pid: u32,
+    record: ProcessRecord,
     /// The jail QEMU runs in (`None` with `--no-jail`).
     jail: Option<kiln_jail::JailReport>,
     supervisor: Supervisor,
@@ -109,7 +130,7 @@ pub(crate) struct Started {
 
 /// Starts `program` with `args`: through the jailer under `jail` (the program and arguments
 /// go into the spec), else directly. `pass` become its descriptors 3, 4, …; its standard
-/// output and error are piped.
+/// error is piped (the jailer's report comes first on it).
 pub(crate) fn start(
     what: Program,
     program: &Path,
@@ -136,8 +157,10 @@ pub(crate) fn start(
             cmd
         }
     };
+    // Nothing reads a program's standard output: QEMU's console and the network backend's
+    // reports go to sockets that outlive kilnd.
     cmd.stdin(stdin)
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if !pass.is_empty() {
         kiln_jail::pass_fds(&mut cmd, pass)
@@ -155,7 +178,8 @@ pub(crate) fn start(
         }
     }
     let mut cmd = Command::from(cmd);
-    cmd.kill_on_drop(true);
+    // A program meant to outlive kilnd must outlive its handle too (kilnd stopping).
+    cmd.kill_on_drop(die_with_parent);
     let mut child = cmd
         .spawn()
         .map_err(|source| ProcessError::Spawn { what, source })?;
@@ -189,12 +213,19 @@ impl Started {
             .map(|r| r.pid)
             .unwrap_or_else(|| self.child.id().unwrap_or(0));
         let owned_dirs = self.jail.map(|j| j.owned_dirs).unwrap_or_default();
+        let record = ProcessRecord {
+            pid,
+            start_time: kiln_jail::process_start_time(pid).unwrap_or(0),
+            jail: report.clone(),
+            owned_dirs: owned_dirs.clone(),
+        };
         let supervisor = Supervisor::watch(self.child, pid, report.clone(), owned_dirs, what.name);
         Ok(Supervised {
             pid,
             jail: report,
             supervisor,
             stderr: self.stderr,
+            record,
         })
     }
 }
@@ -205,6 +236,7 @@ pub(crate) struct Supervised {
     pub jail: Option<kiln_jail::JailReport>,
     pub supervisor: Supervisor,
     pub stderr: tokio::io::BufReader<tokio::process::ChildStderr>,
+    pub record: ProcessRecord,
 }
 
 /// Watches one started program: kills it on request, reaps it, releases its jail, and
@@ -229,9 +261,10 @@ impl Supervisor {
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
-                _ = kill_rx => kill_and_reap(&mut child, jailed_pid).await,
+                // Only a kill asked for: a handle dropped leaves the program running.
+                Ok(()) = kill_rx => kill_and_reap(&mut child, jailed_pid).await,
             };
-            let mut info = match status {
+            let info = match status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
                     ExitInfo {
@@ -242,17 +275,55 @@ impl Supervisor {
                 }
                 Err(_) => ExitInfo::unknown(),
             };
-            if let Some(cgroups) = cgroups {
-                info.oom_killed = cgroups.oom_kills() > 0;
-                release_jail(&cgroups, &owned_dirs).await;
-            }
-            info!(pid, %info, "{what} process ended");
-            let _ = exit_tx.send(Some(info));
+            ended(info, pid, cgroups, &owned_dirs, what, exit_tx).await;
         });
         Supervisor {
             exit,
             kill: Mutex::new(Some(kill_tx)),
         }
+    }
+
+    /// Watches again a process an earlier kilnd started (it is not this process's child:
+    /// its end is seen through a pidfd, and how it ended is not known beyond the OOM
+    /// killer's count). Fails when that process is gone.
+    pub fn adopt(record: &ProcessRecord, what: &'static str) -> std::io::Result<Supervisor> {
+        let handle = kiln_jail::ProcessHandle::open(record.pid, record.start_time)?;
+        // SAFETY: the handle owns its pidfd, and the AsyncFd owns the handle until it is
+        // dropped: nothing else closes or replaces the descriptor while it is registered.
+        let handle = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(handle, tokio::io::Interest::READABLE)?
+        };
+        let (exit_tx, exit) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let cgroups = record.jail.as_ref().map(|r| r.cgroups.clone());
+        let (pid, owned_dirs) = (record.pid, record.owned_dirs.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = handle.readable() => {}
+                Ok(()) = kill_rx => {
+                    let _ = handle.get_ref().kill();
+                    let _ = handle.readable().await;
+                }
+            }
+            ended(
+                ExitInfo::unknown(),
+                pid,
+                cgroups,
+                &owned_dirs,
+                what,
+                exit_tx,
+            )
+            .await;
+        });
+        Ok(Supervisor {
+            exit,
+            kill: Mutex::new(Some(kill_tx)),
+        })
+    }
+
+    /// The end of the process, for tasks that follow it (the console's reader).
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.clone()
     }
 
     pub fn exited(&self) -> Option<ExitInfo> {
@@ -276,6 +347,34 @@ impl Supervisor {
         self.start_kill();
         self.wait().await
     }
+}
+
+impl ProcessRecord {
+    /// Kills the recorded process if it still runs (a leftover of an interrupted start);
+    /// a pid given to another process since is left alone. Says whether it killed.
+    pub fn kill_if_running(&self) -> bool {
+        kiln_jail::ProcessHandle::open(self.pid, self.start_time)
+            .and_then(|h| h.kill())
+            .is_ok()
+    }
+}
+
+/// What follows a watched process's end: the OOM killer's verdict, its jail released, the
+/// news sent.
+async fn ended(
+    mut info: ExitInfo,
+    pid: u32,
+    cgroups: Option<kiln_jail::Cgroups>,
+    owned_dirs: &[PathBuf],
+    what: &'static str,
+    exit_tx: watch::Sender<Option<ExitInfo>>,
+) {
+    if let Some(cgroups) = cgroups {
+        info.oom_killed = cgroups.oom_kills() > 0;
+        release_jail(&cgroups, owned_dirs).await;
+    }
+    info!(pid, %info, "{what} process ended");
+    let _ = exit_tx.send(Some(info));
 }
 
 /// A jailed program is killed itself: its jailer then reaps it and ends, so once the
@@ -303,9 +402,12 @@ impl QemuProcess {
     /// Starts QEMU, in the jail `jail` describes unless it is `None`. With
     /// `die_with_parent`, the kernel kills QEMU when the spawning thread exits, so a crashed
     /// or killed host process never leaves guests behind.
-    /// `pass` become QEMU's descriptors 3, 4, … (the network link).
+    /// `pass` become QEMU's descriptors 3, 4, … (the network link). QEMU serves its console
+    /// on `console_socket` and waits for this reader before it starts the guest; the reader
+    /// copies it into `console`.
     pub async fn spawn(
         args: &[OsString],
+        console_socket: &Path,
         console: &Path,
         die_with_parent: bool,
         jail: Option<kiln_jail::JailSpec>,
@@ -316,7 +418,7 @@ impl QemuProcess {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let program = Path::new(QEMU.name);
-        let mut started = start(
+        let started = start(
             QEMU,
             program,
             &args,
@@ -325,20 +427,50 @@ impl QemuProcess {
             die_with_parent,
             Stdio::null(),
         )?;
-        let stdout = started.child.stdout.take();
         let s = started.supervise().await?;
-        if let Some(out) = stdout {
-            tokio::spawn(capture_console(out, console.to_path_buf()));
-        }
+        tokio::spawn(capture_console(
+            console_socket.to_path_buf(),
+            console.to_path_buf(),
+            s.supervisor.exit_watch(),
+        ));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(capture_stderr(s.stderr, stderr.clone(), "qemu"));
         Ok(QemuProcess {
             pid: s.pid,
+            record: s.record,
             jail: s.jail,
             supervisor: s.supervisor,
             console: console.to_path_buf(),
             stderr,
         })
+    }
+
+    /// Watches again the QEMU an earlier kilnd started, and reads its console again (what
+    /// it printed while nobody read is gone). Fails when that QEMU is gone.
+    pub fn adopt(
+        record: &ProcessRecord,
+        console_socket: &Path,
+        console: &Path,
+    ) -> std::io::Result<QemuProcess> {
+        let supervisor = Supervisor::adopt(record, QEMU.name)?;
+        tokio::spawn(capture_console(
+            console_socket.to_path_buf(),
+            console.to_path_buf(),
+            supervisor.exit_watch(),
+        ));
+        Ok(QemuProcess {
+            pid: record.pid,
+            record: record.clone(),
+            jail: record.jail.clone(),
+            supervisor,
+            console: console.to_path_buf(),
+            stderr: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// What a later kilnd needs to watch this QEMU again.
+    pub fn record(&self) -> &ProcessRecord {
+        &self.record
     }
 
     /// The jail QEMU runs in, if it is jailed.
@@ -454,7 +586,13 @@ pub fn tail_of_file(path: &Path, max_bytes: usize) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-async fn capture_console(mut out: impl AsyncRead + Unpin, path: PathBuf) {
+/// Copies the console QEMU serves on `socket` into `path`, rotating at [`CONSOLE_LOG_CAP`],
+/// connecting again whenever the connection drops, until QEMU has ended.
+async fn capture_console(
+    socket: PathBuf,
+    path: PathBuf,
+    mut exit: watch::Receiver<Option<ExitInfo>>,
+) {
     // The VM's directory is its (jailed) QEMU's: never follow a link planted there.
     async fn open(p: &Path) -> std::io::Result<tokio::fs::File> {
         tokio::fs::OpenOptions::new()
@@ -464,29 +602,58 @@ async fn capture_console(mut out: impl AsyncRead + Unpin, path: PathBuf) {
             .open(p)
             .await
     }
-    let Ok(mut file) = open(&path).await else {
-        warn!(path = %path.display(), "cannot open the console log");
-        return;
-    };
-    let mut written = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match out.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let connected = tokio::select! {
+            c = connect_when_served(&socket) => c,
+            _ = exit.wait_for(|e| e.is_some()) => return,
         };
-        if written + n as u64 > CONSOLE_LOG_CAP {
-            let _ = tokio::fs::rename(&path, path.with_extension("log.1")).await;
-            match open(&path).await {
-                Ok(f) => file = f,
-                Err(_) => return,
+        let Ok(mut out) = connected else { return };
+        let Ok(mut file) = open(&path).await else {
+            warn!(path = %path.display(), "cannot open the console log");
+            return;
+        };
+        let mut written = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        loop {
+            let n = match out.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if written + n as u64 > CONSOLE_LOG_CAP {
+                let _ = tokio::fs::rename(&path, path.with_extension("log.1")).await;
+                match open(&path).await {
+                    Ok(f) => file = f,
+                    Err(_) => return,
+                }
+                written = 0;
             }
-            written = 0;
+            if file.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            written += n as u64;
         }
-        if file.write_all(&buf[..n]).await.is_err() {
+        if exit.borrow().is_some() {
             return;
         }
-        written += n as u64;
+    }
+}
+
+/// Connects to a socket QEMU is about to serve, trying every millisecond (QEMU waits for
+/// this connection before it starts the guest, so the wait is part of every launch).
+async fn connect_when_served(socket: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -501,11 +668,18 @@ pub(crate) async fn capture_stderr(
             return;
         }
         let text = String::from_utf8_lossy(&buf[..n]);
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut kept = String::new();
+        // QEMU says it waits for the console's reader on every start: not news.
+        for line in text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains(CONSOLE_WAIT_NOTICE))
+        {
             warn!("{what}: {line}");
+            kept.push_str(line);
+            kept.push('\n');
         }
         let mut keep = keep.lock().unwrap_or_else(|p| p.into_inner());
-        keep.extend_from_slice(&buf[..n]);
+        keep.extend_from_slice(kept.as_bytes());
         let excess = keep.len().saturating_sub(STDERR_CAP);
         keep.drain(..excess);
     }

@@ -15,7 +15,7 @@ use crate::disk::{self, BackingFormat, DiskError};
 use crate::machine::{qemu_args, MachineSpec, MemoryBacking, VmPaths};
 use crate::manifest::{ManifestError, ManifestMismatch};
 use crate::network::NetworkAttachment;
-use crate::process::{ExitInfo, ProcessError, QemuProcess};
+use crate::process::{ExitInfo, ProcessError, ProcessRecord, QemuProcess};
 use crate::qmp::{Qmp, QmpError};
 
 /// Bytes of console shown in crash reports.
@@ -76,6 +76,13 @@ pub enum VmError {
     Mismatch(#[from] ManifestMismatch),
     #[error("VM {id}: {reason}")]
     Invalid { id: VmId, reason: String },
+    #[error("VM {id}: its {what} ended while kilnd was down")]
+    Gone {
+        id: VmId,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{} holds a {kind:?} snapshot, not a template", dir.display())]
     NotTemplate {
         dir: PathBuf,
@@ -139,6 +146,43 @@ pub(crate) struct StartSpec {
     pub die_with_parent: bool,
     pub network: NetworkAttachment,
     pub confinement: Confinement,
+}
+
+/// What a later kilnd needs to take a running VM back: kilnd keeps it in its own store,
+/// never in the VM's directory (a jailed QEMU owns that).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    pub machine: MachineSpec,
+    pub assets: GuestAssets,
+    pub memory: MemoryBacking,
+    pub active_disk: PathBuf,
+    pub disk_base: Option<PathBuf>,
+    pub kernel_cmdline: String,
+    pub qemu: ProcessRecord,
+    /// The network backend, if the VM has one.
+    pub net: Option<ProcessRecord>,
+}
+
+impl VmRecord {
+    /// Kills whatever of the VM still runs (recovery of an interrupted transition).
+    pub fn kill_if_running(&self) {
+        self.qemu.kill_if_running();
+        if let Some(net) = &self.net {
+            net.kill_if_running();
+        }
+    }
+}
+
+/// What [`Vm::adopt`] needs besides the record.
+pub struct AdoptConfig {
+    pub id: VmId,
+    pub dir: PathBuf,
+    pub record: VmRecord,
+    /// Where the NIC leads (its `control` must be the path the backend serves).
+    pub network: NetworkAttachment,
+    pub confinement: Confinement,
+    pub timeout: Duration,
 }
 
 /// A stream of guest state to load at start.
@@ -271,10 +315,17 @@ impl Vm {
             Confinement::Unjailed => None,
         };
         // QEMU and its network backend start side by side (each jail takes tens of ms).
-        let console = paths.console_log();
+        let (console_socket, console) = (paths.console_socket(), paths.console_log());
         let (backend, process) = tokio::join!(
             network.start_backend(backend_fd, &confinement, die_with_parent),
-            QemuProcess::spawn(&args, &console, die_with_parent, jail, qemu_fds)
+            QemuProcess::spawn(
+                &args,
+                &console_socket,
+                &console,
+                die_with_parent,
+                jail,
+                qemu_fds
+            )
         );
         let (net_backend, process) = match (backend, process) {
             (Ok(backend), Ok(process)) => (backend, process),
@@ -361,6 +412,119 @@ impl Vm {
                 Err(e)
             }
         }
+    }
+
+    /// Takes back a VM an earlier kilnd started and left running: watches its QEMU and
+    /// network backend again, reads its console again, and opens QMP and a new agent
+    /// session. A VM whose QEMU or backend has ended meanwhile is an error (the other is
+    /// killed); its directory is the caller's.
+    pub async fn adopt(cfg: AdoptConfig) -> Result<Vm, VmError> {
+        let span = info_span!("vm", id = %cfg.id);
+        let AdoptConfig {
+            id,
+            dir,
+            record,
+            network,
+            confinement,
+            timeout,
+        } = cfg;
+        async move {
+            let paths = VmPaths::new(&dir);
+            let gone = |what| {
+                let id = id.clone();
+                move |source| VmError::Gone { id, what, source }
+            };
+            let process =
+                QemuProcess::adopt(&record.qemu, &paths.console_socket(), &paths.console_log())
+                    .map_err(gone("QEMU"))?;
+            let net_backend = match adopt_backend(&record, &network).await {
+                Ok(b) => b,
+                Err(source) => {
+                    process.kill().await;
+                    return Err(gone("network backend")(source));
+                }
+            };
+            let connect = async {
+                let qmp = Qmp::connect(&paths.qmp_socket(), timeout)
+                    .await
+                    .map_err(|source| VmError::Qmp {
+                        id: id.clone(),
+                        source,
+                    })?;
+                let agent = AgentClient::connect(&paths.agent_socket(), timeout)
+                    .await
+                    .map_err(|source| VmError::AgentUnreachable {
+                        id: id.clone(),
+                        source,
+                        console: process.diagnostics(CONSOLE_TAIL),
+                    })?;
+                Ok::<_, VmError>((qmp, agent))
+            };
+            let outcome = tokio::select! {
+                r = connect => r,
+                exit = process.wait() => Err(VmError::Crashed {
+                    id: id.clone(),
+                    exit,
+                    console: process.diagnostics(CONSOLE_TAIL),
+                }),
+            };
+            let (qmp, agent) = match outcome {
+                Ok(pair) => pair,
+                Err(e) => {
+                    process.kill().await;
+                    if let Some(b) = &net_backend {
+                        b.finish().await;
+                    }
+                    return Err(e);
+                }
+            };
+            info!(pid = process.pid(), "adopted");
+            Ok(Vm {
+                id,
+                paths,
+                machine: record.machine,
+                assets: record.assets,
+                memory: record.memory,
+                active_disk: record.active_disk,
+                kernel_cmdline: record.kernel_cmdline,
+                process,
+                qmp,
+                agent,
+                span: Span::current(),
+                die_with_parent: false,
+                network,
+                confinement,
+                disk_base: record.disk_base,
+                net_backend,
+                owns_dir: true,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// What a later kilnd needs to take this VM back ([`Vm::adopt`]).
+    pub fn record(&self) -> VmRecord {
+        VmRecord {
+            machine: self.machine.clone(),
+            assets: self.assets.clone(),
+            memory: self.memory.clone(),
+            active_disk: self.active_disk.clone(),
+            disk_base: self.disk_base.clone(),
+            kernel_cmdline: self.kernel_cmdline.clone(),
+            qemu: self.process.record().clone(),
+            net: self.net_backend.as_ref().map(|b| b.record().clone()),
+        }
+    }
+
+    /// Lets go of the VM and leaves it running, files and all, for a later kilnd to adopt
+    /// (only a VM started without `die_with_parent` outlives this process).
+    pub fn leave_running(mut self) {
+        self.owns_dir = false;
+        if let Some(backend) = self.net_backend.take() {
+            backend.leave_running();
+        }
+        info!(parent: &self.span, "left running");
     }
 
     pub fn id(&self) -> &VmId {
@@ -669,6 +833,30 @@ impl Drop for Vm {
             let _ = std::fs::remove_dir_all(&self.paths.dir);
         }
     }
+}
+
+/// The network backend of an adopted VM, if it has one.
+async fn adopt_backend(
+    record: &VmRecord,
+    network: &NetworkAttachment,
+) -> std::io::Result<Option<crate::netproc::NetBackendProcess>> {
+    let Some(net) = &record.net else {
+        return Ok(None);
+    };
+    let NetworkAttachment::Egress {
+        counters,
+        denials,
+        control: Some(control),
+        ..
+    } = network
+    else {
+        return Err(std::io::Error::other(
+            "its network backend serves no control socket kilnd can reach",
+        ));
+    };
+    crate::netproc::NetBackendProcess::adopt(net, control, counters, denials)
+        .await
+        .map(Some)
 }
 
 pub(crate) async fn load_state(

@@ -49,7 +49,9 @@ class Kilnd:
         self.log = open(os.path.join(self.home, "kilnd.log"), "a")
         self.proc = subprocess.Popen(
             [KILND, "--home", self.home, "--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0",
-             "--min-idle-seconds", "1", "--tick-ms", "200", *extra],
+             "--min-idle-seconds", "1", "--tick-ms", "200",
+             # Guests outlive kilnd by default; a test's go with it.
+             "--on-shutdown", "terminate", *extra],
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 60
         while not os.path.exists(os.path.join(self.home, "kilnd.addr")):

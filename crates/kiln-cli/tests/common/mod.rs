@@ -14,6 +14,8 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Guests outlive kilnd; a test's go with its home.
+        kiln_testkit::kill_guests_of(self.home.path());
     }
 }
 

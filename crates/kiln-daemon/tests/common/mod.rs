@@ -231,17 +231,7 @@ impl TestDaemon {
 
     /// QEMU processes whose command line mentions this daemon's home.
     pub fn qemu_processes(&self) -> Vec<u32> {
-        let home = self.home.to_string_lossy().to_string();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd);
-                cmd.starts_with("qemu-system") && cmd.contains(&home)
-            })
-            .collect()
+        kiln_testkit::guests_of(&self.home)
     }
 }
 
@@ -273,6 +263,10 @@ impl Drop for TestDaemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // Guests outlive kilnd; a test's go with its home.
+        if self._tmp.is_some() {
+            kiln_testkit::kill_guests_of(&self.home);
         }
     }
 }
