@@ -1,5 +1,6 @@
-//! kilnd's microVMs are jailed, its health says how, and a kill -9 of kilnd followed by a
-//! restart leaves no cgroup, uid or file of a jail behind.
+//! kilnd's microVMs are jailed, its health says how; their jails outlive a kill -9 of kilnd
+//! and the restart takes them back; terminating them, or their QEMU ending while kilnd is
+//! down, leaves no cgroup, uid or file of a jail behind.
 
 // Integration tests: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -59,7 +60,7 @@ fn files_owned_by(dir: &Path, uid: u32, out: &mut Vec<PathBuf>) {
 }
 
 #[test]
-fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
+fn kilnd_jails_its_microvms_they_outlive_a_kill_9_and_leave_no_jail_behind() {
     let mut d = kilnd();
     let (code, health, err) = kiln(&d, &["doctor", "--json"]);
     assert_eq!(code, 0, "{health}{err}");
@@ -76,67 +77,115 @@ fn kilnd_jails_its_microvms_and_a_kill_9_leaves_no_jail_behind() {
     let client = client(&d);
     let image = client.create_image("jailed", &context()).unwrap();
     wait_image(&client, &image);
-    let (code, id, err) = kiln(&d, &["run", "jailed", "--wait"]);
-    assert_eq!(code, 0, "{err}");
-    let id = id.trim().to_string();
-    let pid_file = d.home.path().join("microvms").join(&id).join("qemu.pid");
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let uid = uid_of(pid).expect("QEMU runs");
-    assert!(
-        uid >= kiln_jail::UID_BASE,
-        "QEMU runs as a jail uid, not {uid}"
-    );
-    let (code, out, err) = kiln(&d, &["exec", &id, "--", "echo", "jailed"]);
+    let run = || {
+        let (code, id, err) = kiln(&d, &["run", "jailed", "--wait"]);
+        assert_eq!(code, 0, "{err}");
+        id.trim().to_string()
+    };
+    let (kept, lost) = (run(), run());
+    let jails = |id: &str| {
+        let pid_file = d.home.path().join("microvms").join(id).join("qemu.pid");
+        let read =
+            |p: &Path| -> u32 { std::fs::read_to_string(p).unwrap().trim().parse().unwrap() };
+        let (pid, net_pid) = (read(&pid_file), read(&pid_file.with_file_name("net.pid")));
+        let uid = uid_of(pid).expect("QEMU runs");
+        assert!(
+            uid >= kiln_jail::UID_BASE,
+            "QEMU runs as a jail uid, not {uid}"
+        );
+        let net_uid = uid_of(net_pid).expect("the network backend runs");
+        assert!(
+            net_uid >= kiln_jail::UID_BASE && net_uid != uid,
+            "the network backend has a jail uid of its own, not {net_uid}"
+        );
+        let mut cgroups = cgroup_dirs(pid);
+        assert!(cgroups.len() >= 3, "{cgroups:?}");
+        let net_cgroups = cgroup_dirs(net_pid);
+        assert!(net_cgroups.len() >= 3, "{net_cgroups:?}");
+        cgroups.extend(net_cgroups);
+        ((pid, uid), (net_pid, net_uid), cgroups)
+    };
+    let (kept_qemu, kept_net, kept_cgroups) = jails(&kept);
+    let (lost_qemu, lost_net, lost_cgroups) = jails(&lost);
+    let (code, out, err) = kiln(&d, &["exec", &kept, "--", "echo", "jailed"]);
     assert_eq!((code, out.as_str()), (0, "jailed\n"), "{err}");
-    let net_pid: u32 = std::fs::read_to_string(pid_file.with_file_name("net.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let net_uid = uid_of(net_pid).expect("the network backend runs");
-    assert!(
-        net_uid >= kiln_jail::UID_BASE && net_uid != uid,
-        "the network backend has a jail uid of its own, not {net_uid}"
-    );
 
-    let mut cgroups = cgroup_dirs(pid);
-    assert!(cgroups.len() >= 3, "{cgroups:?}");
-    let net_cgroups = cgroup_dirs(net_pid);
-    assert!(net_cgroups.len() >= 3, "{net_cgroups:?}");
-    cgroups.extend(net_cgroups);
+    // kill -9 of kilnd: both jails keep running. One QEMU then dies while kilnd is down.
     d.kill_hard();
+    std::thread::sleep(Duration::from_millis(500));
+    for (pid, uid) in [kept_qemu, kept_net, lost_qemu, lost_net] {
+        assert_eq!(
+            uid_of(pid),
+            Some(uid),
+            "a jail did not outlive kilnd's kill -9"
+        );
+    }
+    kill(lost_qemu.0);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while uid_of(pid) == Some(uid) || uid_of(net_pid) == Some(net_uid) {
+    while uid_of(lost_qemu.0).is_some() || uid_of(lost_net.0).is_some() {
         assert!(
             Instant::now() < deadline,
-            "QEMU or its network backend outlived kilnd's kill -9"
+            "QEMU or its network backend outlived its kill"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The kill leaves the jails' cgroups for the restart to clean. Any kilnd that starts on
-    // this machine sweeps cgroups of free uid slots (tests run side by side), so some may be
-    // gone already; what must hold is that none is left once this kilnd has started again.
-    let after_kill = cgroups.iter().filter(|c| c.is_dir()).count();
-    eprintln!("{after_kill} of {} cgroups left by the kill", cgroups.len());
 
     d.start_again(&[]);
-    let left: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
-    assert!(
-        left.is_empty(),
-        "cgroups of a dead jail survived kilnd's restart: {left:?}"
-    );
-    let mut left = Vec::new();
-    files_owned_by(d.home.path(), uid, &mut left);
-    files_owned_by(d.home.path(), net_uid, &mut left);
-    assert!(left.is_empty(), "files of the dead jails' uids: {left:?}");
-    let (code, out, _) = kiln(&d, &["get", &id, "--output", "json"]);
-    assert_eq!(code, 0);
-    let vm: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The one left running is taken back, in the same jails.
+    let vm = client_json(&d, &kept);
+    assert_eq!(vm["state"], "RUNNING", "{vm}");
+    let (code, out, err) = kiln(&d, &["exec", &kept, "--", "echo", "adopted"]);
+    assert_eq!((code, out.as_str()), (0, "adopted\n"), "{err}");
+    assert_eq!(uid_of(kept_qemu.0), Some(kept_qemu.1));
+    assert_eq!(uid_of(kept_net.0), Some(kept_net.1));
+    // The one whose QEMU died is TERMINATED, and nothing of its jails is left.
+    let vm = client_json(&d, &lost);
     assert_eq!(vm["state"], "TERMINATED", "{vm}");
+    assert_jails_gone(&d, &lost_cgroups, &[lost_qemu.1, lost_net.1]);
+
+    // Terminating the adopted one releases its jails like any other's.
+    let (code, _, err) = kiln(&d, &["terminate", &kept]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while uid_of(kept_qemu.0).is_some() || uid_of(kept_net.0).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the adopted jails outlived terminate"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kept_cgroups.iter().any(|c| c.exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_jails_gone(&d, &kept_cgroups, &[kept_qemu.1, kept_net.1]);
+}
+
+fn kill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+fn client_json(d: &common::Daemon, id: &str) -> serde_json::Value {
+    let (code, out, err) = kiln(d, &["get", id, "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// No cgroup of these jails and no file of these uids is left. Any kilnd that starts on this
+/// machine sweeps cgroups of free uid slots (tests run side by side), so some may have gone
+/// before this kilnd looked; what must hold is that none is left now.
+fn assert_jails_gone(d: &common::Daemon, cgroups: &[PathBuf], uids: &[u32]) {
+    let left: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
+    assert!(left.is_empty(), "cgroups of a dead jail survived: {left:?}");
+    let mut left = Vec::new();
+    for uid in uids {
+        files_owned_by(d.home.path(), *uid, &mut left);
+    }
+    assert!(left.is_empty(), "files of the dead jails' uids: {left:?}");
 }
 
 /// CPU-seconds a process's cgroup used so far (cpuacct on v1, cpu.stat on v2), read the way

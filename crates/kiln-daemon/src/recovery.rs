@@ -102,7 +102,7 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
             MicrovmState::Running => readopt(manager, &row).await,
             _ => {
                 if let Some(record) = recorded(manager, &row.id) {
-                    record.kill_if_running();
+                    record.end().await;
                 }
                 kill_leftover_qemu(&dir);
                 let _ = std::fs::remove_dir_all(&dir);
@@ -165,7 +165,7 @@ async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow) {
         Err(why) => {
             warn!(id, "running microVM lost: {why}");
             if let Some(record) = &record {
-                record.kill_if_running();
+                record.end().await;
             }
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(manager.net_control(id));

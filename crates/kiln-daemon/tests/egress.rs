@@ -51,7 +51,8 @@ fn connectors_decide_what_a_microvm_reaches() {
     let allowed = NetnsHost::start("allowed", 8080);
     let other = NetnsHost::start("other", 8080);
     let canary = Canary::start();
-    let d = TestDaemon::start_with(&["--egress-host", &format!("{NAME}={}", allowed.addr)]);
+    let egress_host = format!("{NAME}={}", allowed.addr);
+    let mut d = TestDaemon::start_with(&["--egress-host", &egress_host]);
     d.build_image(
         "net",
         &[("Dockerfile", "FROM busybox\nRUN true\n")],
@@ -181,6 +182,42 @@ fn connectors_decide_what_a_microvm_reaches() {
     let body = fetch(&d, &listed, &allowed.url(NAME));
     assert_eq!(body.as_deref().map(str::trim), Ok(allowed.token.as_str()));
     assert!(fetch(&d, &listed, &other.url(&other.addr.to_string())).is_err());
+
+    // A kill -9 of kilnd: the guests and their network backends keep running, and the
+    // restarted kilnd reads the backends' reports again, counters carried on.
+    let connections = |d: &TestDaemon| {
+        d.get(&format!("/v1/microvms/{listed}")).1["usage"]["network"]["connections"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = connections(&d);
+    d.kill9();
+    d.spawn(&["--egress-host", &egress_host]);
+    let body = fetch(&d, &listed, &allowed.url(NAME));
+    assert_eq!(body.as_deref().map(str::trim), Ok(allowed.token.as_str()));
+    assert!(fetch(&d, &listed, &other.url(&other.addr.to_string())).is_err());
+    assert!(fetch(&d, &public, "http://10.0.0.1/").is_err());
+    assert_eq!(sh(&d, &none, "ls /sys/class/net").1.trim(), "lo");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while connections(&d) <= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        connections(&d) > before,
+        "the counters go on from {before} after the restart"
+    );
+    let events = d.get("/v1/events?limit=1000").1;
+    let after_restart: Vec<&Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip_while(|e| !(e["kind"] == "adopted" && e["microvm_id"] == listed.as_str()))
+        .filter(|e| e["kind"] == "egress" && e["microvm_id"] == listed.as_str())
+        .collect();
+    assert!(
+        !after_restart.is_empty(),
+        "a denial after the restart is an event: {events}"
+    );
     for id in [&none, &listed, &public] {
         assert_eq!(
             d.post(&format!("/v1/microvms/{id}/terminate"), json!({})).0,

@@ -155,7 +155,7 @@ fn run(d: &TestDaemon, idle: serde_json::Value) -> String {
 
 #[test]
 fn ingress_authenticates_forwards_and_resumes() {
-    let d = TestDaemon::start();
+    let mut d = TestDaemon::start();
     app_image(&d);
     let id = run(
         &d,
@@ -411,6 +411,51 @@ fn ingress_authenticates_forwards_and_resumes() {
         (200, "app on 8080\n".to_string())
     );
     assert_eq!(d.get(&format!("/v1/microvms/{id}")).1["state"], "RUNNING");
+
+    // A kill -9 of kilnd: open ingress connections are cut; after the restart the same
+    // token reaches the same guest, and the idle timer of a re-adopted microVM still runs.
+    let idler = run(
+        &d,
+        json!({"maxIdleDurationSeconds": 5, "suspendedDurationSeconds": 1800, "autoResumeEnabled": true}),
+    );
+    let mut open = TcpStream::connect(&d.ingress).unwrap();
+    write!(
+        open,
+        "GET /index.html HTTP/1.1\r\nHost: {host}\r\nX-Kiln-Auth: {tok}\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    open.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert_eq!(
+        d.get(&format!("/v1/microvms/{idler}")).1["state"],
+        "RUNNING"
+    );
+    d.kill9();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    match open.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "the open connection is cut, not left hanging: {e}"
+        ),
+    }
+    d.spawn(&[]);
+    let again = request(&d.ingress, "GET", "/index.html", &host, &seed(&tok), b"");
+    assert_eq!(
+        (again.status, again.text()),
+        (200, "app on 8080\n".to_string()),
+        "{}",
+        d.log()
+    );
+    let idled = d.wait_state(&idler, "SUSPENDED", Duration::from_secs(60));
+    assert!(
+        idled["stateReason"].as_str().unwrap().contains("idle"),
+        "{idled}"
+    );
+
     // Without auto-resume: 409.
     let other_tok = token(&d, &other, &[8080]);
     d.post(&format!("/v1/microvms/{other}/suspend"), json!({}));

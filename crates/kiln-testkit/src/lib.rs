@@ -42,7 +42,10 @@ pub fn guests_of(home: &Path) -> Vec<u32> {
         .filter(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
-            cmd.starts_with("qemu-system") && cmd.contains(&home)
+            // QEMU itself, not the jailer whose spec names it.
+            let program = cmd.split('\0').next().unwrap_or_default();
+            let name = Path::new(program).file_name().unwrap_or_default();
+            name.to_string_lossy().starts_with("qemu-system") && cmd.contains(&home)
         })
         .collect()
 }

@@ -357,6 +357,14 @@ impl ProcessRecord {
             .and_then(|h| h.kill())
             .is_ok()
     }
+
+    /// Once the process has ended (killed, or found gone): removes its jail's cgroups (they
+    /// empty as its jailer ends) and gives its directories back to root.
+    pub async fn release_jail(&self) {
+        if let Some(jail) = &self.jail {
+            release_jail(&jail.cgroups, &self.owned_dirs).await;
+        }
+    }
 }
 
 /// What follows a watched process's end: the OOM killer's verdict, its jail released, the

@@ -172,6 +172,15 @@ impl VmRecord {
             net.kill_if_running();
         }
     }
+
+    /// Kills whatever of the VM still runs and releases its jails once it has ended.
+    pub async fn end(&self) {
+        self.kill_if_running();
+        self.qemu.release_jail().await;
+        if let Some(net) = &self.net {
+            net.release_jail().await;
+        }
+    }
 }
 
 /// What [`Vm::adopt`] needs besides the record.
