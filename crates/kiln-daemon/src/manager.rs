@@ -14,7 +14,7 @@ use kiln_store::{now_ms, MicrovmRow, Store};
 use kiln_types::{Accel, MicrovmState, VmId};
 use kiln_vmm::kiln_net::{Connector, CounterSnapshot};
 use kiln_vmm::snapshot::LaunchConfig;
-use kiln_vmm::{GuestAssets, NetworkAttachment, SuspendedVm, Template, Vm};
+use kiln_vmm::{fault, GuestAssets, NetworkAttachment, SuspendedVm, Template, Vm};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -337,18 +337,26 @@ impl Manager {
         };
         let launched = async {
             let template = Template::open(&config.template)?;
+            // The record is durable before the guest runs: a crash from here on is found.
+            let before_run: kiln_vmm::BeforeRun = Box::new(|record| {
+                self.keep_record(id, record);
+                fault::point("launch.before-run");
+            });
             let vm = template
-                .launch(LaunchConfig {
-                    id: vm_id,
-                    dir: self.microvm_dir(id),
-                    machine: None,
-                    assets: self.assets.clone(),
-                    timeout: Duration::from_secs(60),
-                    // Guests outlive kilnd: a restart takes them back (recovery).
-                    die_with_parent: false,
-                    network,
-                    confinement: self.confinement_of(config),
-                })
+                .launch_with(
+                    LaunchConfig {
+                        id: vm_id,
+                        dir: self.microvm_dir(id),
+                        machine: None,
+                        assets: self.assets.clone(),
+                        timeout: Duration::from_secs(60),
+                        // Guests outlive kilnd: a restart takes them back (recovery).
+                        die_with_parent: false,
+                        network,
+                        confinement: self.confinement_of(config),
+                    },
+                    Some(before_run),
+                )
                 .await?;
             if let Err(e) = apply_no_network(config, &vm).await {
                 let _ = vm.destroy().await;
@@ -367,7 +375,7 @@ impl Manager {
                 )
             }
         };
-        self.keep_runtime(id, &vm);
+        fault::point("launch.started");
         slot.cpu = Some(crate::cpu::CpuCredit::new(
             Self::baseline_of(config),
             self.cfg.cpu_credit_max_seconds,
@@ -392,6 +400,7 @@ impl Manager {
                 );
             }
         }
+        fault::point("launch.hooked");
         slot.vm = Some(vm);
         slot.last_sample_ms = now_ms();
         self.record_activity(id);
@@ -427,7 +436,12 @@ impl Manager {
 
     /// Keeps what a restarted kilnd needs to take `vm` back, before the state that needs it.
     pub fn keep_runtime(&self, id: &str, vm: &Vm) {
-        let record = serde_json::to_value(vm.record());
+        self.keep_record(id, &vm.record());
+    }
+
+    /// Keeps a runtime record (see [`Manager::keep_runtime`]): called before a guest runs.
+    pub fn keep_record(&self, id: &str, record: &kiln_vmm::VmRecord) {
+        let record = serde_json::to_value(record);
         let kept = record
             .map_err(kiln_store::StoreError::from)
             .and_then(|r| self.store().set_runtime(id, Some(&r)));
@@ -487,9 +501,11 @@ impl Manager {
                 note = format!("{reason}; suspend hook failed: {why}");
             }
         }
+        fault::point("suspend.hooked");
         self.sample(id, &mut slot, Some(&vm));
         match vm.suspend().await {
             Ok(suspended) => {
+                fault::point("suspend.saved");
                 self.forget_runtime(id);
                 slot.suspended = Some(suspended);
                 self.set_state(id, MicrovmState::Suspended, Some(&note));
@@ -526,9 +542,18 @@ impl Manager {
             .take()
             .ok_or_else(|| ApiError::internal("suspended microVM has no state"))?;
         self.set_state(id, MicrovmState::Resuming, Some(reason));
-        match suspended.resume(Duration::from_secs(60)).await {
+        // The record is durable before the guest runs again; the snapshot goes once it runs.
+        let before_run: kiln_vmm::BeforeRun = Box::new(|record| {
+            self.keep_record(id, record);
+            fault::point("resume.before-run");
+        });
+        match suspended
+            .resume_with(Duration::from_secs(60), Some(before_run))
+            .await
+        {
             Ok(vm) => {
-                self.keep_runtime(id, &vm);
+                vm.forget_suspended_state();
+                fault::point("resume.started");
                 if let Err(e) = apply_no_network(&config, &vm).await {
                     warn!(id, "taking the NIC away again after resume failed: {e}");
                 }
@@ -604,6 +629,7 @@ impl Manager {
             }
             self.sample(id, &mut slot, Some(&vm));
             let _ = vm.destroy().await;
+            fault::point("terminate.killed");
         }
         if let Some(s) = slot.suspended.take() {
             let _ = s.discard();

@@ -38,86 +38,70 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     let rows = manager.store().microvms(None, None)?;
     for row in rows {
         let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
-        let dir = manager.microvm_dir(&row.id);
         match state {
             MicrovmState::Terminated => {}
             MicrovmState::Suspended => {
-                let reopened = VmId::new(&row.id)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|id| {
-                        SuspendedVm::open(
-                            id,
-                            &dir,
-                            manager.assets.clone(),
-                            false,
-                            manager.confinement,
-                        )
-                        .map_err(anyhow::Error::from)
-                    })
-                    .and_then(|mut s| {
-                        // The NIC leads where the microVM's connectors say, as before.
-                        let config: MicrovmConfig = serde_json::from_value(row.config.clone())?;
-                        let usage: Usage =
-                            serde_json::from_value(row.usage.clone()).unwrap_or_default();
-                        let network = manager
-                            .network_of(&row.id, &config, usage.network)
-                            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                        s.set_network(network);
-                        Ok(s)
-                    });
-                match reopened {
-                    Ok(s) => {
-                        if let Err(mismatch) = s.compatibility() {
-                            warn!(
-                                id = row.id,
-                                "suspended microVM cannot be resumed here: {mismatch}"
-                            );
-                            manager
-                                .not_resumable
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(row.id.clone(), mismatch.to_string());
-                        }
-                        manager
-                            .slots
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(row.id.clone())
-                            .or_default()
-                            .try_lock()?
-                            .suspended = Some(s);
-                        info!(id = row.id, "suspended microVM re-adopted");
-                    }
-                    Err(e) => {
-                        warn!(id = row.id, "suspended state unusable: {e}");
-                        let _ = std::fs::remove_dir_all(&dir);
-                        manager.store().set_state(
-                            &row.id,
-                            "TERMINATED",
-                            Some(&format!("suspended state lost while kilnd was down: {e}")),
-                        )?;
-                    }
+                if let Err(e) = reopen_suspended(manager, &row) {
+                    warn!(id = row.id, "suspended state unusable: {e}");
+                    let _ = std::fs::remove_dir_all(manager.microvm_dir(&row.id));
+                    manager.set_state(
+                        &row.id,
+                        MicrovmState::Terminated,
+                        Some(&format!("suspended state lost while kilnd was down: {e}")),
+                    );
                 }
             }
-            MicrovmState::Running => readopt(manager, &row).await,
-            _ => {
-                if let Some(record) = recorded(manager, &row.id) {
-                    record.end().await;
-                }
-                kill_leftover_qemu(&dir);
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = std::fs::remove_file(manager.net_control(&row.id));
+            MicrovmState::Running | MicrovmState::Resuming => readopt(manager, &row, state).await,
+            MicrovmState::Pending => {
+                // A launch is rolled back: its template is untouched, its guest never served.
+                end_leftovers(manager, &row.id).await;
+                let _ = std::fs::remove_dir_all(manager.microvm_dir(&row.id));
                 manager.set_state(
                     &row.id,
                     MicrovmState::Terminated,
-                    Some(&format!(
-                        "kilnd restarted while the microVM was {state}; its memory was lost"
-                    )),
+                    Some("kilnd restarted while the microVM was launching; launch it again"),
                 );
             }
         }
     }
     Ok(())
+}
+
+/// Puts a SUSPENDED microVM's state back in its slot, flagging one this host cannot resume.
+fn reopen_suspended(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow) -> anyhow::Result<()> {
+    let id = VmId::new(&row.id)?;
+    let dir = manager.microvm_dir(&row.id);
+    let mut s = SuspendedVm::open(id, &dir, manager.assets.clone(), false, manager.confinement)?;
+    // The NIC leads where the microVM's connectors say, as before.
+    let config: MicrovmConfig = serde_json::from_value(row.config.clone())?;
+    let usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
+    let network = manager
+        .network_of(&row.id, &config, usage.network)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    s.set_network(network);
+    if let Err(mismatch) = s.compatibility() {
+        warn!(
+            id = row.id,
+            "suspended microVM cannot be resumed here: {mismatch}"
+        );
+        manager
+            .not_resumable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(row.id.clone(), mismatch.to_string());
+    }
+    manager.slot(&row.id).try_lock()?.suspended = Some(s);
+    info!(id = row.id, "suspended microVM re-adopted");
+    Ok(())
+}
+
+/// Kills what is left of a microVM's processes and releases their jails.
+async fn end_leftovers(manager: &Manager, id: &str) {
+    if let Some(record) = recorded(manager, id) {
+        record.end().await;
+    }
+    kill_leftover_qemu(&manager.microvm_dir(id));
+    let _ = std::fs::remove_file(manager.net_control(id));
 }
 
 /// The runtime record kept for a microVM, if there is a readable one.
@@ -132,46 +116,74 @@ fn recorded(manager: &Manager, id: &str) -> Option<VmRecord> {
     }
 }
 
-/// Takes a RUNNING microVM back, or TERMINATES it with why that failed.
-async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow) {
+/// Takes a RUNNING (or RESUMING) microVM back, rolling an interrupted suspend or resume
+/// forward when its guest still runs. When it cannot be taken back, a complete snapshot
+/// (a suspend that had saved, a resume that had not started the guest) makes it
+/// SUSPENDED; otherwise it is TERMINATED with why.
+async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow, state: MicrovmState) {
     let id = row.id.as_str();
     let dir = manager.microvm_dir(id);
     let record = recorded(manager, id);
-    match adopt(manager, row, record.clone()).await {
+    let why = match adopt(manager, row, record).await {
         Ok(vm) => {
-            let config: Option<MicrovmConfig> = serde_json::from_value(row.config.clone()).ok();
-            let slot = manager.slot(id);
-            let Ok(mut slot) = slot.try_lock() else {
-                return;
-            };
-            if let Some(config) = &config {
-                slot.cpu = Some(crate::cpu::CpuCredit::new(
-                    Manager::baseline_of(config),
-                    manager.cfg.cpu_credit_max_seconds,
-                ));
+            // A half-written suspend, or the state a finished resume came from.
+            vm.forget_suspended_state();
+            install(manager, row, vm);
+            if state == MicrovmState::Resuming {
+                manager.set_state(
+                    id,
+                    MicrovmState::Running,
+                    Some("the resume completed after a kilnd restart"),
+                );
             }
-            slot.cpu_cgroup = None;
-            slot.last_sample_ms = now_ms();
-            slot.vm = Some(vm);
-            if let Err(e) = manager.store().record_event(
-                id,
-                "adopted",
-                "kilnd restarted and took the microVM back",
-            ) {
-                warn!(id, "recording the adoption failed: {e}");
-            }
-            info!(id, "running microVM re-adopted");
+            return;
         }
-        Err(why) => {
-            warn!(id, "running microVM lost: {why}");
-            if let Some(record) = &record {
-                record.end().await;
+        Err(why) => why,
+    };
+    end_leftovers(manager, id).await;
+    manager.forget_runtime(id);
+    if reopen_suspended(manager, row).is_ok() {
+        let reason = match state {
+            MicrovmState::Resuming => {
+                "kilnd restarted during a resume that had not started the guest; the \
+                 snapshot is kept"
             }
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_file(manager.net_control(id));
-            manager.set_state(id, MicrovmState::Terminated, Some(&why));
-        }
+            _ => "kilnd restarted during a suspend that had saved the state",
+        };
+        warn!(id, "{reason} ({why})");
+        manager.set_state(id, MicrovmState::Suspended, Some(reason));
+        return;
     }
+    warn!(id, "running microVM lost: {why}");
+    let _ = std::fs::remove_dir_all(&dir);
+    manager.set_state(id, MicrovmState::Terminated, Some(&why));
+}
+
+/// A taken-back microVM's slot: its VM, a fresh burst credit, metering from now.
+fn install(manager: &Manager, row: &kiln_store::MicrovmRow, vm: Vm) {
+    let id = row.id.as_str();
+    let config: Option<MicrovmConfig> = serde_json::from_value(row.config.clone()).ok();
+    let slot = manager.slot(id);
+    let Ok(mut slot) = slot.try_lock() else {
+        return;
+    };
+    if let Some(config) = &config {
+        slot.cpu = Some(crate::cpu::CpuCredit::new(
+            Manager::baseline_of(config),
+            manager.cfg.cpu_credit_max_seconds,
+        ));
+    }
+    slot.cpu_cgroup = None;
+    slot.last_sample_ms = now_ms();
+    slot.vm = Some(vm);
+    if let Err(e) =
+        manager
+            .store()
+            .record_event(id, "adopted", "kilnd restarted and took the microVM back")
+    {
+        warn!(id, "recording the adoption failed: {e}");
+    }
+    info!(id, "running microVM re-adopted");
 }
 
 /// What is needed to adopt a RUNNING microVM, then the adoption; Err is the reason it

@@ -16,6 +16,7 @@ pub mod assets;
 pub mod base_template;
 pub mod confine;
 pub mod disk;
+pub mod fault;
 pub mod machine;
 pub mod manifest;
 pub mod netproc;
@@ -34,7 +35,7 @@ pub use machine::MachineSpec;
 pub use manifest::{Manifest, ManifestMismatch};
 pub use network::NetworkAttachment;
 pub use snapshot::{SuspendedVm, Template};
-pub use vm::{AdoptConfig, BootConfig, Vm, VmError, VmRecord};
+pub use vm::{AdoptConfig, BeforeRun, BootConfig, Vm, VmError, VmRecord};
 
 /// An error and its causes on one line (how kiln shows errors to people).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

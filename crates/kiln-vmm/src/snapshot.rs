@@ -24,7 +24,7 @@ use crate::manifest::{
     sha256_file, HostFacts, Manifest, ManifestMismatch, SnapshotKind, MANIFEST_FORMAT,
 };
 use crate::network::NetworkAttachment;
-use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, StartSpec, Vm, VmError};
+use crate::vm::{create_vm_dir, remove_dir, BeforeRun, Incoming, SavedVm, StartSpec, Vm, VmError};
 
 const STATE_FILE: &str = "device.state";
 const MEMORY_FILE: &str = "memory.ram";
@@ -203,6 +203,11 @@ impl Vm {
         .await
     }
 
+    /// Removes the suspended state a resume came from, or a suspend left half-written.
+    pub fn forget_suspended_state(&self) {
+        let _ = std::fs::remove_dir_all(self.paths.dir.join(SUSPEND_DIR));
+    }
+
     /// Suspends this VM: its full state goes to `<dir>/suspended/`, QEMU ends and its
     /// memory is freed. The disk overlay stays in place.
     pub async fn suspend(self) -> Result<SuspendedVm, VmError> {
@@ -290,6 +295,16 @@ impl Template {
 
     /// Launches a copy-on-write clone.
     pub async fn launch(&self, cfg: LaunchConfig) -> Result<Vm, VmError> {
+        self.launch_with(cfg, None).await
+    }
+
+    /// Launches a copy-on-write clone, calling `before_run` before the guest starts (see
+    /// [`crate::vm::StartSpec::before_run`]).
+    pub async fn launch_with(
+        &self,
+        cfg: LaunchConfig,
+        before_run: Option<BeforeRun<'_>>,
+    ) -> Result<Vm, VmError> {
         let span = info_span!("vm", id = %cfg.id);
         async move {
             let started = Instant::now();
@@ -332,6 +347,7 @@ impl Template {
                     die_with_parent: cfg.die_with_parent,
                     network: cfg.network.clone(),
                     confinement: cfg.confinement,
+                    before_run,
                 })
                 .await
             }
@@ -416,6 +432,20 @@ impl SuspendedVm {
 
     /// Restores the VM. On success the state file is removed (the disk moves on from it).
     pub async fn resume(self, timeout: Duration) -> Result<Vm, VmError> {
+        let vm = self.resume_with(timeout, None).await?;
+        vm.forget_suspended_state();
+        Ok(vm)
+    }
+
+    /// Restores the VM, calling `before_run` before the guest runs again (see
+    /// [`crate::vm::StartSpec::before_run`]). The suspended state stays until the caller,
+    /// once the resume is durable on its side, calls [`Vm::forget_suspended_state`]: up to
+    /// then a crash can fall back to it.
+    pub async fn resume_with(
+        self,
+        timeout: Duration,
+        before_run: Option<BeforeRun<'_>>,
+    ) -> Result<Vm, VmError> {
         let span = info_span!("vm", id = %self.id);
         async move {
             let started = Instant::now();
@@ -447,9 +477,9 @@ impl SuspendedVm {
                 die_with_parent: self.die_with_parent,
                 network: self.network.clone(),
                 confinement: self.confinement,
+                before_run,
             })
             .await?;
-            let _ = std::fs::remove_dir_all(&suspend_dir);
             info!(elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
             Ok(vm)
         }

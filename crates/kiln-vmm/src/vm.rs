@@ -131,7 +131,7 @@ pub(crate) struct SavedVm {
 }
 
 /// Everything [`Vm::start`] needs.
-pub(crate) struct StartSpec {
+pub(crate) struct StartSpec<'a> {
     pub id: VmId,
     pub paths: VmPaths,
     pub machine: MachineSpec,
@@ -146,7 +146,14 @@ pub(crate) struct StartSpec {
     pub die_with_parent: bool,
     pub network: NetworkAttachment,
     pub confinement: Confinement,
+    /// Called once QEMU and its backend run (with `incoming`: its state loaded, the guest
+    /// not yet started), with what a later kilnd needs to take the VM back: kilnd makes it
+    /// durable there, so the guest never runs unrecorded.
+    pub before_run: Option<BeforeRun<'a>>,
 }
+
+/// See [`StartSpec::before_run`].
+pub type BeforeRun<'a> = Box<dyn FnOnce(&VmRecord) + Send + 'a>;
 
 /// What a later kilnd needs to take a running VM back: kilnd keeps it in its own store,
 /// never in the VM's directory (a jailed QEMU owns that).
@@ -251,6 +258,7 @@ impl Vm {
                     die_with_parent: cfg.die_with_parent,
                     network: cfg.network,
                     confinement: cfg.confinement,
+                    before_run: None,
                 })
                 .await
             }
@@ -269,7 +277,7 @@ impl Vm {
     /// Starts QEMU, loads `incoming` state if any, and connects the agent. On failure QEMU
     /// is killed; the caller owns the directory.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn start(spec: StartSpec) -> Result<Vm, VmError> {
+    pub(crate) async fn start(spec: StartSpec<'_>) -> Result<Vm, VmError> {
         let StartSpec {
             id,
             paths,
@@ -284,6 +292,7 @@ impl Vm {
             die_with_parent,
             network,
             confinement,
+            before_run,
         } = spec;
         let span = Span::current();
         let (backend_fd, qemu_fds, netdev) = if machine.network {
@@ -374,6 +383,26 @@ impl Vm {
             if let Some(incoming) = &incoming {
                 load_state(&id, &qmp, incoming, timeout).await?;
             }
+            if let Some(before_run) = before_run {
+                before_run(&VmRecord {
+                    machine: machine.clone(),
+                    assets: assets.clone(),
+                    memory: memory.clone(),
+                    active_disk: disk.clone(),
+                    disk_base: disk_base.clone(),
+                    kernel_cmdline: kernel_cmdline.clone(),
+                    qemu: process.record().clone(),
+                    net: net_backend.as_ref().map(|b| b.record().clone()),
+                });
+            }
+            if incoming.is_some() {
+                qmp.execute("cont", json!({}))
+                    .await
+                    .map_err(|source| VmError::Qmp {
+                        id: id.clone(),
+                        source,
+                    })?;
+            }
             let agent = AgentClient::connect(&paths.agent_socket(), timeout)
                 .await
                 .map_err(|source| VmError::AgentUnreachable {
@@ -460,6 +489,7 @@ impl Vm {
                         id: id.clone(),
                         source,
                     })?;
+                run_again(&id, &qmp).await?;
                 let agent = AgentClient::connect(&paths.agent_socket(), timeout)
                     .await
                     .map_err(|source| VmError::AgentUnreachable {
@@ -664,6 +694,7 @@ impl Vm {
         .await?;
         let uri = file_uri(&self.id, path)?;
         self.qmp("migrate", json!({ "uri": uri })).await?;
+        crate::fault::point("suspend.saving");
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let status = self.qmp("query-migrate", json!({})).await?;
@@ -844,6 +875,47 @@ impl Drop for Vm {
     }
 }
 
+/// An adopted guest that is not running was stopped by an interrupted transition: a
+/// suspend saving its state (the save is cancelled) or a resume whose state was loaded
+/// (its guest never ran). Either way it runs on. One still loading its state is refused:
+/// the caller falls back to the snapshot.
+async fn run_again(id: &VmId, qmp: &Qmp) -> Result<(), VmError> {
+    let q = |source| VmError::Qmp {
+        id: id.clone(),
+        source,
+    };
+    let status = qmp.execute("query-status", json!({})).await.map_err(q)?;
+    match status["status"].as_str().unwrap_or("") {
+        "running" => Ok(()),
+        "inmigrate" => Err(VmError::Invalid {
+            id: id.clone(),
+            reason: "its state was still loading when kilnd stopped".into(),
+        }),
+        other => {
+            info!(
+                status = other,
+                "an interrupted transition stopped the guest: running it on"
+            );
+            let _ = qmp.execute("migrate_cancel", json!({})).await;
+            // A cancel takes effect asynchronously; the guest can run once it has.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let m = qmp.execute("query-migrate", json!({})).await.map_err(q)?;
+                let busy = matches!(
+                    m["status"].as_str(),
+                    Some("active" | "setup" | "cancelling" | "device" | "pre-switchover")
+                );
+                if !busy || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            qmp.execute("cont", json!({})).await.map_err(q)?;
+            Ok(())
+        }
+    }
+}
+
 /// The network backend of an adopted VM, if it has one.
 async fn adopt_backend(
     record: &VmRecord,
@@ -928,7 +1000,6 @@ pub(crate) async fn load_state(
             reason,
         });
     }
-    qmp.execute("cont", json!({})).await.map_err(q)?;
     Ok(())
 }
 

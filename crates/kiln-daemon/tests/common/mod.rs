@@ -45,6 +45,11 @@ impl TestDaemon {
 
     /// (Re)starts kilnd on this home.
     pub fn spawn(&mut self, extra: &[&str]) {
+        self.spawn_env(extra, &[]);
+    }
+
+    /// (Re)starts kilnd on this home with more environment (the fault-injection hook).
+    pub fn spawn_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         let _ = std::fs::remove_file(self.home.join("kilnd.addr"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -71,6 +76,7 @@ impl TestDaemon {
                 "30",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
             .stdout(Stdio::null())
             .stderr(log)
@@ -114,6 +120,33 @@ impl TestDaemon {
         let mut c = self.child.take().unwrap();
         c.kill().unwrap();
         c.wait().unwrap();
+    }
+
+    /// Waits for kilnd to end on its own (a fault-injection step killed it).
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let mut c = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        while c.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not reach its fault step: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A POST that may meet a kilnd dying under it: the status, or None.
+    pub fn try_post(&self, path: &str, body: Value) -> Option<u16> {
+        match self
+            .auth(ureq::post(&format!("{}{path}", self.base)))
+            .timeout(Duration::from_secs(300))
+            .send_json(body)
+        {
+            Ok(r) => Some(r.status()),
+            Err(ureq::Error::Status(s, _)) => Some(s),
+            Err(_) => None,
+        }
     }
 
     pub fn sigterm(&mut self) {
