@@ -454,15 +454,31 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
         "{resumed}"
     );
 
-    // SIGTERM with the default policy leaves both running for the next kilnd.
+    // SIGTERM with the default policy leaves both running for the next kilnd, here another
+    // build of it (the upgrade path: a binary that is not the one that started them).
     d.sigterm();
     assert_eq!(d.qemu_processes().len(), 2, "{}", d.log());
+    // Beside the first build: kilnd finds its helpers (jailer, network backend) there.
+    let next = std::path::Path::new(env!("CARGO_BIN_EXE_kilnd"))
+        .with_file_name(format!("kilnd-upgrade-test-{}", std::process::id()));
+    let mut binary = std::fs::read(env!("CARGO_BIN_EXE_kilnd")).unwrap();
+    binary.extend_from_slice(b"\0kiln-upgrade-test: another build of kilnd\0");
+    std::fs::write(&next, &binary).unwrap();
+    std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    d.program = Some(next);
     d.spawn(&[]);
+    assert!(
+        d.log().contains("running microVM re-adopted"),
+        "{}",
+        d.log()
+    );
     for id in [&running, &suspended] {
         assert_eq!(d.get(&format!("/v1/microvms/{id}")).1["state"], "RUNNING");
         assert_eq!(sh(&d, id, "echo alive"), "alive\n");
     }
     assert!(count(&d, &running) > after);
+
+    let _ = std::fs::remove_file(d.program.take().unwrap());
 
     // A guest whose QEMU ends while kilnd is down is TERMINATED with the reason.
     d.kill9();

@@ -665,29 +665,32 @@ async fn connect_when_served(socket: &Path) -> std::io::Result<tokio::net::UnixS
     }
 }
 
+/// Logs a program's standard error line by line (lines cut at 4 KiB) and keeps its last
+/// [`STDERR_CAP`] bytes for error reports.
 pub(crate) async fn capture_stderr(
-    mut err: impl AsyncRead + Unpin,
+    err: impl AsyncRead + Unpin,
     keep: Arc<Mutex<Vec<u8>>>,
     what: &'static str,
 ) {
-    let mut buf = vec![0u8; 4096];
-    while let Ok(n) = err.read(&mut buf).await {
-        if n == 0 {
-            return;
+    use tokio::io::AsyncBufReadExt;
+    let mut err = tokio::io::BufReader::new(err);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut err).take(4096).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
-        let text = String::from_utf8_lossy(&buf[..n]);
-        let mut kept = String::new();
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
         // QEMU says it waits for the console's reader on every start: not news.
-        for line in text
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.contains(CONSOLE_WAIT_NOTICE))
-        {
-            warn!("{what}: {line}");
-            kept.push_str(line);
-            kept.push('\n');
+        if text.trim().is_empty() || text.contains(CONSOLE_WAIT_NOTICE) {
+            continue;
         }
+        warn!("{what}: {text}");
         let mut keep = keep.lock().unwrap_or_else(|p| p.into_inner());
-        keep.extend_from_slice(kept.as_bytes());
+        keep.extend_from_slice(text.as_bytes());
+        keep.push(b'\n');
         let excess = keep.len().saturating_sub(STDERR_CAP);
         keep.drain(..excess);
     }

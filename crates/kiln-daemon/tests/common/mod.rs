@@ -19,6 +19,8 @@ pub struct TestDaemon {
     pub key: String,
     /// host:port of the ingress proxy.
     pub ingress: String,
+    /// The kilnd binary to start (another build of it, for upgrade tests).
+    pub program: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -38,6 +40,7 @@ impl TestDaemon {
             base: String::new(),
             key: String::new(),
             ingress: String::new(),
+            program: None,
         };
         d.spawn(extra);
         d
@@ -56,7 +59,11 @@ impl TestDaemon {
             .append(true)
             .open(self.home.join("kilnd.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        let program = self
+            .program
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kilnd")));
+        let child = Command::new(program)
             .args(["--home"])
             .arg(&self.home)
             .args([
@@ -283,6 +290,7 @@ impl TestDaemon {
             base: self.base.clone(),
             ingress: self.ingress.clone(),
             key,
+            program: None,
         }
     }
 
