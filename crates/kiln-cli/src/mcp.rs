@@ -4,7 +4,7 @@
 //! Every tool calls kilnd's API with the CLI's configuration (`--endpoint`, `KILN_HOME`, …).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_client::{Client, SandboxRequest};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -130,21 +130,18 @@ impl KilnMcp {
                 .run_microvm(&p.image, Some(idle), p.run_hook_payload, None, p.connectors)
                 .map_err(|e| e.to_string())?;
             let id = run["microvmId"].as_str().unwrap_or_default().to_string();
-            let deadline = Instant::now() + Duration::from_secs(180);
-            loop {
-                let vm = c.get(&format!("/v1/microvms/{id}")).map_err(|e| e.to_string())?;
-                match vm["state"].as_str() {
-                    Some("RUNNING") => {
-                        return Ok(pretty(&json!({"microvmId": id, "endpoint": vm["endpoint"], "state": "RUNNING"})))
-                    }
-                    Some("TERMINATED") => {
-                        return Err(format!("sandbox {id} terminated: {}", vm["stateReason"].as_str().unwrap_or("?")))
-                    }
-                    _ if Instant::now() > deadline => {
-                        return Err(format!("sandbox {id} is still {}", vm["state"]))
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(200)),
-                }
+            let vm = c
+                .wait_microvm(&id, "RUNNING", Duration::from_secs(180))
+                .map_err(|e| e.to_string())?;
+            match vm["state"].as_str() {
+                Some("RUNNING") => Ok(pretty(
+                    &json!({"microvmId": id, "endpoint": vm["endpoint"], "state": "RUNNING"}),
+                )),
+                Some("TERMINATED") => Err(format!(
+                    "sandbox {id} terminated: {}",
+                    vm["stateReason"].as_str().unwrap_or("?")
+                )),
+                _ => Err(format!("sandbox {id} is still {}", vm["state"])),
             }
         })
         .await

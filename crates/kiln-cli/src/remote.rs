@@ -2,7 +2,7 @@
 //! resume, terminate, token, exec, events. Human tables by default, `--json` for scripts;
 //! exit codes: 2 validation, 3 not found, 4 conflict, 5 auth, 6 kilnd unreachable.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use kiln_client::{Client, ClientError};
@@ -190,16 +190,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             let id = run["microvmId"].as_str().unwrap_or_default().to_string();
             let mut view = run;
             if wait {
-                let deadline = Instant::now() + Duration::from_secs(180);
-                loop {
-                    view = c.get(&format!("/v1/microvms/{id}"))?;
-                    if matches!(view["state"].as_str(), Some("RUNNING" | "TERMINATED"))
-                        || Instant::now() > deadline
-                    {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                view = c.wait_microvm(&id, "RUNNING", Duration::from_secs(180))?;
             }
             if conn.json() {
                 println!(

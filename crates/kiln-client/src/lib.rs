@@ -206,6 +206,29 @@ impl Client {
         self.call("GET", path, None)
     }
 
+    /// The microVM once it is in `state` or TERMINATED, or as it is after `timeout`: kilnd
+    /// answers when the state changes (`waitFor`), so nothing polls.
+    pub fn wait_microvm(
+        &self,
+        id: &str,
+        state: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Value, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // Each request waits a bounded time; the loop covers longer waits.
+            let seconds = left.as_secs().clamp(1, 60);
+            let view = self.get(&format!(
+                "/v1/microvms/{id}?waitFor={state}&timeoutSeconds={seconds}"
+            ))?;
+            let now = view["state"].as_str().unwrap_or_default();
+            if now == state || now == "TERMINATED" || left.is_zero() {
+                return Ok(view);
+            }
+        }
+    }
+
     pub fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
         self.call("POST", path, Some(body))
     }

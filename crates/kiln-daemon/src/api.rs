@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_image::BuildSpec;
 use kiln_store::MicrovmRow;
+use kiln_types::MicrovmState;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -664,11 +665,40 @@ async fn list_microvms(
     ))
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GetQuery {
+    /// Answer once the microVM is in this state (or TERMINATED), or when the wait ends.
+    wait_for: Option<String>,
+    /// How long to wait (default 60 s, at most `MAX_WAIT_SECONDS`).
+    timeout_seconds: Option<u64>,
+}
+
 async fn get_microvm(
     State(m): State<Arc<Manager>>,
     Path(id): Path<String>,
+    Query(q): Query<GetQuery>,
 ) -> ApiResult<Json<Value>> {
-    let row = m.row(&id)?;
+    let row = match q.wait_for {
+        None => m.row(&id)?,
+        Some(state) => {
+            let target: MicrovmState = state.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "waitFor must be PENDING, RUNNING, SUSPENDED, RESUMING or TERMINATED \
+                     (got {state:?})"
+                ))
+            })?;
+            let seconds = q.timeout_seconds.unwrap_or(60);
+            if seconds > crate::manager::MAX_WAIT_SECONDS {
+                return Err(ApiError::bad_request(format!(
+                    "timeoutSeconds is at most {} (got {seconds})",
+                    crate::manager::MAX_WAIT_SECONDS
+                )));
+            }
+            m.wait_for(&id, target, Duration::from_secs(seconds))
+                .await?
+        }
+    };
     Ok(Json(microvm_view(&m, &row)))
 }
 

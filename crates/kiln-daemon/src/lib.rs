@@ -73,6 +73,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         inflight: Mutex::new(Default::default()),
         not_resumable: Mutex::new(Default::default()),
         admission: Mutex::new(()),
+        changes: tokio::sync::watch::channel(0).0,
         egress: egress::Egress::new(cfg.egress.clone()),
     });
     recovery::recover(&manager).await?;

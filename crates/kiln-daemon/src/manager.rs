@@ -110,7 +110,12 @@ pub struct Manager {
     /// Held while a new microVM or build is counted against its quota and recorded, so two
     /// requests at once cannot both take the last place.
     pub admission: Mutex<()>,
+    /// Bumped at every state change: what `waitFor` waits on instead of polling.
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
+
+/// The longest a `waitFor` request waits.
+pub const MAX_WAIT_SECONDS: u64 = 300;
 
 pub fn new_microvm_id() -> String {
     let mut b = [0u8; 8];
@@ -224,6 +229,31 @@ impl Manager {
             warn!(id, "recording state {to} failed: {e}");
         }
         info!(id, state = %to, reason = reason.unwrap_or(""), "microVM state");
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The microVM once it is in `target` (or TERMINATED, which it never leaves), or as it is
+    /// when `timeout` has passed: woken by each state change, never polling.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        target: MicrovmState,
+        timeout: Duration,
+    ) -> ApiResult<MicrovmRow> {
+        // Subscribed before the first read, so no change between the two is missed.
+        let mut changes = self.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let row = self.row(id)?;
+            let state = Self::state_of(&row);
+            if state == target || state == MicrovmState::Terminated {
+                return Ok(row);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(row),
+            }
+        }
     }
 
     /// RunMicrovm: records PENDING and launches in the background.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -518,4 +518,62 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
     let (status, again) = d.post(&format!("/v1/microvms/{suspended}/resume"), json!({}));
     assert_eq!((status, again["state"].as_str()), (200, Some("RUNNING")));
     assert_eq!(sh(&d, &suspended, "echo alive"), "alive\n");
+}
+
+#[test]
+fn waiting_for_a_state_answers_when_it_is_reached_without_polling() {
+    let report = ReportServer::start();
+    let d = TestDaemon::start();
+    hook_image(&d, &report);
+    let (_, run) = d.post("/v1/microvms", json!({"imageIdentifier": "hooks"}));
+    let id = run["microvmId"].as_str().unwrap().to_string();
+    // One request, answered once the launch is done.
+    let (status, v) = d.get(&format!(
+        "/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=120"
+    ));
+    assert_eq!((status, v["state"].as_str()), (200, Some("RUNNING")), "{v}");
+
+    // A wait that times out answers with the state as it is.
+    let started = Instant::now();
+    let (status, v) = d.get(&format!(
+        "/v1/microvms/{id}?waitFor=SUSPENDED&timeoutSeconds=1"
+    ));
+    assert_eq!((status, v["state"].as_str()), (200, Some("RUNNING")));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // A wait answers when another request changes the state.
+    let waiter = {
+        let d = d.clone_with_key(d.key.clone());
+        let id = id.clone();
+        std::thread::spawn(move || {
+            d.get(&format!(
+                "/v1/microvms/{id}?waitFor=SUSPENDED&timeoutSeconds=120"
+            ))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d.post(&format!("/v1/microvms/{id}/suspend"), json!({})).1["state"],
+        "SUSPENDED"
+    );
+    let (status, v) = waiter.join().unwrap();
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("SUSPENDED")),
+        "{v}"
+    );
+
+    // TERMINATED ends every wait; bad values say what is allowed.
+    d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+    let (status, v) = d.get(&format!(
+        "/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=120"
+    ));
+    assert_eq!((status, v["state"].as_str()), (200, Some("TERMINATED")));
+    let (status, v) = d.get(&format!("/v1/microvms/{id}?waitFor=SLEEPING"));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("waitFor"), "{v}");
+    let (status, v) = d.get(&format!(
+        "/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=301"
+    ));
+    assert_eq!(status, 400, "{v}");
 }

@@ -202,16 +202,20 @@ class Client:
         return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/terminate", {})
 
     def wait_microvm(self, microvmIdentifier: str, state: str = "RUNNING", timeout: float = 120.0) -> dict:
+        """Returns the microVM once it is in ``state``. kilnd answers when the state changes
+        (``waitFor``), so nothing polls; each request waits within the client's own timeout."""
         deadline = time.time() + timeout
+        path = f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}"
         while True:
-            vm = self.get_microvm(microvmIdentifier)
+            left = deadline - time.time()
+            wait = int(max(1, min(left, self.timeout / 2, 60)))
+            vm = self._call("GET", f"{path}?waitFor={urllib.parse.quote(state)}&timeoutSeconds={wait}")
             if vm["state"] == state:
                 return vm
             if vm["state"] == "TERMINATED":
                 raise KilnError(409, "Terminated", vm.get("stateReason") or "terminated")
             if time.time() > deadline:
                 raise KilnError(408, "Timeout", f"microVM {microvmIdentifier} is {vm['state']}, not {state}")
-            time.sleep(0.1)
 
     def create_microvm_auth_token(self, microvmIdentifier: str, expirationInMinutes: int = 5,
                                   allowedPorts: Optional[list] = None) -> dict:
