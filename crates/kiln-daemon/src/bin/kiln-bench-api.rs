@@ -1,6 +1,9 @@
 //! `kiln-bench-api`: control-plane benchmark, measured side by side in one run:
-//! RunMicrovm → RUNNING (with /run done) vs a cold boot of the same image's disk, and
-//! GetMicrovm throughput over one keep-alive connection. Prints figures; asserts nothing.
+//! RunMicrovm → RUNNING (with /run done) vs a cold boot of the same image's disk,
+//! GetMicrovm throughput over one keep-alive connection, and the same small GET through the
+//! ingress and straight over the agent channel, one at a time and [`CONNECTIONS`] at once
+//! (requests per second, p50/p99, kilnd's CPU per proxied request). Prints figures; asserts
+//! nothing.
 
 // A binary's output is its interface.
 #![allow(clippy::print_stdout)]
@@ -95,6 +98,119 @@ impl Client {
         })
     }
 }
+
+/// Connections at once in the concurrent runs, and requests each makes.
+const CONNECTIONS: usize = 16;
+const REQUESTS_EACH: usize = 40;
+
+/// CPU time of this process (`RUSAGE_SELF`) or of the calling thread (`RUSAGE_THREAD`).
+fn cpu(who: nix::sys::resource::UsageWho) -> Duration {
+    let Ok(u) = nix::sys::resource::getrusage(who) else {
+        return Duration::ZERO;
+    };
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+/// `CONNECTIONS` client threads at once through the ingress, a new connection per request
+/// (the guest app closes them): latencies, wall-clock requests per second, and kilnd's CPU
+/// per request (the process's CPU less the client threads' own).
+fn proxied_at_once(
+    ingress: &str,
+    host: &str,
+    extra: &str,
+) -> anyhow::Result<(Vec<Duration>, f64, Duration)> {
+    use nix::sys::resource::UsageWho;
+    let (cpu0, t0) = (cpu(UsageWho::RUSAGE_SELF), Instant::now());
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (ingress, host, extra) = (ingress.to_string(), host.to_string(), extra.to_string());
+            std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Duration)> {
+                let samples = latencies(REQUESTS_EACH, || {
+                    let mut p = Client::connect(&ingress, "")?;
+                    let (status, body) =
+                        p.call_with(&host, &extra, "GET", "/index.html", "text/plain", b"")?;
+                    anyhow::ensure!(
+                        status == 200 && body == b"hello\n",
+                        "proxy answered {status}"
+                    );
+                    Ok(())
+                })?;
+                Ok((samples, cpu(UsageWho::RUSAGE_THREAD)))
+            })
+        })
+        .collect();
+    let (mut all, mut clients) = (Vec::new(), Duration::ZERO);
+    for t in threads {
+        let (samples, used) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        all.extend(samples);
+        clients += used;
+    }
+    let wall = t0.elapsed();
+    let kilnd = cpu(UsageWho::RUSAGE_SELF)
+        .saturating_sub(cpu0)
+        .saturating_sub(clients);
+    let n = all.len() as u32;
+    Ok((all, f64::from(n) / wall.as_secs_f64(), kilnd / n.max(1)))
+}
+
+/// `CONNECTIONS` requests at once straight over the agent channel: latencies and wall-clock
+/// requests per second.
+async fn direct_at_once(agent: &kiln_vmm::AgentClient) -> anyhow::Result<(Vec<Duration>, f64)> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..REQUESTS_EACH {
+                    let t = Instant::now();
+                    direct_get(&agent).await?;
+                    out.push(t.elapsed());
+                }
+                Ok::<_, anyhow::Error>(out)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let rps = all.len() as f64 / t0.elapsed().as_secs_f64();
+    Ok((all, rps))
+}
+
+/// One GET of the guest app over a fresh agent-channel connection.
+async fn direct_get(agent: &kiln_vmm::AgentClient) -> anyhow::Result<()> {
+    let stream = agent.connect_port(8080).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/index.html")
+        .header("host", "x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await?
+        .to_bytes();
+    anyhow::ensure!(body.as_ref() == b"hello\n");
+    Ok(())
+}
+
+/// The median of a run's samples and its p99, in ms.
+fn p50_p99(samples: &[Duration]) -> (f64, f64) {
+    let mut v = samples.to_vec();
+    v.sort();
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0;
+    (pct(0.5), pct(0.99))
+}
+
+static AT_ONCE: std::sync::Mutex<Option<(f64, f64, Duration)>> = std::sync::Mutex::new(None);
 
 static PROXIED: std::sync::Mutex<Vec<Duration>> = std::sync::Mutex::new(Vec::new());
 
@@ -247,22 +363,28 @@ async fn run() -> anyhow::Result<()> {
     let mut direct = Vec::new();
     for _ in 0..300 {
         let t = Instant::now();
-        let stream = agent.connect_port(8080).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get("/index.html")
-            .header("host", "x")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await?
-            .to_bytes();
-        anyhow::ensure!(body.as_ref() == b"hello\n");
+        direct_get(&agent).await?;
         direct.push(t.elapsed());
     }
-    clone.destroy().await?;
     report("straight over the agent channel", &direct);
+    let (direct16, direct16_rps) = direct_at_once(&agent).await?;
+    clone.destroy().await?;
+    let at_once = *AT_ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((proxied16_p99, proxied16_rps, kilnd_cpu)) = at_once {
+        let (_, direct16_p99) = p50_p99(&direct16);
+        println!(
+            "GET over the agent channel, {CONNECTIONS} at once  {direct16_rps:>8.0} req/s  p99 {direct16_p99:>7.2} ms"
+        );
+        println!(
+            "  proxy / agent-channel at {CONNECTIONS} at once      {:>9.2}x throughput, {:>6.2}x p99",
+            proxied16_rps / direct16_rps,
+            proxied16_p99 / direct16_p99
+        );
+        println!(
+            "kilnd CPU per proxied request             {:>9.3} ms",
+            kilnd_cpu.as_secs_f64() * 1000.0
+        );
+    }
     let host_server = std::net::TcpListener::bind("127.0.0.1:0")?;
     let host_addr = host_server.local_addr()?.to_string();
     std::thread::spawn(move || {
@@ -416,6 +538,12 @@ fn measure(
         Ok(())
     })?;
     report("through the ingress proxy", &proxied);
+    let (proxied16, proxied16_rps, kilnd_cpu) = proxied_at_once(ingress, &host, &extra)?;
+    let (p50, p99) = p50_p99(&proxied16);
+    println!(
+        "GET through the ingress, {CONNECTIONS} at once     {proxied16_rps:>8.0} req/s  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms"
+    );
+    *AT_ONCE.lock().unwrap_or_else(|p| p.into_inner()) = Some((p99, proxied16_rps, kilnd_cpu));
     c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
     let tpl = images.join("bench").join(&image).join("template");
     Ok((tpl, run_ms))
