@@ -42,6 +42,7 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
             continue;
         }
         let age_s = (now - row.created_at) / 1000;
+        let max_idle = config.idle_policy.max_idle_duration_seconds;
         let action: Option<(&str, String)> = if manager.not_resumable(&row.id).is_some() {
             // Kept for its owner to download: policy never deletes it.
             None
@@ -91,7 +92,8 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
                 let (m, id) = (manager.clone(), row.id.clone());
                 tokio::spawn(async move {
                     let result = if what == "suspend" {
-                        m.suspend(&id, &reason).await
+                        kiln_vmm::fault::hold("idle.decided").await;
+                        m.suspend_if_idle(&id, &reason, max_idle).await
                     } else {
                         m.terminate(&id, &reason).await
                     };

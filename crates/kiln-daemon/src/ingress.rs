@@ -35,7 +35,12 @@ impl IngressBackend {
     async fn running_agent(&self, id: &str) -> Result<kiln_vmm::AgentClient, BackendError> {
         let m = &self.0;
         let deadline = Instant::now() + WAIT_FOR_RUNNING;
+        // Subscribed before each look, so a change between the look and the wait wakes it.
+        let mut changes = m.changes.subscribe();
         loop {
+            if let Some(agent) = m.agents.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+                return Ok(agent.clone());
+            }
             let row = match m.store().microvm(id) {
                 Ok(Some(row)) => row,
                 Ok(None) => return Err(BackendError::NotFound),
@@ -44,13 +49,8 @@ impl IngressBackend {
             let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
             match state {
                 MicrovmState::Terminated => return Err(BackendError::NotFound),
-                MicrovmState::Running => {
-                    let slot = m.slot(id);
-                    let slot = slot.lock().await;
-                    if let Some(vm) = slot.vm.as_ref() {
-                        return Ok(vm.agent().clone());
-                    }
-                }
+                // Being suspended (then auto-resumed) or launched: wait for the change.
+                MicrovmState::Running => {}
                 MicrovmState::Suspended => {
                     let config: Option<MicrovmConfig> =
                         serde_json::from_value(row.config.clone()).ok();
@@ -64,12 +64,14 @@ impl IngressBackend {
                 }
                 MicrovmState::Pending | MicrovmState::Resuming => {}
             }
-            if Instant::now() > deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(BackendError::NotRunning(format!(
                     "microVM {id} did not become RUNNING within {WAIT_FOR_RUNNING:?}"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Woken by the next state change (the agent is published with RUNNING).
+            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changes.changed()).await;
         }
     }
 }

@@ -74,6 +74,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         not_resumable: Mutex::new(Default::default()),
         admission: Mutex::new(()),
         changes: tokio::sync::watch::channel(0).0,
+        agents: Mutex::new(Default::default()),
         egress: egress::Egress::new(cfg.egress.clone()),
     });
     recovery::recover(&manager).await?;
@@ -222,6 +223,7 @@ async fn leave_running(manager: &Arc<Manager>) {
     let mut kept = 0;
     for (id, slot) in slots {
         let mut slot = slot.lock().await;
+        manager.publish(&id, None);
         if let Some(vm) = slot.vm.take() {
             manager.sample(&id, &mut slot, Some(&vm));
             manager.keep_runtime(&id, &vm);

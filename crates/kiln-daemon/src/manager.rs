@@ -112,6 +112,9 @@ pub struct Manager {
     pub admission: Mutex<()>,
     /// Bumped at every state change: what `waitFor` waits on instead of polling.
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// The agent of each RUNNING microVM that no transition holds: exec, logs and the
+    /// ingress read it here, so they never wait behind a launch, suspend or resume.
+    pub agents: Mutex<HashMap<String, kiln_vmm::AgentClient>>,
 }
 
 /// The longest a `waitFor` request waits.
@@ -230,6 +233,16 @@ impl Manager {
         }
         info!(id, state = %to, reason = reason.unwrap_or(""), "microVM state");
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Makes a RUNNING microVM's agent reachable for reads, or (None) withdraws it when a
+    /// transition takes the microVM.
+    pub fn publish(&self, id: &str, agent: Option<kiln_vmm::AgentClient>) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        match agent {
+            Some(a) => agents.insert(id.to_string(), a),
+            None => agents.remove(id),
+        };
     }
 
     /// The microVM once it is in `target` (or TERMINATED, which it never leaves), or as it is
@@ -431,9 +444,12 @@ impl Manager {
             }
         }
         fault::point("launch.hooked");
+        let agent = vm.agent().clone();
         slot.vm = Some(vm);
         slot.last_sample_ms = now_ms();
         self.record_activity(id);
+        // Published first: whoever the state change wakes finds the agent.
+        self.publish(id, Some(agent));
         self.set_state(id, MicrovmState::Running, None);
     }
 
@@ -508,6 +524,27 @@ impl Manager {
     }
 
     pub async fn suspend(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        self.suspend_unless(id, reason, None).await
+    }
+
+    /// The idle policy's suspend: idleness is checked again once the microVM is held, so a
+    /// request that came in after the decision keeps it running.
+    pub async fn suspend_if_idle(
+        &self,
+        id: &str,
+        reason: &str,
+        max_idle_seconds: u64,
+    ) -> ApiResult<MicrovmRow> {
+        self.suspend_unless(id, reason, Some(max_idle_seconds))
+            .await
+    }
+
+    async fn suspend_unless(
+        &self,
+        id: &str,
+        reason: &str,
+        if_idle_for: Option<u64>,
+    ) -> ApiResult<MicrovmRow> {
         let slot = self.slot(id);
         let mut slot = slot.lock().await;
         let row = self.row(id)?;
@@ -517,6 +554,14 @@ impl Manager {
                 "microVM {id} is {state}; only a RUNNING microVM can be suspended"
             )));
         }
+        if let Some(max_idle) = if_idle_for {
+            let idle_ms = now_ms() - row.last_activity_at;
+            if self.open_requests(id) > 0 || idle_ms < (max_idle as i64) * 1000 {
+                info!(id, "no longer idle: the idle suspend is dropped");
+                return Ok(row);
+            }
+        }
+        self.publish(id, None);
         let config = Self::config_of(&row)?;
         let vm = slot
             .vm
@@ -595,9 +640,11 @@ impl Manager {
                         warn!(id, "resume hook failed: {why}");
                     }
                 }
+                let agent = vm.agent().clone();
                 slot.vm = Some(vm);
                 slot.last_sample_ms = now_ms();
                 self.record_activity(id);
+                self.publish(id, Some(agent));
                 self.set_state(id, MicrovmState::Running, Some(reason));
             }
             Err(e) => {
@@ -648,6 +695,7 @@ impl Manager {
             )));
         }
         let config = Self::config_of(&row)?;
+        self.publish(id, None);
         if let Some(vm) = slot.vm.take() {
             if config.hooks_enabled {
                 if let Err(why) = self
@@ -695,6 +743,7 @@ impl Manager {
             return false;
         };
         warn!(id, "QEMU ended on its own: {report}");
+        self.publish(id, None);
         if let Some(vm) = slot.vm.take() {
             self.sample(id, &mut slot, Some(&vm));
             let _ = vm.destroy().await;
@@ -704,22 +753,29 @@ impl Manager {
     }
 
     /// The agent of a RUNNING microVM; `what` names the request in the conflict message.
-    async fn running_agent(&self, id: &str, what: &str) -> ApiResult<kiln_vmm::AgentClient> {
-        let slot = self.slot(id);
-        let slot = slot.lock().await;
-        let row = self.row(id)?;
-        match (&slot.vm, Self::state_of(&row)) {
-            (Some(vm), MicrovmState::Running) => Ok(vm.agent().clone()),
-            (_, state) => Err(ApiError::conflict(format!(
-                "microVM {id} is {state}; {what} needs RUNNING (resume it first)"
-            ))),
+    /// Never waits: during a transition the answer is a 409 at once.
+    pub fn running_agent(&self, id: &str, what: &str) -> ApiResult<kiln_vmm::AgentClient> {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(agent) = agents.get(id) {
+            return Ok(agent.clone());
         }
+        drop(agents);
+        let state = Self::state_of(&self.row(id)?);
+        let busy = if state == MicrovmState::Running {
+            " and being suspended or terminated"
+        } else {
+            ""
+        };
+        Err(ApiError::conflict(format!(
+            "microVM {id} is {state}{busy}; {what} needs RUNNING (wait with GET \
+             /v1/microvms/{id}?waitFor=RUNNING, or resume it)"
+        )))
     }
 
     /// The tail of the app's stdout and stderr, as the guest agent keeps it. Reading logs is
     /// not activity: it does not keep a microVM from idling.
     pub async fn app_logs(&self, id: &str, max_bytes: u32) -> ApiResult<Vec<u8>> {
-        let agent = self.running_agent(id, "reading logs").await?;
+        let agent = self.running_agent(id, "reading logs")?;
         agent.app_logs(max_bytes).await.map_err(|e| {
             ApiError::new(
                 axum::http::StatusCode::BAD_GATEWAY,
@@ -739,7 +795,7 @@ impl Manager {
         if argv.is_empty() {
             return Err(ApiError::bad_request("command must name a program"));
         }
-        let agent = self.running_agent(id, "exec").await?;
+        let agent = self.running_agent(id, "exec")?;
         self.record_activity(id);
         let req = kiln_proto::ExecRequest {
             process: kiln_proto::ProcessSpec {

@@ -175,6 +175,7 @@ fn install(manager: &Manager, row: &kiln_store::MicrovmRow, vm: Vm) {
     }
     slot.cpu_cgroup = None;
     slot.last_sample_ms = now_ms();
+    manager.publish(id, Some(vm.agent().clone()));
     slot.vm = Some(vm);
     if let Err(e) =
         manager

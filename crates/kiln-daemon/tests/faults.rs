@@ -195,3 +195,71 @@ fn a_kilnd_killed_at_any_step_loses_no_microvm() {
     assert!(!v["stateReason"].as_str().unwrap_or_default().is_empty());
     assert_no_strays(&d);
 }
+
+#[test]
+fn requests_during_a_transition_get_409_at_once_and_a_request_at_the_idle_timer_wins() {
+    let report = ReportServer::start();
+    let mut d = TestDaemon::start();
+    hook_image(&d, &report);
+    let hold = d.home.join("hold-idle");
+    std::fs::write(&hold, b"held").unwrap();
+    d.sigterm();
+    let spec = format!("idle.decided={}", hold.display());
+    d.spawn_env(&[], &[("KILN_FAULT_HOLD", &spec)]);
+
+    // During the launch: a clear 409 at once, not a wait behind it.
+    let (_, r) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "hooks", "idlePolicy": {"maxIdleDurationSeconds": 2,
+               "suspendedDurationSeconds": 600, "autoResumeEnabled": true}}),
+    );
+    let id = r["microvmId"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let (status, v) = d.post(
+        &format!("/v1/microvms/{id}/exec"),
+        json!({"command": ["true"]}),
+    );
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("waitFor=RUNNING"),
+        "{v}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let v = d
+        .get(&format!(
+            "/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=120"
+        ))
+        .1;
+    assert_eq!(v["state"], "RUNNING", "{v}");
+
+    // The idle timer fires and is held after deciding; a request comes in meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !d.log().contains("holding at idle.decided") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sh(&d, &id, "echo busy"), "busy\n");
+    std::fs::remove_file(&hold).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("no longer idle") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        state(&d, &id)["state"],
+        "RUNNING",
+        "the request kept it running"
+    );
+    // Left alone, it idles out as before.
+    let v = d
+        .get(&format!(
+            "/v1/microvms/{id}?waitFor=SUSPENDED&timeoutSeconds=60"
+        ))
+        .1;
+    assert_eq!(v["state"], "SUSPENDED", "{v}");
+    assert!(v["stateReason"].as_str().unwrap().contains("idle"), "{v}");
+}
