@@ -11,6 +11,7 @@
 //!   a jailed process per VM).
 
 pub mod accel;
+pub mod adopt;
 pub mod agent;
 pub mod assets;
 pub mod base_template;
@@ -27,6 +28,7 @@ pub mod snapshot;
 pub mod vm;
 
 pub use accel::{AccelChoice, AccelProbe};
+pub use adopt::{AdoptConfig, VmRecord};
 pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::GuestAssets;
 pub use confine::{Confinement, JailLimits};
@@ -35,7 +37,7 @@ pub use machine::MachineSpec;
 pub use manifest::{Manifest, ManifestMismatch};
 pub use network::NetworkAttachment;
 pub use snapshot::{SuspendedVm, Template};
-pub use vm::{AdoptConfig, BeforeRun, BootConfig, Vm, VmError, VmRecord};
+pub use vm::{BeforeRun, BootConfig, Vm, VmError};
 
 /// An error and its causes on one line (how kiln shows errors to people).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
