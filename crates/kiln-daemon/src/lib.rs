@@ -96,13 +96,14 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     if accel.dev_mode() {
         warn!("{} ({})", kiln_vmm::accel::DEV_MODE_WARNING, accel.reason);
     }
-    // Written after binding so clients (and tests) know the daemon is up and where.
-    std::fs::write(
-        cfg.home.join("kilnd.addr"),
-        listener.local_addr()?.to_string(),
-    )?;
+    // Written after binding so clients (and tests) know the daemon is up and where: the
+    // ingress first, then the API, each whole or not at all (a reader never sees half).
     info!(ingress = %ingress_addr, "ingress ready");
-    std::fs::write(cfg.home.join("kilnd.ingress"), ingress_addr.to_string())?;
+    write_whole(&cfg.home.join("kilnd.ingress"), &ingress_addr.to_string())?;
+    write_whole(
+        &cfg.home.join("kilnd.addr"),
+        &listener.local_addr()?.to_string(),
+    )?;
     let proxy_cfg = kiln_proxy::server::ProxyConfig {
         domain: cfg.ingress_domain.clone(),
         header_timeout: cfg.ingress_header_timeout,
@@ -132,6 +133,15 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         .await?;
     shutdown(&manager).await;
     Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_whole(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The jail every microVM gets: checked by starting a test jail, so kilnd refuses to start

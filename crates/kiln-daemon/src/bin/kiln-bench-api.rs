@@ -67,20 +67,40 @@ impl Client {
             .nth(1)
             .context("status line")?
             .parse()?;
-        let mut len = 0usize;
+        let (mut len, mut chunked) = (0usize, false);
         loop {
             line.clear();
             self.reader.read_line(&mut line)?;
             if line.trim().is_empty() {
                 break;
             }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
                 len = v.trim().parse()?;
             }
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
         }
-        let mut out = vec![0u8; len];
-        self.reader.read_exact(&mut out)?;
-        Ok((status, out))
+        if !chunked {
+            let mut out = vec![0u8; len];
+            self.reader.read_exact(&mut out)?;
+            return Ok((status, out));
+        }
+        // A chunked body: read every chunk, so the next response starts where it should.
+        let mut out = Vec::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .context("chunk size")?;
+            let mut chunk = vec![0u8; size + 2];
+            self.reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                return Ok((status, out));
+            }
+            out.extend_from_slice(&chunk[..size]);
+        }
     }
 
     fn json(&mut self, method: &str, path: &str, body: Value) -> anyhow::Result<Value> {
