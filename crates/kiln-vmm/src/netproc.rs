@@ -48,8 +48,6 @@ const RESOLVER_FILES: &[&str] = &[
 ];
 
 pub(crate) struct NetBackendProcess {
-    pid: u32,
-    jail: Option<kiln_jail::JailReport>,
     supervisor: Supervisor,
     reports: Mutex<Option<tokio::task::JoinHandle<()>>>,
     record: ProcessRecord,
@@ -158,8 +156,6 @@ impl NetBackendProcess {
         let reports =
             tokio::spawn(read_reports(reader, counters.clone(), denials.clone()).in_current_span());
         Ok(NetBackendProcess {
-            pid: s.pid,
-            jail: s.jail,
             supervisor: s.supervisor,
             reports: Mutex::new(Some(reports)),
             record: s.record,
@@ -187,8 +183,6 @@ impl NetBackendProcess {
         let reports =
             tokio::spawn(read_reports(reader, counters.clone(), denials.clone()).in_current_span());
         Ok(NetBackendProcess {
-            pid: record.pid,
-            jail: record.jail.clone(),
             supervisor,
             reports: Mutex::new(Some(reports)),
             record: record.clone(),
@@ -208,11 +202,11 @@ impl NetBackendProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.record.pid
     }
 
     pub fn jail(&self) -> Option<&kiln_jail::JailReport> {
-        self.jail.as_ref()
+        self.record.jail.as_ref()
     }
 
     /// Once QEMU has ended: lets the backend report its last counters and end, killing it
@@ -223,7 +217,7 @@ impl NetBackendProcess {
             .is_err()
         {
             warn!(
-                pid = self.pid,
+                pid = self.record.pid,
                 "the network backend outlived its guest's link: killed"
             );
         }

@@ -111,10 +111,8 @@ pub struct ProcessRecord {
 }
 
 pub struct QemuProcess {
-    pid: u32,
+    /// Its pid and jail (`None` with `--no-jail`), as a later kilnd needs them.
     record: ProcessRecord,
-    /// The jail QEMU runs in (`None` with `--no-jail`).
-    jail: Option<kiln_jail::JailReport>,
     supervisor: Supervisor,
     console: PathBuf,
     stderr: Arc<Mutex<Vec<u8>>>,
@@ -221,8 +219,6 @@ impl Started {
         };
         let supervisor = Supervisor::watch(self.child, pid, report.clone(), owned_dirs, what.name);
         Ok(Supervised {
-            pid,
-            jail: report,
             supervisor,
             stderr: self.stderr,
             record,
@@ -232,8 +228,6 @@ impl Started {
 
 /// A started program once its jail reported: what follows on its stderr is its own.
 pub(crate) struct Supervised {
-    pub pid: u32,
-    pub jail: Option<kiln_jail::JailReport>,
     pub supervisor: Supervisor,
     pub stderr: tokio::io::BufReader<tokio::process::ChildStderr>,
     pub record: ProcessRecord,
@@ -444,9 +438,7 @@ impl QemuProcess {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(capture_stderr(s.stderr, stderr.clone(), "qemu"));
         Ok(QemuProcess {
-            pid: s.pid,
             record: s.record,
-            jail: s.jail,
             supervisor: s.supervisor,
             console: console.to_path_buf(),
             stderr,
@@ -467,9 +459,7 @@ impl QemuProcess {
             supervisor.exit_watch(),
         ));
         Ok(QemuProcess {
-            pid: record.pid,
             record: record.clone(),
-            jail: record.jail.clone(),
             supervisor,
             console: console.to_path_buf(),
             stderr: Arc::new(Mutex::new(Vec::new())),
@@ -483,11 +473,11 @@ impl QemuProcess {
 
     /// The jail QEMU runs in, if it is jailed.
     pub fn jail(&self) -> Option<&kiln_jail::JailReport> {
-        self.jail.as_ref()
+        self.record.jail.as_ref()
     }
 
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.record.pid
     }
 
     /// How QEMU ended, if it has.
