@@ -222,13 +222,12 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
         Ok(h) => {
             println!(
                 "ok   kilnd         {endpoint}: {}, accelerator {}",
-                h["status"].as_str().unwrap_or("?"),
-                h["accelerator"].as_str().unwrap_or("?")
+                h.status, h.accelerator
             );
-            if h["devMode"] == true {
+            if h.dev_mode {
                 println!(
                     "WARN kilnd         {}",
-                    h["warning"].as_str().unwrap_or(DEV_MODE_WARNING)
+                    h.warning.as_deref().unwrap_or(DEV_MODE_WARNING)
                 );
             }
         }

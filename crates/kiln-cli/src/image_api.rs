@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use kiln_client::api::{Connector, CreateImageRequest, CreateImageResponse, Image, ImageStatus};
 use kiln_client::{Client, ClientError};
-use serde_json::{json, Value};
 
-use crate::remote::Conn;
+use crate::remote::{print_json, Conn};
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -82,8 +82,8 @@ pub struct CreateArgs {
     #[arg(long = "build-arg")]
     build_args: Vec<String>,
     /// Egress connectors of the build as JSON (default: '[{"type":"internet"}]').
-    #[arg(long, value_parser = crate::remote::parse_json)]
-    connectors: Option<Value>,
+    #[arg(long, value_parser = crate::remote::parse_connectors)]
+    connectors: Option<Vec<Connector>>,
     /// Print only the result, not the build log.
     #[arg(long)]
     quiet: bool,
@@ -93,45 +93,28 @@ pub struct CreateArgs {
 }
 
 impl CreateArgs {
-    /// The CreateMicrovmImage fields beyond the name and the artifact.
-    fn fields(&self) -> Result<Value, ClientError> {
-        let mut args = serde_json::Map::new();
+    /// The CreateMicrovmImage request but its name and artifact.
+    fn request(&self) -> Result<CreateImageRequest, ClientError> {
+        let mut build_args = std::collections::BTreeMap::new();
         for a in &self.build_args {
             let (k, v) = a
                 .split_once('=')
                 .ok_or_else(|| usage(format!("--build-arg {a:?}: use KEY=VALUE")))?;
-            args.insert(k.to_string(), json!(v));
+            build_args.insert(k.to_string(), v.to_string());
         }
-        let mut f = json!({"buildArgs": args});
-        let mut set = |k: &str, v: Value| f[k] = v;
-        if let Some(d) = &self.dockerfile {
-            set("dockerfile", json!(d));
-        }
-        if let Some(c) = &self.connectors {
-            set("connectors", c.clone());
-        }
-        if let Some(m) = self.memory {
-            set("memorySizeMib", json!(m));
-        }
-        if let Some(v) = self.vcpus {
-            set("vcpus", json!(v));
-        }
-        if let Some(d) = self.disk {
-            set("diskSizeMib", json!(d));
-        }
-        if let Some(p) = self.hook_port {
-            set("hookPort", json!(p));
-        }
-        if let Some(t) = self.ready_timeout {
-            set("readyTimeoutSeconds", json!(t));
-        }
-        if self.no_wait_ready {
-            set("waitForReady", json!(false));
-        }
-        if self.validate {
-            set("validate", json!(true));
-        }
-        Ok(f)
+        Ok(CreateImageRequest {
+            dockerfile: self.dockerfile.clone(),
+            memory_size_mib: self.memory,
+            vcpus: self.vcpus,
+            disk_size_mib: self.disk,
+            hook_port: self.hook_port,
+            ready_timeout_seconds: self.ready_timeout,
+            wait_for_ready: self.no_wait_ready.then_some(false),
+            validate: self.validate.then_some(true),
+            build_args,
+            connectors: self.connectors.clone(),
+            ..Default::default()
+        })
     }
 }
 
@@ -176,11 +159,7 @@ pub fn run(conn: Conn, cmd: ImageCommand) -> i32 {
     }
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn print_table(rows: &[&Value]) {
+fn print_table(rows: &[&Image]) {
     println!(
         "{:<24} {:<34} {:<11} {:>6} {:>5}  REASON",
         "NAME", "IMAGE", "STATUS", "MEMORY", "VCPUS"
@@ -188,12 +167,12 @@ fn print_table(rows: &[&Value]) {
     for r in rows {
         println!(
             "{:<24} {:<34} {:<11} {:>6} {:>5}  {}",
-            r["name"].as_str().unwrap_or(""),
-            r["imageIdentifier"].as_str().unwrap_or(""),
-            r["status"].as_str().unwrap_or(""),
-            r["memorySizeMib"],
-            r["vcpus"],
-            r["statusReason"].as_str().unwrap_or("")
+            r.name,
+            r.image_identifier,
+            r.status.as_str(),
+            r.memory_size_mib.map(|m| m.to_string()).unwrap_or_default(),
+            r.vcpus.map(|v| v.to_string()).unwrap_or_default(),
+            r.status_reason.as_deref().unwrap_or("")
         );
     }
 }
@@ -207,24 +186,20 @@ fn execute(conn: &Conn, cmd: ImageCommand) -> Result<i32, ClientError> {
             quiet,
             no_wait,
         } => {
-            let image = c.get(&format!("/v1/images/{name}"))?;
-            let request = image
-                .get("buildRequest")
-                .filter(|r| r.is_object())
-                .cloned()
-                .ok_or_else(|| ClientError::Api {
-                    status: 409,
-                    code: "ConflictException".into(),
-                    message: format!(
-                        "image {name} has no recorded build request (it was created before \
+            let image = c.get_image(&name)?;
+            let request = image.build_request.ok_or_else(|| ClientError::Api {
+                status: 409,
+                code: "ConflictException".into(),
+                message: format!(
+                    "image {name} has no recorded build request (it was created before \
                          kiln recorded them): run `kiln image create` with its context again"
-                    ),
-                })?;
-            let started = c.post("/v1/images", request)?;
+                ),
+            })?;
+            let started = c.create_image(&request)?;
             follow(&c, conn, &started, quiet, no_wait)
         }
         ImageCommand::Get { id } => {
-            let v = c.get(&format!("/v1/images/{id}"))?;
+            let v = c.get_image(&id)?;
             if conn.json() {
                 print_json(&v);
             } else {
@@ -233,19 +208,18 @@ fn execute(conn: &Conn, cmd: ImageCommand) -> Result<i32, ClientError> {
             Ok(0)
         }
         ImageCommand::List => {
-            let v = c.get("/v1/images")?;
+            let v = c.list_images()?;
             if conn.json() {
                 print_json(&v);
             } else {
-                let rows: Vec<&Value> = v["images"].as_array().into_iter().flatten().collect();
-                print_table(&rows);
+                print_table(&v.images.iter().collect::<Vec<_>>());
             }
             Ok(0)
         }
         ImageCommand::Delete { id } => {
-            c.delete(&format!("/v1/images/{id}"))?;
+            c.delete_image(&id)?;
             if conn.json() {
-                print_json(&json!({"imageIdentifier": id, "deleted": true}));
+                print_json(&serde_json::json!({"imageIdentifier": id, "deleted": true}));
             } else {
                 println!("deleted {id}");
             }
@@ -269,9 +243,9 @@ fn execute(conn: &Conn, cmd: ImageCommand) -> Result<i32, ClientError> {
 }
 
 fn create(c: &Client, conn: &Conn, args: CreateArgs) -> Result<i32, ClientError> {
-    let fields = args.fields()?;
+    let request = args.request()?;
     let bytes = artifact(&args.context)?;
-    let started = c.create_image_with(&args.name, &bytes, fields)?;
+    let started = c.build_image(&args.name, &bytes, request)?;
     follow(c, conn, &started, args.quiet, args.no_wait)
 }
 
@@ -279,15 +253,12 @@ fn create(c: &Client, conn: &Conn, args: CreateArgs) -> Result<i32, ClientError>
 fn follow(
     c: &Client,
     conn: &Conn,
-    started: &Value,
+    started: &CreateImageResponse,
     quiet: bool,
     no_wait: bool,
 ) -> Result<i32, ClientError> {
-    let id = started["imageIdentifier"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let name = started["name"].as_str().unwrap_or_default();
+    let id = started.image_identifier.clone();
+    let name = &started.name;
     if no_wait {
         if conn.json() {
             print_json(started);
@@ -309,33 +280,34 @@ fn follow(
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
     let record = loop {
-        let v = c.get(&format!("/v1/images/{id}"))?;
-        if v["status"] != "CREATING" || Instant::now() > deadline {
+        let v = c.get_image(&id)?;
+        if v.status != ImageStatus::Creating || Instant::now() > deadline {
             break v;
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let ok = record["status"] == "SUCCESSFUL";
+    let ok = record.status == ImageStatus::Successful;
     if conn.json() {
         print_json(&record);
     } else {
         println!(
             "{} {} {} ({:.0?})",
-            record["name"].as_str().unwrap_or_default(),
+            record.name,
             id,
-            record["status"].as_str().unwrap_or_default(),
+            record.status.as_str(),
             progress.started.elapsed()
         );
     }
     if !ok {
         eprintln!(
             "kiln: the build of {id} failed: {}",
-            record["statusReason"]
-                .as_str()
+            record
+                .status_reason
+                .as_deref()
                 .unwrap_or("no reason recorded")
         );
         if quiet || !conn.json() {
-            if let Some(tail) = record["logTail"].as_str() {
+            if let Some(tail) = &record.log_tail {
                 eprintln!("last lines of the build log:");
                 for l in tail.lines() {
                     eprintln!("  {l}");

@@ -6,6 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_client::api::{
+    ExecRequest, ExecResponse, IdlePolicy, ListMicrovmsQuery, MicrovmState, RunMicrovmRequest,
+};
 use kiln_client::{Client, SandboxRequest};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -95,13 +98,18 @@ impl KilnMcp {
             .map_err(|e| format!("kiln: {e}"))?
     }
 
-    async fn exec(&self, id: String, command: Vec<String>, timeout: u64) -> Result<Value, String> {
+    async fn exec(
+        &self,
+        id: String,
+        command: Vec<String>,
+        timeout: u64,
+    ) -> Result<ExecResponse, String> {
         self.call(move |c| {
-            c.post(
-                &format!("/v1/microvms/{id}/exec"),
-                json!({"command": command, "timeoutSeconds": timeout}),
-            )
-            .map_err(|e| e.to_string())
+            let req = ExecRequest {
+                command,
+                timeout_seconds: Some(timeout),
+            };
+            c.exec(&id, &req).map_err(|e| e.to_string())
         })
         .await
     }
@@ -124,24 +132,35 @@ impl KilnMcp {
         Parameters(p): Parameters<CreateSandbox>,
     ) -> Result<String, String> {
         self.call(move |c| {
-            let idle = json!({"maxIdleDurationSeconds": p.idle_seconds.unwrap_or(300),
-                              "suspendedDurationSeconds": 1800, "autoResumeEnabled": true});
-            let run = c
-                .run_microvm(&p.image, Some(idle), p.run_hook_payload, None, p.connectors)
-                .map_err(|e| e.to_string())?;
-            let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+            let connectors = p
+                .connectors
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| format!("connectors: {e}"))?;
+            let req = RunMicrovmRequest {
+                image_identifier: p.image,
+                idle_policy: Some(IdlePolicy {
+                    max_idle_duration_seconds: p.idle_seconds.unwrap_or(300),
+                    ..IdlePolicy::default()
+                }),
+                run_hook_payload: p.run_hook_payload,
+                connectors,
+                ..Default::default()
+            };
+            let run = c.run_microvm(&req).map_err(|e| e.to_string())?;
+            let id = run.microvm_id;
             let vm = c
-                .wait_microvm(&id, "RUNNING", Duration::from_secs(180))
+                .wait_microvm(&id, MicrovmState::Running, Duration::from_secs(180))
                 .map_err(|e| e.to_string())?;
-            match vm["state"].as_str() {
-                Some("RUNNING") => Ok(pretty(
-                    &json!({"microvmId": id, "endpoint": vm["endpoint"], "state": "RUNNING"}),
+            match vm.state {
+                MicrovmState::Running => Ok(pretty(
+                    &json!({"microvmId": id, "endpoint": vm.endpoint, "state": vm.state}),
                 )),
-                Some("TERMINATED") => Err(format!(
+                MicrovmState::Terminated => Err(format!(
                     "sandbox {id} terminated: {}",
-                    vm["stateReason"].as_str().unwrap_or("?")
+                    vm.state_reason.as_deref().unwrap_or("?")
                 )),
-                _ => Err(format!("sandbox {id} is still {}", vm["state"])),
+                other => Err(format!("sandbox {id} is still {other}")),
             }
         })
         .await
@@ -182,7 +201,7 @@ impl KilnMcp {
         let out = self
             .exec(p.microvm_id, p.command, p.timeout_seconds.unwrap_or(60))
             .await?;
-        Ok(pretty(&out))
+        Ok(serde_json::to_string_pretty(&out).unwrap_or_default())
     }
 
     #[tool(description = "Read a text file from a sandbox.")]
@@ -194,14 +213,10 @@ impl KilnMcp {
                 60,
             )
             .await?;
-        if out["exitCode"] != 0 {
-            return Err(format!(
-                "reading {}: {}",
-                p.path,
-                out["stderr"].as_str().unwrap_or("").trim()
-            ));
+        if out.exit_code != Some(0) {
+            return Err(format!("reading {}: {}", p.path, out.stderr.trim()));
         }
-        Ok(out["stdout"].as_str().unwrap_or_default().to_string())
+        Ok(out.stdout)
     }
 
     #[tool(description = "Write a text file in a sandbox (replaces it; makes parent directories).")]
@@ -217,12 +232,8 @@ impl KilnMcp {
             .map(String::from)
             .to_vec();
         let out = self.exec(p.microvm_id, command, 60).await?;
-        if out["exitCode"] != 0 {
-            return Err(format!(
-                "writing {}: {}",
-                p.path,
-                out["stderr"].as_str().unwrap_or("").trim()
-            ));
+        if out.exit_code != Some(0) {
+            return Err(format!("writing {}: {}", p.path, out.stderr.trim()));
         }
         Ok(format!("wrote {} bytes to {}", p.content.len(), p.path))
     }
@@ -231,16 +242,9 @@ impl KilnMcp {
     async fn destroy_sandbox(&self, Parameters(p): Parameters<Sandbox>) -> Result<String, String> {
         self.call(move |c| {
             let vm = c
-                .post(
-                    &format!("/v1/microvms/{}/terminate", p.microvm_id),
-                    json!({}),
-                )
+                .terminate_microvm(&p.microvm_id)
                 .map_err(|e| e.to_string())?;
-            Ok(format!(
-                "sandbox {} is {}",
-                p.microvm_id,
-                vm["state"].as_str().unwrap_or("?")
-            ))
+            Ok(format!("sandbox {} is {}", p.microvm_id, vm.state))
         })
         .await
     }
@@ -248,13 +252,14 @@ impl KilnMcp {
     #[tool(description = "List sandboxes that are not terminated.")]
     async fn list_sandboxes(&self) -> Result<String, String> {
         self.call(|c| {
-            let all = c.get("/v1/microvms").map_err(|e| e.to_string())?;
-            let live: Vec<Value> = all["microvms"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|v| v["state"] != "TERMINATED")
-                .map(|v| json!({"microvmId": v["microvmId"], "state": v["state"], "image": v["imageName"], "endpoint": v["endpoint"]}))
+            let all = c
+                .list_microvms(&ListMicrovmsQuery::default())
+                .map_err(|e| e.to_string())?;
+            let live: Vec<Value> = all
+                .microvms
+                .iter()
+                .filter(|v| v.state != MicrovmState::Terminated)
+                .map(|v| json!({"microvmId": v.microvm_id, "state": v.state, "image": v.image_name, "endpoint": v.endpoint}))
                 .collect();
             Ok(pretty(&Value::Array(live)))
         })

@@ -5,8 +5,12 @@
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use kiln_client::api::{
+    AllowedPort, Connector, CreateTokenRequest, ExecRequest, IdlePolicy, ListMicrovmsQuery,
+    Microvm, MicrovmState, RunMicrovmRequest, TokenKind,
+};
 use kiln_client::{Client, ClientError};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 #[derive(Args)]
 pub struct Conn {
@@ -44,8 +48,8 @@ pub enum Remote {
         #[arg(long)]
         max_duration: Option<u64>,
         /// Egress connectors as JSON, e.g. '[{"type":"none"}]' (default: internet).
-        #[arg(long, value_parser = parse_json)]
-        connectors: Option<Value>,
+        #[arg(long, value_parser = parse_connectors)]
+        connectors: Option<Vec<Connector>>,
         /// Wait until it is RUNNING (or TERMINATED).
         #[arg(long)]
         wait: bool,
@@ -54,8 +58,8 @@ pub enum Remote {
     Get { id: String },
     /// ListMicrovms.
     List {
-        #[arg(long)]
-        state: Option<String>,
+        #[arg(long, value_parser = parse_state)]
+        state: Option<MicrovmState>,
         #[arg(long)]
         image: Option<String>,
     },
@@ -75,8 +79,8 @@ pub enum Remote {
         #[arg(long, default_value_t = 5)]
         minutes: u64,
         /// ingress or shell.
-        #[arg(long, default_value = "ingress")]
-        kind: String,
+        #[arg(long, default_value = "ingress", value_parser = parse_kind)]
+        kind: TokenKind,
     },
     /// Run a command in a RUNNING microVM.
     Exec {
@@ -133,12 +137,30 @@ fn log_increment<'a>(old: &str, new: &'a str) -> &'a str {
     new
 }
 
-/// Parses a JSON flag value (clap reports the error with the flag's name).
-pub fn parse_json(text: &str) -> Result<Value, String> {
-    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
+/// Parses `--connectors`: a JSON array of connectors, checked here, not by kilnd.
+pub fn parse_connectors(text: &str) -> Result<Vec<Connector>, String> {
+    serde_json::from_str(text).map_err(|e| format!("not a JSON array of connectors: {e}"))
 }
 
-fn print_table(rows: &[&Value]) {
+fn parse_state(text: &str) -> Result<MicrovmState, String> {
+    text.parse()
+        .map_err(|e: kiln_client::api::ParseStateError| e.to_string())
+}
+
+fn parse_kind(text: &str) -> Result<TokenKind, String> {
+    match text {
+        "ingress" => Ok(TokenKind::Ingress),
+        "shell" => Ok(TokenKind::Shell),
+        _ => Err("use ingress or shell".into()),
+    }
+}
+
+/// Prints `v` as pretty JSON (what `--output json` shows).
+pub(crate) fn print_json(v: &impl Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_table(rows: &[&Microvm]) {
     println!(
         "{:<22} {:<11} {:<20} {:<34} REASON",
         "MICROVM", "STATE", "IMAGE", "ENDPOINT"
@@ -146,11 +168,11 @@ fn print_table(rows: &[&Value]) {
     for r in rows {
         println!(
             "{:<22} {:<11} {:<20} {:<34} {}",
-            r["microvmId"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
-            r["imageName"].as_str().unwrap_or(""),
-            r["endpoint"].as_str().unwrap_or(""),
-            r["stateReason"].as_str().unwrap_or("")
+            r.microvm_id,
+            r.state.as_str(),
+            r.image_name,
+            r.endpoint,
+            r.state_reason.as_deref().unwrap_or("")
         );
     }
 }
@@ -167,9 +189,9 @@ pub fn run(conn: Conn, cmd: Remote) -> i32 {
 
 fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
     let c = Client::from_env(conn.endpoint.clone(), conn.api_key.clone())?;
-    let show = |v: &Value| {
+    let show = |v: &Microvm| {
         if conn.json() {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            print_json(v);
         } else {
             print_table(&[v]);
         }
@@ -185,65 +207,69 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             connectors,
             wait,
         } => {
-            let idle = json!({"maxIdleDurationSeconds": idle_seconds, "suspendedDurationSeconds": suspended_seconds, "autoResumeEnabled": !no_auto_resume});
-            let run = c.run_microvm(&image, Some(idle), payload, max_duration, connectors)?;
-            let id = run["microvmId"].as_str().unwrap_or_default().to_string();
-            let mut view = run;
-            if wait {
-                view = c.wait_microvm(&id, "RUNNING", Duration::from_secs(180))?;
+            let req = RunMicrovmRequest {
+                image_identifier: image,
+                idle_policy: Some(IdlePolicy {
+                    max_idle_duration_seconds: idle_seconds,
+                    suspended_duration_seconds: suspended_seconds,
+                    auto_resume_enabled: !no_auto_resume,
+                }),
+                run_hook_payload: payload,
+                max_duration_seconds: max_duration,
+                connectors,
+                ..Default::default()
+            };
+            let run = c.run_microvm(&req)?;
+            if !wait {
+                if conn.json() {
+                    print_json(&run);
+                } else {
+                    println!("{}", run.microvm_id);
+                }
+                return Ok(0);
             }
+            let view = c.wait_microvm(
+                &run.microvm_id,
+                MicrovmState::Running,
+                Duration::from_secs(180),
+            )?;
             if conn.json() {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&view).unwrap_or_default()
-                );
+                print_json(&view);
             } else {
-                println!("{id}");
+                println!("{}", view.microvm_id);
             }
-            Ok(if view["state"] == "TERMINATED" { 1 } else { 0 })
+            Ok(if view.state == MicrovmState::Terminated {
+                1
+            } else {
+                0
+            })
         }
         Remote::Get { id } => {
-            show(&c.get(&format!("/v1/microvms/{id}"))?);
+            show(&c.get_microvm(&id)?);
             Ok(0)
         }
         Remote::List { state, image } => {
-            let mut q = Vec::new();
-            if let Some(s) = state {
-                q.push(format!("state={s}"));
-            }
-            if let Some(i) = image {
-                q.push(format!("imageIdentifier={i}"));
-            }
-            let path = if q.is_empty() {
-                "/v1/microvms".to_string()
-            } else {
-                format!("/v1/microvms?{}", q.join("&"))
-            };
-            let list = c.get(&path)?;
+            let list = c.list_microvms(&ListMicrovmsQuery {
+                state,
+                image_identifier: image,
+            })?;
             if conn.json() {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&list).unwrap_or_default()
-                );
+                print_json(&list);
             } else {
-                let rows: Vec<&Value> = list["microvms"]
-                    .as_array()
-                    .map(|a| a.iter().collect())
-                    .unwrap_or_default();
-                print_table(&rows);
+                print_table(&list.microvms.iter().collect::<Vec<_>>());
             }
             Ok(0)
         }
         Remote::Suspend { id } => {
-            show(&c.post(&format!("/v1/microvms/{id}/suspend"), json!({}))?);
+            show(&c.suspend_microvm(&id)?);
             Ok(0)
         }
         Remote::Resume { id } => {
-            show(&c.post(&format!("/v1/microvms/{id}/resume"), json!({}))?);
+            show(&c.resume_microvm(&id)?);
             Ok(0)
         }
         Remote::Terminate { id } => {
-            show(&c.post(&format!("/v1/microvms/{id}/terminate"), json!({}))?);
+            show(&c.terminate_microvm(&id)?);
             Ok(0)
         }
         Remote::Token {
@@ -262,19 +288,16 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                     )))
                 }
             };
-            let ports: Vec<Value> = if ports.is_empty() {
-                vec![json!({"port": 8080})]
-            } else {
-                ports.iter().map(|p| json!({"port": p})).collect()
-            };
-            let t = c.post("/v1/auth-tokens", json!({"microvmIdentifier": id, "expirationInMinutes": minutes, "allowedPorts": ports, "kind": kind}))?;
+            let t = c.create_token(&CreateTokenRequest {
+                microvm_identifier: id,
+                expiration_in_minutes: minutes,
+                allowed_ports: ports.into_iter().map(|port| AllowedPort { port }).collect(),
+                kind: Some(kind),
+            })?;
             if conn.json() {
-                println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+                print_json(&t);
             } else {
-                println!(
-                    "{}",
-                    t["authToken"]["X-Kiln-Auth"].as_str().unwrap_or_default()
-                );
+                println!("{}", t.auth_token.kiln_auth);
             }
             Ok(0)
         }
@@ -283,20 +306,20 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             timeout,
             command,
         } => {
-            let out = c.post(
-                &format!("/v1/microvms/{id}/exec"),
-                json!({"command": command, "timeoutSeconds": timeout}),
+            let out = c.exec(
+                &id,
+                &ExecRequest {
+                    command,
+                    timeout_seconds: Some(timeout),
+                },
             )?;
             if conn.json() {
-                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                print_json(&out);
             } else {
-                print!("{}", out["stdout"].as_str().unwrap_or_default());
-                eprint!("{}", out["stderr"].as_str().unwrap_or_default());
+                print!("{}", out.stdout);
+                eprint!("{}", out.stderr);
             }
-            Ok(out["exitCode"]
-                .as_i64()
-                .map(|c| c as i32)
-                .unwrap_or(128 + out["signal"].as_i64().unwrap_or(0) as i32))
+            Ok(out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0)))
         }
         Remote::Shell { id, ingress } => {
             let home = std::env::var_os("KILN_HOME")
@@ -312,37 +335,15 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 .unwrap_or_else(|| "127.0.0.1:8443".into());
             crate::shell::run(&c, &id, &ingress)
         }
-        Remote::Disk { id, file } => {
-            let output = file.unwrap_or_else(|| format!("{id}.qcow2").into());
-            let mut body = c.get_stream(&format!("/v1/microvms/{id}/disk"))?;
-            let part = output.with_extension("qcow2.part");
-            let written = std::fs::File::create(&part)
-                .and_then(|mut f| std::io::copy(&mut body, &mut f))
-                .and_then(|n| std::fs::rename(&part, &output).map(|()| n));
-            match written {
-                Ok(n) => {
-                    eprintln!("wrote {n} bytes to {}", output.display());
-                    Ok(0)
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&part);
-                    Err(ClientError::Unreachable {
-                        endpoint: c.endpoint().to_string(),
-                        detail: format!("downloading the disk to {}: {e}", output.display()),
-                    })
-                }
-            }
-        }
+        Remote::Disk { id, file } => download_disk(&c, &id, file),
         Remote::Logs {
             id,
             follow,
             max_bytes,
         } => {
-            let path = format!("/v1/microvms/{id}/logs?maxBytes={max_bytes}");
             let mut shown = String::new();
             loop {
-                let logs = c.get(&path)?;
-                let text = logs["logs"].as_str().unwrap_or_default().to_string();
+                let text = c.microvm_logs(&id, Some(max_bytes))?.logs;
                 print!("{}", log_increment(&shown, &text));
                 let _ = std::io::Write::flush(&mut std::io::stdout());
                 if !follow {
@@ -353,26 +354,53 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             }
         }
         Remote::Events { since } => {
-            let ev = c.get(&format!("/v1/events?since={since}"))?;
+            let ev = c.events(since, None)?;
             if conn.json() {
-                println!("{}", serde_json::to_string_pretty(&ev).unwrap_or_default());
+                print_json(&ev);
             } else {
-                for e in ev["events"].as_array().into_iter().flatten() {
+                for e in &ev.events {
                     println!(
                         "{:>6} {} {:<22} {:>10} -> {:<10} {}",
-                        e["seq"],
-                        e["at_ms"],
-                        e["microvm_id"]
-                            .as_str()
-                            .or(e["image_id"].as_str())
+                        e.seq,
+                        e.at_ms,
+                        e.microvm_id
+                            .as_deref()
+                            .or(e.image_id.as_deref())
                             .unwrap_or(""),
-                        e["from_state"].as_str().unwrap_or("-"),
-                        e["to_state"].as_str().unwrap_or("-"),
-                        e["reason"].as_str().unwrap_or("")
+                        e.from_state.as_deref().unwrap_or("-"),
+                        e.to_state.as_deref().unwrap_or("-"),
+                        e.reason.as_deref().unwrap_or("")
                     );
                 }
             }
             Ok(0)
+        }
+    }
+}
+
+/// `kiln disk`: the stream goes to a `.part` file, renamed once whole.
+fn download_disk(
+    c: &Client,
+    id: &str,
+    file: Option<std::path::PathBuf>,
+) -> Result<i32, ClientError> {
+    let output = file.unwrap_or_else(|| format!("{id}.qcow2").into());
+    let mut body = c.get_stream(&format!("/v1/microvms/{id}/disk"))?;
+    let part = output.with_extension("qcow2.part");
+    let written = std::fs::File::create(&part)
+        .and_then(|mut f| std::io::copy(&mut body, &mut f))
+        .and_then(|n| std::fs::rename(&part, &output).map(|()| n));
+    match written {
+        Ok(n) => {
+            eprintln!("wrote {n} bytes to {}", output.display());
+            Ok(0)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            Err(ClientError::Unreachable {
+                endpoint: c.endpoint().to_string(),
+                detail: format!("downloading the disk to {}: {e}", output.display()),
+            })
         }
     }
 }

@@ -6,8 +6,8 @@ use std::io::{IsTerminal, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use kiln_client::api::{CreateTokenRequest, TokenKind};
 use kiln_client::{Client, ClientError};
-use serde_json::json;
 
 fn ws_send(s: &mut TcpStream, opcode: u8, data: &[u8]) -> std::io::Result<()> {
     let mask: [u8; 4] = rand_mask();
@@ -108,14 +108,15 @@ fn terminal_size() -> (u16, u16) {
 }
 
 pub fn run(client: &Client, id: &str, ingress: &str) -> Result<i32, ClientError> {
-    let token = client.post(
-        "/v1/auth-tokens",
-        json!({"microvmIdentifier": id, "expirationInMinutes": 60, "kind": "shell"}),
-    )?;
-    let token = token["authToken"]["X-Kiln-Auth"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let token = client
+        .create_token(&CreateTokenRequest {
+            microvm_identifier: id.to_string(),
+            expiration_in_minutes: 60,
+            allowed_ports: Vec::new(),
+            kind: Some(TokenKind::Shell),
+        })?
+        .auth_token
+        .kiln_auth;
     let unreachable = |e: std::io::Error| ClientError::Unreachable {
         endpoint: ingress.to_string(),
         detail: e.to_string(),

@@ -17,10 +17,13 @@ fn the_cli_drives_microvms_through_the_api() {
     let d = kilnd();
     std::env::set_var("KILN_HOME", d.home.path());
     let client = kiln_client::Client::from_env(None, None).unwrap();
-    let image = client.create_image("cli", &context()).unwrap();
+    let image = client
+        .build_image("cli", &context(), Default::default())
+        .unwrap()
+        .image_identifier;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let v = client.get(&format!("/v1/images/{image}")).unwrap();
+        let v = client.raw_get(&format!("/v1/images/{image}")).unwrap();
         if v["status"] == "SUCCESSFUL" {
             break;
         }

@@ -75,7 +75,10 @@ fn kilnd_jails_its_microvms_they_outlive_a_kill_9_and_leave_no_jail_behind() {
     );
 
     let client = client(&d);
-    let image = client.create_image("jailed", &context()).unwrap();
+    let image = client
+        .build_image("jailed", &context(), Default::default())
+        .unwrap()
+        .image_identifier;
     wait_image(&client, &image);
     let run = || {
         let (code, id, err) = kiln(&d, &["run", "jailed", "--wait"]);
@@ -233,10 +236,12 @@ fn a_cpu_hog_bursts_while_it_has_credit_then_is_held_to_its_baseline() {
     // 1.5 CPU-seconds of credit: a hog bursting at 4 x 0.1 CPU spends it in 5 s.
     let d = common::kilnd_with(&["--cpu-credit-max-seconds", "1.5", "--tick-ms", "200"]);
     let client = client(&d);
-    let img = client
-        .create_image_with("burst", &context(), serde_json::json!({"cpuBaseline": 0.1}))
-        .unwrap();
-    let v = wait_image(&client, img["imageIdentifier"].as_str().unwrap());
+    let req = kiln_client::api::CreateImageRequest {
+        cpu_baseline: Some(0.1),
+        ..Default::default()
+    };
+    let img = client.build_image("burst", &context(), req).unwrap();
+    let v = wait_image(&client, &img.image_identifier);
     assert_eq!(
         (v["cpuBaseline"].as_f64(), v["vcpus"].as_u64()),
         (Some(0.1), Some(1)),
@@ -271,7 +276,7 @@ fn a_cpu_hog_bursts_while_it_has_credit_then_is_held_to_its_baseline() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let vm = client.get(&format!("/v1/microvms/{id}")).unwrap();
+        let vm = client.raw_get(&format!("/v1/microvms/{id}")).unwrap();
         if vm["usage"]["cpuCreditSeconds"].as_f64() == Some(0.0) {
             assert!(
                 vm["usage"]["cpuSecondsAboveBaseline"].as_f64().unwrap() > 1.0,
@@ -322,7 +327,10 @@ fn a_microvm_over_its_memory_limit_is_terminated_alone_with_the_reason() {
     // A limit below the guest's 512 MiB: filling the guest's RAM goes over.
     let d = common::kilnd_with(&["--jail-memory-mib", "300"]);
     let client = client(&d);
-    let image = client.create_image("oom", &context()).unwrap();
+    let image = client
+        .build_image("oom", &context(), Default::default())
+        .unwrap()
+        .image_identifier;
     wait_image(&client, &image);
     let run = |name: &str| {
         let (code, id, err) = kiln(&d, &["run", "oom", "--wait"]);
@@ -343,7 +351,7 @@ fn a_microvm_over_its_memory_limit_is_terminated_alone_with_the_reason() {
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let vm = loop {
-        let vm = client.get(&format!("/v1/microvms/{victim}")).unwrap();
+        let vm = client.raw_get(&format!("/v1/microvms/{victim}")).unwrap();
         if vm["state"] == "TERMINATED" {
             break vm;
         }
@@ -356,7 +364,9 @@ fn a_microvm_over_its_memory_limit_is_terminated_alone_with_the_reason() {
     let (code, out, err) = kiln(&d, &["exec", &bystander, "--", "echo", "unharmed"]);
     assert_eq!((code, out.as_str()), (0, "unharmed\n"), "{err}");
     assert_eq!(
-        client.get(&format!("/v1/microvms/{bystander}")).unwrap()["state"],
+        client
+            .raw_get(&format!("/v1/microvms/{bystander}"))
+            .unwrap()["state"],
         "RUNNING"
     );
 }

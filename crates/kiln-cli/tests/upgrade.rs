@@ -37,7 +37,7 @@ fn api(d: &Daemon, path: &str) -> Value {
     let endpoint = format!("http://{}", read("kilnd.addr").trim());
     let c =
         kiln_client::Client::from_env(Some(endpoint), Some(read("api-key").trim().into())).unwrap();
-    c.get(path).unwrap()
+    c.raw_get(path).unwrap()
 }
 
 fn wait_state(d: &Daemon, id: &str, state: &str) -> Value {

@@ -6,20 +6,10 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use kiln_api::{AllowedPort, CreateTokenRequest, IngressInfo};
+use serde_json::Value;
 
 use crate::{Client, ClientError};
-
-/// What kilnd says about its ingress.
-#[derive(Debug, Clone)]
-pub struct IngressInfo {
-    pub domain: String,
-    /// host:port the ingress listens on.
-    pub listen: String,
-    pub tls: bool,
-    /// PEM of kilnd's own CA, when the ingress uses kilnd's certificate.
-    pub ca_certificate: Option<String>,
-}
 
 /// A request to an app port of a microVM.
 #[derive(Debug, Clone)]
@@ -68,13 +58,7 @@ fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
 impl Client {
     /// kilnd's `GET /v1/ingress`.
     pub fn ingress_info(&self) -> Result<IngressInfo, ClientError> {
-        let v = self.get("/v1/ingress")?;
-        Ok(IngressInfo {
-            domain: v["domain"].as_str().unwrap_or("localhost").to_string(),
-            listen: v["listen"].as_str().unwrap_or("127.0.0.1:8443").to_string(),
-            tls: v["tls"].as_bool().unwrap_or(false),
-            ca_certificate: v["caCertificate"].as_str().map(str::to_string),
-        })
+        self.call("GET", "/v1/ingress", None::<&()>)
     }
 
     /// Sends `req` to the microVM's app through the ingress with a token that allows only
@@ -85,16 +69,14 @@ impl Client {
         req: &SandboxRequest<'_>,
     ) -> Result<SandboxResponse, ClientError> {
         let info = self.ingress_info()?;
-        let token = self.post(
-            "/v1/auth-tokens",
-            json!({"microvmIdentifier": microvm, "expirationInMinutes": 5,
-                   "allowedPorts": [{"port": req.port}]}),
-        )?;
-        let endpoint = token["endpoint"].as_str().unwrap_or_default().to_string();
-        let token = token["authToken"]["X-Kiln-Auth"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let token = self.create_token(&CreateTokenRequest {
+            microvm_identifier: microvm.to_string(),
+            expiration_in_minutes: 5,
+            allowed_ports: vec![AllowedPort { port: req.port }],
+            kind: None,
+        })?;
+        let endpoint = token.endpoint;
+        let token = token.auth_token.kiln_auth;
         let ingress: Vec<SocketAddr> = info
             .listen
             .to_socket_addrs()

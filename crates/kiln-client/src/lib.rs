@@ -1,14 +1,24 @@
-//! A small blocking client of kilnd's REST API. Configuration, in order: explicit values,
-//! `KILN_ENDPOINT` / `KILN_API_KEY`, then the daemon's files in `KILN_HOME` (`kilnd.addr`,
-//! `api-key`, written by the daemon on start).
+//! A small blocking client of kilnd's REST API, typed with kiln-api's requests and
+//! responses. Configuration, in order: explicit values, `KILN_ENDPOINT` / `KILN_API_KEY`,
+//! then the daemon's files in `KILN_HOME` (`kilnd.addr`, `api-key`, written by the daemon on
+//! start).
 
 mod ingress;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-pub use ingress::{IngressInfo, SandboxRequest, SandboxResponse};
+pub use ingress::{SandboxRequest, SandboxResponse};
+pub use kiln_api as api;
 
-use serde_json::{json, Value};
+use kiln_api::{
+    AppLogs, Artifact, CodeArtifact, CreateImageRequest, CreateImageResponse, CreateTokenRequest,
+    CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, Health, Image, ImageList,
+    ListMicrovmsQuery, Microvm, MicrovmList, MicrovmState, RotateKeyResponse, RunMicrovmRequest,
+    RunMicrovmResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -22,6 +32,12 @@ pub enum ClientError {
         "Cannot reach kilnd at {endpoint}: {detail} (is it running? scripts/run.sh starts it)"
     )]
     Unreachable { endpoint: String, detail: String },
+    #[error("kilnd at {endpoint} answered {what} with something this client cannot read: {detail} (are kiln and kilnd the same version?)")]
+    Unexpected {
+        endpoint: String,
+        what: String,
+        detail: String,
+    },
     #[error("No API key: set KILN_API_KEY or KILN_HOME (the key is in $KILN_HOME/api-key)")]
     NoKey,
 }
@@ -39,7 +55,7 @@ impl ClientError {
             }
             | ClientError::NoKey => 5,
             ClientError::Unreachable { .. } => 6,
-            ClientError::Api { .. } => 1,
+            ClientError::Api { .. } | ClientError::Unexpected { .. } => 1,
         }
     }
 }
@@ -70,9 +86,9 @@ pub fn endpoint_from_env(endpoint: Option<String>) -> String {
         .to_string()
 }
 
-/// kilnd's unauthenticated health endpoint (`status`, `accelerator`, `devMode`, `warning`),
-/// with a short timeout: for `kiln doctor`, which must not hang on a dead address.
-pub fn health(endpoint: &str, timeout: std::time::Duration) -> Result<Value, ClientError> {
+/// kilnd's unauthenticated health endpoint, with a short timeout: for `kiln doctor`, which
+/// must not hang on a dead address.
+pub fn health(endpoint: &str, timeout: Duration) -> Result<Health, ClientError> {
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
     let unreachable = |detail: String| ClientError::Unreachable {
         endpoint: endpoint.to_string(),
@@ -100,94 +116,59 @@ impl Client {
         })
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
-        let req = ureq::request(method, &format!("{}{path}", self.endpoint))
-            .set("Authorization", &format!("Bearer {}", self.key));
+    /// The API address this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &format!("{}{path}", self.endpoint))
+            .set("Authorization", &format!("Bearer {}", self.key))
+    }
+
+    /// One call: `body` sent as JSON, the answer read as `T`.
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let req = self.request(method, path);
         let resp = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
         };
-        match resp {
-            Ok(r) => {
-                let text = r.into_string().unwrap_or_default();
-                Ok(if text.is_empty() {
-                    Value::Null
-                } else {
-                    serde_json::from_str(&text).unwrap_or(Value::String(text))
-                })
-            }
-            Err(e) => Err(self.error(e)),
-        }
+        let resp = resp.map_err(|e| self.error(e))?;
+        resp.into_json().map_err(|e| ClientError::Unexpected {
+            endpoint: self.endpoint.clone(),
+            what: format!("{method} {path}"),
+            detail: e.to_string(),
+        })
     }
 
-    /// Uploads a build context (zip or tar); returns the artifact id.
-    pub fn upload_artifact(&self, artifact: &[u8]) -> Result<String, ClientError> {
-        let req = ureq::post(&format!("{}/v1/artifacts", self.endpoint))
-            .set("Authorization", &format!("Bearer {}", self.key))
-            .set("Content-Type", "application/octet-stream");
-        let art: Value = match req.send_bytes(artifact) {
-            Ok(r) => r.into_json().unwrap_or(Value::Null),
-            Err(e) => return Err(self.error(e)),
-        };
-        Ok(art["artifactId"].as_str().unwrap_or_default().to_string())
-    }
-
-    /// Uploads a build context (zip or tar) and starts CreateMicrovmImage; returns its id.
-    pub fn create_image(&self, name: &str, artifact: &[u8]) -> Result<String, ClientError> {
-        let img = self.create_image_with(name, artifact, json!({}))?;
-        Ok(img["imageIdentifier"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
-    }
-
-    /// CreateMicrovmImage with more request fields (`memorySizeMib`, `buildArgs`, …, see
-    /// spec/openapi.yaml) merged into the body; returns the answer (`imageIdentifier`, …).
-    pub fn create_image_with(
-        &self,
-        name: &str,
-        artifact: &[u8],
-        fields: Value,
-    ) -> Result<Value, ClientError> {
-        let artifact_id = self.upload_artifact(artifact)?;
-        let mut body = json!({"name": name, "codeArtifact": {"artifactId": artifact_id}});
-        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), fields) {
-            body.extend(extra);
-        }
-        self.post("/v1/images", body)
-    }
-
-    /// An image's build log; with `follow`, a stream that ends when the build does.
-    pub fn image_logs(
-        &self,
-        id: &str,
-        follow: bool,
-    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
-        self.get_stream(&format!("/v1/images/{id}/logs?follow={follow}"))
-    }
-
-    /// A GET whose body is read as it arrives (logs, disk downloads).
-    pub fn get_stream(
-        &self,
-        path: &str,
-    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
-        match ureq::get(&format!("{}{path}", self.endpoint))
-            .set("Authorization", &format!("Bearer {}", self.key))
+    /// A call answered with 204 No Content.
+    fn call_empty(&self, method: &str, path: &str) -> Result<(), ClientError> {
+        self.request(method, path)
             .call()
-        {
-            Ok(r) => Ok(r.into_reader()),
-            Err(e) => Err(self.error(e)),
-        }
+            .map(drop)
+            .map_err(|e| self.error(e))
     }
 
     fn error(&self, e: ureq::Error) -> ClientError {
         match e {
             ureq::Error::Status(status, r) => {
-                let v: Value = r.into_json().unwrap_or(Value::Null);
-                ClientError::Api {
-                    status,
-                    code: v["code"].as_str().unwrap_or("Error").to_string(),
-                    message: v["message"].as_str().unwrap_or("").to_string(),
+                let text = r.into_string().unwrap_or_default();
+                match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(body) => ClientError::Api {
+                        status,
+                        code: body.code.to_string(),
+                        message: body.message,
+                    },
+                    Err(_) => ClientError::Api {
+                        status,
+                        code: "Error".into(),
+                        message: text.chars().take(500).collect(),
+                    },
                 }
             }
             e => ClientError::Unreachable {
@@ -197,13 +178,103 @@ impl Client {
         }
     }
 
-    /// The API address this client talks to.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// A GET of any path as plain JSON: for what this client has no type for (a newer
+    /// kilnd's fields) and for tests of the wire format. Everything else has a typed call.
+    pub fn raw_get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.call("GET", path, None::<&()>)
     }
 
-    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.call("GET", path, None)
+    /// Uploads a build context (zip or tar).
+    pub fn upload_artifact(&self, artifact: &[u8]) -> Result<Artifact, ClientError> {
+        let req = self
+            .request("POST", "/v1/artifacts")
+            .set("Content-Type", "application/octet-stream");
+        let resp = req.send_bytes(artifact).map_err(|e| self.error(e))?;
+        resp.into_json().map_err(|e| ClientError::Unexpected {
+            endpoint: self.endpoint.clone(),
+            what: "POST /v1/artifacts".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// CreateMicrovmImage as given (its `codeArtifact` already uploaded).
+    pub fn create_image(
+        &self,
+        req: &CreateImageRequest,
+    ) -> Result<CreateImageResponse, ClientError> {
+        self.call("POST", "/v1/images", Some(req))
+    }
+
+    /// Uploads `artifact`, then CreateMicrovmImage with `req`'s other fields and this name.
+    pub fn build_image(
+        &self,
+        name: &str,
+        artifact: &[u8],
+        mut req: CreateImageRequest,
+    ) -> Result<CreateImageResponse, ClientError> {
+        let uploaded = self.upload_artifact(artifact)?;
+        req.name = name.to_string();
+        req.code_artifact = CodeArtifact {
+            artifact_id: uploaded.artifact_id,
+        };
+        self.create_image(&req)
+    }
+
+    pub fn list_images(&self) -> Result<ImageList, ClientError> {
+        self.call("GET", "/v1/images", None::<&()>)
+    }
+
+    /// An image by build id, or by name its newest successful build.
+    pub fn get_image(&self, id: &str) -> Result<Image, ClientError> {
+        self.call("GET", &format!("/v1/images/{}", seg(id)), None::<&()>)
+    }
+
+    pub fn delete_image(&self, id: &str) -> Result<(), ClientError> {
+        self.call_empty("DELETE", &format!("/v1/images/{}", seg(id)))
+    }
+
+    /// An image's build log; with `follow`, a stream that ends when the build does.
+    pub fn image_logs(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
+        self.get_stream(&format!("/v1/images/{}/logs?follow={follow}", seg(id)))
+    }
+
+    /// A GET whose body is read as it arrives (logs, disk downloads).
+    pub fn get_stream(
+        &self,
+        path: &str,
+    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
+        match self.request("GET", path).call() {
+            Ok(r) => Ok(r.into_reader()),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    pub fn run_microvm(&self, req: &RunMicrovmRequest) -> Result<RunMicrovmResponse, ClientError> {
+        self.call("POST", "/v1/microvms", Some(req))
+    }
+
+    pub fn get_microvm(&self, id: &str) -> Result<Microvm, ClientError> {
+        self.call("GET", &format!("/v1/microvms/{}", seg(id)), None::<&()>)
+    }
+
+    pub fn list_microvms(&self, q: &ListMicrovmsQuery) -> Result<MicrovmList, ClientError> {
+        let mut query = Vec::new();
+        if let Some(s) = q.state {
+            query.push(format!("state={s}"));
+        }
+        if let Some(i) = &q.image_identifier {
+            query.push(format!("imageIdentifier={}", seg(i)));
+        }
+        let path = if query.is_empty() {
+            "/v1/microvms".to_string()
+        } else {
+            format!("/v1/microvms?{}", query.join("&"))
+        };
+        self.call("GET", &path, None::<&()>)
     }
 
     /// The microVM once it is in `state` or TERMINATED, or as it is after `timeout`: kilnd
@@ -211,53 +282,122 @@ impl Client {
     pub fn wait_microvm(
         &self,
         id: &str,
-        state: &str,
-        timeout: std::time::Duration,
-    ) -> Result<Value, ClientError> {
+        state: MicrovmState,
+        timeout: Duration,
+    ) -> Result<Microvm, ClientError> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             // Each request waits a bounded time; the loop covers longer waits.
             let seconds = left.as_secs().clamp(1, 60);
-            let view = self.get(&format!(
-                "/v1/microvms/{id}?waitFor={state}&timeoutSeconds={seconds}"
-            ))?;
-            let now = view["state"].as_str().unwrap_or_default();
-            if now == state || now == "TERMINATED" || left.is_zero() {
+            let view: Microvm = self.call(
+                "GET",
+                &format!(
+                    "/v1/microvms/{}?waitFor={state}&timeoutSeconds={seconds}",
+                    seg(id)
+                ),
+                None::<&()>,
+            )?;
+            if view.state == state || view.state == MicrovmState::Terminated || left.is_zero() {
                 return Ok(view);
             }
         }
     }
 
-    pub fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
-        self.call("POST", path, Some(body))
+    fn microvm_action(&self, id: &str, action: &str) -> Result<Microvm, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/microvms/{}/{action}", seg(id)),
+            Some(&serde_json::json!({})),
+        )
     }
 
-    pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
-        self.call("DELETE", path, None)
+    pub fn suspend_microvm(&self, id: &str) -> Result<Microvm, ClientError> {
+        self.microvm_action(id, "suspend")
     }
 
-    pub fn run_microvm(
+    pub fn resume_microvm(&self, id: &str) -> Result<Microvm, ClientError> {
+        self.microvm_action(id, "resume")
+    }
+
+    pub fn terminate_microvm(&self, id: &str) -> Result<Microvm, ClientError> {
+        self.microvm_action(id, "terminate")
+    }
+
+    pub fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, ClientError> {
+        self.call("POST", &format!("/v1/microvms/{}/exec", seg(id)), Some(req))
+    }
+
+    /// The newest `max_bytes` of the app's output.
+    pub fn microvm_logs(&self, id: &str, max_bytes: Option<u32>) -> Result<AppLogs, ClientError> {
+        let query = max_bytes
+            .map(|m| format!("?maxBytes={m}"))
+            .unwrap_or_default();
+        self.call(
+            "GET",
+            &format!("/v1/microvms/{}/logs{query}", seg(id)),
+            None::<&()>,
+        )
+    }
+
+    pub fn create_token(
         &self,
-        image: &str,
-        idle: Option<Value>,
-        payload: Option<String>,
-        max_duration: Option<u64>,
-        connectors: Option<Value>,
-    ) -> Result<Value, ClientError> {
-        let mut body = json!({"imageIdentifier": image});
-        if let Some(c) = connectors {
-            body["connectors"] = c;
+        req: &CreateTokenRequest,
+    ) -> Result<CreateTokenResponse, ClientError> {
+        self.call("POST", "/v1/auth-tokens", Some(req))
+    }
+
+    pub fn revoke_token(&self, token_id: &str) -> Result<(), ClientError> {
+        self.call_empty("DELETE", &format!("/v1/auth-tokens/{}", seg(token_id)))
+    }
+
+    pub fn revoke_microvm_tokens(&self, id: &str) -> Result<(), ClientError> {
+        self.request("POST", &format!("/v1/microvms/{}/revoke-tokens", seg(id)))
+            .send_json(serde_json::json!({}))
+            .map(drop)
+            .map_err(|e| self.error(e))
+    }
+
+    pub fn rotate_token_key(&self) -> Result<RotateKeyResponse, ClientError> {
+        self.call(
+            "POST",
+            "/v1/auth-tokens/rotate-key",
+            Some(&serde_json::json!({})),
+        )
+    }
+
+    /// Events after `since` (at most `limit`).
+    pub fn events(&self, since: i64, limit: Option<i64>) -> Result<EventList, ClientError> {
+        let limit = limit.map(|l| format!("&limit={l}")).unwrap_or_default();
+        self.call(
+            "GET",
+            &format!("/v1/events?since={since}{limit}"),
+            None::<&()>,
+        )
+    }
+}
+
+/// An id or name as one path segment or query value: anything outside the characters ids
+/// and names use is percent-encoded, so no input can reach another route.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
         }
-        if let Some(i) = idle {
-            body["idlePolicy"] = i;
-        }
-        if let Some(p) = payload {
-            body["runHookPayload"] = json!(p);
-        }
-        if let Some(m) = max_duration {
-            body["maxDurationSeconds"] = json!(m);
-        }
-        self.post("/v1/microvms", body)
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stay_one_path_segment() {
+        assert_eq!(seg("mvm-00ab"), "mvm-00ab");
+        assert_eq!(seg("../images?x=1"), "..%2Fimages%3Fx%3D1");
     }
 }

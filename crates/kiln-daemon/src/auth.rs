@@ -6,7 +6,6 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use rand::RngCore;
@@ -80,8 +79,7 @@ pub async fn require_key(
         .unwrap_or("");
     if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
         return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "UnauthorizedException",
+            kiln_api::ErrorCode::UnauthorizedException,
             "missing or wrong API key: send `Authorization: Bearer <key>` with the key from KILN_HOME/api-key",
         ));
     }

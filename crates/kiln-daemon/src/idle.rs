@@ -26,9 +26,7 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
     let rows = manager.store().microvms(None, None)?;
     let now = now_ms();
     for row in rows {
-        let Ok(state) = row.state.parse::<MicrovmState>() else {
-            continue;
-        };
+        let state = row.state;
         if matches!(
             state,
             MicrovmState::Terminated | MicrovmState::Pending | MicrovmState::Resuming

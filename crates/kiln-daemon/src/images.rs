@@ -28,7 +28,7 @@ pub fn to_row(record: &ImageRecord) -> ImageRow {
     ImageRow {
         id: record.id.clone(),
         name: record.name.clone(),
-        status: format!("{:?}", record.status).to_uppercase(),
+        status: record.status,
         reason: record.reason.clone(),
         created_at: record.created_unix as i64 * 1000,
         record: serde_json::to_value(record).unwrap_or_default(),
@@ -42,7 +42,7 @@ pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
     let placeholder = ImageRow {
         id: id.clone(),
         name: spec.name.clone(),
-        status: "CREATING".into(),
+        status: kiln_types::ImageStatus::Creating,
         reason: None,
         created_at: kiln_store::now_ms(),
         record: serde_json::json!({"id": id, "name": spec.name, "status": "CREATING"}),
@@ -56,7 +56,7 @@ pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
             Ok(_) => sync_image(&m, &name, &bid),
             Err(e) => {
                 let mut row = placeholder;
-                row.status = "FAILED".into();
+                row.status = kiln_types::ImageStatus::Failed;
                 row.reason = Some(e.to_string());
                 let _ = m.store().upsert_image(&row);
             }

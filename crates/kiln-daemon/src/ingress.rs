@@ -46,8 +46,7 @@ impl IngressBackend {
                 Ok(None) => return Err(BackendError::NotFound),
                 Err(e) => return Err(BackendError::Unavailable(e.to_string())),
             };
-            let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
-            match state {
+            match row.state {
                 MicrovmState::Terminated => return Err(BackendError::NotFound),
                 // Being suspended (then auto-resumed) or launched: wait for the change.
                 MicrovmState::Running => {}

@@ -205,7 +205,7 @@ async fn shutdown(manager: &Arc<Manager>) {
     }
     let running = manager
         .store()
-        .microvms(Some("RUNNING"), None)
+        .microvms(Some(kiln_types::MicrovmState::Running), None)
         .unwrap_or_default();
     info!(count = running.len(), policy = ?manager.cfg.on_shutdown, "shutting down");
     for row in running {

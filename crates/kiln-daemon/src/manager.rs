@@ -24,23 +24,7 @@ use crate::config::{Config, DEFAULT_MAX_DURATION_SECONDS, MAX_RUN_PAYLOAD_BYTES}
 use crate::egress::{default_connectors, Egress};
 use crate::error::{ApiError, ApiResult};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IdlePolicy {
-    pub max_idle_duration_seconds: u64,
-    pub suspended_duration_seconds: u64,
-    pub auto_resume_enabled: bool,
-}
-
-impl Default for IdlePolicy {
-    fn default() -> Self {
-        IdlePolicy {
-            max_idle_duration_seconds: 300,
-            suspended_duration_seconds: 1800,
-            auto_resume_enabled: true,
-        }
-    }
-}
+pub use kiln_api::{IdlePolicy, Usage};
 
 /// What a microVM was started with, kept in the store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,25 +42,6 @@ pub struct MicrovmConfig {
     /// Egress connectors (rows from before connectors existed get `internet`).
     #[serde(default = "default_connectors")]
     pub connectors: Vec<Connector>,
-}
-
-/// Usage metering, shown in GetMicrovm.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Usage {
-    pub running_seconds: f64,
-    pub cpu_seconds_above_baseline: f64,
-    pub suspended_snapshot_byte_seconds: f64,
-    #[serde(default)]
-    pub cpu_seconds: f64,
-    /// The CPU baseline and the burst credit left (CPU-seconds above the baseline).
-    #[serde(default)]
-    pub cpu_baseline: f64,
-    #[serde(default)]
-    pub cpu_credit_seconds: f64,
-    /// Bytes each way, connections, denials and DNS queries of the microVM's network.
-    #[serde(default)]
-    pub network: CounterSnapshot,
 }
 
 #[derive(Default)]
@@ -117,8 +82,7 @@ pub struct Manager {
     pub agents: Mutex<HashMap<String, kiln_vmm::AgentClient>>,
 }
 
-/// The longest a `waitFor` request waits.
-pub const MAX_WAIT_SECONDS: u64 = 300;
+pub use kiln_api::MAX_WAIT_SECONDS;
 
 pub fn new_microvm_id() -> String {
     let mut b = [0u8; 8];
@@ -220,15 +184,11 @@ impl Manager {
             .ok_or_else(|| ApiError::not_found("microVM", id))
     }
 
-    fn state_of(row: &MicrovmRow) -> MicrovmState {
-        row.state.parse().unwrap_or(MicrovmState::Terminated)
-    }
-
     pub(crate) fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) {
         if to == MicrovmState::Terminated {
             self.forget_runtime(id);
         }
-        if let Err(e) = self.store().set_state(id, to.as_str(), reason) {
+        if let Err(e) = self.store().set_state(id, to, reason) {
             warn!(id, "recording state {to} failed: {e}");
         }
         info!(id, state = %to, reason = reason.unwrap_or(""), "microVM state");
@@ -258,7 +218,7 @@ impl Manager {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let row = self.row(id)?;
-            let state = Self::state_of(&row);
+            let state = row.state;
             if state == target || state == MicrovmState::Terminated {
                 return Ok(row);
             }
@@ -270,15 +230,11 @@ impl Manager {
     }
 
     /// RunMicrovm: records PENDING and launches in the background.
-    pub fn run(
-        self: &Arc<Self>,
-        image: &str,
-        idle: IdlePolicy,
-        payload: Option<String>,
-        max_duration: Option<u64>,
-        connectors: Option<Vec<Connector>>,
-    ) -> ApiResult<MicrovmRow> {
-        let connectors = connectors.unwrap_or_else(default_connectors);
+    pub fn run(self: &Arc<Self>, req: kiln_api::RunMicrovmRequest) -> ApiResult<MicrovmRow> {
+        let image = req.image_identifier.as_str();
+        let idle = req.idle_policy.unwrap_or_default();
+        let (payload, max_duration) = (req.run_hook_payload, req.max_duration_seconds);
+        let connectors = req.connectors.unwrap_or_else(default_connectors);
         self.egress.compile(&connectors)?;
         if idle.max_idle_duration_seconds < self.cfg.min_idle_seconds {
             return Err(ApiError::bad_request(format!(
@@ -304,7 +260,7 @@ impl Manager {
             .store()
             .image(image)?
             .ok_or_else(|| ApiError::not_found("image", image))?;
-        if img.status != "SUCCESSFUL" {
+        if img.status != kiln_types::ImageStatus::Successful {
             let why = img
                 .reason
                 .as_deref()
@@ -343,7 +299,7 @@ impl Manager {
             id: new_microvm_id(),
             image_id: img.id.clone(),
             image_name: img.name.clone(),
-            state: MicrovmState::Pending.as_str().into(),
+            state: MicrovmState::Pending,
             state_reason: None,
             created_at: now,
             state_changed_at: now,
@@ -519,7 +475,7 @@ impl Manager {
         }
     }
 
-    fn config_of(row: &MicrovmRow) -> ApiResult<MicrovmConfig> {
+    pub fn config_of(row: &MicrovmRow) -> ApiResult<MicrovmConfig> {
         serde_json::from_value(row.config.clone()).map_err(ApiError::internal)
     }
 
@@ -548,7 +504,7 @@ impl Manager {
         let slot = self.slot(id);
         let mut slot = slot.lock().await;
         let row = self.row(id)?;
-        let state = Self::state_of(&row);
+        let state = row.state;
         if state != MicrovmState::Running {
             return Err(ApiError::conflict(format!(
                 "microVM {id} is {state}; only a RUNNING microVM can be suspended"
@@ -601,7 +557,7 @@ impl Manager {
         let slot = self.slot(id);
         let mut slot = slot.lock().await;
         let row = self.row(id)?;
-        let state = Self::state_of(&row);
+        let state = row.state;
         if state != MicrovmState::Suspended {
             return Err(ApiError::conflict(format!(
                 "microVM {id} is {state}; only a SUSPENDED microVM can be resumed"
@@ -665,7 +621,7 @@ impl Manager {
         let slot = self.slot(id);
         let _slot = slot.lock().await;
         let row = self.row(id)?;
-        let state = Self::state_of(&row);
+        let state = row.state;
         if state != MicrovmState::Suspended {
             return Err(ApiError::conflict(format!(
                 "microVM {id} is {state}: its disk can be downloaded while it is SUSPENDED \
@@ -688,7 +644,7 @@ impl Manager {
         let slot = self.slot(id);
         let mut slot = slot.lock().await;
         let row = self.row(id)?;
-        let state = Self::state_of(&row);
+        let state = row.state;
         if state == MicrovmState::Terminated {
             return Err(ApiError::conflict(format!(
                 "microVM {id} is already TERMINATED"
@@ -760,7 +716,7 @@ impl Manager {
             return Ok(agent.clone());
         }
         drop(agents);
-        let state = Self::state_of(&self.row(id)?);
+        let state = self.row(id)?.state;
         let busy = if state == MicrovmState::Running {
             " and being suspended or terminated"
         } else {
@@ -776,13 +732,10 @@ impl Manager {
     /// not activity: it does not keep a microVM from idling.
     pub async fn app_logs(&self, id: &str, max_bytes: u32) -> ApiResult<Vec<u8>> {
         let agent = self.running_agent(id, "reading logs")?;
-        agent.app_logs(max_bytes).await.map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::BAD_GATEWAY,
-                "LogsFailed",
-                error_chain(&e),
-            )
-        })
+        agent
+            .app_logs(max_bytes)
+            .await
+            .map_err(|e| ApiError::new(kiln_api::ErrorCode::LogsFailed, error_chain(&e)))
     }
 
     /// Runs a command in a RUNNING microVM (an exec session counts as activity).
@@ -805,13 +758,10 @@ impl Manager {
             stdin: false,
             timeout_ms: Some(timeout.as_millis() as u64),
         };
-        let out = agent.exec(req, None, 8 << 20).await.map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::BAD_GATEWAY,
-                "ExecFailed",
-                error_chain(&e),
-            )
-        });
+        let out = agent
+            .exec(req, None, 8 << 20)
+            .await
+            .map_err(|e| ApiError::new(kiln_api::ErrorCode::ExecFailed, error_chain(&e)));
         self.record_activity(id);
         out
     }

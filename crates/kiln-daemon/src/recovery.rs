@@ -10,15 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_store::now_ms;
-use kiln_types::{MicrovmState, VmId};
+use kiln_types::{ImageStatus, MicrovmState, VmId};
 use kiln_vmm::{AdoptConfig, SuspendedVm, Template, Vm, VmRecord};
 use tracing::{info, warn};
 
 use crate::images::sync_image;
 use crate::manager::{Manager, MicrovmConfig, Usage};
-
-/// The status of an image whose template this host cannot launch.
-pub const REBUILD_REQUIRED: &str = "REBUILD_REQUIRED";
 
 pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for id in manager.builder.recover_interrupted()? {
@@ -28,7 +25,7 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
         .store()
         .images()?
         .into_iter()
-        .filter(|i| i.status == "CREATING")
+        .filter(|i| i.status == ImageStatus::Creating)
         .collect();
     for img in creating {
         sync_image(manager, &img.name, &img.id);
@@ -37,8 +34,7 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     // Bind the rows first: the store's guard must not live across the loop's own writes.
     let rows = manager.store().microvms(None, None)?;
     for row in rows {
-        let state: MicrovmState = row.state.parse().unwrap_or(MicrovmState::Terminated);
-        match state {
+        match row.state {
             MicrovmState::Terminated => {}
             MicrovmState::Suspended => {
                 if let Err(e) = reopen_suspended(manager, &row) {
@@ -51,7 +47,9 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                     );
                 }
             }
-            MicrovmState::Running | MicrovmState::Resuming => readopt(manager, &row, state).await,
+            MicrovmState::Running | MicrovmState::Resuming => {
+                readopt(manager, &row, row.state).await
+            }
             MicrovmState::Pending => {
                 // A launch is rolled back: its template is untouched, its guest never served.
                 end_leftovers(manager, &row.id).await;
@@ -240,7 +238,10 @@ async fn adopt(
 fn check_images(manager: &Manager) -> anyhow::Result<()> {
     let images = manager.store().all_images()?;
     for mut img in images {
-        if img.status != "SUCCESSFUL" && img.status != REBUILD_REQUIRED {
+        if !matches!(
+            img.status,
+            ImageStatus::Successful | ImageStatus::RebuildRequired
+        ) {
             continue;
         }
         let Some(template) = img.record["template"]
@@ -253,9 +254,9 @@ fn check_images(manager: &Manager) -> anyhow::Result<()> {
             .map_err(|e| e.to_string())
             .and_then(|t| t.compatibility(&manager.assets).map_err(|e| e.to_string()));
         let (status, reason) = match verdict {
-            Ok(()) => ("SUCCESSFUL", None),
+            Ok(()) => (ImageStatus::Successful, None),
             Err(why) => (
-                REBUILD_REQUIRED,
+                ImageStatus::RebuildRequired,
                 Some(format!(
                     "{why}. Rebuild it with `kiln image rebuild {}` (its build context and \
                      settings are submitted again)",
@@ -266,9 +267,9 @@ fn check_images(manager: &Manager) -> anyhow::Result<()> {
         if img.status != status {
             info!(
                 id = img.id,
-                status, "image status after checking its template"
+                %status, "image status after checking its template"
             );
-            img.status = status.to_string();
+            img.status = status;
             img.reason = reason;
             manager.store().upsert_image(&img)?;
         }

@@ -158,7 +158,7 @@ fn connectors_decide_what_a_microvm_reaches() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["kind"] == "egress" && e["microvm_id"] == listed.as_str())
+        .filter(|e| e["kind"] == "egress" && e["microvmId"] == listed.as_str())
         .collect();
     assert!(
         denied.iter().any(|e| e["reason"]
@@ -211,8 +211,8 @@ fn connectors_decide_what_a_microvm_reaches() {
         .as_array()
         .unwrap()
         .iter()
-        .skip_while(|e| !(e["kind"] == "adopted" && e["microvm_id"] == listed.as_str()))
-        .filter(|e| e["kind"] == "egress" && e["microvm_id"] == listed.as_str())
+        .skip_while(|e| !(e["kind"] == "adopted" && e["microvmId"] == listed.as_str()))
+        .filter(|e| e["kind"] == "egress" && e["microvmId"] == listed.as_str())
         .collect();
     assert!(
         !after_restart.is_empty(),

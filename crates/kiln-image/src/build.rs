@@ -84,13 +84,7 @@ impl BuildSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum ImageStatus {
-    Creating,
-    Successful,
-    Failed,
-}
+pub use kiln_types::ImageStatus;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepRecord {

@@ -3,8 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use crate::policy::DenyReason;
 
 /// Live counters of one microVM's network; they survive suspend and resume because the
@@ -18,16 +16,7 @@ pub struct NetCounters {
     pub dns_queries: AtomicU64,
 }
 
-/// A copy of the counters for the API.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CounterSnapshot {
-    pub bytes_out: u64,
-    pub bytes_in: u64,
-    pub connections: u64,
-    pub denials: u64,
-    pub dns_queries: u64,
-}
+pub use kiln_types::NetworkCounters as CounterSnapshot;
 
 impl NetCounters {
     pub fn snapshot(&self) -> CounterSnapshot {

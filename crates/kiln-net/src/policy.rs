@@ -17,32 +17,7 @@ use crate::addressing::{DNS_ADDR, GATEWAY_ADDR, GUEST_NET};
 pub const MAX_ENTRIES: usize = 64;
 const MAX_NAME_LEN: usize = 253;
 
-/// One connector as the API takes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Connector {
-    /// No network at all: the guest's NIC is detached.
-    None,
-    /// Public destinations only.
-    Internet,
-    /// Only the listed destinations.
-    Allowlist { destinations: Vec<Destination> },
-    /// One host port the operator defined by name (kilnd `--host-service NAME=ADDR:PORT`).
-    HostService { name: String },
-}
-
-/// An allowlist entry: a CIDR or a DNS name (`*.example.com` matches subdomains), and the
-/// ports allowed (empty: every port).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Destination {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cidr: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ports: Vec<u16>,
-}
+pub use kiln_types::{Connector, Destination};
 
 /// A host port the operator allows microVMs to ask for by name.
 #[derive(Debug, Clone, PartialEq, Eq)]

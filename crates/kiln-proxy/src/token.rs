@@ -21,12 +21,7 @@ pub const MAX_EXPIRATION_MINUTES: u64 = 60;
 /// Longest token accepted at all (bytes).
 pub const MAX_TOKEN_LEN: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenKind {
-    Ingress,
-    Shell,
-}
+pub use kiln_types::TokenKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

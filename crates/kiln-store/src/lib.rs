@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use kiln_types::{ImageStatus, MicrovmState};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,18 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("Database schema version {found} is newer than this kiln ({known}): upgrade kiln")]
     TooNew { found: i64, known: i64 },
+    #[error("Stored value is invalid: {0}")]
+    Invalid(String),
+    #[error("microVM {0} does not exist")]
+    NoSuchMicrovm(String),
+    /// A transition the lifecycle graph forbids ([`MicrovmState::can_become`]): nothing
+    /// was written.
+    #[error("microVM {id} is {from}; it cannot become {to}")]
+    Transition {
+        id: String,
+        from: MicrovmState,
+        to: MicrovmState,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -67,7 +80,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct ImageRow {
     pub id: String,
     pub name: String,
-    pub status: String,
+    pub status: ImageStatus,
     pub reason: Option<String>,
     pub created_at: i64,
     /// The full image record (kiln-image's `ImageRecord`) as JSON.
@@ -79,7 +92,7 @@ pub struct MicrovmRow {
     pub id: String,
     pub image_id: String,
     pub image_name: String,
-    pub state: String,
+    pub state: MicrovmState,
     pub state_reason: Option<String>,
     pub created_at: i64,
     pub state_changed_at: i64,
@@ -104,6 +117,14 @@ pub struct EventRow {
 
 pub struct Store {
     conn: Connection,
+}
+
+/// A state column, read as the enum (a value no kiln wrote is an error, not a guess).
+fn state_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<MicrovmState> {
+    let text: String = r.get(i)?;
+    text.parse().map_err(|e: kiln_types::ParseStateError| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 pub fn now_ms() -> i64 {
@@ -163,12 +184,12 @@ impl Store {
         tx.execute(
             "INSERT INTO images (id, name, status, reason, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(id) DO UPDATE SET status = ?3, reason = ?4, record = ?6",
-            params![img.id, img.name, img.status, img.reason, img.created_at, serde_json::to_string(&img.record)?],
+            params![img.id, img.name, img.status.as_str(), img.reason, img.created_at, serde_json::to_string(&img.record)?],
         )?;
         if previous.as_deref() != Some(img.status.as_str()) {
             tx.execute(
                 "INSERT INTO events (at_ms, image_id, kind, from_state, to_state, reason) VALUES (?1, ?2, 'image', ?3, ?4, ?5)",
-                params![now_ms(), img.id, previous, img.status, img.reason],
+                params![now_ms(), img.id, previous, img.status.as_str(), img.reason],
             )?;
         }
         tx.commit()?;
@@ -192,7 +213,12 @@ impl Store {
         Ok(ImageRow {
             id: t.0,
             name: t.1,
-            status: t.2,
+            status: t
+                .2
+                .parse()
+                .map_err(|e: kiln_types::ParseImageStatusError| {
+                    StoreError::Invalid(e.to_string())
+                })?,
             reason: t.3,
             created_at: t.4,
             record: serde_json::from_str(&t.5)?,
@@ -295,13 +321,13 @@ impl Store {
             "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
-                vm.id, vm.image_id, vm.image_name, vm.state, vm.state_reason, vm.created_at, vm.state_changed_at,
+                vm.id, vm.image_id, vm.image_name, vm.state.as_str(), vm.state_reason, vm.created_at, vm.state_changed_at,
                 vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?
             ],
         )?;
         tx.execute(
             "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES (?1, ?2, ?3, 'microvm', ?4, ?5)",
-            params![now_ms(), vm.id, vm.image_id, vm.state, vm.state_reason],
+            params![now_ms(), vm.id, vm.image_id, vm.state.as_str(), vm.state_reason],
         )?;
         tx.commit()?;
         Ok(())
@@ -314,7 +340,7 @@ impl Store {
             id: r.get(0)?,
             image_id: r.get(1)?,
             image_name: r.get(2)?,
-            state: r.get(3)?,
+            state: state_column(r, 3)?,
             state_reason: r.get(4)?,
             created_at: r.get(5)?,
             state_changed_at: r.get(6)?,
@@ -338,7 +364,12 @@ impl Store {
             .optional()?)
     }
 
-    pub fn microvms(&self, state: Option<&str>, image: Option<&str>) -> Result<Vec<MicrovmRow>> {
+    pub fn microvms(
+        &self,
+        state: Option<MicrovmState>,
+        image: Option<&str>,
+    ) -> Result<Vec<MicrovmRow>> {
+        let state = state.map(MicrovmState::as_str);
         let mut stmt = self.conn.prepare(&format!(
             "{} WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR image_id = ?2 OR image_name = ?2) ORDER BY created_at, id",
             Self::MICROVM_COLS
@@ -349,22 +380,34 @@ impl Store {
         Ok(rows)
     }
 
-    /// Moves a microVM to `to` and records the event, atomically.
-    pub fn set_state(&self, id: &str, to: &str, reason: Option<&str>) -> Result<()> {
+    /// Moves a microVM to `to` and records the event, atomically, if the lifecycle graph
+    /// allows it ([`MicrovmState::can_become`]); otherwise nothing is written.
+    pub fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
-        let from: Option<String> = tx
+        let from: String = tx
             .query_row("SELECT state FROM microvms WHERE id = ?1", [id], |r| {
                 r.get(0)
             })
-            .optional()?;
+            .optional()?
+            .ok_or_else(|| StoreError::NoSuchMicrovm(id.to_string()))?;
+        let from: MicrovmState = from
+            .parse()
+            .map_err(|e: kiln_types::ParseStateError| StoreError::Invalid(e.to_string()))?;
+        if !from.can_become(to) {
+            return Err(StoreError::Transition {
+                id: id.to_string(),
+                from,
+                to,
+            });
+        }
         let now = now_ms();
         tx.execute(
             "UPDATE microvms SET state = ?2, state_reason = ?3, state_changed_at = ?4 WHERE id = ?1",
-            params![id, to, reason, now],
+            params![id, to.as_str(), reason, now],
         )?;
         tx.execute(
             "INSERT INTO events (at_ms, microvm_id, kind, from_state, to_state, reason) VALUES (?1, ?2, 'microvm', ?3, ?4, ?5)",
-            params![now, id, from, to, reason],
+            params![now, id, from.as_str(), to.as_str(), reason],
         )?;
         tx.commit()?;
         Ok(())

@@ -5,7 +5,7 @@ fn vm(id: &str, image: &str) -> MicrovmRow {
         id: id.into(),
         image_id: image.into(),
         image_name: "app".into(),
-        state: "PENDING".into(),
+        state: MicrovmState::Pending,
         state_reason: None,
         created_at: 1,
         state_changed_at: 1,
@@ -51,9 +51,9 @@ fn state_changes_are_recorded_as_events() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("kiln.db")).unwrap();
     store.insert_microvm(&vm("a", "img-1")).unwrap();
-    store.set_state("a", "RUNNING", None).unwrap();
+    store.set_state("a", MicrovmState::Running, None).unwrap();
     store
-        .set_state("a", "TERMINATED", Some("run hook failed"))
+        .set_state("a", MicrovmState::Terminated, Some("run hook failed"))
         .unwrap();
     let events = store.events_since(0, 100).unwrap();
     let states: Vec<_> = events
@@ -76,31 +76,86 @@ fn state_changes_are_recorded_as_events() {
     );
     let vm = store.microvm("a").unwrap().unwrap();
     assert_eq!(
-        (vm.state.as_str(), vm.state_reason.as_deref()),
-        ("TERMINATED", Some("run hook failed"))
+        (vm.state, vm.state_reason.as_deref()),
+        (MicrovmState::Terminated, Some("run hook failed"))
     );
+}
+
+#[test]
+fn a_transition_the_lifecycle_forbids_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+    store.insert_microvm(&vm("a", "img-1")).unwrap();
+    let before = store.events_since(0, 100).unwrap().len();
+    // PENDING cannot be SUSPENDED; TERMINATED is never left.
+    let err = store
+        .set_state("a", MicrovmState::Suspended, Some("x"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Transition {
+                from: MicrovmState::Pending,
+                to: MicrovmState::Suspended,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    store
+        .set_state("a", MicrovmState::Terminated, None)
+        .unwrap();
+    let err = store
+        .set_state("a", MicrovmState::Running, None)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "microVM a is TERMINATED; it cannot become RUNNING"
+    );
+    let vm = store.microvm("a").unwrap().unwrap();
+    assert_eq!(vm.state, MicrovmState::Terminated);
+    assert_eq!(store.events_since(0, 100).unwrap().len(), before + 1);
+    assert!(matches!(
+        store.set_state("nope", MicrovmState::Running, None),
+        Err(StoreError::NoSuchMicrovm(_))
+    ));
+    // A state no kiln wrote is an error when read, not a guess.
+    store
+        .conn
+        .execute("UPDATE microvms SET state = 'ON_FIRE' WHERE id = 'a'", [])
+        .unwrap();
+    assert!(store.microvm("a").is_err());
 }
 
 #[test]
 fn images_resolve_by_name_to_the_newest_good_build() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("kiln.db")).unwrap();
-    let img = |id: &str, status: &str, at: i64| ImageRow {
+    let img = |id: &str, status: ImageStatus, at: i64| ImageRow {
         id: id.into(),
         name: "app".into(),
-        status: status.into(),
+        status,
         reason: None,
         created_at: at,
         record: serde_json::json!({}),
     };
-    store.upsert_image(&img("app-1", "SUCCESSFUL", 1)).unwrap();
-    store.upsert_image(&img("app-2", "FAILED", 2)).unwrap();
+    store
+        .upsert_image(&img("app-1", ImageStatus::Successful, 1))
+        .unwrap();
+    store
+        .upsert_image(&img("app-2", ImageStatus::Failed, 2))
+        .unwrap();
     assert_eq!(store.image("app").unwrap().unwrap().id, "app-1");
-    assert_eq!(store.image("app-2").unwrap().unwrap().status, "FAILED");
+    assert_eq!(
+        store.image("app-2").unwrap().unwrap().status,
+        ImageStatus::Failed
+    );
     assert_eq!(store.images().unwrap().len(), 1);
     store.insert_microvm(&vm("v", "app-1")).unwrap();
     assert_eq!(store.live_microvms_of_image("app-1").unwrap(), vec!["v"]);
-    store.set_state("v", "TERMINATED", None).unwrap();
+    store
+        .set_state("v", MicrovmState::Terminated, None)
+        .unwrap();
     assert!(store.live_microvms_of_image("app-1").unwrap().is_empty());
     assert!(store.delete_image("app-2").unwrap());
     assert!(store.image("app-2").unwrap().is_none());

@@ -2,10 +2,12 @@
 #![forbid(unsafe_code)]
 
 mod accel;
+mod connector;
 pub mod guest_net;
 mod state;
 mod vm_id;
 
 pub use accel::{Accel, ParseAccelError};
-pub use state::{MicrovmState, ParseStateError};
+pub use connector::{Connector, Destination, NetworkCounters};
+pub use state::{ImageStatus, MicrovmState, ParseImageStatusError, ParseStateError, TokenKind};
 pub use vm_id::{InvalidVmId, VmId};

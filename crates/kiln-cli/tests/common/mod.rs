@@ -159,7 +159,7 @@ pub fn client(d: &Daemon) -> kiln_client::Client {
 pub fn wait_image(client: &kiln_client::Client, id: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let v = client.get(&format!("/v1/images/{id}")).unwrap();
+        let v = client.raw_get(&format!("/v1/images/{id}")).unwrap();
         if v["status"] == "SUCCESSFUL" {
             return v;
         }

@@ -1,0 +1,29 @@
+//! The REST API's types, one definition each: kilnd serves them, kiln-client returns them,
+//! the CLI and MCP print them, and `spec/openapi.yaml` is generated from them (utoipa).
+//! Field names are camelCase, as in the seed's calls (imageIdentifier, microvmId, …).
+#![forbid(unsafe_code)]
+
+mod error;
+mod image;
+mod microvm;
+mod system;
+mod token;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use image::{
+    Artifact, ArtifactFormat, BuildStep, CodeArtifact, CreateImageRequest, CreateImageResponse,
+    Image, ImageList, LogsQuery, MAX_DISK_MIB, MAX_READY_TIMEOUT_SECONDS,
+};
+pub use kiln_types::{
+    Connector, Destination, ImageStatus, MicrovmState, NetworkCounters, ParseImageStatusError,
+    ParseStateError, TokenKind,
+};
+pub use microvm::{
+    AppLogs, AppLogsQuery, ExecRequest, ExecResponse, GetMicrovmQuery, IdlePolicy,
+    ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest, RunMicrovmResponse, Usage,
+    MAX_WAIT_SECONDS,
+};
+pub use system::{Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
+pub use token::{
+    AllowedPort, AuthTokenHeaders, CreateTokenRequest, CreateTokenResponse, RotateKeyResponse,
+};

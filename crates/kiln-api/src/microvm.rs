@@ -1,0 +1,182 @@
+//! MicroVMs: RunMicrovm, GetMicrovm, ListMicrovms, suspend, resume, terminate, exec, logs.
+
+use kiln_types::{Connector, MicrovmState, NetworkCounters};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// The longest a `waitFor` request waits (seconds).
+pub const MAX_WAIT_SECONDS: u64 = 300;
+
+/// When a microVM suspends on its own, how long it stays suspended, and whether a request
+/// to its endpoint resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdlePolicy {
+    /// Seconds without activity before it is suspended (API minimum 60; kilnd
+    /// --min-idle-seconds may lower it).
+    pub max_idle_duration_seconds: u64,
+    /// Seconds it stays SUSPENDED before it is terminated.
+    pub suspended_duration_seconds: u64,
+    /// A request to its endpoint resumes it.
+    pub auto_resume_enabled: bool,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        IdlePolicy {
+            max_idle_duration_seconds: 300,
+            suspended_duration_seconds: 1800,
+            auto_resume_enabled: true,
+        }
+    }
+}
+
+/// RunMicrovm's request.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunMicrovmRequest {
+    /// An image name (its newest successful build) or a build id.
+    pub image_identifier: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_policy: Option<IdlePolicy>,
+    /// The body of the app's `/run` hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 16384)]
+    pub run_hook_payload: Option<String>,
+    /// The microVM is terminated after this long (default and most: 8 hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 28800)]
+    pub max_duration_seconds: Option<u64>,
+    /// Accepted and ignored: kiln has no IAM roles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_role_arn: Option<String>,
+    /// Egress connectors; `[{"type": "internet"}]` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 64)]
+    pub connectors: Option<Vec<Connector>>,
+}
+
+/// RunMicrovm's answer: the microVM is PENDING and launching.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunMicrovmResponse {
+    #[schema(example = "mvm-0123456789abcdef")]
+    pub microvm_id: String,
+    /// `ID.DOMAIN:PORT` of the ingress.
+    pub endpoint: String,
+    pub state: MicrovmState,
+}
+
+/// Metering, as the seed bills.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub running_seconds: f64,
+    /// Burst: CPU-seconds above the baseline.
+    pub cpu_seconds_above_baseline: f64,
+    pub suspended_snapshot_byte_seconds: f64,
+    /// CPU time used, read from the microVM's cgroup.
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// CPUs held to once the burst credit is spent.
+    #[serde(default)]
+    pub cpu_baseline: f64,
+    /// Burst credit left, in CPU-seconds above the baseline.
+    #[serde(default)]
+    pub cpu_credit_seconds: f64,
+    #[serde(default)]
+    pub network: NetworkCounters,
+}
+
+/// A microVM (GetMicrovm).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Microvm {
+    pub microvm_id: String,
+    pub image_identifier: String,
+    pub image_name: String,
+    pub state: MicrovmState,
+    /// Why it is in this state (which call or policy, or what failed).
+    pub state_reason: Option<String>,
+    pub endpoint: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last request, stream or exec.
+    pub last_activity_at: i64,
+    pub idle_policy: IdlePolicy,
+    pub max_duration_seconds: u64,
+    pub usage: Usage,
+    pub connectors: Vec<Connector>,
+    /// For a SUSPENDED microVM this host cannot resume (snapshot taken with another QEMU or
+    /// machine): the differences. Such a microVM is kept, never terminated by policy;
+    /// download its disk, then terminate it.
+    pub resume_blocked_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MicrovmList {
+    pub microvms: Vec<Microvm>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListMicrovmsQuery {
+    /// Only microVMs in this state.
+    pub state: Option<MicrovmState>,
+    /// Only microVMs of this image (name or build id).
+    pub image_identifier: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct GetMicrovmQuery {
+    /// Answer once the microVM is in this state (or TERMINATED, which it never leaves), or
+    /// when `timeoutSeconds` have passed, with the microVM as it is then.
+    pub wait_for: Option<MicrovmState>,
+    /// How long `waitFor` waits (default 60).
+    #[param(minimum = 0, maximum = 300)]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// A command to run in a RUNNING microVM (no shell: wrap it in `sh -c` for one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program and its arguments.
+    #[schema(min_items = 1, example = json!(["sh", "-c", "echo hello"]))]
+    pub command: Vec<String>,
+    /// Default 60, 1 to 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecResponse {
+    pub stdout: String,
+    pub stderr: String,
+    /// None when a signal ended it or it timed out.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AppLogsQuery {
+    /// The newest this many bytes (default 64 KiB, at most 1 MiB).
+    #[param(minimum = 1, maximum = 1048576)]
+    pub max_bytes: Option<u32>,
+}
+
+/// The app's stdout and stderr, interleaved, as the guest keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppLogs {
+    pub microvm_id: String,
+    pub logs: String,
+}

@@ -1,0 +1,318 @@
+//! MicroVMs: RunMicrovm, Get/ListMicrovms, suspend, resume, terminate, exec, logs, disk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use kiln_api::{
+    AppLogs, AppLogsQuery, ErrorBody, ExecRequest, ExecResponse, GetMicrovmQuery,
+    ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest, RunMicrovmResponse,
+    MAX_WAIT_SECONDS,
+};
+use kiln_store::MicrovmRow;
+
+use super::{ApiJson, ApiQuery};
+use crate::error::{ApiError, ApiResult};
+use crate::manager::Manager;
+
+/// A microVM row as the API shows it, with live network counters while it runs.
+pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
+    let config = Manager::config_of(row).ok();
+    let mut usage: kiln_api::Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
+    if let Some(live) = m.egress.counters(&row.id) {
+        usage.network = live;
+    }
+    Microvm {
+        microvm_id: row.id.clone(),
+        image_identifier: row.image_id.clone(),
+        image_name: row.image_name.clone(),
+        state: row.state,
+        state_reason: row.state_reason.clone(),
+        endpoint: m.endpoint(&row.id),
+        created_at: row.created_at / 1000,
+        last_activity_at: row.last_activity_at / 1000,
+        idle_policy: config
+            .as_ref()
+            .map(|c| c.idle_policy.clone())
+            .unwrap_or_default(),
+        max_duration_seconds: config.as_ref().map_or(0, |c| c.max_duration_seconds),
+        usage,
+        connectors: config.map(|c| c.connectors).unwrap_or_default(),
+        resume_blocked_reason: m.not_resumable(&row.id),
+    }
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms", operation_id = "RunMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "RunMicrovm: launches a microVM from an image's snapshot. Answers at once \
+        (PENDING); GET /v1/microvms/{id}?waitFor=RUNNING waits for it.",
+    request_body = RunMicrovmRequest,
+    responses(
+        (status = 200, description = "Launching", body = RunMicrovmResponse),
+        (status = 400, description = "A value is out of range or malformed", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+        (status = 409, description = "The image is not SUCCESSFUL", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 429, description = "--max-microvms are not TERMINATED", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn run_microvm(
+    State(m): State<Arc<Manager>>,
+    ApiJson(req): ApiJson<RunMicrovmRequest>,
+) -> ApiResult<Json<RunMicrovmResponse>> {
+    let row = m.run(req)?;
+    Ok(Json(RunMicrovmResponse {
+        endpoint: m.endpoint(&row.id),
+        microvm_id: row.id,
+        state: row.state,
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/microvms", operation_id = "ListMicrovms", tag = "microvms", security(("bearer" = [])),
+    description = "ListMicrovms, by state and image if asked.",
+    params(ListMicrovmsQuery),
+    responses(
+        (status = 200, description = "The microVMs", body = MicrovmList),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn list_microvms(
+    State(m): State<Arc<Manager>>,
+    ApiQuery(q): ApiQuery<ListMicrovmsQuery>,
+) -> ApiResult<Json<MicrovmList>> {
+    let rows = m.store().microvms(q.state, q.image_identifier.as_deref())?;
+    Ok(Json(MicrovmList {
+        microvms: rows.iter().map(|r| microvm_view(&m, r)).collect(),
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/microvms/{id}", operation_id = "GetMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "GetMicrovm. With `waitFor`, answers once the microVM is in that state (or \
+        TERMINATED), or after `timeoutSeconds` with the microVM as it is then: no polling.",
+    params(("id" = String, Path, description = "The microVM's id"), GetMicrovmQuery),
+    responses(
+        (status = 200, description = "The microVM", body = Microvm),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn get_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<GetMicrovmQuery>,
+) -> ApiResult<Json<Microvm>> {
+    let row = match q.wait_for {
+        None => m.row(&id)?,
+        Some(target) => {
+            let seconds = q.timeout_seconds.unwrap_or(60);
+            if seconds > MAX_WAIT_SECONDS {
+                return Err(ApiError::bad_request(format!(
+                    "timeoutSeconds is at most {MAX_WAIT_SECONDS} (got {seconds})"
+                )));
+            }
+            m.wait_for(&id, target, Duration::from_secs(seconds))
+                .await?
+        }
+    };
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms/{id}/suspend", operation_id = "SuspendMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "SuspendMicrovm: runs the app's /suspend hook, then saves memory and disk.",
+    params(("id" = String, Path, description = "The microVM's id")),
+    responses(
+        (status = 200, description = "SUSPENDED (or TERMINATED if saving failed)", body = Microvm),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not RUNNING", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn suspend_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Microvm>> {
+    m.row(&id)?;
+    let row = m.suspend(&id, "SuspendMicrovm").await?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms/{id}/resume", operation_id = "ResumeMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "ResumeMicrovm: restores a SUSPENDED microVM and runs the app's /resume hook.",
+    params(("id" = String, Path, description = "The microVM's id")),
+    responses(
+        (status = 200, description = "RUNNING (or TERMINATED if restoring failed)", body = Microvm),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not SUSPENDED, or this host cannot resume it", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn resume_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Microvm>> {
+    m.row(&id)?;
+    let row = m.resume(&id, "ResumeMicrovm").await?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+async fn terminate(m: Arc<Manager>, id: String) -> ApiResult<Json<Microvm>> {
+    m.row(&id)?;
+    let row = m.terminate(&id, "TerminateMicrovm").await?;
+    Ok(Json(microvm_view(&m, &row)))
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms/{id}/terminate", operation_id = "TerminateMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "TerminateMicrovm: runs the app's /terminate hook, stops it, deletes its files.",
+    params(("id" = String, Path, description = "The microVM's id")),
+    responses(
+        (status = 200, description = "TERMINATED", body = Microvm),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is already TERMINATED", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn terminate_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Microvm>> {
+    terminate(m, id).await
+}
+
+#[utoipa::path(
+    delete, path = "/v1/microvms/{id}", operation_id = "DeleteMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "TerminateMicrovm, as a DELETE.",
+    params(("id" = String, Path, description = "The microVM's id")),
+    responses(
+        (status = 200, description = "TERMINATED", body = Microvm),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is already TERMINATED", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn delete_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Microvm>> {
+    terminate(m, id).await
+}
+
+#[utoipa::path(
+    get, path = "/v1/microvms/{id}/logs", operation_id = "GetMicrovmLogs", tag = "microvms", security(("bearer" = [])),
+    description = "The app's output (stdout and stderr, interleaved) as the guest keeps it. \
+        Reading logs is not activity: it does not keep a microVM from idling.",
+    params(("id" = String, Path, description = "The microVM's id"), AppLogsQuery),
+    responses(
+        (status = 200, description = "The newest `maxBytes` of output", body = AppLogs),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not RUNNING (answered at once, never waits)", body = ErrorBody),
+        (status = 502, description = "The guest agent failed", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn microvm_logs(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<AppLogsQuery>,
+) -> ApiResult<Json<AppLogs>> {
+    let max = q.max_bytes.unwrap_or(64 << 10).clamp(1, 1 << 20);
+    let logs = m.app_logs(&id, max).await?;
+    Ok(Json(AppLogs {
+        microvm_id: id,
+        logs: String::from_utf8_lossy(&logs).into_owned(),
+    }))
+}
+
+/// A disk download's body, for the spec.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct DiskBytes(#[allow(dead_code)] Vec<u8>);
+
+#[utoipa::path(
+    get, path = "/v1/microvms/{id}/disk", operation_id = "GetMicrovmDisk", tag = "microvms", security(("bearer" = [])),
+    description = "A SUSPENDED microVM's whole disk as one standalone qcow2 (its files, for a \
+        microVM this host can no longer resume, or a backup).",
+    params(("id" = String, Path, description = "The microVM's id")),
+    responses(
+        (status = 200, description = "The disk", body = DiskBytes, content_type = "application/x-qemu-disk"),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not SUSPENDED", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn microvm_disk(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    m.row(&id)?;
+    let (file, bytes) = m.export_disk(&id).await?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    axum::response::Response::builder()
+        .header("content-type", "application/x-qemu-disk")
+        .header("content-length", bytes)
+        .header(
+            "content-disposition",
+            format!("attachment; filename=\"{id}.qcow2\""),
+        )
+        .body(body)
+        .map_err(ApiError::internal)
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms/{id}/exec", operation_id = "ExecMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "Runs a command in a RUNNING microVM and answers with its output (8 MiB at \
+        most). An exec counts as activity.",
+    params(("id" = String, Path, description = "The microVM's id")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "It ran (see exitCode, signal, timedOut)", body = ExecResponse),
+        (status = 400, description = "No program, or a malformed body", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not RUNNING (answered at once, never waits)", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 502, description = "The guest agent failed", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn exec_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    m.row(&id)?;
+    let timeout = req.timeout_seconds.unwrap_or(60);
+    if !(1..=3600).contains(&timeout) {
+        return Err(ApiError::bad_request(format!(
+            "timeoutSeconds {timeout} must be 1 to 3600"
+        )));
+    }
+    let out = m
+        .exec(&id, req.command, Duration::from_secs(timeout))
+        .await?;
+    Ok(Json(ExecResponse {
+        stdout: out.stdout_text(),
+        stderr: out.stderr_text(),
+        exit_code: out.status.code,
+        signal: out.status.signal,
+        timed_out: out.status.timed_out,
+    }))
+}

@@ -1,0 +1,185 @@
+//! The REST API. Handlers take and return kiln-api's types; each is annotated with the
+//! OpenAPI operation it serves (utoipa), and the router and the spec are built from the same
+//! list ([`routes`]), so neither can have what the other lacks. `spec/openapi.yaml` is this
+//! spec, checked in (tests/openapi.rs fails when it is stale). Every route except /health and
+//! /metrics needs the bearer key.
+
+mod images;
+mod microvms;
+mod system;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::{Json, Router};
+use kiln_api::ErrorCode;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::manager::Manager;
+
+/// The largest JSON body kilnd reads (uploads have their own limit).
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "kiln control API (kilnd)",
+        description = "Self-hostable microVM sandboxes. Field names follow the AWS Lambda \
+            MicroVMs calls (imageIdentifier, idlePolicy.maxIdleDurationSeconds, microvmId, \
+            endpoint, …). Every route except /health and /metrics needs `Authorization: Bearer \
+            <key>` with the key from KILN_HOME/api-key. Errors are JSON: {\"code\": \"...\", \
+            \"message\": \"what to fix\"}; clients branch on `code`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    servers((url = "http://127.0.0.1:7070", description = "kilnd's default address")),
+    modifiers(&BearerScheme),
+    components(schemas(kiln_api::ErrorBody, kiln_api::ErrorCode)),
+    tags(
+        (name = "images", description = "Images baked from a Dockerfile into a snapshot"),
+        (name = "microvms", description = "MicroVMs launched from images"),
+        (name = "tokens", description = "Short-lived tokens the ingress admits"),
+        (name = "system", description = "kilnd itself"),
+    )
+)]
+struct ApiDoc;
+
+/// The `bearer` security scheme every protected operation names.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The key in KILN_HOME/api-key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every operation, documented and routed from one list.
+fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(images::upload_artifact).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(images::create_image, images::list_images))
+        .routes(routes!(images::get_image, images::delete_image))
+        .routes(routes!(images::image_logs))
+        .routes(routes!(microvms::run_microvm, microvms::list_microvms))
+        .routes(routes!(microvms::get_microvm, microvms::delete_microvm))
+        .routes(routes!(microvms::suspend_microvm))
+        .routes(routes!(microvms::resume_microvm))
+        .routes(routes!(microvms::terminate_microvm))
+        .routes(routes!(microvms::exec_microvm))
+        .routes(routes!(microvms::microvm_logs))
+        .routes(routes!(microvms::microvm_disk))
+        .routes(routes!(system::events))
+        .routes(routes!(system::ingress_info))
+        .routes(routes!(system::create_token))
+        .routes(routes!(system::rotate_token_key))
+        .routes(routes!(system::revoke_token))
+        .routes(routes!(system::revoke_microvm_tokens))
+        .route_layer(axum::middleware::from_fn_with_state(
+            key,
+            crate::auth::require_key,
+        ));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(system::health))
+        .routes(routes!(system::metrics))
+        .merge(protected)
+}
+
+/// The OpenAPI document of what [`router`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(Arc::new(String::new())).split_for_parts().1
+}
+
+/// Every `(method, path)` the spec documents (and so the router serves).
+pub fn operations() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (path, item) in openapi().paths.paths {
+        for (method, op) in [
+            ("get", item.get.is_some()),
+            ("post", item.post.is_some()),
+            ("put", item.put.is_some()),
+            ("delete", item.delete.is_some()),
+            ("patch", item.patch.is_some()),
+        ] {
+            if op {
+                out.push((method.to_string(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// [`openapi`] as the YAML checked in as `spec/openapi.yaml`.
+pub fn openapi_yaml() -> Result<String, String> {
+    openapi().to_yaml().map_err(|e| e.to_string())
+}
+
+pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
+    let (router, _) = routes(key).split_for_parts();
+    router
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .fallback(|| async {
+            ApiError::new(
+                ErrorCode::UnknownOperation,
+                "no such route: see spec/openapi.yaml",
+            )
+        })
+        .with_state(manager)
+}
+
+/// `Json` whose rejections are API errors (400, or 413 for a body over the limit, with a
+/// message that says what is wrong).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad_request(
+                "send the request body as JSON with Content-Type: application/json",
+            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is over {MAX_JSON_BODY} bytes"),
+            )),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "invalid request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// `Query` whose rejections are API errors (400 with what is wrong in the query string).
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => Err(ApiError::bad_request(
+                format!("invalid query string: {}", e.body_text()),
+            )),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "invalid query string: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
