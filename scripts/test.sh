@@ -29,9 +29,10 @@ python_tests() {
     test -x "$repo/target/debug/kilnd" || { echo "target/debug/kilnd is missing: the workspace test build makes it" >&2; exit 1; }
     local venv="$repo/target/pyenv"
     # requests: the seed's tool functions use it, unchanged (sdk/python/tests/test_sandbox.py).
-    if ! "$venv/bin/python" -c 'import pytest, requests' >/dev/null 2>&1; then
+    # schemathesis: the live API against spec/openapi.yaml (test_schemathesis.py).
+    if ! "$venv/bin/python" -c 'import pytest, requests, schemathesis' >/dev/null 2>&1; then
         python3 -m venv "$venv"
-        "$venv/bin/pip" install -q --disable-pip-version-check pytest requests
+        "$venv/bin/pip" install -q --disable-pip-version-check pytest requests 'schemathesis>=4.32,<5'
     fi
     "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$repo/sdk/python"
     (cd "$repo/sdk/python/tests" && "$venv/bin/pytest" -q -p no:cacheprovider .)

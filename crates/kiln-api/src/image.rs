@@ -33,6 +33,7 @@ pub enum ArtifactFormat {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CodeArtifact {
     /// An id `POST /v1/artifacts` returned.
+    #[schema(pattern = "^art-[0-9a-f]{16}$", example = "art-0123456789abcdef")]
     pub artifact_id: String,
 }
 
@@ -49,24 +50,44 @@ pub struct CreateImageRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dockerfile: Option<String>,
     /// Guest memory; default 512.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 512, maximum = 8192)]
     pub memory_size_mib: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1, maximum = 8)]
     pub vcpus: Option<u8>,
     /// CPUs the microVM is held to once its burst credit is spent (fractions allowed);
     /// it bursts to 4x. Default: a quarter of `vcpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_baseline: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 64, maximum = 262144)]
     pub disk_size_mib: Option<u32>,
     /// The port the app answers lifecycle hooks on (default 9000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1)]
     pub hook_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1, maximum = 3600)]
     pub ready_timeout_seconds: Option<u64>,
     /// Answer once the build has ended instead of at once.

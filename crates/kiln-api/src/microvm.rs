@@ -14,8 +14,11 @@ pub const MAX_WAIT_SECONDS: u64 = 300;
 pub struct IdlePolicy {
     /// Seconds without activity before it is suspended (API minimum 60; kilnd
     /// --min-idle-seconds may lower it).
+    #[serde(deserialize_with = "kiln_types::whole::de")]
+    #[schema(minimum = 60)]
     pub max_idle_duration_seconds: u64,
     /// Seconds it stays SUSPENDED before it is terminated.
+    #[serde(deserialize_with = "kiln_types::whole::de")]
     pub suspended_duration_seconds: u64,
     /// A request to its endpoint resumes it.
     pub auto_resume_enabled: bool,
@@ -44,7 +47,11 @@ pub struct RunMicrovmRequest {
     #[schema(max_length = 16384)]
     pub run_hook_payload: Option<String>,
     /// The microVM is terminated after this long (default and most: 8 hours).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1, maximum = 28800)]
     pub max_duration_seconds: Option<u64>,
     /// Accepted and ignored: kiln has no IAM roles.
@@ -148,7 +155,11 @@ pub struct ExecRequest {
     #[schema(min_items = 1, example = json!(["sh", "-c", "echo hello"]))]
     pub command: Vec<String>,
     /// Default 60, 1 to 3600.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1, maximum = 3600)]
     pub timeout_seconds: Option<u64>,
 }
@@ -158,7 +169,8 @@ pub struct ExecRequest {
 pub struct ExecResponse {
     pub stdout: String,
     pub stderr: String,
-    /// None when a signal ended it or it timed out.
+    /// None when a signal ended it or it timed out. A program that cannot start answers as
+    /// a shell would: 127 (not found) or 126 (not executable), the reason on stderr.
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,

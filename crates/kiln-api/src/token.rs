@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct AllowedPort {
     #[schema(minimum = 1, maximum = 65535)]
+    #[serde(deserialize_with = "kiln_types::whole::de")]
     pub port: u16,
 }
 
@@ -17,6 +18,7 @@ pub struct AllowedPort {
 pub struct CreateTokenRequest {
     pub microvm_identifier: String,
     #[schema(minimum = 1, maximum = 60)]
+    #[serde(deserialize_with = "kiln_types::whole::de")]
     pub expiration_in_minutes: u64,
     /// Default: port 8080. The lifecycle hook port is never reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -758,10 +758,7 @@ impl Manager {
             stdin: false,
             timeout_ms: Some(timeout.as_millis() as u64),
         };
-        let out = agent
-            .exec(req, None, 8 << 20)
-            .await
-            .map_err(|e| ApiError::new(kiln_api::ErrorCode::ExecFailed, error_chain(&e)));
+        let out = exec_outcome(agent.exec(req, None, 8 << 20).await);
         self.record_activity(id);
         out
     }
@@ -825,6 +822,49 @@ impl Manager {
             let _ = self.store().set_usage(id, &v);
         }
     }
+}
+
+/// An exec as the API answers it. A command that cannot start is answered as a shell would:
+/// exit code 127 (no such program) or 126 (not executable), the reason on stderr. A request
+/// the agent refuses is the caller's to fix (400); anything else is the agent's failure (502).
+fn exec_outcome(
+    out: Result<kiln_vmm::ExecOutput, kiln_vmm::AgentError>,
+) -> ApiResult<kiln_vmm::ExecOutput> {
+    use kiln_proto::ErrorKind::{InvalidRequest, NotFound, PermissionDenied};
+    let e = match out {
+        Ok(out) => return Ok(out),
+        Err(e) => e,
+    };
+    let kiln_vmm::AgentError::Guest(g) = &e else {
+        return Err(ApiError::new(
+            kiln_api::ErrorCode::ExecFailed,
+            error_chain(&e),
+        ));
+    };
+    let code = match g.kind {
+        NotFound => 127,
+        PermissionDenied => 126,
+        InvalidRequest => {
+            return Err(ApiError::bad_request(format!(
+                "the guest refused the command: {}",
+                g.message
+            )))
+        }
+        _ => {
+            return Err(ApiError::new(
+                kiln_api::ErrorCode::ExecFailed,
+                error_chain(&e),
+            ))
+        }
+    };
+    Ok(kiln_vmm::ExecOutput {
+        stdout: Vec::new(),
+        stderr: format!("kiln: {}\n", g.message).into_bytes(),
+        status: kiln_proto::ExitStatus {
+            code: Some(code),
+            ..Default::default()
+        },
+    })
 }
 
 /// The `none` connector takes the NIC away; needed after every launch and resume.

@@ -193,6 +193,20 @@ fn lifecycle_hooks_run_in_order_with_the_payload_and_terminate_leaves_nothing() 
     );
     assert_eq!(status, 200, "{out}");
     assert!(out["stdout"].as_str().unwrap().contains("kiln busybox"));
+    // A program that cannot start is answered as a shell would (127), not as kilnd's failure.
+    let (status, out) = d.post(
+        &format!("/v1/microvms/{id}/exec"),
+        json!({"command": ["/no/such/program"], "timeoutSeconds": 5.0}),
+    );
+    assert_eq!(
+        (status, out["exitCode"].as_i64()),
+        (200, Some(127)),
+        "{out}"
+    );
+    assert!(
+        out["stderr"].as_str().unwrap().contains("not found"),
+        "{out}"
+    );
 
     assert_eq!(
         d.post(&format!("/v1/microvms/{id}/suspend"), json!({})).1["state"],

@@ -6,6 +6,7 @@ mod connector;
 pub mod guest_net;
 mod state;
 mod vm_id;
+pub mod whole;
 
 pub use accel::{Accel, ParseAccelError};
 pub use connector::{Connector, Destination, NetworkCounters};

@@ -37,9 +37,10 @@ def context_tar(start: str = None) -> bytes:
 
 
 class Kilnd:
-    """kilnd with a low idle floor on a fresh home (removed by stop()) or on ``home`` (kept)."""
+    """kilnd on a fresh home (removed by stop()) or on ``home`` (kept), with a low idle
+    floor unless ``low_idle_floor`` is False (then kilnd's default: the spec's minimum)."""
 
-    def __init__(self, *extra: str, home: str = None):
+    def __init__(self, *extra: str, home: str = None, low_idle_floor: bool = True):
         self.keep = home is not None
         self.home = home or tempfile.mkdtemp(prefix="kiln-sdk-test-")
         os.makedirs(self.home, exist_ok=True)
@@ -49,7 +50,7 @@ class Kilnd:
         self.log = open(os.path.join(self.home, "kilnd.log"), "a")
         self.proc = subprocess.Popen(
             [KILND, "--home", self.home, "--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0",
-             "--min-idle-seconds", "1", "--tick-ms", "200",
+             *(("--min-idle-seconds", "1") if low_idle_floor else ()), "--tick-ms", "200",
              # Guests outlive kilnd by default; a test's go with it.
              "--on-shutdown", "terminate", *extra],
             stdout=subprocess.DEVNULL, stderr=self.log)

@@ -110,15 +110,15 @@ pub async fn get_microvm(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<GetMicrovmQuery>,
 ) -> ApiResult<Json<Microvm>> {
+    let seconds = q.timeout_seconds.unwrap_or(60);
+    if seconds > MAX_WAIT_SECONDS {
+        return Err(ApiError::bad_request(format!(
+            "timeoutSeconds is at most {MAX_WAIT_SECONDS} (got {seconds})"
+        )));
+    }
     let row = match q.wait_for {
         None => m.row(&id)?,
         Some(target) => {
-            let seconds = q.timeout_seconds.unwrap_or(60);
-            if seconds > MAX_WAIT_SECONDS {
-                return Err(ApiError::bad_request(format!(
-                    "timeoutSeconds is at most {MAX_WAIT_SECONDS} (got {seconds})"
-                )));
-            }
             m.wait_for(&id, target, Duration::from_secs(seconds))
                 .await?
         }
