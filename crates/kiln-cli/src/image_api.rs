@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use kiln_client::api::{Connector, CreateImageRequest, CreateImageResponse, Image, ImageStatus};
+use kiln_client::api::{CreateImageRequest, CreateImageResponse, Image, ImageStatus};
 use kiln_client::{Client, ClientError};
 
 use crate::remote::{print_json, Conn};
@@ -83,7 +83,7 @@ pub struct CreateArgs {
     build_args: Vec<String>,
     /// Egress connectors of the build as JSON (default: '[{"type":"internet"}]').
     #[arg(long, value_parser = crate::remote::parse_connectors)]
-    connectors: Option<Vec<Connector>>,
+    connectors: Option<crate::remote::Connectors>,
     /// Print only the result, not the build log.
     #[arg(long)]
     quiet: bool,
@@ -112,7 +112,7 @@ impl CreateArgs {
             wait_for_ready: self.no_wait_ready.then_some(false),
             validate: self.validate.then_some(true),
             build_args,
-            connectors: self.connectors.clone(),
+            connectors: self.connectors.clone().map(|c| c.0),
             ..Default::default()
         })
     }

@@ -49,7 +49,7 @@ pub enum Remote {
         max_duration: Option<u64>,
         /// Egress connectors as JSON, e.g. '[{"type":"none"}]' (default: internet).
         #[arg(long, value_parser = parse_connectors)]
-        connectors: Option<Vec<Connector>>,
+        connectors: Option<Connectors>,
         /// Wait until it is RUNNING (or TERMINATED).
         #[arg(long)]
         wait: bool,
@@ -137,9 +137,15 @@ fn log_increment<'a>(old: &str, new: &'a str) -> &'a str {
     new
 }
 
-/// Parses `--connectors`: a JSON array of connectors, checked here, not by kilnd.
-pub fn parse_connectors(text: &str) -> Result<Vec<Connector>, String> {
-    serde_json::from_str(text).map_err(|e| format!("not a JSON array of connectors: {e}"))
+/// `--connectors`: a JSON array of connectors (one flag value, so clap must not see a Vec).
+#[derive(Clone, Debug)]
+pub struct Connectors(pub Vec<Connector>);
+
+/// Parses `--connectors`, checked here, not by kilnd.
+pub fn parse_connectors(text: &str) -> Result<Connectors, String> {
+    serde_json::from_str(text)
+        .map(Connectors)
+        .map_err(|e| format!("not a JSON array of connectors: {e}"))
 }
 
 fn parse_state(text: &str) -> Result<MicrovmState, String> {
@@ -216,7 +222,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 }),
                 run_hook_payload: payload,
                 max_duration_seconds: max_duration,
-                connectors,
+                connectors: connectors.map(|c| c.0),
                 ..Default::default()
             };
             let run = c.run_microvm(&req)?;

@@ -93,10 +93,7 @@ impl Egress {
             return;
         }
         info!(id, "egress {denial}");
-        if let Err(e) = manager
-            .store()
-            .record_event(id, "egress", &denial.to_string())
-        {
+        if let Err(e) = manager.write(|s| s.record_event(id, "egress", &denial.to_string())) {
             warn!(id, "recording a denial failed: {e}");
         }
     }

@@ -8,6 +8,7 @@ use kiln_store::now_ms;
 use kiln_types::MicrovmState;
 use tracing::warn;
 
+use crate::actor::Command;
 use crate::manager::{Manager, MicrovmConfig};
 
 pub fn spawn(manager: Arc<Manager>) {
@@ -23,6 +24,7 @@ pub fn spawn(manager: Arc<Manager>) {
 }
 
 async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
+    manager.flush_activity();
     let rows = manager.store().microvms(None, None)?;
     let now = now_ms();
     for row in rows {
@@ -36,9 +38,6 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
         let Ok(config) = serde_json::from_value::<MicrovmConfig>(row.config.clone()) else {
             continue;
         };
-        if state == MicrovmState::Running && manager.reap_if_crashed(&row.id).await {
-            continue;
-        }
         let age_s = (now - row.created_at) / 1000;
         let max_idle = config.idle_policy.max_idle_duration_seconds;
         let action: Option<(&str, String)> = if manager.not_resumable(&row.id).is_some() {
@@ -54,7 +53,7 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
             ))
         } else if state == MicrovmState::Running
             && manager.open_requests(&row.id) == 0
-            && (now - row.last_activity_at) / 1000
+            && (now - manager.last_activity(&row.id, row.last_activity_at)) / 1000
                 >= config.idle_policy.max_idle_duration_seconds as i64
         {
             Some((
@@ -78,26 +77,30 @@ async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
         } else {
             None
         };
-        let slot = manager.slot(&row.id);
         match action {
+            // Metering, burst credit and a QEMU that ended on its own: the actor's tick
+            // (dropped, not queued, while it is busy with a transition).
             None => {
-                // Sample usage without waiting on a microVM that is mid-transition.
-                if let Ok(mut slot) = slot.try_lock() {
-                    manager.sample(&row.id, &mut slot, None);
-                }
+                manager.tell(&row.id, Command::Tick);
             }
             Some((what, reason)) => {
                 let (m, id) = (manager.clone(), row.id.clone());
                 tokio::spawn(async move {
-                    let result = if what == "suspend" {
+                    let command = if what == "suspend" {
                         kiln_vmm::fault::hold("idle.decided").await;
-                        m.suspend_if_idle(&id, &reason, max_idle).await
+                        // The actor checks idleness again when it takes the command.
+                        Command::Suspend {
+                            reason,
+                            if_idle_for: Some(max_idle),
+                            reply: None,
+                        }
                     } else {
-                        m.terminate(&id, &reason).await
+                        Command::Terminate {
+                            reason,
+                            reply: None,
+                        }
                     };
-                    if let Err(e) = result {
-                        tracing::debug!(id, "idle policy {what} skipped: {}", e.message);
-                    }
+                    m.tell(&id, command);
                 });
             }
         }

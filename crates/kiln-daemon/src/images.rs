@@ -16,7 +16,7 @@ pub fn sync_image(manager: &Manager, name: &str, id: &str) {
     match ImageRecord::read(&dir) {
         Ok(record) => {
             let row = to_row(&record);
-            if let Err(e) = manager.store().upsert_image(&row) {
+            if let Err(e) = manager.write(|s| s.upsert_image(&row)) {
                 warn!(id, "storing image failed: {e}");
             }
         }
@@ -47,7 +47,7 @@ pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
         created_at: kiln_store::now_ms(),
         record: serde_json::json!({"id": id, "name": spec.name, "status": "CREATING"}),
     };
-    if let Err(e) = manager.store().upsert_image(&placeholder) {
+    if let Err(e) = manager.write(|s| s.upsert_image(&placeholder)) {
         warn!(id, "storing image failed: {e}");
     }
     let (m, name, bid) = (manager.clone(), spec.name.clone(), id.clone());
@@ -58,7 +58,7 @@ pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
                 let mut row = placeholder;
                 row.status = kiln_types::ImageStatus::Failed;
                 row.reason = Some(e.to_string());
-                let _ = m.store().upsert_image(&row);
+                let _ = m.write(|s| s.upsert_image(&row));
             }
         }
     });

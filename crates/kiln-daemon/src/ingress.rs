@@ -35,9 +35,9 @@ impl IngressBackend {
     async fn running_agent(&self, id: &str) -> Result<kiln_vmm::AgentClient, BackendError> {
         let m = &self.0;
         let deadline = Instant::now() + WAIT_FOR_RUNNING;
-        // Subscribed before each look, so a change between the look and the wait wakes it.
-        let mut changes = m.changes.subscribe();
         loop {
+            // Subscribed before each look, so a change between the look and the wait wakes it.
+            let mut state = m.watch_state(id);
             if let Some(agent) = m.agents.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
                 return Ok(agent.clone());
             }
@@ -69,8 +69,14 @@ impl IngressBackend {
                     "microVM {id} did not become RUNNING within {WAIT_FOR_RUNNING:?}"
                 )));
             }
-            // Woken by the next state change (the agent is published with RUNNING).
-            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changes.changed()).await;
+            // Woken by the actor's next state change (the agent is published with RUNNING).
+            let Some(state) = state.as_mut() else {
+                return Err(BackendError::NotRunning(format!(
+                    "microVM {id} is {} and nothing is running it",
+                    row.state
+                )));
+            };
+            let _ = tokio::time::timeout(left, state.changed()).await;
         }
     }
 }

@@ -2,6 +2,7 @@
 //! ([`manager`]), the idle policy ([`idle`]), image builds ([`images`]), start-up recovery
 //! ([`recovery`]), and the API key ([`auth`]). State lives in SQLite (kiln-store).
 
+pub mod actor;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -66,14 +67,14 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         assets,
         accel: accel.accel,
         confinement,
-        slots: Mutex::new(Default::default()),
+        actors: Mutex::new(Default::default()),
         tokens: Arc::new(kiln_proxy::token::TokenService::open(
             &cfg.home.join("ingress-keys.json"),
         )?),
         inflight: Mutex::new(Default::default()),
         not_resumable: Mutex::new(Default::default()),
         admission: Mutex::new(()),
-        changes: tokio::sync::watch::channel(0).0,
+        activity: Mutex::new(Default::default()),
         agents: Mutex::new(Default::default()),
         egress: egress::Egress::new(cfg.egress.clone()),
     });
@@ -223,24 +224,21 @@ async fn shutdown(manager: &Arc<Manager>) {
 /// Lets go of every running microVM without stopping it: their runtime records are in the
 /// store, so the next kilnd takes them back. Waits for transitions in progress first.
 async fn leave_running(manager: &Arc<Manager>) {
-    let slots: Vec<_> = manager
-        .slots
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let actors: Vec<_> = manager
+        .actors_mut()
         .iter()
-        .map(|(id, slot)| (id.clone(), slot.clone()))
+        .map(|(id, h)| (id.clone(), h.tx.clone()))
         .collect();
     let mut kept = 0;
-    for (id, slot) in slots {
-        let mut slot = slot.lock().await;
-        manager.publish(&id, None);
-        if let Some(vm) = slot.vm.take() {
-            manager.sample(&id, &mut slot, Some(&vm));
-            manager.keep_runtime(&id, &vm);
-            vm.leave_running();
+    for (id, tx) in actors {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if tx.send(actor::Command::LetGo { reply }).await.is_ok() && answer.await == Ok(true) {
             kept += 1;
+        } else {
+            tracing::debug!(id, "nothing running to leave");
         }
     }
+    manager.flush_activity();
     info!(
         kept,
         "shutting down: running microVMs left running for the next kilnd"

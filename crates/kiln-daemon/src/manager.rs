@@ -1,6 +1,7 @@
-//! The microVM manager: the lifecycle state machine, hooks, and the one place where
-//! activity is recorded. Each microVM has a slot whose async lock serialises its
-//! transitions; every transition is written to the store with its reason.
+//! The microVM manager: what kilnd knows of every microVM (the store, the published agents,
+//! activity, quotas) and the door to each microVM's actor ([`crate::actor`]), which owns its
+//! processes and serialises its transitions; every transition is written to the store with
+//! its reason.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,15 +12,16 @@ use kiln_image::build::hook_get;
 use kiln_image::Builder;
 use kiln_proto::HttpRequest;
 use kiln_store::{now_ms, MicrovmRow, Store};
-use kiln_types::{Accel, MicrovmState, VmId};
+use kiln_types::{Accel, MicrovmState};
 use kiln_vmm::kiln_net::{Connector, CounterSnapshot};
-use kiln_vmm::snapshot::LaunchConfig;
-use kiln_vmm::{fault, GuestAssets, NetworkAttachment, SuspendedVm, Template, Vm};
+use kiln_vmm::{GuestAssets, NetworkAttachment, Vm};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, warn};
 
+pub use crate::actor::Slot;
+use crate::actor::{Command, Handle, Reply};
 use crate::config::{Config, DEFAULT_MAX_DURATION_SECONDS, MAX_RUN_PAYLOAD_BYTES};
 use crate::egress::{default_connectors, Egress};
 use crate::error::{ApiError, ApiResult};
@@ -44,18 +46,6 @@ pub struct MicrovmConfig {
     pub connectors: Vec<Connector>,
 }
 
-#[derive(Default)]
-pub struct Slot {
-    pub vm: Option<Vm>,
-    pub suspended: Option<SuspendedVm>,
-    pub last_sample_ms: i64,
-    /// Burst credit (jailed microVMs), and the cgroup it was last read from.
-    pub cpu: Option<crate::cpu::CpuCredit>,
-    pub cpu_cgroup: Option<PathBuf>,
-    /// The cgroup's count of throttled periods at the last tick.
-    pub cpu_throttled: Option<u64>,
-}
-
 pub struct Manager {
     pub cfg: Config,
     pub store: Mutex<Store>,
@@ -64,7 +54,8 @@ pub struct Manager {
     pub accel: Accel,
     /// Every microVM's jail (or `--no-jail`).
     pub confinement: kiln_vmm::Confinement,
-    pub slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// The actor of every microVM that is not TERMINATED.
+    pub actors: Mutex<HashMap<String, Handle>>,
     pub tokens: Arc<kiln_proxy::token::TokenService>,
     /// Open ingress requests and streams per microVM.
     pub inflight: Mutex<HashMap<String, usize>>,
@@ -75,8 +66,9 @@ pub struct Manager {
     /// Held while a new microVM or build is counted against its quota and recorded, so two
     /// requests at once cannot both take the last place.
     pub admission: Mutex<()>,
-    /// Bumped at every state change: what `waitFor` waits on instead of polling.
-    pub changes: tokio::sync::watch::Sender<u64>,
+    /// When each microVM last had activity (Unix ms), counted here and written to the store
+    /// by [`Manager::flush_activity`] every tick: a proxied request costs no database write.
+    pub activity: Mutex<HashMap<String, i64>>,
     /// The agent of each RUNNING microVM that no transition holds: exec, logs and the
     /// ingress read it here, so they never wait behind a launch, suspend or resume.
     pub agents: Mutex<HashMap<String, kiln_vmm::AgentClient>>,
@@ -111,17 +103,23 @@ impl Manager {
         }
     }
 
+    /// The store, for reads (WAL: no fsync, microseconds). Writes go through
+    /// [`Manager::write`].
     pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+    /// A store write (a transaction, an fsync) off the async workers: on tokio's
+    /// multi-threaded runtime the worker hands its other tasks to another thread for the
+    /// write's duration, so no request waits behind an fsync it did not ask for.
+    pub fn write<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_worker {
+            tokio::task::block_in_place(|| f(&self.store()))
+        } else {
+            f(&self.store())
+        }
     }
 
     pub fn microvm_dir(&self, id: &str) -> PathBuf {
@@ -165,10 +163,39 @@ impl Manager {
             .unwrap_or(0)
     }
 
-    /// The one place activity is recorded (proxied requests, open streams, exec sessions).
+    /// The one place activity is recorded (proxied requests, open streams, exec sessions):
+    /// in memory, flushed to the store every tick.
     pub fn record_activity(&self, id: &str) {
-        if let Err(e) = self.store().touch(id, now_ms()) {
-            warn!(id, "recording activity failed: {e}");
+        let mut activity = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        let at = activity.entry(id.to_string()).or_default();
+        *at = (*at).max(now_ms());
+    }
+
+    /// A microVM's last activity: the newer of the store's and what is not flushed yet.
+    pub fn last_activity(&self, id: &str, stored: i64) -> i64 {
+        let activity = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        activity.get(id).map_or(stored, |&at| at.max(stored))
+    }
+
+    /// Writes the activity counted since the last flush, in one transaction.
+    pub fn flush_activity(&self) {
+        let pending: Vec<(String, i64)> = self
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        if let Err(e) = self.write(|s| s.touch_many(&pending)) {
+            warn!("recording activity failed: {e}");
+            // Kept for the next flush rather than lost.
+            let mut activity = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, at) in pending {
+                let kept = activity.entry(id).or_default();
+                *kept = (*kept).max(at);
+            }
         }
     }
 
@@ -178,21 +205,111 @@ impl Manager {
         map.get(id).cloned()
     }
 
+    /// A microVM's row, with its unflushed activity.
     pub fn row(&self, id: &str) -> ApiResult<MicrovmRow> {
-        self.store()
+        let mut row = self
+            .store()
             .microvm(id)?
-            .ok_or_else(|| ApiError::not_found("microVM", id))
+            .ok_or_else(|| ApiError::not_found("microVM", id))?;
+        row.last_activity_at = self.last_activity(id, row.last_activity_at);
+        Ok(row)
+    }
+
+    pub(crate) fn actors_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `command` to microVM `id`'s actor; false when it has none (TERMINATED).
+    pub fn tell(&self, id: &str, command: Command) -> bool {
+        let tx = self.actors_mut().get(id).map(|h| h.tx.clone());
+        match tx {
+            // Fire-and-forget commands never wait: a full queue drops them (the next tick
+            // or idle pass sends them again).
+            Some(tx) => tx.try_send(command).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends a command that answers and waits for the answer. A microVM without an actor
+    /// is TERMINATED (or unknown): the answer says so.
+    async fn ask<T>(
+        &self,
+        id: &str,
+        what: &str,
+        command: impl FnOnce(Reply<T>) -> Command,
+    ) -> ApiResult<T> {
+        let tx = self.actors_mut().get(id).map(|h| h.tx.clone());
+        let gone = || match self.row(id) {
+            Ok(row) => ApiError::conflict(format!("microVM {id} is {}; {what}", row.state)),
+            Err(e) => e,
+        };
+        let Some(tx) = tx else {
+            return Err(gone());
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if tx.send(command(reply)).await.is_err() {
+            return Err(gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    pub async fn suspend(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        self.ask(id, "only a RUNNING microVM can be suspended", |reply| {
+            Command::Suspend {
+                reason: reason.to_string(),
+                if_idle_for: None,
+                reply: Some(reply),
+            }
+        })
+        .await
+    }
+
+    pub async fn resume(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        self.ask(id, "only a SUSPENDED microVM can be resumed", |reply| {
+            Command::Resume {
+                reason: reason.to_string(),
+                reply: Some(reply),
+            }
+        })
+        .await
+    }
+
+    pub async fn terminate(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
+        self.ask(id, "it is already TERMINATED", |reply| Command::Terminate {
+            reason: reason.to_string(),
+            reply: Some(reply),
+        })
+        .await
+    }
+
+    /// A standalone copy of a SUSPENDED microVM's disk, already unlinked.
+    pub async fn export_disk(&self, id: &str) -> ApiResult<(tokio::fs::File, u64)> {
+        self.ask(
+            id,
+            "its disk can be downloaded while it is SUSPENDED",
+            |reply| Command::ExportDisk { reply },
+        )
+        .await
     }
 
     pub(crate) fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) {
         if to == MicrovmState::Terminated {
             self.forget_runtime(id);
         }
-        if let Err(e) = self.store().set_state(id, to, reason) {
+        if let Err(e) = self.write(|s| s.set_state(id, to, reason)) {
             warn!(id, "recording state {to} failed: {e}");
+            return;
         }
         info!(id, state = %to, reason = reason.unwrap_or(""), "microVM state");
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(h) = self.actors_mut().get(id) {
+            h.state.send_replace(to);
+        }
+    }
+
+    /// The state of microVM `id` as its actor publishes it (None: it has no actor, so it is
+    /// TERMINATED or unknown).
+    pub fn watch_state(&self, id: &str) -> Option<tokio::sync::watch::Receiver<MicrovmState>> {
+        self.actors_mut().get(id).map(|h| h.state.subscribe())
     }
 
     /// Makes a RUNNING microVM's agent reachable for reads, or (None) withdraws it when a
@@ -206,27 +323,20 @@ impl Manager {
     }
 
     /// The microVM once it is in `target` (or TERMINATED, which it never leaves), or as it is
-    /// when `timeout` has passed: woken by each state change, never polling.
+    /// when `timeout` has passed: woken by its actor's state changes, never polling.
     pub async fn wait_for(
         &self,
         id: &str,
         target: MicrovmState,
         timeout: Duration,
     ) -> ApiResult<MicrovmRow> {
-        // Subscribed before the first read, so no change between the two is missed.
-        let mut changes = self.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let row = self.row(id)?;
-            let state = row.state;
-            if state == target || state == MicrovmState::Terminated {
-                return Ok(row);
-            }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return Ok(row),
-            }
-        }
+        // Subscribed before the first look, so no change between the two is missed.
+        let Some(mut state) = self.watch_state(id) else {
+            return self.row(id);
+        };
+        let reached = |s: &MicrovmState| *s == target || *s == MicrovmState::Terminated;
+        let _ = tokio::time::timeout(timeout, state.wait_for(reached)).await;
+        self.row(id)
     }
 
     /// RunMicrovm: records PENDING and launches in the background.
@@ -307,106 +417,18 @@ impl Manager {
             config: serde_json::to_value(&config).map_err(ApiError::internal)?,
             usage: serde_json::to_value(Usage::default()).map_err(ApiError::internal)?,
         };
-        self.store().insert_microvm(&row)?;
-        let (this, id) = (self.clone(), row.id.clone());
-        let network = self.network_of(&id, &config, CounterSnapshot::default())?;
-        let slot = self.slot(&id);
-        let span = info_span!("microvm", id = %id);
-        tokio::spawn(
-            async move {
-                let mut slot = slot.lock().await;
-                this.launch(&id, &config, payload, network, &mut slot).await;
-            }
-            .instrument(span),
+        let network = self.network_of(&row.id, &config, CounterSnapshot::default())?;
+        self.write(|s| s.insert_microvm(&row))?;
+        crate::actor::spawn(self, &row.id, MicrovmState::Pending, Slot::default());
+        self.tell(
+            &row.id,
+            Command::Launch {
+                config: Box::new(config),
+                payload,
+                network,
+            },
         );
         Ok(row)
-    }
-
-    async fn launch(
-        &self,
-        id: &str,
-        config: &MicrovmConfig,
-        payload: Option<String>,
-        network: NetworkAttachment,
-        slot: &mut Slot,
-    ) {
-        let vm_id = match VmId::new(id) {
-            Ok(v) => v,
-            Err(e) => return self.set_state(id, MicrovmState::Terminated, Some(&e.to_string())),
-        };
-        let launched = async {
-            let template = Template::open(&config.template)?;
-            // The record is durable before the guest runs: a crash from here on is found.
-            let before_run: kiln_vmm::BeforeRun = Box::new(|record| {
-                self.keep_record(id, record);
-                fault::point("launch.before-run");
-            });
-            let vm = template
-                .launch_with(
-                    LaunchConfig {
-                        id: vm_id,
-                        dir: self.microvm_dir(id),
-                        machine: None,
-                        assets: self.assets.clone(),
-                        timeout: Duration::from_secs(60),
-                        // Guests outlive kilnd: a restart takes them back (recovery).
-                        die_with_parent: false,
-                        network,
-                        confinement: self.confinement_of(config),
-                    },
-                    Some(before_run),
-                )
-                .await?;
-            if let Err(e) = apply_no_network(config, &vm).await {
-                let _ = vm.destroy().await;
-                return Err(e);
-            }
-            Ok::<_, kiln_vmm::VmError>(vm)
-        }
-        .await;
-        let vm = match launched {
-            Ok(vm) => vm,
-            Err(e) => {
-                return self.set_state(
-                    id,
-                    MicrovmState::Terminated,
-                    Some(&format!("launch failed: {e}")),
-                )
-            }
-        };
-        fault::point("launch.started");
-        slot.cpu = Some(crate::cpu::CpuCredit::new(
-            Self::baseline_of(config),
-            self.cfg.cpu_credit_max_seconds,
-        ));
-        slot.cpu_cgroup = None;
-        if config.hooks_enabled {
-            if let Err(why) = self
-                .hook(
-                    &vm,
-                    config.hook_port,
-                    "/run",
-                    payload.unwrap_or_default().into_bytes(),
-                )
-                .await
-            {
-                let _ = vm.destroy().await;
-                let _ = std::fs::remove_dir_all(self.microvm_dir(id));
-                return self.set_state(
-                    id,
-                    MicrovmState::Terminated,
-                    Some(&format!("run hook failed: {why}")),
-                );
-            }
-        }
-        fault::point("launch.hooked");
-        let agent = vm.agent().clone();
-        slot.vm = Some(vm);
-        slot.last_sample_ms = now_ms();
-        self.record_activity(id);
-        // Published first: whoever the state change wakes finds the agent.
-        self.publish(id, Some(agent));
-        self.set_state(id, MicrovmState::Running, None);
     }
 
     /// The network a microVM's NIC leads to, from its connectors.
@@ -446,7 +468,7 @@ impl Manager {
         let record = serde_json::to_value(record);
         let kept = record
             .map_err(kiln_store::StoreError::from)
-            .and_then(|r| self.store().set_runtime(id, Some(&r)));
+            .and_then(|r| self.write(|s| s.set_runtime(id, Some(&r))));
         if let Err(e) = kept {
             warn!(id, "keeping the microVM's runtime record failed: {e}");
         }
@@ -454,13 +476,13 @@ impl Manager {
 
     /// Forgets the runtime record once no process of the microVM runs.
     pub fn forget_runtime(&self, id: &str) {
-        if let Err(e) = self.store().set_runtime(id, None) {
+        if let Err(e) = self.write(|s| s.set_runtime(id, None)) {
             warn!(id, "forgetting the microVM's runtime record failed: {e}");
         }
     }
 
     /// POSTs to a lifecycle hook; Err carries a one-line reason.
-    async fn hook(&self, vm: &Vm, port: u16, path: &str, body: Vec<u8>) -> Result<(), String> {
+    pub async fn hook(&self, vm: &Vm, port: u16, path: &str, body: Vec<u8>) -> Result<(), String> {
         let req = HttpRequest {
             method: "POST".into(),
             headers: vec![("content-type".into(), "application/json".into())],
@@ -477,235 +499,6 @@ impl Manager {
 
     pub fn config_of(row: &MicrovmRow) -> ApiResult<MicrovmConfig> {
         serde_json::from_value(row.config.clone()).map_err(ApiError::internal)
-    }
-
-    pub async fn suspend(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
-        self.suspend_unless(id, reason, None).await
-    }
-
-    /// The idle policy's suspend: idleness is checked again once the microVM is held, so a
-    /// request that came in after the decision keeps it running.
-    pub async fn suspend_if_idle(
-        &self,
-        id: &str,
-        reason: &str,
-        max_idle_seconds: u64,
-    ) -> ApiResult<MicrovmRow> {
-        self.suspend_unless(id, reason, Some(max_idle_seconds))
-            .await
-    }
-
-    async fn suspend_unless(
-        &self,
-        id: &str,
-        reason: &str,
-        if_idle_for: Option<u64>,
-    ) -> ApiResult<MicrovmRow> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
-        let row = self.row(id)?;
-        let state = row.state;
-        if state != MicrovmState::Running {
-            return Err(ApiError::conflict(format!(
-                "microVM {id} is {state}; only a RUNNING microVM can be suspended"
-            )));
-        }
-        if let Some(max_idle) = if_idle_for {
-            let idle_ms = now_ms() - row.last_activity_at;
-            if self.open_requests(id) > 0 || idle_ms < (max_idle as i64) * 1000 {
-                info!(id, "no longer idle: the idle suspend is dropped");
-                return Ok(row);
-            }
-        }
-        self.publish(id, None);
-        let config = Self::config_of(&row)?;
-        let vm = slot
-            .vm
-            .take()
-            .ok_or_else(|| ApiError::internal("running microVM has no process"))?;
-        let mut note = reason.to_string();
-        if config.hooks_enabled {
-            if let Err(why) = self
-                .hook(&vm, config.hook_port, "/suspend", Vec::new())
-                .await
-            {
-                note = format!("{reason}; suspend hook failed: {why}");
-            }
-        }
-        fault::point("suspend.hooked");
-        self.sample(id, &mut slot, Some(&vm));
-        match vm.suspend().await {
-            Ok(suspended) => {
-                fault::point("suspend.saved");
-                self.forget_runtime(id);
-                slot.suspended = Some(suspended);
-                self.set_state(id, MicrovmState::Suspended, Some(&note));
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(self.microvm_dir(id));
-                self.set_state(
-                    id,
-                    MicrovmState::Terminated,
-                    Some(&format!("suspend failed: {e}")),
-                );
-            }
-        }
-        self.row(id)
-    }
-
-    pub async fn resume(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
-        let row = self.row(id)?;
-        let state = row.state;
-        if state != MicrovmState::Suspended {
-            return Err(ApiError::conflict(format!(
-                "microVM {id} is {state}; only a SUSPENDED microVM can be resumed"
-            )));
-        }
-        if let Some(why) = self.not_resumable(id) {
-            return Err(ApiError::conflict(not_resumable_message(id, &why)));
-        }
-        let config = Self::config_of(&row)?;
-        self.sample(id, &mut slot, None);
-        let suspended = slot
-            .suspended
-            .take()
-            .ok_or_else(|| ApiError::internal("suspended microVM has no state"))?;
-        self.set_state(id, MicrovmState::Resuming, Some(reason));
-        // The record is durable before the guest runs again; the snapshot goes once it runs.
-        let before_run: kiln_vmm::BeforeRun = Box::new(|record| {
-            self.keep_record(id, record);
-            fault::point("resume.before-run");
-        });
-        match suspended
-            .resume_with(Duration::from_secs(60), Some(before_run))
-            .await
-        {
-            Ok(vm) => {
-                vm.forget_suspended_state();
-                fault::point("resume.started");
-                if let Err(e) = apply_no_network(&config, &vm).await {
-                    warn!(id, "taking the NIC away again after resume failed: {e}");
-                }
-                if config.hooks_enabled {
-                    if let Err(why) = self
-                        .hook(&vm, config.hook_port, "/resume", Vec::new())
-                        .await
-                    {
-                        warn!(id, "resume hook failed: {why}");
-                    }
-                }
-                let agent = vm.agent().clone();
-                slot.vm = Some(vm);
-                slot.last_sample_ms = now_ms();
-                self.record_activity(id);
-                self.publish(id, Some(agent));
-                self.set_state(id, MicrovmState::Running, Some(reason));
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(self.microvm_dir(id));
-                self.set_state(
-                    id,
-                    MicrovmState::Terminated,
-                    Some(&format!("resume failed: {e}")),
-                );
-            }
-        }
-        self.row(id)
-    }
-
-    /// A standalone copy of a SUSPENDED microVM's disk (overlay and backing chain in one
-    /// qcow2), already unlinked: it is gone once the caller drops the file.
-    pub async fn export_disk(&self, id: &str) -> ApiResult<(tokio::fs::File, u64)> {
-        let slot = self.slot(id);
-        let _slot = slot.lock().await;
-        let row = self.row(id)?;
-        let state = row.state;
-        if state != MicrovmState::Suspended {
-            return Err(ApiError::conflict(format!(
-                "microVM {id} is {state}: its disk can be downloaded while it is SUSPENDED \
-                 (suspend it first)"
-            )));
-        }
-        let dir = self.microvm_dir(id);
-        let out = dir.join(format!("export-{}.qcow2", now_ms()));
-        kiln_vmm::disk::flatten(&dir.join("disk.qcow2"), &out)
-            .await
-            .map_err(|e| ApiError::internal(error_chain(&e)))?;
-        let opened = tokio::fs::File::open(&out).await;
-        let _ = std::fs::remove_file(&out);
-        let file = opened.map_err(ApiError::internal)?;
-        let bytes = file.metadata().await.map_err(ApiError::internal)?.len();
-        Ok((file, bytes))
-    }
-
-    pub async fn terminate(&self, id: &str, reason: &str) -> ApiResult<MicrovmRow> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
-        let row = self.row(id)?;
-        let state = row.state;
-        if state == MicrovmState::Terminated {
-            return Err(ApiError::conflict(format!(
-                "microVM {id} is already TERMINATED"
-            )));
-        }
-        let config = Self::config_of(&row)?;
-        self.publish(id, None);
-        if let Some(vm) = slot.vm.take() {
-            if config.hooks_enabled {
-                if let Err(why) = self
-                    .hook(&vm, config.hook_port, "/terminate", Vec::new())
-                    .await
-                {
-                    warn!(id, "terminate hook failed: {why}");
-                }
-            }
-            self.sample(id, &mut slot, Some(&vm));
-            let _ = vm.destroy().await;
-            fault::point("terminate.killed");
-        }
-        if let Some(s) = slot.suspended.take() {
-            let _ = s.discard();
-        }
-        self.finish_termination(id, slot, reason);
-        self.row(id)
-    }
-
-    /// The end of every termination: the microVM's files, its state, tokens, egress state
-    /// and slot.
-    fn finish_termination(&self, id: &str, slot: tokio::sync::MutexGuard<'_, Slot>, reason: &str) {
-        let _ = std::fs::remove_dir_all(self.microvm_dir(id));
-        let _ = std::fs::remove_file(self.net_control(id));
-        self.set_state(id, MicrovmState::Terminated, Some(reason));
-        self.tokens.revoke_microvm(id);
-        self.egress.forget(id);
-        drop(slot);
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-
-    /// A RUNNING microVM whose QEMU ended on its own (a crash; the OOM killer at its jail's
-    /// memory limit) becomes TERMINATED with how QEMU ended and its console tail; its files,
-    /// tokens and egress state go. Returns whether it had ended.
-    pub async fn reap_if_crashed(&self, id: &str) -> bool {
-        let slot = self.slot(id);
-        let Ok(mut slot) = slot.try_lock() else {
-            return false;
-        };
-        let Some(report) = slot.vm.as_ref().and_then(|vm| vm.crash()) else {
-            return false;
-        };
-        warn!(id, "QEMU ended on its own: {report}");
-        self.publish(id, None);
-        if let Some(vm) = slot.vm.take() {
-            self.sample(id, &mut slot, Some(&vm));
-            let _ = vm.destroy().await;
-        }
-        self.finish_termination(id, slot, &report.to_string());
-        true
     }
 
     /// The agent of a RUNNING microVM; `what` names the request in the conflict message.
@@ -762,66 +555,6 @@ impl Manager {
         self.record_activity(id);
         out
     }
-
-    /// Adds the time since the last sample to the microVM's usage.
-    pub fn sample(&self, id: &str, slot: &mut Slot, running: Option<&Vm>) {
-        let now = now_ms();
-        let elapsed = (now - slot.last_sample_ms.max(0)).max(0) as f64 / 1000.0;
-        slot.last_sample_ms = now;
-        let Ok(Some(row)) = self.store().microvm(id) else {
-            return;
-        };
-        let mut usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
-        let config = Self::config_of(&row);
-        let vcpus = config.as_ref().map(|c| c.vcpus).unwrap_or(1) as f64;
-        let vm = running.or(slot.vm.as_ref());
-        if let Some(vm) = vm {
-            usage.running_seconds += elapsed;
-            match (vm.jail(), slot.cpu.as_mut()) {
-                // Jailed: usage from the cgroup, and the burst quota set from the credit.
-                (Some(jail), Some(credit)) => {
-                    let cgroups = &jail.cgroups;
-                    if slot.cpu_cgroup.as_deref() != Some(cgroups.cpuacct.dir.as_path()) {
-                        credit.restart();
-                        slot.cpu_cgroup = Some(cgroups.cpuacct.dir.clone());
-                        slot.cpu_throttled = None;
-                    }
-                    if let Some(now) = cgroups.cpu_seconds() {
-                        let throttled = cgroups.nr_throttled().unwrap_or(0);
-                        let was = slot.cpu_throttled.replace(throttled);
-                        let tick = credit.tick(now, elapsed, was.is_some_and(|w| throttled > w));
-                        usage.cpu_seconds += tick.used;
-                        usage.cpu_seconds_above_baseline += tick.above;
-                        let quota = kiln_jail::spec::quota_for(tick.quota_cpus);
-                        if cgroups.cpu_quota_us() != Some(quota) {
-                            if let Err(e) =
-                                cgroups.set_cpu_quota(quota, kiln_jail::spec::CPU_PERIOD_US)
-                            {
-                                tracing::warn!(id, "setting the CPU quota: {e}");
-                            }
-                        }
-                    }
-                    usage.cpu_baseline = credit.baseline;
-                    usage.cpu_credit_seconds = credit.credit;
-                }
-                _ => {
-                    if let Some(cpu) = process_cpu_seconds(vm.qemu_pid()) {
-                        usage.cpu_seconds = cpu.max(usage.cpu_seconds);
-                    }
-                    usage.cpu_seconds_above_baseline =
-                        (usage.cpu_seconds - usage.running_seconds * vcpus).max(0.0);
-                }
-            }
-        } else if let Some(s) = &slot.suspended {
-            usage.suspended_snapshot_byte_seconds += s.state_bytes() as f64 * elapsed;
-        }
-        if let Some(network) = self.egress.counters(id) {
-            usage.network = network;
-        }
-        if let Ok(v) = serde_json::to_value(&usage) {
-            let _ = self.store().set_usage(id, &v);
-        }
-    }
 }
 
 /// An exec as the API answers it. A command that cannot start is answered as a shell would:
@@ -865,28 +598,6 @@ fn exec_outcome(
             ..Default::default()
         },
     })
-}
-
-/// The `none` connector takes the NIC away; needed after every launch and resume.
-async fn apply_no_network(config: &MicrovmConfig, vm: &Vm) -> Result<(), kiln_vmm::VmError> {
-    if config.connectors.contains(&Connector::None) {
-        vm.detach_nic().await?;
-    }
-    Ok(())
-}
-
-/// User + system CPU time of a process, from /proc.
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    Some((utime + stime) / hz)
 }
 
 /// What a client is told when it asks to resume a microVM this host cannot restore.

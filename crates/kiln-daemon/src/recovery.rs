@@ -15,7 +15,7 @@ use kiln_vmm::{AdoptConfig, SuspendedVm, Template, Vm, VmRecord};
 use tracing::{info, warn};
 
 use crate::images::sync_image;
-use crate::manager::{Manager, MicrovmConfig, Usage};
+use crate::manager::{Manager, MicrovmConfig, Slot, Usage};
 
 pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     for id in manager.builder.recover_interrupted()? {
@@ -33,11 +33,14 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     check_images(manager)?;
     // Bind the rows first: the store's guard must not live across the loop's own writes.
     let rows = manager.store().microvms(None, None)?;
+    // Running microVMs are taken back at once (each waits on its own QMP and agent).
+    let mut adoptions = tokio::task::JoinSet::new();
     for row in rows {
         match row.state {
             MicrovmState::Terminated => {}
-            MicrovmState::Suspended => {
-                if let Err(e) = reopen_suspended(manager, &row) {
+            MicrovmState::Suspended => match reopen_suspended(manager, &row) {
+                Ok(s) => keep_suspended(manager, &row.id, MicrovmState::Suspended, s),
+                Err(e) => {
                     warn!(id = row.id, "suspended state unusable: {e}");
                     let _ = std::fs::remove_dir_all(manager.microvm_dir(&row.id));
                     manager.set_state(
@@ -46,9 +49,10 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                         Some(&format!("suspended state lost while kilnd was down: {e}")),
                     );
                 }
-            }
+            },
             MicrovmState::Running | MicrovmState::Resuming => {
-                readopt(manager, &row, row.state).await
+                let manager = manager.clone();
+                adoptions.spawn(async move { readopt(&manager, &row, row.state).await });
             }
             MicrovmState::Pending => {
                 // A launch is rolled back: its template is untouched, its guest never served.
@@ -62,11 +66,26 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
             }
         }
     }
+    adoptions.join_all().await;
     Ok(())
 }
 
-/// Puts a SUSPENDED microVM's state back in its slot, flagging one this host cannot resume.
-fn reopen_suspended(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow) -> anyhow::Result<()> {
+/// A SUSPENDED microVM's actor, owning its snapshot.
+fn keep_suspended(manager: &Arc<Manager>, id: &str, state: MicrovmState, s: SuspendedVm) {
+    let slot = Slot {
+        suspended: Some(s),
+        last_sample_ms: now_ms(),
+        ..Slot::default()
+    };
+    crate::actor::spawn(manager, id, state, slot);
+    info!(id, "suspended microVM re-adopted");
+}
+
+/// Opens a SUSPENDED microVM's snapshot again, flagging one this host cannot resume.
+pub fn reopen_suspended(
+    manager: &Arc<Manager>,
+    row: &kiln_store::MicrovmRow,
+) -> anyhow::Result<SuspendedVm> {
     let id = VmId::new(&row.id)?;
     let dir = manager.microvm_dir(&row.id);
     let mut s = SuspendedVm::open(id, &dir, manager.assets.clone(), false, manager.confinement)?;
@@ -88,9 +107,7 @@ fn reopen_suspended(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow) -> any
             .unwrap_or_else(|p| p.into_inner())
             .insert(row.id.clone(), mismatch.to_string());
     }
-    manager.slot(&row.id).try_lock()?.suspended = Some(s);
-    info!(id = row.id, "suspended microVM re-adopted");
-    Ok(())
+    Ok(s)
 }
 
 /// Kills what is left of a microVM's processes and releases their jails.
@@ -126,7 +143,7 @@ async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow, state: Mi
         Ok(vm) => {
             // A half-written suspend, or the state a finished resume came from.
             vm.forget_suspended_state();
-            install(manager, row, vm);
+            install(manager, row, vm, state);
             if state == MicrovmState::Resuming {
                 manager.set_state(
                     id,
@@ -140,7 +157,7 @@ async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow, state: Mi
     };
     end_leftovers(manager, id).await;
     manager.forget_runtime(id);
-    if reopen_suspended(manager, row).is_ok() {
+    if let Ok(s) = reopen_suspended(manager, row) {
         let reason = match state {
             MicrovmState::Resuming => {
                 "kilnd restarted during a resume that had not started the guest; the \
@@ -149,6 +166,7 @@ async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow, state: Mi
             _ => "kilnd restarted during a suspend that had saved the state",
         };
         warn!(id, "{reason} ({why})");
+        keep_suspended(manager, id, state, s);
         manager.set_state(id, MicrovmState::Suspended, Some(reason));
         return;
     }
@@ -157,24 +175,24 @@ async fn readopt(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow, state: Mi
     manager.set_state(id, MicrovmState::Terminated, Some(&why));
 }
 
-/// A taken-back microVM's slot: its VM, a fresh burst credit, metering from now.
-fn install(manager: &Manager, row: &kiln_store::MicrovmRow, vm: Vm) {
+/// A taken-back microVM's actor: its VM, a fresh burst credit, metering from now.
+fn install(manager: &Arc<Manager>, row: &kiln_store::MicrovmRow, vm: Vm, state: MicrovmState) {
     let id = row.id.as_str();
     let config: Option<MicrovmConfig> = serde_json::from_value(row.config.clone()).ok();
-    let slot = manager.slot(id);
-    let Ok(mut slot) = slot.try_lock() else {
-        return;
-    };
-    if let Some(config) = &config {
-        slot.cpu = Some(crate::cpu::CpuCredit::new(
+    let cpu = config.as_ref().map(|config| {
+        crate::cpu::CpuCredit::new(
             Manager::baseline_of(config),
             manager.cfg.cpu_credit_max_seconds,
-        ));
-    }
-    slot.cpu_cgroup = None;
-    slot.last_sample_ms = now_ms();
+        )
+    });
     manager.publish(id, Some(vm.agent().clone()));
-    slot.vm = Some(vm);
+    let slot = Slot {
+        vm: Some(vm),
+        last_sample_ms: now_ms(),
+        cpu,
+        ..Slot::default()
+    };
+    crate::actor::spawn(manager, id, state, slot);
     if let Err(e) =
         manager
             .store()

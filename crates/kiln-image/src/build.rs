@@ -325,19 +325,20 @@ impl Builder {
             request: spec.request.clone(),
         };
         record.write(&dir)?;
+        kiln_vmm::fault::point("bake.started");
         let span = info_span!("build", image = %spec.name, id = %id);
         let outcome = self
             .run(&spec, &dir, &log, &mut record)
             .instrument(span)
             .await;
         record.finished_unix = Some(now());
+        let succeeded = outcome.is_ok();
         match outcome {
             Ok(template) => {
+                kiln_vmm::fault::point("bake.baked");
                 record.status = ImageStatus::Successful;
                 record.template = Some(template);
                 log.line(&format!("Image {id} is ready"));
-                std::fs::write(self.images_dir.join(&spec.name).join("current"), &id)
-                    .map_err(io(&dir))?;
             }
             Err(e) => {
                 log.line(&format!("Build failed: {e}"));
@@ -349,6 +350,13 @@ impl Builder {
         }
         log.finish();
         record.write(&dir)?;
+        if succeeded {
+            // Named current only once its record says SUCCESSFUL: a crash between the two
+            // leaves the previous build current, never a name pointing at a failed one.
+            kiln_vmm::fault::point("bake.recorded");
+            std::fs::write(self.images_dir.join(&spec.name).join("current"), &id)
+                .map_err(io(&dir))?;
+        }
         self.settle_layers(&dir);
         let _ = std::fs::remove_file(&lock_path);
         Ok(record)

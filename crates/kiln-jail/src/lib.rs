@@ -245,15 +245,52 @@ impl std::os::fd::AsRawFd for ProcessHandle {
 /// When process `pid` started (field 22 of `/proc/<pid>/stat`), to tell it from a later
 /// process with the same pid.
 pub fn process_start_time(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)?.parse().ok()
+}
+
+/// User + system CPU time of a process, in seconds, from `/proc/<pid>/stat`.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(pid)?;
+    let utime: f64 = fields.get(14 - 3)?.parse().ok()?;
+    let stime: f64 = fields.get(15 - 3)?.parse().ok()?;
+    Some((utime + stime) / sys::clock_ticks() as f64)
+}
+
+/// Field `n` (1-based, as proc(5) numbers them; 3 or more) of `/proc/<pid>/stat`.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    stat_fields(pid)?.into_iter().nth(n.checked_sub(3)?)
+}
+
+/// The fields of `/proc/<pid>/stat` from the third (state) on. The command name (field 2)
+/// may hold spaces and parentheses, so the fields are those after its last ')'.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields after its last ')'.
+    parse_stat(&stat)
+}
+
+fn parse_stat(stat: &str) -> Option<Vec<String>> {
     let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(19)?.parse().ok()
+    Some(after.split_whitespace().map(String::from).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        // A command name with spaces and parentheses does not shift the fields.
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 1 0 7777 0 0";
+        let f = parse_stat(stat).unwrap();
+        assert_eq!(f[0], "S");
+        assert_eq!(f[14 - 3], "250");
+        assert_eq!(f[15 - 3], "50");
+        assert_eq!(f[22 - 3], "7777");
+        assert!(parse_stat("no parenthesis").is_none());
+        let me = std::process::id();
+        assert!(process_start_time(me).is_some());
+        assert!(process_cpu_seconds(me).is_some());
+    }
 
     #[test]
     fn the_first_line_is_the_report_or_the_reason() {

@@ -53,6 +53,13 @@ pub fn unlock_byte(file: &std::fs::File, slot: u32) -> io::Result<()> {
 }
 
 /// Changes the owner of `path` itself (never a symlink's target).
+/// Clock ticks per second (the unit of CPU times in /proc), 100 when it cannot be read.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf takes a constant and reads only system configuration.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+}
+
 pub fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     let p = cstr(path)?;
     // SAFETY: `p` is a valid NUL-terminated path for the call's duration.

@@ -173,6 +173,8 @@ impl TokenService {
             path: path.to_path_buf(),
             source,
         };
+        // A rotation that was interrupted before its rename left the old file whole.
+        let _ = std::fs::remove_file(path.with_extension("tmp"));
         let file = match std::fs::read(path) {
             Ok(bytes) => {
                 let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
@@ -203,7 +205,10 @@ impl TokenService {
         Ok(service)
     }
 
-    fn save(&self, file: &KeyFile) -> Result<(), KeyError> {
+    /// Writes the key file whole (temporary, fsync, rename), calling `step` after the new
+    /// file is durable (`rotate.written`) and after it replaced the old one
+    /// (`rotate.renamed`).
+    fn save(&self, file: &KeyFile, step: &dyn Fn(&str)) -> Result<(), KeyError> {
         let io = |source| KeyError::Io {
             path: self.path.clone(),
             source,
@@ -219,28 +224,42 @@ impl TokenService {
         let json = serde_json::to_vec_pretty(file).map_err(|e| io(std::io::Error::other(e)))?;
         f.write_all(&json).map_err(io)?;
         f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        step("rotate.written");
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        step("rotate.renamed");
+        Ok(())
     }
 
     /// Makes a new current key; older keys keep verifying until their tokens expire.
     pub fn rotate(&self) -> Result<String, KeyError> {
+        self.rotate_with(&|_| {})
+    }
+
+    /// [`TokenService::rotate`], calling `step` at each named step of writing the key file
+    /// (the fault-injection suite stops kilnd there). The old file stays whole until the
+    /// new one, complete and synced, replaces it, and the key in memory changes only then.
+    pub fn rotate_with(&self, step: &dyn Fn(&str)) -> Result<String, KeyError> {
         let mut file = self.keys.write().unwrap_or_else(|p| p.into_inner());
         let now = now_secs();
-        for k in file.keys.iter_mut().filter(|k| k.retired.is_none()) {
+        let mut next = KeyFile {
+            keys: file.keys.clone(),
+        };
+        for k in next.keys.iter_mut().filter(|k| k.retired.is_none()) {
             k.retired = Some(now);
         }
-        file.keys.retain(|k| {
+        next.keys.retain(|k| {
             k.retired
                 .is_none_or(|r| r + MAX_EXPIRATION_MINUTES * 60 > now)
         });
         let kid = format!("k{}", B64.encode(random_bytes::<6>()));
-        file.keys.push(StoredKey {
+        next.keys.push(StoredKey {
             kid: kid.clone(),
             key: B64.encode(random_bytes::<32>()),
             created: now,
             retired: None,
         });
-        self.save(&file)?;
+        self.save(&next, step)?;
+        *file = next;
         Ok(kid)
     }
 

@@ -421,6 +421,21 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::touch`] for many microVMs in one transaction (activity counted in memory).
+    pub fn touch_many(&self, activity: &[(String, i64)]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE microvms SET last_activity_at = MAX(last_activity_at, ?2) WHERE id = ?1",
+            )?;
+            for (id, at) in activity {
+                stmt.execute(params![id, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_usage(&self, id: &str, usage: &serde_json::Value) -> Result<()> {
         self.conn.execute(
             "UPDATE microvms SET usage = ?2 WHERE id = ?1",

@@ -184,3 +184,17 @@ fn a_runtime_record_is_kept_until_forgotten_and_old_databases_gain_the_column() 
     assert_eq!(store.runtime("a").unwrap(), None);
     assert_eq!(store.runtime("missing").unwrap(), None);
 }
+
+#[test]
+fn activity_is_written_in_one_transaction_and_never_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+    store.insert_microvm(&vm("a", "img-1")).unwrap();
+    store.insert_microvm(&vm("b", "img-1")).unwrap();
+    store
+        .touch_many(&[("a".into(), 50), ("b".into(), 70), ("nope".into(), 9)])
+        .unwrap();
+    store.touch_many(&[("a".into(), 20)]).unwrap();
+    assert_eq!(store.microvm("a").unwrap().unwrap().last_activity_at, 50);
+    assert_eq!(store.microvm("b").unwrap().unwrap().last_activity_at, 70);
+}

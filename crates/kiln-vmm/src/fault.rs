@@ -8,7 +8,9 @@
 //!
 //! Steps: `launch.before-run`, `launch.started`, `launch.hooked`, `suspend.hooked`,
 //! `suspend.saving`, `suspend.saved`, `resume.before-run`, `resume.started`,
-//! `terminate.killed`.
+//! `terminate.killed`; image bakes (kiln-image): `bake.started`, `bake.baked`,
+//! `bake.recorded`; key rotation (kiln-proxy, through `rotate_with`): `rotate.written`,
+//! `rotate.renamed`.
 
 /// The variable that names the steps to die at.
 pub const FAULT_AT: &str = "KILN_FAULT_AT";

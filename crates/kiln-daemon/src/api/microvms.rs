@@ -31,7 +31,7 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         state_reason: row.state_reason.clone(),
         endpoint: m.endpoint(&row.id),
         created_at: row.created_at / 1000,
-        last_activity_at: row.last_activity_at / 1000,
+        last_activity_at: m.last_activity(&row.id, row.last_activity_at) / 1000,
         idle_policy: config
             .as_ref()
             .map(|c| c.idle_policy.clone())

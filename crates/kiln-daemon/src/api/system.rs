@@ -327,6 +327,9 @@ pub async fn revoke_microvm_tokens(
     )
 )]
 pub async fn rotate_token_key(State(m): State<Arc<Manager>>) -> ApiResult<Json<RotateKeyResponse>> {
-    let key_id = m.tokens.rotate().map_err(ApiError::internal)?;
+    let key_id = m
+        .tokens
+        .rotate_with(&kiln_vmm::fault::point)
+        .map_err(ApiError::internal)?;
     Ok(Json(RotateKeyResponse { key_id }))
 }
