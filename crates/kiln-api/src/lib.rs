@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod fuzzing;
 mod image;
 mod microvm;
 mod system;

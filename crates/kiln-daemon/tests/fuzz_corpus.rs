@@ -22,6 +22,8 @@ const TARGETS: &[(&str, Entry)] = &[
     ("context_zip", kiln_image::fuzzing::context_zip),
     ("token", kiln_proxy::fuzzing::token),
     ("host", kiln_proxy::fuzzing::host),
+    ("rest_body", kiln_api::fuzzing::rest_body),
+    ("qmp", kiln_vmm::fuzzing::qmp),
 ];
 
 fn fuzz_dir() -> std::path::PathBuf {

@@ -18,6 +18,7 @@ pub mod base_template;
 pub mod confine;
 pub mod disk;
 pub mod fault;
+pub mod fuzzing;
 pub mod machine;
 pub mod manifest;
 pub mod netproc;

@@ -84,29 +84,22 @@ impl Qmp {
         };
         tokio::spawn(async move {
             while let Ok(Some(msg)) = read_line(&mut reader).await {
-                if msg.get("event").is_some() {
-                    debug!(event = %msg["event"], "qmp event");
-                    let _ = events.send(msg);
-                    continue;
+                match classify(msg) {
+                    Incoming::Event(msg) => {
+                        debug!(event = %msg["event"], "qmp event");
+                        let _ = events.send(msg);
+                    }
+                    Incoming::Answer(id, result) => {
+                        let waiter = pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(result);
+                        }
+                    }
+                    Incoming::Other => {}
                 }
-                let Some(id) = msg.get("id").and_then(Value::as_u64) else {
-                    continue;
-                };
-                let Some(tx) = pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id)
-                else {
-                    continue;
-                };
-                let result = match msg.get("error") {
-                    Some(err) => Err((
-                        err["class"].as_str().unwrap_or("Error").to_string(),
-                        err["desc"].as_str().unwrap_or("").to_string(),
-                    )),
-                    None => Ok(msg.get("return").cloned().unwrap_or(Value::Null)),
-                };
-                let _ = tx.send(result);
             }
             // Closed: fail every waiter.
             pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -164,6 +157,43 @@ impl Qmp {
     }
 }
 
+/// What one QMP message is.
+pub(crate) enum Incoming {
+    Event(Value),
+    /// The answer to command `id`: its `return`, or its error's class and description.
+    Answer(u64, Result<Value, (String, String)>),
+    /// Anything else (no id, not an object): ignored.
+    Other,
+}
+
+pub(crate) fn classify(msg: Value) -> Incoming {
+    if msg.get("event").is_some() {
+        return Incoming::Event(msg);
+    }
+    let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+        return Incoming::Other;
+    };
+    let result = match msg.get("error") {
+        Some(err) => Err((
+            err["class"].as_str().unwrap_or("Error").to_string(),
+            err["desc"].as_str().unwrap_or("").to_string(),
+        )),
+        None => Ok(msg.get("return").cloned().unwrap_or(Value::Null)),
+    };
+    Incoming::Answer(id, result)
+}
+
+/// Each line of `data` as the reader takes it (bounded, JSON, classified): for the fuzz
+/// target. Returns how many lines were messages.
+pub fn parse_lines(data: &[u8]) -> usize {
+    data.split(|b| *b == b'\n')
+        .filter(|line| line.len() < MAX_LINE)
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .map(classify)
+        .filter(|m| !matches!(m, Incoming::Other))
+        .count()
+}
+
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
 ) -> Result<Option<Value>, QmpError> {
@@ -189,3 +219,40 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_events_answers_or_ignored() {
+        let lines = concat!(
+            r#"{"event":"STOP","data":{}}"#,
+            "\n",
+            r#"{"return":{"status":"running"},"id":7}"#,
+            "\n",
+            r#"{"error":{"class":"GenericError","desc":"no"},"id":8}"#,
+            "\n",
+            r#"{"id":-1}"#,
+            "\n",
+            "[1,2]\nnot json\n"
+        );
+        assert_eq!(parse_lines(lines.as_bytes()), 3);
+        let Incoming::Answer(8, Err((class, desc))) = classify(
+            serde_json::from_str(r#"{"error":{"class":"GenericError","desc":"no"},"id":8}"#)
+                .unwrap(),
+        ) else {
+            panic!("an error answer")
+        };
+        assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "no"));
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_is_an_error_not_unbounded_memory() {
+        let long = vec![b'a'; MAX_LINE + 10];
+        let mut reader = BufReader::new(&long[..]);
+        assert!(read_line(&mut reader).await.is_err());
+        let mut reader = BufReader::new(&b"{\"QMP\":{}}\n"[..]);
+        assert!(read_line(&mut reader).await.unwrap().is_some());
+    }
+}
