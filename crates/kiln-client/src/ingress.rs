@@ -36,7 +36,7 @@ fn ingress_error(endpoint: &str, detail: impl std::fmt::Display) -> ClientError 
     }
 }
 
-fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();

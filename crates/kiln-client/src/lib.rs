@@ -63,6 +63,23 @@ impl ClientError {
 pub struct Client {
     endpoint: String,
     key: String,
+    agent: ureq::Agent,
+}
+
+/// The agent every call goes through: the system's roots, plus the CA in `KILN_API_CA`
+/// when the API's certificate comes from a private one (kilnd --api-tls-cert).
+fn agent() -> Result<ureq::Agent, ClientError> {
+    let mut builder = ureq::AgentBuilder::new();
+    if let Some(path) = std::env::var_os("KILN_API_CA") {
+        let path = PathBuf::from(path);
+        let bad = |detail: String| ClientError::Unreachable {
+            endpoint: format!("(KILN_API_CA={})", path.display()),
+            detail,
+        };
+        let pem = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        builder = builder.tls_config(ingress::tls_config(&pem).map_err(bad)?);
+    }
+    Ok(builder.build())
 }
 
 fn home() -> PathBuf {
@@ -77,9 +94,13 @@ pub fn endpoint_from_env(endpoint: Option<String>) -> String {
     endpoint
         .or_else(|| std::env::var("KILN_ENDPOINT").ok())
         .or_else(|| {
+            // "host:port", or with its scheme when kilnd serves the API over TLS.
             std::fs::read_to_string(home().join("kilnd.addr"))
                 .ok()
-                .map(|a| format!("http://{}", a.trim()))
+                .map(|a| match a.trim() {
+                    a if a.contains("://") => a.to_string(),
+                    a => format!("http://{a}"),
+                })
         })
         .unwrap_or_else(|| "http://127.0.0.1:7070".into())
         .trim_end_matches('/')
@@ -89,7 +110,14 @@ pub fn endpoint_from_env(endpoint: Option<String>) -> String {
 /// kilnd's unauthenticated health endpoint, with a short timeout: for `kiln doctor`, which
 /// must not hang on a dead address.
 pub fn health(endpoint: &str, timeout: Duration) -> Result<Health, ClientError> {
-    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let mut builder = ureq::AgentBuilder::new().timeout(timeout);
+    if let Some(pem) = std::env::var_os("KILN_API_CA").and_then(|p| std::fs::read_to_string(p).ok())
+    {
+        if let Ok(tls) = ingress::tls_config(&pem) {
+            builder = builder.tls_config(tls);
+        }
+    }
+    let agent = builder.build();
     let unreachable = |detail: String| ClientError::Unreachable {
         endpoint: endpoint.to_string(),
         detail,
@@ -113,6 +141,7 @@ impl Client {
         Ok(Client {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             key,
+            agent: agent()?,
         })
     }
 
@@ -122,7 +151,8 @@ impl Client {
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        ureq::request(method, &format!("{}{path}", self.endpoint))
+        self.agent
+            .request(method, &format!("{}{path}", self.endpoint))
             .set("Authorization", &format!("Bearer {}", self.key))
     }
 

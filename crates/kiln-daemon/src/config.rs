@@ -50,6 +50,9 @@ pub struct Config {
     pub max_concurrent_builds: usize,
     /// Largest build context upload, in bytes.
     pub max_artifact_bytes: u64,
+    /// PEM certificate chain and key: the API speaks HTTPS when both are set.
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
 }
 
 /// Default of `--max-artifact-mib`.

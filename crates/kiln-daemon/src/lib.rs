@@ -14,6 +14,7 @@ pub mod images;
 pub mod ingress;
 pub mod manager;
 pub mod recovery;
+mod serve_tls;
 pub mod tls;
 
 use std::sync::{Arc, Mutex};
@@ -101,9 +102,20 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     // ingress first, then the API, each whole or not at all (a reader never sees half).
     info!(ingress = %ingress_addr, "ingress ready");
     write_whole(&cfg.home.join("kilnd.ingress"), &ingress_addr.to_string())?;
+    let api_tls = match (&cfg.api_tls_cert, &cfg.api_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            kiln_proxy::server::tls_acceptor(cert, key)
+                .map_err(anyhow::Error::msg)
+                .context("API TLS")?,
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("--api-tls-cert and --api-tls-key go together"),
+    };
+    // Clients read the scheme here too (`https://` when the API speaks TLS).
+    let scheme = if api_tls.is_some() { "https://" } else { "" };
     write_whole(
         &cfg.home.join("kilnd.addr"),
-        &listener.local_addr()?.to_string(),
+        &format!("{scheme}{}", listener.local_addr()?),
     )?;
     let proxy_cfg = kiln_proxy::server::ProxyConfig {
         domain: cfg.ingress_domain.clone(),
@@ -129,9 +141,14 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     ));
     let app = api::router(manager.clone(), Arc::new(key));
     let signals = shutdown_signals()?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signals)
-        .await?;
+    match api_tls {
+        Some(acceptor) => serve_tls::serve(listener, acceptor, app, signals).await,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signals)
+                .await?
+        }
+    }
     shutdown(&manager).await;
     Ok(())
 }

@@ -23,9 +23,20 @@ struct Args {
     /// Address of the REST API. Loopback only unless --allow-remote.
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Allow a non-loopback --listen address.
+    /// Allow a non-loopback --listen address (the API then needs --api-tls-cert and
+    /// --api-tls-key, or --insecure-http).
     #[arg(long)]
     allow_remote: bool,
+    /// PEM certificate chain for HTTPS on the REST API (with --api-tls-key).
+    #[arg(long, requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS on the REST API.
+    #[arg(long, requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+    /// Serve a non-loopback API over plain HTTP: the API key then crosses the network in
+    /// clear text. Only on a network you trust.
+    #[arg(long, conflicts_with = "api_tls_cert")]
+    insecure_http: bool,
     /// Run every QEMU unjailed, as this process, in the host's namespaces. Development and
     /// benchmarks only: a guest that escapes QEMU then owns the host.
     #[arg(long)]
@@ -111,6 +122,36 @@ fn operator_config(
     }
 }
 
+/// The API leaves loopback only when the operator says so, and then only over TLS unless
+/// they also accept plain HTTP in so many words.
+fn check_api_exposure(args: &Args) -> anyhow::Result<()> {
+    if args.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !args.allow_remote {
+        anyhow::bail!(
+            "--listen {} is not a loopback address: pass --allow-remote to expose the API",
+            args.listen
+        );
+    }
+    if args.api_tls_cert.is_none() && !args.insecure_http {
+        anyhow::bail!(
+            "--listen {} exposes the API to the network, and its key would cross it in clear \
+             text: give the API a certificate (--api-tls-cert and --api-tls-key), or, on a \
+             network you trust, pass --insecure-http",
+            args.listen
+        );
+    }
+    if args.insecure_http {
+        tracing::warn!(
+            listen = %args.listen,
+            "--insecure-http: the API is served over plain HTTP off loopback; its key crosses \
+             the network in clear text"
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -124,12 +165,7 @@ fn main() -> anyhow::Result<()> {
             args.ingress_listen
         );
     }
-    if !args.listen.ip().is_loopback() && !args.allow_remote {
-        anyhow::bail!(
-            "--listen {} is not a loopback address: pass --allow-remote to expose the API",
-            args.listen
-        );
-    }
+    check_api_exposure(&args)?;
     let (ingress_tls_cert, ingress_tls_key) = if args.ingress_tls_self_signed {
         let (cert, key) = kiln_daemon::tls::ensure(&args.home, &args.ingress_domain)?;
         (Some(cert), Some(key))
@@ -157,6 +193,8 @@ fn main() -> anyhow::Result<()> {
         max_microvms: args.max_microvms,
         max_concurrent_builds: args.max_concurrent_builds,
         max_artifact_bytes: args.max_artifact_mib << 20,
+        api_tls_cert: args.api_tls_cert,
+        api_tls_key: args.api_tls_key,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -65,7 +66,12 @@ class Client:
             endpoint = os.environ.get("KILN_ENDPOINT")
         if endpoint is None:
             addr = os.path.join(home, "kilnd.addr")
-            endpoint = "http://" + open(addr).read().strip() if os.path.exists(addr) else "http://127.0.0.1:7070"
+            if os.path.exists(addr):
+                # "host:port", or with its scheme when kilnd serves the API over TLS.
+                text = open(addr).read().strip()
+                endpoint = text if "://" in text else "http://" + text
+            else:
+                endpoint = "http://127.0.0.1:7070"
         if api_key is None:
             api_key = os.environ.get("KILN_API_KEY")
         if api_key is None:
@@ -73,6 +79,9 @@ class Client:
                 api_key = f.read().strip()
         self.endpoint = endpoint.rstrip("/")
         self._key = api_key
+        # An API certificate from a private CA (kilnd --api-tls-cert): KILN_API_CA names it.
+        ca = os.environ.get("KILN_API_CA")
+        self._ssl = ssl.create_default_context(cafile=ca) if ca else None
         self.timeout = timeout
         self._ingress: Optional[dict] = None
         if route_endpoints:
@@ -86,7 +95,7 @@ class Client:
         if data is not None:
             req.add_header("Content-Type", ctype)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as resp:
                 text = resp.read()
         except urllib.error.HTTPError as e:
             raise _error(e) from None
@@ -149,7 +158,7 @@ class Client:
         req = urllib.request.Request(self.endpoint + path)
         req.add_header("Authorization", f"Bearer {self._key}")
         try:
-            resp = urllib.request.urlopen(req, timeout=None if follow else self.timeout)
+            resp = urllib.request.urlopen(req, timeout=None if follow else self.timeout, context=self._ssl)
         except urllib.error.HTTPError as e:
             raise _error(e) from None
         with resp:

@@ -59,7 +59,8 @@ class Kilnd:
             assert self.proc.poll() is None, open(os.path.join(self.home, "kilnd.log")).read()
             assert time.time() < deadline, "kilnd did not start"
             time.sleep(0.05)
-        self.api = "http://" + open(os.path.join(self.home, "kilnd.addr")).read().strip()
+        addr = open(os.path.join(self.home, "kilnd.addr")).read().strip()
+        self.api = addr if "://" in addr else "http://" + addr
         self.ingress = open(os.path.join(self.home, "kilnd.ingress")).read().strip()
 
     def stop(self):
