@@ -50,13 +50,28 @@ pub fn load_or_create(home: &Path) -> std::io::Result<String> {
             let mut bytes = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut bytes);
             let key = hex::encode(bytes);
+            // Whole or not at all: written and synced beside it (0600 from the start), then
+            // linked into place, which fails if another kilnd made one meanwhile.
+            let tmp = home.join(format!(".{KEY_FILE}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)?;
+                .open(&tmp)?;
             writeln!(f, "{key}")?;
-            Ok(key)
+            f.sync_all()?;
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    std::fs::File::open(home)?.sync_all()?;
+                    Ok(key)
+                }
+                // Another kilnd won: its key is the key.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create(home),
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e),
     }
