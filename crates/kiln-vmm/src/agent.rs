@@ -68,6 +68,10 @@ pub enum ExecEvent {
 
 /// How much longer than a guest-enforced timeout the host waits before giving up itself.
 const HOST_GRACE: Duration = Duration::from_secs(5);
+/// Longest the host waits for a guest's answer to a request that does no work of its own
+/// (Started, Connected, the app's state or logs): a guest that never answers costs a
+/// request this long, never a task forever.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first hello waits for its answer before it is sent again (see `connect`).
 const FIRST_HELLO_WAIT: Duration = Duration::from_secs(2);
 
@@ -150,6 +154,17 @@ impl AgentClient {
         Ok(stream)
     }
 
+    /// [`AgentClient::recv`] under [`REPLY_TIMEOUT`].
+    async fn recv_within(
+        &self,
+        stream: &mut FramedStream<Stream>,
+        what: &'static str,
+    ) -> Result<GuestFrame, AgentError> {
+        tokio::time::timeout(REPLY_TIMEOUT, self.recv(stream, what))
+            .await
+            .map_err(|_| AgentError::Timeout(REPLY_TIMEOUT))?
+    }
+
     /// Receives the next guest frame; a malformed or oversized one aborts the session.
     async fn recv(
         &self,
@@ -199,7 +214,7 @@ impl AgentClient {
     /// Opens a stream for an Exec or Shell request and waits for `Started`.
     async fn start_process(&self, request: Request) -> Result<ExecStream, AgentError> {
         let mut stream = self.open(&request).await?;
-        match self.recv(&mut stream, "waiting for Started").await? {
+        match self.recv_within(&mut stream, "waiting for Started").await? {
             GuestFrame::Started { pid } => Ok(ExecStream {
                 client: self.clone(),
                 stream,
@@ -222,8 +237,27 @@ impl AgentClient {
         self.start_process(Request::Shell(req)).await
     }
 
-    /// Runs a process to completion and collects at most `max_output` bytes of output.
+    /// Runs a process to completion and collects at most `max_output` bytes of output. With
+    /// a timeout in the request, the host gives up [`HOST_GRACE`] after it (the agent kills
+    /// the process at the timeout; one that never says so does not hold the host).
     pub async fn exec(
+        &self,
+        req: ExecRequest,
+        stdin: Option<&[u8]>,
+        max_output: usize,
+    ) -> Result<ExecOutput, AgentError> {
+        match req.timeout_ms {
+            Some(ms) => {
+                let deadline = Duration::from_millis(ms) + HOST_GRACE;
+                tokio::time::timeout(deadline, self.exec_unbounded(req, stdin, max_output))
+                    .await
+                    .map_err(|_| AgentError::Timeout(deadline))?
+            }
+            None => self.exec_unbounded(req, stdin, max_output).await,
+        }
+    }
+
+    async fn exec_unbounded(
         &self,
         req: ExecRequest,
         stdin: Option<&[u8]>,
@@ -362,7 +396,7 @@ impl AgentClient {
     /// Opens a raw byte stream to a TCP port on the guest's loopback.
     pub async fn connect_port(&self, port: u16) -> Result<Rewind<Stream>, AgentError> {
         let mut s = self.open(&Request::Connect { port }).await?;
-        match self.recv(&mut s, "waiting for Connected").await? {
+        match self.recv_within(&mut s, "waiting for Connected").await? {
             GuestFrame::Connected => Ok(s.into_raw()),
             other => Err(self.unexpected(&other, "Connected")),
         }
@@ -378,7 +412,10 @@ impl AgentClient {
 
     pub async fn app_status(&self) -> Result<AppState, AgentError> {
         let mut s = self.open(&Request::AppStatus).await?;
-        match self.recv(&mut s, "waiting for the app state").await? {
+        match self
+            .recv_within(&mut s, "waiting for the app state")
+            .await?
+        {
             GuestFrame::App(state) => Ok(state),
             other => Err(self.unexpected(&other, "App")),
         }
@@ -386,7 +423,7 @@ impl AgentClient {
 
     pub async fn app_logs(&self, max_bytes: u32) -> Result<Vec<u8>, AgentError> {
         let mut s = self.open(&Request::AppLogs { max_bytes }).await?;
-        match self.recv(&mut s, "waiting for the app logs").await? {
+        match self.recv_within(&mut s, "waiting for the app logs").await? {
             GuestFrame::Logs(l) if l.len() <= max_bytes as usize => Ok(l.into_vec()),
             GuestFrame::Logs(l) => {
                 Err(self.violation(format!("sent {} bytes of logs, {max_bytes} asked", l.len())))

@@ -168,3 +168,37 @@ async fn an_undecodable_frame_aborts_the_session() {
     assert!(matches!(err, AgentError::Protocol(_)), "{err}");
     assert_aborted(&client).await;
 }
+
+#[tokio::test]
+async fn a_guest_that_never_answers_costs_a_bounded_wait_not_a_task_forever() {
+    // Takes every request and says nothing, holding the stream open.
+    let client = hostile_agent(|framed| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(framed);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let exec = kiln_proto::ExecRequest {
+        timeout_ms: Some(200),
+        ..kiln_proto::ExecRequest::shell("sleep 1")
+    };
+    let (exec, logs, port) = tokio::join!(
+        client.exec(exec, None, 1024),
+        client.app_logs(1024),
+        client.connect_port(8080),
+    );
+    assert!(matches!(exec, Err(AgentError::Timeout(_))), "{exec:?}");
+    assert!(matches!(logs, Err(AgentError::Timeout(_))), "{logs:?}");
+    assert!(
+        matches!(port, Err(AgentError::Timeout(_))),
+        "{:?}",
+        port.err()
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited <= kiln_vmm::agent::REPLY_TIMEOUT + Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // Waiting gave up on the requests, not the session.
+    assert!(client.ended().is_none(), "{:?}", client.ended());
+}
