@@ -23,8 +23,11 @@ use tracing::{warn, Instrument};
 use crate::confine::Confinement;
 use crate::process::{self, ProcessError, ProcessRecord, Program, Supervisor};
 
+/// The network backend's program name.
+pub(crate) const NET_BACKEND_NAME: &str = "kiln-net-backend";
+
 pub(crate) const NET_BACKEND: Program = Program {
-    name: "kiln-net-backend",
+    name: NET_BACKEND_NAME,
     hint: "build it: cargo build -p kiln-net; or set KILN_NET_BACKEND",
 };
 

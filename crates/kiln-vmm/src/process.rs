@@ -63,6 +63,8 @@ pub(crate) const QEMU: Program = Program {
 /// How QEMU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitInfo {
+    /// Which program, as users know it ("QEMU", "the network backend").
+    pub program: &'static str,
     pub code: Option<i32>,
     pub signal: Option<i32>,
     /// The kernel's OOM killer ended it: its jail's memory limit was reached.
@@ -72,6 +74,7 @@ pub struct ExitInfo {
 impl ExitInfo {
     fn unknown() -> ExitInfo {
         ExitInfo {
+            program: "QEMU",
             code: None,
             signal: None,
             oom_killed: false,
@@ -79,17 +82,28 @@ impl ExitInfo {
     }
 }
 
+/// A supervised program's name as users know it.
+fn shown_name(what: &'static str) -> &'static str {
+    match what {
+        n if n == QEMU.name => "QEMU",
+        n if n == crate::netproc::NET_BACKEND_NAME => "the network backend",
+        other => other,
+    }
+}
+
 impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let program = self.program;
         if self.oom_killed {
-            return f.write_str(
-                "out of memory: QEMU reached its jail's memory limit and the kernel killed it",
+            return write!(
+                f,
+                "out of memory: {program} reached its jail's memory limit and the kernel killed it"
             );
         }
         match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "QEMU exited with code {code}"),
-            (None, Some(sig)) => write!(f, "QEMU was killed by signal {sig}"),
-            (None, None) => write!(f, "QEMU ended for an unknown reason"),
+            (Some(code), _) => write!(f, "{program} exited with code {code}"),
+            (None, Some(sig)) => write!(f, "{program} was killed by signal {sig}"),
+            (None, None) => write!(f, "{program} ended for an unknown reason"),
         }
     }
 }
@@ -262,6 +276,7 @@ impl Supervisor {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
                     ExitInfo {
+                        program: shown_name(what),
                         code: s.code(),
                         signal: s.signal(),
                         oom_killed: false,
@@ -371,6 +386,7 @@ async fn ended(
     what: &'static str,
     exit_tx: watch::Sender<Option<ExitInfo>>,
 ) {
+    info.program = shown_name(what);
     if let Some(cgroups) = cgroups {
         info.oom_killed = cgroups.oom_kills() > 0;
         release_jail(&cgroups, owned_dirs).await;
@@ -689,6 +705,29 @@ pub(crate) async fn capture_stderr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_names_the_program_that_ended() {
+        let backend = ExitInfo {
+            program: shown_name(crate::netproc::NET_BACKEND_NAME),
+            code: None,
+            signal: Some(9),
+            oom_killed: false,
+        };
+        assert_eq!(
+            backend.to_string(),
+            "the network backend was killed by signal 9"
+        );
+        let qemu = ExitInfo {
+            program: shown_name(QEMU.name),
+            oom_killed: true,
+            ..backend
+        };
+        assert!(
+            qemu.to_string().starts_with("out of memory: QEMU reached"),
+            "{qemu}"
+        );
+    }
 
     #[test]
     fn links_planted_in_a_vm_directory_are_never_followed() {
