@@ -47,17 +47,34 @@ impl AgentState {
     }
 }
 
+/// The newest protocol generation this agent offers: its own, unless the kernel command
+/// line says `kiln.agent_generation=N` (an agent that acts as an older one, so tests prove
+/// a newer host still serves the guests an older kiln started).
+fn generation_cap() -> u16 {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cap = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kiln.agent_generation="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(kiln_proto::GENERATION_CURRENT);
+    if cap < kiln_proto::GENERATION_CURRENT {
+        tracing::warn!(cap, "offering protocol generations only up to {cap}");
+    }
+    cap
+}
+
 /// Serves one host session after another, forever.
 pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
     let mut quiet_failures = 0u32;
+    let max_generation = generation_cap();
     loop {
-        let result = handshake::server(port.session_handle(), |nonce, generation| HelloAck {
+        let ack = |nonce, generation| HelloAck {
             nonce,
             generation,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             sessions: state.sessions.fetch_add(1, Ordering::Relaxed) + 1,
-        })
-        .await;
+        };
+        let result = handshake::server_up_to(port.session_handle(), ack, max_generation).await;
         match result {
             Ok((hello, generation, io)) => {
                 quiet_failures = 0;

@@ -13,7 +13,7 @@ use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{decode, encode, FrameError};
-use crate::generation::{negotiate, GENERATION_CURRENT, GENERATION_MIN};
+use crate::generation::{negotiate_up_to, GENERATION_CURRENT, GENERATION_MIN};
 use crate::rewind::Rewind;
 
 /// Marks a host hello.
@@ -212,9 +212,19 @@ pub async fn client<S: AsyncRead + AsyncWrite + Unpin>(
 /// Agent side: reads a hello, validates it and answers. `make_ack` builds the answer for
 /// the negotiated generation. Returns the hello so the agent can apply entropy and time.
 pub async fn server<S: AsyncRead + AsyncWrite + Unpin>(
-    mut io: S,
+    io: S,
     make_ack: impl FnOnce(u64, u16) -> HelloAck,
 ) -> Result<(Hello, u16, Rewind<S>), HandshakeError> {
+    server_up_to(io, make_ack, GENERATION_CURRENT).await
+}
+
+/// [`server`] for an agent that speaks generations only up to `max_generation`.
+pub async fn server_up_to<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    make_ack: impl FnOnce(u64, u16) -> HelloAck,
+    max_generation: u16,
+) -> Result<(Hello, u16, Rewind<S>), HandshakeError> {
+    let agent_max = max_generation.clamp(GENERATION_MIN, GENERATION_CURRENT);
     let mut buf = BytesMut::new();
     let hello: Hello = read_marked(
         &mut io,
@@ -226,18 +236,19 @@ pub async fn server<S: AsyncRead + AsyncWrite + Unpin>(
     if hello.entropy.len() != ENTROPY_LEN {
         return Err(HandshakeError::BadEntropy(hello.entropy.len()));
     }
-    let Some(generation) = negotiate(hello.min_generation, hello.max_generation) else {
+    let Some(generation) = negotiate_up_to(hello.min_generation, hello.max_generation, agent_max)
+    else {
         let reject = HelloReply::Reject {
             nonce: hello.nonce,
             agent_min: GENERATION_MIN,
-            agent_max: GENERATION_CURRENT,
+            agent_max,
         };
         write_marked(&mut io, &REPLY_MAGIC, &reject).await?;
         return Err(HandshakeError::NoCommonGeneration {
             host_min: hello.min_generation,
             host_max: hello.max_generation,
             agent_min: GENERATION_MIN,
-            agent_max: GENERATION_CURRENT,
+            agent_max,
         });
     };
     write_marked(

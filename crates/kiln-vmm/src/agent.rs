@@ -165,6 +165,11 @@ impl AgentClient {
             .map_err(|_| AgentError::Timeout(REPLY_TIMEOUT))?
     }
 
+    /// The protocol generation this session speaks (the lower of the host's and the agent's).
+    pub fn generation(&self) -> u16 {
+        self.session.generation()
+    }
+
     /// Receives the next guest frame; a malformed or oversized one aborts the session.
     async fn recv(
         &self,

@@ -190,6 +190,12 @@ pub struct Vm {
 impl Vm {
     /// Cold boot from a base disk: the slow path, used to build templates.
     pub async fn boot(cfg: BootConfig) -> Result<Vm, VmError> {
+        Self::boot_with_cmdline(cfg, "").await
+    }
+
+    /// [`Vm::boot`] with `extra` appended to the kernel command line (tests: e.g.
+    /// `kiln.agent_generation=1`, an agent that acts as an older one).
+    pub async fn boot_with_cmdline(cfg: BootConfig, extra: &str) -> Result<Vm, VmError> {
         let span = info_span!("vm", id = %cfg.id);
         async {
             let started = Instant::now();
@@ -203,7 +209,12 @@ impl Vm {
                     id: cfg.id.clone(),
                     memory: MemoryBacking::SharedFile(paths.memory()),
                     paths: paths.clone(),
-                    kernel_cmdline: crate::machine::kernel_cmdline(cfg.machine.accel),
+                    kernel_cmdline: format!(
+                        "{} {extra}",
+                        crate::machine::kernel_cmdline(cfg.machine.accel)
+                    )
+                    .trim_end()
+                    .to_string(),
                     machine: cfg.machine,
                     assets: cfg.assets,
                     disk: top,
