@@ -271,6 +271,12 @@ impl Actor {
                 return Ok(row);
             }
         }
+        // Its memory goes to disk: refused, and left running, when that would fill the disk
+        // (a save that fails half way would cost the microVM).
+        if let Some(vm) = self.slot.vm.as_ref() {
+            let memory = u64::from(vm.machine().memory_mib) << 20;
+            m.check_disk("not suspended, it keeps running", memory)?;
+        }
         m.publish(id, None);
         let config = Manager::config_of(&row)?;
         let vm = self

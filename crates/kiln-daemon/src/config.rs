@@ -50,10 +50,16 @@ pub struct Config {
     pub max_concurrent_builds: usize,
     /// Largest build context upload, in bytes.
     pub max_artifact_bytes: u64,
+    /// Free space kept on KILN_HOME's disk: new microVMs, builds, uploads and suspends that
+    /// would go below it are refused (429) and what runs keeps running.
+    pub min_free_disk_bytes: u64,
     /// PEM certificate chain and key: the API speaks HTTPS when both are set.
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,
 }
+
+/// Default of `--min-free-disk-mib`.
+pub const DEFAULT_MIN_FREE_DISK_MIB: u64 = 1024;
 
 /// Default of `--max-artifact-mib`.
 pub const DEFAULT_MAX_ARTIFACT_MIB: u64 = 512;

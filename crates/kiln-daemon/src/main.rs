@@ -70,6 +70,10 @@ struct Args {
     /// Largest build context upload, in MiB (POST /v1/artifacts answers 413 beyond).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_ARTIFACT_MIB, value_parser = clap::value_parser!(u64).range(1..=16384))]
     max_artifact_mib: u64,
+    /// Free space to keep on KILN_HOME's disk, in MiB: RunMicrovm, CreateMicrovmImage,
+    /// uploads and suspends that would go below it answer 429 (what runs keeps running).
+    #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MIN_FREE_DISK_MIB, value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+    min_free_disk_mib: u64,
     /// What SIGTERM does with running microVMs: leave them running for the next kilnd
     /// (keep), suspend them to disk, or terminate them.
     #[arg(long, value_enum, default_value = "keep")]
@@ -193,6 +197,7 @@ fn main() -> anyhow::Result<()> {
         max_microvms: args.max_microvms,
         max_concurrent_builds: args.max_concurrent_builds,
         max_artifact_bytes: args.max_artifact_mib << 20,
+        min_free_disk_bytes: args.min_free_disk_mib << 20,
         api_tls_cert: args.api_tls_cert,
         api_tls_key: args.api_tls_key,
     };

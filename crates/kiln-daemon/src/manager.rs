@@ -153,6 +153,37 @@ impl Manager {
         self.record_activity(id);
     }
 
+    /// Free bytes on KILN_HOME's disk (None when it cannot be read: then nothing is refused
+    /// for it).
+    pub fn free_disk_bytes(&self) -> Option<u64> {
+        let fs = nix::sys::statvfs::statvfs(&self.cfg.home).ok()?;
+        Some(fs.blocks_available().saturating_mul(fs.fragment_size()))
+    }
+
+    /// Refuses (429) what would take KILN_HOME's disk below `--min-free-disk-mib` once
+    /// `needs` more bytes are written; `what` says what was refused.
+    pub fn check_disk(&self, what: &str, needs: u64) -> ApiResult<()> {
+        let Some(free) = self.free_disk_bytes() else {
+            return Ok(());
+        };
+        let floor = self.cfg.min_free_disk_bytes;
+        if free >= floor.saturating_add(needs) {
+            return Ok(());
+        }
+        Err(ApiError::quota(format!(
+            "{what}: {} MiB are free on the disk of {} and kilnd keeps {} MiB free{}: free \
+             space (terminate microVMs, delete images), or lower kilnd --min-free-disk-mib",
+            free >> 20,
+            self.cfg.home.display(),
+            floor >> 20,
+            if needs > 0 {
+                format!(" beyond the {} MiB this needs", needs >> 20)
+            } else {
+                String::new()
+            }
+        )))
+    }
+
     /// Open ingress requests and streams of a microVM.
     pub fn open_requests(&self, id: &str) -> usize {
         self.inflight
@@ -395,6 +426,7 @@ impl Manager {
             cpu_baseline: img.record["cpu_baseline"].as_f64(),
             connectors,
         };
+        self.check_disk("no new microVM", 0)?;
         let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
         let live = self.store().count_live_microvms()?;
         if live >= self.cfg.max_microvms {

@@ -34,6 +34,7 @@ pub struct ArchiveBytes(#[allow(dead_code)] Vec<u8>);
         (status = 400, description = "Not a zip or tar archive", body = ErrorBody),
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 413, description = "Over --max-artifact-mib", body = ErrorBody),
+        (status = 429, description = "KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
         (status = 500, description = "kilnd could not store it", body = ErrorBody),
     )
 )]
@@ -41,6 +42,7 @@ pub async fn upload_artifact(
     State(m): State<Arc<Manager>>,
     body: axum::body::Body,
 ) -> ApiResult<Json<Artifact>> {
+    m.check_disk("no upload", 0)?;
     let dir = crate::images::artifacts_dir(&m);
     tokio::fs::create_dir_all(&dir)
         .await
@@ -193,7 +195,7 @@ fn check_image_request(req: &CreateImageRequest) -> ApiResult<()> {
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 404, description = "No such artifact", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
-        (status = 429, description = "--max-concurrent-builds are running", body = ErrorBody),
+        (status = 429, description = "--max-concurrent-builds are running, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]
@@ -237,6 +239,7 @@ pub async fn create_image(
     spec.validate = req.validate.unwrap_or(false);
     spec.build_args = req.build_args;
     let name = spec.name.clone();
+    m.check_disk("no new build", 0)?;
     let _admission = m.admission.lock().unwrap_or_else(|p| p.into_inner());
     let building = m.store().count_building_images()?;
     if building >= m.cfg.max_concurrent_builds {

@@ -55,7 +55,7 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         (status = 404, description = "No such image", body = ErrorBody),
         (status = 409, description = "The image is not SUCCESSFUL", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
-        (status = 429, description = "--max-microvms are not TERMINATED", body = ErrorBody),
+        (status = 429, description = "--max-microvms are not TERMINATED, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]
@@ -135,6 +135,7 @@ pub async fn get_microvm(
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 404, description = "No such microVM", body = ErrorBody),
         (status = 409, description = "It is not RUNNING", body = ErrorBody),
+        (status = 429, description = "Its memory does not fit above --min-free-disk-mib: it keeps running", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]
