@@ -44,6 +44,9 @@ print(stamp)
 """
 
 CHECK_2_READ = 'print(open("/workspace/state.txt").read())'
+# kiln's VM generation ID: new on every launch, resume and clone (the executor reseeds its
+# own random state on /run and /resume when it changed).
+GENERATION = 'print(open("/run/kiln/vmgenid").read())'
 
 CHECK_3 = """import csv
 rows = [("laptop", 1200.0, "north"), ("phone", 800.0, "south"), ("tablet", 450.0, "east"),
@@ -138,6 +141,8 @@ def main() -> int:
         say(f"\n== 2. Does state survive suspend? (idle policy: {args.idle_seconds}s)")
         written = tools.run_code(sandbox_id, endpoint, CHECK_2_WRITE)["stdout"].strip()
         say(f"wrote /workspace/state.txt: {written}")
+        generation = tools.run_code(sandbox_id, endpoint, GENERATION)["stdout"].strip()
+        say(f"VM generation: {generation}")
         started = time.monotonic()
         deadline = started + args.idle_seconds + 180
         state = ""
@@ -153,6 +158,10 @@ def main() -> int:
         say(f"read back after auto-resume ({time.monotonic() - started:.1f}s): {read}")
         say(f"state now: {client.get_microvm(microvmIdentifier=sandbox_id)['state']}")
         check(read == written and written != "", "the same timestamp after suspend and resume")
+        resumed = tools.run_code(sandbox_id, endpoint, GENERATION)["stdout"].strip()
+        say(f"VM generation after the resume: {resumed}")
+        check(resumed != generation and generation != "",
+              "a resume is a new VM generation (the app reseeds what it holds)")
 
         home = os.environ.get("KILN_HOME", "/var/lib/kiln")
         vm_dir = os.path.join(home, "microvms", sandbox_id)

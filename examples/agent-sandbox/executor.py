@@ -5,6 +5,7 @@ kiln's lifecycle hooks (`/ready` at bake time, then `/run`, `/suspend`, `/resume
 
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -22,7 +23,23 @@ log = logging.getLogger("executor")
 
 # Per-microVM state: set by /run, never at build time (every microVM of the image starts
 # from the same snapshot, so anything made during the bake would be shared by all of them).
-instance = {"id": None, "payload": None, "warm": False}
+instance = {"id": None, "payload": None, "warm": False, "generation": None}
+
+# kiln's VM generation ID: new on every launch, resume and clone (kiln's agent writes it
+# before any hook runs). The kernel's RNG is reseeded by then; what the app holds itself
+# (PRNG state, ids, keys) is reseeded here whenever the generation changed.
+VMGENID = "/run/kiln/vmgenid"
+
+
+def reseed():
+    try:
+        generation = open(VMGENID).read().strip()
+    except OSError:
+        generation = None
+    if generation != instance["generation"]:
+        random.seed()  # from os.urandom, which the agent reseeded for this generation
+        instance["generation"] = generation
+        log.info("new VM generation %s: reseeded", generation)
 
 app = Flask("executor")
 
@@ -45,7 +62,7 @@ def execute():
 
 @app.get("/health")
 def health():
-    return jsonify(status="ready", instance=instance["id"])
+    return jsonify(status="ready", instance=instance["id"], generation=instance["generation"])
 
 
 hooks = Flask("hooks")
@@ -60,6 +77,7 @@ def ready():
 
 @hooks.post("/run")
 def run_hook():
+    reseed()
     instance["id"] = uuid.uuid4().hex
     instance["payload"] = request.get_data(as_text=True)
     log.info("run: instance %s", instance["id"])
@@ -75,6 +93,7 @@ def suspend_hook():
 
 @hooks.post("/resume")
 def resume_hook():
+    reseed()
     log.info("resume")
     return jsonify(ok=True)
 

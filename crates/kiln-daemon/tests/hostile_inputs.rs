@@ -1,7 +1,8 @@
 //! Nothing a client sends can exhaust kilnd: a barrage of hostile requests (deep nesting,
 //! bodies over the limit, an upload over its limit, a Dockerfile whose variables double on
-//! every line, oversized query strings) leaves kilnd answering and its resident memory
-//! within a bound of where it started.
+//! every line, oversized query strings) leaves kilnd answering, serving a microVM all the
+//! while, its resident memory within a bound of where it started, and no file written outside
+//! KILN_HOME (its temporary directory stays empty).
 
 // Integration tests: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -40,7 +41,19 @@ impl Read for Endless {
 
 #[test]
 fn a_barrage_of_hostile_requests_leaves_kilnd_answering_within_its_memory() {
-    let d = TestDaemon::start_with(&["--max-artifact-mib", "8"]);
+    let mut d = TestDaemon::start();
+    let image = d.build_image("bystander", &[("Dockerfile", "FROM busybox\n")], json!({}));
+    let (status, r) = d.post("/v1/microvms", json!({"imageIdentifier": image}));
+    assert_eq!(status, 200, "{r}");
+    let vm = r["microvmId"].as_str().unwrap().to_string();
+    d.wait_state(&vm, "RUNNING", Duration::from_secs(90));
+    // Anything kilnd would write outside KILN_HOME lands in its temporary directory.
+    let tmp = tempfile::tempdir().unwrap();
+    d.sigterm();
+    d.spawn_env(
+        &["--max-artifact-mib", "8"],
+        &[("TMPDIR", tmp.path().to_str().unwrap())],
+    );
     // Warm up the paths the barrage takes, then measure where kilnd starts from.
     for _ in 0..3 {
         d.post("/v1/microvms", json!({"imageIdentifier": "none"}));
@@ -80,6 +93,20 @@ fn a_barrage_of_hostile_requests_leaves_kilnd_answering_within_its_memory() {
                 }
             });
         }
+        // The microVM is served all the while.
+        s.spawn(|| {
+            for _ in 0..10 {
+                let (status, out) = d.post(
+                    &format!("/v1/microvms/{vm}/exec"),
+                    json!({"command": ["echo", "served"]}),
+                );
+                assert_eq!(
+                    (status, out["stdout"].as_str()),
+                    (200, Some("served\n")),
+                    "{out}"
+                );
+            }
+        });
         // An upload that would never end: cut at its limit, never held in memory.
         s.spawn(|| {
             let resp = ureq::post(&format!("{}/v1/artifacts", d.base))
@@ -124,6 +151,12 @@ fn a_barrage_of_hostile_requests_leaves_kilnd_answering_within_its_memory() {
     let after = rss_kb(d.pid());
     eprintln!("kilnd resident memory: {before} kB before, {after} kB after");
     assert_eq!(d.get("/health").0, 200, "kilnd still answers");
+    let written: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(
+        written.is_empty(),
+        "kilnd wrote outside KILN_HOME: {written:?}"
+    );
+    assert_eq!(d.get(&format!("/v1/microvms/{vm}")).1["state"], "RUNNING");
     // Allocators keep some of what was freed: the bound is generous, the point is that no
     // input's size is what kilnd holds.
     assert!(

@@ -62,6 +62,20 @@ async fn clones_inherit_template_state_then_diverge_and_survive_suspend() {
     let ra = a.ok("head -c 32 /dev/urandom | od -An -tx1").await;
     let rb = b.ok("head -c 32 /dev/urandom | od -An -tx1").await;
     assert_ne!(ra, rb, "clones of one template read the same random bytes");
+    // And its own VM generation ID, for apps to reseed what the kernel does not hold.
+    let vmgenid = |id: String| {
+        let id = id.trim().to_string();
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id:?}"
+        );
+        id
+    };
+    let (ga, gb) = (
+        vmgenid(a.ok("cat /run/kiln/vmgenid").await),
+        vmgenid(b.ok("cat /run/kiln/vmgenid").await),
+    );
+    assert_ne!(ga, gb, "clones of one template share a VM generation ID");
 
     // Divergence: each clone's writes are its own.
     a.ok("echo from-a > /mine.txt").await;
@@ -86,7 +100,17 @@ async fn clones_inherit_template_state_then_diverge_and_survive_suspend() {
         })
         .await
         .unwrap();
+    let generations = a.ok("cat /run/kiln/vmgenid-count").await;
     let a = suspend_resume(a).await;
+    let after_resume = vmgenid(a.ok("cat /run/kiln/vmgenid").await);
+    assert_ne!(after_resume, ga, "a resume is a new VM generation");
+    let more: u64 = a
+        .ok("cat /run/kiln/vmgenid-count")
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(more > generations.trim().parse::<u64>().unwrap());
     let ended = tokio::time::timeout(Duration::from_secs(5), open_stream.next()).await;
     assert!(
         matches!(ended, Ok(Err(_))),

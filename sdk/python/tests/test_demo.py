@@ -63,6 +63,8 @@ def test_the_seeds_demo_runs_end_to_end():
         written = next(l for l in out.splitlines() if l.startswith("wrote /workspace/state.txt: "))
         read = next(l for l in out.splitlines() if l.startswith("read back after auto-resume"))
         assert written.split(": ", 1)[1] == read.split(": ", 1)[1] != ""
+        # A resume is a new VM generation, which the app sees (and reseeds on).
+        assert "PASS: a resume is a new VM generation" in out
         # 3: pandas from the image.
         assert "top product: laptop (revenue 2550.00)" in out
         # Destroyed, nothing left.
