@@ -53,6 +53,9 @@ pub struct Config {
     /// Free space kept on KILN_HOME's disk: new microVMs, builds, uploads and suspends that
     /// would go below it are refused (429) and what runs keeps running.
     pub min_free_disk_bytes: u64,
+    /// At most this much on disk under KILN_HOME (images, layers, microVMs, snapshots); new
+    /// work beyond it is refused the same way. None: no limit but the free-space floor.
+    pub max_disk_bytes: Option<u64>,
     /// PEM certificate chain and key: the API speaks HTTPS when both are set.
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,

@@ -76,10 +76,26 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         not_resumable: Mutex::new(Default::default()),
         admission: Mutex::new(()),
         activity: Mutex::new(Default::default()),
+        disk_used: Default::default(),
         agents: Mutex::new(Default::default()),
         egress: egress::Egress::new(cfg.egress.clone()),
     });
     recovery::recover(&manager).await?;
+    // What KILN_HOME holds, for --max-disk-mib: measured before the API answers, then every
+    // ten seconds off the async workers.
+    if manager.cfg.max_disk_bytes.is_some() {
+        let m = manager.clone();
+        tokio::task::spawn_blocking(move || m.measure_disk_use()).await?;
+        let m = manager.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                every.tick().await;
+                let m = m.clone();
+                let _ = tokio::task::spawn_blocking(move || m.measure_disk_use()).await;
+            }
+        });
+    }
     idle::spawn(manager.clone());
     // Unused uploads go a day after their upload: checked at start and every hour.
     let sweeper = manager.clone();

@@ -74,6 +74,11 @@ struct Args {
     /// uploads and suspends that would go below it answer 429 (what runs keeps running).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MIN_FREE_DISK_MIB, value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
     min_free_disk_mib: u64,
+    /// At most this much on disk under KILN_HOME, in MiB (images, layers, microVMs,
+    /// snapshots): new work beyond it answers 429 the same way. Default: no cap but the
+    /// free-space floor.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    max_disk_mib: Option<u64>,
     /// What SIGTERM does with running microVMs: leave them running for the next kilnd
     /// (keep), suspend them to disk, or terminate them.
     #[arg(long, value_enum, default_value = "keep")]
@@ -198,6 +203,7 @@ fn main() -> anyhow::Result<()> {
         max_concurrent_builds: args.max_concurrent_builds,
         max_artifact_bytes: args.max_artifact_mib << 20,
         min_free_disk_bytes: args.min_free_disk_mib << 20,
+        max_disk_bytes: args.max_disk_mib.map(|m| m << 20),
         api_tls_cert: args.api_tls_cert,
         api_tls_key: args.api_tls_key,
     };

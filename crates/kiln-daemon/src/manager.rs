@@ -69,6 +69,10 @@ pub struct Manager {
     /// When each microVM last had activity (Unix ms), counted here and written to the store
     /// by [`Manager::flush_activity`] every tick: a proxied request costs no database write.
     pub activity: Mutex<HashMap<String, i64>>,
+    /// Bytes KILN_HOME holds on disk (allocated blocks), measured at start and every few
+    /// seconds after by [`Manager::measure_disk_use`]: what `--max-disk-mib` is checked
+    /// against.
+    pub disk_used: std::sync::atomic::AtomicU64,
     /// The agent of each RUNNING microVM that no transition holds: exec, logs and the
     /// ingress read it here, so they never wait behind a launch, suspend or resume.
     pub agents: Mutex<HashMap<String, kiln_vmm::AgentClient>>,
@@ -160,9 +164,34 @@ impl Manager {
         Some(fs.blocks_available().saturating_mul(fs.fragment_size()))
     }
 
-    /// Refuses (429) what would take KILN_HOME's disk below `--min-free-disk-mib` once
-    /// `needs` more bytes are written; `what` says what was refused.
+    /// Measures what KILN_HOME holds on disk (allocated blocks, symlinks not followed).
+    pub fn measure_disk_use(&self) {
+        let used = allocated_bytes(&self.cfg.home);
+        self.disk_used
+            .store(used, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Refuses (429) what would take KILN_HOME's disk below `--min-free-disk-mib`, or kiln's
+    /// own use over `--max-disk-mib`, once `needs` more bytes are written; `what` says what
+    /// was refused.
     pub fn check_disk(&self, what: &str, needs: u64) -> ApiResult<()> {
+        if let Some(max) = self.cfg.max_disk_bytes {
+            let used = self.disk_used.load(std::sync::atomic::Ordering::Relaxed);
+            if used.saturating_add(needs) > max {
+                return Err(ApiError::quota(format!(
+                    "{what}: KILN_HOME ({}) holds {} MiB{} and kilnd --max-disk-mib is {}: \
+                     free space (terminate microVMs, delete images), or raise the limit",
+                    self.cfg.home.display(),
+                    used >> 20,
+                    if needs > 0 {
+                        format!(" and this needs {} MiB more", needs >> 20)
+                    } else {
+                        String::new()
+                    },
+                    max >> 20
+                )));
+            }
+        }
         let Some(free) = self.free_disk_bytes() else {
             return Ok(());
         };
@@ -630,6 +659,31 @@ fn exec_outcome(
             ..Default::default()
         },
     })
+}
+
+/// Bytes allocated under `dir`, counted once per file (hard links) and without following
+/// symlinks; what cannot be read counts nothing.
+fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if seen.insert((meta.dev(), meta.ino())) {
+                total = total.saturating_add(meta.blocks().saturating_mul(512));
+            }
+        }
+    }
+    total
 }
 
 /// What a client is told when it asks to resume a microVM this host cannot restore.

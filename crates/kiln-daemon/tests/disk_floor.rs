@@ -1,7 +1,8 @@
 //! A disk near full refuses new work, never what runs: with less free space on KILN_HOME's
 //! disk than `--min-free-disk-mib`, uploads, builds and new microVMs answer 429 naming the
 //! flag, and a suspend (which writes the memory) is refused with the microVM left RUNNING,
-//! instead of a save that fails half way and costs it.
+//! instead of a save that fails half way and costs it. `--max-disk-mib` caps what KILN_HOME
+//! itself holds the same way.
 
 // Integration tests: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -65,6 +66,22 @@ fn a_full_disk_refuses_new_work_and_keeps_what_runs() {
         (200, Some("alive\n")),
         "{out}"
     );
+
+    // A cap on what KILN_HOME holds (it already holds an image and a microVM: over 1 MiB).
+    d.sigterm();
+    d.spawn(&["--min-free-disk-mib", "0", "--max-disk-mib", "1"]);
+    let (status, body) = d.post("/v1/microvms", json!({"imageIdentifier": image}));
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-disk-mib is 1"),
+        "{body}"
+    );
+    let (status, body) = d.post_raw("/v1/artifacts", "application/x-tar", &tar, true);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(d.get(&format!("/v1/microvms/{id}")).1["state"], "RUNNING");
 
     // With room again, everything works.
     d.sigterm();
