@@ -6,6 +6,7 @@
 //! - [`process`], [`qmp`]: the QEMU process, its console log and its control socket;
 //! - [`agent`]: the typed client of the guest agent;
 //! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume;
+//! - [`memdiff`]: the pages a guest changed from its template, saved and applied by kiln;
 //! - [`confine`]: the jail each QEMU runs in (or `--no-jail`), built by `kiln-jail`;
 //! - [`network`], [`netproc`]: how a VM's NIC reaches the world (kiln-net's egress backend,
 //!   a jailed process per VM).
@@ -21,6 +22,7 @@ pub mod fault;
 pub mod fuzzing;
 pub mod machine;
 pub mod manifest;
+pub mod memdiff;
 pub mod netproc;
 pub mod network;
 pub mod process;

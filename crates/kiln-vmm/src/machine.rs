@@ -85,7 +85,7 @@ pub fn restore_signature(spec: &MachineSpec) -> Vec<String> {
         &MemoryBacking::Anonymous,
         Path::new("/"),
         "",
-        false,
+        None,
         None,
     );
     let mut out = Vec::new();
@@ -193,7 +193,7 @@ pub fn qemu_args(
     memory: &MemoryBacking,
     disk: &Path,
     kernel_cmdline: &str,
-    incoming: bool,
+    incoming: Option<StateFormat>,
     netdev: Option<&OsStr>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
@@ -287,10 +287,28 @@ pub fn qemu_args(
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
-    if incoming {
-        push(&["-incoming", "defer", "-S"]);
+    match incoming {
+        Some(StateFormat::Migration) => push(&["-incoming", "defer", "-S"]),
+        // kiln's own device-state files carry no configuration section (see `memdiff`).
+        Some(StateFormat::DevicesOnly) => push(&[
+            "-global",
+            "migration.send-configuration=off",
+            "-incoming",
+            "defer",
+            "-S",
+        ]),
+        None => {}
     }
     args
+}
+
+/// What a state file to load at start holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFormat {
+    /// A migration stream (QEMU's `migrate`): devices, and RAM unless it was shared.
+    Migration,
+    /// Device state only (QEMU's `xen-save-devices-state`); the RAM is put in place first.
+    DevicesOnly,
 }
 
 #[cfg(test)]
@@ -324,7 +342,7 @@ mod tests {
             &MemoryBacking::PrivateFile("/t/memory.ram".into()),
             Path::new("/vm/disk.qcow2"),
             "console=ttyS0 tsc_early_khz=1000",
-            true,
+            Some(StateFormat::Migration),
             None,
         ));
         assert!(
@@ -363,7 +381,7 @@ mod tests {
             &MemoryBacking::SharedFile("/vm/memory.ram".into()),
             Path::new("/vm/disk.qcow2"),
             KERNEL_CMDLINE,
-            false,
+            None,
             Some(OsStr::new(
                 "stream,id=net0,server=off,addr.type=fd,addr.str=3",
             )),

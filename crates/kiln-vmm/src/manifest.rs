@@ -53,6 +53,14 @@ pub struct Manifest {
     /// reads that chain; the overlay's own header is the guest's QEMU's to write).
     #[serde(default)]
     pub disk_backing: Option<String>,
+    /// A suspend of a template-launched guest: its RAM is the template's file plus this diff
+    /// (`memory.diff` beside the manifest), and the state file holds devices only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_diff: Option<crate::memdiff::DiffSummary>,
+    /// The state file holds device state only (QEMU's `xen-save-devices-state`), no
+    /// migration stream: set with `memory_diff`, and for templates saved from a running guest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub devices_only_state: bool,
 }
 
 /// What this host offers, compared against a manifest.
@@ -294,6 +302,8 @@ mod tests {
             state_bytes: 1,
             memory_bytes: Some(512 << 20),
             disk_backing: None,
+            memory_diff: None,
+            devices_only_state: false,
         };
         (m, host)
     }

@@ -18,15 +18,17 @@ use crate::assets::GuestAssets;
 use crate::confine::Confinement;
 use crate::disk::{self, BackingFormat};
 use crate::machine::{
-    restore_signature, MachineSpec, MemoryBacking, VmPaths, MACHINE_LAYOUT_VERSION,
+    restore_signature, MachineSpec, MemoryBacking, StateFormat, VmPaths, MACHINE_LAYOUT_VERSION,
 };
 use crate::manifest::{
     sha256_file, HostFacts, Manifest, ManifestMismatch, SnapshotKind, MANIFEST_FORMAT,
 };
+use crate::memdiff::DiffSummary;
 use crate::network::NetworkAttachment;
 use crate::vm::{create_vm_dir, remove_dir, BeforeRun, Incoming, SavedVm, StartSpec, Vm, VmError};
 
 const STATE_FILE: &str = "device.state";
+const DIFF_FILE: &str = "memory.diff";
 const MEMORY_FILE: &str = "memory.ram";
 const DISK_FILE: &str = "disk.qcow2";
 const SUSPEND_DIR: &str = "suspended";
@@ -71,6 +73,7 @@ fn manifest_for(
     kind: SnapshotKind,
     state: &Path,
     memory_bytes: Option<u64>,
+    memory_diff: Option<DiffSummary>,
 ) -> Result<Manifest, VmError> {
     let host = HostFacts::new(&saved.assets);
     Ok(Manifest {
@@ -96,6 +99,8 @@ fn manifest_for(
             .disk_base
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned()),
+        devices_only_state: memory_diff.is_some(),
+        memory_diff,
     })
 }
 
@@ -187,7 +192,7 @@ impl Vm {
                 }
                 remove_dir(&saved.paths.dir)?;
                 keep_boot_files(&saved.assets, &dir.join(BOOT_DIR))?;
-                let manifest = manifest_for(&saved, SnapshotKind::Template, &state, Some(memory_bytes))?;
+                let manifest = manifest_for(&saved, SnapshotKind::Template, &state, Some(memory_bytes), None)?;
                 manifest.write(dir).map_err(io_err(dir))?;
                 Ok::<_, VmError>(Template { dir: dir.to_path_buf(), manifest })
             }
@@ -208,8 +213,10 @@ impl Vm {
         let _ = std::fs::remove_dir_all(self.paths.dir.join(SUSPEND_DIR));
     }
 
-    /// Suspends this VM: its full state goes to `<dir>/suspended/`, QEMU ends and its
-    /// memory is freed. The disk overlay stays in place.
+    /// Suspends this VM into `<dir>/suspended/`; QEMU ends and its memory is freed. A guest
+    /// launched from a template saves only the pages that differ from it (`memdiff`) and its
+    /// device state; any other (a cold-booted or old-style resumed VM) saves all of its RAM.
+    /// The disk overlay stays in place.
     pub async fn suspend(self) -> Result<SuspendedVm, VmError> {
         let span = self.span.clone();
         async move {
@@ -227,10 +234,24 @@ impl Vm {
                 tracing::warn!("agent did not detach cleanly before suspend: {e}");
             }
             let state = suspend_dir.join(STATE_FILE);
-            if let Err(e) = self.save_state(&state, false).await {
-                let _ = std::fs::remove_dir_all(&suspend_dir);
-                return Err(e);
-            }
+            let saved = match self.guest_ram() {
+                Some(ram) => async {
+                    let ram = ram?;
+                    self.save_devices(&state).await?;
+                    crate::fault::point("suspend.saving");
+                    self.save_diff(ram, &suspend_dir.join(DIFF_FILE)).await
+                }
+                .await
+                .map(Some),
+                None => self.save_state(&state, false).await.map(|()| None),
+            };
+            let diff = match saved {
+                Ok(diff) => diff,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&suspend_dir);
+                    return Err(e);
+                }
+            };
             let memory = self.memory.clone();
             let saved = self.finish_after_save().await;
             if let MemoryBacking::SharedFile(ram) = memory {
@@ -241,10 +262,11 @@ impl Vm {
             if saved.assets.dir != boot {
                 keep_boot_files(&saved.assets, &boot)?;
             }
-            let manifest = manifest_for(&saved, SnapshotKind::Suspended, &state, None)?;
+            let manifest = manifest_for(&saved, SnapshotKind::Suspended, &state, None, diff)?;
             manifest.write(&suspend_dir).map_err(io_err(&suspend_dir))?;
             info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
+                bytes = manifest.state_bytes + manifest.memory_diff.as_ref().map_or(0, |d| d.file_bytes),
                 "suspended"
             );
             Ok(SuspendedVm {
@@ -342,7 +364,7 @@ impl Template {
                     assets,
                     memory: MemoryBacking::PrivateFile(memory),
                     kernel_cmdline: manifest.kernel_cmdline.clone(),
-                    incoming: Some(Incoming { state, ignore_shared: true }),
+                    incoming: Some(Incoming::stream(state, true)),
                     timeout: cfg.timeout,
                     die_with_parent: cfg.die_with_parent,
                     network: cfg.network.clone(),
@@ -366,6 +388,27 @@ impl Template {
     /// Removes the template's files. Clones launched from it must be gone first.
     pub fn delete(self) -> Result<(), VmError> {
         remove_dir(&self.dir)
+    }
+}
+
+/// The template RAM file a diff applies to must still be there, at the guest's RAM size.
+fn check_diff_base(id: &VmId, base: &Path, diff: &DiffSummary) -> Result<(), VmError> {
+    match std::fs::metadata(base) {
+        Ok(m) if m.is_file() && m.len() == diff.ram_bytes => Ok(()),
+        Ok(m) => Err(VmError::Invalid {
+            id: id.clone(),
+            reason: format!(
+                "the template memory {} holds {} bytes, the suspended guest {}: was its image rebuilt in place?",
+                base.display(), m.len(), diff.ram_bytes
+            ),
+        }),
+        Err(e) => Err(VmError::Invalid {
+            id: id.clone(),
+            reason: format!(
+                "the template memory {} this suspended guest resumes from is gone ({e}): was its image deleted?",
+                base.display()
+            ),
+        }),
     }
 }
 
@@ -425,9 +468,15 @@ impl SuspendedVm {
         self.manifest.check(&HostFacts::new(&self.assets), None)
     }
 
-    /// Bytes the suspended state occupies on disk (the state file; the overlay is extra).
+    /// Bytes the suspended state occupies on disk (the state file and memory diff; the
+    /// overlay is extra).
     pub fn state_bytes(&self) -> u64 {
         self.manifest.state_bytes
+            + self
+                .manifest
+                .memory_diff
+                .as_ref()
+                .map_or(0, |d| d.file_bytes)
     }
 
     /// Restores the VM. On success the state file is removed (the disk moves on from it).
@@ -460,6 +509,20 @@ impl SuspendedVm {
                 Some(p) => Some(PathBuf::from(p)),
                 None => disk::backing_file(&self.paths.disk()).map_err(io_err(&self.paths.dir))?,
             };
+            let (memory, incoming) = match &manifest.memory_diff {
+                Some(diff) => {
+                    let base = PathBuf::from(&diff.base);
+                    check_diff_base(&self.id, &base, diff)?;
+                    let incoming = Incoming {
+                        state,
+                        ignore_shared: false,
+                        format: StateFormat::DevicesOnly,
+                        diff: Some((suspend_dir.join(DIFF_FILE), diff.clone())),
+                    };
+                    (MemoryBacking::PrivateFile(base), incoming)
+                }
+                None => (MemoryBacking::Anonymous, Incoming::stream(state, false)),
+            };
             let vm = Vm::start(StartSpec {
                 id: self.id.clone(),
                 paths: self.paths.clone(),
@@ -467,12 +530,9 @@ impl SuspendedVm {
                 disk_base,
                 machine: manifest.machine.clone(),
                 assets: self.assets.clone(),
-                memory: MemoryBacking::Anonymous,
+                memory,
                 kernel_cmdline: manifest.kernel_cmdline.clone(),
-                incoming: Some(Incoming {
-                    state,
-                    ignore_shared: false,
-                }),
+                incoming: Some(incoming),
                 timeout,
                 die_with_parent: self.die_with_parent,
                 network: self.network.clone(),

@@ -13,8 +13,9 @@ use crate::agent::{AgentClient, AgentError, ExecOutput};
 use crate::assets::{AssetsError, GuestAssets};
 use crate::confine::{jail_spec, Confinement, VmFiles};
 use crate::disk::{self, BackingFormat, DiskError};
-use crate::machine::{qemu_args, MachineSpec, MemoryBacking, VmPaths};
+use crate::machine::{qemu_args, MachineSpec, MemoryBacking, StateFormat, VmPaths};
 use crate::manifest::{ManifestError, ManifestMismatch};
+use crate::memdiff::{DiffSummary, GuestRam};
 use crate::network::NetworkAttachment;
 use crate::process::{ExitInfo, ProcessError, QemuProcess};
 use crate::qmp::{Qmp, QmpError};
@@ -160,6 +161,21 @@ pub type BeforeRun<'a> = Box<dyn FnOnce(&VmRecord) + Send + 'a>;
 pub(crate) struct Incoming {
     pub state: PathBuf,
     pub ignore_shared: bool,
+    pub format: StateFormat,
+    /// Written into the guest's RAM (a private view of the template) before the state loads.
+    pub diff: Option<(PathBuf, DiffSummary)>,
+}
+
+impl Incoming {
+    /// A migration stream (a template's, or a full suspend's).
+    pub fn stream(state: PathBuf, ignore_shared: bool) -> Incoming {
+        Incoming {
+            state,
+            ignore_shared,
+            format: StateFormat::Migration,
+            diff: None,
+        }
+    }
 }
 
 pub struct Vm {
@@ -275,7 +291,7 @@ impl Vm {
             &memory,
             &disk,
             &kernel_cmdline,
-            incoming.is_some(),
+            incoming.as_ref().map(|i| i.format),
             netdev.as_deref(),
         );
         let jail = match &confinement {
@@ -347,6 +363,9 @@ impl Vm {
                     source,
                 })?;
             if let Some(incoming) = &incoming {
+                if let Some((diff, summary)) = &incoming.diff {
+                    apply_diff(&id, process.pid(), &memory, &machine, diff, summary).await?;
+                }
                 load_state(&id, &qmp, incoming, timeout).await?;
             }
             if let Some(before_run) = before_run {
@@ -568,6 +587,68 @@ impl Vm {
         }
     }
 
+    /// Stops the guest and writes its device state (no RAM) to `path`, for a diff suspend
+    /// or a fork. The guest stays stopped.
+    pub(crate) async fn save_devices(&self, path: &Path) -> Result<(), VmError> {
+        self.qmp("stop", json!({})).await?;
+        let file = path
+            .to_str()
+            .filter(|s| !s.contains('\n'))
+            .ok_or_else(|| VmError::Invalid {
+                id: self.id.clone(),
+                reason: format!("state path {} is not UTF-8", path.display()),
+            })?;
+        self.qmp(
+            "xen-save-devices-state",
+            json!({"filename": file, "live": false}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The guest's RAM as QEMU maps it, when it is a private view of a template's file.
+    pub(crate) fn guest_ram(&self) -> Option<Result<GuestRam, VmError>> {
+        let MemoryBacking::PrivateFile(base) = &self.memory else {
+            return None;
+        };
+        let len = u64::from(self.machine.memory_mib) << 20;
+        Some(
+            GuestRam::find(self.process.pid(), base, len).map_err(|e| VmError::Invalid {
+                id: self.id.clone(),
+                reason: crate::error_chain(&e),
+            }),
+        )
+    }
+
+    /// Writes the pages the (stopped) guest changed from its template to `out`, off the
+    /// async workers.
+    pub(crate) async fn save_diff(
+        &self,
+        ram: GuestRam,
+        out: &Path,
+    ) -> Result<DiffSummary, VmError> {
+        let out = out.to_path_buf();
+        let started = Instant::now();
+        let summary = tokio::task::spawn_blocking(move || ram.save(&out))
+            .await
+            .map_err(|e| VmError::Invalid {
+                id: self.id.clone(),
+                reason: format!("saving the memory diff panicked: {e}"),
+            })?
+            .map_err(|e| VmError::Invalid {
+                id: self.id.clone(),
+                reason: crate::error_chain(&e),
+            })?;
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            private_pages = summary.private_pages,
+            data_pages = summary.data_pages,
+            zero_pages = summary.zero_pages,
+            "memory diff saved"
+        );
+        Ok(summary)
+    }
+
     /// Ends QEMU after a successful save, and gives the directory to the caller.
     pub(crate) async fn finish_after_save(mut self) -> SavedVm {
         let _ = self.qmp.execute("quit", json!({})).await;
@@ -737,6 +818,41 @@ pub(crate) async fn connect_agent(
         })
 }
 
+/// Writes a memory diff into a starting QEMU's RAM (off the async workers).
+async fn apply_diff(
+    id: &VmId,
+    pid: u32,
+    memory: &MemoryBacking,
+    machine: &MachineSpec,
+    diff: &Path,
+    summary: &DiffSummary,
+) -> Result<(), VmError> {
+    let MemoryBacking::PrivateFile(base) = memory.clone() else {
+        return Err(VmError::Invalid {
+            id: id.clone(),
+            reason: "a memory diff applies only to a private view of a template".into(),
+        });
+    };
+    let len = u64::from(machine.memory_mib) << 20;
+    let (diff, summary) = (diff.to_path_buf(), summary.clone());
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || GuestRam::find(pid, &base, len)?.apply(&diff, &summary))
+        .await
+        .map_err(|e| VmError::Invalid {
+            id: id.clone(),
+            reason: format!("applying the memory diff panicked: {e}"),
+        })?
+        .map_err(|e| VmError::Invalid {
+            id: id.clone(),
+            reason: crate::error_chain(&e),
+        })?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "memory diff applied"
+    );
+    Ok(())
+}
+
 pub(crate) async fn load_state(
     id: &VmId,
     qmp: &Qmp,
@@ -747,12 +863,14 @@ pub(crate) async fn load_state(
         id: id.clone(),
         source,
     };
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": incoming.ignore_shared}]}),
-    )
-    .await
-    .map_err(q)?;
+    if incoming.format == StateFormat::Migration {
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": incoming.ignore_shared}]}),
+        )
+        .await
+        .map_err(q)?;
+    }
     let uri = file_uri(id, &incoming.state)?;
     qmp.execute("migrate-incoming", json!({ "uri": uri }))
         .await
