@@ -271,3 +271,87 @@ async fn templates_and_suspended_vms_keep_their_kernel_across_host_updates() {
     assert_counting(&vm).await;
     vm.destroy().await;
 }
+
+/// A suspend of a template clone writes its diff, not its RAM; the resume maps the template
+/// again, so pages the guest did not write are still shared with a sibling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_writes_the_diff_and_resume_keeps_sharing_the_template() {
+    let tpl = TestTemplate::build(COUNTER).await;
+    let a = tpl.launch("diff-a").await;
+    let b = tpl.launch("diff-b").await;
+    // Both clones read their way through the same userland; `a` also writes 16 MiB.
+    for vm in [&a, &b] {
+        vm.ok("ls -R /bin /etc > /dev/null; cat /bin/busybox > /dev/null")
+            .await;
+    }
+    a.ok("head -c 16777216 /dev/urandom > /dev/shm/blob; sha256sum /dev/shm/blob > /run/c/sum")
+        .await;
+    let sum = a.ok("sha256sum /dev/shm/blob").await;
+    let ram = u64::from(machine().memory_mib) << 20;
+    let before = a.ram_usage().expect("a clone maps its template").unwrap();
+    assert!(
+        before.shared > 0,
+        "fresh clones share the template: {before:?}"
+    );
+
+    let suspended = a.into_inner().suspend().await.expect("suspend");
+    let manifest = suspended.manifest().clone();
+    let diff = manifest
+        .memory_diff
+        .clone()
+        .expect("a clone's suspend is a diff");
+    let written = manifest.state_bytes + diff.file_bytes;
+    assert_eq!(written, suspended.state_bytes());
+    // What it wrote is its private set (plus a header, an index and the devices), far from
+    // its RAM size: the 16 MiB blob and what the guest touched, nothing else.
+    assert!(
+        diff.file_bytes <= before.anonymous + 2 * 4096 + diff.private_pages * 4,
+        "diff {diff:?} beyond the private set {before:?}"
+    );
+    assert!(
+        diff.data_pages * 4096 >= 16 << 20,
+        "the blob is in the diff: {diff:?}"
+    );
+    assert!(
+        written < ram / 8,
+        "{written} bytes written for {ram} of RAM"
+    );
+    assert!(
+        !suspended
+            .dir()
+            .join("suspended")
+            .join("memory.ram")
+            .exists(),
+        "no full RAM file"
+    );
+
+    let a = TestVm::wrap(
+        suspended
+            .resume(Duration::from_secs(120))
+            .await
+            .expect("resume from the diff"),
+    );
+    assert_eq!(
+        a.ok("sha256sum /dev/shm/blob").await,
+        sum,
+        "written memory is back"
+    );
+    assert_counting(&a).await;
+    // The resumed guest maps the template again: its untouched pages are the template's
+    // file pages, resident and mapped by the sibling too.
+    let after = a.ram_usage().expect("resumed on the template").unwrap();
+    assert!(
+        after.shared >= 4 << 20,
+        "a resumed clone shares the template with its sibling: {after:?}"
+    );
+    assert!(
+        after.anonymous <= diff.private_pages * 4096 + (8 << 20),
+        "only the diff (and what ran since) is private: {after:?} for {diff:?}"
+    );
+    // Suspending again writes the same order of bytes: the diff against the template, not
+    // everything the last resume loaded.
+    let a = suspend_resume(a).await;
+    assert_eq!(a.ok("sha256sum /dev/shm/blob").await, sum);
+    a.destroy().await;
+    b.destroy().await;
+}

@@ -395,6 +395,58 @@ impl GuestRam {
     }
 }
 
+/// What QEMU's mapping of the guest's RAM holds (`/proc/<pid>/smaps`), in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RamUsage {
+    /// Resident.
+    pub rss: u64,
+    /// Proportional: each page divided by the processes mapping it.
+    pub pss: u64,
+    /// Resident pages other processes map too (the template's file pages other clones use).
+    pub shared: u64,
+    /// Resident pages only this QEMU maps (its written pages, and file pages no one else uses).
+    pub private: u64,
+    /// Anonymous: the pages it wrote (copies of the template's).
+    pub anonymous: u64,
+}
+
+impl GuestRam {
+    /// Reads this mapping's entry in `/proc/<pid>/smaps`.
+    pub fn usage(&self) -> Result<RamUsage, DiffError> {
+        let path = PathBuf::from(format!("/proc/{}/smaps", self.pid));
+        let text = std::fs::read_to_string(&path).map_err(io("reading", &path))?;
+        Ok(parse_smaps_entry(&text, self.start).unwrap_or_default())
+    }
+}
+
+/// The fields of the `smaps` entry of the mapping that starts at `start`.
+fn parse_smaps_entry(text: &str, start: u64) -> Option<RamUsage> {
+    let mut lines = text.lines();
+    lines.find(|l| Mapping::parse(l).is_some_and(|m| m.start == start))?;
+    let mut usage = RamUsage::default();
+    for line in lines {
+        if Mapping::parse(line).is_some() {
+            break;
+        }
+        let Some((key, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let kib = rest.trim().trim_end_matches("kB").trim().parse::<u64>();
+        let Ok(bytes) = kib.map(|k| k * 1024) else {
+            continue;
+        };
+        match key {
+            "Rss" => usage.rss = bytes,
+            "Pss" => usage.pss = bytes,
+            "Shared_Clean" | "Shared_Dirty" => usage.shared += bytes,
+            "Private_Clean" | "Private_Dirty" => usage.private += bytes,
+            "Anonymous" => usage.anonymous = bytes,
+            _ => {}
+        }
+    }
+    Some(usage)
+}
+
 /// Splits ascending page numbers into runs of consecutive pages, each at most `max` long.
 fn runs(pages: &[u32], max: usize) -> impl Iterator<Item = &[u32]> {
     let mut rest = pages;
@@ -475,6 +527,30 @@ mod tests {
             ("rw-p", 0, (0xfe, 1), 1234567)
         );
         assert!(Mapping::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn smaps_entries_are_read_for_their_mapping_only() {
+        let text = "\
+7f0000000000-7f0020000000 rw-p 00000000 fe:01 42 /t/memory.ram
+Size:             524288 kB
+Rss:               90000 kB
+Pss:               50000 kB
+Shared_Clean:      80000 kB
+Shared_Dirty:          0 kB
+Private_Clean:      2000 kB
+Private_Dirty:      8000 kB
+Anonymous:          8000 kB
+7f0020000000-7f0020001000 rw-p 00000000 00:00 0
+Rss:                   4 kB
+";
+        let u = parse_smaps_entry(text, 0x7f00_0000_0000).unwrap();
+        assert_eq!(u.rss, 90000 * 1024);
+        assert_eq!(
+            (u.shared, u.private, u.anonymous),
+            (80000 * 1024, 10000 * 1024, 8000 * 1024)
+        );
+        assert!(parse_smaps_entry(text, 1).is_none());
     }
 
     #[test]

@@ -620,6 +620,19 @@ impl Vm {
         )
     }
 
+    /// What this VM's RAM holds in the host's memory, when it is a private view of a
+    /// template (`None` for a cold-booted or fully loaded VM).
+    pub fn ram_usage(&self) -> Option<Result<crate::memdiff::RamUsage, VmError>> {
+        let ram = match self.guest_ram()? {
+            Ok(ram) => ram,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(ram.usage().map_err(|e| VmError::Invalid {
+            id: self.id.clone(),
+            reason: crate::error_chain(&e),
+        }))
+    }
+
     /// Writes the pages the (stopped) guest changed from its template to `out`, off the
     /// async workers.
     pub(crate) async fn save_diff(
