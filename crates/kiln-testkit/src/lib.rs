@@ -165,6 +165,12 @@ impl Deref for TestVm {
     }
 }
 
+impl std::ops::DerefMut for TestVm {
+    fn deref_mut(&mut self) -> &mut Vm {
+        self.vm.as_mut().expect("vm present")
+    }
+}
+
 pub fn boot_config(dir: &Path, name: &str, machine: MachineSpec) -> BootConfig {
     let assets = assets();
     BootConfig {

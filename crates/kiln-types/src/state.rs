@@ -35,13 +35,15 @@ impl MicrovmState {
         }
     }
 
-    /// The lifecycle graph: PENDING → RUNNING ⇄ (SUSPENDED → RESUMING → RUNNING), and any
-    /// live state → TERMINATED.
+    /// The lifecycle graph: PENDING → RUNNING ⇄ (SUSPENDED → RESUMING → RUNNING), a fork's
+    /// clone PENDING → SUSPENDED (written from its parent, then resumed), and any live state
+    /// → TERMINATED.
     pub fn can_become(self, next: MicrovmState) -> bool {
         use MicrovmState::*;
         matches!(
             (self, next),
             (Pending, Running)
+                | (Pending, Suspended)
                 | (Running, Suspended)
                 | (Suspended, Resuming)
                 | (Resuming, Running)

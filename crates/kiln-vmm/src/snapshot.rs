@@ -27,14 +27,14 @@ use crate::memdiff::DiffSummary;
 use crate::network::NetworkAttachment;
 use crate::vm::{create_vm_dir, remove_dir, BeforeRun, Incoming, SavedVm, StartSpec, Vm, VmError};
 
-const STATE_FILE: &str = "device.state";
-const DIFF_FILE: &str = "memory.diff";
+pub(crate) const STATE_FILE: &str = "device.state";
+pub(crate) const DIFF_FILE: &str = "memory.diff";
 const MEMORY_FILE: &str = "memory.ram";
 const DISK_FILE: &str = "disk.qcow2";
-const SUSPEND_DIR: &str = "suspended";
+pub(crate) const SUSPEND_DIR: &str = "suspended";
 /// The kernel and initramfs a snapshot's guest was booted with, kept beside it (laid out as a
 /// [`GuestAssets`] directory) so that a kernel or agent update on the host never breaks it.
-const BOOT_DIR: &str = "boot";
+pub(crate) const BOOT_DIR: &str = "boot";
 /// How long the agent gets to end its session before a snapshot.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -104,9 +104,22 @@ fn manifest_for(
     })
 }
 
+/// The manifest of a snapshot of the running `vm` taken as VM `id` (a fork's clone).
+pub(crate) fn clone_manifest(
+    vm: &Vm,
+    id: &VmId,
+    kind: SnapshotKind,
+    state: &Path,
+    memory_diff: DiffSummary,
+) -> Result<Manifest, VmError> {
+    let mut saved = vm.saved_view();
+    saved.id = id.clone();
+    manifest_for(&saved, kind, state, None, Some(memory_diff))
+}
+
 /// Keeps the guest's kernel and initramfs in `dir` (hard links where the filesystem allows,
 /// copies otherwise), read-only.
-fn keep_boot_files(assets: &GuestAssets, dir: &Path) -> Result<(), VmError> {
+pub(crate) fn keep_boot_files(assets: &GuestAssets, dir: &Path) -> Result<(), VmError> {
     // The VM's directory may have been a jailed QEMU's: a link there is not followed.
     if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(VmError::Dir {

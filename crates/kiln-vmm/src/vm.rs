@@ -676,6 +676,11 @@ impl Vm {
             backend.finish().await;
         }
         self.owns_dir = false;
+        self.saved_view()
+    }
+
+    /// What a snapshot of this VM records of it.
+    pub(crate) fn saved_view(&self) -> SavedVm {
         SavedVm {
             id: self.id.clone(),
             paths: self.paths.clone(),
