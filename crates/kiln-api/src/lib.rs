@@ -20,9 +20,9 @@ pub use kiln_types::{
     ParseStateError, TokenKind,
 };
 pub use microvm::{
-    AppLogs, AppLogsQuery, ExecRequest, ExecResponse, GetMicrovmQuery, IdlePolicy,
-    ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest, RunMicrovmResponse, Usage,
-    MAX_WAIT_SECONDS,
+    AppLogs, AppLogsQuery, ExecRequest, ExecResponse, ForkMicrovmRequest, ForkMicrovmResponse,
+    GetMicrovmQuery, IdlePolicy, ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest,
+    RunMicrovmResponse, Usage, MAX_FORK_COUNT, MAX_WAIT_SECONDS,
 };
 pub use system::{Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{

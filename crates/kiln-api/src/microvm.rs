@@ -74,6 +74,32 @@ pub struct RunMicrovmResponse {
     pub state: MicrovmState,
 }
 
+/// The most clones one ForkMicrovm makes.
+pub const MAX_FORK_COUNT: u64 = 100;
+
+/// ForkMicrovm's request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ForkMicrovmRequest {
+    /// How many clones (1 to 100; 1 when absent).
+    #[serde(
+        default,
+        deserialize_with = "kiln_types::whole::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 1, maximum = 100)]
+    pub count: Option<u64>,
+}
+
+/// ForkMicrovm's answer: the clones, each SUSPENDED or RESUMING from the parent's copy, on
+/// the way to RUNNING (`waitFor=RUNNING` waits for one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkMicrovmResponse {
+    pub parent_microvm_id: String,
+    pub microvms: Vec<RunMicrovmResponse>,
+}
+
 /// Metering, as the seed bills.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

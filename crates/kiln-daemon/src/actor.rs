@@ -46,6 +46,12 @@ pub enum Command {
         reason: String,
         reply: Option<Reply<MicrovmRow>>,
     },
+    /// Copy a RUNNING microVM into the (PENDING) microVMs `clones`, written as suspended
+    /// VMs for their own actors to resume.
+    Fork {
+        clones: Vec<String>,
+        reply: Reply<Vec<SuspendedVm>>,
+    },
     /// A standalone copy of a SUSPENDED microVM's disk.
     ExportDisk {
         reply: Reply<(tokio::fs::File, u64)>,
@@ -147,6 +153,9 @@ impl Actor {
             Command::Terminate { reason, reply } => {
                 let result = self.terminate(&reason).await;
                 answer(reply, result);
+            }
+            Command::Fork { clones, reply } => {
+                let _ = reply.send(self.fork(&clones).await);
             }
             Command::ExportDisk { reply } => {
                 let _ = reply.send(self.export_disk().await);
@@ -355,6 +364,44 @@ impl Actor {
         }
         self.start_running(vm, Some(reason));
         self.row()
+    }
+
+    /// Pauses the guest once and writes each clone; the guest runs on with a new agent
+    /// session (published again), whatever happened to the clones.
+    async fn fork(&mut self, clones: &[String]) -> ApiResult<Vec<SuspendedVm>> {
+        let (m, id) = (self.m.clone(), self.id.clone());
+        let row = self.row()?;
+        if row.state != MicrovmState::Running {
+            return Err(ApiError::conflict(format!(
+                "microVM {id} is {}; only a RUNNING microVM can be forked",
+                row.state
+            )));
+        }
+        let targets = clones
+            .iter()
+            .map(|c| {
+                let vm_id = VmId::new(c).map_err(ApiError::internal)?;
+                Ok(kiln_vmm::ForkTarget {
+                    id: vm_id,
+                    dir: m.microvm_dir(c),
+                })
+            })
+            .collect::<ApiResult<Vec<_>>>()?;
+        let vm = self
+            .slot
+            .vm
+            .as_mut()
+            .ok_or_else(|| ApiError::internal("running microVM has no process"))?;
+        m.publish(&id, None);
+        let forked = vm.fork(&targets).await;
+        m.publish(&id, Some(vm.agent().clone()));
+        m.record_activity(&id);
+        forked.map_err(|e| {
+            ApiError::conflict(format!(
+                "the fork failed, {id} runs on: {}",
+                error_chain(&e)
+            ))
+        })
     }
 
     /// A resume that failed before the guest ran keeps its snapshot: the microVM is

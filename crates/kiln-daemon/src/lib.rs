@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 pub mod egress;
 pub mod error;
+pub mod fork;
 pub mod idle;
 pub mod images;
 pub mod ingress;

@@ -292,7 +292,7 @@ impl Manager {
 
     /// Sends a command that answers and waits for the answer. A microVM without an actor
     /// is TERMINATED (or unknown): the answer says so.
-    async fn ask<T>(
+    pub(crate) async fn ask<T>(
         &self,
         id: &str,
         what: &str,

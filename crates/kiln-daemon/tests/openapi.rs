@@ -29,6 +29,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/microvms/{id}"),
     ("post", "/v1/microvms/{id}/suspend"),
     ("post", "/v1/microvms/{id}/resume"),
+    ("post", "/v1/microvms/{id}/fork"),
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
     ("get", "/v1/microvms/{id}/logs"),

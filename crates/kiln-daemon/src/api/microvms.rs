@@ -6,9 +6,9 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::Json;
 use kiln_api::{
-    AppLogs, AppLogsQuery, ErrorBody, ExecRequest, ExecResponse, GetMicrovmQuery,
-    ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest, RunMicrovmResponse,
-    MAX_WAIT_SECONDS,
+    AppLogs, AppLogsQuery, ErrorBody, ExecRequest, ExecResponse, ForkMicrovmRequest,
+    ForkMicrovmResponse, GetMicrovmQuery, ListMicrovmsQuery, Microvm, MicrovmList,
+    RunMicrovmRequest, RunMicrovmResponse, MAX_WAIT_SECONDS,
 };
 use kiln_store::MicrovmRow;
 
@@ -146,6 +146,44 @@ pub async fn suspend_microvm(
     m.row(&id)?;
     let row = m.suspend(&id, "SuspendMicrovm").await?;
     Ok(Json(microvm_view(&m, &row)))
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms/{id}/fork", operation_id = "ForkMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "ForkMicrovm: pauses a RUNNING microVM for a moment and copies its memory, \
+        processes and disk into `count` new microVMs (each its own id, endpoint, tokens, random \
+        seed and VM generation ID; the app's /resume hook runs in each). The parent runs on. \
+        Answers once the clones are recorded; GET /v1/microvms/{id}?waitFor=RUNNING waits for one.",
+    params(("id" = String, Path, description = "The microVM to copy")),
+    request_body = ForkMicrovmRequest,
+    responses(
+        (status = 200, description = "The clones, on their way to RUNNING", body = ForkMicrovmResponse),
+        (status = 400, description = "count is not 1 to 100, or the body is malformed", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not RUNNING, or it cannot be copied (the parent runs on)", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 429, description = "The clones would pass --max-microvms, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn fork_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ForkMicrovmRequest>,
+) -> ApiResult<Json<ForkMicrovmResponse>> {
+    let rows = m.fork(&id, req.count.unwrap_or(1)).await?;
+    Ok(Json(ForkMicrovmResponse {
+        parent_microvm_id: id,
+        microvms: rows
+            .into_iter()
+            .map(|row| RunMicrovmResponse {
+                endpoint: m.endpoint(&row.id),
+                microvm_id: row.id,
+                state: row.state,
+            })
+            .collect(),
+    }))
 }
 
 #[utoipa::path(

@@ -79,6 +79,7 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(microvms::get_microvm, microvms::delete_microvm))
         .routes(routes!(microvms::suspend_microvm))
         .routes(routes!(microvms::resume_microvm))
+        .routes(routes!(microvms::fork_microvm))
         .routes(routes!(microvms::terminate_microvm))
         .routes(routes!(microvms::exec_microvm))
         .routes(routes!(microvms::microvm_logs))
