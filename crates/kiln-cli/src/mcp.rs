@@ -58,6 +58,13 @@ pub struct Sandbox {
 }
 
 #[derive(Deserialize, JsonSchema)]
+pub struct ForkSandbox {
+    microvm_id: String,
+    /// How many copies (1 to 100; default 1).
+    count: Option<u64>,
+}
+
+#[derive(Deserialize, JsonSchema)]
 pub struct ReadFile {
     microvm_id: String,
     /// Absolute path in the sandbox.
@@ -249,6 +256,42 @@ impl KilnMcp {
         .await
     }
 
+    #[tool(
+        description = "Fork a running sandbox: copies of it (memory, running processes, files) as they are now, each its own sandbox that runs on independently with fresh randomness. Waits until they run; returns their microvmIds. Use it to try several approaches from one state."
+    )]
+    async fn fork_sandbox(&self, Parameters(p): Parameters<ForkSandbox>) -> Result<String, String> {
+        self.call(move |c| {
+            let forked = c
+                .fork_microvm(&p.microvm_id, p.count.unwrap_or(1))
+                .map_err(|e| e.to_string())?;
+            let mut clones = Vec::new();
+            for m in &forked.microvms {
+                let vm = c
+                    .wait_microvm(
+                        &m.microvm_id,
+                        MicrovmState::Running,
+                        Duration::from_secs(180),
+                    )
+                    .map_err(|e| e.to_string())?;
+                if vm.state != MicrovmState::Running {
+                    return Err(format!(
+                        "clone {} is {}: {}",
+                        vm.microvm_id,
+                        vm.state,
+                        vm.state_reason.as_deref().unwrap_or("?")
+                    ));
+                }
+                clones.push(
+                    json!({"microvmId": vm.microvm_id, "endpoint": vm.endpoint, "state": vm.state}),
+                );
+            }
+            Ok(pretty(
+                &json!({"parentMicrovmId": forked.parent_microvm_id, "clones": clones}),
+            ))
+        })
+        .await
+    }
+
     #[tool(description = "List sandboxes that are not terminated.")]
     async fn list_sandboxes(&self) -> Result<String, String> {
         self.call(|c| {
@@ -270,7 +313,7 @@ impl KilnMcp {
 #[tool_handler(
     router = self.tool_router,
     name = "kiln",
-    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file) as often as needed — state persists — then destroy_sandbox."
+    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file) as often as needed — state persists — fork_sandbox to branch it, then destroy_sandbox."
 )]
 impl ServerHandler for KilnMcp {}
 

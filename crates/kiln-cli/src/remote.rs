@@ -69,6 +69,17 @@ pub enum Remote {
     Resume { id: String },
     /// TerminateMicrovm.
     Terminate { id: String },
+    /// ForkMicrovm: copy a RUNNING microVM (memory, processes, disk) into new microVMs;
+    /// prints their ids.
+    Fork {
+        id: String,
+        /// How many clones (1 to 100).
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Wait until every clone is RUNNING (or TERMINATED).
+        #[arg(long)]
+        wait: bool,
+    },
     /// CreateMicrovmAuthToken: `kiln token [create] <microvmId>`.
     Token {
         #[arg(num_args = 1..=2, required = true, value_name = "[create] MICROVM_ID")]
@@ -278,6 +289,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             show(&c.terminate_microvm(&id)?);
             Ok(0)
         }
+        Remote::Fork { id, count, wait } => fork(&c, conn, &id, count, wait),
         Remote::Token {
             target,
             ports,
@@ -409,6 +421,38 @@ fn download_disk(
             })
         }
     }
+}
+
+/// `kiln fork`: the clones' ids (or, with --wait, their views once RUNNING); exit 1 if any
+/// clone ended instead.
+fn fork(c: &Client, conn: &Conn, id: &str, count: u64, wait: bool) -> Result<i32, ClientError> {
+    let forked = c.fork_microvm(id, count)?;
+    if !wait {
+        if conn.json() {
+            print_json(&forked);
+        } else {
+            forked
+                .microvms
+                .iter()
+                .for_each(|m| println!("{}", m.microvm_id));
+        }
+        return Ok(0);
+    }
+    let mut views = Vec::with_capacity(forked.microvms.len());
+    for m in &forked.microvms {
+        views.push(c.wait_microvm(
+            &m.microvm_id,
+            MicrovmState::Running,
+            Duration::from_secs(180),
+        )?);
+    }
+    if conn.json() {
+        print_json(&views);
+    } else {
+        print_table(&views.iter().collect::<Vec<_>>());
+    }
+    let ended = views.iter().any(|v| v.state == MicrovmState::Terminated);
+    Ok(i32::from(ended))
 }
 
 #[cfg(test)]

@@ -81,6 +81,7 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
         [
             "create_sandbox",
             "destroy_sandbox",
+            "fork_sandbox",
             "list_sandboxes",
             "read_file",
             "run_code",
@@ -147,6 +148,33 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
     assert!(ok && out.contains(r#""exitCode": 3"#), "{out}");
     let (_, listed) = call(&client, "list_sandboxes", json!({})).await;
     assert!(listed.contains(&id), "{listed}");
+
+    // A fork runs on from the sandbox's files; what it writes stays its own.
+    let (ok, forked) = call(&client, "fork_sandbox", json!({"microvm_id": id})).await;
+    assert!(ok, "{forked}");
+    let forked: Value = serde_json::from_str(&forked).unwrap();
+    assert_eq!(forked["parentMicrovmId"], id.as_str());
+    let clone = forked["clones"][0]["microvmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(forked["clones"][0]["state"], "RUNNING", "{forked}");
+    let (ok, read) = call(
+        &client,
+        "run_code",
+        json!({"microvm_id": clone, "code": "cat /workspace/answer; echo clone > /workspace/who"}),
+    )
+    .await;
+    assert!(ok && read.contains(r#""stdout": "42\n""#), "{read}");
+    let (_, parent) = call(
+        &client,
+        "run_command",
+        json!({"microvm_id": id, "command": ["sh", "-c", "cat /workspace/who || echo none"]}),
+    )
+    .await;
+    assert!(parent.contains(r#""stdout": "none\n""#), "{parent}");
+    let (ok, gone) = call(&client, "destroy_sandbox", json!({"microvm_id": clone})).await;
+    assert!(ok && gone.contains("TERMINATED"), "{gone}");
 
     let (ok, gone) = call(&client, "destroy_sandbox", json!({"microvm_id": id})).await;
     assert!(ok && gone.contains("TERMINATED"), "{gone}");

@@ -13,9 +13,9 @@ pub use kiln_api as api;
 
 use kiln_api::{
     AppLogs, Artifact, CodeArtifact, CreateImageRequest, CreateImageResponse, CreateTokenRequest,
-    CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, Health, Image, ImageList,
-    ListMicrovmsQuery, Microvm, MicrovmList, MicrovmState, RotateKeyResponse, RunMicrovmRequest,
-    RunMicrovmResponse,
+    CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, ForkMicrovmRequest,
+    ForkMicrovmResponse, Health, Image, ImageList, ListMicrovmsQuery, Microvm, MicrovmList,
+    MicrovmState, RotateKeyResponse, RunMicrovmRequest, RunMicrovmResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -352,6 +352,15 @@ impl Client {
 
     pub fn terminate_microvm(&self, id: &str) -> Result<Microvm, ClientError> {
         self.microvm_action(id, "terminate")
+    }
+
+    /// ForkMicrovm: `count` clones of RUNNING microVM `id`, on their way to RUNNING.
+    pub fn fork_microvm(&self, id: &str, count: u64) -> Result<ForkMicrovmResponse, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/microvms/{}/fork", seg(id)),
+            Some(&ForkMicrovmRequest { count: Some(count) }),
+        )
     }
 
     pub fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, ClientError> {

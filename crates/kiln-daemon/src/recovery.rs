@@ -58,11 +58,14 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
                 // A launch is rolled back: its template is untouched, its guest never served.
                 end_leftovers(manager, &row.id).await;
                 let _ = std::fs::remove_dir_all(manager.microvm_dir(&row.id));
-                manager.set_state(
-                    &row.id,
-                    MicrovmState::Terminated,
-                    Some("kilnd restarted while the microVM was launching; launch it again"),
-                );
+                let why = match row.state_reason.as_deref() {
+                    Some(r) if r.starts_with("forking from") => {
+                        format!("kilnd restarted while it was {r}; it never ran: fork again")
+                    }
+                    _ => "kilnd restarted while the microVM was launching; launch it again"
+                        .to_string(),
+                };
+                manager.set_state(&row.id, MicrovmState::Terminated, Some(&why));
             }
         }
     }

@@ -21,6 +21,8 @@ use crate::vm::{connect_agent, create_vm_dir, remove_dir, Vm, VmError};
 const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A fork makes at most this many clones at once.
 pub const MAX_FORK: usize = 100;
+/// The parent's scratch directory while it forks (removed after, or on re-adoption).
+pub const WORK_DIR: &str = "fork";
 
 /// Where one clone of a fork goes.
 #[derive(Debug, Clone)]
@@ -63,7 +65,7 @@ impl Vm {
                 return Err(VmError::DirExists(t.dir.clone()));
             }
             let started = Instant::now();
-            let work = self.paths.dir.join("fork");
+            let work = self.paths.dir.join(WORK_DIR);
             let _ = std::fs::remove_dir_all(&work);
             std::fs::create_dir(&work).map_err(io_err(&work))?;
             self.give_to_jail(&work).map_err(io_err(&work))?;

@@ -224,6 +224,8 @@ impl Vm {
     /// Removes the suspended state a resume came from, or a suspend left half-written.
     pub fn forget_suspended_state(&self) {
         let _ = std::fs::remove_dir_all(self.paths.dir.join(SUSPEND_DIR));
+        // An interrupted fork's work directory (its clones are the daemon's to end).
+        let _ = std::fs::remove_dir_all(self.paths.dir.join(crate::fork::WORK_DIR));
     }
 
     /// Suspends this VM into `<dir>/suspended/`; QEMU ends and its memory is freed. A guest

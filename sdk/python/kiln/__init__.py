@@ -210,6 +210,13 @@ class Client:
     def terminate_microvm(self, microvmIdentifier: str) -> dict:
         return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/terminate", {})
 
+    def fork_microvm(self, microvmIdentifier: str, count: int = 1) -> dict:
+        """ForkMicrovm: ``count`` (1 to 100) copies of a RUNNING microVM, memory, processes and
+        disk as they were at one instant, each with its own identity. Returns
+        ``{"parentMicrovmId", "microvms": [{"microvmId", "endpoint", "state"}]}``; the clones
+        are on their way to RUNNING (``wait_microvm``)."""
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/fork", {"count": count})
+
     def wait_microvm(self, microvmIdentifier: str, state: str = "RUNNING", timeout: float = 120.0) -> dict:
         """Returns the microVM once it is in ``state``. kilnd answers when the state changes
         (``waitFor``), so nothing polls; each request waits within the client's own timeout."""

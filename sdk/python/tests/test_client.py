@@ -46,6 +46,23 @@ def test_seed_shaped_flow(daemon, monkeypatch):
     assert client.get_microvm(microvmIdentifier=vm_id)["state"] == "RUNNING"
     assert [v["microvmId"] for v in client.list_microvms(state="RUNNING")["microvms"]] == [vm_id]
 
+    # A fork: two more microVMs serving from the parent's running httpd, the parent serving on.
+    forked = client.fork_microvm(microvmIdentifier=vm_id, count=2)
+    assert forked["parentMicrovmId"] == vm_id and len(forked["microvms"]) == 2
+    for clone in forked["microvms"]:
+        client.wait_microvm(clone["microvmId"], "RUNNING")
+        t = client.create_microvm_auth_token(microvmIdentifier=clone["microvmId"],
+                                             allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
+        creq = urllib.request.Request(f"http://{ingress}/index.html",
+                                      headers={"Host": f"{clone['microvmId']}.localhost", "X-aws-proxy-auth": t,
+                                               "X-aws-proxy-port": "8080"})
+        assert urllib.request.urlopen(creq, timeout=60).read() == b"hello from the sandbox\n"
+        assert client.terminate_microvm(microvmIdentifier=clone["microvmId"])["state"] == "TERMINATED"
+    assert urllib.request.urlopen(req, timeout=60).read() == b"hello from the sandbox\n"
+    with pytest.raises(kiln.KilnError) as err:
+        client.fork_microvm(microvmIdentifier=vm_id, count=0)
+    assert err.value.status == 400 and "count must be 1 to 100" in err.value.message
+
     with pytest.raises(kiln.KilnError) as err:
         client.resume_microvm(microvmIdentifier=vm_id)
     assert err.value.code == "ConflictException" and err.value.status == 409

@@ -2,6 +2,8 @@
 //! blocking HTTP client; plus a hook-recording test image and a host-side report server.
 #![allow(dead_code)]
 
+pub mod steps;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
