@@ -24,6 +24,8 @@ const TARGETS: &[(&str, Entry)] = &[
     ("host", kiln_proxy::fuzzing::host),
     ("rest_body", kiln_api::fuzzing::rest_body),
     ("qmp", kiln_vmm::fuzzing::qmp),
+    ("memdiff", kiln_vmm::fuzzing::memdiff),
+    ("smaps", kiln_vmm::fuzzing::smaps),
 ];
 
 fn fuzz_dir() -> std::path::PathBuf {

@@ -420,7 +420,7 @@ impl GuestRam {
 }
 
 /// The fields of the `smaps` entry of the mapping that starts at `start`.
-fn parse_smaps_entry(text: &str, start: u64) -> Option<RamUsage> {
+pub(crate) fn parse_smaps_entry(text: &str, start: u64) -> Option<RamUsage> {
     let mut lines = text.lines();
     lines.find(|l| Mapping::parse(l).is_some_and(|m| m.start == start))?;
     let mut usage = RamUsage::default();
@@ -445,6 +445,11 @@ fn parse_smaps_entry(text: &str, start: u64) -> Option<RamUsage> {
         }
     }
     Some(usage)
+}
+
+/// Where the mapping a `maps` line describes starts (None: not such a line).
+pub(crate) fn mapping_start(line: &str) -> Option<u64> {
+    Mapping::parse(line).map(|m| m.start)
 }
 
 /// Splits ascending page numbers into runs of consecutive pages, each at most `max` long.
