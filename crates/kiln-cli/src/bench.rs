@@ -1,7 +1,8 @@
 //! `kiln bench`: measured side by side in one run, never asserted.
 //! - cold boot → agent ready vs launch from template → agent ready (ratio);
 //! - launch with the jail vs without (`--no-jail`);
-//! - suspend and resume times;
+//! - suspend and resume times; a diff suspend's bytes against the guest's private set, a
+//!   sharing resume against a launch, memory after suspend/resume, a fork (bench_snapshot);
 //! - host memory (PSS) of N clones of one template vs one cold-booted VM;
 //! - image bake and first launch vs cold boot;
 //! - guest network throughput and connection rate: kiln's backend vs QEMU user-net.
@@ -43,16 +44,16 @@ pub enum BenchPart {
     Network,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn all_ms(v: &[Duration]) -> Vec<f64> {
+pub(crate) fn all_ms(v: &[Duration]) -> Vec<f64> {
     v.iter().copied().map(ms).collect()
 }
 
 /// Proportional set size of a process in KiB (shared pages divided among sharers).
-fn pss_kib(pid: u32) -> u64 {
+pub(crate) fn pss_kib(pid: u32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     text.lines()
         .find(|l| l.starts_with("Pss:"))
@@ -107,7 +108,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 // INVARIANT: every caller names its VM with a short fixed lowercase word, with a number or
 // the network backend's name ("cold-3", "clone-0", "net-kiln"), which VmId accepts.
 #[allow(clippy::expect_used)]
-fn id(name: String) -> VmId {
+pub(crate) fn id(name: String) -> VmId {
     VmId::new(name).expect("bench ids are valid")
 }
 
@@ -225,7 +226,17 @@ async fn measure(
     for vm in clones {
         vm.destroy().await?;
     }
+    let snapshots = crate::bench_snapshot::measure(
+        args.rounds,
+        args.clones,
+        &template,
+        &launch,
+        single_pss,
+        report,
+    )
+    .await;
 
+    report.section("runtime: cold boot, launch, jail, memory:");
     let cold = report.samples("cold boot -> agent ready", "ms", &all_ms(&cold));
     let launch = report.samples("template launch -> agent ready", "ms", &all_ms(&launches));
     report.ratio("ratio cold/launch", &cold, &launch);
@@ -250,7 +261,7 @@ async fn measure(
         report.ratio("clones vs separate VMs, memory", &all, &separate);
     }
     template.delete()?;
-    Ok(())
+    snapshots
 }
 
 /// Image section: bake a small image, rebuild it with every step cached, and compare the

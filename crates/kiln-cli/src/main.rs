@@ -7,6 +7,7 @@
 mod bench;
 mod bench_net;
 mod bench_report;
+mod bench_snapshot;
 mod doctor;
 mod image;
 mod image_api;

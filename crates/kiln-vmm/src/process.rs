@@ -20,6 +20,8 @@ pub const CONSOLE_LOG_CAP: u64 = 4 * 1024 * 1024;
 const STDERR_CAP: usize = 64 * 1024;
 /// What QEMU prints while it waits for the console's reader.
 const CONSOLE_WAIT_NOTICE: &str = "QEMU waiting for connection on:";
+/// What QEMU prints loading state that xen-save-devices-state wrote (kiln's diff resume).
+const NO_VMDESCRIPTION_NOTICE: &str = "Expected vmdescription section";
 
 /// How long the jailer may take to report (cgroups, ownership and mounts: milliseconds).
 const JAIL_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -691,6 +693,11 @@ pub(crate) async fn capture_stderr(
         let text = text.trim_end();
         // QEMU says it waits for the console's reader on every start: not news.
         if text.trim().is_empty() || text.contains(CONSOLE_WAIT_NOTICE) {
+            continue;
+        }
+        // A devices-only state (a diff resume) has no description section by design.
+        if text.contains(NO_VMDESCRIPTION_NOTICE) {
+            tracing::debug!("{what}: {text}");
             continue;
         }
         warn!("{what}: {text}");
