@@ -253,12 +253,11 @@ async fn measure(
         &[clone_pss as f64],
     );
     if single_pss > 0 && args.clones > 0 {
-        let separate = report.samples(
-            &format!("PSS of {} separate VMs (estimate)", args.clones),
-            "KiB",
-            &[one.median * args.clones as f64],
+        report.ratio(
+            &format!("{} clones vs one cold-booted VM, memory", args.clones),
+            &all,
+            &one,
         );
-        report.ratio("clones vs separate VMs, memory", &all, &separate);
     }
     template.delete()?;
     snapshots

@@ -99,12 +99,21 @@ pub async fn measure(
     );
     report.ratio("ratio after-cycle/fresh, memory", &after, &fresh);
     if single_pss > 0 {
-        let separate = report.samples(
-            &format!("PSS of {clones} cold-booted VMs (estimate)"),
+        let one = report.samples(
+            "PSS of one cold-booted VM (this run)",
             "KiB",
-            &[(single_pss * clones as u64) as f64],
+            &[single_pss as f64],
         );
-        report.ratio("ratio after-cycle/cold-booted, memory", &after, &separate);
+        report.ratio(
+            &format!("{clones} fresh vs one cold-booted VM, memory"),
+            &fresh,
+            &one,
+        );
+        report.ratio(
+            &format!("{clones} after suspend + resume vs one cold-booted VM, memory"),
+            &after,
+            &one,
+        );
     }
     fork(clones, template, launch, report).await
 }

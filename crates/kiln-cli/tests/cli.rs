@@ -332,4 +332,15 @@ fn bench_json_gives_every_figure_with_its_spread() {
     assert!(0.0 < min && min <= med && med <= max, "{launch}");
     let ratio = find("ratio cold/launch");
     assert!(ratio["min"].as_f64().unwrap() <= ratio["median"].as_f64().unwrap());
+    // The snapshot section: a diff suspend writes something, bounded by the RAM.
+    let written = find("suspend writes (diff + devices)");
+    assert!(written["median"].as_f64().unwrap() > 0.0, "{written}");
+    assert!(
+        written["max"].as_f64().unwrap() < 512.0 * 1024.0,
+        "{written}"
+    );
+    find("ratio resume/launch");
+    find("ratio written/private set");
+    find("1 after suspend + resume vs one cold-booted VM, memory");
+    assert_eq!(find("a fork's clone resume -> agent ready")["n"], 1);
 }

@@ -203,6 +203,9 @@ pub struct Vm {
     pub(crate) owns_dir: bool,
 }
 
+/// The migration bandwidth kiln sets (1 TiB/s: no limit a disk reaches).
+const UNTHROTTLED_BYTES_PER_S: u64 = 1 << 40;
+
 impl Vm {
     /// Cold boot from a base disk: the slow path, used to build templates.
     pub async fn boot(cfg: BootConfig) -> Result<Vm, VmError> {
@@ -555,6 +558,12 @@ impl Vm {
         self.qmp(
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}),
+        )
+        .await?;
+        // QEMU throttles a migration to 128 MiB/s by default; to a local file nothing should.
+        self.qmp(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": UNTHROTTLED_BYTES_PER_S }),
         )
         .await?;
         let uri = file_uri(&self.id, path)?;
