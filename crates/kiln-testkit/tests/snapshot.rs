@@ -355,3 +355,30 @@ async fn suspend_writes_the_diff_and_resume_keeps_sharing_the_template() {
     a.destroy().await;
     b.destroy().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_booted_guest_suspends_its_whole_ram_unthrottled_and_resumes() {
+    // Its own scratch directory: a TestVm's would go with it at `into_inner`.
+    let scratch = kiln_testkit::scratch();
+    let cfg = kiln_testkit::boot_config(scratch.path(), "cold", machine());
+    let vm = TestVm::wrap(kiln_vmm::Vm::boot(cfg).await.expect("cold boot"));
+    vm.ok(&format!("echo cold > /root/f; {COUNTER}")).await;
+    assert_counting(&vm).await;
+    let suspended = vm.into_inner().suspend().await.expect("full suspend");
+    // No template to diff against: the whole migration stream, RAM included.
+    assert!(suspended.manifest().memory_diff.is_none());
+    assert!(
+        suspended.state_bytes() > 4 << 20,
+        "the stream holds the guest's RAM: {} bytes",
+        suspended.state_bytes()
+    );
+    let vm = TestVm::wrap(
+        suspended
+            .resume(Duration::from_secs(120))
+            .await
+            .expect("resume"),
+    );
+    assert_eq!(vm.ok("cat /root/f").await.trim(), "cold");
+    assert_counting(&vm).await;
+    vm.destroy().await;
+}
