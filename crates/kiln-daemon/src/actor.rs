@@ -4,6 +4,7 @@
 //! Reads never queue behind it: GetMicrovm reads the store, exec and logs the agent the actor
 //! publishes while RUNNING, and waiters (`waitFor`, the ingress) watch its state.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -283,8 +284,7 @@ impl Actor {
         // Its memory goes to disk: refused, and left running, when that would fill the disk
         // (a save that fails half way would cost the microVM).
         if let Some(vm) = self.slot.vm.as_ref() {
-            let memory = u64::from(vm.machine().memory_mib) << 20;
-            m.check_disk("not suspended, it keeps running", memory)?;
+            m.check_disk("not suspended, it keeps running", save_bound(vm))?;
         }
         m.publish(id, None);
         let config = Manager::config_of(&row)?;
@@ -392,6 +392,10 @@ impl Actor {
             .vm
             .as_mut()
             .ok_or_else(|| ApiError::internal("running microVM has no process"))?;
+        // The diff once (hard-linked into each clone), the disk overlay per clone.
+        let overlay = std::fs::metadata(vm.active_disk()).map_or(0, |d| d.blocks() * 512);
+        let needs = save_bound(vm).saturating_add(overlay.saturating_mul(clones.len() as u64));
+        m.check_disk("no fork", needs)?;
         m.publish(&id, None);
         let forked = vm.fork(&targets).await;
         m.publish(&id, Some(vm.agent().clone()));
@@ -591,4 +595,14 @@ async fn apply_no_network(config: &MicrovmConfig, vm: &Vm) -> Result<(), kiln_vm
         vm.detach_nic().await?;
     }
     Ok(())
+}
+
+/// At most what saving `vm` writes: its private pages (a diff save; plus room for the device
+/// state and what the guest writes while it is detached) or, without a template, all its RAM.
+fn save_bound(vm: &kiln_vmm::Vm) -> u64 {
+    const MARGIN: u64 = 16 << 20;
+    match vm.ram_usage() {
+        Some(Ok(usage)) => usage.anonymous.saturating_add(MARGIN),
+        _ => u64::from(vm.machine().memory_mib) << 20,
+    }
 }

@@ -32,6 +32,7 @@ impl Manager {
                 parent.state
             )));
         }
+        // The actor checks the room the copies need before it pauses the parent.
         self.check_disk("no fork", 0)?;
         let clones = self.record_clones(&parent, count)?;
         let ids: Vec<String> = clones.iter().map(|r| r.id.clone()).collect();

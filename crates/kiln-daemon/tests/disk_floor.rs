@@ -57,6 +57,13 @@ fn a_full_disk_refuses_new_work_and_keeps_what_runs() {
         body["message"].as_str().unwrap().contains("keeps running"),
         "{body}"
     );
+    // So would a fork (its copies): refused before the parent pauses.
+    let (status, body) = d.post(&format!("/v1/microvms/{id}/fork"), json!({"count": 2}));
+    refused(status, &body);
+    assert!(
+        body["message"].as_str().unwrap().contains("no fork"),
+        "{body}"
+    );
     let (status, out) = d.post(
         &format!("/v1/microvms/{id}/exec"),
         json!({"command": ["echo", "alive"]}),

@@ -87,16 +87,17 @@ fn a_transition_the_lifecycle_forbids_writes_nothing() {
     let store = Store::open(&dir.path().join("kiln.db")).unwrap();
     store.insert_microvm(&vm("a", "img-1")).unwrap();
     let before = store.events_since(0, 100).unwrap().len();
-    // PENDING cannot be SUSPENDED; TERMINATED is never left.
+    // PENDING cannot be RESUMING (only a fork's clone goes PENDING → SUSPENDED); TERMINATED
+    // is never left.
     let err = store
-        .set_state("a", MicrovmState::Suspended, Some("x"))
+        .set_state("a", MicrovmState::Resuming, Some("x"))
         .unwrap_err();
     assert!(
         matches!(
             err,
             StoreError::Transition {
                 from: MicrovmState::Pending,
-                to: MicrovmState::Suspended,
+                to: MicrovmState::Resuming,
                 ..
             }
         ),
