@@ -434,12 +434,7 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
         assert_eq!(status, 200, "{out}\n{}", d.log());
         out["stdout"].as_str().unwrap().to_string()
     };
-    sh(
-        &d,
-        &running,
-        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) \
-         >/dev/null 2>&1 </dev/null &",
-    );
+    sh(&d, &running, common::steps::COUNTER);
     std::thread::sleep(Duration::from_millis(500));
     let count =
         |d: &TestDaemon, id: &str| -> u64 { sh(d, id, "cat /tmp/count").trim().parse().unwrap() };

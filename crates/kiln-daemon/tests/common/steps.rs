@@ -8,8 +8,11 @@ use serde_json::{json, Value};
 
 use super::TestDaemon;
 
-pub const COUNTER: &str = "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) \
-                       >/dev/null 2>&1 </dev/null &";
+/// A counter in the guest's memory, published to /tmp/count. Each count is written beside
+/// the file and renamed over it, so a reader never sees the file between the shell's
+/// truncation and its write (an empty count).
+pub const COUNTER: &str = "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
+                       mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 </dev/null &";
 
 pub fn sh(d: &TestDaemon, id: &str, script: &str) -> String {
     let (status, out) = d.post(
