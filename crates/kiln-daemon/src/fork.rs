@@ -16,6 +16,9 @@ use crate::actor::{Command, Slot};
 use crate::error::{ApiError, ApiResult};
 use crate::manager::{new_microvm_id, Manager, Usage};
 
+// The API's bound is the VMM's: one number, checked where both are seen.
+const _: () = assert!(MAX_FORK_COUNT as usize == kiln_vmm::fork::MAX_FORK);
+
 impl Manager {
     /// Forks RUNNING microVM `id` into `count` clones; answers once each is SUSPENDED and
     /// told to resume.
