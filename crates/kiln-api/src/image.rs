@@ -156,6 +156,25 @@ pub struct Image {
     pub log_tail: Option<String>,
     /// The request that made this build (`kiln image rebuild NAME` sends it again).
     pub build_request: Option<CreateImageRequest>,
+    /// The microVM this image was saved from (SaveMicrovmImage), for an image not built
+    /// from a Dockerfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_microvm_id: Option<String>,
+}
+
+/// SaveMicrovmImage's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SaveMicrovmImageRequest {
+    /// The new image's name: 1-40 of a-z, 0-9 and '-', not starting with '-'. A name with
+    /// a Dockerfile build is refused; saving under a saved image's name makes a newer build
+    /// of it.
+    #[schema(
+        example = "app-warm",
+        max_length = 40,
+        pattern = "^[a-z0-9][a-z0-9-]{0,39}$"
+    )]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

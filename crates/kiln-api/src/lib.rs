@@ -13,7 +13,7 @@ mod token;
 pub use error::{ErrorBody, ErrorCode};
 pub use image::{
     Artifact, ArtifactFormat, BuildStep, CodeArtifact, CreateImageRequest, CreateImageResponse,
-    Image, ImageList, LogsQuery, MAX_DISK_MIB, MAX_READY_TIMEOUT_SECONDS,
+    Image, ImageList, LogsQuery, SaveMicrovmImageRequest, MAX_DISK_MIB, MAX_READY_TIMEOUT_SECONDS,
 };
 pub use kiln_types::{
     Connector, Destination, ImageStatus, MicrovmState, NetworkCounters, ParseImageStatusError,

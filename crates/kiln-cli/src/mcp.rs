@@ -65,6 +65,13 @@ pub struct ForkSandbox {
 }
 
 #[derive(Deserialize, JsonSchema)]
+pub struct SaveSandbox {
+    microvm_id: String,
+    /// The new image's name (a-z, 0-9 and '-', up to 40).
+    name: String,
+}
+
+#[derive(Deserialize, JsonSchema)]
 pub struct ReadFile {
     microvm_id: String,
     /// Absolute path in the sandbox.
@@ -292,6 +299,35 @@ impl KilnMcp {
         .await
     }
 
+    #[tool(
+        description = "Save a running sandbox as a new image: its memory, running processes and files as they are now. The sandbox runs on. Waits until the image is ready; create_sandbox with that image name starts new sandboxes from this exact state."
+    )]
+    async fn save_sandbox_image(
+        &self,
+        Parameters(p): Parameters<SaveSandbox>,
+    ) -> Result<String, String> {
+        self.call(move |c| {
+            let saved = c
+                .save_microvm_image(&p.microvm_id, &p.name)
+                .map_err(|e| e.to_string())?;
+            let image = c
+                .wait_image(&saved.image_identifier, Duration::from_secs(600))
+                .map_err(|e| e.to_string())?;
+            if image.status != kiln_client::api::ImageStatus::Successful {
+                return Err(format!(
+                    "image {} is {}: {}",
+                    image.image_identifier,
+                    image.status.as_str(),
+                    image.status_reason.as_deref().unwrap_or("?")
+                ));
+            }
+            Ok(pretty(
+                &json!({"image": image.name, "imageIdentifier": image.image_identifier, "status": image.status}),
+            ))
+        })
+        .await
+    }
+
     #[tool(description = "List sandboxes that are not terminated.")]
     async fn list_sandboxes(&self) -> Result<String, String> {
         self.call(|c| {
@@ -313,7 +349,7 @@ impl KilnMcp {
 #[tool_handler(
     router = self.tool_router,
     name = "kiln",
-    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file) as often as needed — state persists — fork_sandbox to branch it, then destroy_sandbox."
+    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file) as often as needed — state persists — fork_sandbox to branch it, save_sandbox_image to keep it as an image, then destroy_sandbox."
 )]
 impl ServerHandler for KilnMcp {}
 

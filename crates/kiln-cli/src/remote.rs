@@ -80,6 +80,17 @@ pub enum Remote {
         #[arg(long)]
         wait: bool,
     },
+    /// SaveMicrovmImage ("save as image"): a RUNNING microVM's memory, processes and disk
+    /// become a new image (the microVM runs on); prints the image's build id.
+    Save {
+        id: String,
+        /// The new image's name.
+        #[arg(long)]
+        name: String,
+        /// Wait until the image is SUCCESSFUL (or FAILED).
+        #[arg(long)]
+        wait: bool,
+    },
     /// CreateMicrovmAuthToken: `kiln token [create] <microvmId>`.
     Token {
         #[arg(num_args = 1..=2, required = true, value_name = "[create] MICROVM_ID")]
@@ -290,6 +301,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             Ok(0)
         }
         Remote::Fork { id, count, wait } => fork(&c, conn, &id, count, wait),
+        Remote::Save { id, name, wait } => save(&c, conn, &id, &name, wait),
         Remote::Token {
             target,
             ports,
@@ -453,6 +465,37 @@ fn fork(c: &Client, conn: &Conn, id: &str, count: u64, wait: bool) -> Result<i32
     }
     let ended = views.iter().any(|v| v.state == MicrovmState::Terminated);
     Ok(i32::from(ended))
+}
+
+fn save(c: &Client, conn: &Conn, id: &str, name: &str, wait: bool) -> Result<i32, ClientError> {
+    let saved = c.save_microvm_image(id, name)?;
+    if !wait {
+        if conn.json() {
+            print_json(&saved);
+        } else {
+            println!("{}", saved.image_identifier);
+        }
+        return Ok(0);
+    }
+    let image = c.wait_image(&saved.image_identifier, Duration::from_secs(3600))?;
+    if conn.json() {
+        print_json(&image);
+    } else {
+        let why = image
+            .status_reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        println!(
+            "{} {} {}{why}",
+            image.name,
+            image.image_identifier,
+            image.status.as_str()
+        );
+    }
+    Ok(i32::from(
+        image.status != kiln_client::api::ImageStatus::Successful,
+    ))
 }
 
 #[cfg(test)]

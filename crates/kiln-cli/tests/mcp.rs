@@ -86,6 +86,7 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
             "read_file",
             "run_code",
             "run_command",
+            "save_sandbox_image",
             "write_file"
         ]
     );
@@ -174,6 +175,33 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
     .await;
     assert!(parent.contains(r#""stdout": "none\n""#), "{parent}");
     let (ok, gone) = call(&client, "destroy_sandbox", json!({"microvm_id": clone})).await;
+    assert!(ok && gone.contains("TERMINATED"), "{gone}");
+
+    // Saved as an image: a sandbox created from it starts with the files as they were.
+    let (ok, saved) = call(
+        &client,
+        "save_sandbox_image",
+        json!({"microvm_id": id, "name": "executor-saved"}),
+    )
+    .await;
+    assert!(ok && saved.contains("SUCCESSFUL"), "{saved}");
+    let (ok, created) = call(
+        &client,
+        "create_sandbox",
+        json!({"image": "executor-saved"}),
+    )
+    .await;
+    assert!(ok, "{created}");
+    let created: Value = serde_json::from_str(&created).unwrap();
+    let warm = created["microvmId"].as_str().unwrap().to_string();
+    let (ok, read) = call(
+        &client,
+        "run_code",
+        json!({"microvm_id": warm, "code": "cat /workspace/answer"}),
+    )
+    .await;
+    assert!(ok && read.contains(r#""stdout": "42\n""#), "{read}");
+    let (ok, gone) = call(&client, "destroy_sandbox", json!({"microvm_id": warm})).await;
     assert!(ok && gone.contains("TERMINATED"), "{gone}");
 
     let (ok, gone) = call(&client, "destroy_sandbox", json!({"microvm_id": id})).await;

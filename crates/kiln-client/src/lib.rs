@@ -16,6 +16,7 @@ use kiln_api::{
     CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, ForkMicrovmRequest,
     ForkMicrovmResponse, Health, Image, ImageList, ListMicrovmsQuery, Microvm, MicrovmList,
     MicrovmState, RotateKeyResponse, RunMicrovmRequest, RunMicrovmResponse,
+    SaveMicrovmImageRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -361,6 +362,36 @@ impl Client {
             &format!("/v1/microvms/{}/fork", seg(id)),
             Some(&ForkMicrovmRequest { count: Some(count) }),
         )
+    }
+
+    /// SaveMicrovmImage: RUNNING microVM `id` becomes image `name` (CREATING once this
+    /// answers; [`Client::wait_image`] waits for it).
+    pub fn save_microvm_image(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<CreateImageResponse, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/microvms/{}/image", seg(id)),
+            Some(&SaveMicrovmImageRequest {
+                name: name.to_string(),
+            }),
+        )
+    }
+
+    /// The image once it is no longer CREATING, or as it is when `timeout` has passed.
+    pub fn wait_image(&self, id: &str, timeout: Duration) -> Result<Image, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let image = self.get_image(id)?;
+            if image.status != kiln_api::ImageStatus::Creating
+                || std::time::Instant::now() > deadline
+            {
+                return Ok(image);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     pub fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, ClientError> {

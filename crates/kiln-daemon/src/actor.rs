@@ -47,10 +47,12 @@ pub enum Command {
         reason: String,
         reply: Option<Reply<MicrovmRow>>,
     },
-    /// Copy a RUNNING microVM into the (PENDING) microVMs `clones`, written as suspended
-    /// VMs for their own actors to resume.
+    /// Copy a RUNNING microVM into `targets` (PENDING clones' directories, or an image's
+    /// staging directory), written as suspended VMs. `extra_disk`: bytes the caller will
+    /// write from them afterwards (a saved image's RAM and flattened disk).
     Fork {
-        clones: Vec<String>,
+        targets: Vec<kiln_vmm::ForkTarget>,
+        extra_disk: u64,
         reply: Reply<Vec<SuspendedVm>>,
     },
     /// A standalone copy of a SUSPENDED microVM's disk.
@@ -155,8 +157,12 @@ impl Actor {
                 let result = self.terminate(&reason).await;
                 answer(reply, result);
             }
-            Command::Fork { clones, reply } => {
-                let _ = reply.send(self.fork(&clones).await);
+            Command::Fork {
+                targets,
+                extra_disk,
+                reply,
+            } => {
+                let _ = reply.send(self.fork(&targets, extra_disk).await);
             }
             Command::ExportDisk { reply } => {
                 let _ = reply.send(self.export_disk().await);
@@ -368,25 +374,19 @@ impl Actor {
 
     /// Pauses the guest once and writes each clone; the guest runs on with a new agent
     /// session (published again), whatever happened to the clones.
-    async fn fork(&mut self, clones: &[String]) -> ApiResult<Vec<SuspendedVm>> {
+    async fn fork(
+        &mut self,
+        targets: &[kiln_vmm::ForkTarget],
+        extra_disk: u64,
+    ) -> ApiResult<Vec<SuspendedVm>> {
         let (m, id) = (self.m.clone(), self.id.clone());
         let row = self.row()?;
         if row.state != MicrovmState::Running {
             return Err(ApiError::conflict(format!(
-                "microVM {id} is {}; only a RUNNING microVM can be forked",
+                "microVM {id} is {}; only a RUNNING microVM can be forked or saved as an image",
                 row.state
             )));
         }
-        let targets = clones
-            .iter()
-            .map(|c| {
-                let vm_id = VmId::new(c).map_err(ApiError::internal)?;
-                Ok(kiln_vmm::ForkTarget {
-                    id: vm_id,
-                    dir: m.microvm_dir(c),
-                })
-            })
-            .collect::<ApiResult<Vec<_>>>()?;
         let vm = self
             .slot
             .vm
@@ -394,10 +394,12 @@ impl Actor {
             .ok_or_else(|| ApiError::internal("running microVM has no process"))?;
         // The diff once (hard-linked into each clone), the disk overlay per clone.
         let overlay = std::fs::metadata(vm.active_disk()).map_or(0, |d| d.blocks() * 512);
-        let needs = save_bound(vm).saturating_add(overlay.saturating_mul(clones.len() as u64));
+        let needs = save_bound(vm)
+            .saturating_add(overlay.saturating_mul(targets.len() as u64))
+            .saturating_add(extra_disk);
         m.check_disk("no fork", needs)?;
         m.publish(&id, None);
-        let forked = vm.fork(&targets).await;
+        let forked = vm.fork(targets).await;
         m.publish(&id, Some(vm.agent().clone()));
         m.record_activity(&id);
         forked.map_err(|e| {
@@ -440,8 +442,20 @@ impl Actor {
             )));
         }
         let dir = m.microvm_dir(id);
+        // The chain under the overlay is the one kiln recorded, never what its header says.
+        let base = match self
+            .slot
+            .suspended
+            .as_ref()
+            .and_then(|s| s.manifest().disk_backing.clone())
+        {
+            Some(base) => PathBuf::from(base),
+            None => Manager::config_of(&self.row()?)?
+                .template
+                .join("disk.qcow2"),
+        };
         let out = dir.join(format!("export-{}.qcow2", now_ms()));
-        kiln_vmm::disk::flatten(&dir.join("disk.qcow2"), &out)
+        kiln_vmm::disk::flatten(&dir.join("disk.qcow2"), &base, &out)
             .await
             .map_err(|e| ApiError::internal(error_chain(&e)))?;
         let opened = tokio::fs::File::open(&out).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use kiln_api::MAX_FORK_COUNT;
 use kiln_store::{now_ms, MicrovmRow};
-use kiln_types::MicrovmState;
+use kiln_types::{MicrovmState, VmId};
 use kiln_vmm::kiln_net::CounterSnapshot;
 use kiln_vmm::{fault, SuspendedVm};
 
@@ -39,10 +39,20 @@ impl Manager {
         self.check_disk("no fork", 0)?;
         let clones = self.record_clones(&parent, count)?;
         let ids: Vec<String> = clones.iter().map(|r| r.id.clone()).collect();
+        let targets = ids
+            .iter()
+            .map(|c| {
+                Ok(kiln_vmm::ForkTarget {
+                    id: VmId::new(c).map_err(ApiError::internal)?,
+                    dir: self.microvm_dir(c),
+                })
+            })
+            .collect::<ApiResult<Vec<_>>>()?;
         let forked = self
             .ask(id, "only a RUNNING microVM can be forked", |reply| {
                 Command::Fork {
-                    clones: ids.clone(),
+                    targets: targets.clone(),
+                    extra_disk: 0,
                     reply,
                 }
             })

@@ -15,6 +15,7 @@ pub mod images;
 pub mod ingress;
 pub mod manager;
 pub mod recovery;
+pub mod save_image;
 mod serve_tls;
 pub mod tls;
 

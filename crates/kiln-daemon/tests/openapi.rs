@@ -30,6 +30,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/suspend"),
     ("post", "/v1/microvms/{id}/resume"),
     ("post", "/v1/microvms/{id}/fork"),
+    ("post", "/v1/microvms/{id}/image"),
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
     ("get", "/v1/microvms/{id}/logs"),

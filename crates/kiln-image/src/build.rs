@@ -129,12 +129,18 @@ pub struct ImageRecord {
     /// [`BuildSpec::request`], as it was.
     #[serde(default)]
     pub request: Option<serde_json::Value>,
+    /// Saved from this running microVM ([`crate::saved`]), not built from a Dockerfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_from: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("Invalid build request: {0}")]
     Invalid(String),
+    /// The image name belongs to something a save may not replace.
+    #[error("{0}")]
+    NameTaken(String),
     #[error(transparent)]
     Context(#[from] ContextError),
     #[error(transparent)]
@@ -184,7 +190,7 @@ pub struct Builder {
     pub confinement: kiln_vmm::Confinement,
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -199,7 +205,7 @@ fn build_vm_id() -> VmId {
     VmId::new(format!("build-{}", std::process::id())).expect("valid id")
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
     move |source| BuildError::Io {
         path: path.to_path_buf(),
         source,
@@ -228,7 +234,7 @@ impl ImageRecord {
     }
 }
 
-fn valid_image_name(name: &str) -> bool {
+pub(crate) fn valid_image_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 40
         && name
@@ -323,6 +329,7 @@ impl Builder {
             image_key: None,
             hooks_enabled: false,
             request: spec.request.clone(),
+            saved_from: None,
         };
         record.write(&dir)?;
         kiln_vmm::fault::point("bake.started");

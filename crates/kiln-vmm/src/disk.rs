@@ -56,12 +56,30 @@ pub async fn create_overlay(
     }
 }
 
-/// Writes the whole chain under `disk` (its overlay and every backing layer) as one
-/// standalone qcow2 at `out`: a copy that needs nothing of kiln's to open.
-pub async fn flatten(disk: &Path, out: &Path) -> Result<(), DiskError> {
+/// Writes the qcow2 overlay `top` over the trusted chain at `base` as one standalone qcow2
+/// at `out`: a copy that needs nothing of kiln's to open. `top` is a file a VM's QEMU wrote,
+/// so nothing in its header is followed: the chain under it is `base`, whatever the header
+/// names, and a header that asks for an external data file is refused.
+pub async fn flatten(top: &Path, base: &Path, out: &Path) -> Result<(), DiskError> {
+    let refuse = |stderr: String| DiskError::Flatten {
+        disk: top.to_path_buf(),
+        stderr,
+    };
+    match external_data_file(top) {
+        Ok(false) => {}
+        Ok(true) => return Err(refuse("its header names an external data file".into())),
+        Err(e) => return Err(refuse(e.to_string())),
+    }
+    let (top_opt, base_opt) = (
+        image_opt(top).map_err(refuse)?,
+        image_opt(base).map_err(refuse)?,
+    );
+    let opts = format!(
+        "driver=qcow2,file.driver=file,file.filename={top_opt},\
+         backing.driver=qcow2,backing.file.driver=file,backing.file.filename={base_opt}"
+    );
     let result = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
-        .arg(disk)
+        .args(["convert", "-q", "--image-opts", &opts, "-O", "qcow2"])
         .arg(out)
         .output()
         .await
@@ -70,11 +88,34 @@ pub async fn flatten(disk: &Path, out: &Path) -> Result<(), DiskError> {
         Ok(())
     } else {
         let _ = std::fs::remove_file(out);
-        Err(DiskError::Flatten {
-            disk: disk.to_path_buf(),
-            stderr: String::from_utf8_lossy(&result.stderr).trim().to_string(),
-        })
+        Err(refuse(
+            String::from_utf8_lossy(&result.stderr).trim().to_string(),
+        ))
     }
+}
+
+/// A path as one value of qemu-img's `--image-opts` (commas doubled).
+fn image_opt(path: &Path) -> Result<String, String> {
+    path.to_str()
+        .map(|s| s.replace(',', ",,"))
+        .ok_or_else(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Whether a qcow2 header sets the external-data-file feature (incompatible feature bit 2
+/// of a version 3 header).
+fn external_data_file(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut header = [0u8; 80];
+    std::fs::File::open(path)?.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a qcow2 file", path.display()),
+        ));
+    }
+    let version = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let features = u64::from_be_bytes(header[72..80].try_into().unwrap_or_default());
+    Ok(version >= 3 && features & (1 << 2) != 0)
 }
 
 /// Most files a disk chain may have (a Dockerfile's steps each add one layer).
@@ -164,5 +205,47 @@ mod tests {
         std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o666)).unwrap();
         let err = trusted_chain(&top).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    }
+
+    #[tokio::test]
+    async fn flatten_follows_the_chain_kiln_names_not_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0xabu8; 1 << 20]).unwrap();
+        let base_q = dir.path().join("base.qcow2");
+        create_overlay(&base_q, &base, BackingFormat::Raw, None)
+            .await
+            .unwrap();
+        // A hostile QEMU's overlay: its header names a host file as its backing.
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, vec![0x5au8; 1 << 20]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&top, &secret, BackingFormat::Raw, None)
+            .await
+            .unwrap();
+        let out = dir.path().join("out.qcow2");
+        flatten(&top, &base_q, &out).await.unwrap();
+        assert_eq!(backing_file(&out).unwrap(), None, "standalone");
+        let raw = dir.path().join("out.raw");
+        let status = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+            .args([&out, &raw])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let bytes = std::fs::read(&raw).unwrap();
+        assert!(
+            bytes.iter().all(|&b| b == 0xab),
+            "the data is base's, never the header's file"
+        );
+
+        // An overlay that asks for an external data file is refused.
+        let mut header = std::fs::read(&top).unwrap();
+        header[79] |= 1 << 2;
+        std::fs::write(&top, &header).unwrap();
+        let err = flatten(&top, &base_q, &dir.path().join("x.qcow2"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("external data file"), "{err}");
     }
 }

@@ -2,6 +2,7 @@
 //! resumed like any suspended VM. The parent pauses only while its devices, its memory diff
 //! and its disk overlay are copied.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -9,11 +10,13 @@ use kiln_types::VmId;
 use serde_json::json;
 use tracing::{info, Instrument};
 
+use crate::disk;
 use crate::machine::VmPaths;
-use crate::manifest::SnapshotKind;
+use crate::manifest::{Manifest, SnapshotKind};
 use crate::network::NetworkAttachment;
 use crate::snapshot::{
-    clone_manifest, keep_boot_files, SuspendedVm, BOOT_DIR, DIFF_FILE, STATE_FILE, SUSPEND_DIR,
+    clone_manifest, keep_boot_files, SuspendedVm, Template, BOOT_DIR, DIFF_FILE, DISK_FILE,
+    MEMORY_FILE, STATE_FILE, SUSPEND_DIR,
 };
 use crate::vm::{connect_agent, create_vm_dir, remove_dir, Vm, VmError};
 
@@ -162,5 +165,75 @@ impl SuspendedVm {
     pub fn with_network(mut self, network: NetworkAttachment) -> SuspendedVm {
         self.set_network(network);
         self
+    }
+}
+
+impl Template {
+    /// "Save as image": makes the fork clone in `clone_dir` (written by [`Vm::fork`], never
+    /// resumed) into a standalone template at `dir` (which must not exist): its RAM is the
+    /// parent's template with the clone's diff applied, its disk the clone's overlay
+    /// flattened over the chain kiln recorded, its state the clone's device state. It needs
+    /// neither the parent's image nor the clone afterwards; `clone_dir` is removed.
+    pub async fn from_fork(clone_dir: &Path, dir: &Path) -> Result<Template, VmError> {
+        let started = Instant::now();
+        let suspended = Manifest::read(&clone_dir.join(SUSPEND_DIR))?;
+        let id = VmId::new(&suspended.vm_id).map_err(|e| VmError::Dir {
+            path: clone_dir.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let invalid = |reason: String| VmError::Invalid {
+            id: id.clone(),
+            reason,
+        };
+        let (Some(diff), Some(disk_base)) = (&suspended.memory_diff, &suspended.disk_backing)
+        else {
+            return Err(invalid(
+                "the clone holds no memory diff over a template".into(),
+            ));
+        };
+        create_vm_dir(dir)?;
+        let result = async {
+            let from = clone_dir.join(SUSPEND_DIR);
+            let memory = dir.join(MEMORY_FILE);
+            let (base, diff_path, summary, out) = (
+                PathBuf::from(&diff.base),
+                from.join(DIFF_FILE),
+                diff.clone(),
+                memory.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                crate::memdiff::materialize(&base, &diff_path, &summary, &out)
+            })
+            .await
+            .map_err(|e| invalid(format!("writing the memory panicked: {e}")))?
+            .map_err(|e| invalid(crate::error_chain(&e)))?;
+            let disk = dir.join(DISK_FILE);
+            disk::flatten(&clone_dir.join(DISK_FILE), Path::new(disk_base), &disk).await?;
+            let state = dir.join(STATE_FILE);
+            std::fs::rename(from.join(STATE_FILE), &state).map_err(io_err(&state))?;
+            std::fs::rename(clone_dir.join(BOOT_DIR), dir.join(BOOT_DIR)).map_err(io_err(dir))?;
+            for file in [&memory, &disk, &state] {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444))
+                    .map_err(io_err(file))?;
+            }
+            let manifest = Manifest {
+                kind: SnapshotKind::Template,
+                memory_bytes: Some(diff.ram_bytes),
+                memory_diff: None,
+                disk_backing: None,
+                devices_only_state: true,
+                ..suspended.clone()
+            };
+            manifest.write(dir).map_err(io_err(dir))?;
+            Ok::<_, VmError>(Template::from_parts(dir, manifest))
+        }
+        .await;
+        if result.is_err() {
+            let _ = remove_dir(dir);
+        }
+        let template = result?;
+        let _ = remove_dir(clone_dir);
+        info!(elapsed_ms = started.elapsed().as_millis() as u64, dir = %dir.display(), "template saved from a running guest");
+        Ok(template)
     }
 }

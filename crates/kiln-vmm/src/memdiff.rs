@@ -334,65 +334,183 @@ impl GuestRam {
     /// after checking it against `expected` (from the manifest). Pages it does not list stay
     /// the template's, shared.
     pub fn apply(&self, path: &Path, expected: &DiffSummary) -> Result<(), DiffError> {
-        let invalid = |reason: String| DiffError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(io("opening", path))?;
-        let mut head = [0u8; PAGE];
-        file.read_exact_at(&mut head, 0)
-            .map_err(io("reading", path))?;
-        let header = Header::parse(&head).map_err(invalid)?;
-        let size = file.metadata().map_err(io("reading", path))?.len();
-        if header.ram_bytes != self.len
-            || header.data_pages != expected.data_pages
-            || header.zero_pages != expected.zero_pages
-            || size != header.file_bytes()
-            || size != expected.file_bytes
-        {
-            return Err(invalid(format!(
-                "{size} bytes for {} data and {} zero pages of {} bytes of RAM: not what the snapshot recorded",
-                header.data_pages, header.zero_pages, header.ram_bytes
-            )));
-        }
-        let mut index = vec![0u8; (size - header.index_offset()) as usize];
-        file.read_exact_at(&mut index, header.index_offset())
-            .map_err(io("reading", path))?;
-        let (data, zero) = parse_index(&header, &index).map_err(invalid)?;
         let (mem, mem_path) = self.mem(true)?;
-        file.seek(SeekFrom::Start(PAGE as u64))
-            .map_err(io("reading", path))?;
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; BATCH_PAGES * PAGE];
-        for run in runs(&data, BATCH_PAGES) {
-            let bytes = run.len() * PAGE;
-            file.read_exact(&mut buf[..bytes])
-                .map_err(io("reading", path))?;
-            hash.update(&buf[..bytes]);
-            mem.write_all_at(&buf[..bytes], self.start + u64::from(run[0]) * PAGE as u64)
-                .map_err(io("writing guest memory to", &mem_path))?;
-        }
-        hash.update(&index);
-        if hex::encode(hash.finalize()) != expected.sha256 {
-            return Err(invalid(
-                "its checksum does not match the snapshot's manifest: the snapshot is corrupt"
-                    .into(),
-            ));
-        }
-        let zeros = vec![0u8; BATCH_PAGES * PAGE];
-        for run in runs(&zero, BATCH_PAGES) {
-            mem.write_all_at(
-                &zeros[..run.len() * PAGE],
-                self.start + u64::from(run[0]) * PAGE as u64,
-            )
-            .map_err(io("writing guest memory to", &mem_path))?;
-        }
-        Ok(())
+        let target = Target {
+            file: &mem,
+            path: &mem_path,
+            start: self.start,
+            len: self.len,
+        };
+        apply_into(path, expected, &target)
     }
+}
+
+/// Where a diff's pages are written: a guest's memory, or a RAM file.
+struct Target<'a> {
+    file: &'a File,
+    path: &'a Path,
+    /// The offset of guest page 0 in `file`.
+    start: u64,
+    /// The RAM's size.
+    len: u64,
+}
+
+/// Writes the diff at `path` into `target`, checking it against `expected` (its size and
+/// page counts before anything is written, its checksum as it is read).
+fn apply_into(path: &Path, expected: &DiffSummary, target: &Target) -> Result<(), DiffError> {
+    let invalid = |reason: String| DiffError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io("opening", path))?;
+    let mut head = [0u8; PAGE];
+    file.read_exact_at(&mut head, 0)
+        .map_err(io("reading", path))?;
+    let header = Header::parse(&head).map_err(invalid)?;
+    let size = file.metadata().map_err(io("reading", path))?.len();
+    if header.ram_bytes != target.len
+        || header.data_pages != expected.data_pages
+        || header.zero_pages != expected.zero_pages
+        || size != header.file_bytes()
+        || size != expected.file_bytes
+    {
+        return Err(invalid(format!(
+            "{size} bytes for {} data and {} zero pages of {} bytes of RAM: not what the snapshot recorded",
+            header.data_pages, header.zero_pages, header.ram_bytes
+        )));
+    }
+    let mut index = vec![0u8; (size - header.index_offset()) as usize];
+    file.read_exact_at(&mut index, header.index_offset())
+        .map_err(io("reading", path))?;
+    let (data, zero) = parse_index(&header, &index).map_err(invalid)?;
+    file.seek(SeekFrom::Start(PAGE as u64))
+        .map_err(io("reading", path))?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE];
+    let write = |bytes: &[u8], page: u32| {
+        target
+            .file
+            .write_all_at(bytes, target.start + u64::from(page) * PAGE as u64)
+            .map_err(io("writing guest memory to", target.path))
+    };
+    for run in runs(&data, BATCH_PAGES) {
+        let bytes = run.len() * PAGE;
+        file.read_exact(&mut buf[..bytes])
+            .map_err(io("reading", path))?;
+        hash.update(&buf[..bytes]);
+        write(&buf[..bytes], run[0])?;
+    }
+    hash.update(&index);
+    if hex::encode(hash.finalize()) != expected.sha256 {
+        return Err(invalid(
+            "its checksum does not match the snapshot's manifest: the snapshot is corrupt".into(),
+        ));
+    }
+    let zeros = vec![0u8; BATCH_PAGES * PAGE];
+    for run in runs(&zero, BATCH_PAGES) {
+        write(&zeros[..run.len() * PAGE], run[0])?;
+    }
+    Ok(())
+}
+
+/// Writes a new RAM file at `out`: the template RAM `base` with the diff at `diff` (checked
+/// against `expected`) applied: a guest's memory as it was saved, standalone. Holes in
+/// `base` stay holes. On failure `out` is removed. The file is fsynced before this returns.
+pub fn materialize(
+    base: &Path,
+    diff: &Path,
+    expected: &DiffSummary,
+    out: &Path,
+) -> Result<(), DiffError> {
+    let result = (|| {
+        let from = File::open(base).map_err(io("opening", base))?;
+        let len = from.metadata().map_err(io("reading", base))?.len();
+        if len != expected.ram_bytes {
+            return Err(DiffError::Invalid {
+                path: diff.to_path_buf(),
+                reason: format!(
+                    "it is for {} bytes of RAM, the template {} holds {len}",
+                    expected.ram_bytes,
+                    base.display()
+                ),
+            });
+        }
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(out)
+            .map_err(io("creating", out))?;
+        copy_sparse(&from, base, &to, out, len)?;
+        let target = Target {
+            file: &to,
+            path: out,
+            start: 0,
+            len,
+        };
+        apply_into(diff, expected, &target)?;
+        to.sync_all().map_err(io("syncing", out))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    result
+}
+
+/// Copies the `len` bytes of `from` into the empty `to`, skipping holes.
+fn copy_sparse(
+    from: &File,
+    from_path: &Path,
+    to: &File,
+    to_path: &Path,
+    len: u64,
+) -> Result<(), DiffError> {
+    use std::os::fd::AsRawFd;
+    to.set_len(len).map_err(io("writing", to_path))?;
+    let seek = |offset: u64, whence: libc::c_int| {
+        // SAFETY: lseek on a file descriptor this function borrows; it touches no memory.
+        let r = unsafe { libc::lseek(from.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `offset`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        } else {
+            Ok(Some(r as u64))
+        }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let Some(data) = seek(pos, libc::SEEK_DATA).map_err(io("reading", from_path))? else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)
+            .map_err(io("reading", from_path))?
+            .unwrap_or(len)
+            .min(len);
+        let mut at = data;
+        while at < hole {
+            let n = ((hole - at) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], at)
+                .map_err(io("reading", from_path))?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                to.write_all_at(&buf[..n], at)
+                    .map_err(io("writing", to_path))?;
+            }
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
 }
 
 /// What QEMU's mapping of the guest's RAM holds (`/proc/<pid>/smaps`), in bytes.
@@ -513,6 +631,88 @@ fn minor(dev: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A diff file written by hand: `data` pages filled with their byte, `zero` pages.
+    fn write_diff(path: &Path, ram_bytes: u64, data: &[(u32, u8)], zero: &[u32]) -> DiffSummary {
+        let header = Header {
+            ram_bytes,
+            data_pages: data.len() as u64,
+            zero_pages: zero.len() as u64,
+        };
+        let mut bytes = header.encode().to_vec();
+        bytes.resize(PAGE, 0);
+        let mut hash = Sha256::new();
+        for (_, fill) in data {
+            let page = vec![*fill; PAGE];
+            hash.update(&page);
+            bytes.extend_from_slice(&page);
+        }
+        let mut index = Vec::new();
+        for p in data.iter().map(|(p, _)| p).chain(zero) {
+            index.extend_from_slice(&p.to_le_bytes());
+        }
+        hash.update(&index);
+        bytes.extend_from_slice(&index);
+        std::fs::write(path, &bytes).unwrap();
+        DiffSummary {
+            base: String::new(),
+            ram_bytes,
+            data_pages: header.data_pages,
+            zero_pages: header.zero_pages,
+            private_pages: 0,
+            file_bytes: bytes.len() as u64,
+            sha256: hex::encode(hash.finalize()),
+        }
+    }
+
+    #[test]
+    fn materialize_applies_a_diff_to_a_copy_of_the_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, diff, out) = (
+            dir.path().join("ram"),
+            dir.path().join("diff"),
+            dir.path().join("out"),
+        );
+        let ram = 64 * PAGE as u64;
+        let f = File::create(&base).unwrap();
+        f.set_len(ram).unwrap();
+        f.write_all_at(&[0x11; PAGE], 3 * PAGE as u64).unwrap();
+        f.write_all_at(&[0x22; PAGE], 40 * PAGE as u64).unwrap();
+        let summary = write_diff(&diff, ram, &[(1, 0xaa), (2, 0xbb)], &[3]);
+        materialize(&base, &diff, &summary, &out).unwrap();
+        let got = std::fs::read(&out).unwrap();
+        let page = |n: usize| &got[n * PAGE..(n + 1) * PAGE];
+        assert_eq!(got.len() as u64, ram);
+        assert!(page(1).iter().all(|&b| b == 0xaa) && page(2).iter().all(|&b| b == 0xbb));
+        assert!(
+            page(3).iter().all(|&b| b == 0),
+            "a page that became zero is zero"
+        );
+        assert!(
+            page(40).iter().all(|&b| b == 0x22),
+            "the template's pages stay"
+        );
+        assert!(page(0).iter().all(|&b| b == 0));
+        // The template is untouched, and the copy kept its holes.
+        assert!(std::fs::read(&base).unwrap()[3 * PAGE..4 * PAGE]
+            .iter()
+            .all(|&b| b == 0x11));
+        let blocks = std::fs::metadata(&out).unwrap().blocks() * 512;
+        assert!(blocks < ram, "{blocks} bytes allocated for {ram} of RAM");
+
+        // A diff whose contents do not match its checksum leaves no file behind.
+        std::fs::remove_file(&out).unwrap();
+        let mut bad = summary.clone();
+        bad.sha256 = "0".repeat(64);
+        let err = materialize(&base, &diff, &bad, &out).unwrap_err();
+        assert!(err.to_string().contains("invalid"), "{err}");
+        assert!(!out.exists());
+        // So does one for another RAM size.
+        let mut other = summary;
+        other.ram_bytes = ram * 2;
+        assert!(materialize(&base, &diff, &other, &out).is_err());
+        assert!(!out.exists());
+    }
 
     #[test]
     fn runs_split_at_gaps_and_length() {

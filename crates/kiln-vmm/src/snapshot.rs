@@ -29,8 +29,8 @@ use crate::vm::{create_vm_dir, remove_dir, BeforeRun, Incoming, SavedVm, StartSp
 
 pub(crate) const STATE_FILE: &str = "device.state";
 pub(crate) const DIFF_FILE: &str = "memory.diff";
-const MEMORY_FILE: &str = "memory.ram";
-const DISK_FILE: &str = "disk.qcow2";
+pub(crate) const MEMORY_FILE: &str = "memory.ram";
+pub(crate) const DISK_FILE: &str = "disk.qcow2";
 pub(crate) const SUSPEND_DIR: &str = "suspended";
 /// The kernel and initramfs a snapshot's guest was booted with, kept beside it (laid out as a
 /// [`GuestAssets`] directory) so that a kernel or agent update on the host never breaks it.
@@ -315,6 +315,13 @@ impl Template {
         })
     }
 
+    pub(crate) fn from_parts(dir: &Path, manifest: Manifest) -> Template {
+        Template {
+            dir: dir.to_path_buf(),
+            manifest,
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -379,7 +386,7 @@ impl Template {
                     assets,
                     memory: MemoryBacking::PrivateFile(memory),
                     kernel_cmdline: manifest.kernel_cmdline.clone(),
-                    incoming: Some(Incoming::stream(state, true)),
+                    incoming: Some(template_incoming(&manifest, state)),
                     timeout: cfg.timeout,
                     die_with_parent: cfg.die_with_parent,
                     network: cfg.network.clone(),
@@ -403,6 +410,22 @@ impl Template {
     /// Removes the template's files. Clones launched from it must be gone first.
     pub fn delete(self) -> Result<(), VmError> {
         remove_dir(&self.dir)
+    }
+}
+
+/// How a template's state file loads: a migration stream that skips the shared RAM (a
+/// template baked from a cold boot), or device state alone (one saved from a running guest,
+/// whose RAM file was written by kiln).
+fn template_incoming(manifest: &Manifest, state: PathBuf) -> Incoming {
+    if manifest.devices_only_state {
+        Incoming {
+            state,
+            ignore_shared: false,
+            format: StateFormat::DevicesOnly,
+            diff: None,
+        }
+    } else {
+        Incoming::stream(state, true)
     }
 }
 

@@ -63,6 +63,24 @@ def test_seed_shaped_flow(daemon, monkeypatch):
         client.fork_microvm(microvmIdentifier=vm_id, count=0)
     assert err.value.status == 400 and "count must be 1 to 100" in err.value.message
 
+    # Save as image: a microVM of the new image serves from the saved httpd at once.
+    saved = client.save_microvm_image(microvmIdentifier=vm_id, name="sdk-saved")
+    assert saved["status"] == "CREATING" and saved["name"] == "sdk-saved"
+    image = client.wait_image(saved["imageIdentifier"])
+    assert image["status"] == "SUCCESSFUL" and image["sourceMicrovmId"] == vm_id, image
+    warm = client.run_microvm(imageIdentifier="sdk-saved")["microvmId"]
+    client.wait_microvm(warm, "RUNNING")
+    t = client.create_microvm_auth_token(microvmIdentifier=warm,
+                                         allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
+    wreq = urllib.request.Request(f"http://{ingress}/index.html",
+                                  headers={"Host": f"{warm}.localhost", "X-aws-proxy-auth": t,
+                                           "X-aws-proxy-port": "8080"})
+    assert urllib.request.urlopen(wreq, timeout=60).read() == b"hello from the sandbox\n"
+    assert client.terminate_microvm(microvmIdentifier=warm)["state"] == "TERMINATED"
+    with pytest.raises(kiln.KilnError) as err:
+        client.save_microvm_image(microvmIdentifier=vm_id, name="sdk-sandbox")
+    assert err.value.status == 409 and "Dockerfile" in err.value.message
+
     with pytest.raises(kiln.KilnError) as err:
         client.resume_microvm(microvmIdentifier=vm_id)
     assert err.value.code == "ConflictException" and err.value.status == 409

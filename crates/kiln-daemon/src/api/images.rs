@@ -283,6 +283,10 @@ pub fn image_view(row: &kiln_store::ImageRow) -> Image {
         steps: serde_json::from_value(field("steps")).unwrap_or_default(),
         log_tail: r.get("log_tail").and_then(|v| v.as_str()).map(String::from),
         build_request: serde_json::from_value(field("request")).ok(),
+        source_microvm_id: r
+            .get("saved_from")
+            .and_then(|v| v.as_str())
+            .map(String::from),
     }
 }
 

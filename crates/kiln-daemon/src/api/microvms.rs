@@ -1,14 +1,16 @@
-//! MicroVMs: RunMicrovm, Get/ListMicrovms, suspend, resume, terminate, exec, logs, disk.
+//! MicroVMs: RunMicrovm, Get/ListMicrovms, suspend, resume, fork, save as image, terminate,
+//! exec, logs, disk.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::Json;
 use kiln_api::{
-    AppLogs, AppLogsQuery, ErrorBody, ExecRequest, ExecResponse, ForkMicrovmRequest,
-    ForkMicrovmResponse, GetMicrovmQuery, ListMicrovmsQuery, Microvm, MicrovmList,
-    RunMicrovmRequest, RunMicrovmResponse, MAX_WAIT_SECONDS,
+    AppLogs, AppLogsQuery, CreateImageResponse, ErrorBody, ExecRequest, ExecResponse,
+    ForkMicrovmRequest, ForkMicrovmResponse, GetMicrovmQuery, ListMicrovmsQuery, Microvm,
+    MicrovmList, RunMicrovmRequest, RunMicrovmResponse, SaveMicrovmImageRequest, MAX_WAIT_SECONDS,
 };
 use kiln_store::MicrovmRow;
 
@@ -184,6 +186,35 @@ pub async fn fork_microvm(
             })
             .collect(),
     }))
+}
+
+#[utoipa::path(
+    post, path = "/v1/microvms/{id}/image", operation_id = "SaveMicrovmImage", tag = "microvms", security(("bearer" = [])),
+    description = "SaveMicrovmImage (\"save as image\"): pauses a RUNNING microVM for a moment \
+        and makes its memory, processes and disk a new image that RunMicrovm launches like any \
+        other (the image's hook port, sizing and hooks are its source image's). The microVM runs \
+        on. Answers once its state is captured, with the image CREATING while its template is \
+        written; GET /v1/images/{id} shows it SUCCESSFUL (or FAILED and why).",
+    params(("id" = String, Path, description = "The microVM to save")),
+    request_body = SaveMicrovmImageRequest,
+    responses(
+        (status = 202, description = "Captured; the image is CREATING", body = CreateImageResponse),
+        (status = 400, description = "The name is not valid, or the body is malformed", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 409, description = "It is not RUNNING or cannot be copied (it runs on), or the name has a Dockerfile build", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 429, description = "KILN_HOME's disk is at --min-free-disk-mib or --max-disk-mib", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn save_microvm_image(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SaveMicrovmImageRequest>,
+) -> ApiResult<(StatusCode, Json<CreateImageResponse>)> {
+    let saved = m.save_image(&id, &req.name).await?;
+    Ok((StatusCode::ACCEPTED, Json(saved)))
 }
 
 #[utoipa::path(

@@ -80,6 +80,7 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(microvms::suspend_microvm))
         .routes(routes!(microvms::resume_microvm))
         .routes(routes!(microvms::fork_microvm))
+        .routes(routes!(microvms::save_microvm_image))
         .routes(routes!(microvms::terminate_microvm))
         .routes(routes!(microvms::exec_microvm))
         .routes(routes!(microvms::microvm_logs))
