@@ -1,5 +1,6 @@
 //! `kiln bench`: measured side by side in one run, never asserted.
 //! - cold boot → agent ready vs launch from template → agent ready (ratio);
+//! - launch vs QEMU's own floor (a bare start and state load of the same template);
 //! - launch with the jail vs without (`--no-jail`);
 //! - suspend and resume times; a diff suspend's bytes against the guest's private set, a
 //!   sharing resume against a launch, memory after suspend/resume, a fork (bench_snapshot);
@@ -197,6 +198,16 @@ async fn measure(
         vm.destroy().await?;
     }
 
+    // QEMU's own floor: a bare start on the same template and its state load, unjailed.
+    let (mut floor_start, mut floor) = (Vec::new(), Vec::new());
+    for n in 0..args.rounds {
+        let f = template
+            .measure_floor(&scratch.join(format!("floor-{n}")), assets)
+            .await?;
+        floor_start.push(f.start);
+        floor.push(f.loaded);
+    }
+
     // The jail's cost: launches of the same template jailed and unjailed, alternating.
     let (mut jailed, mut unjailed) = (Vec::new(), Vec::new());
     for n in 0..args.rounds {
@@ -240,6 +251,9 @@ async fn measure(
     let cold = report.samples("cold boot -> agent ready", "ms", &all_ms(&cold));
     let launch = report.samples("template launch -> agent ready", "ms", &all_ms(&launches));
     report.ratio("ratio cold/launch", &cold, &launch);
+    report.samples("QEMU floor: bare start -> QMP", "ms", &all_ms(&floor_start));
+    let floor = report.samples("QEMU floor: bare start + state load", "ms", &all_ms(&floor));
+    report.ratio("ratio launch/QEMU floor", &launch, &floor);
     let with_jail = report.samples("launch, jailed", "ms", &all_ms(&jailed));
     let without = report.samples("launch, --no-jail", "ms", &all_ms(&unjailed));
     report.ratio("ratio jailed/unjailed launch", &with_jail, &without);

@@ -343,4 +343,15 @@ fn bench_json_gives_every_figure_with_its_spread() {
     find("ratio written/private set");
     find("1 after suspend + resume vs one cold-booted VM, memory");
     assert_eq!(find("a fork's clone resume -> agent ready")["n"], 1);
+    // QEMU's floor: a bare start on the same template, measured each round, under a launch.
+    let floor = find("QEMU floor: bare start + state load");
+    assert_eq!(floor["n"], 2);
+    assert!(floor["min"].as_f64().unwrap() > 0.0, "{floor}");
+    assert!(
+        find("QEMU floor: bare start -> QMP")["median"]
+            .as_f64()
+            .unwrap()
+            <= floor["median"].as_f64().unwrap()
+    );
+    find("ratio launch/QEMU floor");
 }

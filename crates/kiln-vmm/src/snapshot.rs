@@ -371,12 +371,15 @@ impl Template {
             let state = self.dir.join(STATE_FILE);
             verify_state(&cfg.id, &manifest, &state)?;
             create_vm_dir(&cfg.dir)?;
+            tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: manifest and state checked");
             let paths = VmPaths::new(&cfg.dir);
             let result = async {
                 let boot = cfg.dir.join(BOOT_DIR);
                 keep_boot_files(&assets, &boot)?;
                 let assets = GuestAssets::open(&boot)?;
+                tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: boot files kept");
                 disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2, None).await?;
+                tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: overlay made");
                 Vm::start(StartSpec {
                     id: cfg.id.clone(),
                     disk: paths.disk(),
@@ -416,7 +419,7 @@ impl Template {
 /// How a template's state file loads: a migration stream that skips the shared RAM (a
 /// template baked from a cold boot), or device state alone (one saved from a running guest,
 /// whose RAM file was written by kiln).
-fn template_incoming(manifest: &Manifest, state: PathBuf) -> Incoming {
+pub(crate) fn template_incoming(manifest: &Manifest, state: PathBuf) -> Incoming {
     if manifest.devices_only_state {
         Incoming {
             state,

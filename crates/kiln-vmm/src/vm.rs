@@ -203,9 +203,6 @@ pub struct Vm {
     pub(crate) owns_dir: bool,
 }
 
-/// The migration bandwidth kiln sets (1 TiB/s: no limit a disk reaches).
-const UNTHROTTLED_BYTES_PER_S: u64 = 1 << 40;
-
 impl Vm {
     /// Cold boot from a base disk: the slow path, used to build templates.
     pub async fn boot(cfg: BootConfig) -> Result<Vm, VmError> {
@@ -280,6 +277,7 @@ impl Vm {
             before_run,
         } = spec;
         let span = Span::current();
+        let entered = Instant::now();
         let (backend_fd, qemu_fds, netdev) = if machine.network {
             let link = network.link()?;
             let fds = link.qemu_fd.into_iter().collect::<Vec<_>>();
@@ -358,6 +356,11 @@ impl Vm {
             exit,
             console: process.diagnostics(CONSOLE_TAIL),
         };
+        let spawned = Instant::now();
+        tracing::debug!(
+            spawn_ms = entered.elapsed().as_secs_f64() * 1e3,
+            "start: QEMU and its backend spawned"
+        );
         let setup = async {
             let qmp = Qmp::connect(&paths.qmp_socket(), timeout)
                 .await
@@ -365,11 +368,19 @@ impl Vm {
                     id: id.clone(),
                     source,
                 })?;
+            tracing::debug!(
+                after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
+                "start: QMP connected"
+            );
             if let Some(incoming) = &incoming {
                 if let Some((diff, summary)) = &incoming.diff {
                     apply_diff(&id, process.pid(), &memory, &machine, diff, summary).await?;
                 }
-                load_state(&id, &qmp, incoming, timeout).await?;
+                crate::migration::load_state(&id, &qmp, incoming, timeout).await?;
+                tracing::debug!(
+                    after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
+                    "start: state loaded"
+                );
             }
             if let Some(before_run) = before_run {
                 before_run(&VmRecord {
@@ -391,7 +402,15 @@ impl Vm {
                         source,
                     })?;
             }
+            tracing::debug!(
+                after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
+                "start: guest running"
+            );
             let agent = connect_agent(&id, &paths, &process, timeout).await?;
+            tracing::debug!(
+                after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
+                "start: agent ready"
+            );
             Ok::<_, VmError>((qmp, agent))
         };
         let outcome = tokio::select! {
@@ -550,50 +569,6 @@ impl Vm {
                 id: self.id.clone(),
                 source,
             })
-    }
-
-    /// Stops the guest and writes its state to `path` (`ignore_shared`: skip shared RAM).
-    pub(crate) async fn save_state(&self, path: &Path, ignore_shared: bool) -> Result<(), VmError> {
-        self.qmp("stop", json!({})).await?;
-        self.qmp(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}),
-        )
-        .await?;
-        // QEMU throttles a migration to 128 MiB/s by default; to a local file nothing should.
-        self.qmp(
-            "migrate-set-parameters",
-            json!({ "max-bandwidth": UNTHROTTLED_BYTES_PER_S }),
-        )
-        .await?;
-        let uri = file_uri(&self.id, path)?;
-        self.qmp("migrate", json!({ "uri": uri })).await?;
-        crate::fault::point("suspend.saving");
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let status = self.qmp("query-migrate", json!({})).await?;
-            match status["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" => {
-                    let reason = status["error-desc"]
-                        .as_str()
-                        .unwrap_or("no reason given")
-                        .to_string();
-                    return Err(VmError::Migration {
-                        id: self.id.clone(),
-                        reason,
-                    });
-                }
-                _ if Instant::now() > deadline => {
-                    return Err(VmError::Timeout {
-                        id: self.id.clone(),
-                        what: "saving state",
-                        timeout: Duration::from_secs(300),
-                    })
-                }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
     }
 
     /// Stops the guest and writes its device state (no RAM) to `path`, for a diff suspend
@@ -878,87 +853,6 @@ async fn apply_diff(
         "memory diff applied"
     );
     Ok(())
-}
-
-pub(crate) async fn load_state(
-    id: &VmId,
-    qmp: &Qmp,
-    incoming: &Incoming,
-    timeout: Duration,
-) -> Result<(), VmError> {
-    let q = |source| VmError::Qmp {
-        id: id.clone(),
-        source,
-    };
-    if incoming.format == StateFormat::Migration {
-        qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": incoming.ignore_shared}]}),
-        )
-        .await
-        .map_err(q)?;
-    }
-    let uri = file_uri(id, &incoming.state)?;
-    qmp.execute("migrate-incoming", json!({ "uri": uri }))
-        .await
-        .map_err(q)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let status = qmp.execute("query-status", json!({})).await.map_err(q)?;
-        match status["status"].as_str().unwrap_or("") {
-            "inmigrate" if Instant::now() > deadline => {
-                return Err(VmError::Timeout {
-                    id: id.clone(),
-                    what: "loading state",
-                    timeout,
-                })
-            }
-            "inmigrate" => tokio::time::sleep(Duration::from_millis(2)).await,
-            "paused" | "prelaunch" => break,
-            other => {
-                let migrate = qmp
-                    .execute("query-migrate", json!({}))
-                    .await
-                    .unwrap_or_default();
-                let reason = migrate["error-desc"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("guest status {other}"));
-                return Err(VmError::Migration {
-                    id: id.clone(),
-                    reason,
-                });
-            }
-        }
-    }
-    let migrate = qmp.execute("query-migrate", json!({})).await.map_err(q)?;
-    if migrate["status"].as_str() == Some("failed") {
-        let reason = migrate["error-desc"]
-            .as_str()
-            .unwrap_or("no reason given")
-            .to_string();
-        return Err(VmError::Migration {
-            id: id.clone(),
-            reason,
-        });
-    }
-    Ok(())
-}
-
-/// A `file:` migration URI (QEMU writes and reads the file itself: no shell, so `-sandbox`
-/// can deny spawning). QEMU splits the URI at commas, so a path with one is refused.
-fn file_uri(id: &VmId, path: &Path) -> Result<String, VmError> {
-    let text = path
-        .to_str()
-        .filter(|s| !s.contains(',') && !s.contains('\n'))
-        .ok_or_else(|| VmError::Invalid {
-            id: id.clone(),
-            reason: format!(
-                "state path {} contains a comma or is not UTF-8",
-                path.display()
-            ),
-        })?;
-    Ok(format!("file:{text}"))
 }
 
 /// Writes `bytes` to a new file at `path`, removing what was there first: a VM's directory
