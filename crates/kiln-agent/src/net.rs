@@ -97,3 +97,31 @@ pub fn configure(iface: &str) -> std::io::Result<bool> {
     std::fs::write("/etc/resolv.conf", format!("nameserver {DNS}\n"))?;
     Ok(true)
 }
+
+/// Takes every NIC away (the `none` connector): unbinds each virtio-net device from its
+/// driver, then checks that no interface but `lo` is left.
+pub fn detach_nics() -> std::io::Result<()> {
+    let driver = std::path::Path::new("/sys/bus/virtio/drivers/virtio_net");
+    if let Ok(entries) = std::fs::read_dir(driver) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("virtio") {
+                std::fs::write(driver.join("unbind"), name.as_bytes())?;
+            }
+        }
+    }
+    let left: Vec<String> = std::fs::read_dir("/sys/class/net")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "network interfaces remain: {}",
+            left.join(", ")
+        )))
+    }
+}

@@ -198,6 +198,13 @@ async fn handle_stream(stream: Stream, ctx: SessionCtx) {
         }
         Request::PutArchive(req) => crate::archive::put(framed, req).await,
         Request::Shell(req) => crate::pty::run(framed, req, &state.reaper).await,
+        Request::DetachNic => {
+            let reply = match crate::net::detach_nics() {
+                Ok(()) => GuestFrame::Ok,
+                Err(e) => GuestFrame::Error(GuestError::new(ErrorKind::Io, e.to_string())),
+            };
+            framed.send(&reply).await
+        }
         Request::Detach => {
             // No reading after this point: once the host hears Ok it may snapshot the
             // guest, and this session must not eat the next host's hello after a restore.

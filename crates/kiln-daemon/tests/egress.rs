@@ -86,6 +86,33 @@ fn connectors_decide_what_a_microvm_reaches() {
     let none = run(&d, json!([{"type": "none"}]));
     assert_eq!(sh(&d, &none, "ls /sys/class/net").1.trim(), "lo");
     assert!(fetch(&d, &none, &allowed.url(&allowed.addr.to_string())).is_err());
+    // The agent takes the NIC away itself: an image without a shell gets `none` too.
+    d.build_image(
+        "nosh",
+        &[("Dockerfile", "FROM busybox\nRUN rm /bin/sh\n")],
+        json!({}),
+    );
+    let (status, r) = d.post(
+        "/v1/microvms",
+        json!({"imageIdentifier": "nosh", "connectors": [{"type": "none"}]}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let nosh = r["microvmId"].as_str().unwrap().to_string();
+    let view = d.wait_state(&nosh, "RUNNING", Duration::from_secs(90));
+    assert_eq!(view["state"], "RUNNING", "{view}\n{}", d.log());
+    let exec = |argv: Value| {
+        d.post(
+            &format!("/v1/microvms/{nosh}/exec"),
+            json!({"command": argv}),
+        )
+        .1
+    };
+    assert_ne!(
+        exec(json!(["/bin/sh", "-c", "true"]))["exitCode"],
+        0,
+        "no shell in this image"
+    );
+    assert_eq!(exec(json!(["/bin/ls", "/sys/class/net"]))["stdout"], "lo\n");
 
     // `allowlist`: the allowed host by name and by address; nothing else.
     let listed = run(

@@ -46,6 +46,11 @@ pub enum Request {
     /// `Stdout` (the terminal's output), then `Exited`. The host may send `Stdin`, `Resize`
     /// and `Signal` meanwhile.
     Shell(ShellRequest),
+    /// Generation 3. Takes the guest's NICs away (the `none` connector): the agent unbinds
+    /// every virtio-net device from its driver, so no interface but `lo` is left. Reply `Ok`,
+    /// or `Error` when an interface remains. The agent does it itself: an image needs no
+    /// shell for it.
+    DetachNic,
 }
 
 impl Tagged for Request {
@@ -63,6 +68,7 @@ impl Tagged for Request {
             | Request::Detach
             | Request::PutArchive(_) => 1,
             Request::Shell(_) => 2,
+            Request::DetachNic => 3,
         }
     }
 }

@@ -119,7 +119,10 @@ fn render() -> String {
         cols: 80,
         rows: 24,
     });
-    let requests: Vec<Request> = requests.into_iter().chain(std::iter::once(shell)).collect();
+    let requests: Vec<Request> = requests
+        .into_iter()
+        .chain([shell, Request::DetachNic])
+        .collect();
     for r in &requests {
         line(&mut out, r.since(), r);
     }

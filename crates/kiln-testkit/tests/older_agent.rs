@@ -52,6 +52,11 @@ async fn a_newer_host_serves_and_takes_back_an_agent_of_an_older_generation() {
         .await;
     let err = shell.err().expect("no shell at generation 1").to_string();
     assert!(err.contains("generation 1; shells need 2"), "{err}");
+    let err = vm.agent().detach_nic().await.unwrap_err().to_string();
+    assert!(
+        err.contains("generation 1; taking the NIC away needs 3"),
+        "{err}"
+    );
     vm.agent().sh(COUNTER).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let before = count(&vm).await;

@@ -438,6 +438,22 @@ impl AgentClient {
     }
 
     /// Asks the agent to end this session (before a snapshot), then closes it.
+    /// Takes the guest's NICs away (the `none` connector), done by the agent itself
+    /// (generation 3; an older agent answers `Unsupported`).
+    pub async fn detach_nic(&self) -> Result<(), AgentError> {
+        if self.session.generation() < 3 {
+            return Err(AgentError::Protocol(format!(
+                "the guest agent speaks generation {}; taking the NIC away needs 3",
+                self.session.generation()
+            )));
+        }
+        let mut s = self.open(&Request::DetachNic).await?;
+        match self.recv(&mut s, "waiting for the NIC to go").await? {
+            GuestFrame::Ok => Ok(()),
+            other => Err(self.unexpected(&other, "Ok")),
+        }
+    }
+
     pub async fn detach(&self, timeout: Duration) -> Result<(), AgentError> {
         let result = tokio::time::timeout(timeout, async {
             let mut s = self.open(&Request::Detach).await?;

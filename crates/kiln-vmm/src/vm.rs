@@ -738,17 +738,29 @@ impl Vm {
                 id: self.id.clone(),
                 source,
             })?;
+        let limit = Duration::from_secs(10);
+        let timed_out = |_| VmError::Timeout {
+            id: self.id.clone(),
+            what: "detaching the NIC",
+            timeout: limit,
+        };
+        if self.agent.generation() >= 3 {
+            return tokio::time::timeout(limit, self.agent.detach_nic())
+                .await
+                .map_err(timed_out)?
+                .map_err(|source| VmError::Agent {
+                    id: self.id.clone(),
+                    source,
+                });
+        }
+        // An agent older than generation 3 (a snapshot from before it) needs the guest's
+        // shell.
         let unbind = "d=/sys/bus/virtio/drivers/virtio_net; for dev in $d/virtio*; do \
                       [ -e \"$dev\" ] && echo \"${dev##*/}\" > $d/unbind; done; \
                       ! ls /sys/class/net | grep -qv '^lo$'";
-        let limit = Duration::from_secs(10);
         let out = tokio::time::timeout(limit, self.agent.sh(unbind))
             .await
-            .map_err(|_| VmError::Timeout {
-                id: self.id.clone(),
-                what: "detaching the NIC",
-                timeout: limit,
-            })?
+            .map_err(timed_out)?
             .map_err(|source| VmError::Agent {
                 id: self.id.clone(),
                 source,
