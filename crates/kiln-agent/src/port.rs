@@ -1,6 +1,6 @@
 //! The guest end of the agent channel: a virtio-serial character device used with
 //! non-blocking I/O. While no host is connected, reads return EOF at once; the session
-//! loop then polls until a host connects.
+//! loop then waits for the port's SIGIO, which the kernel sends when a host connects.
 //!
 //! Each session reads through its own handle ([`Port::session_handle`]). Retiring the
 //! sessions ([`Port::retire_sessions`]) stops every older handle from reading — it never
@@ -79,6 +79,26 @@ impl Port {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Asks the kernel for SIGIO on this port: virtio-console signals each change of the
+    /// host side (a host connecting), so the session loop waits for that instead of
+    /// polling. SIGIO must be handled before this is called (its default ends the process).
+    pub fn signal_on_connect(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd.get_ref().as_raw_fd();
+        // SAFETY: fcntl on a descriptor this port owns (the AsyncFd keeps it open); the
+        // calls take integers only.
+        unsafe {
+            if libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 }
 

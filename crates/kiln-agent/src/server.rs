@@ -19,6 +19,8 @@ use crate::reaper::Reaper;
 const DETACH_FLUSH: Duration = Duration::from_secs(1);
 /// How often the agent looks for a host while none is connected.
 const HOST_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// With SIGIO, the longest wait before the port is read again anyway.
+const HOST_SIGNAL_FALLBACK: Duration = Duration::from_millis(500);
 
 pub struct AgentState {
     pub reaper: Reaper,
@@ -67,6 +69,7 @@ fn generation_cap() -> u16 {
 pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
     let mut quiet_failures = 0u32;
     let max_generation = generation_cap();
+    let mut host_changed = host_signal(&port);
     loop {
         let ack = |nonce, generation| HelloAck {
             nonce,
@@ -87,7 +90,7 @@ pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
             }
             // No host connected: the port reads EOF until one is.
             Err(HandshakeError::Frame(FrameError::UnexpectedEof(_))) => {
-                tokio::time::sleep(HOST_POLL_INTERVAL).await;
+                wait_for_host(&mut host_changed).await;
             }
             Err(e) => {
                 quiet_failures += 1;
@@ -97,6 +100,32 @@ pub async fn serve_forever(port: Port, state: Arc<AgentState>) {
                 tokio::time::sleep(HOST_POLL_INTERVAL).await;
             }
         }
+    }
+}
+
+/// The port's SIGIO (a host connected), or None where it cannot be had: then the loop
+/// polls every [`HOST_POLL_INTERVAL`].
+fn host_signal(port: &Port) -> Option<tokio::signal::unix::Signal> {
+    // The handler first: SIGIO's default action ends the process.
+    let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io()).ok()?;
+    match port.signal_on_connect() {
+        Ok(()) => Some(signal),
+        Err(e) => {
+            warn!("no SIGIO from the agent port ({e}): polling for the host");
+            None
+        }
+    }
+}
+
+/// Waits until a host may have connected: its SIGIO (any since the last wait counts, so a
+/// connection between the failed read and this wait is not missed), or at the latest
+/// [`HOST_SIGNAL_FALLBACK`]; without the signal, [`HOST_POLL_INTERVAL`].
+async fn wait_for_host(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            let _ = tokio::time::timeout(HOST_SIGNAL_FALLBACK, s.recv()).await;
+        }
+        None => tokio::time::sleep(HOST_POLL_INTERVAL).await,
     }
 }
 

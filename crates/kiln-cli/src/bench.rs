@@ -169,7 +169,10 @@ async fn measure(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let single_pss = pss_kib(single.qemu_pid());
     let t = Instant::now();
-    let template = single.snapshot_template(&scratch.join("template")).await?;
+    let template = single
+        .snapshot_template(&scratch.join("template"))
+        .await?
+        .with_spare_overlays(scratch.join("overlays-ahead"));
     let snapshot_time = t.elapsed();
 
     let launch = |name: String| LaunchConfig {

@@ -204,7 +204,8 @@ impl Actor {
             Err(e) => return m.set_state(&id, MicrovmState::Terminated, Some(&e.to_string())),
         };
         let launched = async {
-            let template = Template::open(&config.template)?;
+            let template =
+                Template::open(&config.template)?.with_spare_overlays(m.spare_overlays_dir());
             // The record is durable before the guest runs: a crash from here on is found.
             let before_run: kiln_vmm::BeforeRun = Box::new(|record| {
                 m.keep_record(&id, record);

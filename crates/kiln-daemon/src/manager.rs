@@ -130,6 +130,11 @@ impl Manager {
         self.cfg.home.join("microvms").join(id)
     }
 
+    /// Where disk overlays are made ahead of launches (`kiln_vmm::spare`).
+    pub fn spare_overlays_dir(&self) -> PathBuf {
+        self.cfg.home.join("overlays-ahead")
+    }
+
     pub fn endpoint(&self, id: &str) -> String {
         format!("{id}.{}:{}", self.cfg.ingress_domain, self.cfg.ingress_port)
     }

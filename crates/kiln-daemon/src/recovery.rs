@@ -18,6 +18,8 @@ use crate::images::sync_image;
 use crate::manager::{Manager, MicrovmConfig, Slot, Usage};
 
 pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
+    // Spares of templates deleted while kilnd was away would stay forever otherwise.
+    kiln_vmm::spare::clear(&manager.spare_overlays_dir());
     for id in manager.builder.recover_interrupted()? {
         info!(id, "interrupted image build marked FAILED");
     }

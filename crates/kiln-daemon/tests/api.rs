@@ -534,7 +534,12 @@ fn restart_after_kill_and_graceful_shutdown_leave_a_consistent_state() {
     d.sigterm();
     d.spawn(&["--on-shutdown", "suspend"]);
     d.sigterm();
-    assert!(d.qemu_processes().is_empty());
+    assert!(
+        d.qemu_processes().is_empty(),
+        "QEMUs left after a suspending shutdown: {:?}\n{}",
+        d.qemu_processes(),
+        d.log()
+    );
     d.spawn(&[]);
     assert_eq!(
         d.get(&format!("/v1/microvms/{suspended}")).1["state"],

@@ -98,6 +98,25 @@ fn a_saved_image_launches_with_the_microvms_state_and_a_crash_at_any_step_loses_
     // A microVM of the image starts with the microVM's files and processes as they were.
     let child = run(&d, "warm");
     assert_eq!(sh(&d, &child, "cat /root/note").trim(), "saved-state");
+    // The next launch's disk overlay is made ahead, once this launch is done.
+    let spares = d.home.join("overlays-ahead");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&spares)
+        .map(|e| {
+            e.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+                .count()
+        })
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no overlay made ahead in {}",
+            spares.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_counts_on(&d, &child, at_save);
     assert_ne!(
         sh(&d, &child, "cat /run/kiln/vmgenid"),

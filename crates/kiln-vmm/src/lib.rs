@@ -31,6 +31,7 @@ pub mod network;
 pub mod process;
 pub mod qmp;
 pub mod snapshot;
+pub mod spare;
 pub mod vm;
 
 pub use accel::{AccelChoice, AccelProbe};

@@ -43,6 +43,9 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Template {
     dir: PathBuf,
     manifest: Manifest,
+    /// Where disk overlays are made ahead of launches ([`crate::spare`]); none: each launch
+    /// makes its own.
+    spares: Option<PathBuf>,
 }
 
 /// Where and how to launch a clone.
@@ -207,7 +210,7 @@ impl Vm {
                 keep_boot_files(&saved.assets, &dir.join(BOOT_DIR))?;
                 let manifest = manifest_for(&saved, SnapshotKind::Template, &state, Some(memory_bytes), None)?;
                 manifest.write(dir).map_err(io_err(dir))?;
-                Ok::<_, VmError>(Template { dir: dir.to_path_buf(), manifest })
+                Ok::<_, VmError>(Template::from_parts(dir, manifest))
             }
             .await;
             if result.is_err() {
@@ -312,6 +315,7 @@ impl Template {
         Ok(Template {
             dir: dir.to_path_buf(),
             manifest,
+            spares: None,
         })
     }
 
@@ -319,7 +323,14 @@ impl Template {
         Template {
             dir: dir.to_path_buf(),
             manifest,
+            spares: None,
         }
+    }
+
+    /// Launches take disk overlays made ahead in `dir` (and make the next one after).
+    pub fn with_spare_overlays(mut self, dir: PathBuf) -> Template {
+        self.spares = Some(dir);
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -378,7 +389,11 @@ impl Template {
                 keep_boot_files(&assets, &boot)?;
                 let assets = GuestAssets::open(&boot)?;
                 tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: boot files kept");
-                disk::create_overlay(&paths.disk(), &self.dir.join(DISK_FILE), BackingFormat::Qcow2, None).await?;
+                let template_disk = self.dir.join(DISK_FILE);
+                let spare = self.spares.as_deref().is_some_and(|d| crate::spare::take(d, &template_disk, &paths.disk()));
+                if !spare {
+                    disk::create_overlay(&paths.disk(), &template_disk, BackingFormat::Qcow2, None).await?;
+                }
                 tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: overlay made");
                 Vm::start(StartSpec {
                     id: cfg.id.clone(),
@@ -404,6 +419,10 @@ impl Template {
             }
             let vm = result?;
             info!(elapsed_ms = started.elapsed().as_millis() as u64, template = %self.dir.display(), "launched from template");
+            // The next launch's overlay, made once this one is off the critical path.
+            if let Some(d) = &self.spares {
+                crate::spare::make(d, &self.dir.join(DISK_FILE));
+            }
             Ok(vm)
         }
         .instrument(span)
