@@ -6,7 +6,9 @@
 //!   sharing resume against a launch, memory after suspend/resume, a fork (bench_snapshot);
 //! - host memory (PSS) of N clones of one template vs one cold-booted VM;
 //! - image bake and first launch vs cold boot;
-//! - guest network throughput and connection rate: kiln's backend vs QEMU user-net.
+//! - guest network throughput and connection rate: kiln's backend vs QEMU user-net;
+//! - RunMicrovm → first proxied HTTP 200 vs a cold boot, and the ingress vs no proxy
+//!   (bench_api, through `kiln-bench-api`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -43,6 +45,8 @@ pub enum BenchPart {
     Runtime,
     Image,
     Network,
+    /// RunMicrovm and the ingress, through a kilnd (`kiln-bench-api`).
+    Api,
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -100,6 +104,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if result.is_ok() && wants(BenchPart::Network) {
         result = crate::bench_net::measure(&assets, &machine, &scratch, &mut report).await;
+    }
+    if result.is_ok() && wants(BenchPart::Api) {
+        result = crate::bench_api::measure(args.rounds, &mut report);
     }
     let _ = std::fs::remove_dir_all(&scratch);
     result?;

@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod bench_api;
 mod bench_net;
 mod bench_report;
 mod bench_snapshot;

@@ -297,6 +297,54 @@ fn completions_name_the_subcommands() {
     );
 }
 
+/// `kiln bench --part api`: RunMicrovm through a real kilnd to the first proxied 200, a cold
+/// boot of the same image to its app's first 200, and the ingress against no proxy.
+#[test]
+fn bench_api_reports_run_to_first_200_and_the_proxy_against_none() {
+    let home = tempfile::tempdir().unwrap();
+    let out = kiln(home.path())
+        .args(["bench", "--json", "--part", "api", "--rounds", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let figures = doc["figures"].as_array().unwrap();
+    let find = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {doc}"))
+    };
+    let run = find("RunMicrovm -> first proxied HTTP 200");
+    let running = find("RunMicrovm -> RUNNING (/run done)");
+    assert!(
+        run["median"].as_f64().unwrap() >= running["median"].as_f64().unwrap(),
+        "{run}"
+    );
+    assert!(
+        find("cold boot -> the app's first HTTP 200")["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let proxied = find("GET through the ingress, 16 at once: latency");
+    assert!(proxied["n"].as_u64().unwrap() >= 16, "{proxied}");
+    assert!(
+        find("GET without the proxy (agent channel), 16 at once: throughput")["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    find("latency the proxy adds at 16 connections: p99");
+    find("ratio cold boot -> 200 / RunMicrovm -> 200");
+    find("ratio proxied / unproxied throughput, 16 at once");
+}
+
 #[test]
 fn bench_json_gives_every_figure_with_its_spread() {
     let home = tempfile::tempdir().unwrap();

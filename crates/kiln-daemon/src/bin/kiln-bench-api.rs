@@ -17,6 +17,33 @@ use kiln_types::VmId;
 use kiln_vmm::{BootConfig, GuestAssets, MachineSpec, Template, Vm};
 use serde_json::{json, Value};
 
+/// `--json`: figures as one JSON document on stdout, the text lines on stderr.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Every figure measured, with its samples, for `--json` (`kiln bench --part api` reads it).
+static FIGURES: std::sync::Mutex<Vec<Value>> = std::sync::Mutex::new(Vec::new());
+
+/// A text line: stdout, or stderr under `--json`.
+macro_rules! say {
+    ($($t:tt)*) => {
+        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($t)*)
+        } else {
+            println!($($t)*)
+        }
+    };
+}
+
+fn figure(name: &str, unit: &str, samples: Vec<f64>) {
+    FIGURES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(json!({"name": name, "unit": unit, "samples": samples}));
+}
+
+fn ms_of(v: &[Duration]) -> Vec<f64> {
+    v.iter().map(|d| d.as_secs_f64() * 1000.0).collect()
+}
+
 struct Client {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
@@ -121,6 +148,12 @@ impl Client {
 
 /// Connections at once in the concurrent runs, and requests each makes.
 const CONNECTIONS: usize = 16;
+/// Rounds of each RunMicrovm and cold-boot measurement (`--rounds`).
+static ROUNDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(5);
+
+fn rounds() -> usize {
+    ROUNDS.load(std::sync::atomic::Ordering::Relaxed)
+}
 const REQUESTS_EACH: usize = 40;
 
 /// CPU time of this process (`RUSAGE_SELF`) or of the calling thread (`RUSAGE_THREAD`).
@@ -231,6 +264,7 @@ fn p50_p99(samples: &[Duration]) -> (f64, f64) {
 }
 
 static AT_ONCE: std::sync::Mutex<Option<(f64, f64, Duration)>> = std::sync::Mutex::new(None);
+static AT_ONCE_SAMPLES: std::sync::Mutex<Vec<Duration>> = std::sync::Mutex::new(Vec::new());
 
 static PROXIED: std::sync::Mutex<Vec<Duration>> = std::sync::Mutex::new(Vec::new());
 
@@ -256,7 +290,7 @@ fn report(what: &str, samples: &[Duration]) {
     if what.contains("ingress") {
         *PROXIED.lock().unwrap_or_else(|p| p.into_inner()) = samples.to_vec();
     }
-    println!(
+    say!(
         "GET {what:<36} {rps:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
         pct(0.5),
         pct(0.99)
@@ -296,6 +330,20 @@ const HOOK_SH: &str = "#!/bin/sh\nread -r m p v\nwhile IFS= read -r l; do l=$(pr
 const START_SH: &str = "#!/bin/sh\nmkdir -p /www && echo hello > /www/index.html\nhttpd -p 127.0.0.1:8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
 
 fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => JSON.store(true, std::sync::atomic::Ordering::Relaxed),
+            "--rounds" => {
+                let n: usize = args.next().context("--rounds takes a number")?.parse()?;
+                anyhow::ensure!(n >= 1, "--rounds must be at least 1");
+                ROUNDS.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            other => {
+                anyhow::bail!("unknown argument {other}: kiln-bench-api [--json] [--rounds N]")
+            }
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -351,24 +399,51 @@ async fn run() -> anyhow::Result<()> {
     let assets = GuestAssets::locate()?;
     let template = Template::open(&template_dir)?;
     let machine: MachineSpec = template.manifest().machine.clone();
-    let t = Instant::now();
-    let vm = Vm::boot(BootConfig {
-        id: VmId::new("bench-cold")?,
-        dir: home.path().join("cold"),
-        machine,
-        assets,
-        base_disk: template.dir().join("disk.qcow2"),
-        base_format: kiln_vmm::disk::BackingFormat::Qcow2,
-        top_disk: None,
-        disk_size_mib: None,
-        timeout: Duration::from_secs(120),
-        die_with_parent: true,
-        network: kiln_vmm::NetworkAttachment::closed(),
-        confinement: kiln_vmm::Confinement::default(),
-    })
-    .await?;
-    let cold = t.elapsed().as_secs_f64() * 1000.0;
-    vm.destroy().await?;
+    let (mut cold_agent, mut cold_200) = (Vec::new(), Vec::new());
+    for n in 0..rounds() {
+        let t = Instant::now();
+        let vm = Vm::boot(BootConfig {
+            id: VmId::new(format!("bench-cold-{n}"))?,
+            dir: home.path().join(format!("cold-{n}")),
+            machine: machine.clone(),
+            assets: assets.clone(),
+            base_disk: template.dir().join("disk.qcow2"),
+            base_format: kiln_vmm::disk::BackingFormat::Qcow2,
+            top_disk: None,
+            disk_size_mib: None,
+            timeout: Duration::from_secs(120),
+            die_with_parent: true,
+            network: kiln_vmm::NetworkAttachment::closed(),
+            confinement: kiln_vmm::Confinement::default(),
+        })
+        .await?;
+        cold_agent.push(t.elapsed().as_secs_f64() * 1000.0);
+        // The image's app, started the way its CMD is, until its first HTTP 200.
+        vm.agent()
+            .start_app(kiln_proto::ProcessSpec {
+                argv: vec!["/srv/start.sh".into()],
+                ..Default::default()
+            })
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while direct_get(vm.agent()).await.is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the cold-booted app never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cold_200.push(t.elapsed().as_secs_f64() * 1000.0);
+        vm.destroy().await?;
+    }
+    figure("cold boot -> agent ready", "ms", cold_agent);
+    figure(
+        "cold boot -> the app's first HTTP 200",
+        "ms",
+        cold_200.clone(),
+    );
+    cold_200.sort_by(f64::total_cmp);
+    let cold = cold_200[cold_200.len() / 2];
     // The same GET straight over the agent channel (what the proxy does, minus its own work),
     // and to a host process on loopback.
     let clone = template
@@ -395,16 +470,48 @@ async fn run() -> anyhow::Result<()> {
     clone.destroy().await?;
     let at_once = *AT_ONCE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((proxied16_p99, proxied16_rps, kilnd_cpu)) = at_once {
-        let (_, direct16_p99) = p50_p99(&direct16);
-        println!(
+        let (direct16_p50, direct16_p99) = p50_p99(&direct16);
+        let (proxied16_p50, _) =
+            p50_p99(&AT_ONCE_SAMPLES.lock().unwrap_or_else(|p| p.into_inner()));
+        figure(
+            &format!("GET without the proxy (agent channel), {CONNECTIONS} at once: latency"),
+            "ms",
+            ms_of(&direct16),
+        );
+        figure(
+            &format!("GET without the proxy (agent channel), {CONNECTIONS} at once: p99"),
+            "ms",
+            vec![direct16_p99],
+        );
+        figure(
+            &format!("GET without the proxy (agent channel), {CONNECTIONS} at once: throughput"),
+            "req/s",
+            vec![direct16_rps],
+        );
+        figure(
+            "latency the proxy adds at 16 connections: p50",
+            "ms",
+            vec![proxied16_p50 - direct16_p50],
+        );
+        figure(
+            "latency the proxy adds at 16 connections: p99",
+            "ms",
+            vec![proxied16_p99 - direct16_p99],
+        );
+        figure(
+            "kilnd CPU per proxied request",
+            "ms",
+            vec![kilnd_cpu.as_secs_f64() * 1000.0],
+        );
+        say!(
             "GET over the agent channel, {CONNECTIONS} at once  {direct16_rps:>8.0} req/s  p99 {direct16_p99:>7.2} ms"
         );
-        println!(
+        say!(
             "  proxy / agent-channel at {CONNECTIONS} at once      {:>9.2}x throughput, {:>6.2}x p99",
             proxied16_rps / direct16_rps,
             proxied16_p99 / direct16_p99
         );
-        println!(
+        say!(
             "kilnd CPU per proxied request             {:>9.3} ms",
             kilnd_cpu.as_secs_f64() * 1000.0
         );
@@ -441,19 +548,23 @@ async fn run() -> anyhow::Result<()> {
     report("direct loopback to a host process", &loopback);
     let proxied = proxied_global();
     let rps = |v: &[Duration]| v.len() as f64 / v.iter().sum::<Duration>().as_secs_f64();
-    println!(
+    say!(
         "  proxy / agent-channel throughput          {:>9.2}x",
         rps(&proxied) / rps(&direct)
     );
-    println!(
+    say!(
         "  proxy / host-loopback throughput          {:>9.4}x",
         rps(&proxied) / rps(&loopback)
     );
-    println!("cold boot of the same image (agent ready)  {cold:>9.1} ms");
-    println!(
+    say!("cold boot -> the app's first HTTP 200      {cold:>9.1} ms");
+    say!(
         "  ratio cold boot / RunMicrovm             {:>9.1}x",
         cold / run_ms
     );
+    if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        let figures = std::mem::take(&mut *FIGURES.lock().unwrap_or_else(|p| p.into_inner()));
+        println!("{}", serde_json::to_string(&json!({ "figures": figures }))?);
+    }
     Ok(())
 }
 
@@ -496,9 +607,9 @@ fn measure(
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-    let mut runs = Vec::new();
+    let (mut runs, mut first_200) = (Vec::new(), Vec::new());
     let mut last = String::new();
-    for _ in 0..5 {
+    for _ in 0..rounds() {
         let t = Instant::now();
         let run = c.json(
             "POST",
@@ -506,25 +617,50 @@ fn measure(
             json!({"imageIdentifier": "bench", "runHookPayload": "{}"}),
         )?;
         let id = run["microvmId"].as_str().context("microvm id")?.to_string();
-        loop {
-            let v = c.json("GET", &format!("/v1/microvms/{id}"), json!(null))?;
-            match v["state"].as_str() {
-                Some("RUNNING") => break,
-                Some("TERMINATED") => anyhow::bail!("bench microVM terminated: {v}"),
-                _ => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
+        let v = c.json(
+            "GET",
+            &format!("/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=60"),
+            json!(null),
+        )?;
+        anyhow::ensure!(v["state"] == "RUNNING", "bench microVM is not RUNNING: {v}");
         runs.push(t.elapsed().as_secs_f64() * 1000.0);
+        // The first request a user of the microVM gets through: a token, then the ingress.
+        let tok = c.json(
+            "POST",
+            "/v1/auth-tokens",
+            json!({"microvmIdentifier": id, "expirationInMinutes": 10}),
+        )?;
+        let extra = format!(
+            "X-Kiln-Auth: {}\r\n",
+            tok["authToken"]["X-Kiln-Auth"].as_str().context("token")?
+        );
+        let mut p = Client::connect(ingress, "")?;
+        let (status, _) = p.call_with(
+            &format!("{id}.localhost"),
+            &extra,
+            "GET",
+            "/index.html",
+            "text/plain",
+            b"",
+        )?;
+        anyhow::ensure!(status == 200, "the first proxied request answered {status}");
+        first_200.push(t.elapsed().as_secs_f64() * 1000.0);
         if !last.is_empty() {
             c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
         }
         last = id;
     }
-    runs.sort_by(f64::total_cmp);
-    let run_ms = runs[runs.len() / 2];
-    println!(
-        "RunMicrovm -> RUNNING with /run done       {run_ms:>9.1} ms (median of {})",
-        runs.len()
+    figure("RunMicrovm -> RUNNING (/run done)", "ms", runs.clone());
+    figure(
+        "RunMicrovm -> first proxied HTTP 200",
+        "ms",
+        first_200.clone(),
+    );
+    first_200.sort_by(f64::total_cmp);
+    let run_ms = first_200[first_200.len() / 2];
+    say!(
+        "RunMicrovm -> first proxied HTTP 200      {run_ms:>9.1} ms (median of {})",
+        first_200.len()
     );
     let n = 2000;
     let t = Instant::now();
@@ -538,7 +674,7 @@ fn measure(
         anyhow::ensure!(status == 200, "GetMicrovm answered {status}");
     }
     let rps = n as f64 / t.elapsed().as_secs_f64();
-    println!("GetMicrovm throughput (1 connection)      {rps:>9.0} requests/s");
+    say!("GetMicrovm throughput (1 connection)      {rps:>9.0} requests/s");
     // Ingress: the same small GET through the proxy (keep-alive to the proxy).
     let tok = c.json(
         "POST",
@@ -564,10 +700,26 @@ fn measure(
     report("through the ingress proxy", &proxied);
     let (proxied16, proxied16_rps, kilnd_cpu) = proxied_at_once(ingress, &host, &extra)?;
     let (p50, p99) = p50_p99(&proxied16);
-    println!(
+    figure(
+        &format!("GET through the ingress, {CONNECTIONS} at once: latency"),
+        "ms",
+        ms_of(&proxied16),
+    );
+    figure(
+        &format!("GET through the ingress, {CONNECTIONS} at once: p99"),
+        "ms",
+        vec![p99],
+    );
+    figure(
+        &format!("GET through the ingress, {CONNECTIONS} at once: throughput"),
+        "req/s",
+        vec![proxied16_rps],
+    );
+    say!(
         "GET through the ingress, {CONNECTIONS} at once     {proxied16_rps:>8.0} req/s  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms"
     );
     *AT_ONCE.lock().unwrap_or_else(|p| p.into_inner()) = Some((p99, proxied16_rps, kilnd_cpu));
+    *AT_ONCE_SAMPLES.lock().unwrap_or_else(|p| p.into_inner()) = proxied16;
     c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
     let tpl = images.join("bench").join(&image).join("template");
     Ok((tpl, run_ms))
