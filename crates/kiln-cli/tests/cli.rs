@@ -297,13 +297,11 @@ fn completions_name_the_subcommands() {
     );
 }
 
-/// `kiln bench --part api`: RunMicrovm through a real kilnd to the first proxied 200, a cold
-/// boot of the same image to its app's first 200, and the ingress against no proxy.
-#[test]
-fn bench_api_reports_run_to_first_200_and_the_proxy_against_none() {
-    let home = tempfile::tempdir().unwrap();
-    let out = kiln(home.path())
-        .args(["bench", "--json", "--part", "api", "--rounds", "1"])
+/// `kiln bench --json ARGS`, which must succeed with one JSON document on stdout.
+fn bench_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = kiln(home)
+        .args(["bench", "--json"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -311,8 +309,15 @@ fn bench_api_reports_run_to_first_200_and_the_proxy_against_none() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+}
+
+/// `kiln bench --part api`: RunMicrovm through a real kilnd to the first proxied 200, a cold
+/// boot of the same image to its app's first 200, and the ingress against no proxy.
+#[test]
+fn bench_api_reports_run_to_first_200_and_the_proxy_against_none() {
+    let home = tempfile::tempdir().unwrap();
+    let doc = bench_json(home.path(), &["--part", "api", "--rounds", "1"]);
     let figures = doc["figures"].as_array().unwrap();
     let find = |name: &str| {
         figures
@@ -348,19 +353,10 @@ fn bench_api_reports_run_to_first_200_and_the_proxy_against_none() {
 #[test]
 fn bench_json_gives_every_figure_with_its_spread() {
     let home = tempfile::tempdir().unwrap();
-    let out = kiln(home.path())
-        .args([
-            "bench", "--json", "--part", "runtime", "--rounds", "2", "--clones", "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let doc = bench_json(
+        home.path(),
+        &["--part", "runtime", "--rounds", "2", "--clones", "1"],
     );
-    let doc: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     assert_eq!(doc["meta"]["rounds"], 2);
     let figures = doc["figures"].as_array().unwrap();
     let find = |name: &str| {

@@ -12,7 +12,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::steps::{assert_no_strays, count, counting, die_at, sh, state};
+use common::steps::{
+    assert_counts_on, assert_no_strays, count, counting, die_at, sh, state, terminate,
+};
 use common::{hook_image, ReportServer, TestDaemon};
 use serde_json::{json, Value};
 
@@ -37,22 +39,6 @@ fn ids(v: &Value) -> Vec<String> {
 /// Every microVM id the daemon lists.
 fn all_ids(d: &TestDaemon) -> HashSet<String> {
     ids(&d.get("/v1/microvms").1).into_iter().collect()
-}
-
-fn terminate(d: &TestDaemon, id: &str) {
-    let (status, v) = d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
-    assert_eq!(status, 200, "{v}");
-}
-
-/// The counter goes on in `id` from at least `from`.
-fn assert_counts_on(d: &TestDaemon, id: &str, from: u64) {
-    let now = count(d, id);
-    std::thread::sleep(Duration::from_millis(300));
-    let later = count(d, id);
-    assert!(
-        now >= from && later > now,
-        "{id}: the counter goes on from {from}: {now}, then {later}"
-    );
 }
 
 #[test]

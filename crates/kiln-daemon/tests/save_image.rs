@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::steps::{assert_no_strays, count, counting, die_at, sh};
+use common::steps::{assert_counts_on, assert_no_strays, count, counting, die_at, sh, terminate};
 use common::{hook_image, ReportServer, TestDaemon};
 use serde_json::{json, Value};
 
@@ -40,22 +40,6 @@ fn run(d: &TestDaemon, image: &str) -> String {
     let v = d.wait_state(&id, "RUNNING", Duration::from_secs(120));
     assert_eq!(v["state"], "RUNNING", "{v}\n{}", d.log());
     id
-}
-
-fn terminate(d: &TestDaemon, id: &str) {
-    let (status, v) = d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
-    assert_eq!(status, 200, "{v}");
-}
-
-/// The counter goes on in `id` from at least `from`.
-fn assert_counts_on(d: &TestDaemon, id: &str, from: u64) {
-    let now = count(d, id);
-    std::thread::sleep(Duration::from_millis(300));
-    let later = count(d, id);
-    assert!(
-        now >= from && later > now,
-        "{id}: the counter goes on from {from}: {now}, then {later}"
-    );
 }
 
 /// The build directories of image `name` in the daemon's home.

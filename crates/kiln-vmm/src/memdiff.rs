@@ -15,7 +15,7 @@
 //! header, computed as it is written and as it is read back.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -362,7 +362,7 @@ fn apply_into(path: &Path, expected: &DiffSummary, target: &Target) -> Result<()
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
@@ -387,25 +387,31 @@ fn apply_into(path: &Path, expected: &DiffSummary, target: &Target) -> Result<()
     file.read_exact_at(&mut index, header.index_offset())
         .map_err(io("reading", path))?;
     let (data, zero) = parse_index(&header, &index).map_err(invalid)?;
-    file.seek(SeekFrom::Start(PAGE as u64))
-        .map_err(io("reading", path))?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; BATCH_PAGES * PAGE];
     let write = |bytes: &[u8], page: u32| {
         target
             .file
             .write_all_at(bytes, target.start + u64::from(page) * PAGE as u64)
             .map_err(io("writing guest memory to", target.path))
     };
-    for run in runs(&data, BATCH_PAGES) {
-        let bytes = run.len() * PAGE;
-        file.read_exact(&mut buf[..bytes])
-            .map_err(io("reading", path))?;
-        hash.update(&buf[..bytes]);
-        write(&buf[..bytes], run[0])?;
-    }
-    hash.update(&index);
-    if hex::encode(hash.finalize()) != expected.sha256 {
+    // The checksum is computed on a second thread while the pages are written (the file is
+    // read twice, from the page cache): it is known before anything runs the guest, and it
+    // costs the restore no time of its own.
+    let digest = std::thread::scope(|scope| {
+        let hasher = scope.spawn(|| digest_of(&file, path, header.index_offset(), &index));
+        let mut buf = vec![0u8; BATCH_PAGES * PAGE];
+        let mut at = PAGE as u64;
+        for run in runs(&data, BATCH_PAGES) {
+            let bytes = run.len() * PAGE;
+            file.read_exact_at(&mut buf[..bytes], at)
+                .map_err(io("reading", path))?;
+            write(&buf[..bytes], run[0])?;
+            at += bytes as u64;
+        }
+        hasher
+            .join()
+            .unwrap_or_else(|_| Err(invalid("checking its checksum panicked".into())))
+    })?;
+    if digest != expected.sha256 {
         return Err(invalid(
             "its checksum does not match the snapshot's manifest: the snapshot is corrupt".into(),
         ));
@@ -415,6 +421,23 @@ fn apply_into(path: &Path, expected: &DiffSummary, target: &Target) -> Result<()
         write(&zeros[..run.len() * PAGE], run[0])?;
     }
     Ok(())
+}
+
+/// SHA-256 of a diff file's page data (from the first page after the header to
+/// `data_end`) and then its `index`, as [`GuestRam::save`] computed it.
+fn digest_of(file: &File, path: &Path, data_end: u64, index: &[u8]) -> Result<String, DiffError> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE];
+    let mut at = PAGE as u64;
+    while at < data_end {
+        let n = ((data_end - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(io("reading", path))?;
+        hash.update(&buf[..n]);
+        at += n as u64;
+    }
+    hash.update(index);
+    Ok(hex::encode(hash.finalize()))
 }
 
 /// Writes a new RAM file at `out`: the template RAM `base` with the diff at `diff` (checked

@@ -100,3 +100,19 @@ pub fn assert_no_strays(d: &TestDaemon) {
         "stray report sockets: {sockets:?} of {running:?}"
     );
 }
+
+pub fn terminate(d: &TestDaemon, id: &str) {
+    let (status, v) = d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+    assert_eq!(status, 200, "{v}");
+}
+
+/// The counter goes on in `id` from at least `from`.
+pub fn assert_counts_on(d: &TestDaemon, id: &str, from: u64) {
+    let now = count(d, id);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = count(d, id);
+    assert!(
+        now >= from && later > now,
+        "{id}: the counter goes on from {from}: {now}, then {later}"
+    );
+}
