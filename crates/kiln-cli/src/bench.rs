@@ -47,6 +47,8 @@ pub enum BenchPart {
     Network,
     /// RunMicrovm and the ingress, through a kilnd (`kiln-bench-api`).
     Api,
+    /// The guest kernel command line's effect on the touched set.
+    Cmdline,
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -104,6 +106,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if result.is_ok() && wants(BenchPart::Network) {
         result = crate::bench_net::measure(&assets, &machine, &scratch, &mut report).await;
+    }
+    if result.is_ok() && wants(BenchPart::Cmdline) {
+        result = match assets.base_disk(&args.base) {
+            Ok(base) => {
+                crate::bench_cmdline::measure(
+                    args.rounds,
+                    &assets,
+                    &machine,
+                    &base,
+                    &scratch,
+                    &mut report,
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
     }
     if result.is_ok() && wants(BenchPart::Api) {
         result = crate::bench_api::measure(args.rounds, &mut report);

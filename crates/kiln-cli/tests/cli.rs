@@ -312,6 +312,37 @@ fn bench_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
 }
 
+/// `kiln bench --part cmdline`: each variant's touched set, idle and after its workload.
+#[test]
+fn bench_cmdline_measures_the_touched_set_of_each_variant() {
+    let home = tempfile::tempdir().unwrap();
+    let doc = bench_json(home.path(), &["--part", "cmdline", "--rounds", "1"]);
+    let figures = doc["figures"].as_array().unwrap();
+    let median = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"] == name)
+            .and_then(|f| f["median"].as_f64())
+            .unwrap_or_else(|| panic!("{name} missing: {doc}"))
+    };
+    for variant in [
+        "kiln's command line",
+        "init_on_alloc=0",
+        "transparent_hugepage=never",
+    ] {
+        let (idle, worked) = (
+            median(&format!("{variant}: idle clone")),
+            median(&format!("{variant}: after the workload")),
+        );
+        // The workload writes 16 MiB that stay: the touched set grows by at least that.
+        assert!(
+            idle > 0.0 && worked >= idle + 16.0 * 1024.0,
+            "{variant}: {idle} then {worked}"
+        );
+    }
+    median("init_on_alloc=0 / kiln's, after the workload");
+}
+
 /// `kiln bench --part api`: RunMicrovm through a real kilnd to the first proxied 200, a cold
 /// boot of the same image to its app's first 200, and the ingress against no proxy.
 #[test]
