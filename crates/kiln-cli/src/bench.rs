@@ -138,6 +138,25 @@ pub(crate) fn id(name: String) -> VmId {
     VmId::new(name).expect("bench ids are valid")
 }
 
+/// A launch into `scratch/name` (of `machine` if given), NIC (if any) leading nowhere.
+pub fn launch_config(
+    scratch: &Path,
+    name: &str,
+    machine: Option<MachineSpec>,
+    assets: &GuestAssets,
+) -> LaunchConfig {
+    LaunchConfig {
+        id: id(name.to_string()),
+        dir: scratch.join(name),
+        machine,
+        assets: assets.clone(),
+        timeout: Duration::from_secs(60),
+        die_with_parent: true,
+        network: kiln_vmm::NetworkAttachment::closed(),
+        confinement: crate::confinement(),
+    }
+}
+
 /// A cold boot of `machine` on `base` into `scratch/name`, NIC (if any) leading nowhere.
 pub fn cold_boot_config(
     scratch: &Path,
@@ -200,16 +219,7 @@ async fn measure(
         .with_spare_overlays(scratch.join("overlays-ahead"));
     let snapshot_time = t.elapsed();
 
-    let launch = |name: String| LaunchConfig {
-        id: id(name.clone()),
-        dir: scratch.join(name),
-        machine: Some(machine.clone()),
-        assets: assets.clone(),
-        timeout: Duration::from_secs(60),
-        die_with_parent: true,
-        network: kiln_vmm::NetworkAttachment::closed(),
-        confinement: crate::confinement(),
-    };
+    let launch = |name: String| launch_config(scratch, &name, Some(machine.clone()), assets);
     let mut launches = Vec::new();
     let (mut suspends, mut resumes) = (Vec::new(), Vec::new());
     for n in 0..args.rounds {
@@ -355,16 +365,7 @@ pub async fn measure_image(
     )?;
     let t = Instant::now();
     let vm = template
-        .launch(LaunchConfig {
-            id: id("image-launch".into()),
-            dir: scratch.join("image-launch"),
-            machine: None,
-            assets: assets.clone(),
-            timeout: Duration::from_secs(60),
-            die_with_parent: true,
-            network: kiln_vmm::NetworkAttachment::closed(),
-            confinement: crate::confinement(),
-        })
+        .launch(launch_config(scratch, "image-launch", None, assets))
         .await?;
     let launch = t.elapsed();
     vm.destroy().await?;

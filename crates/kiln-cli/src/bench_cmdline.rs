@@ -7,10 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_vmm::snapshot::LaunchConfig;
 use kiln_vmm::{GuestAssets, MachineSpec, Vm};
 
-use crate::bench::{cold_boot_config, id};
+use crate::bench::{cold_boot_config, launch_config};
 use crate::bench_report::{Report, Stat};
 
 /// Each variant: its name and what it adds to kiln's command line.
@@ -58,17 +57,9 @@ pub async fn measure(
         let (mut idle, mut worked) = (Vec::new(), Vec::new());
         for r in 0..rounds {
             let name = format!("cmdline-{n}-{r}");
+            let machine = Some(template.manifest().machine.clone());
             let clone = template
-                .launch(LaunchConfig {
-                    id: id(name.clone()),
-                    dir: scratch.join(&name),
-                    machine: Some(template.manifest().machine.clone()),
-                    assets: assets.clone(),
-                    timeout: Duration::from_secs(60),
-                    die_with_parent: true,
-                    network: kiln_vmm::NetworkAttachment::closed(),
-                    confinement: crate::confinement(),
-                })
+                .launch(launch_config(scratch, &name, machine, assets))
                 .await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             idle.push(private_kib(&clone)?);

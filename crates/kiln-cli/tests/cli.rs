@@ -297,6 +297,16 @@ fn completions_name_the_subcommands() {
     );
 }
 
+/// The figure called `name` in a `kiln bench --json` document.
+fn figure<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    doc["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing: {doc}"))
+}
+
 /// `kiln bench --json ARGS`, which must succeed with one JSON document on stdout.
 fn bench_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let out = kiln(home)
@@ -317,14 +327,7 @@ fn bench_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
 fn bench_cmdline_measures_the_touched_set_of_each_variant() {
     let home = tempfile::tempdir().unwrap();
     let doc = bench_json(home.path(), &["--part", "cmdline", "--rounds", "1"]);
-    let figures = doc["figures"].as_array().unwrap();
-    let median = |name: &str| {
-        figures
-            .iter()
-            .find(|f| f["name"] == name)
-            .and_then(|f| f["median"].as_f64())
-            .unwrap_or_else(|| panic!("{name} missing: {doc}"))
-    };
+    let median = |name: &str| figure(&doc, name)["median"].as_f64().unwrap();
     for variant in [
         "kiln's command line",
         "init_on_alloc=0",
@@ -349,13 +352,7 @@ fn bench_cmdline_measures_the_touched_set_of_each_variant() {
 fn bench_api_reports_run_to_first_200_and_the_proxy_against_none() {
     let home = tempfile::tempdir().unwrap();
     let doc = bench_json(home.path(), &["--part", "api", "--rounds", "1"]);
-    let figures = doc["figures"].as_array().unwrap();
-    let find = |name: &str| {
-        figures
-            .iter()
-            .find(|f| f["name"] == name)
-            .unwrap_or_else(|| panic!("{name} missing: {doc}"))
-    };
+    let find = |name: &str| figure(&doc, name);
     let run = find("RunMicrovm -> first proxied HTTP 200");
     let running = find("RunMicrovm -> RUNNING (/run done)");
     assert!(
@@ -389,13 +386,7 @@ fn bench_json_gives_every_figure_with_its_spread() {
         &["--part", "runtime", "--rounds", "2", "--clones", "1"],
     );
     assert_eq!(doc["meta"]["rounds"], 2);
-    let figures = doc["figures"].as_array().unwrap();
-    let find = |name: &str| {
-        figures
-            .iter()
-            .find(|f| f["name"] == name)
-            .unwrap_or_else(|| panic!("{name} missing: {doc}"))
-    };
+    let find = |name: &str| figure(&doc, name);
     let launch = find("template launch -> agent ready");
     assert_eq!(launch["n"], 2);
     assert_eq!(launch["samples"].as_array().unwrap().len(), 2);

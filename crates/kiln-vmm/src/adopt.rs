@@ -96,12 +96,7 @@ impl Vm {
                 }
             };
             let connect = async {
-                let qmp = Qmp::connect(&paths.qmp_socket(), timeout)
-                    .await
-                    .map_err(|source| VmError::Qmp {
-                        id: id.clone(),
-                        source,
-                    })?;
+                let qmp = crate::vm::connect_qmp(&id, &paths, timeout).await?;
                 run_again(&id, &qmp).await?;
                 let agent = connect_agent(&id, &paths, &process, timeout).await?;
                 Ok::<_, VmError>((qmp, agent))

@@ -13,9 +13,8 @@ use crate::machine::{qemu_args, MemoryBacking, VmPaths};
 use crate::manifest::Manifest;
 use crate::migration::load_state;
 use crate::process::QemuProcess;
-use crate::qmp::Qmp;
 use crate::snapshot::{template_incoming, Template, DISK_FILE, MEMORY_FILE, STATE_FILE};
-use crate::vm::{create_vm_dir, remove_dir, VmError};
+use crate::vm::{connect_qmp, create_vm_dir, remove_dir, VmError};
 
 /// One measurement of the floor.
 #[derive(Debug, Clone, Copy)]
@@ -74,12 +73,7 @@ impl Template {
             )
             .await?;
             let measured = async {
-                let qmp = Qmp::connect(&paths.qmp_socket(), timeout)
-                    .await
-                    .map_err(|source| VmError::Qmp {
-                        id: id.clone(),
-                        source,
-                    })?;
+                let qmp = connect_qmp(&id, &paths, timeout).await?;
                 let start = started.elapsed();
                 load_state(&id, &qmp, &incoming, timeout).await?;
                 Ok::<_, VmError>(Floor {

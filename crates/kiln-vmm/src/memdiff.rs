@@ -263,13 +263,7 @@ impl GuestRam {
         let private = self.private_pages()?;
         let (mem, mem_path) = self.mem(false)?;
         let base = File::open(&self.base).map_err(io("opening", &self.base))?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(out)
-            .map_err(io("creating", out))?;
+        let file = create_private(out)?;
         let mut writer = BufWriter::with_capacity(1 << 20, file);
         writer
             .seek(SeekFrom::Start(PAGE as u64))
@@ -462,13 +456,7 @@ pub fn materialize(
                 ),
             });
         }
-        let to = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(out)
-            .map_err(io("creating", out))?;
+        let to = create_private(out)?;
         copy_sparse(&from, base, &to, out, len)?;
         let target = Target {
             file: &to,
@@ -591,6 +579,17 @@ pub(crate) fn parse_smaps_entry(text: &str, start: u64) -> Option<RamUsage> {
 /// Where the mapping a `maps` line describes starts (None: not such a line).
 pub(crate) fn mapping_start(line: &str) -> Option<u64> {
     Mapping::parse(line).map(|m| m.start)
+}
+
+/// Creates `out`, which must not exist (a link there is not followed), readable by root only.
+fn create_private(out: &Path) -> Result<File, DiffError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(out)
+        .map_err(io("creating", out))
 }
 
 /// Splits ascending page numbers into runs of consecutive pages, each at most `max` long.

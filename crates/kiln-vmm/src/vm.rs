@@ -362,12 +362,7 @@ impl Vm {
             "start: QEMU and its backend spawned"
         );
         let setup = async {
-            let qmp = Qmp::connect(&paths.qmp_socket(), timeout)
-                .await
-                .map_err(|source| VmError::Qmp {
-                    id: id.clone(),
-                    source,
-                })?;
+            let qmp = connect_qmp(&id, &paths, timeout).await?;
             tracing::debug!(
                 after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
                 "start: QMP connected"
@@ -817,6 +812,20 @@ impl Drop for Vm {
 }
 
 /// A new agent session on the VM's channel; a failure carries the console tail.
+/// Connects to a VM's QMP socket (QEMU may still be creating it).
+pub(crate) async fn connect_qmp(
+    id: &VmId,
+    paths: &VmPaths,
+    timeout: Duration,
+) -> Result<Qmp, VmError> {
+    Qmp::connect(&paths.qmp_socket(), timeout)
+        .await
+        .map_err(|source| VmError::Qmp {
+            id: id.clone(),
+            source,
+        })
+}
+
 pub(crate) async fn connect_agent(
     id: &VmId,
     paths: &VmPaths,
