@@ -199,10 +199,16 @@ pub struct TestTemplate {
 
 impl TestTemplate {
     pub async fn build(prepare: &str) -> TestTemplate {
+        Self::build_on(machine(), prepare).await
+    }
+
+    /// [`TestTemplate::build`] on `machine` (e.g. with a NIC: its clones lead to a closed
+    /// egress policy).
+    pub async fn build_on(machine: MachineSpec, prepare: &str) -> TestTemplate {
         init_logging();
         let scratch = scratch();
         let vm = TestVm::wrap(
-            Vm::boot(boot_config(scratch.path(), "builder", machine()))
+            Vm::boot(boot_config(scratch.path(), "builder", machine))
                 .await
                 .expect("cold boot"),
         );

@@ -6,6 +6,7 @@
 //! - [`process`], [`qmp`]: the QEMU process, its console log and its control socket;
 //! - [`agent`]: the typed client of the guest agent;
 //! - [`vm`], [`snapshot`], [`manifest`]: boot, template snapshot, launch, suspend, resume;
+//! - [`start`], [`prestart`]: starting QEMU, in one go or ahead of the launch;
 //! - [`memdiff`]: the pages a guest changed from its template, saved and applied by kiln;
 //! - [`confine`]: the jail each QEMU runs in (or `--no-jail`), built by `kiln-jail`;
 //! - [`network`], [`netproc`]: how a VM's NIC reaches the world (kiln-net's egress backend,
@@ -28,10 +29,12 @@ pub mod memdiff;
 pub mod migration;
 pub mod netproc;
 pub mod network;
+pub mod prestart;
 pub mod process;
 pub mod qmp;
 pub mod snapshot;
 pub mod spare;
+pub mod start;
 pub mod vm;
 
 pub use accel::{AccelChoice, AccelProbe};
@@ -44,8 +47,10 @@ pub use kiln_net;
 pub use machine::MachineSpec;
 pub use manifest::{Manifest, ManifestMismatch};
 pub use network::NetworkAttachment;
+pub use prestart::{PrestartConfig, Prestarted};
 pub use snapshot::{SuspendedVm, Template};
-pub use vm::{BeforeRun, BootConfig, Vm, VmError};
+pub use start::BeforeRun;
+pub use vm::{BootConfig, Vm, VmError};
 
 /// An error and its causes on one line (how kiln shows errors to people).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

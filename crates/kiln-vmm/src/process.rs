@@ -513,6 +513,11 @@ impl QemuProcess {
         self.supervisor.kill().await
     }
 
+    /// Sends SIGKILL (once) without waiting (its supervisor reaps it and releases its jail).
+    pub fn start_kill(&self) {
+        self.supervisor.start_kill();
+    }
+
     /// The last `max_bytes` of the guest console, then QEMU's own error output.
     pub fn diagnostics(&self, max_bytes: usize) -> String {
         let mut text = tail_of_file(&self.console, max_bytes);

@@ -25,7 +25,8 @@ use crate::manifest::{
 };
 use crate::memdiff::DiffSummary;
 use crate::network::NetworkAttachment;
-use crate::vm::{create_vm_dir, remove_dir, BeforeRun, Incoming, SavedVm, StartSpec, Vm, VmError};
+use crate::start::{BeforeRun, QemuSpec, StartSpec};
+use crate::vm::{create_vm_dir, remove_dir, Incoming, SavedVm, Vm, VmError};
 
 pub(crate) const STATE_FILE: &str = "device.state";
 pub(crate) const DIFF_FILE: &str = "memory.diff";
@@ -163,7 +164,7 @@ fn boot_assets(dir: &Path, fallback: &GuestAssets) -> GuestAssets {
     GuestAssets::open(&dir.join(BOOT_DIR)).unwrap_or_else(|_| fallback.clone())
 }
 
-fn verify_state(id: &VmId, manifest: &Manifest, state: &Path) -> Result<(), VmError> {
+pub(crate) fn verify_state(id: &VmId, manifest: &Manifest, state: &Path) -> Result<(), VmError> {
     let actual = sha256_file(state).map_err(io_err(state))?;
     if actual != manifest.state_sha256 {
         return Err(VmError::Invalid {
@@ -354,7 +355,7 @@ impl Template {
     }
 
     /// Launches a copy-on-write clone, calling `before_run` before the guest starts (see
-    /// [`crate::vm::StartSpec::before_run`]).
+    /// [`crate::start::BeforeRun`]).
     pub async fn launch_with(
         &self,
         cfg: LaunchConfig,
@@ -363,76 +364,111 @@ impl Template {
         let span = info_span!("vm", id = %cfg.id);
         async move {
             let started = Instant::now();
-            // Re-read: the manifest on disk is what the restore will honour.
-            let manifest = Manifest::read(&self.dir)?;
-            let assets = boot_assets(&self.dir, &cfg.assets);
-            manifest.check(&HostFacts::new(&assets), cfg.machine.as_ref())?;
-            let memory = self.dir.join(MEMORY_FILE);
-            let expected = u64::from(manifest.machine.memory_mib) << 20;
-            let actual = std::fs::metadata(&memory).map_err(io_err(&memory))?.len();
-            if actual != expected || manifest.memory_bytes != Some(expected) {
-                return Err(VmError::Invalid {
-                    id: cfg.id.clone(),
-                    reason: format!(
-                        "RAM size mismatch: manifest says {} MiB, memory file holds {} bytes",
-                        manifest.machine.memory_mib, actual
-                    ),
-                });
-            }
-            let state = self.dir.join(STATE_FILE);
-            verify_state(&cfg.id, &manifest, &state)?;
-            create_vm_dir(&cfg.dir)?;
-            tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: manifest and state checked");
-            let paths = VmPaths::new(&cfg.dir);
-            let result = async {
-                let boot = cfg.dir.join(BOOT_DIR);
-                keep_boot_files(&assets, &boot)?;
-                let assets = GuestAssets::open(&boot)?;
-                tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: boot files kept");
-                let template_disk = self.dir.join(DISK_FILE);
-                let spare = self.spares.as_deref().is_some_and(|d| crate::spare::take(d, &template_disk, &paths.disk()));
-                if !spare {
-                    disk::create_overlay(&paths.disk(), &template_disk, BackingFormat::Qcow2, None).await?;
-                }
-                tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "launch: overlay made");
-                Vm::start(StartSpec {
-                    id: cfg.id.clone(),
-                    disk: paths.disk(),
-                    disk_base: Some(self.dir.join(DISK_FILE)),
-                    paths,
-                    machine: manifest.machine.clone(),
-                    assets,
-                    memory: MemoryBacking::PrivateFile(memory),
-                    kernel_cmdline: manifest.kernel_cmdline.clone(),
-                    incoming: Some(template_incoming(&manifest, state)),
-                    timeout: cfg.timeout,
-                    die_with_parent: cfg.die_with_parent,
-                    network: cfg.network.clone(),
-                    confinement: cfg.confinement,
-                    before_run,
-                })
-                .await
-            }
+            let qemu = self.prepare(&cfg).await?;
+            let result = Vm::start(StartSpec {
+                qemu,
+                network: cfg.network.clone(),
+                before_run,
+            })
             .await;
             if result.is_err() {
                 let _ = remove_dir(&cfg.dir);
             }
             let vm = result?;
             info!(elapsed_ms = started.elapsed().as_millis() as u64, template = %self.dir.display(), "launched from template");
-            // The next launch's overlay, made once this one is off the critical path.
-            if let Some(d) = &self.spares {
-                crate::spare::make(d, &self.dir.join(DISK_FILE));
-            }
+            self.make_spare();
             Ok(vm)
         }
         .instrument(span)
         .await
     }
 
+    /// The next launch's overlay, made once this one is off the critical path.
+    pub(crate) fn make_spare(&self) {
+        if let Some(d) = &self.spares {
+            crate::spare::make(d, &self.dir.join(DISK_FILE));
+        }
+    }
+
+    /// Checks the template (manifest, RAM file, state checksum) and makes the clone's
+    /// directory: its boot files and its overlay. On failure the directory is gone.
+    pub(crate) async fn prepare(&self, cfg: &LaunchConfig) -> Result<QemuSpec, VmError> {
+        let started = Instant::now();
+        // Re-read: the manifest on disk is what the restore will honour.
+        let manifest = Manifest::read(&self.dir)?;
+        let assets = boot_assets(&self.dir, &cfg.assets);
+        manifest.check(&HostFacts::new(&assets), cfg.machine.as_ref())?;
+        let memory = self.dir.join(MEMORY_FILE);
+        let expected = u64::from(manifest.machine.memory_mib) << 20;
+        let actual = std::fs::metadata(&memory).map_err(io_err(&memory))?.len();
+        if actual != expected || manifest.memory_bytes != Some(expected) {
+            return Err(VmError::Invalid {
+                id: cfg.id.clone(),
+                reason: format!(
+                    "RAM size mismatch: manifest says {} MiB, memory file holds {} bytes",
+                    manifest.machine.memory_mib, actual
+                ),
+            });
+        }
+        let state = self.dir.join(STATE_FILE);
+        verify_state(&cfg.id, &manifest, &state)?;
+        create_vm_dir(&cfg.dir)?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "launch: manifest and state checked"
+        );
+        let paths = VmPaths::new(&cfg.dir);
+        let made = async {
+            let boot = cfg.dir.join(BOOT_DIR);
+            keep_boot_files(&assets, &boot)?;
+            let assets = GuestAssets::open(&boot)?;
+            let template_disk = self.dir.join(DISK_FILE);
+            let spare = self
+                .spares
+                .as_deref()
+                .is_some_and(|d| crate::spare::take(d, &template_disk, &paths.disk()));
+            if !spare {
+                disk::create_overlay(&paths.disk(), &template_disk, BackingFormat::Qcow2, None)
+                    .await?;
+            }
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "launch: boot files and overlay made"
+            );
+            Ok::<_, VmError>(assets)
+        }
+        .await;
+        let assets = match made {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = remove_dir(&cfg.dir);
+                return Err(e);
+            }
+        };
+        Ok(QemuSpec {
+            id: cfg.id.clone(),
+            disk: paths.disk(),
+            disk_base: Some(template_disk_of(&self.dir)),
+            paths,
+            machine: manifest.machine.clone(),
+            assets,
+            memory: MemoryBacking::PrivateFile(memory),
+            kernel_cmdline: manifest.kernel_cmdline.clone(),
+            incoming: Some(template_incoming(&manifest, state)),
+            timeout: cfg.timeout,
+            die_with_parent: cfg.die_with_parent,
+            confinement: cfg.confinement,
+        })
+    }
+
     /// Removes the template's files. Clones launched from it must be gone first.
     pub fn delete(self) -> Result<(), VmError> {
         remove_dir(&self.dir)
     }
+}
+
+fn template_disk_of(dir: &Path) -> PathBuf {
+    dir.join(DISK_FILE)
 }
 
 /// How a template's state file loads: a migration stream that skips the shared RAM (a
@@ -547,7 +583,7 @@ impl SuspendedVm {
     }
 
     /// Restores the VM, calling `before_run` before the guest runs again (see
-    /// [`crate::vm::StartSpec::before_run`]). The suspended state stays until the caller,
+    /// [`crate::start::BeforeRun`]). The suspended state stays until the caller,
     /// once the resume is durable on its side, calls [`Vm::forget_suspended_state`]: up to
     /// then a crash can fall back to it.
     pub async fn resume_with(
@@ -584,19 +620,21 @@ impl SuspendedVm {
                 None => (MemoryBacking::Anonymous, Incoming::stream(state, false)),
             };
             let vm = Vm::start(StartSpec {
-                id: self.id.clone(),
-                paths: self.paths.clone(),
-                disk: self.paths.disk(),
-                disk_base,
-                machine: manifest.machine.clone(),
-                assets: self.assets.clone(),
-                memory,
-                kernel_cmdline: manifest.kernel_cmdline.clone(),
-                incoming: Some(incoming),
-                timeout,
-                die_with_parent: self.die_with_parent,
+                qemu: QemuSpec {
+                    id: self.id.clone(),
+                    paths: self.paths.clone(),
+                    disk: self.paths.disk(),
+                    disk_base,
+                    machine: manifest.machine.clone(),
+                    assets: self.assets.clone(),
+                    memory,
+                    kernel_cmdline: manifest.kernel_cmdline.clone(),
+                    incoming: Some(incoming),
+                    timeout,
+                    die_with_parent: self.die_with_parent,
+                    confinement: self.confinement,
+                },
                 network: self.network.clone(),
-                confinement: self.confinement,
                 before_run,
             })
             .await?;

@@ -8,17 +8,17 @@ use kiln_types::VmId;
 use serde_json::json;
 use tracing::{info, info_span, warn, Instrument, Span};
 
-use crate::adopt::VmRecord;
 use crate::agent::{AgentClient, AgentError, ExecOutput};
 use crate::assets::{AssetsError, GuestAssets};
-use crate::confine::{jail_spec, Confinement, VmFiles};
+use crate::confine::Confinement;
 use crate::disk::{self, BackingFormat, DiskError};
-use crate::machine::{qemu_args, MachineSpec, MemoryBacking, StateFormat, VmPaths};
+use crate::machine::{MachineSpec, MemoryBacking, StateFormat, VmPaths};
 use crate::manifest::{ManifestError, ManifestMismatch};
 use crate::memdiff::{DiffSummary, GuestRam};
 use crate::network::NetworkAttachment;
 use crate::process::{ExitInfo, ProcessError, QemuProcess};
 use crate::qmp::{Qmp, QmpError};
+use crate::start::{QemuSpec, StartSpec};
 
 /// Bytes of console shown in crash reports.
 pub const CONSOLE_TAIL: usize = 4096;
@@ -132,31 +132,6 @@ pub(crate) struct SavedVm {
     pub confinement: Confinement,
 }
 
-/// Everything [`Vm::start`] needs.
-pub(crate) struct StartSpec<'a> {
-    pub id: VmId,
-    pub paths: VmPaths,
-    pub machine: MachineSpec,
-    pub assets: GuestAssets,
-    pub memory: MemoryBacking,
-    pub disk: PathBuf,
-    /// The first file under `disk` in its chain, as kiln knows it (see [`crate::confine`]).
-    pub disk_base: Option<PathBuf>,
-    pub kernel_cmdline: String,
-    pub incoming: Option<Incoming>,
-    pub timeout: Duration,
-    pub die_with_parent: bool,
-    pub network: NetworkAttachment,
-    pub confinement: Confinement,
-    /// Called once QEMU and its backend run (with `incoming`: its state loaded, the guest
-    /// not yet started), with what a later kilnd needs to take the VM back: kilnd makes it
-    /// durable there, so the guest never runs unrecorded.
-    pub before_run: Option<BeforeRun<'a>>,
-}
-
-/// See [`StartSpec::before_run`].
-pub type BeforeRun<'a> = Box<dyn FnOnce(&VmRecord) + Send + 'a>;
-
 /// A stream of guest state to load at start.
 pub(crate) struct Incoming {
     pub state: PathBuf,
@@ -222,24 +197,26 @@ impl Vm {
                 disk::create_overlay(&top, &cfg.base_disk, cfg.base_format, cfg.disk_size_mib)
                     .await?;
                 Vm::start(StartSpec {
-                    id: cfg.id.clone(),
-                    memory: MemoryBacking::SharedFile(paths.memory()),
-                    paths: paths.clone(),
-                    kernel_cmdline: format!(
-                        "{} {extra}",
-                        crate::machine::kernel_cmdline(cfg.machine.accel)
-                    )
-                    .trim_end()
-                    .to_string(),
-                    machine: cfg.machine,
-                    assets: cfg.assets,
-                    disk: top,
-                    disk_base: Some(cfg.base_disk.clone()),
-                    incoming: None,
-                    timeout: cfg.timeout,
-                    die_with_parent: cfg.die_with_parent,
+                    qemu: QemuSpec {
+                        id: cfg.id.clone(),
+                        memory: MemoryBacking::SharedFile(paths.memory()),
+                        paths: paths.clone(),
+                        kernel_cmdline: format!(
+                            "{} {extra}",
+                            crate::machine::kernel_cmdline(cfg.machine.accel)
+                        )
+                        .trim_end()
+                        .to_string(),
+                        machine: cfg.machine,
+                        assets: cfg.assets,
+                        disk: top,
+                        disk_base: Some(cfg.base_disk.clone()),
+                        incoming: None,
+                        timeout: cfg.timeout,
+                        die_with_parent: cfg.die_with_parent,
+                        confinement: cfg.confinement,
+                    },
                     network: cfg.network,
-                    confinement: cfg.confinement,
                     before_run: None,
                 })
                 .await
@@ -254,198 +231,6 @@ impl Vm {
         }
         .instrument(span.clone())
         .await
-    }
-
-    /// Starts QEMU, loads `incoming` state if any, and connects the agent. On failure QEMU
-    /// is killed; the caller owns the directory.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn start(spec: StartSpec<'_>) -> Result<Vm, VmError> {
-        let StartSpec {
-            id,
-            paths,
-            machine,
-            assets,
-            memory,
-            disk,
-            disk_base,
-            kernel_cmdline,
-            incoming,
-            timeout,
-            die_with_parent,
-            network,
-            confinement,
-            before_run,
-        } = spec;
-        let span = Span::current();
-        let entered = Instant::now();
-        let (backend_fd, qemu_fds, netdev) = if machine.network {
-            let link = network.link()?;
-            let fds = link.qemu_fd.into_iter().collect::<Vec<_>>();
-            (link.backend_fd, fds, Some(link.netdev))
-        } else {
-            (None, Vec::new(), None)
-        };
-        let args = qemu_args(
-            &machine,
-            &assets,
-            &paths,
-            &memory,
-            &disk,
-            &kernel_cmdline,
-            incoming.as_ref().map(|i| i.format),
-            netdev.as_deref(),
-        );
-        let jail = match &confinement {
-            Confinement::Jailed(limits) => {
-                let files = VmFiles {
-                    paths: &paths,
-                    machine: &machine,
-                    assets: &assets,
-                    memory: &memory,
-                    disk: &disk,
-                    disk_base: disk_base.as_deref(),
-                    incoming: incoming.as_ref().map(|i| i.state.as_path()),
-                };
-                let spec =
-                    jail_spec(&files, limits, die_with_parent).map_err(|e| VmError::Invalid {
-                        id: id.clone(),
-                        reason: crate::error_chain(&e),
-                    })?;
-                Some(spec)
-            }
-            Confinement::Unjailed => None,
-        };
-        // QEMU and its network backend start side by side (each jail takes tens of ms).
-        let (console_socket, console) = (paths.console_socket(), paths.console_log());
-        let (backend, process) = tokio::join!(
-            network.start_backend(backend_fd, &confinement, die_with_parent),
-            QemuProcess::spawn(
-                &args,
-                &console_socket,
-                &console,
-                die_with_parent,
-                jail,
-                qemu_fds
-            )
-        );
-        let (net_backend, process) = match (backend, process) {
-            (Ok(backend), Ok(process)) => (backend, process),
-            (Ok(backend), Err(e)) => {
-                if let Some(b) = backend {
-                    b.finish().await;
-                }
-                return Err(e.into());
-            }
-            (Err(e), Ok(process)) => {
-                process.kill().await;
-                return Err(e);
-            }
-            (Err(e), Err(_)) => return Err(e),
-        };
-        // The pid as the host sees it (a jailed QEMU is PID 1 of its own namespace), for
-        // start-up recovery.
-        let _ = write_new(&paths.pid_file(), format!("{}\n", process.pid()).as_bytes());
-        if let Some(backend) = &net_backend {
-            let _ = write_new(
-                &paths.net_pid_file(),
-                format!("{}\n", backend.pid()).as_bytes(),
-            );
-        }
-        let crashed = |process: &QemuProcess, exit: ExitInfo| VmError::Crashed {
-            id: id.clone(),
-            exit,
-            console: process.diagnostics(CONSOLE_TAIL),
-        };
-        let spawned = Instant::now();
-        tracing::debug!(
-            spawn_ms = entered.elapsed().as_secs_f64() * 1e3,
-            "start: QEMU and its backend spawned"
-        );
-        let setup = async {
-            let qmp = connect_qmp(&id, &paths, timeout).await?;
-            tracing::debug!(
-                after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
-                "start: QMP connected"
-            );
-            if let Some(incoming) = &incoming {
-                if let Some((diff, summary)) = &incoming.diff {
-                    apply_diff(&id, process.pid(), &memory, &machine, diff, summary).await?;
-                }
-                crate::migration::load_state(&id, &qmp, incoming, timeout).await?;
-                tracing::debug!(
-                    after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
-                    "start: state loaded"
-                );
-            }
-            if let Some(before_run) = before_run {
-                before_run(&VmRecord {
-                    machine: machine.clone(),
-                    assets: assets.clone(),
-                    memory: memory.clone(),
-                    active_disk: disk.clone(),
-                    disk_base: disk_base.clone(),
-                    kernel_cmdline: kernel_cmdline.clone(),
-                    qemu: process.record().clone(),
-                    net: net_backend.as_ref().map(|b| b.record().clone()),
-                });
-            }
-            if incoming.is_some() {
-                qmp.execute("cont", json!({}))
-                    .await
-                    .map_err(|source| VmError::Qmp {
-                        id: id.clone(),
-                        source,
-                    })?;
-            }
-            tracing::debug!(
-                after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
-                "start: guest running"
-            );
-            let agent = connect_agent(&id, &paths, &process, timeout).await?;
-            tracing::debug!(
-                after_spawn_ms = spawned.elapsed().as_secs_f64() * 1e3,
-                "start: agent ready"
-            );
-            Ok::<_, VmError>((qmp, agent))
-        };
-        let outcome = tokio::select! {
-            r = setup => r,
-            exit = process.wait() => Err(crashed(&process, exit)),
-        };
-        match outcome {
-            Ok((qmp, agent)) => Ok(Vm {
-                id,
-                paths,
-                machine,
-                assets,
-                memory,
-                active_disk: disk,
-                kernel_cmdline,
-                process,
-                qmp,
-                agent,
-                span,
-                die_with_parent,
-                network,
-                confinement,
-                disk_base,
-                net_backend,
-                owns_dir: true,
-            }),
-            Err(e) => {
-                // A setup error may really be a crash seen from the other side first.
-                let e = match tokio::time::timeout(Duration::from_millis(200), process.wait()).await
-                {
-                    Ok(exit) if !matches!(e, VmError::Crashed { .. }) => crashed(&process, exit),
-                    _ => e,
-                };
-                process.kill().await;
-                if let Some(backend) = &net_backend {
-                    backend.finish().await;
-                }
-                Err(e)
-            }
-        }
     }
 
     pub fn id(&self) -> &VmId {
@@ -842,7 +627,7 @@ pub(crate) async fn connect_agent(
 }
 
 /// Writes a memory diff into a starting QEMU's RAM (off the async workers).
-async fn apply_diff(
+pub(crate) async fn apply_diff(
     id: &VmId,
     pid: u32,
     memory: &MemoryBacking,
