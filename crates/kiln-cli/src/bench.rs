@@ -1,6 +1,7 @@
 //! `kiln bench`: measured side by side in one run, never asserted.
 //! - cold boot → agent ready vs launch from template → agent ready (ratio);
-//! - launch vs QEMU's own floor (a bare start and state load of the same template);
+//! - launch vs QEMU's own floor (a bare start and state load of the same template), and a
+//!   launch from a QEMU started ahead (kilnd's pool) against both;
 //! - launch with the jail vs without (`--no-jail`);
 //! - suspend and resume times; a diff suspend's bytes against the guest's private set, a
 //!   sharing resume against a launch, memory after suspend/resume, a fork (bench_snapshot);
@@ -246,6 +247,27 @@ async fn measure(
         floor.push(f.loaded);
     }
 
+    // Launches from a QEMU started ahead (kilnd's pool): the prestart is not timed.
+    let mut prestarted = Vec::new();
+    for n in 0..args.rounds {
+        let cfg = launch(format!("pre-{n}"));
+        let pre = template
+            .prestart(kiln_vmm::PrestartConfig {
+                id: cfg.id,
+                dir: cfg.dir,
+                assets: cfg.assets,
+                timeout: cfg.timeout,
+                die_with_parent: cfg.die_with_parent,
+                confinement: cfg.confinement,
+            })
+            .await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        let vm = template.launch_prestarted(pre, cfg.network, None).await?;
+        prestarted.push(t.elapsed());
+        vm.destroy().await?;
+    }
+
     // The jail's cost: launches of the same template jailed and unjailed, alternating.
     let (mut jailed, mut unjailed) = (Vec::new(), Vec::new());
     for n in 0..args.rounds {
@@ -292,6 +314,13 @@ async fn measure(
     report.samples("QEMU floor: bare start -> QMP", "ms", &all_ms(&floor_start));
     let floor = report.samples("QEMU floor: bare start + state load", "ms", &all_ms(&floor));
     report.ratio("ratio launch/QEMU floor", &launch, &floor);
+    let pre = report.samples(
+        "launch from a pre-started QEMU -> agent ready",
+        "ms",
+        &all_ms(&prestarted),
+    );
+    report.ratio("ratio pre-started launch/QEMU floor", &pre, &floor);
+    report.ratio("ratio launch/pre-started launch", &launch, &pre);
     let with_jail = report.samples("launch, jailed", "ms", &all_ms(&jailed));
     let without = report.samples("launch, --no-jail", "ms", &all_ms(&unjailed));
     report.ratio("ratio jailed/unjailed launch", &with_jail, &without);

@@ -420,4 +420,10 @@ fn bench_json_gives_every_figure_with_its_spread() {
             <= floor["median"].as_f64().unwrap()
     );
     find("ratio launch/QEMU floor");
+    // Launches from QEMUs started ahead, each round, against both.
+    let pre = find("launch from a pre-started QEMU -> agent ready");
+    assert_eq!(pre["n"], 2);
+    assert!(pre["min"].as_f64().unwrap() > 0.0, "{pre}");
+    find("ratio pre-started launch/QEMU floor");
+    find("ratio launch/pre-started launch");
 }

@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub enum Command {
         config: Box<MicrovmConfig>,
         payload: Option<String>,
         network: NetworkAttachment,
+        /// Its QEMU, started ahead (the microVM has its id).
+        prestarted: Option<Box<kiln_vmm::Prestarted>>,
     },
     /// Suspend a RUNNING microVM. With `if_idle_for`, only if it is still idle that long
     /// once the actor takes the command (a request may have come in since the decision).
@@ -140,7 +143,8 @@ impl Actor {
                 config,
                 payload,
                 network,
-            } => self.launch(&config, payload, network).await,
+                prestarted,
+            } => self.launch(&config, payload, network, prestarted).await,
             Command::Suspend {
                 reason,
                 if_idle_for,
@@ -197,6 +201,7 @@ impl Actor {
         config: &MicrovmConfig,
         payload: Option<String>,
         net: NetworkAttachment,
+        prestarted: Option<Box<kiln_vmm::Prestarted>>,
     ) {
         let (m, id) = (self.m.clone(), self.id.clone());
         let vm_id = match VmId::new(&id) {
@@ -209,11 +214,20 @@ impl Actor {
             // The record is durable before the guest runs: a crash from here on is found.
             let before_run: kiln_vmm::BeforeRun = Box::new(|record| {
                 m.keep_record(&id, record);
+                crate::pool::Pool::taken(&m, &id);
                 fault::point("launch.before-run");
             });
-            let vm = template
-                .launch_with(
-                    LaunchConfig {
+            let confinement = m.confinement_of(config);
+            let vm = match prestarted {
+                Some(pre) => {
+                    m.pool.served.fetch_add(1, Ordering::Relaxed);
+                    template
+                        .launch_prestarted(*pre, net, Some(before_run))
+                        .await?
+                }
+                None => {
+                    m.pool.started.fetch_add(1, Ordering::Relaxed);
+                    let cfg = LaunchConfig {
                         id: vm_id,
                         dir: m.microvm_dir(&id),
                         machine: None,
@@ -222,11 +236,13 @@ impl Actor {
                         // Guests outlive kilnd: a restart takes them back (recovery).
                         die_with_parent: false,
                         network: net,
-                        confinement: m.confinement_of(config),
-                    },
-                    Some(before_run),
-                )
-                .await?;
+                        confinement,
+                    };
+                    template.launch_with(cfg, Some(before_run)).await?
+                }
+            };
+            // This image is hot: the next launch's QEMU starts now.
+            crate::pool::refill(&m, &config.template, confinement);
             if let Err(e) = apply_no_network(config, &vm).await {
                 let _ = vm.destroy().await;
                 return Err(e);

@@ -59,7 +59,12 @@ pub struct Config {
     /// PEM certificate chain and key: the API speaks HTTPS when both are set.
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,
+    /// QEMUs started ahead of the next launch, per hot image (0: none; see `pool`).
+    pub prestart_per_image: usize,
 }
+
+/// Default of `--prestart-per-image`.
+pub const DEFAULT_PRESTART_PER_IMAGE: usize = 1;
 
 /// Default of `--min-free-disk-mib`.
 pub const DEFAULT_MIN_FREE_DISK_MIB: u64 = 1024;

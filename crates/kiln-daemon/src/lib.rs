@@ -14,6 +14,7 @@ pub mod idle;
 pub mod images;
 pub mod ingress;
 pub mod manager;
+pub mod pool;
 pub mod recovery;
 pub mod save_image;
 mod serve_tls;
@@ -81,6 +82,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         disk_used: Default::default(),
         agents: Mutex::new(Default::default()),
         egress: egress::Egress::new(cfg.egress.clone()),
+        pool: pool::Pool::new(cfg.prestart_per_image),
     });
     recovery::recover(&manager).await?;
     // What KILN_HOME holds, for --max-disk-mib: measured before the API answers, then every
@@ -112,6 +114,9 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
+    // Before anyone learns where kilnd is: a SIGTERM from then on is a graceful shutdown
+    // (the default action would end kilnd at once, skipping --on-shutdown).
+    let signals = shutdown_signals()?;
     info!(listen = %listener.local_addr()?, accel = %accel.accel, "kilnd ready");
     if accel.dev_mode() {
         warn!("{} ({})", kiln_vmm::accel::DEV_MODE_WARNING, accel.reason);
@@ -158,7 +163,6 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         tls,
     ));
     let app = api::router(manager.clone(), Arc::new(key));
-    let signals = shutdown_signals()?;
     match api_tls {
         Some(acceptor) => serve_tls::serve(listener, acceptor, app, signals).await,
         None => {
@@ -235,6 +239,8 @@ fn shutdown_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// Graceful shutdown: leave running microVMs running for the next kilnd (the default), or
 /// suspend or terminate them, per the daemon setting.
 async fn shutdown(manager: &Arc<Manager>) {
+    // QEMUs waiting for a launch are no microVM's: they end with this kilnd.
+    manager.pool.drain(manager).await;
     if manager.cfg.on_shutdown == ShutdownPolicy::Keep {
         leave_running(manager).await;
         return;

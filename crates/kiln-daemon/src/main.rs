@@ -64,6 +64,11 @@ struct Args {
     /// At most this many microVMs that are not TERMINATED (RunMicrovm answers 429 beyond).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_MICROVMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     max_microvms: usize,
+    /// QEMUs kept started (jailed, waiting in -incoming defer) for the next launch of each
+    /// recently launched image, at most 4 images; 0 turns it off. Each holds a jail and
+    /// QEMU's own memory (not the guest's RAM) while it waits.
+    #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_PRESTART_PER_IMAGE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=kiln_daemon::pool::MAX_PER_IMAGE as u64))]
+    prestart_per_image: usize,
     /// At most this many image builds at once (CreateMicrovmImage answers 429 beyond).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_CONCURRENT_BUILDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     max_concurrent_builds: usize,
@@ -204,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         max_artifact_bytes: args.max_artifact_mib << 20,
         min_free_disk_bytes: args.min_free_disk_mib << 20,
         max_disk_bytes: args.max_disk_mib.map(|m| m << 20),
+        prestart_per_image: args.prestart_per_image,
         api_tls_cert: args.api_tls_cert,
         api_tls_key: args.api_tls_key,
     };

@@ -76,6 +76,8 @@ pub struct Manager {
     /// The agent of each RUNNING microVM that no transition holds: exec, logs and the
     /// ingress read it here, so they never wait behind a launch, suspend or resume.
     pub agents: Mutex<HashMap<String, kiln_vmm::AgentClient>>,
+    /// QEMUs started ahead of launches of hot images.
+    pub pool: crate::pool::Pool,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;
@@ -470,9 +472,16 @@ impl Manager {
                 self.cfg.max_microvms
             )));
         }
+        // A QEMU started ahead for this image and jail gives the microVM its id.
+        let prestarted = self
+            .pool
+            .take(self, &config.template, &self.confinement_of(&config));
         let now = now_ms();
         let row = MicrovmRow {
-            id: new_microvm_id(),
+            id: prestarted
+                .as_ref()
+                .map(|p| p.id().to_string())
+                .unwrap_or_else(new_microvm_id),
             image_id: img.id.clone(),
             image_name: img.name.clone(),
             state: MicrovmState::Pending,
@@ -492,6 +501,7 @@ impl Manager {
                 config: Box::new(config),
                 payload,
                 network,
+                prestarted: prestarted.map(Box::new),
             },
         );
         Ok(row)

@@ -20,6 +20,7 @@ use crate::manager::{Manager, MicrovmConfig, Slot, Usage};
 pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     // Spares of templates deleted while kilnd was away would stay forever otherwise.
     kiln_vmm::spare::clear(&manager.spare_overlays_dir());
+    crate::pool::recover(manager).await;
     for id in manager.builder.recover_interrupted()? {
         info!(id, "interrupted image build marked FAILED");
     }
@@ -301,7 +302,7 @@ fn check_images(manager: &Manager) -> anyhow::Result<()> {
 }
 
 /// A QEMU whose pid file is still there and alive (it should have died with the daemon).
-fn kill_leftover_qemu(dir: &std::path::Path) {
+pub(crate) fn kill_leftover_qemu(dir: &std::path::Path) {
     let Ok(text) = std::fs::read_to_string(dir.join("qemu.pid")) else {
         return;
     };

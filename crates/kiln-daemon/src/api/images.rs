@@ -445,6 +445,8 @@ pub async fn delete_image(
         )));
     }
     m.store().delete_image(&row.id)?;
-    let _ = std::fs::remove_dir_all(m.builder.build_dir(&row.name, &row.id));
+    let dir = m.builder.build_dir(&row.name, &row.id);
+    m.pool.forget_under(&m, &dir);
+    let _ = std::fs::remove_dir_all(dir);
     Ok(StatusCode::NO_CONTENT)
 }

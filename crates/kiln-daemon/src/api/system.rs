@@ -57,6 +57,20 @@ pub async fn health(State(m): State<Arc<Manager>>) -> Json<Health> {
 
 /// Per-microVM metering (microVMs not yet terminated), as the seed bills: running seconds,
 /// CPU above the baseline (burst), suspended snapshot byte-seconds; plus CPU and credit.
+fn pool_metrics(pool: &crate::pool::Pool, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    out.push_str(&format!(
+        "# HELP kiln_prestarted_qemus QEMUs started ahead, waiting for a launch of their image.\n\
+         # TYPE kiln_prestarted_qemus gauge\nkiln_prestarted_qemus {}\n\
+         # HELP kiln_launches_total Launches since kilnd started, by whether a QEMU started ahead served them.\n\
+         # TYPE kiln_launches_total counter\n\
+         kiln_launches_total{{qemu=\"prestarted\"}} {}\nkiln_launches_total{{qemu=\"started\"}} {}\n",
+        pool.len(),
+        pool.served.load(Relaxed),
+        pool.started.load(Relaxed)
+    ));
+}
+
 fn metering(rows: &[kiln_store::MicrovmRow], out: &mut String) {
     type Field = fn(&kiln_api::Usage) -> f64;
     let series: [(&str, &str, Field, &str); 5] = [
@@ -140,6 +154,7 @@ pub async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
         out.push_str(&format!("kiln_images{{status=\"{status}\"}} {n}\n"));
     }
     out.push_str(&format!("# HELP kiln_dev_mode 1 when guests run under emulation.\n# TYPE kiln_dev_mode gauge\nkiln_dev_mode {}\n", u8::from(m.accel.is_dev_mode())));
+    pool_metrics(&m.pool, &mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

@@ -271,9 +271,55 @@ impl TestDaemon {
         }
     }
 
-    /// QEMU processes whose command line mentions this daemon's home.
+    /// The QEMUs of this daemon's microVMs: those whose command line mentions its home,
+    /// but for the ones started ahead and still waiting for a launch (see
+    /// [`TestDaemon::prestarted_qemus`]).
     pub fn qemu_processes(&self) -> Vec<u32> {
-        kiln_testkit::guests_of(&self.home)
+        self.split_qemus().0
+    }
+
+    /// The QEMUs started ahead of a launch that no microVM took yet.
+    pub fn prestarted_qemus(&self) -> Vec<u32> {
+        self.split_qemus().1
+    }
+
+    /// The ids kilnd keeps a pre-started QEMU's file for (`$KILN_HOME/prestarted/`).
+    pub fn prestarted_ids(&self) -> Vec<String> {
+        std::fs::read_dir(self.home.join("prestarted"))
+            .map(|e| {
+                e.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        let id = n.strip_suffix(".json").or(n.strip_suffix(".starting"))?;
+                        Some(id.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// (microVMs' QEMUs, pre-started ones). The processes are listed before the files:
+    /// a pre-started QEMU's file is written before it starts and removed after it ended or
+    /// was taken, so none is miscounted.
+    fn split_qemus(&self) -> (Vec<u32>, Vec<u32>) {
+        let pids = kiln_testkit::guests_of(&self.home);
+        let waiting = self.prestarted_ids();
+        let (mut mine, mut ahead) = (Vec::new(), Vec::new());
+        for pid in pids {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd);
+            if waiting
+                .iter()
+                .any(|id| cmd.contains(&format!("/microvms/{id}/")))
+            {
+                ahead.push(pid);
+            } else {
+                mine.push(pid);
+            }
+        }
+        (mine, ahead)
     }
 }
 

@@ -90,6 +90,7 @@ pub fn assert_no_strays(d: &TestDaemon) {
             .unwrap_or_default()
     };
     let dirs = names("microvms", "");
+    let live: HashSet<String> = live.into_iter().chain(d.prestarted_ids()).collect();
     assert!(
         dirs.is_subset(&live),
         "stray directories: {dirs:?} of {live:?}"
