@@ -24,7 +24,7 @@ pub use microvm::{
     GetMicrovmQuery, IdlePolicy, ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest,
     RunMicrovmResponse, Usage, MAX_FORK_COUNT, MAX_WAIT_SECONDS,
 };
-pub use system::{Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
+pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{
     AllowedPort, AuthTokenHeaders, CreateTokenRequest, CreateTokenResponse, RotateKeyResponse,
 };

@@ -44,15 +44,27 @@ pub struct JailInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressInfo {
-    /// Endpoints are `ID.DOMAIN:PORT`.
+    /// Host-style endpoints are `ID.DOMAIN:PORT`.
     pub domain: String,
     pub port: u16,
+    /// How endpoints are written: `ID.DOMAIN:PORT` (host) or `ADDRESS:PORT/m/ID` (path, the
+    /// prefix stripped before the app sees the request, which gets it in
+    /// `X-Forwarded-Prefix`). The ingress accepts both styles.
+    pub endpoint_style: EndpointStyle,
     /// The address the ingress listens on.
     pub listen: String,
     /// The ingress speaks TLS.
     pub tls: bool,
     /// kilnd's own CA certificate (PEM), when it serves one (`--ingress-tls-self-signed`).
     pub ca_certificate: Option<String>,
+}
+
+/// How a microVM's `endpoint` names it (see [`IngressInfo::endpoint_style`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointStyle {
+    Host,
+    Path,
 }
 
 /// Something that happened to a microVM or an image.

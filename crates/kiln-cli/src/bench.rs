@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// Which measurements to run.
     #[arg(long, value_enum, default_value = "all")]
     part: BenchPart,
+    /// With `--part api` (or all): also bake the seed's demo image from this directory
+    /// (`examples/agent-sandbox`) and measure RunMicrovm against its cold boot; minutes
+    /// under emulation.
+    #[arg(long, value_name = "DIR")]
+    seed_image: Option<std::path::PathBuf>,
     /// Print one JSON document (every figure with its samples, median, min and max).
     #[arg(long)]
     json: bool,
@@ -125,7 +130,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     if result.is_ok() && wants(BenchPart::Api) {
-        result = crate::bench_api::measure(args.rounds, &mut report);
+        result = crate::bench_api::measure(args.rounds, args.seed_image.as_deref(), &mut report);
     }
     let _ = std::fs::remove_dir_all(&scratch);
     result?;

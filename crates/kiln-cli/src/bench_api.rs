@@ -1,7 +1,8 @@
 //! `kiln bench --part api`: the control plane and the ingress, measured by `kiln-bench-api`
 //! (an in-process kilnd on a temporary home, built with kiln-daemon) and reported here with
 //! the other figures: RunMicrovm → first proxied HTTP 200 against a cold boot → the app's
-//! first 200 of the same image, and a GET through the ingress against the same GET without
+//! first 200 of the same image (and, with `--seed-image`, of the seed's demo image against a
+//! cold boot → its `/ready`), and a GET through the ingress against the same GET without
 //! the proxy, 16 at once.
 
 use std::process::Command;
@@ -26,10 +27,19 @@ fn bench_api_binary() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Runs `kiln-bench-api --json` and reports its figures, with the ratios they make.
-pub fn measure(rounds: usize, report: &mut Report) -> anyhow::Result<()> {
+/// With `seed_image`, the seed's demo image baked from that directory is measured too.
+pub fn measure(
+    rounds: usize,
+    seed_image: Option<&std::path::Path>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let binary = bench_api_binary()?;
-    let out = Command::new(&binary)
-        .args(["--json", "--rounds", &rounds.to_string()])
+    let mut cmd = Command::new(&binary);
+    cmd.args(["--json", "--rounds", &rounds.to_string()]);
+    if let Some(dir) = seed_image {
+        cmd.arg("--seed-image").arg(dir);
+    }
+    let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", binary.display()))?;
@@ -61,6 +71,11 @@ pub fn measure(rounds: usize, report: &mut Report) -> anyhow::Result<()> {
         "ratio cold boot -> 200 / RunMicrovm -> 200",
         "cold boot -> the app's first HTTP 200",
         "RunMicrovm -> first proxied HTTP 200",
+    );
+    ratio(
+        "seed demo image: ratio cold boot -> /ready / RunMicrovm -> 200",
+        "seed demo image: cold boot -> /ready 200",
+        "seed demo image: RunMicrovm -> first proxied HTTP 200",
     );
     ratio(
         "ratio proxied / unproxied throughput, 16 at once",

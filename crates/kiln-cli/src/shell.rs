@@ -125,7 +125,8 @@ pub fn run(client: &Client, id: &str, ingress: &str) -> Result<i32, ClientError>
     let (cols, rows) = terminal_size();
     write!(
         s,
-        "GET /.kiln/shell?cols={cols}&rows={rows} HTTP/1.1\r\nHost: {id}.localhost\r\nX-Kiln-Auth: {token}\r\nUpgrade: websocket\r\n\
+        // Path style: it names the microVM whatever the ingress domain is.
+        "GET /m/{id}/.kiln/shell?cols={cols}&rows={rows} HTTP/1.1\r\nHost: {ingress}\r\nX-Kiln-Auth: {token}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: a2lsbi1zaGVsbC1rZXkhIQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .map_err(unreachable)?;

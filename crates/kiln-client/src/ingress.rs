@@ -1,5 +1,5 @@
 //! Requests to the app inside a microVM through kilnd's ingress, the way a remote client
-//! makes them: `http(s)://<microvmId>.<domain>:<port>/path` with a fresh auth token. The
+//! makes them: `http(s)://{endpoint}/path` (either endpoint style) with a fresh auth token. The
 //! endpoint's name resolves to the ingress address kilnd reports (`GET /v1/ingress`) inside
 //! this client only, and when kilnd serves its own certificate its CA is the one trusted.
 

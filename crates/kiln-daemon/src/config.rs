@@ -15,6 +15,20 @@ pub enum ShutdownPolicy {
     Terminate,
 }
 
+/// How endpoints name a microVM (`--endpoint-style`); the ingress accepts both styles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndpointStyle {
+    /// Host style when `<probe>.<ingress domain>` resolves to the ingress address, path
+    /// style otherwise (decided once at start; see `ingress::choose_style`).
+    Auto,
+    /// `<id>.<domain>:<port>`: one browser origin per microVM; needs a resolver that maps
+    /// `*.<domain>` to the ingress (stock Debian does not for `*.localhost`).
+    Host,
+    /// `<ingress address>:<port>/m/<id>`: works with any resolver; every microVM shares one
+    /// browser origin (cookies, storage), so browser apps should use host style.
+    Path,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub home: PathBuf,
@@ -26,8 +40,10 @@ pub struct Config {
     pub hook_timeout: Duration,
     pub on_shutdown: ShutdownPolicy,
     pub ingress_domain: String,
-    /// Port shown in endpoints (`<id>.<domain>:<port>`).
+    /// Port shown in endpoints (`<id>.<domain>:<port>`, `<address>:<port>/m/<id>`).
     pub ingress_port: u16,
+    /// How endpoints are written; `Auto` is replaced by the choice at start.
+    pub endpoint_style: EndpointStyle,
     /// Where the ingress listens.
     pub ingress_listen: SocketAddr,
     pub ingress_header_timeout: Duration,

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod cpu;
 pub mod egress;
+pub mod endpoint;
 pub mod error;
 pub mod fork;
 pub mod idle;
@@ -52,6 +53,33 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.ingress_port == 0 {
         cfg.ingress_port = ingress_addr.port();
     }
+    let resolved = match cfg.endpoint_style {
+        config::EndpointStyle::Auto => {
+            endpoint::resolve_probe(&cfg.ingress_domain, cfg.ingress_port).await
+        }
+        _ => Vec::new(),
+    };
+    let style = endpoint::choose(cfg.endpoint_style, ingress_addr, &resolved);
+    let example = endpoint::endpoint(
+        style,
+        "<id>",
+        &cfg.ingress_domain,
+        cfg.ingress_port,
+        ingress_addr,
+    );
+    tracing::info!(
+        style = ?style,
+        chosen = ?cfg.endpoint_style,
+        "endpoints look like {example} ({}; --endpoint-style host|path to choose)",
+        match (cfg.endpoint_style, style) {
+            (config::EndpointStyle::Auto, config::EndpointStyle::Host) =>
+                "the ingress domain resolves to the ingress",
+            (config::EndpointStyle::Auto, _) =>
+                "the ingress domain does not resolve to the ingress",
+            _ => "as asked",
+        }
+    );
+    cfg.endpoint_style = style;
     let key = auth::load_or_create(&cfg.home).context("API key")?;
     let store = kiln_store::Store::open(&cfg.home.join("kiln.db"))?;
     let accel = kiln_vmm::accel::detect()?;

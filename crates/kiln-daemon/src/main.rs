@@ -94,6 +94,10 @@ struct Args {
     /// Port shown in endpoints; defaults to the --ingress-listen port.
     #[arg(long)]
     ingress_port: Option<u16>,
+    /// How endpoints name a microVM: host (`<id>.<domain>:<port>`), path
+    /// (`<address>:<port>/m/<id>`), or auto: host when `*.<domain>` resolves to the ingress.
+    #[arg(long, value_enum, default_value = "auto")]
+    endpoint_style: kiln_daemon::config::EndpointStyle,
     /// Address of the ingress proxy (loopback unless --allow-remote).
     #[arg(long, env = "KILN_INGRESS_LISTEN", default_value = "127.0.0.1:8443")]
     ingress_listen: SocketAddr,
@@ -181,7 +185,11 @@ fn main() -> anyhow::Result<()> {
     }
     check_api_exposure(&args)?;
     let (ingress_tls_cert, ingress_tls_key) = if args.ingress_tls_self_signed {
-        let (cert, key) = kiln_daemon::tls::ensure(&args.home, &args.ingress_domain)?;
+        let (cert, key) = kiln_daemon::tls::ensure(
+            &args.home,
+            &args.ingress_domain,
+            &[kiln_daemon::endpoint::path_host(args.ingress_listen)],
+        )?;
         (Some(cert), Some(key))
     } else {
         (args.ingress_tls_cert, args.ingress_tls_key)
@@ -195,6 +203,7 @@ fn main() -> anyhow::Result<()> {
         on_shutdown: args.on_shutdown,
         ingress_domain: args.ingress_domain,
         ingress_port: args.ingress_port.unwrap_or(args.ingress_listen.port()),
+        endpoint_style: args.endpoint_style,
         ingress_listen: args.ingress_listen,
         ingress_header_timeout: Duration::from_millis(args.ingress_header_timeout_ms.max(100)),
         ingress_tls_cert,

@@ -137,8 +137,15 @@ impl Manager {
         self.cfg.home.join("overlays-ahead")
     }
 
+    /// The microVM's endpoint in the style chosen at start (see [`crate::endpoint`]).
     pub fn endpoint(&self, id: &str) -> String {
-        format!("{id}.{}:{}", self.cfg.ingress_domain, self.cfg.ingress_port)
+        crate::endpoint::endpoint(
+            self.cfg.endpoint_style,
+            id,
+            &self.cfg.ingress_domain,
+            self.cfg.ingress_port,
+            self.cfg.ingress_listen,
+        )
     }
 
     /// An ingress request or stream opened: activity, and no idle suspend until it ends.

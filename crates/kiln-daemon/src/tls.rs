@@ -1,7 +1,8 @@
 //! The ingress's own certificates (`kilnd --ingress-tls-self-signed`): a local CA kept in
 //! `KILN_HOME/tls/` and, signed by it at every start, a wildcard certificate for
-//! `*.<ingress domain>`, so that `https://<microvmId>.<domain>:<port>` verifies for any
-//! client that trusts the CA (`GET /v1/ingress` hands it out; the Python SDK installs it).
+//! `*.<ingress domain>` and the ingress's address, so that `https://<microvmId>.<domain>:<port>`
+//! and path-style `https://<address>:<port>/m/<microvmId>` verify for any client that trusts
+//! the CA (`GET /v1/ingress` hands it out; the Python SDK installs it).
 //!
 //! Files: `ca.pem` (0644), `ca-key.pem` (0600), `ingress.pem` (leaf + CA chain, 0644),
 //! `ingress-key.pem` (0600). The CA is made once and reused; the leaf follows the domain.
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 const CA_NAME: &str = "kiln ingress CA";
@@ -80,9 +81,14 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
     Ok(params)
 }
 
-/// Makes (or reuses) the CA and signs a fresh `*.<domain>` certificate with it; returns the
-/// certificate chain and key paths for the ingress.
-pub fn ensure(home: &Path, domain: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+/// Makes (or reuses) the CA and signs a fresh certificate for `*.<domain>`, `<domain>` and
+/// the addresses `ips` (path-style endpoints name one) with it; returns the certificate
+/// chain and key paths for the ingress.
+pub fn ensure(
+    home: &Path,
+    domain: &str,
+    ips: &[std::net::IpAddr],
+) -> Result<(PathBuf, PathBuf), TlsError> {
     if domain.split('.').filter(|l| !l.is_empty()).count() < 2 {
         return Err(TlsError::Domain(domain.to_string()));
     }
@@ -119,6 +125,8 @@ pub fn ensure(home: &Path, domain: &str) -> Result<(PathBuf, PathBuf), TlsError>
     // authority key identifier depend on, so leaves verify against the stored ca.pem.
     let issuer = ca_params()?.self_signed(&ca_key)?;
     let mut leaf = CertificateParams::new(vec![format!("*.{domain}"), domain.to_string()])?;
+    leaf.subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     leaf.distinguished_name = DistinguishedName::new();
     leaf.distinguished_name
         .push(DnType::CommonName, format!("*.{domain}"));
@@ -145,16 +153,18 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    const LO: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[test]
     fn the_ca_is_kept_and_keys_are_private() {
         let home = tempfile::tempdir().unwrap();
         assert!(matches!(
-            ensure(home.path(), "localhost"),
+            ensure(home.path(), "localhost", &[]),
             Err(TlsError::Domain(_))
         ));
-        let (cert, key) = ensure(home.path(), "kiln.localhost").unwrap();
+        let (cert, key) = ensure(home.path(), "kiln.localhost", &[LO]).unwrap();
         let ca = std::fs::read_to_string(dir(home.path()).join("ca.pem")).unwrap();
-        ensure(home.path(), "other.test").unwrap();
+        ensure(home.path(), "other.test", &[]).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir(home.path()).join("ca.pem")).unwrap(),
             ca,

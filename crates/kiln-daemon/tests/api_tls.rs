@@ -95,7 +95,7 @@ fn the_api_leaves_loopback_only_over_tls_or_when_told_plain_http_is_fine() {
 
     // Over TLS (a certificate from kilnd's own CA machinery, for *.kiln.localhost).
     let home = scratch.path().join("tls");
-    let (cert, key) = kiln_daemon::tls::ensure(&home, "kiln.localhost").unwrap();
+    let (cert, key) = kiln_daemon::tls::ensure(&home, "kiln.localhost", &[]).unwrap();
     let ca = std::fs::read_to_string(home.join("tls").join("ca.pem")).unwrap();
     let (child, addr) = start(
         &home,

@@ -22,6 +22,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("context_zip", kiln_image::fuzzing::context_zip),
     ("token", kiln_proxy::fuzzing::token),
     ("host", kiln_proxy::fuzzing::host),
+    ("path", kiln_proxy::fuzzing::path),
     ("rest_body", kiln_api::fuzzing::rest_body),
     ("qmp", kiln_vmm::fuzzing::qmp),
     ("memdiff", kiln_vmm::fuzzing::memdiff),

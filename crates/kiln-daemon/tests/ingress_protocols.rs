@@ -366,3 +366,73 @@ fn a_shell_token_opens_an_interactive_terminal() {
     }
     assert_eq!(ws_read(&mut reader).0, 8, "then the server closes");
 }
+
+/// One GET over plain HTTP to `authority` (the ingress), its status line and body.
+fn get_via(authority: &str, host: &str, target: &str, token: &str) -> (String, String) {
+    let mut s = TcpStream::connect(authority).unwrap();
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nX-Kiln-Auth: {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[test]
+fn path_style_endpoints_work_as_returned_and_host_style_still_routes() {
+    let (d, id, token) = setup_with(&["--endpoint-style", "path"]);
+    let (_, info) = d.get("/v1/ingress");
+    assert_eq!(info["endpointStyle"], "path", "{info}");
+    let (_, vm) = d.get(&format!("/v1/microvms/{id}"));
+    let endpoint = vm["endpoint"].as_str().unwrap().to_string();
+    let port = d.ingress.rsplit_once(':').unwrap().1;
+    assert_eq!(endpoint, format!("127.0.0.1:{port}/m/{id}"));
+
+    // `http://{endpoint}/headers?q=1` as a client would send it: Host is the ingress address.
+    let (authority, prefix) = endpoint.split_once('/').unwrap();
+    let (status, body) = get_via(
+        authority,
+        authority,
+        &format!("/{prefix}/headers?q=1"),
+        &token,
+    );
+    assert!(status.contains(" 200 "), "{status} {body}");
+    assert!(
+        body.contains("target=/headers?q=1\n"),
+        "the prefix is stripped: {body}"
+    );
+    assert!(body.contains(&format!("prefix=/m/{id}\n")), "{body}");
+    // `/m/<id>` alone is the app's `/` (kiln-testapp answers 404 there: the app's own answer).
+    let (status, body) = get_via(authority, authority, &format!("/m/{id}"), &token);
+    assert!(
+        status.contains(" 404 ") && body == "not found",
+        "{status} {body}"
+    );
+
+    // Host style is accepted whatever the style: a Host naming the microVM wins, and the
+    // path (even one that looks path-style) reaches the app unchanged.
+    let host = format!("{id}.localhost");
+    let (status, body) = get_via(&d.ingress, &host, "/m/other/headers", &token);
+    assert!(status.contains(" 404 "), "{status} {body}");
+    let (status, body) = get_via(&d.ingress, &host, "/headers", &token);
+    assert!(
+        status.contains(" 200 ") && body.contains("target=/headers\nprefix=\n"),
+        "{body}"
+    );
+
+    // Neither a Host nor a path naming a microVM: a 400 that says how to name one.
+    let (status, body) = get_via(&d.ingress, "127.0.0.1", "/headers", &token);
+    assert!(
+        status.contains(" 400 ") && body.contains("/m/<microvmId>/"),
+        "{status} {body}"
+    );
+    // A path-style request for another microVM is refused by the token's scope.
+    let (status, _) = get_via(&d.ingress, "127.0.0.1", "/m/mvm-other/headers", &token);
+    assert!(status.contains(" 403 "), "{status}");
+}

@@ -1,5 +1,5 @@
 //! Entry points of the fuzz targets (`fuzz/`) and of the corpus replay tests: what a client
-//! sends the ingress before it is admitted (a token, a Host header). None may panic.
+//! sends the ingress before it is admitted (a token, a Host header, a path-style path). None may panic.
 
 use std::sync::OnceLock;
 
@@ -30,4 +30,12 @@ pub fn host(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = crate::server::microvm_from_host(&text, "localhost");
     let _ = crate::server::microvm_from_host(&text, "kiln.example.com");
+}
+
+/// A request path naming a microVM (`/m/<id>/…`).
+pub fn path(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Some((id, tail)) = crate::server::microvm_from_path(&text) {
+        assert!(tail.starts_with('/') && !id.is_empty(), "{text:?}");
+    }
 }

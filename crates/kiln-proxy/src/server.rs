@@ -1,5 +1,6 @@
-//! The ingress server: routes `<microvmId>.<domain>` requests that carry a valid token to a
-//! port inside that microVM, over the agent channel (no guest network needed). HTTP/1.1
+//! The ingress server: routes `<microvmId>.<domain>` requests (host style) and
+//! `/m/<microvmId>/…` requests on any host (path style, the prefix stripped and sent on as
+//! `X-Forwarded-Prefix`) that carry a valid token to a port inside that microVM, over the agent channel (no guest network needed). HTTP/1.1
 //! (keep-alive, chunked, streamed bodies), HTTP/2 cleartext (h2c, gRPC trailers included) and
 //! WebSocket upgrades pass through; HTTP/2 requests to an app that speaks only HTTP/1.1 are
 //! translated (see [`crate::h2`]). Auth headers are stripped before forwarding.
@@ -29,6 +30,10 @@ use crate::token::{TokenError, TokenKind, TokenService};
 pub const AUTH_HEADERS: [&str; 2] = ["x-kiln-auth", "x-aws-proxy-auth"];
 pub const PORT_HEADERS: [&str; 2] = ["x-kiln-port", "x-aws-proxy-port"];
 pub const DEFAULT_PORT: u16 = 8080;
+/// Path-style routing: `/m/<microvmId>` and everything under it, on any Host.
+pub const PATH_PREFIX: &str = "/m/";
+/// What a path-style request's app is told the stripped prefix was.
+pub const FORWARDED_PREFIX: &str = "x-forwarded-prefix";
 /// WebSocket subprotocol entries that carry the token and port for browsers.
 pub(crate) const WS_AUTH_PREFIX: &str = "kiln-auth.";
 const WS_PORT_PREFIX: &str = "kiln-port.";
@@ -208,12 +213,43 @@ pub fn microvm_from_host(host: &str, domain: &str) -> Option<String> {
         .map(|(h, _)| h)
         .unwrap_or(host);
     let id = host.strip_suffix(domain)?.strip_suffix('.')?;
-    let valid = !id.is_empty()
+    valid_id(id).then(|| id.to_string())
+}
+
+/// The microVM id from a path of the form `/m/<id>[/rest]`, and the path the app gets:
+/// `/rest`, or `/` for `/m/<id>` itself.
+pub fn microvm_from_path(path: &str) -> Option<(String, &str)> {
+    let rest = path.strip_prefix(PATH_PREFIX)?;
+    let (id, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let tail = if tail.is_empty() { "/" } else { tail };
+    valid_id(id).then(|| (id.to_string(), tail))
+}
+
+/// A DNS label as microVM ids are: lowercase letters, digits and `-`, 1 to 63 of them.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= 63
         && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    valid.then(|| id.to_string())
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Routes a path-style request: its target loses the `/m/<id>` prefix (the query stays) and
+/// the app is told the prefix in `X-Forwarded-Prefix` (any such header the client sent is
+/// replaced). The microVM's id, or `None` when the path names none.
+fn route_by_path(req: &mut Request<Incoming>) -> Option<String> {
+    let (id, tail) = microvm_from_path(req.uri().path())?;
+    let target = match req.uri().query() {
+        Some(q) => format!("{tail}?{q}"),
+        None => tail.to_string(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(target.parse().ok()?);
+    *req.uri_mut() = hyper::Uri::from_parts(parts).ok()?;
+    let prefix = HeaderValue::from_str(&format!("{PATH_PREFIX}{id}")).ok()?;
+    req.headers_mut()
+        .insert(HeaderName::from_static(FORWARDED_PREFIX), prefix);
+    Some(id)
 }
 
 fn header<'a>(req: &'a Request<Incoming>, names: &[&str]) -> Option<&'a str> {
@@ -250,14 +286,18 @@ async fn handle(
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| header(&req, &[HOST.as_str()]).map(str::to_string));
-    let Some(id) = host
+    // Host style first (an app's own `/m/…` paths stay its own), then path style.
+    let by_host = host
         .as_deref()
-        .and_then(|h| microvm_from_host(h, &cfg.domain))
-    else {
+        .and_then(|h| microvm_from_host(h, &cfg.domain));
+    let Some(id) = by_host.or_else(|| route_by_path(&mut req)) else {
         return error(
             StatusCode::BAD_REQUEST,
             "BadHost",
-            &format!("Host must be <microvmId>.{}", cfg.domain),
+            &format!(
+                "name the microVM: Host <microvmId>.{} or a path starting with {PATH_PREFIX}<microvmId>/",
+                cfg.domain
+            ),
         );
     };
     let span = info_span!("ingress", microvm = %id, %peer, method = %req.method(), path = %req.uri().path());
@@ -579,6 +619,38 @@ impl Body for GuardedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_select_a_microvm() {
+        assert_eq!(
+            microvm_from_path("/m/mvm-1/execute"),
+            Some(("mvm-1".to_string(), "/execute"))
+        );
+        assert_eq!(
+            microvm_from_path("/m/mvm-1"),
+            Some(("mvm-1".to_string(), "/"))
+        );
+        assert_eq!(
+            microvm_from_path("/m/mvm-1/"),
+            Some(("mvm-1".to_string(), "/"))
+        );
+        assert_eq!(
+            microvm_from_path("/m/mvm-1/a/b/"),
+            Some(("mvm-1".to_string(), "/a/b/"))
+        );
+        for bad in [
+            "/",
+            "/m/",
+            "/m//x",
+            "/m/MVM/x",
+            "/x/m/mvm-1/",
+            "/mvm-1/",
+            "m/mvm-1/",
+        ] {
+            assert_eq!(microvm_from_path(bad), None, "{bad}");
+        }
+        assert_eq!(microvm_from_path(&format!("/m/{}/", "a".repeat(64))), None);
+    }
 
     #[test]
     fn host_names_select_a_microvm() {

@@ -1,7 +1,8 @@
 //! kiln-testapp: runs inside test guests. Port 9000 answers lifecycle hooks; port 8080
 //! serves `/proto` (the HTTP version seen), `/ws` (WebSocket echo), `/grpc.Echo/Say` and
-//! `/grpc.Echo/Stream` (gRPC-style framing with `grpc-status` trailers) and `/reset` (drops the
-//! connection without answering).
+//! `/grpc.Echo/Stream` (gRPC-style framing with `grpc-status` trailers), `/headers` (the
+//! request target, `X-Forwarded-Prefix` and `Host` it got) and `/reset` (drops the connection
+//! without answering).
 
 // A binary's output is its interface.
 #![allow(clippy::print_stdout)]
@@ -58,6 +59,21 @@ async fn serve(port: u16, hooks: bool) -> std::io::Result<()> {
 async fn app(mut req: Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
         "/proto" => Response::new(full(format!("{:?}", req.version()))),
+        "/headers" => {
+            let get = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+            Response::new(full(format!(
+                "target={target}\nprefix={}\nhost={}\n",
+                get("x-forwarded-prefix"),
+                get("host")
+            )))
+        }
         "/reset" => std::process::abort(),
         "/ws" => {
             let key = req

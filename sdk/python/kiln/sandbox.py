@@ -154,8 +154,18 @@ class Sandbox:
             if info.get("caCertificate"):
                 ctx.load_verify_locations(cadata=info["caCertificate"])
             self._tls_context = ctx
-        server_name = self.endpoint.rsplit(":", 1)[0]
+        server_name = self._authority().rsplit(":", 1)[0].strip("[]")
         return _PinnedHTTPSConnection(host, int(port), server_name, self._tls_context, self.request_timeout)
+
+    def _authority(self) -> str:
+        """The endpoint's host and port: all of a host-style endpoint (``ID.DOMAIN:PORT``),
+        the part before ``/m/ID`` of a path-style one."""
+        return self.endpoint.split("/", 1)[0]
+
+    def _target(self, path: str) -> str:
+        """``path`` under a path-style endpoint's ``/m/ID`` prefix (unchanged for host style)."""
+        _, _, prefix = self.endpoint.partition("/")
+        return f"/{prefix}{path}" if prefix else path
 
     def request(self, method: str, path: str, json: Any = None, data: Optional[bytes] = None,
                 headers: Optional[Dict[str, str]] = None, port: Optional[int] = None) -> Response:
@@ -172,8 +182,8 @@ class Sandbox:
         for attempt in (0, 1):
             conn = self._connection()
             try:
-                conn.request(method, path, body=body, headers={
-                    **send_headers, "Host": self.endpoint, "X-Kiln-Auth": self.token(port, fresh=attempt == 1),
+                conn.request(method, self._target(path), body=body, headers={
+                    **send_headers, "Host": self._authority(), "X-Kiln-Auth": self.token(port, fresh=attempt == 1),
                     "X-Kiln-Port": str(port)})
                 resp = conn.getresponse()
                 answer = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())

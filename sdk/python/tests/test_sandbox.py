@@ -16,7 +16,9 @@ IDLE = {"maxIdleDurationSeconds": 300, "suspendedDurationSeconds": 1800, "autoRe
 
 @pytest.fixture(scope="module")
 def kilnd():
-    d = Kilnd("--ingress-tls-self-signed", "--ingress-domain", "kiln.localhost")
+    # Host-style endpoints, which route_endpoints exists for (path style needs no help: see
+    # test_endpoints.py).
+    d = Kilnd("--ingress-tls-self-signed", "--ingress-domain", "kiln.localhost", "--endpoint-style", "host")
     c = kiln.Client(endpoint=d.api, api_key=open(os.path.join(d.home, "api-key")).read().strip())
     c.create_microvm_image(name="executor", codeArtifact={"bytes": context_tar()})
     c.wait_microvm_image("executor")

@@ -225,6 +225,10 @@ pub async fn ingress_info(State(m): State<Arc<Manager>>) -> ApiResult<Json<Ingre
     Ok(Json(IngressInfo {
         domain: cfg.ingress_domain.clone(),
         port: cfg.ingress_port,
+        endpoint_style: match cfg.endpoint_style {
+            crate::config::EndpointStyle::Path => kiln_api::EndpointStyle::Path,
+            _ => kiln_api::EndpointStyle::Host,
+        },
         listen: cfg.ingress_listen.to_string(),
         tls: cfg.ingress_tls_cert.is_some(),
         ca_certificate: ca,

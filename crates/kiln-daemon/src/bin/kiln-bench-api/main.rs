@@ -25,13 +25,18 @@ static FIGURES: std::sync::Mutex<Vec<Value>> = std::sync::Mutex::new(Vec::new())
 /// A text line: stdout, or stderr under `--json`.
 macro_rules! say {
     ($($t:tt)*) => {
-        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        if $crate::JSON.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!($($t)*)
         } else {
             println!($($t)*)
         }
     };
 }
+
+mod seed;
+
+/// `--seed-image DIR`: the seed's demo image to measure too (see [`seed`]).
+static SEED_IMAGE: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 
 fn figure(name: &str, unit: &str, samples: Vec<f64>) {
     FIGURES
@@ -297,7 +302,7 @@ fn report(what: &str, samples: &[Duration]) {
     );
 }
 
-fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (path, data) in files {
         let mut h = [0u8; 512];
@@ -319,7 +324,7 @@ fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
         let sum: u32 = h.iter().map(|b| *b as u32).sum();
         h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
         out.extend_from_slice(&h);
-        out.extend_from_slice(data.as_bytes());
+        out.extend_from_slice(data);
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
     out.resize(out.len() + 1024, 0);
@@ -339,8 +344,15 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(n >= 1, "--rounds must be at least 1");
                 ROUNDS.store(n, std::sync::atomic::Ordering::Relaxed);
             }
+            "--seed-image" => {
+                let dir = args.next().context("--seed-image takes a directory")?;
+                *SEED_IMAGE.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.into());
+            }
             other => {
-                anyhow::bail!("unknown argument {other}: kiln-bench-api [--json] [--rounds N]")
+                anyhow::bail!(
+                    "unknown argument {other}: kiln-bench-api [--json] [--rounds N] \
+                     [--seed-image DIR]"
+                )
             }
         }
     }
@@ -363,6 +375,8 @@ async fn run() -> anyhow::Result<()> {
         on_shutdown: kiln_daemon::ShutdownPolicy::Terminate,
         ingress_domain: "localhost".into(),
         ingress_port: 8443,
+        // The bench names microVMs by Host, as a resolver that maps *.localhost would.
+        endpoint_style: kiln_daemon::config::EndpointStyle::Host,
         ingress_listen: "127.0.0.1:0".parse()?,
         ingress_header_timeout: Duration::from_secs(10),
         ingress_tls_cert: None,
@@ -392,59 +406,32 @@ async fn run() -> anyhow::Result<()> {
         .to_string();
     let images = home.path().join("images");
     let ingress = std::fs::read_to_string(home.path().join("kilnd.ingress"))?;
-    let result =
-        tokio::task::spawn_blocking(move || measure(&addr, &ingress, &key, &images)).await?;
+    let (a, i, k) = (addr.clone(), ingress.clone(), key.clone());
+    let result = tokio::task::spawn_blocking(move || measure(&a, &i, &k, &images)).await?;
     let (template_dir, run_ms) = result?;
 
     // Cold boot of the same image's root disk, for the ratio.
-    let assets = GuestAssets::locate()?;
     let template = Template::open(&template_dir)?;
-    let machine: MachineSpec = template.manifest().machine.clone();
-    let (mut cold_agent, mut cold_200) = (Vec::new(), Vec::new());
-    for n in 0..rounds() {
-        let t = Instant::now();
-        let vm = Vm::boot(BootConfig {
-            id: VmId::new(format!("bench-cold-{n}"))?,
-            dir: home.path().join(format!("cold-{n}")),
-            machine: machine.clone(),
-            assets: assets.clone(),
-            base_disk: template.dir().join("disk.qcow2"),
-            base_format: kiln_vmm::disk::BackingFormat::Qcow2,
-            top_disk: None,
-            disk_size_mib: None,
-            timeout: Duration::from_secs(120),
-            die_with_parent: true,
-            network: kiln_vmm::NetworkAttachment::closed(),
-            confinement: kiln_vmm::Confinement::default(),
-        })
-        .await?;
-        cold_agent.push(t.elapsed().as_secs_f64() * 1000.0);
-        // The image's app, started the way its CMD is, until its first HTTP 200.
-        vm.agent()
-            .start_app(kiln_proto::ProcessSpec {
-                argv: vec!["/srv/start.sh".into()],
-                ..Default::default()
-            })
-            .await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while direct_get(vm.agent()).await.is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the cold-booted app never answered"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        cold_200.push(t.elapsed().as_secs_f64() * 1000.0);
-        vm.destroy().await?;
-    }
+    let app = kiln_proto::ProcessSpec {
+        argv: vec!["/srv/start.sh".into()],
+        ..Default::default()
+    };
+    let (cold_agent, cold_200) = cold_rounds(
+        home.path(),
+        "bench-cold",
+        &template,
+        app,
+        (8080, "/index.html"),
+        Duration::from_secs(60),
+    )
+    .await?;
     figure("cold boot -> agent ready", "ms", cold_agent);
     figure(
         "cold boot -> the app's first HTTP 200",
         "ms",
         cold_200.clone(),
     );
-    cold_200.sort_by(f64::total_cmp);
-    let cold = cold_200[cold_200.len() / 2];
+    let cold = median(&cold_200);
     // The same GET straight over the agent channel (what the proxy does, minus its own work),
     // and to a host process on loopback.
     let clone = template
@@ -562,11 +549,191 @@ async fn run() -> anyhow::Result<()> {
         "  ratio cold boot / RunMicrovm             {:>9.1}x",
         cold / run_ms
     );
+    let seed_image = SEED_IMAGE.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(dir) = seed_image {
+        seed::measure(addr, ingress, key, home.path(), &dir).await?;
+    }
     if JSON.load(std::sync::atomic::Ordering::Relaxed) {
         let figures = std::mem::take(&mut *FIGURES.lock().unwrap_or_else(|p| p.into_inner()));
         println!("{}", serde_json::to_string(&json!({ "figures": figures }))?);
     }
     Ok(())
+}
+
+/// Cold boots of a template's root disk: each until the agent answers, then with the image's
+/// app started the way its CMD is, until `GET probe` answers 200 over the agent channel. The
+/// two times, in ms, per round.
+async fn cold_rounds(
+    home: &std::path::Path,
+    tag: &str,
+    template: &Template,
+    app: kiln_proto::ProcessSpec,
+    probe: (u16, &str),
+    wait: Duration,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let assets = GuestAssets::locate()?;
+    let machine: MachineSpec = template.manifest().machine.clone();
+    let (mut agent_ready, mut first_200) = (Vec::new(), Vec::new());
+    for n in 0..rounds() {
+        let t = Instant::now();
+        let vm = Vm::boot(BootConfig {
+            id: VmId::new(format!("{tag}-{n}"))?,
+            dir: home.join(format!("{tag}-{n}")),
+            machine: machine.clone(),
+            assets: assets.clone(),
+            base_disk: template.dir().join("disk.qcow2"),
+            base_format: kiln_vmm::disk::BackingFormat::Qcow2,
+            top_disk: None,
+            disk_size_mib: None,
+            timeout: Duration::from_secs(120),
+            die_with_parent: true,
+            network: kiln_vmm::NetworkAttachment::closed(),
+            confinement: kiln_vmm::Confinement::default(),
+        })
+        .await?;
+        agent_ready.push(t.elapsed().as_secs_f64() * 1000.0);
+        vm.agent().start_app(app.clone()).await?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let answer = vm
+                .agent()
+                .http(kiln_image::build::hook_get(probe.0, probe.1))
+                .await;
+            if matches!(answer, Ok(ref r) if r.status == 200) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the cold-booted app never answered GET {} on port {} with 200 in {wait:?} \
+                 (last: {answer:?})",
+                probe.1,
+                probe.0
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        first_200.push(t.elapsed().as_secs_f64() * 1000.0);
+        vm.destroy().await?;
+    }
+    Ok((agent_ready, first_200))
+}
+
+/// Uploads `tar` as a build context, bakes image `name` from it and waits until it is
+/// SUCCESSFUL (printing how long the bake has taken every 30 s); its image id.
+fn bake(c: &mut Client, name: &str, tar: &[u8], timeout: Duration) -> anyhow::Result<String> {
+    let (status, art) = c.call("POST", "/v1/artifacts", "application/x-tar", tar)?;
+    anyhow::ensure!(
+        status == 200,
+        "artifact upload answered {status}: {}",
+        String::from_utf8_lossy(&art)
+    );
+    let art: Value = serde_json::from_slice(&art)?;
+    let img = c.json(
+        "POST",
+        "/v1/images",
+        json!({"name": name, "codeArtifact": {"artifactId": art["artifactId"]}}),
+    )?;
+    let image = img["imageIdentifier"]
+        .as_str()
+        .with_context(|| format!("CreateMicrovmImage answered no image id: {img}"))?
+        .to_string();
+    let (started, mut told) = (Instant::now(), Instant::now());
+    loop {
+        let v = c.json("GET", &format!("/v1/images/{image}"), json!(null))?;
+        match v["status"].as_str() {
+            Some("SUCCESSFUL") => return Ok(image),
+            Some("FAILED") => anyhow::bail!("image {name} failed to bake: {v}"),
+            _ => {}
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "image {name} was not baked in {timeout:?}: {v}"
+        );
+        if told.elapsed() > Duration::from_secs(30) {
+            eprintln!("baking {name}: {} s so far", started.elapsed().as_secs());
+            told = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// RunMicrovm → RUNNING and RunMicrovm → the first `GET path` through the ingress that
+/// answers 200 with a body `check` accepts, per round, in ms; the last microVM is left
+/// running (its id returned), the others are terminated.
+struct Rounds {
+    running: Vec<f64>,
+    first_200: Vec<f64>,
+    last: String,
+}
+
+fn run_rounds(
+    c: &mut Client,
+    ingress: &str,
+    image: &str,
+    path: &str,
+    check: fn(&[u8]) -> bool,
+) -> anyhow::Result<Rounds> {
+    let (mut running, mut first_200) = (Vec::new(), Vec::new());
+    let mut last = String::new();
+    for _ in 0..rounds() {
+        let t = Instant::now();
+        let run = c.json(
+            "POST",
+            "/v1/microvms",
+            json!({"imageIdentifier": image, "runHookPayload": "{}"}),
+        )?;
+        let id = run["microvmId"]
+            .as_str()
+            .with_context(|| format!("RunMicrovm answered no id: {run}"))?
+            .to_string();
+        let v = c.json(
+            "GET",
+            &format!("/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=120"),
+            json!(null),
+        )?;
+        anyhow::ensure!(v["state"] == "RUNNING", "bench microVM is not RUNNING: {v}");
+        running.push(t.elapsed().as_secs_f64() * 1000.0);
+        // The first request a user of the microVM gets through: a token, then the ingress.
+        let tok = c.json(
+            "POST",
+            "/v1/auth-tokens",
+            json!({"microvmIdentifier": id, "expirationInMinutes": 10}),
+        )?;
+        let extra = format!(
+            "X-Kiln-Auth: {}\r\n",
+            tok["authToken"]["X-Kiln-Auth"].as_str().context("token")?
+        );
+        let mut p = Client::connect(ingress, "")?;
+        let (status, body) = p.call_with(
+            &format!("{id}.localhost"),
+            &extra,
+            "GET",
+            path,
+            "text/plain",
+            b"",
+        )?;
+        anyhow::ensure!(
+            status == 200 && check(&body),
+            "the first proxied GET {path} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        first_200.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !last.is_empty() {
+            c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
+        }
+        last = id;
+    }
+    Ok(Rounds {
+        running,
+        first_200,
+        last,
+    })
+}
+
+/// The median of samples (at least one).
+fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn measure(
@@ -579,86 +746,24 @@ fn measure(
     let tar = tar_of(&[
         (
             "Dockerfile",
-            "FROM busybox\nCOPY hook.sh start.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
+            b"FROM busybox\nCOPY hook.sh start.sh /srv/\nCMD [\"/srv/start.sh\"]\n",
         ),
-        ("hook.sh", HOOK_SH),
-        ("start.sh", START_SH),
+        ("hook.sh", HOOK_SH.as_bytes()),
+        ("start.sh", START_SH.as_bytes()),
     ]);
-    let (status, art) = c.call("POST", "/v1/artifacts", "application/x-tar", &tar)?;
-    anyhow::ensure!(
-        status == 200,
-        "artifact upload answered {status}: {}",
-        String::from_utf8_lossy(&art)
-    );
-    let art: Value = serde_json::from_slice(&art)?;
-    let img = c.json(
-        "POST",
-        "/v1/images",
-        json!({"name": "bench", "codeArtifact": {"artifactId": art["artifactId"]}}),
-    )?;
-    let image = img["imageIdentifier"]
-        .as_str()
-        .context("image id")?
-        .to_string();
-    loop {
-        let v = c.json("GET", &format!("/v1/images/{image}"), json!(null))?;
-        match v["status"].as_str() {
-            Some("SUCCESSFUL") => break,
-            Some("FAILED") => anyhow::bail!("bench image failed: {v}"),
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-    let (mut runs, mut first_200) = (Vec::new(), Vec::new());
-    let mut last = String::new();
-    for _ in 0..rounds() {
-        let t = Instant::now();
-        let run = c.json(
-            "POST",
-            "/v1/microvms",
-            json!({"imageIdentifier": "bench", "runHookPayload": "{}"}),
-        )?;
-        let id = run["microvmId"].as_str().context("microvm id")?.to_string();
-        let v = c.json(
-            "GET",
-            &format!("/v1/microvms/{id}?waitFor=RUNNING&timeoutSeconds=60"),
-            json!(null),
-        )?;
-        anyhow::ensure!(v["state"] == "RUNNING", "bench microVM is not RUNNING: {v}");
-        runs.push(t.elapsed().as_secs_f64() * 1000.0);
-        // The first request a user of the microVM gets through: a token, then the ingress.
-        let tok = c.json(
-            "POST",
-            "/v1/auth-tokens",
-            json!({"microvmIdentifier": id, "expirationInMinutes": 10}),
-        )?;
-        let extra = format!(
-            "X-Kiln-Auth: {}\r\n",
-            tok["authToken"]["X-Kiln-Auth"].as_str().context("token")?
-        );
-        let mut p = Client::connect(ingress, "")?;
-        let (status, _) = p.call_with(
-            &format!("{id}.localhost"),
-            &extra,
-            "GET",
-            "/index.html",
-            "text/plain",
-            b"",
-        )?;
-        anyhow::ensure!(status == 200, "the first proxied request answered {status}");
-        first_200.push(t.elapsed().as_secs_f64() * 1000.0);
-        if !last.is_empty() {
-            c.json("POST", &format!("/v1/microvms/{last}/terminate"), json!({}))?;
-        }
-        last = id;
-    }
-    figure("RunMicrovm -> RUNNING (/run done)", "ms", runs.clone());
+    let image = bake(&mut c, "bench", &tar, Duration::from_secs(600))?;
+    let Rounds {
+        running,
+        first_200,
+        last,
+    } = run_rounds(&mut c, ingress, "bench", "/index.html", |b| b == b"hello\n")?;
+    figure("RunMicrovm -> RUNNING (/run done)", "ms", running);
     figure(
         "RunMicrovm -> first proxied HTTP 200",
         "ms",
         first_200.clone(),
     );
-    first_200.sort_by(f64::total_cmp);
-    let run_ms = first_200[first_200.len() / 2];
+    let run_ms = median(&first_200);
     say!(
         "RunMicrovm -> first proxied HTTP 200      {run_ms:>9.1} ms (median of {})",
         first_200.len()
