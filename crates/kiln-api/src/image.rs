@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kiln_types::{Connector, ImageStatus};
+use kiln_types::{Connector, ImageStatus, Labels};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -108,6 +108,10 @@ pub struct CreateImageRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 64)]
     pub connectors: Option<Vec<Connector>>,
+    /// The image's labels (as RunMicrovm's), matched by ListMicrovmImages' `label` filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::labels::labels)]
+    pub labels: Option<Labels>,
 }
 
 /// CreateMicrovmImage's answer: the build has started (`status` CREATING); follow it with
@@ -160,6 +164,10 @@ pub struct Image {
     /// from a Dockerfile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_microvm_id: Option<String>,
+    /// The labels given at creation or by UpdateMicrovmImage (not the Dockerfile's LABELs).
+    #[serde(default)]
+    #[schema(schema_with = crate::labels::labels)]
+    pub labels: Labels,
 }
 
 /// SaveMicrovmImage's request.
@@ -175,11 +183,39 @@ pub struct SaveMicrovmImageRequest {
         pattern = "^[a-z0-9][a-z0-9-]{0,39}$"
     )]
     pub name: String,
+    /// The new image's labels (default: the microVM's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::labels::labels)]
+    pub labels: Option<Labels>,
 }
 
+/// One page of ListMicrovmImages (the newest build of each name), by name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ImageList {
     pub images: Vec<Image>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListImagesQuery {
+    /// Only images with this status.
+    pub status: Option<ImageStatus>,
+    /// Only images with this label: `key=value`, or `key` for any value. Repeat it for all
+    /// of several.
+    #[serde(default)]
+    #[param(schema_with = crate::labels::label_filters)]
+    pub label: Vec<String>,
+    /// At most this many per page (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `nextCursor`.
+    #[param(pattern = "^[a-z0-9.-]{1,160}$")]
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]

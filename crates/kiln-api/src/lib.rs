@@ -6,6 +6,7 @@
 mod error;
 pub mod fuzzing;
 mod image;
+mod labels;
 mod microvm;
 mod system;
 mod token;
@@ -13,16 +14,18 @@ mod token;
 pub use error::{ErrorBody, ErrorCode};
 pub use image::{
     Artifact, ArtifactFormat, BuildStep, CodeArtifact, CreateImageRequest, CreateImageResponse,
-    Image, ImageList, LogsQuery, SaveMicrovmImageRequest, MAX_DISK_MIB, MAX_READY_TIMEOUT_SECONDS,
+    Image, ImageList, ListImagesQuery, LogsQuery, SaveMicrovmImageRequest, MAX_DISK_MIB,
+    MAX_READY_TIMEOUT_SECONDS,
 };
 pub use kiln_types::{
-    Connector, Destination, ImageStatus, MicrovmState, NetworkCounters, ParseImageStatusError,
-    ParseStateError, TokenKind,
+    Connector, Destination, ImageStatus, Labels, MicrovmState, NetworkCounters,
+    ParseImageStatusError, ParseStateError, TokenKind,
 };
 pub use microvm::{
     AppLogs, AppLogsQuery, ExecRequest, ExecResponse, ForkMicrovmRequest, ForkMicrovmResponse,
     GetMicrovmQuery, IdlePolicy, ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest,
-    RunMicrovmResponse, Usage, MAX_FORK_COUNT, MAX_WAIT_SECONDS,
+    RunMicrovmResponse, UpdateLabelsRequest, Usage, DEFAULT_PAGE, MAX_FORK_COUNT, MAX_PAGE,
+    MAX_WAIT_SECONDS,
 };
 pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{

@@ -1,6 +1,8 @@
 //! MicroVMs: RunMicrovm, GetMicrovm, ListMicrovms, suspend, resume, terminate, exec, logs.
 
-use kiln_types::{Connector, MicrovmState, NetworkCounters};
+use std::collections::BTreeMap;
+
+use kiln_types::{Connector, Labels, MicrovmState, NetworkCounters};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -61,7 +63,25 @@ pub struct RunMicrovmRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 64)]
     pub connectors: Option<Vec<Connector>>,
+    /// Labels (`key: value`, at most 64; keys of letters, digits, `._-/`), returned
+    /// everywhere and matched by ListMicrovms' `label` filter. Clones of a fork inherit them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::labels::labels)]
+    pub labels: Option<Labels>,
 }
+
+/// UpdateMicrovm's request: labels to set (a value) or remove (`null`); others are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateLabelsRequest {
+    #[serde(default)]
+    #[schema(schema_with = crate::labels::label_changes)]
+    pub labels: BTreeMap<String, Option<String>>,
+}
+
+/// The most items one list page holds (`limit`), and how many it holds without one.
+pub const MAX_PAGE: u32 = 1000;
+pub const DEFAULT_PAGE: u32 = 100;
 
 /// RunMicrovm's answer: the microVM is PENDING and launching.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -144,11 +164,19 @@ pub struct Microvm {
     /// machine): the differences. Such a microVM is kept, never terminated by policy;
     /// download its disk, then terminate it.
     pub resume_blocked_reason: Option<String>,
+    #[serde(default)]
+    #[schema(schema_with = crate::labels::labels)]
+    pub labels: Labels,
 }
 
+/// One page of ListMicrovms, oldest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct MicrovmList {
     pub microvms: Vec<Microvm>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
@@ -159,6 +187,19 @@ pub struct ListMicrovmsQuery {
     pub state: Option<MicrovmState>,
     /// Only microVMs of this image (name or build id).
     pub image_identifier: Option<String>,
+    /// The same as `imageIdentifier`.
+    pub image: Option<String>,
+    /// Only microVMs with this label: `key=value`, or `key` for any value. Repeat it for
+    /// all of several.
+    #[serde(default)]
+    #[param(schema_with = crate::labels::label_filters)]
+    pub label: Vec<String>,
+    /// At most this many per page (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `nextCursor`.
+    #[param(pattern = "^[a-z0-9.-]{1,160}$")]
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]

@@ -31,8 +31,18 @@ pub enum ImageCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// ListMicrovmImages: the newest build of every image.
-    List,
+    /// ListMicrovmImages: the newest build of every image (every page).
+    List {
+        /// Only those with this label: `key=value`, or `key` for any value (repeatable: all).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// UpdateMicrovmImage: `kiln image label <name|id> key=value… key-…`.
+    Label {
+        id: String,
+        #[arg(required = true, value_parser = crate::remote::parse_label_change)]
+        changes: Vec<(String, Option<String>)>,
+    },
     /// DeleteMicrovmImage (refused while microVMs use it or while it builds).
     Delete { id: String },
     /// Print an image's build log; -f follows a running build until it ends.
@@ -81,6 +91,9 @@ pub struct CreateArgs {
     /// KEY=VALUE, for ARG (repeatable).
     #[arg(long = "build-arg")]
     build_args: Vec<String>,
+    /// A label, `key=value` (repeatable).
+    #[arg(long = "label", value_parser = crate::remote::parse_label)]
+    labels: Vec<(String, String)>,
     /// Egress connectors of the build as JSON (default: '[{"type":"internet"}]').
     #[arg(long, value_parser = crate::remote::parse_connectors)]
     connectors: Option<crate::remote::Connectors>,
@@ -113,6 +126,7 @@ impl CreateArgs {
             validate: self.validate.then_some(true),
             build_args,
             connectors: self.connectors.clone().map(|c| c.0),
+            labels: (!self.labels.is_empty()).then(|| self.labels.iter().cloned().collect()),
             ..Default::default()
         })
     }
@@ -207,12 +221,30 @@ fn execute(conn: &Conn, cmd: ImageCommand) -> Result<i32, ClientError> {
             }
             Ok(0)
         }
-        ImageCommand::List => {
-            let v = c.list_images()?;
+        ImageCommand::List { labels } => {
+            let images = c.list_all_images(&kiln_client::api::ListImagesQuery {
+                label: labels,
+                ..Default::default()
+            })?;
+            if conn.json() {
+                print_json(&kiln_client::api::ImageList {
+                    images,
+                    next_cursor: None,
+                });
+            } else {
+                print_table(&images.iter().collect::<Vec<_>>());
+            }
+            Ok(0)
+        }
+        ImageCommand::Label { id, changes } => {
+            let req = kiln_client::api::UpdateLabelsRequest {
+                labels: changes.into_iter().collect(),
+            };
+            let v = c.update_image_labels(&id, &req)?;
             if conn.json() {
                 print_json(&v);
             } else {
-                print_table(&v.images.iter().collect::<Vec<_>>());
+                print_table(&[&v]);
             }
             Ok(0)
         }

@@ -37,6 +37,15 @@ pub struct CreateSandbox {
     /// Egress connectors, e.g. [{"type": "none"}] or [{"type": "allowlist", "destinations":
     /// [{"name": "api.example.com", "ports": [443]}]}]; default: public internet only.
     connectors: Option<Value>,
+    /// Labels, e.g. {"task": "t-42"}, to find the sandbox again with list_sandboxes.
+    labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct ListSandboxes {
+    /// Only sandboxes with these labels, each `key=value` or `key` (all must match).
+    #[serde(default)]
+    labels: Vec<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -159,6 +168,7 @@ impl KilnMcp {
                 }),
                 run_hook_payload: p.run_hook_payload,
                 connectors,
+                labels: p.labels,
                 ..Default::default()
             };
             let run = c.run_microvm(&req).map_err(|e| e.to_string())?;
@@ -328,17 +338,24 @@ impl KilnMcp {
         .await
     }
 
-    #[tool(description = "List sandboxes that are not terminated.")]
-    async fn list_sandboxes(&self) -> Result<String, String> {
-        self.call(|c| {
+    #[tool(
+        description = "List sandboxes that are not terminated, with their labels (filtered by labels if given)."
+    )]
+    async fn list_sandboxes(
+        &self,
+        Parameters(p): Parameters<ListSandboxes>,
+    ) -> Result<String, String> {
+        self.call(move |c| {
             let all = c
-                .list_microvms(&ListMicrovmsQuery::default())
+                .list_all_microvms(&ListMicrovmsQuery {
+                    label: p.labels,
+                    ..Default::default()
+                })
                 .map_err(|e| e.to_string())?;
             let live: Vec<Value> = all
-                .microvms
                 .iter()
                 .filter(|v| v.state != MicrovmState::Terminated)
-                .map(|v| json!({"microvmId": v.microvm_id, "state": v.state, "image": v.image_name, "endpoint": v.endpoint}))
+                .map(|v| json!({"microvmId": v.microvm_id, "state": v.state, "image": v.image_name, "endpoint": v.endpoint, "labels": v.labels}))
                 .collect();
             Ok(pretty(&Value::Array(live)))
         })

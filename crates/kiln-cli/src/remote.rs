@@ -53,15 +53,28 @@ pub enum Remote {
         /// Wait until it is RUNNING (or TERMINATED).
         #[arg(long)]
         wait: bool,
+        /// A label, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// GetMicrovm.
     Get { id: String },
-    /// ListMicrovms.
+    /// ListMicrovms (every page).
+    #[command(visible_alias = "ls")]
     List {
         #[arg(long, value_parser = parse_state)]
         state: Option<MicrovmState>,
         #[arg(long)]
         image: Option<String>,
+        /// Only those with this label: `key=value`, or `key` for any value (repeatable: all).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// UpdateMicrovm: `kiln label <microvmId> key=value… key-…` sets and removes labels.
+    Label {
+        id: String,
+        #[arg(required = true, value_parser = parse_label_change)]
+        changes: Vec<(String, Option<String>)>,
     },
     /// SuspendMicrovm.
     Suspend { id: String },
@@ -190,16 +203,18 @@ pub(crate) fn print_json(v: &impl Serialize) {
 
 fn print_table(rows: &[&Microvm]) {
     println!(
-        "{:<22} {:<11} {:<20} {:<34} REASON",
-        "MICROVM", "STATE", "IMAGE", "ENDPOINT"
+        "{:<22} {:<11} {:<20} {:<40} {:<24} REASON",
+        "MICROVM", "STATE", "IMAGE", "ENDPOINT", "LABELS"
     );
     for r in rows {
+        let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "{:<22} {:<11} {:<20} {:<34} {}",
+            "{:<22} {:<11} {:<20} {:<40} {:<24} {}",
             r.microvm_id,
             r.state.as_str(),
             r.image_name,
             r.endpoint,
+            labels.join(","),
             r.state_reason.as_deref().unwrap_or("")
         );
     }
@@ -212,6 +227,27 @@ pub fn run(conn: Conn, cmd: Remote) -> i32 {
             eprintln!("kiln: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// `key=value` (a label to set).
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: write a label as key=value"))?;
+    kiln_types::labels::check_key(k).map_err(|e| e.to_string())?;
+    kiln_types::labels::check_value(k, v).map_err(|e| e.to_string())?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `key=value` (set) or `key-` (remove).
+pub(crate) fn parse_label_change(s: &str) -> Result<(String, Option<String>), String> {
+    match s.strip_suffix('-').filter(|_| !s.contains('=')) {
+        Some(k) => {
+            kiln_types::labels::check_key(k).map_err(|e| e.to_string())?;
+            Ok((k.to_string(), None))
+        }
+        None => parse_label(s).map(|(k, v)| (k, Some(v))),
     }
 }
 
@@ -234,6 +270,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             max_duration,
             connectors,
             wait,
+            labels,
         } => {
             let req = RunMicrovmRequest {
                 image_identifier: image,
@@ -245,6 +282,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
                 run_hook_payload: payload,
                 max_duration_seconds: max_duration,
                 connectors: connectors.map(|c| c.0),
+                labels: (!labels.is_empty()).then(|| labels.into_iter().collect()),
                 ..Default::default()
             };
             let run = c.run_microvm(&req)?;
@@ -276,16 +314,32 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             show(&c.get_microvm(&id)?);
             Ok(0)
         }
-        Remote::List { state, image } => {
-            let list = c.list_microvms(&ListMicrovmsQuery {
+        Remote::List {
+            state,
+            image,
+            labels,
+        } => {
+            let microvms = c.list_all_microvms(&ListMicrovmsQuery {
                 state,
                 image_identifier: image,
+                label: labels,
+                ..Default::default()
             })?;
             if conn.json() {
-                print_json(&list);
+                print_json(&kiln_client::api::MicrovmList {
+                    microvms,
+                    next_cursor: None,
+                });
             } else {
-                print_table(&list.microvms.iter().collect::<Vec<_>>());
+                print_table(&microvms.iter().collect::<Vec<_>>());
             }
+            Ok(0)
+        }
+        Remote::Label { id, changes } => {
+            let req = kiln_client::api::UpdateLabelsRequest {
+                labels: changes.into_iter().collect(),
+            };
+            show(&c.update_microvm_labels(&id, &req)?);
             Ok(0)
         }
         Remote::Suspend { id } => {

@@ -32,9 +32,29 @@ fn the_cli_drives_microvms_through_the_api() {
     }
 
     // A microVM through its whole life from the CLI.
-    let (code, id, err) = kiln(&d, &["run", "cli", "--wait"]);
+    let (code, id, err) = kiln(&d, &["run", "cli", "--wait", "--label", "task=t-1"]);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_string();
+    // Labels: listed, filtered on the server, changed and removed.
+    let (code, listed, err) = kiln(&d, &["ls", "--label", "task=t-1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        listed.contains(&id) && listed.contains("task=t-1"),
+        "{listed}"
+    );
+    let (_, none, _) = kiln(&d, &["ls", "--label", "task=t-2", "--output", "json"]);
+    let none: serde_json::Value = serde_json::from_str(&none).unwrap();
+    assert_eq!(none["microvms"], serde_json::json!([]), "{none}");
+    let (code, _, err) = kiln(&d, &["label", &id, "owner=cli", "task-"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, shown, _) = kiln(&d, &["get", &id, "--output", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&shown).unwrap()["labels"],
+        serde_json::json!({"owner": "cli"})
+    );
+    let (code, _, err) = kiln(&d, &["label", &id, "bad key=x"]);
+    assert_eq!(code, 2, "a usage error: {err}");
+    assert!(err.contains("label key"), "{err}");
     let (code, out, _) = kiln(
         &d,
         &["exec", &id, "--", "sh", "-c", "echo from-guest; exit 7"],

@@ -14,9 +14,9 @@ pub use kiln_api as api;
 use kiln_api::{
     AppLogs, Artifact, CodeArtifact, CreateImageRequest, CreateImageResponse, CreateTokenRequest,
     CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, ForkMicrovmRequest,
-    ForkMicrovmResponse, Health, Image, ImageList, ListMicrovmsQuery, Microvm, MicrovmList,
-    MicrovmState, RotateKeyResponse, RunMicrovmRequest, RunMicrovmResponse,
-    SaveMicrovmImageRequest,
+    ForkMicrovmResponse, Health, Image, ImageList, ListImagesQuery, ListMicrovmsQuery, Microvm,
+    MicrovmList, MicrovmState, RotateKeyResponse, RunMicrovmRequest, RunMicrovmResponse,
+    SaveMicrovmImageRequest, UpdateLabelsRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -251,8 +251,45 @@ impl Client {
         self.create_image(&req)
     }
 
+    /// Every image (the newest build of each name), every page followed.
     pub fn list_images(&self) -> Result<ImageList, ClientError> {
-        self.call("GET", "/v1/images", None::<&()>)
+        Ok(ImageList {
+            images: self.list_all_images(&ListImagesQuery::default())?,
+            next_cursor: None,
+        })
+    }
+
+    /// Every page of ListMicrovmImages, followed to the end.
+    pub fn list_all_images(&self, q: &ListImagesQuery) -> Result<Vec<Image>, ClientError> {
+        let mut q = q.clone();
+        let mut out = Vec::new();
+        loop {
+            let page = self.list_images_page(&q)?;
+            out.extend(page.images);
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// One page of ListMicrovmImages.
+    pub fn list_images_page(&self, q: &ListImagesQuery) -> Result<ImageList, ClientError> {
+        let mut query = Vec::new();
+        if let Some(s) = q.status {
+            query.push(format!("status={s}"));
+        }
+        page_query(&mut query, &q.label, q.limit, q.cursor.as_deref());
+        self.call("GET", &with_query("/v1/images", &query), None::<&()>)
+    }
+
+    /// UpdateMicrovmImage: labels set (`Some`) or removed (`None`), the others kept.
+    pub fn update_image_labels(
+        &self,
+        id: &str,
+        labels: &UpdateLabelsRequest,
+    ) -> Result<Image, ClientError> {
+        self.call("PATCH", &format!("/v1/images/{}", seg(id)), Some(labels))
     }
 
     /// An image by build id, or by name its newest successful build.
@@ -292,6 +329,7 @@ impl Client {
         self.call("GET", &format!("/v1/microvms/{}", seg(id)), None::<&()>)
     }
 
+    /// One page of ListMicrovms (`q.cursor` from the previous page's `next_cursor`).
     pub fn list_microvms(&self, q: &ListMicrovmsQuery) -> Result<MicrovmList, ClientError> {
         let mut query = Vec::new();
         if let Some(s) = q.state {
@@ -300,12 +338,34 @@ impl Client {
         if let Some(i) = &q.image_identifier {
             query.push(format!("imageIdentifier={}", seg(i)));
         }
-        let path = if query.is_empty() {
-            "/v1/microvms".to_string()
-        } else {
-            format!("/v1/microvms?{}", query.join("&"))
-        };
-        self.call("GET", &path, None::<&()>)
+        if let Some(i) = &q.image {
+            query.push(format!("image={}", seg(i)));
+        }
+        page_query(&mut query, &q.label, q.limit, q.cursor.as_deref());
+        self.call("GET", &with_query("/v1/microvms", &query), None::<&()>)
+    }
+
+    /// Every page of ListMicrovms, followed to the end.
+    pub fn list_all_microvms(&self, q: &ListMicrovmsQuery) -> Result<Vec<Microvm>, ClientError> {
+        let mut q = q.clone();
+        let mut out = Vec::new();
+        loop {
+            let page = self.list_microvms(&q)?;
+            out.extend(page.microvms);
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// UpdateMicrovm: labels set (`Some`) or removed (`None`), the others kept.
+    pub fn update_microvm_labels(
+        &self,
+        id: &str,
+        labels: &UpdateLabelsRequest,
+    ) -> Result<Microvm, ClientError> {
+        self.call("PATCH", &format!("/v1/microvms/{}", seg(id)), Some(labels))
     }
 
     /// The microVM once it is in `state` or TERMINATED, or as it is after `timeout`: kilnd
@@ -376,6 +436,7 @@ impl Client {
             &format!("/v1/microvms/{}/image", seg(id)),
             Some(&SaveMicrovmImageRequest {
                 name: name.to_string(),
+                labels: None,
             }),
         )
     }
@@ -449,6 +510,30 @@ impl Client {
 
 /// An id or name as one path segment or query value: anything outside the characters ids
 /// and names use is percent-encoded, so no input can reach another route.
+/// The `label`, `limit` and `cursor` parameters every list takes.
+fn page_query(
+    query: &mut Vec<String>,
+    labels: &[String],
+    limit: Option<u32>,
+    cursor: Option<&str>,
+) {
+    query.extend(labels.iter().map(|l| format!("label={}", seg(l))));
+    if let Some(n) = limit {
+        query.push(format!("limit={n}"));
+    }
+    if let Some(c) = cursor {
+        query.push(format!("cursor={}", seg(c)));
+    }
+}
+
+fn with_query(path: &str, query: &[String]) -> String {
+    if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    }
+}
+
 fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

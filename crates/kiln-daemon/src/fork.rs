@@ -121,6 +121,7 @@ impl Manager {
                 last_activity_at: now,
                 config: parent.config.clone(),
                 usage: usage.clone(),
+                labels: parent.labels.clone(),
             })
             .collect();
         self.write(|s| rows.iter().try_for_each(|r| s.insert_microvm(r)))?;

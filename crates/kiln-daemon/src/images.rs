@@ -32,11 +32,17 @@ pub fn to_row(record: &ImageRecord) -> ImageRow {
         reason: record.reason.clone(),
         created_at: record.created_unix as i64 * 1000,
         record: serde_json::to_value(record).unwrap_or_default(),
+        // Kept as the store has them: an upsert never changes an image's labels.
+        labels: kiln_types::Labels::new(),
     }
 }
 
-/// Starts a bake; returns the build id at once.
-pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
+/// Starts a bake with these labels (checked by the caller); returns the build id at once.
+pub fn start_build(
+    manager: &Arc<Manager>,
+    mut spec: BuildSpec,
+    labels: kiln_types::Labels,
+) -> String {
     let id = format!("{}-{:x}", spec.name, kiln_store::now_ms());
     spec.id = Some(id.clone());
     let placeholder = ImageRow {
@@ -46,6 +52,7 @@ pub fn start_build(manager: &Arc<Manager>, mut spec: BuildSpec) -> String {
         reason: None,
         created_at: kiln_store::now_ms(),
         record: serde_json::json!({"id": id, "name": spec.name, "status": "CREATING"}),
+        labels,
     };
     if let Err(e) = manager.write(|s| s.upsert_image(&placeholder)) {
         warn!(id, "storing image failed: {e}");

@@ -419,6 +419,8 @@ impl Manager {
         let idle = req.idle_policy.unwrap_or_default();
         let (payload, max_duration) = (req.run_hook_payload, req.max_duration_seconds);
         let connectors = req.connectors.unwrap_or_else(default_connectors);
+        let labels = req.labels.unwrap_or_default();
+        kiln_types::labels::check(&labels).map_err(|e| ApiError::bad_request(e.to_string()))?;
         self.egress.compile(&connectors)?;
         if idle.max_idle_duration_seconds < self.cfg.min_idle_seconds {
             return Err(ApiError::bad_request(format!(
@@ -498,6 +500,7 @@ impl Manager {
             last_activity_at: now,
             config: serde_json::to_value(&config).map_err(ApiError::internal)?,
             usage: serde_json::to_value(Usage::default()).map_err(ApiError::internal)?,
+            labels,
         };
         let network = self.network_of(&row.id, &config, CounterSnapshot::default())?;
         self.write(|s| s.insert_microvm(&row))?;

@@ -25,8 +25,11 @@ impl Manager {
         self: &Arc<Self>,
         id: &str,
         name: &str,
+        labels: Option<kiln_types::Labels>,
     ) -> ApiResult<CreateImageResponse> {
         let row = self.row(id)?;
+        let labels = labels.unwrap_or_else(|| row.labels.clone());
+        kiln_types::labels::check(&labels).map_err(|e| ApiError::bad_request(e.to_string()))?;
         if row.state != MicrovmState::Running {
             return Err(ApiError::conflict(format!(
                 "microVM {id} is {}; only a RUNNING microVM can be saved as an image",
@@ -47,7 +50,9 @@ impl Manager {
                 BuildError::NameTaken(_) => ApiError::conflict(e.to_string()),
                 e => ApiError::internal(error_chain(&e)),
             })?;
-        self.write(|s| s.upsert_image(&to_row(saved.record())))?;
+        let mut image = to_row(saved.record());
+        image.labels = labels;
+        self.write(|s| s.upsert_image(&image))?;
         // Beyond the fork: the RAM file, and the flattened disk (at most its chain).
         let template = Manager::config_of(&row)?.template;
         let chain = kiln_vmm::disk::trusted_chain(&template.join("disk.qcow2"))

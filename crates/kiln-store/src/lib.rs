@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kiln_types::{ImageStatus, MicrovmState};
+use kiln_types::{ImageStatus, Labels, MicrovmState};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,9 @@ const MIGRATIONS: &[&str] = &[
     );",
     // What kilnd needs to take a running microVM back after a restart (kiln-vmm's VmRecord).
     "ALTER TABLE microvms ADD COLUMN runtime TEXT;",
+    // Labels (kiln_types::Labels as a JSON object), set by clients.
+    "ALTER TABLE microvms ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE images ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,8 @@ pub struct ImageRow {
     pub created_at: i64,
     /// The full image record (kiln-image's `ImageRecord`) as JSON.
     pub record: serde_json::Value,
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +106,8 @@ pub struct MicrovmRow {
     pub config: serde_json::Value,
     /// Metering counters as JSON.
     pub usage: serde_json::Value,
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +125,9 @@ pub struct EventRow {
 pub struct Store {
     conn: Connection,
 }
+
+/// An images row's columns, as read.
+type ImageColumns = (String, String, String, Option<String>, i64, String, String);
 
 /// A state column, read as the enum (a value no kiln wrote is an error, not a guess).
 fn state_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<MicrovmState> {
@@ -182,9 +192,10 @@ impl Store {
             })
             .optional()?;
         tx.execute(
-            "INSERT INTO images (id, name, status, reason, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO images (id, name, status, reason, created_at, record, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(id) DO UPDATE SET status = ?3, reason = ?4, record = ?6",
-            params![img.id, img.name, img.status.as_str(), img.reason, img.created_at, serde_json::to_string(&img.record)?],
+            params![img.id, img.name, img.status.as_str(), img.reason, img.created_at, serde_json::to_string(&img.record)?,
+                    serde_json::to_string(&img.labels)?],
         )?;
         if previous.as_deref() != Some(img.status.as_str()) {
             tx.execute(
@@ -196,9 +207,7 @@ impl Store {
         Ok(())
     }
 
-    fn image_from_row(
-        r: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(String, String, String, Option<String>, i64, String)> {
+    fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageColumns> {
         Ok((
             r.get(0)?,
             r.get(1)?,
@@ -206,10 +215,11 @@ impl Store {
             r.get(3)?,
             r.get(4)?,
             r.get(5)?,
+            r.get(6)?,
         ))
     }
 
-    fn to_image(t: (String, String, String, Option<String>, i64, String)) -> Result<ImageRow> {
+    fn to_image(t: ImageColumns) -> Result<ImageRow> {
         Ok(ImageRow {
             id: t.0,
             name: t.1,
@@ -222,12 +232,13 @@ impl Store {
             reason: t.3,
             created_at: t.4,
             record: serde_json::from_str(&t.5)?,
+            labels: serde_json::from_str(&t.6)?,
         })
     }
 
     /// An image by build id, or by name (its newest SUCCESSFUL build, else its newest).
     pub fn image(&self, id_or_name: &str) -> Result<Option<ImageRow>> {
-        let cols = "SELECT id, name, status, reason, created_at, record FROM images";
+        let cols = "SELECT id, name, status, reason, created_at, record, labels FROM images";
         let by_id = self
             .conn
             .query_row(
@@ -253,7 +264,7 @@ impl Store {
     /// The newest build of every image name.
     pub fn images(&self) -> Result<Vec<ImageRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, status, reason, created_at, record FROM images i WHERE id = (
+            "SELECT id, name, status, reason, created_at, record, labels FROM images i WHERE id = (
                 SELECT id FROM images j WHERE j.name = i.name ORDER BY (status = 'SUCCESSFUL') DESC, created_at DESC, id DESC LIMIT 1
             ) ORDER BY name",
         )?;
@@ -266,7 +277,7 @@ impl Store {
     /// Every build of every image, oldest first.
     pub fn all_images(&self) -> Result<Vec<ImageRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, status, reason, created_at, record FROM images ORDER BY created_at, id",
+            "SELECT id, name, status, reason, created_at, record, labels FROM images ORDER BY created_at, id",
         )?;
         let rows = stmt
             .query_map([], Self::image_from_row)?
@@ -318,11 +329,12 @@ impl Store {
     pub fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
         tx.execute(
-            "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 vm.id, vm.image_id, vm.image_name, vm.state.as_str(), vm.state_reason, vm.created_at, vm.state_changed_at,
-                vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?
+                vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?,
+                serde_json::to_string(&vm.labels)?
             ],
         )?;
         tx.execute(
@@ -336,6 +348,7 @@ impl Store {
     fn microvm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
         let config: String = r.get(8)?;
         let usage: String = r.get(9)?;
+        let labels: String = r.get(10)?;
         Ok(MicrovmRow {
             id: r.get(0)?,
             image_id: r.get(1)?,
@@ -347,11 +360,12 @@ impl Store {
             last_activity_at: r.get(7)?,
             config: serde_json::from_str(&config).unwrap_or(serde_json::Value::Null),
             usage: serde_json::from_str(&usage).unwrap_or(serde_json::Value::Null),
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
         })
     }
 
     const MICROVM_COLS: &'static str =
-        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage FROM microvms";
+        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels FROM microvms";
 
     pub fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>> {
         Ok(self
@@ -434,6 +448,24 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Replaces a microVM's labels; `false` when there is no such microVM.
+    pub fn set_microvm_labels(&self, id: &str, labels: &Labels) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE microvms SET labels = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(labels)?],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Replaces an image build's labels; `false` when there is no such build.
+    pub fn set_image_labels(&self, id: &str, labels: &Labels) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE images SET labels = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(labels)?],
+        )?;
+        Ok(n == 1)
     }
 
     pub fn set_usage(&self, id: &str, usage: &serde_json::Value) -> Result<()> {

@@ -12,6 +12,9 @@ fn vm(id: &str, image: &str) -> MicrovmRow {
         last_activity_at: 1,
         config: serde_json::json!({"maxDurationSeconds": 60}),
         usage: serde_json::json!({}),
+        labels: [("team".to_string(), "a".to_string())]
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -139,6 +142,7 @@ fn images_resolve_by_name_to_the_newest_good_build() {
         reason: None,
         created_at: at,
         record: serde_json::json!({}),
+        labels: Labels::new(),
     };
     store
         .upsert_image(&img("app-1", ImageStatus::Successful, 1))
@@ -171,11 +175,17 @@ fn a_runtime_record_is_kept_until_forgotten_and_old_databases_gain_the_column() 
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(MIGRATIONS[0]).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
-        let store = Store { conn };
-        store.insert_microvm(&vm("a", "img-1")).unwrap();
+        conn.execute(
+            "INSERT INTO microvms (id, image_id, image_name, state, created_at, state_changed_at, \
+             last_activity_at, config, usage) VALUES ('a', 'img-1', 'app', 'PENDING', 1, 1, 1, '{}', '{}')",
+            [],
+        )
+        .unwrap();
     }
     let store = Store::open(&path).unwrap();
     assert_eq!(store.runtime("a").unwrap(), None);
+    // Later migrations' columns: labels start empty.
+    assert_eq!(store.microvm("a").unwrap().unwrap().labels, Labels::new());
     let record = serde_json::json!({"qemu": {"pid": 42}});
     store.set_runtime("a", Some(&record)).unwrap();
     drop(store);

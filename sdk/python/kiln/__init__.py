@@ -126,9 +126,10 @@ class Client:
     def create_microvm_image(self, name: str, codeArtifact: dict, memorySizeMib: int = 512, vcpus: int = 1,
                              hookPort: int = 9000, readyTimeoutSeconds: int = 60, buildArgs: Optional[dict] = None,
                              baseImageArn: Optional[str] = None, buildRoleArn: Optional[str] = None,
-                             connectors: Optional[list] = None, **_ignored) -> dict:
+                             connectors: Optional[list] = None, labels: Optional[dict] = None, **_ignored) -> dict:
         """``codeArtifact``: ``{"uri": "file:///path/ctx.zip"}``, ``{"path": "ctx.zip"}`` or ``{"bytes": b"..."}``
-        (a zip or tar of the build context). Returns ``{"imageIdentifier", "name", "status"}``."""
+        (a zip or tar of the build context). ``labels``: ``{"team": "a"}``. Returns
+        ``{"imageIdentifier", "name", "status"}``."""
         if "bytes" in codeArtifact:
             blob = codeArtifact["bytes"]
         else:
@@ -141,13 +142,22 @@ class Client:
                 "buildArgs": buildArgs or {}}
         if connectors is not None:
             body["connectors"] = connectors
+        if labels is not None:
+            body["labels"] = labels
         return self._call("POST", "/v1/images", body)
 
     def get_microvm_image(self, imageIdentifier: str) -> dict:
         return self._call("GET", f"/v1/images/{urllib.parse.quote(imageIdentifier)}")
 
-    def list_microvm_images(self) -> dict:
-        return self._call("GET", "/v1/images")
+    def list_microvm_images(self, status: Optional[str] = None, labels: Optional[list] = None,
+                            limit: Optional[int] = None, cursor: Optional[str] = None) -> dict:
+        """One page (``limit``, at most 1000; ``cursor`` from the previous page's ``nextCursor``),
+        filtered by ``status`` and ``labels`` (``["team=a", "env"]``: all must match)."""
+        return self._call("GET", "/v1/images" + _query(status=status, label=labels, limit=limit, cursor=cursor))
+
+    def update_microvm_image(self, imageIdentifier: str, labels: dict) -> dict:
+        """Sets labels (a value) and removes them (``None``); the others are kept."""
+        return self._call("PATCH", f"/v1/images/{urllib.parse.quote(imageIdentifier)}", {"labels": labels})
 
     def delete_microvm_image(self, imageIdentifier: str) -> dict:
         return self._call("DELETE", f"/v1/images/{urllib.parse.quote(imageIdentifier)}")
@@ -181,9 +191,12 @@ class Client:
     # -- microVMs --------------------------------------------------------------------------
     def run_microvm(self, imageIdentifier: str, idlePolicy: Optional[dict] = None, runHookPayload: Optional[str] = None,
                     maxDurationSeconds: Optional[int] = None, executionRoleArn: Optional[str] = None,
-                    connectors: Optional[list] = None, **_ignored) -> dict:
-        """``connectors``: egress, e.g. ``[{"type": "none"}]``; kilnd's default is ``internet``."""
+                    connectors: Optional[list] = None, labels: Optional[dict] = None, **_ignored) -> dict:
+        """``connectors``: egress, e.g. ``[{"type": "none"}]``; kilnd's default is ``internet``.
+        ``labels``: ``{"task": "t-42"}``, returned everywhere and matched by ``list_microvms``."""
         body: dict = {"imageIdentifier": imageIdentifier}
+        if labels is not None:
+            body["labels"] = labels
         if connectors is not None:
             body["connectors"] = connectors
         if idlePolicy is not None:
@@ -197,9 +210,28 @@ class Client:
     def get_microvm(self, microvmIdentifier: str) -> dict:
         return self._call("GET", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}")
 
-    def list_microvms(self, state: Optional[str] = None, imageIdentifier: Optional[str] = None) -> dict:
-        query = {k: v for k, v in (("state", state), ("imageIdentifier", imageIdentifier)) if v}
-        return self._call("GET", "/v1/microvms" + ("?" + urllib.parse.urlencode(query) if query else ""))
+    def list_microvms(self, state: Optional[str] = None, imageIdentifier: Optional[str] = None,
+                      labels: Optional[list] = None, limit: Optional[int] = None,
+                      cursor: Optional[str] = None) -> dict:
+        """One page, oldest first (``limit``, at most 1000; ``cursor`` from the previous page's
+        ``nextCursor``), filtered by ``state``, image and ``labels`` (``["team=a", "env"]``:
+        all must match). :meth:`iter_microvms` follows the pages."""
+        return self._call("GET", "/v1/microvms" + _query(state=state, imageIdentifier=imageIdentifier,
+                                                          label=labels, limit=limit, cursor=cursor))
+
+    def iter_microvms(self, **filters):
+        """Every microVM :meth:`list_microvms` would page through, one at a time."""
+        cursor = None
+        while True:
+            page = self.list_microvms(cursor=cursor, **filters)
+            yield from page["microvms"]
+            cursor = page.get("nextCursor")
+            if not cursor:
+                return
+
+    def update_microvm(self, microvmIdentifier: str, labels: dict) -> dict:
+        """UpdateMicrovm: sets labels (a value) and removes them (``None``); the others are kept."""
+        return self._call("PATCH", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}", {"labels": labels})
 
     def suspend_microvm(self, microvmIdentifier: str) -> dict:
         return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/suspend", {})
@@ -217,12 +249,15 @@ class Client:
         are on their way to RUNNING (``wait_microvm``)."""
         return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/fork", {"count": count})
 
-    def save_microvm_image(self, microvmIdentifier: str, name: str) -> dict:
+    def save_microvm_image(self, microvmIdentifier: str, name: str, labels: Optional[dict] = None) -> dict:
         """SaveMicrovmImage ("save as image"): a RUNNING microVM's memory, processes and disk
         become image ``name``; the microVM runs on. Returns ``{"imageIdentifier", "name",
         "status": "CREATING"}`` once its state is captured (``wait_image`` waits for
         SUCCESSFUL); ``run_microvm`` launches from it like any image."""
-        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/image", {"name": name})
+        body: dict = {"name": name}
+        if labels is not None:
+            body["labels"] = labels  # default: the microVM's
+        return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/image", body)
 
     def wait_image(self, imageIdentifier: str, timeout: float = 600.0) -> dict:
         """Returns the image once it is no longer CREATING (SUCCESSFUL or FAILED)."""
@@ -261,6 +296,17 @@ class Client:
     def revoke_microvm_auth_tokens(self, microvmIdentifier: str) -> dict:
         """Revokes every token issued so far for the microVM (immediately)."""
         return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/revoke-tokens", {})
+
+
+def _query(**params) -> str:
+    """``?a=1&label=x&label=y`` of the parameters given (lists repeat their key)."""
+    pairs = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            pairs.append((key, str(v)))
+    return "?" + urllib.parse.urlencode(pairs) if pairs else ""
 
 
 def client(*_service: str, **kwargs) -> Client:

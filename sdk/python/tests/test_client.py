@@ -110,3 +110,34 @@ def test_bad_key_is_a_typed_error(daemon):
     with pytest.raises(kiln.KilnError) as err:
         bad.list_microvms()
     assert err.value.status == 401 and err.value.code == "UnauthorizedException"
+
+
+def test_labels_filters_and_pages(daemon, monkeypatch):
+    monkeypatch.setenv("KILN_HOME", daemon)
+    client = kiln.client("lambda-microvms")
+    client.create_microvm_image(name="sdk-labelled", codeArtifact={"bytes": context_tar(HTTPD_START_SH)},
+                                labels={"team": "a"})
+    client.wait_microvm_image("sdk-labelled")
+    assert client.get_microvm_image("sdk-labelled")["labels"] == {"team": "a"}
+    assert [i["name"] for i in client.list_microvm_images(labels=["team=a"])["images"]] == ["sdk-labelled"]
+    assert client.update_microvm_image("sdk-labelled", {"team": None, "tier": "x"})["labels"] == {"tier": "x"}
+
+    ids = [client.run_microvm(imageIdentifier="sdk-labelled", labels={"task": f"t-{n}", "batch": "b1"})["microvmId"]
+           for n in range(3)]
+    for vm_id in ids:
+        client.wait_microvm(vm_id, "RUNNING")
+    assert client.get_microvm(microvmIdentifier=ids[0])["labels"] == {"task": "t-0", "batch": "b1"}
+    picked = client.list_microvms(labels=["batch=b1", "task=t-1"])["microvms"]
+    assert [v["microvmId"] for v in picked] == [ids[1]]
+    # Pages of one, followed by iter_microvms: each once, oldest first.
+    first = client.list_microvms(labels=["batch=b1"], limit=1)
+    assert len(first["microvms"]) == 1 and first["nextCursor"]
+    assert [v["microvmId"] for v in client.iter_microvms(labels=["batch=b1"], limit=1)] == ids
+    updated = client.update_microvm(microvmIdentifier=ids[2], labels={"batch": None, "keep": "yes"})
+    assert updated["labels"] == {"task": "t-2", "keep": "yes"}
+    assert [v["microvmId"] for v in client.iter_microvms(labels=["batch"])] == ids[:2]
+    with pytest.raises(kiln.KilnError) as err:
+        client.list_microvms(labels=["no good"])
+    assert err.value.status == 400 and "label key" in err.value.message
+    for vm_id in ids:
+        client.terminate_microvm(microvmIdentifier=vm_id)

@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_api::{
     Artifact, ArtifactFormat, CreateImageRequest, CreateImageResponse, ErrorBody, ErrorCode, Image,
-    ImageList, ImageStatus, LogsQuery, MAX_DISK_MIB, MAX_READY_TIMEOUT_SECONDS,
+    ImageList, ImageStatus, ListImagesQuery, LogsQuery, UpdateLabelsRequest, MAX_DISK_MIB,
+    MAX_READY_TIMEOUT_SECONDS,
 };
 use kiln_image::BuildSpec;
 
@@ -204,6 +205,8 @@ pub async fn create_image(
     ApiJson(req): ApiJson<CreateImageRequest>,
 ) -> ApiResult<(StatusCode, Json<CreateImageResponse>)> {
     check_image_request(&req)?;
+    let labels = req.labels.clone().unwrap_or_default();
+    kiln_types::labels::check(&labels).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let recorded = serde_json::to_value(&req).map_err(ApiError::internal)?;
     let id = &req.code_artifact.artifact_id;
     let dir = crate::images::artifacts_dir(&m);
@@ -249,7 +252,7 @@ pub async fn create_image(
             m.cfg.max_concurrent_builds
         )));
     }
-    let image_id = crate::images::start_build(&m, spec);
+    let image_id = crate::images::start_build(&m, spec, labels);
     Ok((
         StatusCode::ACCEPTED,
         Json(CreateImageResponse {
@@ -287,23 +290,75 @@ pub fn image_view(row: &kiln_store::ImageRow) -> Image {
             .get("saved_from")
             .and_then(|v| v.as_str())
             .map(String::from),
+        labels: row.labels.clone(),
     }
 }
 
 #[utoipa::path(
     get, path = "/v1/images", operation_id = "ListMicrovmImages", tag = "images", security(("bearer" = [])),
-    description = "ListMicrovmImages: the newest build of every image name.",
+    description = "ListMicrovmImages: the newest build of every image name, by name, one \
+        page at a time (`limit`, then `cursor` = the previous page's `nextCursor`), filtered \
+        on the server by status and labels (`label=team=a&label=env`: every one must match).",
+    params(ListImagesQuery),
     responses(
         (status = 200, description = "The images", body = ImageList),
+        (status = 400, description = "A malformed query", body = ErrorBody),
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]
-pub async fn list_images(State(m): State<Arc<Manager>>) -> ApiResult<Json<ImageList>> {
-    let rows = m.store().images()?;
+pub async fn list_images(
+    State(m): State<Arc<Manager>>,
+    ApiQuery(q): ApiQuery<ListImagesQuery>,
+) -> ApiResult<Json<ImageList>> {
+    let filters = super::list::filters(&q.label)?;
+    let rows: Vec<kiln_store::ImageRow> = m
+        .store()
+        .images()?
+        .into_iter()
+        .filter(|r| q.status.is_none_or(|s| r.status == s))
+        .filter(|r| super::list::matches(&filters, &r.labels))
+        .collect();
+    let (rows, next_cursor) =
+        super::list::page(rows, |r| r.name.clone(), q.limit, q.cursor.as_deref())?;
     Ok(Json(ImageList {
         images: rows.iter().map(image_view).collect(),
+        next_cursor,
     }))
+}
+
+#[utoipa::path(
+    patch, path = "/v1/images/{id}", operation_id = "UpdateMicrovmImage", tag = "images", security(("bearer" = [])),
+    description = "UpdateMicrovmImage: sets labels (a value) and removes them (`null`) on a \
+        build (by id, or by name its newest successful build); labels not named are kept.",
+    params(("id" = String, Path, description = "Image name or build id")),
+    request_body = UpdateLabelsRequest,
+    responses(
+        (status = 200, description = "The image", body = Image),
+        (status = 400, description = "A label is malformed, or there would be over 64", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn update_image(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateLabelsRequest>,
+) -> ApiResult<Json<Image>> {
+    // Read, merge and write under the store's lock: concurrent updates never lose one.
+    let row = m.write(|s| -> ApiResult<Option<kiln_store::ImageRow>> {
+        let Some(mut row) = s.image(&id)? else {
+            return Ok(None);
+        };
+        row.labels = kiln_types::labels::merge(&row.labels, &req.labels)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        s.set_image_labels(&row.id, &row.labels)?;
+        Ok(Some(row))
+    })?;
+    let row = row.ok_or_else(|| ApiError::not_found("image", &id))?;
+    Ok(Json(image_view(&row)))
 }
 
 fn image_row(m: &Manager, id: &str) -> ApiResult<kiln_store::ImageRow> {

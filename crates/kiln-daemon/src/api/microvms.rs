@@ -10,7 +10,8 @@ use axum::Json;
 use kiln_api::{
     AppLogs, AppLogsQuery, CreateImageResponse, ErrorBody, ExecRequest, ExecResponse,
     ForkMicrovmRequest, ForkMicrovmResponse, GetMicrovmQuery, ListMicrovmsQuery, Microvm,
-    MicrovmList, RunMicrovmRequest, RunMicrovmResponse, SaveMicrovmImageRequest, MAX_WAIT_SECONDS,
+    MicrovmList, RunMicrovmRequest, RunMicrovmResponse, SaveMicrovmImageRequest,
+    UpdateLabelsRequest, MAX_WAIT_SECONDS,
 };
 use kiln_store::MicrovmRow;
 
@@ -42,6 +43,7 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         usage,
         connectors: config.map(|c| c.connectors).unwrap_or_default(),
         resume_blocked_reason: m.not_resumable(&row.id),
+        labels: row.labels.clone(),
     }
 }
 
@@ -75,7 +77,9 @@ pub async fn run_microvm(
 
 #[utoipa::path(
     get, path = "/v1/microvms", operation_id = "ListMicrovms", tag = "microvms", security(("bearer" = [])),
-    description = "ListMicrovms, by state and image if asked.",
+    description = "ListMicrovms: oldest first, one page at a time (`limit`, then `cursor` = \
+        the previous page's `nextCursor`), filtered on the server by state, image and labels \
+        (`label=team=a&label=env`: every one must match).",
     params(ListMicrovmsQuery),
     responses(
         (status = 200, description = "The microVMs", body = MicrovmList),
@@ -88,10 +92,59 @@ pub async fn list_microvms(
     State(m): State<Arc<Manager>>,
     ApiQuery(q): ApiQuery<ListMicrovmsQuery>,
 ) -> ApiResult<Json<MicrovmList>> {
-    let rows = m.store().microvms(q.state, q.image_identifier.as_deref())?;
+    let filters = super::list::filters(&q.label)?;
+    let image = q.image_identifier.as_deref().or(q.image.as_deref());
+    let rows: Vec<MicrovmRow> = m
+        .store()
+        .microvms(q.state, image)?
+        .into_iter()
+        .filter(|r| super::list::matches(&filters, &r.labels))
+        .collect();
+    let (rows, next_cursor) = super::list::page(
+        rows,
+        |r| super::list::by_age(r.created_at, &r.id),
+        q.limit,
+        q.cursor.as_deref(),
+    )?;
     Ok(Json(MicrovmList {
         microvms: rows.iter().map(|r| microvm_view(&m, r)).collect(),
+        next_cursor,
     }))
+}
+
+#[utoipa::path(
+    patch, path = "/v1/microvms/{id}", operation_id = "UpdateMicrovm", tag = "microvms", security(("bearer" = [])),
+    description = "UpdateMicrovm: sets labels (a value) and removes them (`null`); labels \
+        not named are kept. Any state, TERMINATED included.",
+    params(("id" = String, Path, description = "The microVM's id")),
+    request_body = UpdateLabelsRequest,
+    responses(
+        (status = 200, description = "The microVM", body = Microvm),
+        (status = 400, description = "A label is malformed, or there would be over 64", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn update_microvm(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateLabelsRequest>,
+) -> ApiResult<Json<Microvm>> {
+    // Read, merge and write under the store's lock: concurrent updates never lose one.
+    let found = m.write(|s| -> ApiResult<bool> {
+        let Some(row) = s.microvm(&id)? else {
+            return Ok(false);
+        };
+        let labels = kiln_types::labels::merge(&row.labels, &req.labels)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(s.set_microvm_labels(&id, &labels)?)
+    })?;
+    if !found {
+        return Err(ApiError::not_found("microVM", &id));
+    }
+    Ok(Json(microvm_view(&m, &m.row(&id)?)))
 }
 
 #[utoipa::path(
@@ -213,7 +266,7 @@ pub async fn save_microvm_image(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<SaveMicrovmImageRequest>,
 ) -> ApiResult<(StatusCode, Json<CreateImageResponse>)> {
-    let saved = m.save_image(&id, &req.name).await?;
+    let saved = m.save_image(&id, &req.name, req.labels).await?;
     Ok((StatusCode::ACCEPTED, Json(saved)))
 }
 

@@ -5,12 +5,13 @@
 //! /metrics needs the bearer key.
 
 mod images;
+mod list;
 mod microvms;
 mod system;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -73,10 +74,18 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
     let protected = OpenApiRouter::new()
         .routes(routes!(images::upload_artifact).layer(DefaultBodyLimit::disable()))
         .routes(routes!(images::create_image, images::list_images))
-        .routes(routes!(images::get_image, images::delete_image))
+        .routes(routes!(
+            images::get_image,
+            images::delete_image,
+            images::update_image
+        ))
         .routes(routes!(images::image_logs))
         .routes(routes!(microvms::run_microvm, microvms::list_microvms))
-        .routes(routes!(microvms::get_microvm, microvms::delete_microvm))
+        .routes(routes!(
+            microvms::get_microvm,
+            microvms::delete_microvm,
+            microvms::update_microvm
+        ))
         .routes(routes!(microvms::suspend_microvm))
         .routes(routes!(microvms::resume_microvm))
         .routes(routes!(microvms::fork_microvm))
@@ -173,15 +182,10 @@ pub struct ApiQuery<T>(pub T);
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(QueryRejection::FailedToDeserializeQueryString(e)) => Err(ApiError::bad_request(
-                format!("invalid query string: {}", e.body_text()),
-            )),
-            Err(e) => Err(ApiError::bad_request(format!(
-                "invalid query string: {}",
-                e.body_text()
-            ))),
-        }
+        let _ = state;
+        // serde_html_form, not serde_urlencoded: a repeated key (`label=a&label=b`) is a list.
+        serde_html_form::from_str::<T>(parts.uri.query().unwrap_or(""))
+            .map(ApiQuery)
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
     }
 }

@@ -204,6 +204,13 @@ impl TestDaemon {
         )
     }
 
+    pub fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        Self::respond(
+            self.auth(ureq::request("PATCH", &format!("{}{path}", self.base)))
+                .send_json(body),
+        )
+    }
+
     pub fn post_raw(
         &self,
         path: &str,

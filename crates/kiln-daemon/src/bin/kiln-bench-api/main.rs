@@ -93,11 +93,13 @@ impl Client {
         )?;
         self.writer.write_all(body)?;
         let mut line = String::new();
-        self.reader.read_line(&mut line)?;
+        if self.reader.read_line(&mut line)? == 0 {
+            anyhow::bail!("{method} {path}: the server closed the connection without an answer");
+        }
         let status: u16 = line
             .split_whitespace()
             .nth(1)
-            .context("status line")?
+            .with_context(|| format!("{method} {path}: no status line in {line:?}"))?
             .parse()?;
         let (mut len, mut chunked) = (0usize, false);
         loop {
