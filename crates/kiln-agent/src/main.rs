@@ -24,6 +24,7 @@ mod reaper;
 mod reseed;
 mod resize;
 mod server;
+mod stats;
 mod user;
 
 use std::time::Duration;

@@ -227,6 +227,7 @@ async fn handle_stream(stream: Stream, ctx: SessionCtx) {
         }
         Request::PutArchive(req) => crate::archive::put(framed, req).await,
         Request::Shell(req) => crate::pty::run(framed, req, &state.reaper).await,
+        Request::Stats => framed.send(&GuestFrame::Stats(crate::stats::read())).await,
         Request::DetachNic => {
             let reply = match crate::net::detach_nics() {
                 Ok(()) => GuestFrame::Ok,

@@ -23,9 +23,10 @@ pub use kiln_types::{
 };
 pub use microvm::{
     AppLogs, AppLogsQuery, ExecRequest, ExecResponse, ForkMicrovmRequest, ForkMicrovmResponse,
-    GetMicrovmQuery, IdlePolicy, ListMicrovmsQuery, Microvm, MicrovmList, RunMicrovmRequest,
-    RunMicrovmResponse, UpdateLabelsRequest, Usage, DEFAULT_PAGE, MAX_FORK_COUNT, MAX_PAGE,
-    MAX_WAIT_SECONDS,
+    GetMicrovmQuery, IdlePolicy, ListMicrovmsQuery, MetricsQuery, Microvm, MicrovmList,
+    MicrovmMetrics, MicrovmMetricsHistory, RunMicrovmRequest, RunMicrovmResponse,
+    UpdateLabelsRequest, Usage, DEFAULT_PAGE, MAX_FORK_COUNT, MAX_PAGE, MAX_WAIT_SECONDS,
+    METRICS_KEPT,
 };
 pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{

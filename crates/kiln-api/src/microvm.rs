@@ -167,6 +167,57 @@ pub struct Microvm {
     #[serde(default)]
     #[schema(schema_with = crate::labels::labels)]
     pub labels: Labels,
+    /// The newest metrics sample, while it runs (see GetMicrovmMetrics for the history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MicrovmMetrics>,
+}
+
+/// One sample of a running microVM's metrics, taken every `--tick-ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrovmMetrics {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// CPU used since the previous sample, in percent of one CPU (100: one CPU busy).
+    pub cpu_percent: f64,
+    /// CPU-seconds used since launch (as `usage.cpuSeconds`).
+    pub cpu_seconds: f64,
+    /// Host memory of the microVM's QEMU: its proportional set size (pages shared with
+    /// other microVMs of the image are counted by share).
+    pub host_memory_bytes: u64,
+    /// Host disk the microVM's own disk overlay takes (allocated blocks).
+    pub host_disk_bytes: u64,
+    /// The guest's own figures (absent when its agent is older than protocol generation 4
+    /// or did not answer in time).
+    pub guest_memory_total_bytes: Option<u64>,
+    pub guest_memory_available_bytes: Option<u64>,
+    pub guest_disk_total_bytes: Option<u64>,
+    pub guest_disk_used_bytes: Option<u64>,
+    /// Bytes through its egress backend since launch.
+    pub network_bytes_in: u64,
+    pub network_bytes_out: u64,
+}
+
+/// GetMicrovmMetrics: the samples kilnd keeps (the last [`METRICS_KEPT`]), oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrovmMetricsHistory {
+    pub microvm_id: String,
+    /// Milliseconds between samples (kilnd's `--tick-ms`).
+    pub interval_ms: u64,
+    pub samples: Vec<MicrovmMetrics>,
+}
+
+/// Samples kept per microVM.
+pub const METRICS_KEPT: usize = 300;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MetricsQuery {
+    /// Only samples taken after this time (Unix milliseconds).
+    #[param(minimum = 0)]
+    pub since_ms: Option<i64>,
 }
 
 /// One page of ListMicrovms, oldest first.

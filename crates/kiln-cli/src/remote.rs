@@ -70,6 +70,9 @@ pub enum Remote {
         #[arg(long = "label")]
         labels: Vec<String>,
     },
+    /// GetMicrovmMetrics: the newest sample (CPU, memory, disk, network); --output json
+    /// prints the whole history kilnd keeps.
+    Metrics { id: String },
     /// UpdateMicrovm: `kiln label <microvmId> key=value… key-…` sets and removes labels.
     Label {
         id: String,
@@ -333,6 +336,43 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             } else {
                 print_table(&microvms.iter().collect::<Vec<_>>());
             }
+            Ok(0)
+        }
+        Remote::Metrics { id } => {
+            let h = c.microvm_metrics(&id)?;
+            if conn.json() {
+                print_json(&h);
+                return Ok(0);
+            }
+            let Some(s) = h.samples.last() else {
+                println!("{id}: no samples (it is not RUNNING, or has just started)");
+                return Ok(1);
+            };
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
+            let opt = |v: Option<u64>| v.map_or("-".to_string(), |b| format!("{:.1} MiB", mib(b)));
+            println!(
+                "cpu               {:.1} % ({:.1} CPU-seconds)",
+                s.cpu_percent, s.cpu_seconds
+            );
+            println!("host memory (PSS) {:.1} MiB", mib(s.host_memory_bytes));
+            println!(
+                "guest memory      {} total, {} available",
+                opt(s.guest_memory_total_bytes),
+                opt(s.guest_memory_available_bytes)
+            );
+            println!(
+                "host disk         {:.1} MiB (overlay)",
+                mib(s.host_disk_bytes)
+            );
+            println!(
+                "guest disk        {} total, {} used",
+                opt(s.guest_disk_total_bytes),
+                opt(s.guest_disk_used_bytes)
+            );
+            println!(
+                "network           {} bytes in, {} bytes out",
+                s.network_bytes_in, s.network_bytes_out
+            );
             Ok(0)
         }
         Remote::Label { id, changes } => {

@@ -15,8 +15,8 @@ use kiln_api::{
     AppLogs, Artifact, CodeArtifact, CreateImageRequest, CreateImageResponse, CreateTokenRequest,
     CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, ForkMicrovmRequest,
     ForkMicrovmResponse, Health, Image, ImageList, ListImagesQuery, ListMicrovmsQuery, Microvm,
-    MicrovmList, MicrovmState, RotateKeyResponse, RunMicrovmRequest, RunMicrovmResponse,
-    SaveMicrovmImageRequest, UpdateLabelsRequest,
+    MicrovmList, MicrovmMetricsHistory, MicrovmState, RotateKeyResponse, RunMicrovmRequest,
+    RunMicrovmResponse, SaveMicrovmImageRequest, UpdateLabelsRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -357,6 +357,15 @@ impl Client {
                 None => return Ok(out),
             }
         }
+    }
+
+    /// GetMicrovmMetrics: the samples kilnd keeps of a running microVM, oldest first.
+    pub fn microvm_metrics(&self, id: &str) -> Result<MicrovmMetricsHistory, ClientError> {
+        self.call(
+            "GET",
+            &format!("/v1/microvms/{}/metrics", seg(id)),
+            None::<&()>,
+        )
     }
 
     /// UpdateMicrovm: labels set (`Some`) or removed (`None`), the others kept.

@@ -175,7 +175,8 @@ impl Actor {
                 if self.reap_if_crashed().await {
                     return Next::Stop;
                 }
-                self.sample(None);
+                let usage = self.sample(None);
+                self.record_metrics(usage).await;
             }
             Command::LetGo { reply } => {
                 let _ = reply.send(self.let_go());
@@ -551,15 +552,39 @@ impl Actor {
         true
     }
 
-    /// Adds the time since the last sample to the microVM's usage.
-    fn sample(&mut self, running: Option<&Vm>) {
+    /// A metrics sample of the running microVM (see [`crate::metrics`]).
+    async fn record_metrics(&self, usage: Option<Usage>) {
+        let (Some(vm), Some(usage)) = (self.slot.vm.as_ref(), usage) else {
+            return;
+        };
+        let at_ms = now_ms();
+        let guest = if self.m.metrics.guest_due(&self.id, at_ms) {
+            tokio::time::timeout(crate::metrics::GUEST_TIMEOUT, vm.agent().stats())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        let sample = crate::metrics::Sample {
+            at_ms,
+            usage,
+            host_memory_bytes: crate::metrics::pss_bytes(vm.qemu_pid()),
+            host_disk_bytes: crate::metrics::allocated_bytes(vm.active_disk()),
+            guest,
+        };
+        self.m.metrics.record(&self.id, sample);
+    }
+
+    /// Adds the time since the last sample to the microVM's usage; the usage as written.
+    fn sample(&mut self, running: Option<&Vm>) -> Option<Usage> {
         let (m, id) = (&self.m, self.id.as_str());
         let slot = &mut self.slot;
         let now = now_ms();
         let elapsed = (now - slot.last_sample_ms.max(0)).max(0) as f64 / 1000.0;
         slot.last_sample_ms = now;
         let Ok(Some(row)) = m.store().microvm(id) else {
-            return;
+            return None;
         };
         let mut usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
         let vcpus = Manager::config_of(&row).map(|c| c.vcpus).unwrap_or(1) as f64;
@@ -609,6 +634,7 @@ impl Actor {
         if let Ok(v) = serde_json::to_value(&usage) {
             let _ = m.write(|s| s.set_usage(id, &v));
         }
+        Some(usage)
     }
 }
 

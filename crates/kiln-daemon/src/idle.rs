@@ -26,6 +26,12 @@ pub fn spawn(manager: Arc<Manager>) {
 async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
     manager.flush_activity();
     let rows = manager.store().microvms(None, None)?;
+    let running: std::collections::HashSet<&str> = rows
+        .iter()
+        .filter(|r| r.state == MicrovmState::Running)
+        .map(|r| r.id.as_str())
+        .collect();
+    manager.metrics.retain(|id| running.contains(id));
     let now = now_ms();
     for row in rows {
         let state = row.state;

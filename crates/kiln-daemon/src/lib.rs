@@ -15,6 +15,7 @@ pub mod idle;
 pub mod images;
 pub mod ingress;
 pub mod manager;
+pub mod metrics;
 pub mod pool;
 pub mod recovery;
 pub mod save_image;
@@ -111,6 +112,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         agents: Mutex::new(Default::default()),
         egress: egress::Egress::new(cfg.egress.clone()),
         pool: pool::Pool::new(cfg.prestart_per_image),
+        metrics: Default::default(),
     });
     recovery::recover(&manager).await?;
     // What KILN_HOME holds, for --max-disk-mib: measured before the API answers, then every

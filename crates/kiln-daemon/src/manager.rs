@@ -78,6 +78,8 @@ pub struct Manager {
     pub agents: Mutex<HashMap<String, kiln_vmm::AgentClient>>,
     /// QEMUs started ahead of launches of hot images.
     pub pool: crate::pool::Pool,
+    /// Recent metrics of every RUNNING microVM.
+    pub metrics: crate::metrics::MetricsLog,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;

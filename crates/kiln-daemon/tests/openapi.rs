@@ -35,6 +35,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/image"),
     ("post", "/v1/microvms/{id}/terminate"),
     ("post", "/v1/microvms/{id}/exec"),
+    ("get", "/v1/microvms/{id}/metrics"),
     ("get", "/v1/microvms/{id}/logs"),
     ("get", "/v1/microvms/{id}/disk"),
     ("get", "/v1/events"),

@@ -51,6 +51,8 @@ pub enum Request {
     /// or `Error` when an interface remains. The agent does it itself: an image needs no
     /// shell for it.
     DetachNic,
+    /// Generation 4. The guest's own view of its memory and root disk. Reply: `Stats`.
+    Stats,
 }
 
 impl Tagged for Request {
@@ -69,6 +71,7 @@ impl Tagged for Request {
             | Request::PutArchive(_) => 1,
             Request::Shell(_) => 2,
             Request::DetachNic => 3,
+            Request::Stats => 4,
         }
     }
 }
@@ -198,17 +201,34 @@ pub enum GuestFrame {
     Ok,
     Error(GuestError),
     Pong(AgentInfo),
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(ByteBuf),
     Stderr(ByteBuf),
     Exited(ExitStatus),
-    FileMeta { size: u64, mode: u32 },
+    FileMeta {
+        size: u64,
+        mode: u32,
+    },
     Chunk(ByteBuf),
     End,
     Http(HttpResponse),
     App(AppState),
     Logs(ByteBuf),
     Connected,
+    /// Generation 4: the answer to `Stats`.
+    Stats(GuestStats),
+}
+
+/// What the guest says of itself (`/proc/meminfo`, `statvfs("/")`); 0 where it could not
+/// read a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
 }
 
 impl Tagged for GuestFrame {
@@ -228,6 +248,7 @@ impl Tagged for GuestFrame {
             | GuestFrame::App(_)
             | GuestFrame::Logs(_)
             | GuestFrame::Connected => 1,
+            GuestFrame::Stats(_) => 4,
         }
     }
 }
@@ -250,6 +271,7 @@ impl GuestFrame {
             GuestFrame::App(_) => "App",
             GuestFrame::Logs(_) => "Logs",
             GuestFrame::Connected => "Connected",
+            GuestFrame::Stats(_) => "Stats",
         }
     }
 }

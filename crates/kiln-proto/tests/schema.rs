@@ -121,7 +121,7 @@ fn render() -> String {
     });
     let requests: Vec<Request> = requests
         .into_iter()
-        .chain([shell, Request::DetachNic])
+        .chain([shell, Request::DetachNic, Request::Stats])
         .collect();
     for r in &requests {
         line(&mut out, r.since(), r);
@@ -171,6 +171,12 @@ fn render() -> String {
         }),
         GuestFrame::Logs(ByteBuf::from(b"log".to_vec())),
         GuestFrame::Connected,
+        GuestFrame::Stats(GuestStats {
+            mem_total_kib: 500_000,
+            mem_available_kib: 400_000,
+            disk_total_bytes: 1 << 30,
+            disk_free_bytes: 1 << 29,
+        }),
     ];
     for f in &guest_frames {
         line(&mut out, f.since(), f);

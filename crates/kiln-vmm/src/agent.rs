@@ -454,6 +454,25 @@ impl AgentClient {
         }
     }
 
+    /// The guest's own view of its memory and root disk (generation 4; an older agent
+    /// cannot say: a protocol error, and the caller goes without).
+    pub async fn stats(&self) -> Result<kiln_proto::GuestStats, AgentError> {
+        if self.session.generation() < 4 {
+            return Err(AgentError::Protocol(format!(
+                "the guest agent speaks generation {}; its stats need 4",
+                self.session.generation()
+            )));
+        }
+        let mut s = self.open(&Request::Stats).await?;
+        match self
+            .recv_within(&mut s, "waiting for the guest's stats")
+            .await?
+        {
+            GuestFrame::Stats(stats) => Ok(stats),
+            other => Err(self.unexpected(&other, "Stats")),
+        }
+    }
+
     pub async fn detach(&self, timeout: Duration) -> Result<(), AgentError> {
         let result = tokio::time::timeout(timeout, async {
             let mut s = self.open(&Request::Detach).await?;

@@ -229,6 +229,13 @@ class Client:
             if not cursor:
                 return
 
+    def get_microvm_metrics(self, microvmIdentifier: str, sinceMs: Optional[int] = None) -> dict:
+        """GetMicrovmMetrics: ``{"microvmId", "intervalMs", "samples": [{"atMs", "cpuPercent",
+        "hostMemoryBytes", "guestMemoryTotalBytes", …}]}``, oldest first (the newest is also
+        ``get_microvm(...)["metrics"]``)."""
+        return self._call("GET", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/metrics"
+                          + _query(sinceMs=sinceMs))
+
     def update_microvm(self, microvmIdentifier: str, labels: dict) -> dict:
         """UpdateMicrovm: sets labels (a value) and removes them (``None``); the others are kept."""
         return self._call("PATCH", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}", {"labels": labels})

@@ -1,6 +1,7 @@
 """The Python SDK against a real kilnd with real guests (busybox image)."""
 
 import os
+import time
 import urllib.request
 
 import pytest
@@ -136,6 +137,14 @@ def test_labels_filters_and_pages(daemon, monkeypatch):
     updated = client.update_microvm(microvmIdentifier=ids[2], labels={"batch": None, "keep": "yes"})
     assert updated["labels"] == {"task": "t-2", "keep": "yes"}
     assert [v["microvmId"] for v in client.iter_microvms(labels=["batch"])] == ids[:2]
+    # Metrics of a running microVM: a history of samples, the newest also in GetMicrovm.
+    deadline = time.time() + 30
+    while not client.get_microvm_metrics(microvmIdentifier=ids[0])["samples"]:
+        assert time.time() < deadline, "no metrics samples"
+        time.sleep(0.2)
+    history = client.get_microvm_metrics(microvmIdentifier=ids[0])
+    assert history["intervalMs"] == 200 and history["samples"][-1]["hostMemoryBytes"] > 0, history
+    assert "cpuPercent" in client.get_microvm(microvmIdentifier=ids[0])["metrics"]
     with pytest.raises(kiln.KilnError) as err:
         client.list_microvms(labels=["no good"])
     assert err.value.status == 400 and "label key" in err.value.message

@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use kiln_api::{
     AppLogs, AppLogsQuery, CreateImageResponse, ErrorBody, ExecRequest, ExecResponse,
-    ForkMicrovmRequest, ForkMicrovmResponse, GetMicrovmQuery, ListMicrovmsQuery, Microvm,
-    MicrovmList, RunMicrovmRequest, RunMicrovmResponse, SaveMicrovmImageRequest,
-    UpdateLabelsRequest, MAX_WAIT_SECONDS,
+    ForkMicrovmRequest, ForkMicrovmResponse, GetMicrovmQuery, ListMicrovmsQuery, MetricsQuery,
+    Microvm, MicrovmList, MicrovmMetricsHistory, RunMicrovmRequest, RunMicrovmResponse,
+    SaveMicrovmImageRequest, UpdateLabelsRequest, MAX_WAIT_SECONDS,
 };
 use kiln_store::MicrovmRow;
 
@@ -44,6 +44,9 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         connectors: config.map(|c| c.connectors).unwrap_or_default(),
         resume_blocked_reason: m.not_resumable(&row.id),
         labels: row.labels.clone(),
+        metrics: (row.state == kiln_api::MicrovmState::Running)
+            .then(|| m.metrics.latest(&row.id))
+            .flatten(),
     }
 }
 
@@ -333,6 +336,39 @@ pub async fn delete_microvm(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Microvm>> {
     terminate(m, id).await
+}
+
+#[utoipa::path(
+    get, path = "/v1/microvms/{id}/metrics", operation_id = "GetMicrovmMetrics", tag = "microvms", security(("bearer" = [])),
+    description = "GetMicrovmMetrics: the samples kilnd keeps of a RUNNING microVM (one per \
+        `--tick-ms`, the last 300, oldest first): CPU, host memory (PSS) and disk, the guest's \
+        own memory and disk figures, network bytes. Empty for a microVM that is not running; \
+        kept in memory only (a restart of kilnd starts the history again).",
+    params(("id" = String, Path, description = "The microVM's id"), MetricsQuery),
+    responses(
+        (status = 200, description = "The samples", body = MicrovmMetricsHistory),
+        (status = 400, description = "A malformed query", body = ErrorBody),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such microVM", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn microvm_metrics(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<MetricsQuery>,
+) -> ApiResult<Json<MicrovmMetricsHistory>> {
+    if let Some(t) = q.since_ms.filter(|t| *t < 0) {
+        return Err(ApiError::bad_request(format!(
+            "sinceMs is a time in Unix milliseconds, 0 or more (got {t})"
+        )));
+    }
+    let row = m.row(&id)?;
+    Ok(Json(MicrovmMetricsHistory {
+        samples: m.metrics.history(&row.id, q.since_ms),
+        microvm_id: row.id,
+        interval_ms: m.cfg.tick.as_millis() as u64,
+    }))
 }
 
 #[utoipa::path(

@@ -93,6 +93,7 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(microvms::terminate_microvm))
         .routes(routes!(microvms::exec_microvm))
         .routes(routes!(microvms::microvm_logs))
+        .routes(routes!(microvms::microvm_metrics))
         .routes(routes!(microvms::microvm_disk))
         .routes(routes!(system::events))
         .routes(routes!(system::ingress_info))

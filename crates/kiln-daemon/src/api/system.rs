@@ -71,6 +71,52 @@ fn pool_metrics(pool: &crate::pool::Pool, out: &mut String) {
     ));
 }
 
+/// The newest sample of every RUNNING microVM as gauges and counters, with `microvm` and
+/// `image` labels (see `crate::metrics`).
+fn live_metrics(m: &Manager, rows: &[kiln_store::MicrovmRow], out: &mut String) {
+    let live: Vec<(&kiln_store::MicrovmRow, kiln_api::MicrovmMetrics)> = rows
+        .iter()
+        .filter(|r| r.state == MicrovmState::Running)
+        .filter_map(|r| m.metrics.latest(&r.id).map(|s| (r, s)))
+        .collect();
+    type Value = fn(&kiln_api::MicrovmMetrics) -> Option<f64>;
+    let series: [(&str, &str, &str, &str, Value); 8] = [
+        ("kiln_microvm_cpu_percent", "gauge", "", "CPU used over the last tick, percent of one CPU.", |s| Some(s.cpu_percent)),
+        ("kiln_microvm_memory_bytes", "gauge", "host", "Memory: the QEMU's PSS on the host (host), the guest's total and available (guest_*).", |s| Some(s.host_memory_bytes as f64)),
+        ("kiln_microvm_memory_bytes", "", "guest_total", "", |s| s.guest_memory_total_bytes.map(|v| v as f64)),
+        ("kiln_microvm_memory_bytes", "", "guest_available", "", |s| s.guest_memory_available_bytes.map(|v| v as f64)),
+        ("kiln_microvm_disk_bytes", "gauge", "host", "Disk: the overlay's blocks on the host (host), the guest root filesystem's size and use (guest_*).", |s| Some(s.host_disk_bytes as f64)),
+        ("kiln_microvm_disk_bytes", "", "guest_total", "", |s| s.guest_disk_total_bytes.map(|v| v as f64)),
+        ("kiln_microvm_disk_bytes", "", "guest_used", "", |s| s.guest_disk_used_bytes.map(|v| v as f64)),
+        ("kiln_microvm_network_bytes_total", "counter", "", "Bytes through the egress backend since launch, by direction.", |_| None),
+    ];
+    for (name, kind, which, help, value) in series {
+        if !kind.is_empty() {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        }
+        for (r, s) in &live {
+            let labels = format!("microvm=\"{}\",image=\"{}\"", r.id, r.image_name);
+            if name == "kiln_microvm_network_bytes_total" {
+                out.push_str(&format!(
+                    "{name}{{{labels},direction=\"in\"}} {}\n",
+                    s.network_bytes_in
+                ));
+                out.push_str(&format!(
+                    "{name}{{{labels},direction=\"out\"}} {}\n",
+                    s.network_bytes_out
+                ));
+            } else if let Some(v) = value(s) {
+                let kind_label = if which.is_empty() {
+                    String::new()
+                } else {
+                    format!(",kind=\"{which}\"")
+                };
+                out.push_str(&format!("{name}{{{labels}{kind_label}}} {v}\n"));
+            }
+        }
+    }
+}
+
 fn metering(rows: &[kiln_store::MicrovmRow], out: &mut String) {
     type Field = fn(&kiln_api::Usage) -> f64;
     let series: [(&str, &str, Field, &str); 5] = [
@@ -147,6 +193,7 @@ pub async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
         out.push_str(&format!("kiln_microvms{{state=\"{state}\"}} {n}\n"));
     }
     metering(&rows, &mut out);
+    live_metrics(&m, &rows, &mut out);
     out.push_str("# HELP kiln_images Images by latest build status.\n# TYPE kiln_images gauge\n");
     let images = m.store().images()?;
     for status in ImageStatus::ALL {

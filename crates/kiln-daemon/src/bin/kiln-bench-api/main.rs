@@ -337,6 +337,14 @@ const HOOK_SH: &str = "#!/bin/sh\nread -r m p v\nwhile IFS= read -r l; do l=$(pr
 const START_SH: &str = "#!/bin/sh\nmkdir -p /www && echo hello > /www/index.html\nhttpd -p 127.0.0.1:8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
 
 fn main() -> anyhow::Result<()> {
+    // kilnd's own log on stderr (warnings by default; RUST_LOG says more).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -397,7 +405,9 @@ async fn run() -> anyhow::Result<()> {
         api_tls_cert: None,
         api_tls_key: None,
     };
-    tokio::spawn(kiln_daemon::serve(cfg));
+    // The in-process kilnd: were it to stop, the measurements below would only see a
+    // closed connection, so its end is reported with theirs.
+    let daemon = tokio::spawn(kiln_daemon::serve(cfg));
     let addr_file = home.path().join("kilnd.addr");
     while !addr_file.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -410,6 +420,10 @@ async fn run() -> anyhow::Result<()> {
     let ingress = std::fs::read_to_string(home.path().join("kilnd.ingress"))?;
     let (a, i, k) = (addr.clone(), ingress.clone(), key.clone());
     let result = tokio::task::spawn_blocking(move || measure(&a, &i, &k, &images)).await?;
+    if result.is_err() && daemon.is_finished() {
+        let ended = daemon.await;
+        anyhow::bail!("the in-process kilnd stopped: {ended:?} (then: {result:?})");
+    }
     let (template_dir, run_ms) = result?;
 
     // Cold boot of the same image's root disk, for the ratio.
