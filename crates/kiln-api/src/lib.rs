@@ -10,6 +10,7 @@ mod labels;
 mod microvm;
 mod system;
 mod token;
+mod webhook;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use image::{
@@ -31,4 +32,8 @@ pub use microvm::{
 pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{
     AllowedPort, AuthTokenHeaders, CreateTokenRequest, CreateTokenResponse, RotateKeyResponse,
+};
+pub use webhook::{
+    CreateWebhookRequest, Delivery, DeliveryList, DeliveryStatus, Webhook, WebhookList,
+    WebhookPayload, MAX_WEBHOOKS, WEBHOOK_EVENT_KINDS,
 };

@@ -17,6 +17,7 @@ mod mcp;
 mod remote;
 mod sandbox;
 mod shell;
+mod webhook_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -56,6 +57,9 @@ enum Command {
     /// Build and inspect images (through kilnd; `image local` bakes without it).
     #[command(subcommand)]
     Image(image_api::ImageCommand),
+    /// Webhooks: lifecycle events POSTed to your URLs, signed (through kilnd).
+    #[command(subcommand)]
+    Webhook(webhook_cli::WebhookCommand),
     #[command(flatten)]
     Remote(remote::Remote),
     /// Serve the Model Context Protocol on stdin/stdout: sandbox tools for AI agents.
@@ -107,6 +111,10 @@ fn main() -> anyhow::Result<()> {
                     cli.conn.api_key.clone(),
                 )?;
                 mcp::serve(client).await
+            }
+            Command::Webhook(cmd) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || webhook_cli::run(conn, cmd)).await?)
             }
             Command::Remote(command) => {
                 let conn = cli.conn;

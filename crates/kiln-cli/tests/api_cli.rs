@@ -52,6 +52,17 @@ fn the_cli_drives_microvms_through_the_api() {
         serde_json::from_str::<serde_json::Value>(&shown).unwrap()["labels"],
         serde_json::json!({"owner": "cli"})
     );
+    // Webhooks from the CLI: a loopback target is refused (this kilnd has no
+    // --allow-private-webhook-targets), with the reason; the list stays empty.
+    let (code, _, err) = kiln(&d, &["webhook", "create", "http://127.0.0.1:9/in"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--allow-private-webhook-targets"), "{err}");
+    let (code, out, err) = kiln(&d, &["webhook", "ls", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["webhooks"],
+        serde_json::json!([])
+    );
     let (code, _, err) = kiln(&d, &["label", &id, "bad key=x"]);
     assert_eq!(code, 2, "a usage error: {err}");
     assert!(err.contains("label key"), "{err}");

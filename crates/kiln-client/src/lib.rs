@@ -13,10 +13,11 @@ pub use kiln_api as api;
 
 use kiln_api::{
     AppLogs, Artifact, CodeArtifact, CreateImageRequest, CreateImageResponse, CreateTokenRequest,
-    CreateTokenResponse, ErrorBody, EventList, ExecRequest, ExecResponse, ForkMicrovmRequest,
-    ForkMicrovmResponse, Health, Image, ImageList, ListImagesQuery, ListMicrovmsQuery, Microvm,
-    MicrovmList, MicrovmMetricsHistory, MicrovmState, RotateKeyResponse, RunMicrovmRequest,
-    RunMicrovmResponse, SaveMicrovmImageRequest, UpdateLabelsRequest,
+    CreateTokenResponse, CreateWebhookRequest, DeliveryList, ErrorBody, EventList, ExecRequest,
+    ExecResponse, ForkMicrovmRequest, ForkMicrovmResponse, Health, Image, ImageList,
+    ListImagesQuery, ListMicrovmsQuery, Microvm, MicrovmList, MicrovmMetricsHistory, MicrovmState,
+    RotateKeyResponse, RunMicrovmRequest, RunMicrovmResponse, SaveMicrovmImageRequest,
+    UpdateLabelsRequest, Webhook, WebhookList,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -357,6 +358,27 @@ impl Client {
                 None => return Ok(out),
             }
         }
+    }
+
+    /// CreateWebhook: the answer carries the secret (once).
+    pub fn create_webhook(&self, req: &CreateWebhookRequest) -> Result<Webhook, ClientError> {
+        self.call("POST", "/v1/webhooks", Some(req))
+    }
+
+    pub fn list_webhooks(&self) -> Result<WebhookList, ClientError> {
+        self.call("GET", "/v1/webhooks", None::<&()>)
+    }
+
+    pub fn delete_webhook(&self, id: &str) -> Result<(), ClientError> {
+        self.call_empty("DELETE", &format!("/v1/webhooks/{}", seg(id)))
+    }
+
+    pub fn webhook_deliveries(&self, id: &str) -> Result<DeliveryList, ClientError> {
+        self.call(
+            "GET",
+            &format!("/v1/webhooks/{}/deliveries", seg(id)),
+            None::<&()>,
+        )
     }
 
     /// GetMicrovmMetrics: the samples kilnd keeps of a running microVM, oldest first.

@@ -77,6 +77,9 @@ pub struct Config {
     pub api_tls_key: Option<PathBuf>,
     /// QEMUs started ahead of the next launch, per hot image (0: none; see `pool`).
     pub prestart_per_image: usize,
+    /// Webhooks may target loopback, link-local and private addresses (tests; a trusted
+    /// network). Off by default: a client could otherwise aim kilnd at its own network.
+    pub allow_private_webhook_targets: bool,
 }
 
 /// Default of `--prestart-per-image`.

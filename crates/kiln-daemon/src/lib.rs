@@ -21,6 +21,7 @@ pub mod recovery;
 pub mod save_image;
 mod serve_tls;
 pub mod tls;
+pub mod webhooks;
 
 use std::sync::{Arc, Mutex};
 
@@ -113,8 +114,10 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         egress: egress::Egress::new(cfg.egress.clone()),
         pool: pool::Pool::new(cfg.prestart_per_image),
         metrics: Default::default(),
+        webhooks: Default::default(),
     });
     recovery::recover(&manager).await?;
+    webhooks::spawn_dispatcher(&manager);
     // What KILN_HOME holds, for --max-disk-mib: measured before the API answers, then every
     // ten seconds off the async workers.
     if manager.cfg.max_disk_bytes.is_some() {

@@ -69,6 +69,10 @@ struct Args {
     /// QEMU's own memory (not the guest's RAM) while it waits.
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_PRESTART_PER_IMAGE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=kiln_daemon::pool::MAX_PER_IMAGE as u64))]
     prestart_per_image: usize,
+    /// Let webhooks target loopback, link-local and private addresses (refused by default:
+    /// any API client could otherwise make kilnd send requests into its own network).
+    #[arg(long)]
+    allow_private_webhook_targets: bool,
     /// At most this many image builds at once (CreateMicrovmImage answers 429 beyond).
     #[arg(long, default_value_t = kiln_daemon::config::DEFAULT_MAX_CONCURRENT_BUILDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     max_concurrent_builds: usize,
@@ -219,6 +223,7 @@ fn main() -> anyhow::Result<()> {
         min_free_disk_bytes: args.min_free_disk_mib << 20,
         max_disk_bytes: args.max_disk_mib.map(|m| m << 20),
         prestart_per_image: args.prestart_per_image,
+        allow_private_webhook_targets: args.allow_private_webhook_targets,
         api_tls_cert: args.api_tls_cert,
         api_tls_key: args.api_tls_key,
     };

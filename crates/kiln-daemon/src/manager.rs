@@ -80,6 +80,8 @@ pub struct Manager {
     pub pool: crate::pool::Pool,
     /// Recent metrics of every RUNNING microVM.
     pub metrics: crate::metrics::MetricsLog,
+    /// Webhook workers and delivery logs.
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;

@@ -56,18 +56,7 @@ fn labels_filter_page_update_and_survive_a_restart() {
                "waitForReady": false, "labels": {"team": "a", "tier": "gold"}}),
     );
     assert_eq!(status, 202, "{img}");
-    let image = img["imageIdentifier"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let (_, v) = d.get(&format!("/v1/images/{image}"));
-        match v["status"].as_str() {
-            Some("SUCCESSFUL") => break,
-            Some("FAILED") => panic!("image failed: {v}"),
-            _ => {}
-        }
-        assert!(std::time::Instant::now() < deadline, "image build too slow");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    d.wait_image(img["imageIdentifier"].as_str().unwrap());
     let (_, got) = d.get("/v1/images/tagged");
     assert_eq!(got["labels"], json!({"team": "a", "tier": "gold"}));
     // Image labels: filters, and an update that sets one and removes another.

@@ -44,16 +44,7 @@ fn metrics_follow_the_guest_and_reach_prometheus() {
                "waitForReady": false}),
     );
     assert_eq!(status, 202, "{img}");
-    let image = img["imageIdentifier"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while d.get(&format!("/v1/images/{image}")).1["status"] != "SUCCESSFUL" {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            d.get(&format!("/v1/images/{image}")).1
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    d.wait_image(img["imageIdentifier"].as_str().unwrap());
     let (status, r) = d.post("/v1/microvms", json!({"imageIdentifier": "metered"}));
     assert_eq!(status, 200, "{r}");
     let id = r["microvmId"].as_str().unwrap().to_string();

@@ -44,6 +44,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/auth-tokens/rotate-key"),
     ("delete", "/v1/auth-tokens/{id}"),
     ("post", "/v1/microvms/{id}/revoke-tokens"),
+    ("post", "/v1/webhooks"),
+    ("get", "/v1/webhooks"),
+    ("delete", "/v1/webhooks/{id}"),
+    ("get", "/v1/webhooks/{id}/deliveries"),
 ];
 
 #[test]

@@ -45,17 +45,7 @@ fn quotas_refuse_the_microvm_or_build_over_the_limit_naming_the_flag() {
         !images.to_string().contains("quota-two"),
         "the refused build left nothing: {images}"
     );
-    let image = first["imageIdentifier"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let (_, v) = d.get(&format!("/v1/images/{image}"));
-        match v["status"].as_str() {
-            Some("SUCCESSFUL") => break,
-            Some("FAILED") => panic!("image failed: {v}"),
-            _ => assert!(std::time::Instant::now() < deadline, "build too slow"),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    d.wait_image(first["imageIdentifier"].as_str().unwrap());
 
     // One microVM at most: the second is refused until the first is terminated.
     let run = || d.post("/v1/microvms", json!({"imageIdentifier": "quota"}));

@@ -47,7 +47,29 @@ const MIGRATIONS: &[&str] = &[
     // Labels (kiln_types::Labels as a JSON object), set by clients.
     "ALTER TABLE microvms ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
      ALTER TABLE images ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
+    // Webhooks: where events go; `cursor` is the last event seq handed to its deliveries.
+    "CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        description TEXT,
+        secret TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        cursor INTEGER NOT NULL
+    );",
 ];
+
+/// A webhook as stored (its secret signs deliveries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRow {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub description: Option<String>,
+    pub secret: String,
+    pub created_at: i64,
+    pub cursor: i64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -447,6 +469,55 @@ impl Store {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds a webhook whose cursor is the newest event now (it gets what happens next).
+    pub fn insert_webhook(&self, w: &WebhookRow) -> Result<i64> {
+        let tx = self.conn.unchecked_transaction()?;
+        let newest: i64 =
+            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+        tx.execute(
+            "INSERT INTO webhooks (id, url, events, description, secret, created_at, cursor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![w.id, w.url, serde_json::to_string(&w.events)?, w.description, w.secret, w.created_at, newest],
+        )?;
+        tx.commit()?;
+        Ok(newest)
+    }
+
+    pub fn webhooks(&self) -> Result<Vec<WebhookRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, url, events, description, secret, created_at, cursor FROM webhooks ORDER BY created_at, id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let events: String = r.get(2)?;
+                Ok(WebhookRow {
+                    id: r.get(0)?,
+                    url: r.get(1)?,
+                    events: serde_json::from_str(&events).unwrap_or_default(),
+                    description: r.get(3)?,
+                    secret: r.get(4)?,
+                    created_at: r.get(5)?,
+                    cursor: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete_webhook(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM webhooks WHERE id = ?1", [id])?
+            == 1)
+    }
+
+    pub fn set_webhook_cursor(&self, id: &str, seq: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE webhooks SET cursor = MAX(cursor, ?2) WHERE id = ?1",
+            params![id, seq],
+        )?;
         Ok(())
     }
 

@@ -236,6 +236,28 @@ class Client:
         return self._call("GET", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/metrics"
                           + _query(sinceMs=sinceMs))
 
+    # -- webhooks --------------------------------------------------------------------------
+    def create_webhook(self, url: str, events: Optional[list] = None, description: Optional[str] = None) -> dict:
+        """Registers ``url`` for lifecycle events (``["microvm", "image", "egress", "adopted"]``,
+        all by default). The answer's ``secret`` (shown once) checks deliveries: see
+        :func:`verify_webhook`."""
+        body: dict = {"url": url}
+        if events is not None:
+            body["events"] = events
+        if description is not None:
+            body["description"] = description
+        return self._call("POST", "/v1/webhooks", body)
+
+    def list_webhooks(self) -> dict:
+        return self._call("GET", "/v1/webhooks")
+
+    def delete_webhook(self, webhookId: str) -> None:
+        self._call("DELETE", f"/v1/webhooks/{urllib.parse.quote(webhookId)}")
+
+    def list_webhook_deliveries(self, webhookId: str) -> dict:
+        """The newest 100 deliveries, newest first (``status``: delivered, retrying, failed)."""
+        return self._call("GET", f"/v1/webhooks/{urllib.parse.quote(webhookId)}/deliveries")
+
     def update_microvm(self, microvmIdentifier: str, labels: dict) -> dict:
         """UpdateMicrovm: sets labels (a value) and removes them (``None``); the others are kept."""
         return self._call("PATCH", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}", {"labels": labels})
@@ -303,6 +325,28 @@ class Client:
     def revoke_microvm_auth_tokens(self, microvmIdentifier: str) -> dict:
         """Revokes every token issued so far for the microVM (immediately)."""
         return self._call("POST", f"/v1/microvms/{urllib.parse.quote(microvmIdentifier)}/revoke-tokens", {})
+
+
+def verify_webhook(secret: str, body: bytes, signature: str, tolerance_seconds: int = 300,
+                   now: Optional[float] = None) -> dict:
+    """Checks a delivery's ``Kiln-Signature`` header (``t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
+    "<t>.<body>")>``) against the raw body and returns the parsed payload; raises ``ValueError``
+    for a wrong signature or a timestamp more than ``tolerance_seconds`` away (a replay)."""
+    import hashlib
+    import hmac
+
+    try:
+        fields = dict(part.split("=", 1) for part in signature.split(","))
+        t, v1 = int(fields["t"]), fields["v1"]
+    except (KeyError, ValueError):
+        raise ValueError(f"not a Kiln-Signature: {signature!r}") from None
+    now = time.time() if now is None else now
+    if abs(now - t) > tolerance_seconds:
+        raise ValueError(f"the delivery is {int(abs(now - t))} s away from now: refused as a replay")
+    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, v1):
+        raise ValueError("the signature does not match the body")
+    return json.loads(body)
 
 
 def _query(**params) -> str:

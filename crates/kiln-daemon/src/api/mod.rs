@@ -8,6 +8,7 @@ mod images;
 mod list;
 mod microvms;
 mod system;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -101,6 +102,9 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(system::rotate_token_key))
         .routes(routes!(system::revoke_token))
         .routes(routes!(system::revoke_microvm_tokens))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::delete_webhook))
+        .routes(routes!(webhooks::webhook_deliveries))
         .route_layer(axum::middleware::from_fn_with_state(
             key,
             crate::auth::require_key,

@@ -265,15 +265,21 @@ impl TestDaemon {
         let (status, img) = self.post("/v1/images", json!({"name": name, "codeArtifact": {"artifactId": art["artifactId"]}, "buildArgs": build_args}));
         assert_eq!(status, 202, "{img}");
         let id = img["imageIdentifier"].as_str().unwrap().to_string();
+        self.wait_image(&id);
+        id
+    }
+
+    /// Waits until build `id` is SUCCESSFUL (fails the test if it FAILED or takes 5 min).
+    pub fn wait_image(&self, id: &str) {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let (_, v) = self.get(&format!("/v1/images/{id}"));
             match v["status"].as_str() {
-                Some("SUCCESSFUL") => return id,
+                Some("SUCCESSFUL") => return,
                 Some("FAILED") => panic!("image failed: {v}"),
                 _ => {}
             }
-            assert!(Instant::now() < deadline, "image build too slow");
+            assert!(Instant::now() < deadline, "image build too slow: {v}");
             std::thread::sleep(Duration::from_millis(200));
         }
     }

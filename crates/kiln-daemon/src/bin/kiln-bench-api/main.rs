@@ -402,6 +402,7 @@ async fn run() -> anyhow::Result<()> {
         min_free_disk_bytes: kiln_daemon::config::DEFAULT_MIN_FREE_DISK_MIB << 20,
         max_disk_bytes: None,
         prestart_per_image: kiln_daemon::config::DEFAULT_PRESTART_PER_IMAGE,
+        allow_private_webhook_targets: false,
         api_tls_cert: None,
         api_tls_key: None,
     };
