@@ -141,10 +141,20 @@ pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// What a webhook's worker does next, in order.
+enum Job {
+    Deliver(EventRow),
+    /// Everything up to this event is done: the stored cursor moves, so a restart of kilnd
+    /// delivers again only what was not finished.
+    Done(i64),
+}
+
 /// The workers and delivery logs of every webhook.
 #[derive(Default)]
 pub struct Webhooks {
-    workers: Mutex<HashMap<String, mpsc::Sender<EventRow>>>,
+    workers: Mutex<HashMap<String, mpsc::Sender<Job>>>,
+    /// The last event handed to each worker (the stored cursor trails it).
+    dispatched: Mutex<HashMap<String, i64>>,
     log: Arc<Mutex<HashMap<String, VecDeque<Delivery>>>>,
 }
 
@@ -158,6 +168,10 @@ impl Webhooks {
 
     pub fn forget(&self, id: &str) {
         self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.dispatched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
@@ -202,7 +216,15 @@ fn dispatch(m: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
         workers.retain(|id, _| hooks.iter().any(|h| &h.id == id));
     }
     for hook in hooks {
-        let events = m.store().events_since(hook.cursor, 200)?;
+        let from = {
+            let d = m
+                .webhooks
+                .dispatched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            d.get(&hook.id).copied().unwrap_or(0).max(hook.cursor)
+        };
+        let events = m.store().events_since(from, 200)?;
         let Some(last) = events.last().map(|e| e.seq) else {
             continue;
         };
@@ -211,15 +233,20 @@ fn dispatch(m: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
             if !hook.events.is_empty() && !hook.events.contains(&e.kind) {
                 continue;
             }
-            if tx.try_send(e.clone()).is_err() {
-                let d = failed(
-                    &e,
-                    "dropped: over 1000 deliveries were waiting for this receiver",
-                );
-                record(&m.webhooks.log, &hook.id, &d);
+            if let Err(full) = tx.try_send(Job::Deliver(e)) {
+                if let Job::Deliver(e) = full.into_inner() {
+                    let why = "dropped: over 1000 deliveries were waiting for this receiver";
+                    record(&m.webhooks.log, &hook.id, &failed(&e, why));
+                }
             }
         }
-        m.write(|s| s.set_webhook_cursor(&hook.id, last))?;
+        // A full queue only delays the stored cursor: the next Done carries it past this.
+        let _ = tx.try_send(Job::Done(last));
+        m.webhooks
+            .dispatched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hook.id.clone(), last);
     }
     Ok(())
 }
@@ -239,21 +266,25 @@ fn failed(e: &EventRow, why: &str) -> Delivery {
 }
 
 /// The webhook's worker (started on first use): its events, one at a time, in order.
-fn worker(m: &Arc<Manager>, hook: &WebhookRow) -> mpsc::Sender<EventRow> {
+fn worker(m: &Arc<Manager>, hook: &WebhookRow) -> mpsc::Sender<Job> {
     let mut workers = m.webhooks.workers.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(tx) = workers.get(&hook.id) {
         return tx.clone();
     }
-    let (tx, mut rx) = mpsc::channel::<EventRow>(QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
     workers.insert(hook.id.clone(), tx.clone());
-    let (hook, log, allow) = (
-        hook.clone(),
-        m.webhooks.log.clone(),
-        m.cfg.allow_private_webhook_targets,
-    );
+    let (m, hook) = (m.clone(), hook.clone());
     tokio::spawn(async move {
-        while let Some(e) = rx.recv().await {
-            deliver(&hook, &e, &log, allow).await;
+        let allow = m.cfg.allow_private_webhook_targets;
+        while let Some(job) = rx.recv().await {
+            match job {
+                Job::Deliver(e) => deliver(&hook, &e, &m.webhooks.log, allow).await,
+                Job::Done(seq) => {
+                    if let Err(e) = m.write(|s| s.set_webhook_cursor(&hook.id, seq)) {
+                        warn!(webhook = %hook.id, "storing the webhook's cursor: {e}");
+                    }
+                }
+            }
         }
         debug!(webhook = %hook.id, "webhook worker ended");
     });

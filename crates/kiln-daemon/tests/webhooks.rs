@@ -309,3 +309,79 @@ fn private_targets_other_schemes_and_unknown_kinds_are_refused() {
     assert_eq!(d.get("/v1/webhooks").1["webhooks"], json!([]));
     assert_eq!(d.delete("/v1/webhooks/wh-0000000000000000").0, 404);
 }
+
+#[test]
+fn an_event_not_yet_delivered_when_kilnd_dies_is_delivered_after_the_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A receiver that answers 503 until it is opened, and records what it accepted.
+    let open = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let tried = Arc::new(Mutex::new(0usize));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook?x=1", l.local_addr().unwrap());
+    let (o, a, t) = (open.clone(), accepted.clone(), tried.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let (mut line, mut len) = (String::new(), 0);
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            *t.lock().unwrap() += 1;
+            let status = if o.load(Ordering::SeqCst) {
+                a.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                "200 OK"
+            } else {
+                "503 Not yet"
+            };
+            let mut w = s;
+            let _ = write!(
+                w,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    let mut d = TestDaemon::start_with(&["--allow-private-webhook-targets"]);
+    create(&d, json!({"url": url, "events": ["image"]}));
+    let tar = common::tar_of(&[("Dockerfile", "FROM busybox\nCMD [\"sleep\", \"86400\"]\n")]);
+    let (_, art) = d.post_raw("/v1/artifacts", "application/x-tar", &tar, true);
+    let (_, img) = d.post(
+        "/v1/images",
+        json!({"name": "crashy", "codeArtifact": {"artifactId": art["artifactId"]}, "waitForReady": false}),
+    );
+    d.wait_image(img["imageIdentifier"].as_str().unwrap());
+    wait_for("a failed attempt", Duration::from_secs(30), || {
+        *tried.lock().unwrap() >= 1
+    });
+    // kilnd dies while the build's events are still undelivered; the next one delivers them.
+    d.kill9();
+    d.spawn(&["--allow-private-webhook-targets"]);
+    open.store(true, Ordering::SeqCst);
+    wait_for(
+        "the build's end delivered after the restart",
+        Duration::from_secs(60),
+        || {
+            accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|p| p["event"]["toState"] == "SUCCESSFUL")
+        },
+    );
+    let got = accepted.lock().unwrap().clone();
+    assert!(got.iter().all(|p| p["event"]["kind"] == "image"), "{got:?}");
+    assert!(
+        got.iter().any(|p| p["event"]["toState"] == "CREATING"),
+        "the first event too: {got:?}"
+    );
+}
