@@ -262,6 +262,25 @@ impl KilnMcp {
         Ok(format!("wrote {} bytes to {}", p.content.len(), p.path))
     }
 
+    #[tool(
+        description = "A sandbox's newest metrics: CPU percent, host memory (PSS) and disk, the guest's own memory and disk, network bytes."
+    )]
+    async fn sandbox_metrics(&self, Parameters(p): Parameters<Sandbox>) -> Result<String, String> {
+        self.call(move |c| {
+            let h = c
+                .microvm_metrics(&p.microvm_id)
+                .map_err(|e| e.to_string())?;
+            match h.samples.last() {
+                Some(s) => Ok(serde_json::to_string_pretty(s).unwrap_or_default()),
+                None => Err(format!(
+                    "sandbox {} has no metrics: it is not running, or has just started",
+                    p.microvm_id
+                )),
+            }
+        })
+        .await
+    }
+
     #[tool(description = "Destroy a sandbox: its memory, disk and processes are gone.")]
     async fn destroy_sandbox(&self, Parameters(p): Parameters<Sandbox>) -> Result<String, String> {
         self.call(move |c| {

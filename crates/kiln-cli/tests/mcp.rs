@@ -86,12 +86,18 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
             "read_file",
             "run_code",
             "run_command",
+            "sandbox_metrics",
             "save_sandbox_image",
             "write_file"
         ]
     );
 
-    let (ok, created) = call(&client, "create_sandbox", json!({"image": "executor"})).await;
+    let (ok, created) = call(
+        &client,
+        "create_sandbox",
+        json!({"image": "executor", "labels": {"task": "mcp"}}),
+    )
+    .await;
     assert!(ok, "{created}");
     let created: Value = serde_json::from_str(&created).unwrap();
     let id = created["microvmId"].as_str().unwrap().to_string();
@@ -149,6 +155,28 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
     assert!(ok && out.contains(r#""exitCode": 3"#), "{out}");
     let (_, listed) = call(&client, "list_sandboxes", json!({})).await;
     assert!(listed.contains(&id), "{listed}");
+    let (_, listed) = call(&client, "list_sandboxes", json!({"labels": ["task=mcp"]})).await;
+    assert!(
+        listed.contains(&id) && listed.contains(r#""task": "mcp""#),
+        "{listed}"
+    );
+    let (_, none) = call(&client, "list_sandboxes", json!({"labels": ["task=other"]})).await;
+    assert_eq!(none.trim(), "[]", "{none}");
+    // Metrics: the newest sample, once the first tick has taken one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let (ok, m) = call(&client, "sandbox_metrics", json!({"microvm_id": id})).await;
+        if ok {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let metrics: Value = serde_json::from_str(&metrics).unwrap();
+    assert!(
+        metrics["hostMemoryBytes"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
 
     // A fork runs on from the sandbox's files; what it writes stays its own.
     let (ok, forked) = call(&client, "fork_sandbox", json!({"microvm_id": id})).await;
