@@ -89,7 +89,9 @@ pub const DEFAULT_PAGE: u32 = 100;
 pub struct RunMicrovmResponse {
     #[schema(example = "mvm-0123456789abcdef")]
     pub microvm_id: String,
-    /// `ID.DOMAIN:PORT` of the ingress.
+    /// Where its app is reached: `http(s)://{endpoint}/…` works as it is. `ID.DOMAIN:PORT`
+    /// (host style) or `ADDRESS:PORT/m/ID` (path style), as kilnd chose at start
+    /// (`GET /v1/ingress` says which).
     pub endpoint: String,
     pub state: MicrovmState,
 }

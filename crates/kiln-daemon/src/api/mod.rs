@@ -188,9 +188,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let _ = state;
-        // serde_html_form, not serde_urlencoded: a repeated key (`label=a&label=b`) is a list.
-        serde_html_form::from_str::<T>(parts.uri.query().unwrap_or(""))
+        // serde_html_form, not serde_urlencoded: a repeated key (`label=a&label=b`) is a list;
+        // serde_path_to_error names the parameter that was wrong.
+        let query = parts.uri.query().unwrap_or("");
+        let de = serde_html_form::Deserializer::from_bytes(query.as_bytes());
+        serde_path_to_error::deserialize::<_, T>(de)
             .map(ApiQuery)
-            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    ApiError::bad_request(format!("invalid query string: {inner}"))
+                } else {
+                    ApiError::bad_request(format!("invalid query string: {path}: {inner}"))
+                }
+            })
     }
 }
