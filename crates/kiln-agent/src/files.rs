@@ -72,39 +72,7 @@ async fn receive_into_file(
         Ok(f) => tokio::fs::File::from_std(f),
         Err(e) => return Ok(Err(io_error("create", &req.path, e))),
     };
-    let mut received: u64 = 0;
-    let outcome = loop {
-        match framed
-            .expect::<HostFrame>("receiving file contents")
-            .await?
-        {
-            HostFrame::Chunk(data) => {
-                received += data.len() as u64;
-                if received > req.size {
-                    break Err(GuestError::new(
-                        ErrorKind::TooLarge,
-                        format!("more than the announced {} bytes", req.size),
-                    ));
-                }
-                if let Err(e) = file.write_all(&data).await {
-                    break Err(io_error("write", &req.path, e));
-                }
-            }
-            HostFrame::End if received == req.size => break Ok(()),
-            HostFrame::End => {
-                break Err(GuestError::new(
-                    ErrorKind::InvalidRequest,
-                    format!("got {received} of {} bytes", req.size),
-                ))
-            }
-            other => {
-                break Err(GuestError::new(
-                    ErrorKind::InvalidRequest,
-                    format!("unexpected {other:?} in a file upload"),
-                ))
-            }
-        }
-    };
+    let outcome = receive_chunks(framed, &mut file, req.size, &req.path).await?;
     let outcome = match outcome {
         Ok(()) => {
             async {
@@ -125,7 +93,60 @@ async fn receive_into_file(
     Ok(outcome)
 }
 
-fn rand_suffix() -> u64 {
+/// Writes the `Chunk`s of an upload of `size` bytes into `file`, through its `End`.
+pub async fn receive_chunks(
+    framed: &mut FramedStream<Stream>,
+    file: &mut tokio::fs::File,
+    size: u64,
+    path: &str,
+) -> Result<Result<(), GuestError>, FrameError> {
+    let mut received: u64 = 0;
+    let mut failed = None;
+    loop {
+        match framed
+            .expect::<HostFrame>("receiving file contents")
+            .await?
+        {
+            HostFrame::Chunk(data) => {
+                received += data.len() as u64;
+                if received > size {
+                    return Ok(Err(GuestError::new(
+                        ErrorKind::TooLarge,
+                        format!("more than the announced {size} bytes"),
+                    )));
+                }
+                // After a failed write the rest is read and dropped, so the host hears why.
+                if failed.is_none() {
+                    if let Err(e) = file.write_all(&data).await {
+                        failed = Some(crate::creds::fs_error("write", path, e));
+                    }
+                }
+            }
+            HostFrame::End if received == size => return Ok(failed.map_or(Ok(()), Err)),
+            HostFrame::End => {
+                return Ok(Err(GuestError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("got {received} of {size} bytes"),
+                )))
+            }
+            other => {
+                return Ok(Err(GuestError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("unexpected {other:?} in a file upload"),
+                )))
+            }
+        }
+    }
+}
+
+/// Reads and drops an upload the agent cannot take, through its `End`, so the host that
+/// sends it all before reading the answer hears why.
+pub async fn drain(framed: &mut FramedStream<Stream>) -> Result<(), FrameError> {
+    while let HostFrame::Chunk(_) = framed.expect::<HostFrame>("receiving an upload").await? {}
+    Ok(())
+}
+
+pub fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as u64)
@@ -162,10 +183,20 @@ pub async fn get(mut framed: FramedStream<Stream>, req: GetFileRequest) -> Resul
         Ok((file, meta))
     }
     .await;
-    let (mut file, meta) = match opened {
-        Ok(v) => v,
-        Err(e) => return framed.send(&GuestFrame::Error(e)).await,
-    };
+    match opened {
+        Ok((file, meta)) => send_file(framed, file, &meta, &req.path).await,
+        Err(e) => framed.send(&GuestFrame::Error(e)).await,
+    }
+}
+
+/// Sends an open regular file: `FileMeta`, its bytes as `Chunk`s (cut at the size it had
+/// when opened), `End`.
+pub async fn send_file(
+    mut framed: FramedStream<Stream>,
+    mut file: tokio::fs::File,
+    meta: &std::fs::Metadata,
+    path: &str,
+) -> Result<(), FrameError> {
     use std::os::unix::fs::MetadataExt;
     framed
         .send(&GuestFrame::FileMeta {
@@ -180,7 +211,7 @@ pub async fn get(mut framed: FramedStream<Stream>, req: GetFileRequest) -> Resul
             Ok(n) => n,
             Err(e) => {
                 return framed
-                    .send(&GuestFrame::Error(io_error("read", &req.path, e)))
+                    .send(&GuestFrame::Error(io_error("read", path, e)))
                     .await
             }
         };

@@ -11,9 +11,11 @@
 
 mod app;
 mod archive;
+mod creds;
 mod exec;
 mod files;
 mod forward;
+mod fsops;
 mod http;
 mod init;
 mod net;
@@ -25,7 +27,9 @@ mod reseed;
 mod resize;
 mod server;
 mod stats;
+mod transfer;
 mod user;
+mod watch;
 
 use std::time::Duration;
 

@@ -228,6 +228,12 @@ async fn handle_stream(stream: Stream, ctx: SessionCtx) {
         Request::PutArchive(req) => crate::archive::put(framed, req).await,
         Request::Shell(req) => crate::pty::run(framed, req, &state.reaper).await,
         Request::Stats => framed.send(&GuestFrame::Stats(crate::stats::read())).await,
+        Request::Fs(req) => crate::fsops::serve(framed, req).await,
+        Request::ReadFile(req) => crate::transfer::read(framed, req).await,
+        Request::WriteFile(req) => crate::transfer::write(framed, req).await,
+        Request::GetArchive(req) => crate::transfer::archive(framed, req).await,
+        Request::UnpackArchive(req) => crate::archive::unpack_as(framed, req).await,
+        Request::Watch(req) => crate::watch::watch(framed, req).await,
         Request::DetachNic => {
             let reply = match crate::net::detach_nics() {
                 Ok(()) => GuestFrame::Ok,

@@ -8,6 +8,8 @@ pub struct Identity {
     pub uid: u32,
     pub gid: u32,
     pub home: String,
+    /// Supplementary groups: those /etc/group lists the user in (by name).
+    pub groups: Vec<u32>,
 }
 
 impl Identity {
@@ -16,6 +18,7 @@ impl Identity {
             uid: 0,
             gid: 0,
             home: "/root".into(),
+            groups: Vec::new(),
         }
     }
 }
@@ -38,6 +41,7 @@ fn resolve_in(spec: Option<&str>, passwd: &str, group: &str) -> Result<Identity,
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() >= 7 && (f[0] == user_part || f[2] == user_part));
+    let name = entry.as_ref().map(|f| f[0].to_string());
     let (uid, mut gid, home) = match (entry, user_part.parse::<u32>()) {
         (Some(f), _) => (
             f[2].parse()
@@ -67,7 +71,23 @@ fn resolve_in(spec: Option<&str>, passwd: &str, group: &str) -> Result<Identity,
                 })?,
         };
     }
-    Ok(Identity { uid, gid, home })
+    let groups = name.map_or_else(Vec::new, |n| member_of(&n, group));
+    Ok(Identity {
+        uid,
+        gid,
+        home,
+        groups,
+    })
+}
+
+/// The gids whose /etc/group member list names `user`.
+fn member_of(user: &str, group: &str) -> Vec<u32> {
+    group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m.trim() == user))
+        .filter_map(|f| f[2].parse().ok())
+        .collect()
 }
 
 fn bad(message: String) -> GuestError {
@@ -79,7 +99,7 @@ mod tests {
     use super::*;
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:App:/home/app:/bin/sh\n";
-    const GROUP: &str = "root:x:0:\nstaff:x:50:\n";
+    const GROUP: &str = "root:x:0:\nstaff:x:50:\nwheel:x:10:root,app\n";
 
     #[test]
     fn resolves_names_numbers_and_groups() {
@@ -91,6 +111,7 @@ mod tests {
         );
         let by_uid = resolve_in(Some("1000"), PASSWD, GROUP).unwrap();
         assert_eq!(by_uid.gid, 1001);
+        assert_eq!(app.groups, vec![10]);
         let unknown_uid = resolve_in(Some("4242:7"), PASSWD, GROUP).unwrap();
         assert_eq!((unknown_uid.uid, unknown_uid.gid), (4242, 7));
         assert_eq!(

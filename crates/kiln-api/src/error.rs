@@ -33,6 +33,12 @@ pub enum ErrorCode {
     ExecFailed,
     /// 502: the guest agent failed to return the app's logs.
     LogsFailed,
+    /// 403: the guest user may not touch that path (the message is the guest's own error).
+    AccessDenied,
+    /// 411: an upload without a Content-Length.
+    LengthRequired,
+    /// 502: the guest agent failed a file operation.
+    FilesFailed,
     /// Any code a newer kilnd answers with that this client does not know.
     #[serde(other)]
     Unknown,
@@ -49,7 +55,9 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::ServiceQuotaExceededException => 429,
             ErrorCode::InternalError | ErrorCode::Unknown => 500,
-            ErrorCode::ExecFailed | ErrorCode::LogsFailed => 502,
+            ErrorCode::ExecFailed | ErrorCode::LogsFailed | ErrorCode::FilesFailed => 502,
+            ErrorCode::AccessDenied => 403,
+            ErrorCode::LengthRequired => 411,
         }
     }
 
@@ -65,6 +73,9 @@ impl ErrorCode {
             ErrorCode::InternalError => "InternalError",
             ErrorCode::ExecFailed => "ExecFailed",
             ErrorCode::LogsFailed => "LogsFailed",
+            ErrorCode::AccessDenied => "AccessDenied",
+            ErrorCode::LengthRequired => "LengthRequired",
+            ErrorCode::FilesFailed => "FilesFailed",
             ErrorCode::Unknown => "Unknown",
         }
     }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod files;
 pub mod fuzzing;
 mod image;
 mod labels;
@@ -13,6 +14,10 @@ mod token;
 mod webhook;
 
 pub use error::{ErrorBody, ErrorCode};
+pub use files::{
+    FileEntry, FileEvent, FileEventKind, FileKind, FileList, FilePathQuery, ListFilesQuery,
+    MakeDirectoryRequest, MoveFileRequest, RemoveFileQuery, WriteFileQuery,
+};
 pub use image::{
     Artifact, ArtifactFormat, BuildStep, CodeArtifact, CreateImageRequest, CreateImageResponse,
     Image, ImageList, ListImagesQuery, LogsQuery, SaveMicrovmImageRequest, MAX_DISK_MIB,

@@ -11,6 +11,7 @@ mod bench_net;
 mod bench_report;
 mod bench_snapshot;
 mod doctor;
+mod files_cli;
 mod image;
 mod image_api;
 mod mcp;
@@ -60,6 +61,17 @@ enum Command {
     /// Webhooks: lifecycle events POSTed to your URLs, signed (through kilnd).
     #[command(subcommand)]
     Webhook(webhook_cli::WebhookCommand),
+    /// Copy between here and a microVM: `kiln cp ./src mvm-…:/app`, `kiln cp mvm-…:/out.csv .`
+    /// (directories travel as tar; `-` is stdin/stdout).
+    Cp(files_cli::CpArgs),
+    /// A microVM's files: stat, cat, mkdir, rm, mv, watch (`kiln ls ID:/path` lists).
+    Fs {
+        /// The guest user to act as (default: the image's user).
+        #[arg(long)]
+        user: Option<String>,
+        #[command(subcommand)]
+        cmd: files_cli::FsCommand,
+    },
     #[command(flatten)]
     Remote(remote::Remote),
     /// Serve the Model Context Protocol on stdin/stdout: sandbox tools for AI agents.
@@ -115,6 +127,14 @@ fn main() -> anyhow::Result<()> {
             Command::Webhook(cmd) => {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || webhook_cli::run(conn, cmd)).await?)
+            }
+            Command::Cp(args) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || files_cli::cp(conn, args)).await?)
+            }
+            Command::Fs { user, cmd } => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || files_cli::fs(conn, cmd, user)).await?)
             }
             Command::Remote(command) => {
                 let conn = cli.conn;

@@ -3,6 +3,7 @@
 //! POST to its executor, with a fresh token), read and write files, run commands, destroy it.
 //! Every tool calls kilnd's API with the CLI's configuration (`--endpoint`, `KILN_HOME`, …).
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,10 @@ use rmcp::{tool, tool_handler, tool_router, ServerHandler, ServiceExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// Largest file `write_file` sends (it travels as an argument of an exec request).
-const MAX_WRITE_BYTES: usize = 48 * 1024;
+/// Largest file `write_file` sends (a tool argument, so it sits in one JSON-RPC message).
+const MAX_WRITE_BYTES: usize = 4 << 20;
+/// Largest file `read_file` returns (its answer goes into a model's context).
+const MAX_READ_BYTES: u64 = 1 << 20;
 
 #[derive(Clone)]
 pub struct KilnMcp {
@@ -92,8 +95,15 @@ pub struct WriteFile {
     microvm_id: String,
     /// Absolute path in the sandbox (parent directories are made).
     path: String,
-    /// Text content (at most 48 KiB).
+    /// Text content (at most 4 MiB).
     content: String,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct ListFiles {
+    microvm_id: String,
+    /// Absolute path of a directory in the sandbox.
+    path: String,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -228,38 +238,63 @@ impl KilnMcp {
         Ok(serde_json::to_string_pretty(&out).unwrap_or_default())
     }
 
-    #[tool(description = "Read a text file from a sandbox.")]
+    #[tool(description = "Read a text file from a sandbox (at most 1 MiB).")]
     async fn read_file(&self, Parameters(p): Parameters<ReadFile>) -> Result<String, String> {
-        let out = self
-            .exec(
-                p.microvm_id,
-                vec!["cat".into(), "--".into(), p.path.clone()],
-                60,
-            )
-            .await?;
-        if out.exit_code != Some(0) {
-            return Err(format!("reading {}: {}", p.path, out.stderr.trim()));
-        }
-        Ok(out.stdout)
+        self.call(move |c| {
+            let entry = c
+                .stat_file(&p.microvm_id, &p.path, None)
+                .map_err(|e| e.to_string())?;
+            if entry.size > MAX_READ_BYTES {
+                return Err(format!(
+                    "{} is {} bytes, more than read_file returns ({MAX_READ_BYTES}): read parts with run_command (head, tail, sed -n)",
+                    p.path, entry.size
+                ));
+            }
+            let mut bytes = Vec::new();
+            c.read_file(&p.microvm_id, &p.path, None)
+                .map_err(|e| e.to_string())?
+                .take(MAX_READ_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("reading {}: {e}", p.path))?;
+            String::from_utf8(bytes).map_err(|_| {
+                format!("{} is not UTF-8 text: use run_command (e.g. base64) for binary files", p.path)
+            })
+        })
+        .await
     }
 
-    #[tool(description = "Write a text file in a sandbox (replaces it; makes parent directories).")]
+    #[tool(
+        description = "Write a text file in a sandbox (replaces it atomically; makes parent directories)."
+    )]
     async fn write_file(&self, Parameters(p): Parameters<WriteFile>) -> Result<String, String> {
         if p.content.len() > MAX_WRITE_BYTES {
             return Err(format!(
-                "{} bytes is more than write_file sends ({MAX_WRITE_BYTES}): write it in parts with run_command",
+                "{} bytes is more than write_file sends ({MAX_WRITE_BYTES}): write it in parts and join them with run_command",
                 p.content.len()
             ));
         }
-        let script = "mkdir -p \"$(dirname \"$2\")\" && printf %s \"$1\" > \"$2\"";
-        let command = ["sh", "-c", script, "sh", &p.content, &p.path]
-            .map(String::from)
-            .to_vec();
-        let out = self.exec(p.microvm_id, command, 60).await?;
-        if out.exit_code != Some(0) {
-            return Err(format!("writing {}: {}", p.path, out.stderr.trim()));
-        }
-        Ok(format!("wrote {} bytes to {}", p.content.len(), p.path))
+        self.call(move |c| {
+            let opts = kiln_client::WriteOptions {
+                create_parents: true,
+                ..Default::default()
+            };
+            let len = p.content.len() as u64;
+            c.write_file(&p.microvm_id, &p.path, &opts, p.content.as_bytes(), len)
+                .map_err(|e| e.to_string())?;
+            Ok(format!("wrote {len} bytes to {}", p.path))
+        })
+        .await
+    }
+
+    #[tool(description = "List a directory in a sandbox: each entry's kind, size, mode and owner.")]
+    async fn list_files(&self, Parameters(p): Parameters<ListFiles>) -> Result<String, String> {
+        self.call(move |c| {
+            let list = c
+                .list_files(&p.microvm_id, &p.path, None, None)
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::to_string_pretty(&list).unwrap_or_default())
+        })
+        .await
     }
 
     #[tool(
@@ -385,7 +420,7 @@ impl KilnMcp {
 #[tool_handler(
     router = self.tool_router,
     name = "kiln",
-    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file) as often as needed — state persists — fork_sandbox to branch it, save_sandbox_image to keep it as an image, then destroy_sandbox."
+    instructions = "kiln runs code in isolated microVM sandboxes. create_sandbox from an image, run_code (or run_command, read_file, write_file, list_files) as often as needed — state persists — fork_sandbox to branch it, save_sandbox_image to keep it as an image, then destroy_sandbox."
 )]
 impl ServerHandler for KilnMcp {}
 

@@ -59,9 +59,14 @@ pub enum Remote {
     },
     /// GetMicrovm.
     Get { id: String },
-    /// ListMicrovms (every page).
+    /// ListMicrovms (every page); `kiln ls MICROVM_ID:/path` lists that directory instead.
     #[command(visible_alias = "ls")]
     List {
+        /// A directory in a microVM, `MICROVM_ID:/path`.
+        target: Option<String>,
+        /// The guest user to list as (with a target).
+        #[arg(long)]
+        user: Option<String>,
         #[arg(long, value_parser = parse_state)]
         state: Option<MicrovmState>,
         #[arg(long)]
@@ -224,6 +229,14 @@ fn print_table(rows: &[&Microvm]) {
 }
 
 pub fn run(conn: Conn, cmd: Remote) -> i32 {
+    if let Remote::List {
+        target: Some(target),
+        user,
+        ..
+    } = cmd
+    {
+        return crate::files_cli::ls(conn, &target, user);
+    }
     match execute(&conn, cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -321,6 +334,7 @@ fn execute(conn: &Conn, cmd: Remote) -> Result<i32, ClientError> {
             state,
             image,
             labels,
+            ..
         } => {
             let microvms = c.list_all_microvms(&ListMicrovmsQuery {
                 state,

@@ -75,6 +75,7 @@ fn the_cli_drives_microvms_through_the_api() {
         (7, "from-guest\n"),
         "exit codes pass through"
     );
+    cli_files(&d, &id);
     // The app's output, as the guest keeps it.
     let (code, logs, err) = kiln(&d, &["logs", &id]);
     assert_eq!(code, 0, "{err}");
@@ -187,6 +188,80 @@ fn the_cli_drives_microvms_through_the_api() {
         events.contains("PENDING") && events.contains("TERMINATED"),
         "{events}"
     );
+}
+
+/// `kiln cp` both ways (a file, a directory as tar), `kiln ls ID:/path`, `kiln fs …`.
+fn cli_files(d: &common::Daemon, id: &str) {
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("a.txt"), "alpha").unwrap();
+    std::fs::write(tree.join("sub/b.txt"), "beta").unwrap();
+    let remote = |p: &str| format!("{id}:{p}");
+    let (code, _, err) = kiln(d, &["cp", tree.to_str().unwrap(), &remote("/tmp/clitree")]);
+    assert_eq!(code, 0, "{err}");
+    let single = local.path().join("single.txt");
+    std::fs::write(&single, "one file").unwrap();
+    let (code, out, err) = kiln(
+        d,
+        &["cp", single.to_str().unwrap(), &remote("/tmp/clitree/")],
+    );
+    assert_eq!((code, out.trim()), (0, "/tmp/clitree/single.txt"), "{err}");
+    let (code, ls, err) = kiln(d, &["ls", &remote("/tmp/clitree")]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = ls.lines().collect();
+    assert_eq!(lines.len(), 3, "{ls}");
+    assert!(
+        lines[0].ends_with(" a.txt") && lines[2].starts_with('d') && lines[2].ends_with(" sub"),
+        "{ls}"
+    );
+    let (_, cat, _) = kiln(d, &["fs", "cat", &remote("/tmp/clitree/sub/b.txt")]);
+    assert_eq!(cat, "beta");
+    let back = local.path().join("back");
+    let (code, _, err) = kiln(d, &["cp", &remote("/tmp/clitree"), back.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(back.join("sub/b.txt")).unwrap(),
+        "beta"
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("single.txt")).unwrap(),
+        "one file"
+    );
+    let (code, _, err) = kiln(
+        d,
+        &[
+            "cp",
+            &remote("/tmp/clitree/a.txt"),
+            local.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("a.txt")).unwrap(),
+        "alpha"
+    );
+    let (code, _, err) = kiln(
+        d,
+        &[
+            "fs",
+            "mv",
+            &remote("/tmp/clitree/a.txt"),
+            "/tmp/clitree/c.txt",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        kiln(d, &["fs", "stat", &remote("/tmp/clitree/a.txt")]).0,
+        3,
+        "not found"
+    );
+    let (code, _, err) = kiln(d, &["fs", "rm", &remote("/tmp/clitree")]);
+    assert_eq!(code, 4, "not empty is a conflict: {err}");
+    assert_eq!(kiln(d, &["fs", "rm", "-r", &remote("/tmp/clitree")]).0, 0);
+    let (code, _, err) = kiln(d, &["cp", "here", "there"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("MICROVM_ID:/path"), "{err}");
 }
 
 /// `kiln image create|list|get|logs|delete` through kilnd: a directory context with a build

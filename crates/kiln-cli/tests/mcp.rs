@@ -82,6 +82,7 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
             "create_sandbox",
             "destroy_sandbox",
             "fork_sandbox",
+            "list_files",
             "list_sandboxes",
             "read_file",
             "run_code",
@@ -116,7 +117,7 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
     assert_eq!(ran["response"]["stdout"], "Linux\n42\n", "{ran}");
     assert_eq!(ran["response"]["exit_code"], 0);
 
-    // Files: written and read through the API's exec; the executor sees them too.
+    // Files: written and read through the files API; the executor sees them too.
     let (ok, wrote) = call(
         &client,
         "write_file",
@@ -139,6 +140,30 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
     )
     .await;
     assert!(ran.contains(r#""stdout": "2\n""#), "{ran}");
+    // Larger than an exec argument could carry (the old 48 KiB limit), listed with its size.
+    let big = "x".repeat(300_000);
+    let (ok, wrote) = call(
+        &client,
+        "write_file",
+        json!({"microvm_id": id, "path": "/workspace/notes/big.txt", "content": big}),
+    )
+    .await;
+    assert!(ok, "{wrote}");
+    let (ok, listed) = call(
+        &client,
+        "list_files",
+        json!({"microvm_id": id, "path": "/workspace/notes"}),
+    )
+    .await;
+    assert!(ok, "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let sizes: Vec<(&str, u64)> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sizes, [("a.txt", 21), ("big.txt", 300_000)], "{listed}");
     let (ok, missing) = call(
         &client,
         "read_file",

@@ -3,11 +3,13 @@
 //! then the daemon's files in `KILN_HOME` (`kilnd.addr`, `api-key`, written by the daemon on
 //! start).
 
+mod files;
 mod ingress;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use files::{FileWatch, WriteOptions};
 pub use ingress::{SandboxRequest, SandboxResponse};
 pub use kiln_api as api;
 

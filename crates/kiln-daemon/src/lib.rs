@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod egress;
 pub mod endpoint;
 pub mod error;
+pub mod files;
 pub mod fork;
 pub mod idle;
 pub mod images;
@@ -114,6 +115,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         egress: egress::Egress::new(cfg.egress.clone()),
         pool: pool::Pool::new(cfg.prestart_per_image),
         metrics: Default::default(),
+        watches: Default::default(),
         webhooks: Default::default(),
     });
     recovery::recover(&manager).await?;

@@ -82,6 +82,8 @@ pub struct Manager {
     pub metrics: crate::metrics::MetricsLog,
     /// Webhook workers and delivery logs.
     pub webhooks: crate::webhooks::Webhooks,
+    /// Open file watches per microVM.
+    pub watches: crate::files::Watches,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;

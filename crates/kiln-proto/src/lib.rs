@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod generation;

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+pub use crate::fs::*;
+
 /// The generation that introduced a message or variant.
 pub trait Tagged {
     fn since(&self) -> u16;
@@ -53,6 +55,21 @@ pub enum Request {
     DetachNic,
     /// Generation 4. The guest's own view of its memory and root disk. Reply: `Stats`.
     Stats,
+    /// Generation 5. A metadata operation (list, stat, mkdir, remove, rename); replies on
+    /// [`FsOp`].
+    Fs(FsRequest),
+    /// Generation 5. Reads a file as a user. Reply: `FileMeta`, `Chunk`s, `End`; or `Error`.
+    ReadFile(FileRef),
+    /// Generation 5. See [`WriteFileRequest`].
+    WriteFile(WriteFileRequest),
+    /// Generation 5. A directory as a tar stream: `Chunk`s then `End`; an `Error` at any point
+    /// ends it.
+    GetArchive(FileRef),
+    /// Generation 5. See [`UnpackRequest`].
+    UnpackArchive(UnpackRequest),
+    /// Generation 5. Watches a directory: reply `Ok` once watching, then `FsEvent`s until
+    /// the host closes the stream, or `End` when the directory itself went away.
+    Watch(FileRef),
 }
 
 impl Tagged for Request {
@@ -72,6 +89,12 @@ impl Tagged for Request {
             Request::Shell(_) => 2,
             Request::DetachNic => 3,
             Request::Stats => 4,
+            Request::Fs(_)
+            | Request::ReadFile(_)
+            | Request::WriteFile(_)
+            | Request::GetArchive(_)
+            | Request::UnpackArchive(_)
+            | Request::Watch(_) => 5,
         }
     }
 }
@@ -219,6 +242,12 @@ pub enum GuestFrame {
     Connected,
     /// Generation 4: the answer to `Stats`.
     Stats(GuestStats),
+    /// Generation 5: one file's metadata.
+    Entry(FileEntry),
+    /// Generation 5: some of a directory's entries (a listing is several, then `End`).
+    Entries(Vec<FileEntry>),
+    /// Generation 5: a change in a watched directory.
+    FsEvent(FsEvent),
 }
 
 /// What the guest says of itself (`/proc/meminfo`, `statvfs("/")`); 0 where it could not
@@ -249,6 +278,7 @@ impl Tagged for GuestFrame {
             | GuestFrame::Logs(_)
             | GuestFrame::Connected => 1,
             GuestFrame::Stats(_) => 4,
+            GuestFrame::Entry(_) | GuestFrame::Entries(_) | GuestFrame::FsEvent(_) => 5,
         }
     }
 }
@@ -272,6 +302,9 @@ impl GuestFrame {
             GuestFrame::Logs(_) => "Logs",
             GuestFrame::Connected => "Connected",
             GuestFrame::Stats(_) => "Stats",
+            GuestFrame::Entry(_) => "Entry",
+            GuestFrame::Entries(_) => "Entries",
+            GuestFrame::FsEvent(_) => "FsEvent",
         }
     }
 }
@@ -285,6 +318,9 @@ pub enum ErrorKind {
     Timeout,
     Io,
     Unsupported,
+    /// Generation 5 (only in replies to generation-5 requests): the path exists, or a
+    /// directory is not empty.
+    Conflict,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

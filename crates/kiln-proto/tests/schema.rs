@@ -122,6 +122,7 @@ fn render() -> String {
     let requests: Vec<Request> = requests
         .into_iter()
         .chain([shell, Request::DetachNic, Request::Stats])
+        .chain(fs_requests())
         .collect();
     for r in &requests {
         line(&mut out, r.since(), r);
@@ -178,7 +179,7 @@ fn render() -> String {
             disk_free_bytes: 1 << 29,
         }),
     ];
-    for f in &guest_frames {
+    for f in guest_frames.iter().chain(&fs_frames()) {
         line(&mut out, f.since(), f);
     }
     for kind in [
@@ -192,7 +193,81 @@ fn render() -> String {
     ] {
         line(&mut out, 1, &kind);
     }
+    line(&mut out, 5, &ErrorKind::Conflict);
     out
+}
+
+fn file_ref() -> FileRef {
+    FileRef {
+        path: "/a".into(),
+        user: Some("app".into()),
+    }
+}
+
+fn fs_requests() -> Vec<Request> {
+    let ops = [
+        FsOp::List {
+            path: "/".into(),
+            limit: 10,
+        },
+        FsOp::Stat { path: "/a".into() },
+        FsOp::Mkdir {
+            path: "/d".into(),
+            mode: 0o755,
+            parents: true,
+        },
+        FsOp::Remove {
+            path: "/d".into(),
+            recursive: true,
+        },
+        FsOp::Rename {
+            from: "/a".into(),
+            to: "/b".into(),
+        },
+    ];
+    let mut out: Vec<Request> = ops
+        .into_iter()
+        .map(|op| Request::Fs(FsRequest { op, user: None }))
+        .collect();
+    out.extend([
+        Request::ReadFile(file_ref()),
+        Request::WriteFile(WriteFileRequest {
+            file: file_ref(),
+            mode: Some(0o600),
+            size: 3,
+            create_parents: false,
+        }),
+        Request::GetArchive(file_ref()),
+        Request::UnpackArchive(UnpackRequest {
+            dest: file_ref(),
+            max_bytes: 1 << 20,
+        }),
+        Request::Watch(file_ref()),
+    ]);
+    out
+}
+
+fn fs_frames() -> Vec<GuestFrame> {
+    let entry = FileEntry {
+        name: "a".into(),
+        path: "/a".into(),
+        kind: FileKind::Symlink,
+        size: 1,
+        mode: 0o777,
+        uid: 1000,
+        gid: 1000,
+        modified_ms: 1_700_000_000_000,
+        link_target: Some("b".into()),
+    };
+    vec![
+        GuestFrame::Entry(entry.clone()),
+        GuestFrame::Entries(vec![entry]),
+        GuestFrame::FsEvent(FsEvent {
+            kind: FsEventKind::Delete,
+            path: "/a".into(),
+            is_dir: false,
+        }),
+    ]
 }
 
 #[test]

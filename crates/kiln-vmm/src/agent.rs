@@ -148,14 +148,14 @@ impl AgentClient {
         self.session.wait_end().await
     }
 
-    async fn open(&self, request: &Request) -> Result<FramedStream<Stream>, AgentError> {
+    pub(crate) async fn open(&self, request: &Request) -> Result<FramedStream<Stream>, AgentError> {
         let mut stream = self.session.open().await?;
         stream.send(request).await.map_err(AgentError::Stream)?;
         Ok(stream)
     }
 
     /// [`AgentClient::recv`] under [`REPLY_TIMEOUT`].
-    async fn recv_within(
+    pub(crate) async fn recv_within(
         &self,
         stream: &mut FramedStream<Stream>,
         what: &'static str,
@@ -171,7 +171,7 @@ impl AgentClient {
     }
 
     /// Receives the next guest frame; a malformed or oversized one aborts the session.
-    async fn recv(
+    pub(crate) async fn recv(
         &self,
         stream: &mut FramedStream<Stream>,
         what: &'static str,
@@ -187,13 +187,13 @@ impl AgentClient {
     }
 
     /// Records a protocol violation: the session is aborted, and the error says why.
-    fn violation(&self, why: String) -> AgentError {
+    pub(crate) fn violation(&self, why: String) -> AgentError {
         warn!(reason = %why, "guest broke the agent protocol: aborting the session");
         self.session.abort(format!("protocol violation: {why}"));
         AgentError::Protocol(why)
     }
 
-    fn unexpected(&self, got: &GuestFrame, expected: &str) -> AgentError {
+    pub(crate) fn unexpected(&self, got: &GuestFrame, expected: &str) -> AgentError {
         match got {
             GuestFrame::Error(e) => AgentError::Guest(e.clone()),
             other => self.violation(format!(

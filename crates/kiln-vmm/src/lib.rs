@@ -15,6 +15,7 @@
 pub mod accel;
 pub mod adopt;
 pub mod agent;
+pub mod agent_files;
 pub mod assets;
 pub mod base_template;
 pub mod confine;

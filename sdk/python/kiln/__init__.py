@@ -56,7 +56,23 @@ def _home() -> str:
     return os.environ.get("KILN_HOME", "/var/lib/kiln")
 
 
-class Client:
+def _query(**params) -> str:
+    """``?a=1&label=x&label=y`` of the parameters given (lists repeat their key)."""
+    pairs = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            pairs.append((key, str(v)))
+    return "?" + urllib.parse.urlencode(pairs) if pairs else ""
+
+
+from .files import FilesMixin  # noqa: E402  (needs KilnError, _error and _query above)
+
+
+class Client(FilesMixin):
+    """kilnd's control API; the files API's methods are in :class:`kiln.files.FilesMixin`."""
+
     def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  route_endpoints: bool = False):
         """``route_endpoints=True``: make ``https://{endpoint}`` of a microVM reachable from this
@@ -347,17 +363,6 @@ def verify_webhook(secret: str, body: bytes, signature: str, tolerance_seconds: 
     if not hmac.compare_digest(expected, v1):
         raise ValueError("the signature does not match the body")
     return json.loads(body)
-
-
-def _query(**params) -> str:
-    """``?a=1&label=x&label=y`` of the parameters given (lists repeat their key)."""
-    pairs = []
-    for key, value in params.items():
-        if value is None:
-            continue
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            pairs.append((key, str(v)))
-    return "?" + urllib.parse.urlencode(pairs) if pairs else ""
 
 
 def client(*_service: str, **kwargs) -> Client:

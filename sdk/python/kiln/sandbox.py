@@ -127,6 +127,37 @@ class Sandbox:
         """GetMicrovm for this sandbox (``state``, ``usage``, …)."""
         return self.client.get_microvm(microvmIdentifier=self.microvm_id)
 
+    # -- files (see kiln.files; every method takes user=…) ----------------------------------
+    def read_file(self, path: str, **kw) -> bytes:
+        return self.client.read_file(self.microvm_id, path, **kw)
+
+    def write_file(self, path: str, data, **kw) -> dict:
+        return self.client.write_file(self.microvm_id, path, data, **kw)
+
+    def list_files(self, path: str, **kw) -> dict:
+        return self.client.list_files(self.microvm_id, path, **kw)
+
+    def stat_file(self, path: str, **kw) -> dict:
+        return self.client.stat_file(self.microvm_id, path, **kw)
+
+    def make_directory(self, path: str, **kw) -> dict:
+        return self.client.make_directory(self.microvm_id, path, **kw)
+
+    def move_file(self, source: str, destination: str, **kw) -> dict:
+        return self.client.move_file(self.microvm_id, source, destination, **kw)
+
+    def remove_file(self, path: str, **kw) -> None:
+        self.client.remove_file(self.microvm_id, path, **kw)
+
+    def upload_directory(self, local_dir: str, path: str, **kw) -> dict:
+        return self.client.upload_directory(self.microvm_id, local_dir, path, **kw)
+
+    def download_directory(self, path: str, local_dir: str, **kw) -> list:
+        return self.client.download_directory(self.microvm_id, path, local_dir, **kw)
+
+    def watch_files(self, path: str, **kw):
+        return self.client.watch_files(self.microvm_id, path, **kw)
+
     # -- tokens ----------------------------------------------------------------------------
     def token(self, port: Optional[int] = None, fresh: bool = False) -> str:
         """An auth token for ``port``, reused until shortly before it expires."""

@@ -144,3 +144,50 @@ def test_sandbox_context_manager_handles_tokens_and_cleans_up(home):
     with pytest.raises(kiln.KilnError) as err:
         sb.get("/health").raise_for_status()
     assert err.value.status in (401, 404, 409, 502), err.value
+
+
+def test_sandbox_files_round_trip(home, tmp_path):
+    client = kiln.client()
+    with kiln.Sandbox("executor", client=client, idlePolicy=IDLE) as sb:
+        data = os.urandom(3 << 20)
+        entry = sb.write_file("/tmp/work/blob.bin", data, mode="0600", createParents=True)
+        assert (entry["size"], entry["mode"], entry["kind"]) == (len(data), "0600", "file")
+        assert sb.read_file("/tmp/work/blob.bin") == data
+        # A file object streams; str is UTF-8.
+        src = tmp_path / "notes.txt"
+        src.write_text("first line\n")
+        with open(src, "rb") as f:
+            sb.write_file("/tmp/work/notes.txt", f)
+        assert sb.read_file("/tmp/work/notes.txt") == b"first line\n"
+        assert sb.post("/execute", json={"code": "cat /tmp/work/notes.txt"}).json()["stdout"] == "first line\n"
+
+        assert sb.make_directory("/tmp/work/a/b")["kind"] == "directory"
+        names = [e["name"] for e in sb.list_files("/tmp/work")["entries"]]
+        assert names == ["a", "blob.bin", "notes.txt"]
+        assert sb.move_file("/tmp/work/notes.txt", "/tmp/work/a/notes.txt")["path"] == "/tmp/work/a/notes.txt"
+        with pytest.raises(kiln.KilnError) as err:
+            sb.stat_file("/tmp/work/notes.txt")
+        assert err.value.status == 404, err.value
+
+        # A directory up and back down as tar.
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "x.txt").write_bytes(b"one")
+        (tree / "sub" / "y.txt").write_bytes(b"two")
+        assert sb.upload_directory(str(tree), "/tmp/tree")["kind"] == "directory"
+        back = tmp_path / "back"
+        written = sb.download_directory("/tmp/tree", str(back))
+        assert sorted(written) == ["sub/y.txt", "x.txt"], written
+        assert (back / "sub" / "y.txt").read_bytes() == b"two"
+
+        # A watch sees a file appear; closing the generator ends it.
+        events = sb.watch_files("/tmp/work")
+        sb.post("/execute", json={"code": "touch /tmp/work/new"})
+        first = next(events)
+        assert (first["kind"], first["path"]) == ("create", "/tmp/work/new"), first
+        events.close()
+
+        sb.remove_file("/tmp/work", recursive=True)
+        with pytest.raises(kiln.KilnError) as err:
+            sb.list_files("/tmp/work")
+        assert err.value.status == 404

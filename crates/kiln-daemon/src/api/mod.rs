@@ -4,6 +4,7 @@
 //! spec, checked in (tests/openapi.rs fails when it is stale). Every route except /health and
 //! /metrics needs the bearer key.
 
+mod files;
 mod images;
 mod list;
 mod microvms;
@@ -46,6 +47,7 @@ pub const MAX_JSON_BODY: usize = 64 * 1024;
     tags(
         (name = "images", description = "Images baked from a Dockerfile into a snapshot"),
         (name = "microvms", description = "MicroVMs launched from images"),
+        (name = "files", description = "A running microVM's files, as a guest user"),
         (name = "tokens", description = "Short-lived tokens the ingress admits"),
         (name = "system", description = "kilnd itself"),
     )
@@ -96,6 +98,16 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(microvms::microvm_logs))
         .routes(routes!(microvms::microvm_metrics))
         .routes(routes!(microvms::microvm_disk))
+        .routes(routes!(files::list_files, files::remove_file))
+        .routes(routes!(files::stat_file))
+        .routes(routes!(files::read_file, files::write_file).layer(DefaultBodyLimit::disable()))
+        .routes(
+            routes!(files::download_archive, files::upload_archive)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .routes(routes!(files::make_directory))
+        .routes(routes!(files::move_file))
+        .routes(routes!(files::watch_files))
         .routes(routes!(system::events))
         .routes(routes!(system::ingress_info))
         .routes(routes!(system::create_token))
