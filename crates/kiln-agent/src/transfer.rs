@@ -2,7 +2,7 @@
 //! ([`crate::creds`]): read a file, write one (atomically), a directory as a tar stream.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use kiln_proto::frame::MAX_CHUNK_LEN;
@@ -157,6 +157,43 @@ impl Write for ChunkWriter {
     }
 }
 
+/// `dir`'s tree into `tar` under `.`, by name, staying on `dir`'s filesystem as
+/// `tar --one-file-system` does: an archive of `/` is the root disk, not /proc, /sys or
+/// /dev (a mount point comes as an empty directory). Entries that vanish while it runs are
+/// left out; a walk with its own stack, so no depth overflows the thread.
+fn append_tree<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, dev: u64) -> std::io::Result<()> {
+    let mut pending = vec![(dir.to_path_buf(), PathBuf::from("."))];
+    while let Some((dir, name)) = pending.pop() {
+        let mut children: Vec<_> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        children.sort();
+        let mut subdirs = Vec::new();
+        for child in children {
+            let path = dir.join(&child);
+            let rel = name.join(&child);
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                tar.append_dir(&rel, &path)?;
+                if meta.dev() == dev {
+                    subdirs.push((path, rel));
+                }
+                continue;
+            }
+            match tar.append_path_with_name(&path, &rel) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
+        pending.extend(subdirs.into_iter().rev());
+    }
+    Ok(())
+}
+
 /// A directory as a tar stream (symlinks as symlinks), built as the user while it is sent.
 pub async fn archive(mut framed: FramedStream<Stream>, req: FileRef) -> Result<(), FrameError> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
@@ -175,8 +212,7 @@ pub async fn archive(mut framed: FramedStream<Stream>, req: FileRef) -> Result<(
             buf: Vec::with_capacity(MAX_CHUNK_LEN),
         });
         tar.follow_symlinks(false);
-        tar.append_dir_all(".", &dir)
-            .map_err(|e| fs_error("archive", &path, e))?;
+        append_tree(&mut tar, &dir, meta.dev()).map_err(|e| fs_error("archive", &path, e))?;
         let mut writer = tar
             .into_inner()
             .map_err(|e| fs_error("archive", &path, e))?;
@@ -194,4 +230,43 @@ pub async fn archive(mut framed: FramedStream<Stream>, req: FileRef) -> Result<(
     };
     framed.send(&reply).await?;
     framed.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_is_archived_by_name_with_links_as_links() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("b/c")).unwrap();
+        std::fs::write(d.path().join("a.txt"), "a").unwrap();
+        std::fs::write(d.path().join("b/c/deep.txt"), "deep").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("b/link")).unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.follow_symlinks(false);
+        let dev = std::fs::metadata(d.path()).unwrap().dev();
+        append_tree(&mut tar, d.path(), dev).unwrap();
+        let bytes = tar.into_inner().unwrap();
+        let mut archive = tar::Archive::new(&bytes[..]);
+        let names: Vec<(String, bool)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let link = e.header().entry_type().is_symlink();
+                (e.path().unwrap().display().to_string(), link)
+            })
+            .collect();
+        let expected = [
+            ("a.txt", false),
+            ("b", false),
+            ("b/c", false),
+            ("b/link", true),
+            ("b/c/deep.txt", false),
+        ];
+        let expected: Vec<(String, bool)> =
+            expected.iter().map(|(n, l)| (n.to_string(), *l)).collect();
+        assert_eq!(names, expected);
+    }
 }

@@ -62,9 +62,14 @@ pub struct FileList {
 #[into_params(parameter_in = Query)]
 pub struct FilePathQuery {
     /// Absolute path in the guest.
-    #[param(example = "/app/data.csv")]
+    #[param(max_length = 4096, pattern = "^/[^\\x00]*$", example = "/app/data.csv")]
     pub path: String,
     /// Guest user: `name`, `uid` or `uid:gid` (root when absent).
+    #[param(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_.-]*:?[A-Za-z0-9_.-]*$"
+    )]
     pub user: Option<String>,
 }
 
@@ -73,9 +78,14 @@ pub struct FilePathQuery {
 #[into_params(parameter_in = Query)]
 pub struct ListFilesQuery {
     /// Absolute path of a directory in the guest.
-    #[param(example = "/app")]
+    #[param(max_length = 4096, pattern = "^/[^\\x00]*$", example = "/app")]
     pub path: String,
     /// Guest user: `name`, `uid` or `uid:gid` (root when absent).
+    #[param(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_.-]*:?[A-Za-z0-9_.-]*$"
+    )]
     pub user: Option<String>,
     /// Most entries (default 1000, at most 10000).
     #[param(minimum = 1, maximum = 10000)]
@@ -87,8 +97,14 @@ pub struct ListFilesQuery {
 #[into_params(parameter_in = Query)]
 pub struct RemoveFileQuery {
     /// Absolute path in the guest (never `/`).
+    #[param(max_length = 4096, pattern = "^/[^\\x00]*$")]
     pub path: String,
     /// Guest user: `name`, `uid` or `uid:gid` (root when absent).
+    #[param(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_.-]*:?[A-Za-z0-9_.-]*$"
+    )]
     pub user: Option<String>,
     /// Remove a directory and everything in it; without it only an empty directory goes.
     pub recursive: Option<bool>,
@@ -99,11 +115,17 @@ pub struct RemoveFileQuery {
 #[into_params(parameter_in = Query)]
 pub struct WriteFileQuery {
     /// Absolute path of the file in the guest.
+    #[param(max_length = 4096, pattern = "^/[^\\x00]*$")]
     pub path: String,
     /// Guest user: `name`, `uid` or `uid:gid` (root when absent); the file is theirs.
+    #[param(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_.-]*:?[A-Za-z0-9_.-]*$"
+    )]
     pub user: Option<String>,
     /// Permission bits in octal (default: an existing file's, else 0644).
-    #[param(example = "0644")]
+    #[param(max_length = 8, pattern = "^(0o)?0?[0-7]{1,4}$", example = "0644")]
     pub mode: Option<String>,
     /// Make missing parent directories (default true).
     pub create_parents: Option<bool>,
@@ -113,14 +135,19 @@ pub struct WriteFileQuery {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MakeDirectoryRequest {
     /// Absolute path in the guest.
-    #[schema(example = "/app/out")]
+    #[schema(max_length = 4096, pattern = "^/[^\\x00]*$", example = "/app/out")]
     pub path: String,
     /// Guest user: `name`, `uid` or `uid:gid` (root when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_.-]*:?[A-Za-z0-9_.-]*$"
+    )]
     pub user: Option<String>,
     /// Permission bits in octal (default 0755; the guest's umask applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "0755")]
+    #[schema(max_length = 8, pattern = "^(0o)?0?[0-7]{1,4}$", example = "0755")]
     pub mode: Option<String>,
     /// Like `mkdir -p` (default true): parents made, an existing directory is no error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,11 +158,18 @@ pub struct MakeDirectoryRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MoveFileRequest {
     /// Absolute path in the guest.
+    #[schema(max_length = 4096, pattern = "^/[^\\x00]*$")]
     pub from: String,
     /// Absolute path in the guest, on the same filesystem.
+    #[schema(max_length = 4096, pattern = "^/[^\\x00]*$")]
     pub to: String,
     /// Guest user: `name`, `uid` or `uid:gid` (root when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_.-]*:?[A-Za-z0-9_.-]*$"
+    )]
     pub user: Option<String>,
 }
 
@@ -200,8 +234,9 @@ pub fn check_user(user: Option<&str>) -> Result<(), String> {
 /// Octal permission bits: `644`, `0644` or `0o644`, at most `7777`.
 pub fn parse_mode(mode: &str) -> Result<u32, String> {
     let digits = mode.strip_prefix("0o").unwrap_or(mode);
+    let octal = digits.bytes().all(|b| matches!(b, b'0'..=b'7'));
     match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o7777 && !digits.is_empty() && digits.len() <= 5 => Ok(m),
+        Ok(m) if octal && m <= 0o7777 && !digits.is_empty() && digits.len() <= 5 => Ok(m),
         _ => Err(format!(
             "mode {mode:?} must be octal permission bits such as 0644 (at most 7777)"
         )),
@@ -224,6 +259,7 @@ mod tests {
         assert!(parse_mode("999").is_err());
         assert!(parse_mode("17777").is_err());
         assert!(parse_mode("").is_err());
+        assert!(parse_mode("+644").is_err());
         assert_eq!(format_mode(0o100644), "0644");
         assert!(check_path("path", "/a/b").is_ok());
         assert!(check_path("path", "a/b").unwrap_err().contains("absolute"));

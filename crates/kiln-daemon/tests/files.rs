@@ -279,6 +279,30 @@ fn archives_round_trip(d: &TestDaemon, id: &str) {
     .collect();
     assert_eq!(files, expected);
 
+    // An archive of `/` stays on the root disk (as `tar --one-file-system`): /proc is an
+    // empty directory, not the guest's kernel memory.
+    let resp = auth(d, ureq::get(&url(d, id, "/archive?path=/")))
+        .call()
+        .unwrap();
+    let mut names = Vec::new();
+    for entry in tar::Archive::new(resp.into_reader()).entries().unwrap() {
+        names.push(entry.unwrap().path().unwrap().display().to_string());
+    }
+    assert!(
+        names.iter().any(|n| n == "proc") && names.iter().any(|n| n == "bin/busybox"),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("proc/") || n.starts_with("sys/")),
+        "{names:?}"
+    );
+
+    let (status, e) = put(d, id, "/archive?path=/data/empty", b"");
+    assert_eq!(status, 400, "an empty body is no archive: {e}");
+    assert!(e["message"].as_str().unwrap().contains("no body"), "{e}");
+
     // An entry that would climb out is refused, and nothing lands outside.
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();

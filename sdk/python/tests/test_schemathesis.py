@@ -31,8 +31,11 @@ def test_the_live_api_conforms_to_its_spec(tmp_path):
         client.create_microvm_image(name="st", codeArtifact={"bytes": context_tar()})
         image = client.wait_microvm_image("st")
         vm = client.run_microvm(imageIdentifier="st")
+        files = client.run_microvm(imageIdentifier="st")
         client.wait_microvm(vm["microvmId"], "RUNNING")
-        env = dict(os.environ, KILN_ST_MICROVM=vm["microvmId"], KILN_ST_IMAGE=image["imageIdentifier"])
+        client.wait_microvm(files["microvmId"], "RUNNING")
+        env = dict(os.environ, KILN_ST_MICROVM=vm["microvmId"], KILN_ST_FILES=files["microvmId"],
+                   KILN_ST_IMAGE=image["imageIdentifier"])
         key = open(os.path.join(d.home, "api-key")).read().strip()
         run = subprocess.run(
             [schemathesis(), "--no-color", "--config-file", CONFIG, "run", SPEC, "--url", d.api,
@@ -46,7 +49,7 @@ def test_the_live_api_conforms_to_its_spec(tmp_path):
         # It really tested: every operation, and many cases.
         cases = re.search(r"(\d+) generated, (\d+) passed", report)
         assert cases and int(cases.group(2)) >= 200, report[-3000:]
-        assert "Tested: 33" in report, report[-3000:]
+        assert "Tested: 43" in report, report[-3000:]
         # kilnd is still whole after everything schemathesis sent (which may have terminated
         # the microVM, then deleted or rebuilt the image: the order follows the generator).
         assert d.proc.poll() is None, "kilnd died"

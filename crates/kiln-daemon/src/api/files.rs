@@ -432,9 +432,13 @@ pub async fn download_archive(
     put, path = "/v1/microvms/{id}/files/archive", operation_id = "UploadArchive", tag = "files", security(("bearer" = [])),
     description = "Unpacks a tar stream (the request body, at most 64 GiB) into a directory, \
         made when missing, as the guest user, who owns what is unpacked. Entries may not \
-        escape the directory.",
+        escape the directory. Sent as `application/x-tar` or `application/octet-stream` \
+        (the bytes are what count).",
     params(("id" = String, Path, description = "The microVM's id"), FilePathQuery),
-    request_body(content = FileBytes, content_type = "application/x-tar"),
+    request_body(content(
+        (FileBytes = "application/x-tar"),
+        (FileBytes = "application/octet-stream"),
+    )),
     responses(
         (status = 200, description = "The directory", body = FileEntry),
         (status = 400, description = "A malformed path, user or archive, or an entry that escapes", body = ErrorBody),
@@ -456,6 +460,11 @@ pub async fn upload_archive(
     body: Body,
 ) -> ApiResult<Json<FileEntry>> {
     let dest = file_ref("path", &q.path, q.user.as_deref())?;
+    if axum::body::HttpBody::size_hint(&body).exact() == Some(0) {
+        return Err(ApiError::bad_request(
+            "the request has no body: send the tar stream to unpack (`tar -c -C DIR .`)",
+        ));
+    }
     let agent = agent(&m, &id)?;
     m.check_disk(
         "unpacking an archive",
