@@ -104,7 +104,8 @@ fn uploads_stream_to_disk_under_their_cap_with_ids_of_their_own() {
     }
     // Over the cap: 413 naming the flag, and nothing left behind.
     let mut big = tar_of(&[("Dockerfile", "FROM busybox\n")]);
-    big.extend(std::iter::repeat_n(0u8, 2 << 20));
+    // Sent whole before the answer is read (as ureq does): the 413 must still arrive.
+    big.extend(std::iter::repeat_n(0u8, 8 << 20));
     let (status, err) = d.post_raw("/v1/artifacts", "application/x-tar", &big, true);
     assert_eq!(status, 413, "{err}");
     assert!(

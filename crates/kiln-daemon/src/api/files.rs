@@ -308,6 +308,7 @@ async fn pump(body: Body, upload: &mut Upload, limit: u64) -> ApiResult<()> {
         };
         sent += data.len() as u64;
         if sent > limit {
+            super::linger(&mut body).await;
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
                 format!("the body is over {limit} bytes"),

@@ -114,6 +114,7 @@ async fn receive(
         };
         total += data.len() as u64;
         if total > m.cfg.max_artifact_bytes {
+            super::linger(&mut body).await;
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
                 format!(

@@ -217,3 +217,25 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
             })
     }
 }
+
+/// How much of a refused body kilnd still reads, and for how long, before it answers.
+const LINGER_BYTES: u64 = 16 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops the rest of a body refused part way (over its cap), up to a bound, so a
+/// client that sends all of it before reading the answer gets the 413 rather than a reset
+/// connection (the "lingering close" of HTTP servers). A sender of more than the bound, or a
+/// slow one, is cut off: the drain never costs more than `LINGER_BYTES` and `LINGER_TIME`.
+pub(crate) async fn linger(body: &mut axum::body::Body) {
+    use http_body_util::BodyExt;
+    let drain = async {
+        let mut dropped = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            dropped += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if dropped > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+}
