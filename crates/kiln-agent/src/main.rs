@@ -21,6 +21,7 @@ mod init;
 mod net;
 mod port;
 mod process;
+mod procs;
 mod pty;
 mod reaper;
 mod reseed;

@@ -3,17 +3,19 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 
 use kiln_proto::frame::MAX_CHUNK_LEN;
 use kiln_proto::{
-    ExitStatus, FrameError, FramedStream, GuestFrame, HostFrame, ShellRequest, Stream,
+    ExitStatus, FrameError, FramedStream, GuestError, GuestFrame, HostFrame, ShellRequest, Stream,
+    TermSize,
 };
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde_bytes::ByteBuf;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
 
 use crate::files::io_error;
 use crate::reaper::Reaper;
@@ -33,43 +35,23 @@ fn set_size(master: &OwnedFd, cols: u16, rows: u16) {
     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
-pub async fn run(
-    mut framed: FramedStream<Stream>,
-    req: ShellRequest,
+/// Spawns `spec` on a new terminal of `size`: its own session, the terminal's slave side
+/// as its stdio and controlling tty. Returns the child, its exit, and the master side.
+pub fn spawn(
+    spec: &kiln_proto::ProcessSpec,
+    size: TermSize,
     reaper: &Reaper,
-) -> Result<(), FrameError> {
-    let mut cmd = match crate::process::base_command(&req.process) {
-        Ok(c) => c,
-        Err(e) => return framed.send(&GuestFrame::Error(e)).await,
-    };
-    let pty = match openpty(Some(&winsize(req.cols, req.rows)), None) {
-        Ok(p) => p,
-        Err(e) => {
-            return framed
-                .send(&GuestFrame::Error(io_error(
-                    "openpty",
-                    "/dev/ptmx",
-                    e.into(),
-                )))
-                .await
-        }
-    };
+) -> Result<(Child, oneshot::Receiver<ExitStatus>, OwnedFd), GuestError> {
+    let mut cmd = crate::process::base_command(spec)?;
+    let pty = openpty(Some(&winsize(size.cols, size.rows)), None)
+        .map_err(|e| io_error("openpty", "/dev/ptmx", e.into()))?;
     let slave = pty.slave;
     let stdio = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
-    match (stdio(&slave), stdio(&slave), stdio(&slave)) {
-        (Ok(i), Ok(o), Ok(e)) => {
-            cmd.stdin(i).stdout(o).stderr(e);
-        }
-        _ => {
-            return framed
-                .send(&GuestFrame::Error(io_error(
-                    "dup",
-                    "pty",
-                    std::io::Error::last_os_error(),
-                )))
-                .await
-        }
-    }
+    let (i, o, e) = (stdio(&slave), stdio(&slave), stdio(&slave));
+    let dup_err = |e: std::io::Error| io_error("dup", "pty", e);
+    cmd.stdin(i.map_err(dup_err)?)
+        .stdout(o.map_err(dup_err)?)
+        .stderr(e.map_err(dup_err)?);
     // SAFETY: runs in the forked child before exec; setsid and ioctl are async-signal-safe
     // and touch only the child's own state (stdin is the terminal's slave side).
     unsafe {
@@ -80,23 +62,49 @@ pub async fn run(
             Ok(())
         });
     }
-    let (child, exit) = match reaper.spawn(&mut cmd) {
-        Ok(s) => s,
-        Err(e) => {
-            return framed
-                .send(&GuestFrame::Error(io_error(
-                    "spawn",
-                    &req.process.argv[0],
-                    e,
-                )))
-                .await
-        }
-    };
+    let (child, exit) = reaper
+        .spawn(&mut cmd)
+        .map_err(|e| io_error("spawn", &spec.argv[0], e))?;
     drop(cmd);
     drop(slave);
+    Ok((child, exit, pty.master))
+}
+
+/// Sets a terminal's size (the session's foreground group gets SIGWINCH).
+pub fn resize(master: &OwnedFd, size: TermSize) {
+    set_size(master, size.cols, size.rows)
+}
+
+/// Writes all of `data` to a non-blocking terminal master, waiting while it is full.
+pub async fn write_all(master: &OwnedFd, data: &[u8]) -> std::io::Result<()> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        match nix::unistd::write(master, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EAGAIN) => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(
+    mut framed: FramedStream<Stream>,
+    req: ShellRequest,
+    reaper: &Reaper,
+) -> Result<(), FrameError> {
+    let size = TermSize {
+        cols: req.cols,
+        rows: req.rows,
+    };
+    let (child, exit, master) = match spawn(&req.process, size, reaper) {
+        Ok(s) => s,
+        Err(e) => return framed.send(&GuestFrame::Error(e)).await,
+    };
     let pid = child.id();
     framed.send(&GuestFrame::Started { pid }).await?;
-    let master = pty.master;
     let _ = nix::fcntl::fcntl(
         master.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -141,14 +149,7 @@ pub async fn run(
             }
             msg = framed.recv::<HostFrame>(), if host_open => match msg {
                 Ok(Some(HostFrame::Stdin(data))) => {
-                    let mut rest: &[u8] = &data;
-                    while !rest.is_empty() {
-                        match nix::unistd::write(&master, rest) {
-                            Ok(n) => rest = &rest[n..],
-                            Err(nix::errno::Errno::EAGAIN) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-                            Err(_) => break,
-                        }
-                    }
+                    let _ = write_all(&master, &data).await;
                 }
                 Ok(Some(HostFrame::Resize { cols, rows })) => set_size(&master, cols, rows),
                 Ok(Some(HostFrame::Signal(n))) => {

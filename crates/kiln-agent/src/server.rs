@@ -25,6 +25,7 @@ const HOST_SIGNAL_FALLBACK: Duration = Duration::from_millis(500);
 pub struct AgentState {
     pub reaper: Reaper,
     pub app: AppSupervisor,
+    pub procs: crate::procs::Procs,
     sessions: AtomicU64,
     started: Instant,
 }
@@ -33,6 +34,7 @@ impl AgentState {
     pub fn new(reaper: Reaper) -> Arc<AgentState> {
         Arc::new(AgentState {
             app: AppSupervisor::new(reaper.clone()),
+            procs: crate::procs::Procs::new(reaper.clone()),
             reaper,
             sessions: AtomicU64::new(0),
             started: Instant::now(),
@@ -234,6 +236,40 @@ async fn handle_stream(stream: Stream, ctx: SessionCtx) {
         Request::GetArchive(req) => crate::transfer::archive(framed, req).await,
         Request::UnpackArchive(req) => crate::archive::unpack_as(framed, req).await,
         Request::Watch(req) => crate::watch::watch(framed, req).await,
+        Request::ProcStart(req) => {
+            let reply = match state.procs.start(req) {
+                Ok(info) => GuestFrame::Process(info),
+                Err(e) => GuestFrame::Error(e),
+            };
+            framed.send(&reply).await
+        }
+        Request::ProcList => {
+            framed
+                .send(&GuestFrame::Processes(state.procs.list()))
+                .await
+        }
+        Request::ProcAttach(req) => match state.procs.get(req.pid) {
+            Ok(proc) => crate::procs::attach(framed, proc, req.from).await,
+            Err(e) => framed.send(&GuestFrame::Error(e)).await,
+        },
+        Request::ProcControl(req) => {
+            let result = match state.procs.get(req.pid) {
+                Ok(proc) => proc.control(req.op).await,
+                Err(e) => Err(e),
+            };
+            let reply = result.map_or_else(GuestFrame::Error, |()| GuestFrame::Ok);
+            framed.send(&reply).await
+        }
+        Request::ProcWait(req) => {
+            let reply = match state.procs.get(req.pid) {
+                Ok(proc) => {
+                    let timeout = std::time::Duration::from_millis(req.timeout_ms);
+                    GuestFrame::Process(proc.wait(timeout).await)
+                }
+                Err(e) => GuestFrame::Error(e),
+            };
+            framed.send(&reply).await
+        }
         Request::DetachNic => {
             let reply = match crate::net::detach_nics() {
                 Ok(()) => GuestFrame::Ok,

@@ -5,7 +5,7 @@
 pub const GENERATION_MIN: u16 = 1;
 /// Newest generation this build speaks. Bump it (and add `schema/gen-N.txt`) whenever the
 /// encoding of any message changes; the schema snapshot test enforces this.
-pub const GENERATION_CURRENT: u16 = 5;
+pub const GENERATION_CURRENT: u16 = 6;
 
 /// Picks the generation for a session: the highest one both ranges contain, which is the
 /// lower of the two maxima ("lowest wins"). `None` when the ranges do not overlap.

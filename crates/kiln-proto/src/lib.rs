@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod generation;
 pub mod handshake;
 pub mod message;
+pub mod proc;
 pub mod rewind;
 pub mod session;
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 pub use crate::fs::*;
+pub use crate::proc::*;
 
 /// The generation that introduced a message or variant.
 pub trait Tagged {
@@ -70,6 +71,16 @@ pub enum Request {
     /// Generation 5. Watches a directory: reply `Ok` once watching, then `FsEvent`s until
     /// the host closes the stream, or `End` when the directory itself went away.
     Watch(FileRef),
+    /// Generation 6. See [`ProcStartRequest`].
+    ProcStart(ProcStartRequest),
+    /// Generation 6. Reply: `Processes`, every process the agent keeps, by pid.
+    ProcList,
+    /// Generation 6. See [`ProcAttachRequest`].
+    ProcAttach(ProcAttachRequest),
+    /// Generation 6. See [`ProcControlRequest`].
+    ProcControl(ProcControlRequest),
+    /// Generation 6. See [`ProcWaitRequest`].
+    ProcWait(ProcWaitRequest),
 }
 
 impl Tagged for Request {
@@ -95,6 +106,11 @@ impl Tagged for Request {
             | Request::GetArchive(_)
             | Request::UnpackArchive(_)
             | Request::Watch(_) => 5,
+            Request::ProcStart(_)
+            | Request::ProcList
+            | Request::ProcAttach(_)
+            | Request::ProcControl(_)
+            | Request::ProcWait(_) => 6,
         }
     }
 }
@@ -248,6 +264,12 @@ pub enum GuestFrame {
     Entries(Vec<FileEntry>),
     /// Generation 5: a change in a watched directory.
     FsEvent(FsEvent),
+    /// Generation 6: one process the agent keeps.
+    Process(ProcInfo),
+    /// Generation 6: the answer to `ProcList`.
+    Processes(Vec<ProcInfo>),
+    /// Generation 6: a process's output on an attached stream.
+    Output(ProcOutput),
 }
 
 /// What the guest says of itself (`/proc/meminfo`, `statvfs("/")`); 0 where it could not
@@ -279,6 +301,7 @@ impl Tagged for GuestFrame {
             | GuestFrame::Connected => 1,
             GuestFrame::Stats(_) => 4,
             GuestFrame::Entry(_) | GuestFrame::Entries(_) | GuestFrame::FsEvent(_) => 5,
+            GuestFrame::Process(_) | GuestFrame::Processes(_) | GuestFrame::Output(_) => 6,
         }
     }
 }
@@ -305,6 +328,9 @@ impl GuestFrame {
             GuestFrame::Entry(_) => "Entry",
             GuestFrame::Entries(_) => "Entries",
             GuestFrame::FsEvent(_) => "FsEvent",
+            GuestFrame::Process(_) => "Process",
+            GuestFrame::Processes(_) => "Processes",
+            GuestFrame::Output(_) => "Output",
         }
     }
 }

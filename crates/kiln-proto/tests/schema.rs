@@ -123,6 +123,7 @@ fn render() -> String {
         .into_iter()
         .chain([shell, Request::DetachNic, Request::Stats])
         .chain(fs_requests())
+        .chain(proc_requests(&spec))
         .collect();
     for r in &requests {
         line(&mut out, r.since(), r);
@@ -179,7 +180,11 @@ fn render() -> String {
             disk_free_bytes: 1 << 29,
         }),
     ];
-    for f in guest_frames.iter().chain(&fs_frames()) {
+    for f in guest_frames
+        .iter()
+        .chain(&fs_frames())
+        .chain(&proc_frames())
+    {
         line(&mut out, f.since(), f);
     }
     for kind in [
@@ -266,6 +271,64 @@ fn fs_frames() -> Vec<GuestFrame> {
             kind: FsEventKind::Delete,
             path: "/a".into(),
             is_dir: false,
+        }),
+    ]
+}
+
+fn proc_requests(spec: &ProcessSpec) -> Vec<Request> {
+    let size = TermSize { cols: 80, rows: 24 };
+    let ops = [
+        ProcOp::Stdin(ByteBuf::from(b"in".to_vec())),
+        ProcOp::CloseStdin,
+        ProcOp::Signal(15),
+        ProcOp::Resize(size),
+    ];
+    let mut out = vec![
+        Request::ProcStart(ProcStartRequest {
+            process: spec.clone(),
+            pty: Some(size),
+            stdin: true,
+            tag: Some("build".into()),
+        }),
+        Request::ProcList,
+        Request::ProcAttach(ProcAttachRequest { pid: 42, from: 7 }),
+        Request::ProcWait(ProcWaitRequest {
+            pid: 42,
+            timeout_ms: 1000,
+        }),
+    ];
+    out.extend(
+        ops.into_iter()
+            .map(|op| Request::ProcControl(ProcControlRequest { pid: 42, op })),
+    );
+    out
+}
+
+fn proc_frames() -> Vec<GuestFrame> {
+    let info = ProcInfo {
+        pid: 42,
+        argv: vec!["sh".into()],
+        cwd: Some("/".into()),
+        user: None,
+        tag: Some("t".into()),
+        pty: Some(TermSize { cols: 80, rows: 24 }),
+        stdin_open: true,
+        started_ms: 1_700_000_000_000,
+        exit: Some(ExitStatus {
+            code: None,
+            signal: Some(9),
+            timed_out: false,
+        }),
+        output_start: 1,
+        output_end: 9,
+    };
+    vec![
+        GuestFrame::Process(info.clone()),
+        GuestFrame::Processes(vec![info]),
+        GuestFrame::Output(ProcOutput {
+            stream: OutputStream::Stderr,
+            offset: 3,
+            data: ByteBuf::from(b"err".to_vec()),
         }),
     ]
 }
