@@ -39,6 +39,8 @@ pub enum ErrorCode {
     LengthRequired,
     /// 502: the guest agent failed a file operation.
     FilesFailed,
+    /// 502: the guest agent failed a process operation.
+    ProcessesFailed,
     /// Any code a newer kilnd answers with that this client does not know.
     #[serde(other)]
     Unknown,
@@ -55,7 +57,10 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::ServiceQuotaExceededException => 429,
             ErrorCode::InternalError | ErrorCode::Unknown => 500,
-            ErrorCode::ExecFailed | ErrorCode::LogsFailed | ErrorCode::FilesFailed => 502,
+            ErrorCode::ExecFailed
+            | ErrorCode::LogsFailed
+            | ErrorCode::FilesFailed
+            | ErrorCode::ProcessesFailed => 502,
             ErrorCode::AccessDenied => 403,
             ErrorCode::LengthRequired => 411,
         }
@@ -76,6 +81,7 @@ impl ErrorCode {
             ErrorCode::AccessDenied => "AccessDenied",
             ErrorCode::LengthRequired => "LengthRequired",
             ErrorCode::FilesFailed => "FilesFailed",
+            ErrorCode::ProcessesFailed => "ProcessesFailed",
             ErrorCode::Unknown => "Unknown",
         }
     }

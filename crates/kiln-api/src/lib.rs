@@ -9,6 +9,7 @@ pub mod fuzzing;
 mod image;
 mod labels;
 mod microvm;
+pub mod process;
 mod system;
 mod token;
 mod webhook;
@@ -33,6 +34,11 @@ pub use microvm::{
     MicrovmMetrics, MicrovmMetricsHistory, RunMicrovmRequest, RunMicrovmResponse,
     UpdateLabelsRequest, Usage, DEFAULT_PAGE, MAX_FORK_COUNT, MAX_PAGE, MAX_WAIT_SECONDS,
     METRICS_KEPT,
+};
+pub use process::{
+    GetProcessQuery, ListProcessesQuery, OutputStreamName, Process, ProcessList,
+    ProcessOutputEvent, ProcessOutputQuery, SignalProcessRequest, StartProcessRequest,
+    TerminalSize, WriteStdinQuery,
 };
 pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{

@@ -21,12 +21,22 @@ const FILES_GENERATION: u16 = 5;
 
 /// The agent of a RUNNING microVM, if it speaks the files protocol.
 pub fn agent(m: &Manager, id: &str) -> ApiResult<kiln_vmm::AgentClient> {
+    agent_of_generation(m, id, "the files API", FILES_GENERATION)
+}
+
+/// The agent of a RUNNING microVM, if it speaks `generation` (what `api` needs).
+pub fn agent_of_generation(
+    m: &Manager,
+    id: &str,
+    api: &str,
+    generation: u16,
+) -> ApiResult<kiln_vmm::AgentClient> {
     m.row(id)?;
-    let agent = m.running_agent(id, "the files API")?;
-    if agent.generation() < FILES_GENERATION {
+    let agent = m.running_agent(id, api)?;
+    if agent.generation() < generation {
         return Err(ApiError::conflict(format!(
-            "microVM {id}'s guest agent is from an older kiln (protocol generation {}); the \
-             files API needs {FILES_GENERATION}: rebuild its image with this kiln",
+            "microVM {id}'s guest agent is from an older kiln (protocol generation {}); {api} \
+             needs {generation}: rebuild its image with this kiln",
             agent.generation()
         )));
     }
@@ -35,8 +45,14 @@ pub fn agent(m: &Manager, id: &str) -> ApiResult<kiln_vmm::AgentClient> {
 
 /// A failed file operation: the guest's refusals as 4xx with its own words, the rest 502.
 pub fn error(e: AgentError) -> ApiError {
+    guest_error(e, ErrorCode::FilesFailed)
+}
+
+/// A failed guest operation: the guest's refusals as 4xx with its own words, the rest
+/// `failed` (a 502).
+pub fn guest_error(e: AgentError, failed: ErrorCode) -> ApiError {
     let AgentError::Guest(g) = &e else {
-        return ApiError::new(ErrorCode::FilesFailed, error_chain(&e));
+        return ApiError::new(failed, error_chain(&e));
     };
     let message = format!("in the guest: {}", g.message);
     let code = match g.kind {
@@ -45,7 +61,7 @@ pub fn error(e: AgentError) -> ApiError {
         ErrorKind::InvalidRequest => ErrorCode::ValidationException,
         ErrorKind::Conflict => ErrorCode::ConflictException,
         ErrorKind::TooLarge => ErrorCode::PayloadTooLarge,
-        ErrorKind::Timeout | ErrorKind::Io | ErrorKind::Unsupported => ErrorCode::FilesFailed,
+        ErrorKind::Timeout | ErrorKind::Io | ErrorKind::Unsupported => failed,
     };
     ApiError::new(code, message)
 }

@@ -58,6 +58,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/webhooks"),
     ("delete", "/v1/webhooks/{id}"),
     ("get", "/v1/webhooks/{id}/deliveries"),
+    ("post", "/v1/microvms/{id}/processes"),
+    ("get", "/v1/microvms/{id}/processes"),
+    ("get", "/v1/microvms/{id}/processes/{pid}"),
+    ("get", "/v1/microvms/{id}/processes/{pid}/output"),
+    ("post", "/v1/microvms/{id}/processes/{pid}/stdin"),
+    ("post", "/v1/microvms/{id}/processes/{pid}/signal"),
+    ("post", "/v1/microvms/{id}/processes/{pid}/resize"),
 ];
 
 #[test]

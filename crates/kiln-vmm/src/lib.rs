@@ -16,6 +16,7 @@ pub mod accel;
 pub mod adopt;
 pub mod agent;
 pub mod agent_files;
+pub mod agent_procs;
 pub mod assets;
 pub mod base_template;
 pub mod confine;

@@ -8,6 +8,7 @@ mod files;
 mod images;
 mod list;
 mod microvms;
+mod processes;
 mod system;
 mod webhooks;
 
@@ -48,6 +49,7 @@ pub const MAX_JSON_BODY: usize = 64 * 1024;
         (name = "images", description = "Images baked from a Dockerfile into a snapshot"),
         (name = "microvms", description = "MicroVMs launched from images"),
         (name = "files", description = "A running microVM's files, as a guest user"),
+        (name = "processes", description = "Processes that run on in a microVM, streamed and controlled"),
         (name = "tokens", description = "Short-lived tokens the ingress admits"),
         (name = "system", description = "kilnd itself"),
     )
@@ -108,6 +110,12 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(files::make_directory))
         .routes(routes!(files::move_file))
         .routes(routes!(files::watch_files))
+        .routes(routes!(processes::start_process, processes::list_processes))
+        .routes(routes!(processes::get_process))
+        .routes(routes!(processes::process_output))
+        .routes(routes!(processes::write_process_stdin))
+        .routes(routes!(processes::signal_process))
+        .routes(routes!(processes::resize_process))
         .routes(routes!(system::events))
         .routes(routes!(system::ingress_info))
         .routes(routes!(system::create_token))
