@@ -68,10 +68,12 @@ def _query(**params) -> str:
 
 
 from .files import FilesMixin  # noqa: E402  (needs KilnError, _error and _query above)
+from .processes import OutputChunk, ProcessOutput, ProcessesMixin  # noqa: E402,F401
 
 
-class Client(FilesMixin):
-    """kilnd's control API; the files API's methods are in :class:`kiln.files.FilesMixin`."""
+class Client(FilesMixin, ProcessesMixin):
+    """kilnd's control API; the files API's methods are in :class:`kiln.files.FilesMixin`, the
+    processes API's in :class:`kiln.processes.ProcessesMixin`."""
 
     def __init__(self, endpoint: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  route_endpoints: bool = False):

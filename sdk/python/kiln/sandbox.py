@@ -158,6 +158,32 @@ class Sandbox:
     def watch_files(self, path: str, **kw):
         return self.client.watch_files(self.microvm_id, path, **kw)
 
+    # -- processes (see kiln.processes) -----------------------------------------------------
+    def start_process(self, command=None, **kw) -> dict:
+        """``start_process(["python3", "app.py"])`` or ``start_process(shell="make -j2")``."""
+        return self.client.start_process(self.microvm_id, command, **kw)
+
+    def list_processes(self, **kw) -> dict:
+        return self.client.list_processes(self.microvm_id, **kw)
+
+    def get_process(self, pid: int, **kw) -> dict:
+        return self.client.get_process(self.microvm_id, pid, **kw)
+
+    def wait_process(self, pid: int, **kw) -> dict:
+        return self.client.wait_process(self.microvm_id, pid, **kw)
+
+    def process_output(self, pid: int, from_offset: int = 0):
+        return self.client.process_output(self.microvm_id, pid, from_offset)
+
+    def write_process_stdin(self, pid: int, data=b"", eof: bool = False) -> None:
+        self.client.write_process_stdin(self.microvm_id, pid, data, eof)
+
+    def signal_process(self, pid: int, signal="TERM") -> None:
+        self.client.signal_process(self.microvm_id, pid, signal)
+
+    def resize_process(self, pid: int, cols: int, rows: int) -> None:
+        self.client.resize_process(self.microvm_id, pid, cols, rows)
+
     # -- tokens ----------------------------------------------------------------------------
     def token(self, port: Optional[int] = None, fresh: bool = False) -> str:
         """An auth token for ``port``, reused until shortly before it expires."""

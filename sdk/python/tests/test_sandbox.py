@@ -191,3 +191,46 @@ def test_sandbox_files_round_trip(home, tmp_path):
         with pytest.raises(kiln.KilnError) as err:
             sb.list_files("/tmp/work")
         assert err.value.status == 404
+
+
+def test_sandbox_processes(home):
+    client = kiln.client()
+    with kiln.Sandbox("executor", client=client, idlePolicy=IDLE) as sb:
+        # Output arrives while the process still runs; stdin goes in and closes.
+        p = sb.start_process(shell="echo ready; read line; echo got:$line; sleep 1; echo late >&2",
+                             stdin=True, tag="py")
+        out = sb.process_output(p["pid"])
+        chunks = iter(out)
+        first = next(chunks)
+        assert (first.stream, first.offset, first.data) == ("stdout", 0, b"ready\n"), first
+        assert sb.get_process(p["pid"])["running"] is True
+        sb.write_process_stdin(p["pid"], "hi\n", eof=True)
+        rest = list(chunks)
+        assert b"".join(c.data for c in rest) == b"got:hi\nlate\n", rest
+        assert rest[-1].stream == "stderr"
+        assert (out.exit["exitCode"], out.exit["running"]) == (0, False), out.exit
+        # Replay from an offset, after the exit.
+        assert sb.process_output(p["pid"], from_offset=6).read_all() == b"got:hi\nlate\n"
+
+        # A terminal that is resized, and a signal.
+        t = sb.start_process(shell="stty size; read x; stty size", pty=(100, 30))
+        term = iter(sb.process_output(t["pid"]))
+        text = ""
+        while "30 100" not in text:
+            text += next(term).data.decode()
+        sb.resize_process(t["pid"], 120, 50)
+        sb.write_process_stdin(t["pid"], "\n")
+        text = "".join(c.data.decode() for c in term)
+        assert "50 120" in text, text
+        s = sb.start_process(["sleep", "600"])
+        sb.signal_process(s["pid"], "INT")
+        assert sb.wait_process(s["pid"], timeout=60)["signal"] == 2
+
+        listed = sb.list_processes(tag="py")["processes"]
+        assert [x["pid"] for x in listed] == [p["pid"]], listed
+        with pytest.raises(kiln.KilnError) as err:
+            sb.get_process(999999)
+        assert err.value.status == 404, err.value
+        with pytest.raises(kiln.KilnError) as err:
+            sb.start_process()
+        assert err.value.status == 400 and "command" in str(err.value), err.value
