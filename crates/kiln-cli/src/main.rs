@@ -15,6 +15,7 @@ mod files_cli;
 mod image;
 mod image_api;
 mod mcp;
+mod proc_cli;
 mod remote;
 mod sandbox;
 mod shell;
@@ -72,6 +73,10 @@ enum Command {
         #[command(subcommand)]
         cmd: files_cli::FsCommand,
     },
+    /// Processes that run on in a microVM: start (and follow), ls, attach, wait, kill,
+    /// stdin, resize.
+    #[command(subcommand)]
+    Proc(proc_cli::ProcCommand),
     #[command(flatten)]
     Remote(remote::Remote),
     /// Serve the Model Context Protocol on stdin/stdout: sandbox tools for AI agents.
@@ -135,6 +140,10 @@ fn main() -> anyhow::Result<()> {
             Command::Fs { user, cmd } => {
                 let conn = cli.conn;
                 Ok(tokio::task::spawn_blocking(move || files_cli::fs(conn, cmd, user)).await?)
+            }
+            Command::Proc(cmd) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || proc_cli::run(conn, cmd)).await?)
             }
             Command::Remote(command) => {
                 let conn = cli.conn;

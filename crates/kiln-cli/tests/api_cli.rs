@@ -76,6 +76,7 @@ fn the_cli_drives_microvms_through_the_api() {
         "exit codes pass through"
     );
     cli_files(&d, &id);
+    cli_processes(&d, &id);
     // The app's output, as the guest keeps it.
     let (code, logs, err) = kiln(&d, &["logs", &id]);
     assert_eq!(code, 0, "{err}");
@@ -191,6 +192,58 @@ fn the_cli_drives_microvms_through_the_api() {
 }
 
 /// `kiln cp` both ways (a file, a directory as tar), `kiln ls ID:/path`, `kiln fs …`.
+fn cli_processes(d: &common::Daemon, id: &str) {
+    let (code, out, err) = kiln(
+        d,
+        &[
+            "proc",
+            "start",
+            id,
+            "--shell",
+            "echo out; echo err >&2; exit 4",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (4, "out\n"), "{err}");
+    assert!(err.contains("err"), "{err}");
+    let (code, out, err) = common::kiln_stdin(
+        d,
+        &[
+            "proc",
+            "start",
+            id,
+            "-i",
+            "--",
+            "sh",
+            "-c",
+            "read a; echo got:$a",
+        ],
+        b"hi\n",
+    );
+    assert_eq!((code, out.as_str()), (0, "got:hi\n"), "{err}");
+    let (code, pid, err) = kiln(
+        d,
+        &[
+            "proc", "start", id, "-d", "--tag", "cli", "--", "sleep", "300",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pid = pid.trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "{pid}");
+    let (code, ls, err) = kiln(d, &["proc", "ls", id, "--running", "--tag", "cli"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert!(ls.contains(&pid) && ls.contains("sleep 300"), "{ls}");
+    let (code, _, err) = kiln(d, &["proc", "kill", id, &pid, "-s", "KILL"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, waited, err) = kiln(d, &["proc", "wait", id, &pid]);
+    assert_eq!(code, 128 + 9, "{err}");
+    assert!(waited.contains("signal 9"), "{waited}");
+    let (code, _, err) = kiln(d, &["proc", "resize", id, "999999", "80x24"]);
+    assert_eq!(code, 3, "an unknown pid: {err}");
+    let (code, _, err) = kiln(d, &["proc", "resize", id, &pid, "80"]);
+    assert_eq!(code, 2, "{err}");
+}
+
 fn cli_files(d: &common::Daemon, id: &str) {
     let local = tempfile::tempdir().unwrap();
     let tree = local.path().join("tree");

@@ -5,6 +5,7 @@
 
 mod files;
 mod ingress;
+mod processes;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 pub use files::{FileWatch, WriteOptions};
 pub use ingress::{SandboxRequest, SandboxResponse};
 pub use kiln_api as api;
+pub use processes::{OutputItem, ProcessOutput};
 
 use kiln_api::{
     AppLogs, Artifact, CodeArtifact, CreateImageRequest, CreateImageResponse, CreateTokenRequest,

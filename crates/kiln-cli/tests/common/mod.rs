@@ -20,6 +20,30 @@ impl Drop for Daemon {
 }
 
 /// Runs the `kiln` binary against `d`: (exit code, stdout, stderr).
+/// `kiln` with `input` on its stdin.
+#[allow(dead_code)]
+pub fn kiln_stdin(d: &Daemon, args: &[&str], input: &[u8]) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_HOME", d.home.path())
+        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
+        .env_remove("KILN_ENDPOINT")
+        .env_remove("KILN_API_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn kiln(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
