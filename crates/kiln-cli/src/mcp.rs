@@ -115,6 +115,99 @@ pub struct RunCommand {
     timeout_seconds: Option<u64>,
 }
 
+#[derive(Deserialize, JsonSchema)]
+pub struct StartProcess {
+    microvm_id: String,
+    /// Program and arguments, e.g. ["python3", "server.py"]; or give `shell`.
+    command: Option<Vec<String>>,
+    /// A line for /bin/sh -c, e.g. "npm install && npm run dev".
+    shell: Option<String>,
+    /// Working directory (absolute; default /).
+    cwd: Option<String>,
+    /// Added environment variables.
+    env: Option<std::collections::BTreeMap<String, String>>,
+    /// Keep stdin open for send_stdin.
+    #[serde(default)]
+    stdin: bool,
+    /// A label to find it by in list_processes.
+    tag: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct ProcessOutput {
+    microvm_id: String,
+    pid: u32,
+    /// Output offset to read from: 0 at first, then the `nextOffset` of the previous call.
+    #[serde(default)]
+    from: u64,
+    /// Seconds to wait for the process to exit before answering with what it printed so
+    /// far (default 5, at most 60).
+    wait_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct SendStdin {
+    microvm_id: String,
+    pid: u32,
+    /// Text for its stdin (add "\n" to end a line).
+    text: String,
+    /// Close stdin afterwards.
+    #[serde(default)]
+    eof: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct SignalProcess {
+    microvm_id: String,
+    pid: u32,
+    /// TERM (default), INT, KILL, HUP, … or a number.
+    signal: Option<String>,
+}
+
+/// Most output bytes one process_output call returns (its answer goes into a model's
+/// context).
+const MAX_OUTPUT_BYTES: u64 = 64 << 10;
+
+/// `pid`'s output from `from`: what it printed by the time it exited or `wait` passed, at
+/// most [`MAX_OUTPUT_BYTES`], with where to read on.
+fn read_output(c: &Client, id: &str, pid: u32, from: u64, wait: u64) -> Result<Value, String> {
+    let p = c
+        .get_process(id, pid, Duration::from_secs(wait))
+        .map_err(|e| e.to_string())?;
+    let end = p
+        .output_end
+        .min(from.max(p.output_start) + MAX_OUTPUT_BYTES);
+    let mut text = Vec::new();
+    let mut next = from.max(p.output_start);
+    if end > next {
+        // Everything up to `end` is already kept by the guest: reading it never blocks.
+        let mut stream = c.process_output(id, pid, from).map_err(|e| e.to_string())?;
+        while stream.position() < end {
+            match stream.next() {
+                Some(Ok(kiln_client::OutputItem::Output { data, offset, .. })) => {
+                    let take = (end - offset).min(data.len() as u64) as usize;
+                    text.extend_from_slice(&data[..take]);
+                    next = offset + take as u64;
+                    if next >= end {
+                        break;
+                    }
+                }
+                Some(Ok(kiln_client::OutputItem::Exit(_))) | None => break,
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(json!({
+        "output": String::from_utf8_lossy(&text),
+        "nextOffset": next,
+        "skippedBytes": p.output_start.saturating_sub(from),
+        "moreOutput": next < p.output_end,
+        "running": p.running,
+        "exitCode": p.exit_code,
+        "signal": p.signal,
+    }))
+}
+
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
@@ -236,6 +329,84 @@ impl KilnMcp {
             .exec(p.microvm_id, p.command, p.timeout_seconds.unwrap_or(60))
             .await?;
         Ok(serde_json::to_string_pretty(&out).unwrap_or_default())
+    }
+
+    #[tool(
+        description = "Start a process in a sandbox that keeps running on its own (a server, a build, a long job), also across idle suspend and resume. Returns its pid at once; read what it prints with process_output."
+    )]
+    async fn start_process(
+        &self,
+        Parameters(p): Parameters<StartProcess>,
+    ) -> Result<String, String> {
+        self.call(move |c| {
+            let req = kiln_client::api::StartProcessRequest {
+                command: p.command,
+                shell: p.shell,
+                env: p.env.unwrap_or_default(),
+                cwd: p.cwd,
+                stdin: p.stdin,
+                tag: p.tag,
+                ..Default::default()
+            };
+            let proc = c
+                .start_process(&p.microvm_id, &req)
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::to_string_pretty(&proc).unwrap_or_default())
+        })
+        .await
+    }
+
+    #[tool(
+        description = "What a process printed (stdout and stderr as they came) from offset `from` on, after waiting up to wait_seconds for it to exit; with `running`, `exitCode` and the `nextOffset` to read on from. At most 64 KiB per call."
+    )]
+    async fn process_output(
+        &self,
+        Parameters(p): Parameters<ProcessOutput>,
+    ) -> Result<String, String> {
+        let wait = p.wait_seconds.unwrap_or(5).min(60);
+        self.call(move |c| read_output(c, &p.microvm_id, p.pid, p.from, wait).map(|v| pretty(&v)))
+            .await
+    }
+
+    #[tool(description = "Write text to a process's stdin (started with stdin: true).")]
+    async fn send_stdin(&self, Parameters(p): Parameters<SendStdin>) -> Result<String, String> {
+        self.call(move |c| {
+            c.write_process_stdin(&p.microvm_id, p.pid, p.text.as_bytes(), p.eof)
+                .map_err(|e| e.to_string())?;
+            Ok(format!("sent {} bytes to process {}", p.text.len(), p.pid))
+        })
+        .await
+    }
+
+    #[tool(description = "Send a signal to a process and its children (default TERM).")]
+    async fn signal_process(
+        &self,
+        Parameters(p): Parameters<SignalProcess>,
+    ) -> Result<String, String> {
+        self.call(move |c| {
+            let signal = p.signal.unwrap_or_else(|| "TERM".into());
+            c.signal_process(&p.microvm_id, p.pid, &signal)
+                .map_err(|e| e.to_string())?;
+            Ok(format!("sent {signal} to process {}", p.pid))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "The processes started in a sandbox: pid, command, running or exit code, tag."
+    )]
+    async fn list_processes(&self, Parameters(p): Parameters<Sandbox>) -> Result<String, String> {
+        self.call(move |c| {
+            let all = c
+                .list_all_processes(&p.microvm_id, &Default::default())
+                .map_err(|e| e.to_string())?;
+            let rows: Vec<Value> = all
+                .iter()
+                .map(|p| json!({"pid": p.pid, "command": p.command, "running": p.running, "exitCode": p.exit_code, "signal": p.signal, "tag": p.tag}))
+                .collect();
+            Ok(pretty(&Value::Array(rows)))
+        })
+        .await
     }
 
     #[tool(description = "Read a text file from a sandbox (at most 1 MiB).")]

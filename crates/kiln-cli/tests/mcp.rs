@@ -83,12 +83,17 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
             "destroy_sandbox",
             "fork_sandbox",
             "list_files",
+            "list_processes",
             "list_sandboxes",
+            "process_output",
             "read_file",
             "run_code",
             "run_command",
             "sandbox_metrics",
             "save_sandbox_image",
+            "send_stdin",
+            "signal_process",
+            "start_process",
             "write_file"
         ]
     );
@@ -178,6 +183,66 @@ async fn an_mcp_client_creates_uses_and_destroys_a_sandbox() {
     )
     .await;
     assert!(ok && out.contains(r#""exitCode": 3"#), "{out}");
+    // A process that runs on: started, fed, read in parts by offset, signalled.
+    let (ok, started) = call(
+        &client,
+        "start_process",
+        json!({"microvm_id": id, "shell": "echo up; read a; echo got:$a; sleep 600", "stdin": true, "tag": "srv"}),
+    )
+    .await;
+    assert!(ok, "{started}");
+    let pid = serde_json::from_str::<Value>(&started).unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let (ok, out) = call(
+        &client,
+        "process_output",
+        json!({"microvm_id": id, "pid": pid, "wait_seconds": 1}),
+    )
+    .await;
+    assert!(ok, "{out}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (out["output"].as_str(), out["running"].as_bool()),
+        (Some("up\n"), Some(true)),
+        "{out}"
+    );
+    let (ok, sent) = call(
+        &client,
+        "send_stdin",
+        json!({"microvm_id": id, "pid": pid, "text": "yes\n"}),
+    )
+    .await;
+    assert!(ok, "{sent}");
+    let (ok, out) = call(
+        &client,
+        "process_output",
+        json!({"microvm_id": id, "pid": pid, "from": out["nextOffset"], "wait_seconds": 2}),
+    )
+    .await;
+    assert!(ok && out.contains(r#""output": "got:yes\n""#), "{out}");
+    let (ok, listed) = call(&client, "list_processes", json!({"microvm_id": id})).await;
+    assert!(ok && listed.contains(r#""tag": "srv""#), "{listed}");
+    let (ok, _) = call(
+        &client,
+        "signal_process",
+        json!({"microvm_id": id, "pid": pid, "signal": "KILL"}),
+    )
+    .await;
+    assert!(ok);
+    let (_, out) = call(
+        &client,
+        "process_output",
+        json!({"microvm_id": id, "pid": pid, "from": 0, "wait_seconds": 30}),
+    )
+    .await;
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (out["signal"].as_i64(), out["output"].as_str()),
+        (Some(9), Some("up\ngot:yes\n")),
+        "{out}"
+    );
+
     let (_, listed) = call(&client, "list_sandboxes", json!({})).await;
     assert!(listed.contains(&id), "{listed}");
     let (_, listed) = call(&client, "list_sandboxes", json!({"labels": ["task=mcp"]})).await;
