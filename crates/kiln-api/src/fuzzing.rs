@@ -5,7 +5,10 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{CreateImageRequest, CreateTokenRequest, ExecRequest, RunMicrovmRequest};
+use crate::{
+    CreateImageRequest, CreateTokenRequest, ExecRequest, RunMicrovmRequest, SignalProcessRequest,
+    StartProcessRequest, TerminalSize,
+};
 
 fn round_trips<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(data: &[u8]) {
     if let Ok(value) = serde_json::from_slice::<T>(data) {
@@ -24,4 +27,11 @@ pub fn rest_body(data: &[u8]) {
     round_trips::<RunMicrovmRequest>(data);
     round_trips::<ExecRequest>(data);
     round_trips::<CreateTokenRequest>(data);
+    round_trips::<StartProcessRequest>(data);
+    round_trips::<SignalProcessRequest>(data);
+    round_trips::<TerminalSize>(data);
+    // Validation of an accepted request never panics either.
+    if let Ok(req) = serde_json::from_slice::<StartProcessRequest>(data) {
+        let _ = req.argv();
+    }
 }

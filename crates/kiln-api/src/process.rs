@@ -17,6 +17,8 @@ pub const MAX_ENV: usize = 256;
 pub const MAX_STDIN_BYTES: usize = 1 << 20;
 /// Largest terminal side, in cells.
 pub const MAX_TERM_CELLS: u16 = 1000;
+/// ProcessOutput streams one microVM may have open at once.
+pub const MAX_OUTPUT_STREAMS_PER_MICROVM: usize = 32;
 /// Processes one microVM's agent keeps (running or exited).
 pub const MAX_PROCESSES: usize = 128;
 

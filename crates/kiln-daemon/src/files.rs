@@ -88,31 +88,49 @@ impl Drop for Busy {
     }
 }
 
-/// Open watches per microVM.
-#[derive(Default)]
-pub struct Watches(Arc<Mutex<HashMap<String, usize>>>);
+/// Open streams of one kind per microVM (file watches, process output streams), each
+/// holding an agent stream: bounded, so no client can take all of a guest's streams.
+pub struct Watches {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    max: usize,
+    what: &'static str,
+}
 
-/// One open watch, counted until dropped.
+impl Default for Watches {
+    fn default() -> Self {
+        Watches::new(kiln_api::files::MAX_WATCHES_PER_MICROVM, "watches")
+    }
+}
+
+/// One open stream, counted until dropped.
 pub struct WatchSlot {
     counts: Arc<Mutex<HashMap<String, usize>>>,
     id: String,
 }
 
 impl Watches {
-    /// A slot, or 429 when the microVM has [`kiln_api::files::MAX_WATCHES_PER_MICROVM`].
+    pub fn new(max: usize, what: &'static str) -> Watches {
+        Watches {
+            counts: Arc::default(),
+            max,
+            what,
+        }
+    }
+
+    /// A slot, or 429 when the microVM has `max` open.
     pub fn take(&self, id: &str) -> ApiResult<WatchSlot> {
-        let max = kiln_api::files::MAX_WATCHES_PER_MICROVM;
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (max, what) = (self.max, self.what);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(id.to_string()).or_default();
         if *n >= max {
             return Err(ApiError::quota(format!(
-                "microVM {id} already has {max} open watches: close one (end its event \
+                "microVM {id} already has {max} open {what}: close one (end its event \
                  stream) first"
             )));
         }
         *n += 1;
         Ok(WatchSlot {
-            counts: self.0.clone(),
+            counts: self.counts.clone(),
             id: id.to_string(),
         })
     }

@@ -116,6 +116,10 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         pool: pool::Pool::new(cfg.prestart_per_image),
         metrics: Default::default(),
         watches: Default::default(),
+        output_streams: crate::files::Watches::new(
+            kiln_api::process::MAX_OUTPUT_STREAMS_PER_MICROVM,
+            "process output streams",
+        ),
         webhooks: Default::default(),
     });
     recovery::recover(&manager).await?;

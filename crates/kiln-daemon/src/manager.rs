@@ -84,6 +84,8 @@ pub struct Manager {
     pub webhooks: crate::webhooks::Webhooks,
     /// Open file watches per microVM.
     pub watches: crate::files::Watches,
+    /// Open process output streams per microVM.
+    pub output_streams: crate::files::Watches,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;

@@ -256,7 +256,10 @@ fn listing_and_bad_input(d: &TestDaemon, id: &str) {
     let (_, all) = d.get(&format!("{}?limit=2", base(id)));
     assert_eq!(all["processes"].as_array().unwrap().len(), 2, "{all}");
     let cursor = all["nextCursor"].as_str().unwrap();
-    let (_, rest) = d.get(&format!("{}?limit=10&cursor={cursor}", base(id)));
+    let (_, rest) = d.get(&format!(
+        "{}?limit=10&running=false&cursor={cursor}",
+        base(id)
+    ));
     assert_eq!(rest["processes"].as_array().unwrap().len(), 2, "{rest}");
     assert!(rest["processes"][0]["pid"].as_u64() > all["processes"][1]["pid"].as_u64());
 
@@ -280,6 +283,46 @@ fn listing_and_bad_input(d: &TestDaemon, id: &str) {
     assert_eq!(status, 404);
     let (status, _) = d.get(&format!("{}/1?waitSeconds=301", base(id)));
     assert_eq!(status, 400);
+
+    // Output streams per microVM are bounded; they free their slots when they end.
+    let pid = start(d, id, json!({"command": ["sleep", "300"]}));
+    let open: Vec<_> = (0..32).map(|_| output(d, id, pid, 0)).collect();
+    let url = format!("{}{}/{pid}/output", d.base, base(id));
+    let refused = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {}", d.key))
+        .call();
+    assert!(
+        matches!(refused, Err(ureq::Error::Status(429, _))),
+        "a 33rd stream: {refused:?}"
+    );
+    let (status, _) = d.post(
+        &format!("{}/{pid}/signal", base(id)),
+        json!({"signal": "KILL"}),
+    );
+    assert_eq!(status, 204);
+    for rx in &open {
+        assert_eq!(next(rx).event, "exit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while output_status(d, id, pid) == 429 {
+        assert!(
+            Instant::now() < deadline,
+            "the ended streams kept their slots"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn output_status(d: &TestDaemon, id: &str, pid: u64) -> u16 {
+    let url = format!("{}{}/{pid}/output", d.base, base(id));
+    match ureq::get(&url)
+        .set("Authorization", &format!("Bearer {}", d.key))
+        .call()
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 fn background_across_suspend(d: &TestDaemon, id: &str) {

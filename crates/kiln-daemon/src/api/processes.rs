@@ -193,7 +193,7 @@ pub async fn get_process(
         output was sent. Output older than the newest 1 MiB is gone: the first event's offset \
         says where it resumes. A suspend or stop ends the stream with an `error` event; after \
         a resume, open it again from the last id. An open stream is activity: it keeps the \
-        microVM from idling.",
+        microVM from idling. At most 32 open per microVM.",
     params(("id" = String, Path, description = "The microVM's id"), ("pid" = u32, Path, description = "The process's pid"), ProcessOutputQuery),
     responses(
         (status = 200, description = "The event stream", body = ProcessOutputEvent, content_type = "text/event-stream"),
@@ -201,6 +201,7 @@ pub async fn get_process(
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 404, description = "No such microVM or process", body = ErrorBody),
         (status = 409, description = "It is not RUNNING", body = ErrorBody),
+        (status = 429, description = "It already has 32 open output streams", body = ErrorBody),
         (status = 502, description = "The guest agent failed", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
@@ -224,8 +225,9 @@ pub async fn process_output(
     };
     let from = resume.or(q.from).unwrap_or(0);
     let agent = agent(&m, &id)?;
+    let slot = m.output_streams.take(&id)?;
     let mut attached = agent.attach_process(pid, from).await.map_err(error)?;
-    let busy = Busy::new(&m, &id);
+    let busy = (Busy::new(&m, &id), slot);
     let (tx, rx) = mpsc::channel::<Result<Event, std::convert::Infallible>>(16);
     tokio::spawn(async move {
         let _busy = busy;
