@@ -38,3 +38,15 @@ python_tests() {
     (cd "$repo/sdk/python/tests" && "$venv/bin/pytest" -q -p no:cacheprovider .)
 }
 phase "Python tests" python_tests
+
+# The TypeScript SDK: its dev tools from the lock file (npm ci), then Node's test runner against
+# the kilnd binary cargo built. Node.js 20 and npm come with the machine (Debian: nodejs, npm).
+typescript_tests() {
+    if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then
+        echo "the TypeScript SDK's tests need Node.js 20 or newer and npm (found: $(node --version 2>&1 || true))" >&2
+        exit 1
+    fi
+    (cd "$repo/sdk/typescript" && npm ci --no-audit --no-fund --prefer-offline --loglevel=error \
+        && node --test test/*.test.mjs)
+}
+phase "TypeScript tests" typescript_tests
