@@ -51,6 +51,12 @@ pub fn error(e: AgentError) -> ApiError {
 /// A failed guest operation: the guest's refusals as 4xx with its own words, the rest
 /// `failed` (a 502).
 pub fn guest_error(e: AgentError, failed: ErrorCode) -> ApiError {
+    if let AgentError::Session(kiln_proto::SessionError::Busy) = &e {
+        return ApiError::quota(format!(
+            "{}: too many requests to this microVM at once",
+            error_chain(&e)
+        ));
+    }
     let AgentError::Guest(g) = &e else {
         return ApiError::new(failed, error_chain(&e));
     };

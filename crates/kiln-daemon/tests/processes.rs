@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::steps::terminate;
+use common::steps::{sh, terminate};
 use common::TestDaemon;
 use serde_json::{json, Value};
 
@@ -147,6 +147,7 @@ fn processes_stream_take_input_signals_and_resizes_and_survive_suspend() {
     stdin_and_signals(&d, &id);
     terminal_resize(&d, &id);
     listing_and_bad_input(&d, &id);
+    detached_streams_are_freed(&d, &id);
     background_across_suspend(&d, &id);
     terminate(&d, &id);
 }
@@ -311,6 +312,50 @@ fn listing_and_bad_input(d: &TestDaemon, id: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Streams opened and dropped over and over on a process that prints nothing: each one's
+/// agent stream ends with it (a leak would exhaust the session's 256 streams).
+fn detached_streams_are_freed(d: &TestDaemon, id: &str) {
+    let pid = start(d, id, json!({"command": ["sleep", "300"]}));
+    for _ in 0..300 {
+        while output_status(d, id, pid) == 429 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(sh(d, id, "echo still"), "still\n");
+    // As many waits at once as the agent session has streams, and more: the excess gets a
+    // 429, the session stays up, and a suspend still gets through afterwards.
+    let url = format!("{}{}/{pid}?waitSeconds=4", d.base, base(id));
+    let key = format!("Bearer {}", d.key);
+    let waits: Vec<_> = (0..300)
+        .map(|_| {
+            let (url, key) = (url.clone(), key.clone());
+            std::thread::spawn(
+                move || match ureq::get(&url).set("Authorization", &key).call() {
+                    Ok(r) => r.status(),
+                    Err(ureq::Error::Status(s, _)) => s,
+                    Err(e) => panic!("{e}"),
+                },
+            )
+        })
+        .collect();
+    let statuses: Vec<u16> = waits.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    let (status, p) = d.get(&format!("{}/{pid}", base(id)));
+    assert_eq!((status, p["running"].as_bool()), (200, Some(true)), "{p}");
+    let (status, _) = d.post(
+        &format!("{}/{pid}/signal", base(id)),
+        json!({"signal": "KILL"}),
+    );
+    assert_eq!(status, 204);
 }
 
 fn output_status(d: &TestDaemon, id: &str, pid: u64) -> u16 {

@@ -4,11 +4,12 @@
 //! accepts. A host session refuses streams the guest tries to open.
 
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tracing::{debug, warn};
 
@@ -19,8 +20,55 @@ pub const MAX_STREAMS: usize = 256;
 /// Bound on the memory one session may buffer for the peer (yamux receive windows).
 const MAX_RECEIVE_WINDOW: usize = MAX_STREAMS * 256 * 1024;
 
-/// One multiplexed stream, usable with tokio I/O.
-pub type Stream = Compat<yamux::Stream>;
+/// Streams ordinary requests may hold at once. The rest of [`MAX_STREAMS`] is kept for
+/// control ([`Session::open_control`]: detach, ping), so a flood of requests is refused one
+/// by one and never takes the session down (yamux ends a connection whose peer opens more
+/// than its maximum) or keeps a suspend from detaching.
+pub const MAX_OPEN_REQUESTS: usize = MAX_STREAMS - 16;
+
+/// One multiplexed stream, usable with tokio I/O. A host's stream holds one of the
+/// session's [`MAX_OPEN_REQUESTS`] slots until it is dropped.
+pub struct Stream {
+    inner: Compat<yamux::Stream>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Stream {
+    fn new(stream: yamux::Stream, slot: Option<OwnedSemaphorePermit>) -> Stream {
+        Stream {
+            inner: stream.compat(),
+            _slot: slot,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +97,11 @@ pub enum SessionError {
     Ended(SessionEnd),
     #[error("Opening a stream failed")]
     Open(#[source] yamux::ConnectionError),
+    #[error(
+        "The agent session already carries {MAX_OPEN_REQUESTS} requests at once: retry when \
+         some have ended"
+    )]
+    Busy,
 }
 
 enum Command {
@@ -64,6 +117,7 @@ pub struct Session {
     commands: mpsc::UnboundedSender<Command>,
     end: watch::Receiver<Option<SessionEnd>>,
     generation: u16,
+    slots: Arc<Semaphore>,
     _driver: Arc<DriverGuard>,
 }
 
@@ -127,6 +181,7 @@ impl Session {
             commands,
             end,
             generation,
+            slots: Arc::new(Semaphore::new(MAX_OPEN_REQUESTS)),
             _driver: Arc::new(DriverGuard(task.abort_handle())),
         }
     }
@@ -138,12 +193,30 @@ impl Session {
 
     /// Opens a new stream, framed.
     pub async fn open(&self) -> Result<FramedStream<Stream>, SessionError> {
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SessionError::Busy)?;
+        self.open_with(Some(slot)).await
+    }
+
+    /// Opens a stream outside the requests' slots: for detach and ping, which must get
+    /// through however busy the session is.
+    pub async fn open_control(&self) -> Result<FramedStream<Stream>, SessionError> {
+        self.open_with(None).await
+    }
+
+    async fn open_with(
+        &self,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<FramedStream<Stream>, SessionError> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Open(tx)).is_err() {
             return Err(SessionError::Ended(self.wait_end().await));
         }
         match rx.await {
-            Ok(Ok(stream)) => Ok(FramedStream::new(stream.compat())),
+            Ok(Ok(stream)) => Ok(FramedStream::new(Stream::new(stream, slot))),
             Ok(Err(e)) => Err(SessionError::Open(e)),
             Err(_) => Err(SessionError::Ended(self.wait_end().await)),
         }
@@ -224,7 +297,7 @@ where
         loop {
             match conn.poll_next_inbound(cx) {
                 Poll::Ready(Some(Ok(stream))) => match &inbound {
-                    Some(tx) if tx.try_send(stream.compat()).is_ok() => {}
+                    Some(tx) if tx.try_send(Stream::new(stream, None)).is_ok() => {}
                     _ => {
                         refused_inbound += 1;
                         if refused_inbound == 1 || refused_inbound.is_power_of_two() {
@@ -275,6 +348,32 @@ mod tests {
             assert_eq!(t.await.unwrap(), GuestFrame::Ok);
         }
         assert_eq!(host.close().await, SessionEnd::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_requests_is_refused_and_control_still_opens() {
+        let (h, g) = tokio::io::duplex(1 << 16);
+        let host = Session::client(h, 1);
+        let (_agent, mut accepted) = Session::server(g, 1);
+        let held = tokio::spawn(async move {
+            let mut streams = Vec::new();
+            while let Some(s) = accepted.recv().await {
+                streams.push(s);
+            }
+        });
+        let mut open = Vec::new();
+        for _ in 0..MAX_OPEN_REQUESTS {
+            let mut s = host.open().await.unwrap();
+            s.send(&Request::Ping).await.unwrap();
+            open.push(s);
+        }
+        assert!(matches!(host.open().await, Err(SessionError::Busy)));
+        let mut control = host.open_control().await.unwrap();
+        control.send(&Request::Ping).await.unwrap();
+        assert!(host.ended().is_none(), "the session survived the flood");
+        open.pop();
+        assert!(host.open().await.is_ok(), "a slot came back");
+        held.abort();
     }
 
     #[tokio::test]

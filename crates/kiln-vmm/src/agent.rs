@@ -154,6 +154,14 @@ impl AgentClient {
         Ok(stream)
     }
 
+    /// [`AgentClient::open`] for control (ping, detach): it gets through however many
+    /// requests are open.
+    async fn open_control(&self, request: &Request) -> Result<FramedStream<Stream>, AgentError> {
+        let mut stream = self.session.open_control().await?;
+        stream.send(request).await.map_err(AgentError::Stream)?;
+        Ok(stream)
+    }
+
     /// [`AgentClient::recv`] under [`REPLY_TIMEOUT`].
     pub(crate) async fn recv_within(
         &self,
@@ -204,7 +212,7 @@ impl AgentClient {
     }
 
     pub async fn ping(&self) -> Result<AgentInfo, AgentError> {
-        let mut s = self.open(&Request::Ping).await?;
+        let mut s = self.open_control(&Request::Ping).await?;
         match self.recv(&mut s, "waiting for Pong").await? {
             GuestFrame::Pong(info) => Ok(info),
             other => Err(self.unexpected(&other, "Pong")),
@@ -475,7 +483,7 @@ impl AgentClient {
 
     pub async fn detach(&self, timeout: Duration) -> Result<(), AgentError> {
         let result = tokio::time::timeout(timeout, async {
-            let mut s = self.open(&Request::Detach).await?;
+            let mut s = self.open_control(&Request::Detach).await?;
             match self.recv(&mut s, "waiting for the detach answer").await? {
                 GuestFrame::Ok => Ok(()),
                 other => Err(self.unexpected(&other, "Ok")),

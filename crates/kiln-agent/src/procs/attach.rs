@@ -19,7 +19,6 @@ pub async fn attach(
     let mut changed = proc.changed.subscribe();
     framed.send(&GuestFrame::Process(proc.info())).await?;
     let mut cursor = from;
-    let mut host_open = true;
     loop {
         changed.borrow_and_update();
         // The exit is recorded only after the output is drained, so once it is seen here,
@@ -35,7 +34,7 @@ pub async fn attach(
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
-            msg = framed.recv::<HostFrame>(), if host_open => match msg {
+            msg = framed.recv::<HostFrame>() => match msg {
                 Ok(Some(frame)) => {
                     if let Some(op) = op(frame) {
                         // A refused operation (stdin closed, not a terminal) is not the
@@ -43,8 +42,9 @@ pub async fn attach(
                         let _ = proc.control(op).await;
                     }
                 }
-                // The host closed its side: keep sending until it goes.
-                Ok(None) => host_open = false,
+                // The host closed the stream: it detached. Ending here frees the stream even
+                // when the process prints nothing more.
+                Ok(None) => return Ok(()),
                 Err(e) => return Err(e),
             },
         }

@@ -34,6 +34,8 @@ use crate::reaper::Reaper;
 pub const MAX_PROCESSES: usize = 128;
 /// After a process exits, how long output still held open by its children is read.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// The longest a stdin write waits for a process that does not read.
+const STDIN_STALL: Duration = Duration::from_secs(5);
 /// Bytes of a command line kept for listings.
 const ARGV_SHOWN: usize = 2048;
 
@@ -256,13 +258,27 @@ impl Proc {
                 ),
             )
         };
-        match input {
-            Input::Closed => Err(closed()),
-            Input::Pipe(tx) => tx.send(data.to_vec()).await.map_err(|_| closed()),
-            Input::Pty(master) => crate::pty::write_all(&master, data)
-                .await
-                .map_err(|e| io_error("write", "the terminal", e)),
-        }
+        let write = async {
+            match input {
+                Input::Closed => Err(closed()),
+                Input::Pipe(tx) => tx.send(data.to_vec()).await.map_err(|_| closed()),
+                Input::Pty(master) => crate::pty::write_all(&master, data)
+                    .await
+                    .map_err(|e| io_error("write", "the terminal", e)),
+            }
+        };
+        tokio::time::timeout(STDIN_STALL, write)
+            .await
+            .unwrap_or_else(|_| {
+                Err(GuestError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "process {} is not reading its input (it stayed full for {} s)",
+                        self.pid,
+                        STDIN_STALL.as_secs()
+                    ),
+                ))
+            })
     }
 
     /// Waits for the exit, at most `timeout`.
@@ -354,8 +370,10 @@ fn spawn_pty(
     })
 }
 
+/// Writes queued stdin to the pipe; one write waits at most (a process that does not read
+/// holds the agent to one write in the pipe and one queued).
 fn stdin_writer(fd: OwnedFd) -> mpsc::Sender<Vec<u8>> {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
     tokio::spawn(async move {
         let Ok(mut pipe) = pipe::Sender::from_owned_fd(fd) else {
             return;
