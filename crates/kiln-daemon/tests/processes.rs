@@ -200,6 +200,9 @@ fn stdin_and_signals(d: &TestDaemon, id: &str) {
     assert!(all.starts_with("got:hello\nrest\ndone:1000"), "{all:?}");
     // A process that exited takes no more input.
     assert_eq!(post_stdin(d, id, pid, "", b"late"), 409);
+    // Closing it is not an error: a process may exit as it reads the bytes written just
+    // before the close (a race the clients' write-then-close would otherwise lose).
+    assert_eq!(post_stdin(d, id, pid, "?eof=true", b""), 204);
 
     let pid = start(d, id, json!({"command": ["sleep", "300"]}));
     assert_eq!(

@@ -81,6 +81,14 @@ export declare class Client {
     }): Promise<S["MicrovmList"]>;
     /** The microVM once it is in `state` (or TERMINATED); a KilnError when time ran out first. */
     waitMicrovm(microvmIdentifier: string, state?: MicrovmState, timeoutMs?: number): Promise<Microvm>;
+    /** Sets labels (a value) and removes them (`null`); the others are kept. */
+    updateMicrovm(microvmIdentifier: string, labels: Record<string, string | null>): Promise<Microvm>;
+    /** Sets and removes an image's labels, as updateMicrovm does. */
+    updateMicrovmImage(imageIdentifier: string, labels: Record<string, string | null>): Promise<Image>;
+    /** The microVM's metrics history, oldest first (the newest is also in getMicrovm's `metrics`). */
+    getMicrovmMetrics(microvmIdentifier: string, sinceMs?: number): Promise<S["MicrovmMetricsHistory"]>;
+    /** `count` copies of a RUNNING microVM (memory, processes, disk), on their way to RUNNING. */
+    forkMicrovm(microvmIdentifier: string, count?: number): Promise<S["ForkMicrovmResponse"]>;
     suspendMicrovm(microvmIdentifier: string): Promise<Microvm>;
     resumeMicrovm(microvmIdentifier: string): Promise<Microvm>;
     terminateMicrovm(microvmIdentifier: string): Promise<Microvm>;
@@ -90,6 +98,12 @@ export declare class Client {
     /** Revokes every token of a microVM (a Sandbox then gets a fresh one by itself). */
     revokeMicrovmAuthTokens(microvmIdentifier: string): Promise<void>;
     ingressInfo(): Promise<IngressInfo>;
+    /** Registers `url` for lifecycle events; the answer's `secret` (shown once) checks deliveries (verifyWebhook). */
+    createWebhook(req: S["CreateWebhookRequest"]): Promise<S["Webhook"]>;
+    listWebhooks(): Promise<S["WebhookList"]>;
+    deleteWebhook(webhookId: string): Promise<void>;
+    /** The newest deliveries, newest first. */
+    listWebhookDeliveries(webhookId: string): Promise<S["DeliveryList"]>;
     listFiles(id: string, path: string, opts?: {
         user?: string;
         limit?: number;

@@ -121,6 +121,22 @@ export class Client {
             }
         }
     }
+    /** Sets labels (a value) and removes them (`null`); the others are kept. */
+    async updateMicrovm(microvmIdentifier, labels) {
+        return this.http.call("PATCH", `/v1/microvms/${seg(microvmIdentifier)}`, { json: { labels } });
+    }
+    /** Sets and removes an image's labels, as updateMicrovm does. */
+    async updateMicrovmImage(imageIdentifier, labels) {
+        return this.http.call("PATCH", `/v1/images/${seg(imageIdentifier)}`, { json: { labels } });
+    }
+    /** The microVM's metrics history, oldest first (the newest is also in getMicrovm's `metrics`). */
+    async getMicrovmMetrics(microvmIdentifier, sinceMs) {
+        return this.http.call("GET", `/v1/microvms/${seg(microvmIdentifier)}/metrics`, { query: { sinceMs } });
+    }
+    /** `count` copies of a RUNNING microVM (memory, processes, disk), on their way to RUNNING. */
+    async forkMicrovm(microvmIdentifier, count = 1) {
+        return this.http.call("POST", `/v1/microvms/${seg(microvmIdentifier)}/fork`, { json: { count } });
+    }
     async suspendMicrovm(microvmIdentifier) {
         return this.http.call("POST", `/v1/microvms/${seg(microvmIdentifier)}/suspend`, { json: {} });
     }
@@ -143,6 +159,21 @@ export class Client {
     }
     async ingressInfo() {
         return this.http.call("GET", "/v1/ingress");
+    }
+    // -- webhooks ----------------------------------------------------------------------------
+    /** Registers `url` for lifecycle events; the answer's `secret` (shown once) checks deliveries (verifyWebhook). */
+    async createWebhook(req) {
+        return this.http.call("POST", "/v1/webhooks", { json: req });
+    }
+    async listWebhooks() {
+        return this.http.call("GET", "/v1/webhooks");
+    }
+    async deleteWebhook(webhookId) {
+        await this.http.call("DELETE", `/v1/webhooks/${seg(webhookId)}`);
+    }
+    /** The newest deliveries, newest first. */
+    async listWebhookDeliveries(webhookId) {
+        return this.http.call("GET", `/v1/webhooks/${seg(webhookId)}/deliveries`);
     }
     // -- files -------------------------------------------------------------------------------
     #files(id, rest = "") {

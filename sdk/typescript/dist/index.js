@@ -6,3 +6,4 @@
 export * from "./client.js";
 export { KilnError } from "./errors.js";
 export { Sandbox } from "./sandbox.js";
+export { verifyWebhook } from "./webhooks.js";

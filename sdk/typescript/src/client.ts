@@ -172,6 +172,26 @@ export class Client {
     }
   }
 
+  /** Sets labels (a value) and removes them (`null`); the others are kept. */
+  async updateMicrovm(microvmIdentifier: string, labels: Record<string, string | null>): Promise<Microvm> {
+    return this.http.call("PATCH", `/v1/microvms/${seg(microvmIdentifier)}`, { json: { labels } });
+  }
+
+  /** Sets and removes an image's labels, as updateMicrovm does. */
+  async updateMicrovmImage(imageIdentifier: string, labels: Record<string, string | null>): Promise<Image> {
+    return this.http.call("PATCH", `/v1/images/${seg(imageIdentifier)}`, { json: { labels } });
+  }
+
+  /** The microVM's metrics history, oldest first (the newest is also in getMicrovm's `metrics`). */
+  async getMicrovmMetrics(microvmIdentifier: string, sinceMs?: number): Promise<S["MicrovmMetricsHistory"]> {
+    return this.http.call("GET", `/v1/microvms/${seg(microvmIdentifier)}/metrics`, { query: { sinceMs } });
+  }
+
+  /** `count` copies of a RUNNING microVM (memory, processes, disk), on their way to RUNNING. */
+  async forkMicrovm(microvmIdentifier: string, count = 1): Promise<S["ForkMicrovmResponse"]> {
+    return this.http.call("POST", `/v1/microvms/${seg(microvmIdentifier)}/fork`, { json: { count } });
+  }
+
   async suspendMicrovm(microvmIdentifier: string): Promise<Microvm> {
     return this.http.call("POST", `/v1/microvms/${seg(microvmIdentifier)}/suspend`, { json: {} });
   }
@@ -200,6 +220,25 @@ export class Client {
 
   async ingressInfo(): Promise<IngressInfo> {
     return this.http.call("GET", "/v1/ingress");
+  }
+
+  // -- webhooks ----------------------------------------------------------------------------
+  /** Registers `url` for lifecycle events; the answer's `secret` (shown once) checks deliveries (verifyWebhook). */
+  async createWebhook(req: S["CreateWebhookRequest"]): Promise<S["Webhook"]> {
+    return this.http.call("POST", "/v1/webhooks", { json: req });
+  }
+
+  async listWebhooks(): Promise<S["WebhookList"]> {
+    return this.http.call("GET", "/v1/webhooks");
+  }
+
+  async deleteWebhook(webhookId: string): Promise<void> {
+    await this.http.call("DELETE", `/v1/webhooks/${seg(webhookId)}`);
+  }
+
+  /** The newest deliveries, newest first. */
+  async listWebhookDeliveries(webhookId: string): Promise<S["DeliveryList"]> {
+    return this.http.call("GET", `/v1/webhooks/${seg(webhookId)}/deliveries`);
   }
 
   // -- files -------------------------------------------------------------------------------

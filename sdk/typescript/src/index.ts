@@ -7,4 +7,5 @@ export * from "./client.js";
 export { KilnError } from "./errors.js";
 export { Sandbox, type SandboxOptions } from "./sandbox.js";
 export type { ClientOptions } from "./transport.js";
+export { verifyWebhook, type VerifyOptions } from "./webhooks.js";
 export type { components, operations, paths } from "./api.js";

@@ -45,12 +45,12 @@ export function executorContext() {
 }
 
 /** kilnd with a low idle floor, its guests terminated with it. */
-export async function startKilnd() {
+export async function startKilnd(...extra) {
   if (!existsSync(KILND)) throw new Error(`${KILND} is missing: the workspace test build makes it`);
   const home = mkdtempSync(join(tmpdir(), "kiln-ts-test-"));
   const log = openSync(join(home, "kilnd.log"), "a");
   const proc = spawn(KILND, ["--home", home, "--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0",
-    "--min-idle-seconds", "1", "--tick-ms", "200", "--on-shutdown", "terminate"], { stdio: ["ignore", "ignore", log] });
+    "--min-idle-seconds", "1", "--tick-ms", "200", "--on-shutdown", "terminate", ...extra], { stdio: ["ignore", "ignore", log] });
   const deadline = Date.now() + 60_000;
   while (!existsSync(join(home, "kilnd.addr"))) {
     if (proc.exitCode !== null) throw new Error(readFileSync(join(home, "kilnd.log"), "utf8"));

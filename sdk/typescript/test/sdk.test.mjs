@@ -1,10 +1,13 @@
 // The SDK against a real kilnd and real guests: the seed's calls, a Sandbox's requests to its
 // app (with a token it renews itself after a revocation), files, processes (output before the
-// exit, stdin, a terminal resized, signals), and typed errors.
+// exit, stdin, a terminal resized, signals), labels, metrics, signed webhook deliveries, and
+// typed errors.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { Client, KilnError, Sandbox } from "../dist/index.js";
+import { createServer } from "node:http";
+
+import { Client, KilnError, Sandbox, verifyWebhook } from "../dist/index.js";
 import { executorContext, startKilnd } from "./helpers.mjs";
 
 let kilnd;
@@ -12,7 +15,8 @@ let client;
 let sb;
 
 before(async () => {
-  kilnd = await startKilnd();
+  // Webhook targets on loopback are refused unless kilnd allows them: the receiver below is.
+  kilnd = await startKilnd("--allow-private-webhook-targets");
   client = new Client({ home: kilnd.home });
   const created = await client.createMicrovmImage({ name: "ts-executor", codeArtifact: { bytes: executorContext() } });
   const image = await client.waitMicrovmImage(created.imageIdentifier);
@@ -67,7 +71,7 @@ test("files", async () => {
 });
 
 test("processes: streamed output, stdin, a terminal, signals", async () => {
-  const p = await sb.startProcess({ shell: "echo ready; read l; echo got:$l; echo late >&2", stdin: true, tag: "ts" });
+  const p = await sb.startProcess({ shell: "echo ready; read l; echo got:$l; sleep 1; echo late >&2", stdin: true, tag: "ts" });
   const out = await sb.processOutput(p.pid);
   const chunks = out[Symbol.asyncIterator]();
   const first = (await chunks.next()).value;
@@ -108,4 +112,55 @@ test("typed errors", async () => {
   await assert.rejects(sb.startProcess({}), (e) => e instanceof KilnError && e.status === 400 && /command/.test(e.message));
   await assert.rejects(new Client({ endpoint: "http://127.0.0.1:9", apiKey: "x" }).getMicrovm("m"),
     (e) => e instanceof KilnError && e.code === "Unreachable");
+});
+
+test("labels, metrics and signed webhook deliveries", async () => {
+  const labeled = await client.updateMicrovm(sb.microvmId, { team: "ts" });
+  assert.equal(labeled.labels?.team, "ts");
+  const found = await client.listMicrovms({ label: ["team=ts"] });
+  assert.deepEqual(found.microvms.map((v) => v.microvmId), [sb.microvmId]);
+  assert.equal((await client.listMicrovms({ label: ["team=other"] })).microvms.length, 0);
+  const deadline = Date.now() + 30_000;
+  let history = await client.getMicrovmMetrics(sb.microvmId);
+  while (history.samples.length === 0) {
+    assert.ok(Date.now() < deadline, "no metrics sample within 30 s");
+    await new Promise((r) => setTimeout(r, 200));
+    history = await client.getMicrovmMetrics(sb.microvmId);
+  }
+  assert.ok(history.samples.at(-1).hostMemoryBytes > 0, JSON.stringify(history.samples.at(-1)));
+
+  const got = [];
+  const server = createServer((req, res) => {
+    const parts = [];
+    req.on("data", (c) => parts.push(c));
+    req.on("end", () => {
+      got.push({ signature: req.headers["kiln-signature"], body: Buffer.concat(parts) });
+      res.writeHead(204).end();
+    });
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  try {
+    const hook = await client.createWebhook({ url: `http://127.0.0.1:${server.address().port}/in`, events: ["microvm"] });
+    assert.equal(hook.secret?.length, 64);
+    const vm = await client.runMicrovm({ imageIdentifier: "ts-executor" });
+    await client.waitMicrovm(vm.microvmId, "RUNNING");
+    const until = Date.now() + 30_000;
+    const running = () => got.find((g) => JSON.parse(g.body).event.toState === "RUNNING");
+    while (!running()) {
+      assert.ok(Date.now() < until, `no RUNNING delivery: ${got.length} deliveries`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const { signature, body } = running();
+    const payload = verifyWebhook(hook.secret, body, signature);
+    assert.deepEqual([payload.webhookId, payload.event.microvmId], [hook.webhookId, vm.microvmId]);
+    assert.throws(() => verifyWebhook(hook.secret, Buffer.concat([body, Buffer.from(" ")]), signature), /does not match/);
+    assert.throws(() => verifyWebhook(hook.secret, body, signature, { nowSeconds: Date.now() / 1000 + 3600 }), /replay/);
+    const log = await client.listWebhookDeliveries(hook.webhookId);
+    assert.ok(log.deliveries.some((d) => d.status === "delivered"), JSON.stringify(log));
+    await client.deleteWebhook(hook.webhookId);
+    assert.deepEqual((await client.listWebhooks()).webhooks, []);
+    await client.terminateMicrovm(vm.microvmId);
+  } finally {
+    server.close();
+  }
 });

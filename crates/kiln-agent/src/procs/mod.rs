@@ -210,10 +210,13 @@ impl Proc {
     pub async fn control(&self, op: ProcOp) -> Result<(), GuestError> {
         let input = {
             let st = lock(&self.state);
-            if st.exit.is_some() {
-                return Err(self.exited());
+            match (&op, st.exit) {
+                // Closing the stdin of a process that exited (perhaps as it read the bytes
+                // written just before) asks for what already holds.
+                (ProcOp::CloseStdin, Some(_)) => return Ok(()),
+                (_, Some(_)) => return Err(self.exited()),
+                (_, None) => st.input.clone(),
             }
-            st.input.clone()
         };
         match op {
             ProcOp::Signal(n) => {
