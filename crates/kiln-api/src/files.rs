@@ -193,6 +193,29 @@ pub struct FileEvent {
     pub is_dir: bool,
 }
 
+/// The events a WatchFiles stream sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FileWatchEventName {
+    /// A change: `data` is a FileEvent.
+    File,
+    /// The directory went away (`data` is `gone`). The last event.
+    End,
+    /// The watch broke (a suspend or stop): `data` says why, as text. The last event.
+    Error,
+}
+
+/// One server-sent event of WatchFiles as an SSE parser reads it (the OpenAPI way of
+/// describing `text/event-stream`: one schema per event, with the fields the HTML standard
+/// names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileWatchSse {
+    pub event: FileWatchEventName,
+    /// JSON of a FileEvent (`file`); text (`end`, `error`).
+    pub data: String,
+}
+
 /// A guest path as kilnd passes it on: absolute, without NUL, at most [`MAX_PATH_BYTES`].
 pub fn check_path(name: &str, path: &str) -> Result<(), String> {
     if !path.starts_with('/') {

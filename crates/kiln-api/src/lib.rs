@@ -16,8 +16,9 @@ mod webhook;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use files::{
-    FileEntry, FileEvent, FileEventKind, FileKind, FileList, FilePathQuery, ListFilesQuery,
-    MakeDirectoryRequest, MoveFileRequest, RemoveFileQuery, WriteFileQuery,
+    FileEntry, FileEvent, FileEventKind, FileKind, FileList, FilePathQuery, FileWatchEventName,
+    FileWatchSse, ListFilesQuery, MakeDirectoryRequest, MoveFileRequest, RemoveFileQuery,
+    WriteFileQuery,
 };
 pub use image::{
     Artifact, ArtifactFormat, BuildStep, CodeArtifact, CreateImageRequest, CreateImageResponse,
@@ -37,8 +38,8 @@ pub use microvm::{
 };
 pub use process::{
     GetProcessQuery, ListProcessesQuery, OutputStreamName, Process, ProcessList,
-    ProcessOutputEvent, ProcessOutputQuery, SignalProcessRequest, StartProcessRequest,
-    TerminalSize, WriteStdinQuery,
+    ProcessOutputEvent, ProcessOutputEventName, ProcessOutputQuery, ProcessOutputSse,
+    SignalProcessRequest, StartProcessRequest, TerminalSize, WriteStdinQuery,
 };
 pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
 pub use token::{

@@ -13,6 +13,11 @@ pub const MAX_ARGS: usize = 1024;
 pub const MAX_ARG_BYTES: usize = 64 << 10;
 /// Most environment variables a process is started with.
 pub const MAX_ENV: usize = 256;
+/// Most bytes of arguments and environment together (the guest's kernel takes about 2 MiB;
+/// this keeps a start within one agent frame).
+pub const MAX_COMMAND_BYTES: usize = 256 << 10;
+/// Longest tag, in bytes.
+pub const MAX_TAG_BYTES: usize = 256;
 /// Most stdin bytes one WriteProcessStdin takes.
 pub const MAX_STDIN_BYTES: usize = 1 << 20;
 /// Largest terminal side, in cells.
@@ -142,10 +147,30 @@ impl StartProcessRequest {
         if let Some(size) = &self.pty {
             size.check()?;
         }
-        if self.tag.as_ref().is_some_and(|t| t.len() > 256) {
-            return Err("tag is at most 256 bytes".into());
+        check_tag(self.tag.as_deref())?;
+        let total: usize = argv.iter().map(String::len).sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>();
+        if total > MAX_COMMAND_BYTES {
+            return Err(format!(
+                "the arguments and environment are {total} bytes together; at most \
+                 {MAX_COMMAND_BYTES} (pass large input on stdin or in a file instead)"
+            ));
         }
         Ok(argv)
+    }
+}
+
+/// A tag as a request may give it: at most [`MAX_TAG_BYTES`].
+pub fn check_tag(tag: Option<&str>) -> Result<(), String> {
+    match tag {
+        Some(t) if t.len() > MAX_TAG_BYTES => {
+            Err(format!("tag is {} bytes; at most {MAX_TAG_BYTES}", t.len()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -253,6 +278,34 @@ pub struct ProcessOutputEvent {
     pub data: String,
 }
 
+/// The events a ProcessOutput stream sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessOutputEventName {
+    /// Output bytes: `data` is a ProcessOutputEvent.
+    Output,
+    /// The process exited and all its output was sent: `data` is the Process. The last event.
+    Exit,
+    /// The stream broke (a suspend or stop): `data` says why, as text. The last event.
+    Error,
+}
+
+/// One server-sent event of ProcessOutput as an SSE parser reads it (the OpenAPI way of
+/// describing `text/event-stream`: one schema per event, with the fields the HTML standard
+/// names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessOutputSse {
+    pub event: ProcessOutputEventName,
+    /// The output offset after the last `output` event's bytes: resume there with `from` or
+    /// `Last-Event-ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9]+$", nullable = false)]
+    pub id: Option<String>,
+    /// JSON of a ProcessOutputEvent (`output`) or of the Process (`exit`); text (`error`).
+    pub data: String,
+}
+
 /// SignalProcess's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -346,8 +399,17 @@ mod tests {
         let mut r = base.clone();
         r.pty = Some(TerminalSize { cols: 0, rows: 24 });
         assert!(r.argv().unwrap_err().contains("0x24"));
-        let mut r = base;
+        let mut r = base.clone();
         r.command = Some(vec!["a\0b".into()]);
         assert!(r.argv().unwrap_err().contains("NUL"));
+        let mut r = base.clone();
+        r.tag = Some("t".repeat(MAX_TAG_BYTES + 1));
+        assert!(r.argv().unwrap_err().contains("257"));
+        // Each argument within its limit, all of them over the total.
+        let mut r = base;
+        r.command = Some(vec!["a".repeat(MAX_ARG_BYTES); 5]);
+        assert!(r.argv().unwrap_err().contains("at most 262144"));
+        r.command = Some(vec!["a".repeat(MAX_ARG_BYTES); 3]);
+        assert!(r.argv().is_ok());
     }
 }

@@ -76,6 +76,31 @@ fn bad_requests_get_clear_json_errors() {
         assert_eq!(status, 400, "{field}: {body}");
         assert!(body["message"].as_str().unwrap().contains(named), "{body}");
     }
+    // Path parameters are checked like the rest: a pid that is not a number is a JSON 400.
+    let (status, body) = d.get("/v1/microvms/mvm-0000000000000000/processes/-1");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("ValidationException")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("-1"), "{body}");
+    let long_tag = format!("/v1/microvms/x/processes?tag={}", "t".repeat(257));
+    let (status, body) = d.get(&long_tag);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("257"), "{body}");
+    // StartProcess takes bodies past the 64 KiB of other JSON bodies (a shell line may be 64
+    // KiB): such a body reaches validation (then the unknown microVM's 404); over 1 MiB is 413.
+    let start = "/v1/microvms/mvm-0000000000000000/processes";
+    let (status, body) = d.post(start, json!({"shell": "a".repeat(64 * 1024)}));
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = d.post(start, json!({"shell": "a".repeat(64 * 1024 + 1)}));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = d.post(start, json!({"shell": "a".repeat(1 << 20)}));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("PayloadTooLarge")),
+        "{body}"
+    );
     // 404 on unknown ids and routes.
     let (status, body) = d.post("/v1/microvms", json!({"imageIdentifier": "no-such-image"}));
     assert_eq!(

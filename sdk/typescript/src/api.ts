@@ -1027,6 +1027,21 @@ export interface components {
             /** @description The directory has more entries than `limit`. */
             truncated: boolean;
         };
+        /**
+         * @description The events a WatchFiles stream sends.
+         * @enum {string}
+         */
+        FileWatchEventName: "file" | "end" | "error";
+        /**
+         * @description One server-sent event of WatchFiles as an SSE parser reads it (the OpenAPI way of
+         *     describing `text/event-stream`: one schema per event, with the fields the HTML standard
+         *     names).
+         */
+        FileWatchSse: {
+            event: components["schemas"]["FileWatchEventName"];
+            /** @description JSON of a FileEvent (`file`); text (`end`, `error`). */
+            data: string;
+        };
         /** @description ForkMicrovm's request. */
         ForkMicrovmRequest: {
             /**
@@ -1359,6 +1374,26 @@ export interface components {
             /** Format: u-int64 */
             offset: number;
             /** @description The bytes, base64 (standard alphabet, padded). */
+            data: string;
+        };
+        /**
+         * @description The events a ProcessOutput stream sends.
+         * @enum {string}
+         */
+        ProcessOutputEventName: "output" | "exit" | "error";
+        /**
+         * @description One server-sent event of ProcessOutput as an SSE parser reads it (the OpenAPI way of
+         *     describing `text/event-stream`: one schema per event, with the fields the HTML standard
+         *     names).
+         */
+        ProcessOutputSse: {
+            event: components["schemas"]["ProcessOutputEventName"];
+            /**
+             * @description The output offset after the last `output` event's bytes: resume there with `from` or
+             *     `Last-Event-ID`.
+             */
+            id?: string;
+            /** @description JSON of a ProcessOutputEvent (`output`) or of the Process (`exit`); text (`error`). */
             data: string;
         };
         RotateKeyResponse: {
@@ -3690,7 +3725,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["FileEvent"];
+                    "text/event-stream": components["schemas"]["FileWatchSse"];
                 };
             };
             /** @description A malformed path or user, or not a directory */
@@ -4236,6 +4271,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A body over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description 128 processes are running */
             429: {
                 headers: {
@@ -4376,7 +4420,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["ProcessOutputEvent"];
+                    "text/event-stream": components["schemas"]["ProcessOutputSse"];
                 };
             };
             /** @description A malformed offset */
@@ -4621,7 +4665,8 @@ export interface operations {
             };
             cookie?: never;
         };
-        requestBody: {
+        /** @description The bytes; none to only close stdin (with `eof=true`) */
+        requestBody?: {
             content: {
                 "application/octet-stream": components["schemas"]["StdinBytes"];
             };

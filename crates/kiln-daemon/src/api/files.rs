@@ -17,7 +17,8 @@ use kiln_api::files::{
 };
 use kiln_api::{
     ErrorBody, ErrorCode, FileEntry, FileEvent, FileEventKind, FileKind, FileList, FilePathQuery,
-    ListFilesQuery, MakeDirectoryRequest, MoveFileRequest, RemoveFileQuery, WriteFileQuery,
+    FileWatchSse, ListFilesQuery, MakeDirectoryRequest, MoveFileRequest, RemoveFileQuery,
+    WriteFileQuery,
 };
 use kiln_proto::{FileRef, FsOp};
 use kiln_vmm::agent_files::Upload;
@@ -495,7 +496,7 @@ pub async fn upload_archive(
         microVM from idling. At most 8 per microVM.",
     params(("id" = String, Path, description = "The microVM's id"), FilePathQuery),
     responses(
-        (status = 200, description = "The event stream", body = FileEvent, content_type = "text/event-stream"),
+        (status = 200, description = "The event stream", body = FileWatchSse, content_type = "text/event-stream"),
         (status = 400, description = "A malformed path or user, or not a directory", body = ErrorBody),
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 403, description = "The guest user may not list it", body = ErrorBody),

@@ -30,6 +30,8 @@ use crate::manager::Manager;
 
 /// The largest JSON body kilnd reads (uploads have their own limit).
 pub const MAX_JSON_BODY: usize = 64 * 1024;
+/// StartProcess's: its arguments and environment may be up to 256 KiB, JSON-escaped.
+pub const MAX_START_BODY: usize = 1024 * 1024;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,7 +46,13 @@ pub const MAX_JSON_BODY: usize = 64 * 1024;
     ),
     servers((url = "http://127.0.0.1:7070", description = "kilnd's default address")),
     modifiers(&BearerScheme),
-    components(schemas(kiln_api::ErrorBody, kiln_api::ErrorCode)),
+    // The `data` of server-sent events: the streams' schemas describe the events, not these.
+    components(schemas(
+        kiln_api::ErrorBody,
+        kiln_api::ErrorCode,
+        kiln_api::ProcessOutputEvent,
+        kiln_api::FileEvent
+    )),
     tags(
         (name = "images", description = "Images baked from a Dockerfile into a snapshot"),
         (name = "microvms", description = "MicroVMs launched from images"),
@@ -110,7 +118,10 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(files::make_directory))
         .routes(routes!(files::move_file))
         .routes(routes!(files::watch_files))
-        .routes(routes!(processes::start_process, processes::list_processes))
+        .routes(
+            routes!(processes::start_process, processes::list_processes)
+                .layer(DefaultBodyLimit::max(MAX_START_BODY)),
+        )
         .routes(routes!(processes::get_process))
         .routes(routes!(processes::process_output))
         .routes(routes!(processes::write_process_stdin))
@@ -137,7 +148,20 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
 
 /// The OpenAPI document of what [`router`] serves.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes(Arc::new(String::new())).split_for_parts().1
+    let mut api = routes(Arc::new(String::new())).split_for_parts().1;
+    // WriteProcessStdin with no body and `eof=true` only closes stdin. utoipa makes a body
+    // optional only for an `Option` type, which would also make the bytes' schema nullable.
+    let stdin = "/v1/microvms/{id}/processes/{pid}/stdin";
+    if let Some(body) = api
+        .paths
+        .paths
+        .get_mut(stdin)
+        .and_then(|item| item.post.as_mut())
+        .and_then(|op| op.request_body.as_mut())
+    {
+        body.required = Some(utoipa::openapi::Required::False);
+    }
+    api
 }
 
 /// Every `(method, path)` the spec documents (and so the router serves).
@@ -191,10 +215,30 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
             )),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
-                format!("the request body is over {MAX_JSON_BODY} bytes"),
+                format!(
+                    "the request body is over this operation's limit ({MAX_JSON_BODY} bytes; \
+                     {MAX_START_BODY} to start a process)"
+                ),
             )),
             Err(e) => Err(ApiError::bad_request(format!(
                 "invalid request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// `Path` whose rejections are API errors (400 naming the parameter that is not what the
+/// route takes, e.g. a pid that is not a number).
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "invalid path: {}",
                 e.body_text()
             ))),
         }

@@ -18,15 +18,15 @@ use http_body_util::BodyExt;
 use kiln_api::process::{parse_signal, MAX_STDIN_BYTES};
 use kiln_api::{
     ErrorBody, ErrorCode, GetProcessQuery, ListProcessesQuery, OutputStreamName, Process,
-    ProcessList, ProcessOutputEvent, ProcessOutputQuery, SignalProcessRequest, StartProcessRequest,
-    TerminalSize, WriteStdinQuery, MAX_WAIT_SECONDS,
+    ProcessList, ProcessOutputEvent, ProcessOutputQuery, ProcessOutputSse, SignalProcessRequest,
+    StartProcessRequest, TerminalSize, WriteStdinQuery, MAX_WAIT_SECONDS,
 };
 use kiln_proto::{OutputStream, ProcInfo, ProcOp, ProcStartRequest, ProcessSpec, TermSize};
 use kiln_vmm::agent_procs::{ProcEvent, PROCESSES_GENERATION};
 use kiln_vmm::{AgentClient, AgentError};
 use tokio::sync::mpsc;
 
-use super::{ApiJson, ApiQuery};
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::error::{ApiError, ApiResult};
 use crate::files::{agent_of_generation, guest_error, Busy, Channel};
 use crate::manager::Manager;
@@ -85,6 +85,7 @@ pub fn process_view(p: ProcInfo) -> Process {
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 404, description = "No such microVM, program or working directory", body = ErrorBody),
         (status = 409, description = "It is not RUNNING", body = ErrorBody),
+        (status = 413, description = "A body over 1 MiB", body = ErrorBody),
         (status = 429, description = "128 processes are running", body = ErrorBody),
         (status = 502, description = "The guest agent failed", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
@@ -136,6 +137,7 @@ pub async fn list_processes(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<ListProcessesQuery>,
 ) -> ApiResult<Json<ProcessList>> {
+    kiln_api::process::check_tag(q.tag.as_deref()).map_err(ApiError::bad_request)?;
     let agent = agent(&m, &id)?;
     let all = agent.list_processes().await.map_err(error)?;
     let wanted: Vec<Process> = all
@@ -168,7 +170,7 @@ pub async fn list_processes(
 )]
 pub async fn get_process(
     State(m): State<Arc<Manager>>,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiQuery(q): ApiQuery<GetProcessQuery>,
 ) -> ApiResult<Json<Process>> {
     let wait = q.wait_seconds.unwrap_or(0);
@@ -196,7 +198,7 @@ pub async fn get_process(
         microVM from idling. At most 32 open per microVM.",
     params(("id" = String, Path, description = "The microVM's id"), ("pid" = u32, Path, description = "The process's pid"), ProcessOutputQuery),
     responses(
-        (status = 200, description = "The event stream", body = ProcessOutputEvent, content_type = "text/event-stream"),
+        (status = 200, description = "The event stream", body = ProcessOutputSse, content_type = "text/event-stream"),
         (status = 400, description = "A malformed offset", body = ErrorBody),
         (status = 401, description = "No or a wrong API key", body = ErrorBody),
         (status = 404, description = "No such microVM or process", body = ErrorBody),
@@ -208,7 +210,7 @@ pub async fn get_process(
 )]
 pub async fn process_output(
     State(m): State<Arc<Manager>>,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiQuery(q): ApiQuery<ProcessOutputQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -292,7 +294,7 @@ fn output_event(out: kiln_proto::ProcOutput) -> Event {
         `eof=true`, then closes stdin (a terminal gets ^D). Answers once the guest took the \
         bytes.",
     params(("id" = String, Path, description = "The microVM's id"), ("pid" = u32, Path, description = "The process's pid"), WriteStdinQuery),
-    request_body(content = StdinBytes, content_type = "application/octet-stream"),
+    request_body(content = StdinBytes, content_type = "application/octet-stream", description = "The bytes; none to only close stdin (with `eof=true`)"),
     responses(
         (status = 204, description = "Written"),
         (status = 400, description = "A malformed query or a body that broke off", body = ErrorBody),
@@ -306,7 +308,7 @@ fn output_event(out: kiln_proto::ProcOutput) -> Event {
 )]
 pub async fn write_process_stdin(
     State(m): State<Arc<Manager>>,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiQuery(q): ApiQuery<WriteStdinQuery>,
     mut body: Body,
 ) -> ApiResult<StatusCode> {
@@ -356,7 +358,7 @@ pub async fn write_process_stdin(
 )]
 pub async fn signal_process(
     State(m): State<Arc<Manager>>,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiJson(req): ApiJson<SignalProcessRequest>,
 ) -> ApiResult<StatusCode> {
     let signal = parse_signal(&req.signal).map_err(ApiError::bad_request)?;
@@ -386,7 +388,7 @@ pub async fn signal_process(
 )]
 pub async fn resize_process(
     State(m): State<Arc<Manager>>,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiJson(size): ApiJson<TerminalSize>,
 ) -> ApiResult<StatusCode> {
     size.check().map_err(ApiError::bad_request)?;
