@@ -311,10 +311,68 @@ fn cli_files(d: &common::Daemon, id: &str) {
     );
     let (code, _, err) = kiln(d, &["fs", "rm", &remote("/tmp/clitree")]);
     assert_eq!(code, 4, "not empty is a conflict: {err}");
+    let mut watch = cli_watch(d, &remote("/tmp/clitree/sub"));
     assert_eq!(kiln(d, &["fs", "rm", "-r", &remote("/tmp/clitree")]).0, 0);
+    watch.ends_by_itself();
     let (code, _, err) = kiln(d, &["cp", "here", "there"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("MICROVM_ID:/path"), "{err}");
+}
+
+/// A running `kiln fs watch` that has seen a file made in the directory.
+struct CliWatch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn cli_watch(d: &common::Daemon, target: &str) -> CliWatch {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["fs", "watch", target])
+        .env("KILN_HOME", d.home.path())
+        .env_remove("KILN_ENDPOINT")
+        .env_remove("KILN_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        out.lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx.send(l)))
+    });
+    let (id, dir) = target.split_once(':').unwrap();
+    // The watch starts some time after the command does: make files until one is seen.
+    for n in 0..30 {
+        let touch = format!("touch {dir}/w{n}");
+        assert_eq!(kiln(d, &["proc", "start", id, "--shell", &touch]).0, 0);
+        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+            assert!(line.starts_with(&format!("create {dir}/w")), "{line}");
+            return CliWatch { child, lines };
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("kiln fs watch printed nothing in 30 s");
+}
+
+impl CliWatch {
+    /// The watched directory went away: the command ends, with success.
+    fn ends_by_itself(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let rest: Vec<String> = self.lines.try_iter().collect();
+                assert!(status.success(), "{status}; it printed {rest:?}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("kiln fs watch went on after its directory was removed");
+    }
 }
 
 /// `kiln image create|list|get|logs|delete` through kilnd: a directory context with a build

@@ -2,10 +2,11 @@
 //! downloads stream; writes stream from any reader of known length; a watch is an
 //! iterator over the server-sent events.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 
 use kiln_api::{FileEntry, FileEvent, FileList, MakeDirectoryRequest, MoveFileRequest};
 
+use crate::sse::SseReader;
 use crate::{seg, with_query, Client, ClientError};
 
 /// Which file, and as whom (the image's user when `None`).
@@ -157,7 +158,7 @@ impl Client {
     ) -> Result<FileWatch, ClientError> {
         let stream = self.get_stream(&files_path(id, "/watch", &file_query(path, user)))?;
         Ok(FileWatch {
-            lines: BufReader::new(stream),
+            events: SseReader::new(stream),
             endpoint: self.endpoint.clone(),
         })
     }
@@ -178,7 +179,7 @@ impl Client {
 /// The events of a watch: `Ok(event)` per change; an `Err` once if the server ended it
 /// with an error (for example a suspend), then `None`.
 pub struct FileWatch {
-    lines: BufReader<Box<dyn Read + Send + Sync>>,
+    events: SseReader,
     endpoint: String,
 }
 
@@ -186,34 +187,22 @@ impl Iterator for FileWatch {
     type Item = Result<FileEvent, ClientError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let mut event = String::new();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match self.lines.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            let line = line.trim_end_matches(['\r', '\n']);
-            if let Some(e) = line.strip_prefix("event:") {
-                event = e.trim().to_string();
-            } else if let Some(data) = line.strip_prefix("data:") {
-                return match event.as_str() {
-                    "file" => Some(serde_json::from_str(data.trim()).map_err(|e| {
-                        ClientError::Unexpected {
-                            endpoint: self.endpoint.clone(),
-                            what: "a file event".into(),
-                            detail: e.to_string(),
-                        }
-                    })),
-                    "error" => Some(Err(ClientError::Api {
-                        status: 409,
-                        code: "WatchEnded".into(),
-                        message: data.trim().to_string(),
-                    })),
-                    _ => None,
-                };
-            }
+        let ev = self.events.next_event()?;
+        match ev.event.as_str() {
+            "file" => Some(
+                serde_json::from_str(&ev.data).map_err(|e| ClientError::Unexpected {
+                    endpoint: self.endpoint.clone(),
+                    what: "a file event".into(),
+                    detail: e.to_string(),
+                }),
+            ),
+            "error" => Some(Err(ClientError::Api {
+                status: 409,
+                code: "WatchEnded".into(),
+                message: ev.data,
+            })),
+            // `end`: the directory went away.
+            _ => None,
         }
     }
 }

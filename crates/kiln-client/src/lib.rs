@@ -6,6 +6,7 @@
 mod files;
 mod ingress;
 mod processes;
+mod sse;
 
 use std::path::PathBuf;
 use std::time::Duration;

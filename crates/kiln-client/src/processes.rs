@@ -2,7 +2,6 @@
 //! offset (an iterator over the server-sent events), write its stdin, signal it, resize its
 //! terminal, wait for it.
 
-use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
 use base64::Engine;
@@ -11,6 +10,7 @@ use kiln_api::{
     SignalProcessRequest, StartProcessRequest, TerminalSize,
 };
 
+use crate::sse::SseReader;
 use crate::{seg, with_query, Client, ClientError};
 
 fn procs_path(id: &str, rest: &str, query: &[String]) -> String {
@@ -92,7 +92,7 @@ impl Client {
         let path = procs_path(id, &format!("/{pid}/output"), &[format!("from={from}")]);
         let stream = self.get_stream(&path)?;
         Ok(ProcessOutput {
-            lines: BufReader::new(stream),
+            events: SseReader::new(stream),
             endpoint: self.endpoint.clone(),
             position: from,
         })
@@ -154,7 +154,7 @@ pub enum OutputItem {
 /// A process's output: `Ok` items until the exit; an `Err` once if kilnd ended the stream
 /// (a suspend or stop: resume at [`ProcessOutput::position`]), then `None`.
 pub struct ProcessOutput {
-    lines: BufReader<Box<dyn Read + Send + Sync>>,
+    events: SseReader,
     endpoint: String,
     position: u64,
 }
@@ -209,22 +209,10 @@ impl Iterator for ProcessOutput {
     type Item = Result<OutputItem, ClientError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let mut event = String::new();
-        let mut line = String::new();
         loop {
-            line.clear();
-            match self.lines.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            let text = line.trim_end_matches(['\r', '\n']);
-            if let Some(e) = text.strip_prefix("event:") {
-                event = e.trim().to_string();
-            } else if let Some(data) = text.strip_prefix("data:") {
-                let data = data.trim().to_string();
-                if let Some(item) = self.item(&event, &data) {
-                    return Some(item);
-                }
+            let ev = self.events.next_event()?;
+            if let Some(item) = self.item(&ev.event, &ev.data) {
+                return Some(item);
             }
         }
     }
