@@ -50,3 +50,17 @@ typescript_tests() {
         && node --test test/*.test.mjs)
 }
 phase "TypeScript tests" typescript_tests
+
+# The web console in a real browser: Debian's Chromium (installed here when missing, then
+# checked), playwright-core and the pinned xterm.js from the console's lock file (npm ci),
+# against the kilnd binary cargo built.
+console_tests() {
+    if ! chromium --version >/dev/null 2>&1; then
+        sudo_apt() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+        sudo_apt env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+    fi
+    chromium --version >/dev/null 2>&1 || { echo "chromium did not install: apt-get install chromium" >&2; exit 1; }
+    (cd "$repo/crates/kiln-console/web" && npm ci --no-audit --no-fund --prefer-offline --loglevel=error \
+        && KILN_CHROMIUM="$(command -v chromium)" node --test test/*.test.mjs)
+}
+phase "Console tests" console_tests

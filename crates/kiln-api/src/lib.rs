@@ -41,7 +41,10 @@ pub use process::{
     ProcessOutputEvent, ProcessOutputEventName, ProcessOutputQuery, ProcessOutputSse,
     SignalProcessRequest, StartProcessRequest, TerminalSize, WriteStdinQuery,
 };
-pub use system::{EndpointStyle, Event, EventList, EventsQuery, Health, IngressInfo, JailInfo};
+pub use system::{
+    EndpointStyle, Event, EventList, EventStreamEventName, EventStreamQuery, EventStreamSse,
+    EventsQuery, Health, IngressInfo, JailInfo, MAX_EVENT_STREAMS,
+};
 pub use token::{
     AllowedPort, AuthTokenHeaders, CreateTokenRequest, CreateTokenResponse, RotateKeyResponse,
 };

@@ -106,3 +106,36 @@ pub struct EventsQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
+
+/// Event streams kilnd keeps open at once (StreamEvents).
+pub const MAX_EVENT_STREAMS: usize = 16;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventStreamQuery {
+    /// Events after this sequence number (default: only those from now on; 0: every one
+    /// kept first). An SSE client's `Last-Event-ID` header does the same.
+    #[param(minimum = 0)]
+    pub since: Option<i64>,
+}
+
+/// The events a StreamEvents stream sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStreamEventName {
+    /// `data` is an Event.
+    Event,
+}
+
+/// One server-sent event of StreamEvents as an SSE parser reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventStreamSse {
+    pub event: EventStreamEventName,
+    /// The event's `seq`: resume after it with `since` or `Last-Event-ID`.
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: String,
+    /// JSON of the Event.
+    pub data: String,
+}

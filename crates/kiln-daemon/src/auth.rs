@@ -81,22 +81,47 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// What a request may authenticate with: the API key, or a console session.
+#[derive(Clone)]
+pub struct Auth {
+    pub key: std::sync::Arc<String>,
+    pub sessions: std::sync::Arc<kiln_console::Sessions>,
+}
+
+/// Lets a request on with `Authorization: Bearer <key>`, or with a console session's cookie
+/// (and, for anything but GET and HEAD, its CSRF token in `X-Kiln-Csrf`).
 pub async fn require_key(
-    State(key): State<std::sync::Arc<String>>,
+    State(auth): State<Auth>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let given = request
-        .headers()
+    let headers = request.headers();
+    let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
-        return Err(ApiError::new(
-            kiln_api::ErrorCode::UnauthorizedException,
-            "missing or wrong API key: send `Authorization: Bearer <key>` with the key from KILN_HOME/api-key",
-        ));
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let session = headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(kiln_console::session_cookie);
+    match (bearer, session) {
+        (Some(given), _) if constant_time_eq(given.trim().as_bytes(), auth.key.as_bytes()) => {}
+        (None, Some(id)) => {
+            let safe = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+            let csrf = headers
+                .get(kiln_console::CSRF_HEADER)
+                .and_then(|v| v.to_str().ok());
+            auth.sessions
+                .authorize(id, safe, csrf)
+                .map_err(|r| ApiError::new(kiln_api::ErrorCode::UnauthorizedException, r.message()))?;
+        }
+        _ => {
+            return Err(ApiError::new(
+                kiln_api::ErrorCode::UnauthorizedException,
+                "missing or wrong API key: send `Authorization: Bearer <key>` with the key from KILN_HOME/api-key",
+            ))
+        }
     }
     Ok(next.run(request).await)
 }

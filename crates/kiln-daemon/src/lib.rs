@@ -85,6 +85,11 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     cfg.endpoint_style = style;
     let key = auth::load_or_create(&cfg.home).context("API key")?;
     let store = kiln_store::Store::open(&cfg.home.join("kiln.db"))?;
+    // Event streams wake when an event is recorded, instead of polling the database.
+    let (event_tx, events) = tokio::sync::watch::channel(store.last_event_seq()?);
+    store.on_event(move |seq| {
+        event_tx.send_replace(seq);
+    });
     let accel = kiln_vmm::accel::detect()?;
     let assets = kiln_vmm::GuestAssets::locate()?;
     let confinement = jail(&cfg)?;
@@ -121,6 +126,9 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
             "process output streams",
         ),
         webhooks: Default::default(),
+        events,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(kiln_api::MAX_EVENT_STREAMS)),
+        console: Default::default(),
     });
     recovery::recover(&manager).await?;
     webhooks::spawn_dispatcher(&manager);
@@ -193,6 +201,10 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         (None, None) => None,
         _ => anyhow::bail!("--ingress-tls-cert and --ingress-tls-key go together"),
     };
+    let console = ConsoleOptions {
+        secure: api_tls.is_some(),
+        connect_sources: ingress_origins(&cfg, ingress_addr, tls.is_some()),
+    };
     info!(tls = tls.is_some(), "ingress transport");
     tokio::spawn(kiln_proxy::server::serve(
         ingress,
@@ -201,7 +213,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         proxy_cfg,
         tls,
     ));
-    let app = api::router(manager.clone(), Arc::new(key));
+    let app = api::router(manager.clone(), Arc::new(key), console);
     match api_tls {
         Some(acceptor) => serve_tls::serve(listener, acceptor, app, signals).await,
         None => {
@@ -212,6 +224,29 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     }
     shutdown(&manager).await;
     Ok(())
+}
+
+/// How kilnd serves its web console.
+pub struct ConsoleOptions {
+    /// The API speaks TLS (session cookies are `Secure`).
+    pub secure: bool,
+    /// The ingress's origins, where the console's terminal connects.
+    pub connect_sources: Vec<String>,
+}
+
+/// The origins a browser reaches the ingress at, both endpoint styles.
+fn ingress_origins(cfg: &Config, ingress: std::net::SocketAddr, tls: bool) -> Vec<String> {
+    let scheme = if tls { "wss" } else { "ws" };
+    let host = endpoint::path_host(ingress);
+    let host = match host {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let port = ingress.port();
+    vec![
+        format!("{scheme}://{host}:{port}"),
+        format!("{scheme}://*.{}:{port}", cfg.ingress_domain),
+    ]
 }
 
 /// Writes `text` to `path` through a temporary file and a rename.

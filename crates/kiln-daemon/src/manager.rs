@@ -86,6 +86,12 @@ pub struct Manager {
     pub watches: crate::files::Watches,
     /// Open process output streams per microVM.
     pub output_streams: crate::files::Watches,
+    /// The newest event's sequence number, changed as events are recorded.
+    pub events: tokio::sync::watch::Receiver<i64>,
+    /// Open StreamEvents streams (at most MAX_EVENT_STREAMS).
+    pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// The web console's signed-in browsers.
+    pub console: Arc<kiln_console::Sessions>,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;

@@ -88,6 +88,17 @@ fn bad_requests_get_clear_json_errors() {
     let (status, body) = d.get(&long_tag);
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("257"), "{body}");
+    // The event stream checks its cursor before it opens.
+    let (status, body) = d.get("/v1/events/stream?since=-1");
+    assert_eq!(status, 400, "{body}");
+    let refused = ureq::get(&format!("{}/v1/events/stream", d.base))
+        .set("Authorization", &format!("Bearer {}", d.key))
+        .set("Last-Event-ID", "yesterday")
+        .call();
+    assert!(
+        matches!(refused, Err(ureq::Error::Status(400, _))),
+        "{refused:?}"
+    );
     // StartProcess takes bodies past the 64 KiB of other JSON bodies (a shell line may be 64
     // KiB): such a body reaches validation (then the unknown microVM's 404); over 1 MiB is 413.
     let start = "/v1/microvms/mvm-0000000000000000/processes";
@@ -128,6 +139,8 @@ fn bad_requests_get_clear_json_errors() {
         } else {
             req.send_json(json!({}))
         } {
+            // An event stream never ends: its status is the answer.
+            Ok(r) if r.content_type() == "text/event-stream" => (r.status(), String::new()),
             Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
             Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
             Err(e) => panic!("{method} {path}: {e}"),

@@ -49,6 +49,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/microvms/{id}/files/move"),
     ("get", "/v1/microvms/{id}/files/watch"),
     ("get", "/v1/events"),
+    ("get", "/v1/events/stream"),
     ("get", "/v1/ingress"),
     ("post", "/v1/auth-tokens"),
     ("post", "/v1/auth-tokens/rotate-key"),

@@ -580,6 +580,26 @@ impl Store {
     }
 
     /// Events after `cursor` (a sequence number), oldest first.
+    /// Calls `f` with an event's sequence number whenever one is recorded. It runs inside the
+    /// recording transaction: a reader that takes the store (its lock) after it sees the event
+    /// committed, or not at all if the transaction rolled back.
+    pub fn on_event(&self, mut f: impl FnMut(i64) + Send + 'static) {
+        self.conn.update_hook(Some(
+            move |action: rusqlite::hooks::Action, _db: &str, table: &str, rowid: i64| {
+                if action == rusqlite::hooks::Action::SQLITE_INSERT && table == "events" {
+                    f(rowid);
+                }
+            },
+        ));
+    }
+
+    /// The newest event's sequence number (0 when there is none).
+    pub fn last_event_seq(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
+    }
+
     pub fn events_since(&self, cursor: i64, limit: i64) -> Result<Vec<EventRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT seq, at_ms, microvm_id, image_id, kind, from_state, to_state, reason FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",

@@ -122,6 +122,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/events/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description The lifecycle events as server-sent events as they happen: one `event` event per Event, its SSE id the event's seq. From now on by default; `since` (or the SSE `Last-Event-ID`) sends the kept ones after it first, so a client that reconnects misses nothing. At most 16 open at once. */
+        get: operations["StreamEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/images": {
         parameters: {
             query?: never;
@@ -949,6 +966,19 @@ export interface components {
              * @description Give it as `since` for the events after these.
              */
             nextCursor: number;
+        };
+        /**
+         * @description The events a StreamEvents stream sends.
+         * @enum {string}
+         */
+        EventStreamEventName: "event";
+        /** @description One server-sent event of StreamEvents as an SSE parser reads it. */
+        EventStreamSse: {
+            event: components["schemas"]["EventStreamEventName"];
+            /** @description The event's `seq`: resume after it with `since` or `Last-Event-ID`. */
+            id: string;
+            /** @description JSON of the Event. */
+            data: string;
         };
         /** @description A command to run in a RUNNING microVM (no shell: wrap it in `sh -c` for one). */
         ExecRequest: {
@@ -1871,6 +1901,68 @@ export interface operations {
             };
             /** @description No or a wrong API key */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description kilnd failed */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    StreamEvents: {
+        parameters: {
+            query?: {
+                /**
+                 * @description Events after this sequence number (default: only those from now on; 0: every one
+                 *     kept first). An SSE client's `Last-Event-ID` header does the same.
+                 */
+                since?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["EventStreamSse"];
+                };
+            };
+            /** @description A malformed cursor */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No or a wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description 16 event streams are open */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };

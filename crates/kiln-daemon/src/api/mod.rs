@@ -4,6 +4,7 @@
 //! spec, checked in (tests/openapi.rs fails when it is stale). Every route except /health and
 //! /metrics needs the bearer key.
 
+mod event_stream;
 mod files;
 mod images;
 mod list;
@@ -83,7 +84,7 @@ impl utoipa::Modify for BearerScheme {
 }
 
 /// Every operation, documented and routed from one list.
-fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
+fn routes(auth: crate::auth::Auth) -> OpenApiRouter<Arc<Manager>> {
     let protected = OpenApiRouter::new()
         .routes(routes!(images::upload_artifact).layer(DefaultBodyLimit::disable()))
         .routes(routes!(images::create_image, images::list_images))
@@ -128,6 +129,7 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(processes::signal_process))
         .routes(routes!(processes::resize_process))
         .routes(routes!(system::events))
+        .routes(routes!(event_stream::stream_events))
         .routes(routes!(system::ingress_info))
         .routes(routes!(system::create_token))
         .routes(routes!(system::rotate_token_key))
@@ -137,7 +139,7 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(webhooks::delete_webhook))
         .routes(routes!(webhooks::webhook_deliveries))
         .route_layer(axum::middleware::from_fn_with_state(
-            key,
+            auth,
             crate::auth::require_key,
         ));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -148,7 +150,11 @@ fn routes(key: Arc<String>) -> OpenApiRouter<Arc<Manager>> {
 
 /// The OpenAPI document of what [`router`] serves.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut api = routes(Arc::new(String::new())).split_for_parts().1;
+    let auth = crate::auth::Auth {
+        key: Arc::new(String::new()),
+        sessions: Arc::default(),
+    };
+    let mut api = routes(auth).split_for_parts().1;
     // WriteProcessStdin with no body and `eof=true` only closes stdin. utoipa makes a body
     // optional only for an `Option` type, which would also make the bytes' schema nullable.
     let stdin = "/v1/microvms/{id}/processes/{pid}/stdin";
@@ -188,9 +194,21 @@ pub fn openapi_yaml() -> Result<String, String> {
     openapi().to_yaml().map_err(|e| e.to_string())
 }
 
-pub fn router(manager: Arc<Manager>, key: Arc<String>) -> Router {
-    let (router, _) = routes(key).split_for_parts();
+/// The API, and the web console beside it (`/console`, not part of the spec).
+pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOptions) -> Router {
+    let auth = crate::auth::Auth {
+        key: key.clone(),
+        sessions: manager.console.clone(),
+    };
+    let (router, _) = routes(auth).split_for_parts();
+    let console = kiln_console::router(kiln_console::Console {
+        key,
+        sessions: manager.console.clone(),
+        secure: console.secure,
+        connect_sources: console.connect_sources,
+    });
     router
+        .merge(console)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .fallback(|| async {
             ApiError::new(

@@ -205,6 +205,19 @@ pub async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
+pub(super) fn event_view(e: kiln_store::EventRow) -> Event {
+    Event {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        microvm_id: e.microvm_id,
+        image_id: e.image_id,
+        kind: e.kind,
+        from_state: e.from_state,
+        to_state: e.to_state,
+        reason: e.reason,
+    }
+}
+
 #[utoipa::path(
     get, path = "/v1/events", operation_id = "ListEvents", tag = "system", security(("bearer" = [])),
     description = "Lifecycle events, oldest first, after a cursor.",
@@ -234,19 +247,7 @@ pub async fn events(
     }
     let rows = m.store().events_since(since, limit)?;
     let next_cursor = rows.last().map(|e| e.seq).unwrap_or(since);
-    let events = rows
-        .into_iter()
-        .map(|e| Event {
-            seq: e.seq,
-            at_ms: e.at_ms,
-            microvm_id: e.microvm_id,
-            image_id: e.image_id,
-            kind: e.kind,
-            from_state: e.from_state,
-            to_state: e.to_state,
-            reason: e.reason,
-        })
-        .collect();
+    let events = rows.into_iter().map(event_view).collect();
     Ok(Json(EventList {
         events,
         next_cursor,
