@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use kiln_api::{ErrorBody, ErrorCode};
 use serde::{Deserialize, Serialize};
 
-pub use sessions::{session_cookie, Refusal, Sessions, COOKIE, CSRF_HEADER};
+pub use sessions::{constant_time_eq, session_cookie, Refusal, Sessions, COOKIE, CSRF_HEADER};
 
 /// What the console's routes need.
 #[derive(Clone)]

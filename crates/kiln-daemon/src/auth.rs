@@ -8,6 +8,7 @@ use std::path::Path;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use kiln_console::constant_time_eq;
 use rand::RngCore;
 
 use crate::error::ApiError;
@@ -75,10 +76,6 @@ pub fn load_or_create(home: &Path) -> std::io::Result<String> {
         }
         Err(e) => Err(e),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What a request may authenticate with: the API key, or a console session.

@@ -39,15 +39,7 @@ pub async fn stream_events(
     ApiQuery(q): ApiQuery<EventStreamQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let resume = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-                .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be an event's seq"))?,
-        ),
-        None => None,
-    };
+    let resume = super::last_event_id::<i64>(&headers, "an event's seq")?;
     let mut cursor = match resume.or(q.since) {
         Some(n) if n < 0 => {
             return Err(ApiError::bad_request(format!(

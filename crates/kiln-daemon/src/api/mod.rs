@@ -26,7 +26,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::manager::Manager;
 
 /// The largest JSON body kilnd reads (uploads have their own limit).
@@ -243,6 +243,23 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
                 e.body_text()
             ))),
         }
+    }
+}
+
+/// An SSE client's `Last-Event-ID` (where to resume a stream), if it sent one: 400 unless it
+/// is `what` (a number kilnd gave out as an event id).
+pub(crate) fn last_event_id<T: std::str::FromStr>(
+    headers: &axum::http::HeaderMap,
+    what: &str,
+) -> ApiResult<Option<T>> {
+    match headers.get("last-event-id") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<T>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("Last-Event-ID must be {what}"))),
     }
 }
 

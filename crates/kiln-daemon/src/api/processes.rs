@@ -214,17 +214,7 @@ pub async fn process_output(
     ApiQuery(q): ApiQuery<ProcessOutputQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let resume = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request("Last-Event-ID must be an output offset kilnd gave out")
-                })?,
-        ),
-        None => None,
-    };
+    let resume = super::last_event_id::<u64>(&headers, "an output offset kilnd gave out")?;
     let from = resume.or(q.from).unwrap_or(0);
     let agent = agent(&m, &id)?;
     let slot = m.output_streams.take(&id)?;
