@@ -70,8 +70,9 @@ test("the console signs in, builds, runs, opens a terminal, downloads, suspends 
     await page.getByText("not this kilnd's API key").waitFor();
     assert.equal((await ctx.cookies()).length, 0);
 
+    // By keyboard: the key, then Enter.
     await page.fill("input[name=apiKey]", key);
-    await page.click("button[type=submit]");
+    await page.press("input[name=apiKey]", "Enter");
     await page.getByRole("heading", { name: "microVMs" }).waitFor();
     const [cookie] = await ctx.cookies();
     assert.equal(cookie.name, "kiln_session");
@@ -141,6 +142,45 @@ test("the console signs in, builds, runs, opens a terminal, downloads, suspends 
     assert.equal(readFileSync(await download.path(), "utf8"), "made-in-the-guest\n");
     await page.screenshot({ path: join(SHOTS, "3-microvm.png"), fullPage: true });
 
+    // A file uploaded through the browser lands in the guest; deleting it there removes it.
+    await page.setInputFiles("input[name=upload]", { name: "up.txt", mimeType: "text/plain", buffer: Buffer.from("from-the-browser") });
+    const upRow = page.getByRole("row", { name: /up\.txt/ });
+    await upRow.waitFor();
+    const cat = await call("POST", `/v1/microvms/${id}/exec`, { command: ["cat", "/srv/out/up.txt"] });
+    assert.equal(cat.stdout, "from-the-browser");
+    await upRow.getByRole("button", { name: "Delete" }).click();
+    await upRow.waitFor({ state: "detached" });
+    const left = await call("POST", `/v1/microvms/${id}/exec`, { command: ["ls", "/srv/out"] });
+    assert.equal(left.stdout.trim(), "result.txt");
+
+    // A token, and its curl line works: its header and address reach the app through the ingress.
+    await page.getByRole("button", { name: "Create a token" }).click();
+    const line = await page.getByTestId("curl-line").innerText();
+    const [, token, appUrl] = line.match(/^curl -H 'X-Kiln-Auth: ([^']+)' (\S+)$/);
+    const app = await fetch(`${appUrl}health`, { headers: { "X-Kiln-Auth": token } });
+    assert.equal(app.status, 200);
+    assert.match(await app.text(), /ready/);
+    assert.equal((await fetch(`${appUrl}health`)).status, 401, "not without the token");
+
+    // The image cannot go while a microVM uses it: the page says why.
+    await page.getByRole("link", { name: "web", exact: true }).click();
+    await page.getByRole("heading", { name: "Image web" }).waitFor();
+    await page.getByRole("button", { name: "Delete" }).click();
+    await page.locator("#flash").getByText("terminate them first", { exact: false }).waitFor();
+    assert.equal((await call("GET", "/v1/images/web")).status, "SUCCESSFUL");
+    await page.goBack();
+    await page.getByRole("heading", { name: new RegExp(id) }).waitFor();
+
+    // Fork: the copy opens on its own page.
+    await page.getByRole("button", { name: "Fork" }).click();
+    await page.waitForURL((u) => u.hash.startsWith("#/microvms/mvm-") && !u.hash.includes(id), { timeout: 5 * 60_000 });
+    const child = decodeURIComponent(new URL(page.url()).hash.split("/")[2]);
+    await page.getByRole("heading", { name: new RegExp(child) }).waitFor();
+    assert.equal((await call("GET", `/v1/microvms/${child}`)).microvmId, child);
+    await call("POST", `/v1/microvms/${child}/terminate`, {});
+    await page.goBack();
+    await page.getByRole("heading", { name: new RegExp(id) }).waitFor();
+
     // Suspend: the state changes on the page without a reload (the marker survives).
     await page.evaluate(() => { window.kilnMarker = "same page"; });
     await page.getByRole("button", { name: "Suspend" }).click();
@@ -154,6 +194,10 @@ test("the console signs in, builds, runs, opens a terminal, downloads, suspends 
     await page.click("nav >> text=microVMs");
     await page.getByRole("row", { name: new RegExp(id) }).getByText("TERMINATED").waitFor();
     await page.screenshot({ path: join(SHOTS, "4-microvms.png"), fullPage: true });
+    // Readable on a phone: nothing wider than the screen.
+    await page.setViewportSize({ width: 390, height: 844 });
+    assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= 390), "the list overflows a narrow screen");
+    await page.screenshot({ path: join(SHOTS, "5-microvms-narrow.png"), fullPage: true });
 
     // Signing out ends the session for every request that still carries the cookie.
     const sessionCookie = `kiln_session=${(await ctx.cookies())[0].value}`;
