@@ -12,7 +12,7 @@ import test from "node:test";
 
 import { chromium } from "playwright-core";
 
-import { executorContext, startKilnd } from "../../../../sdk/typescript/test/helpers.mjs";
+import { REPO, executorContext, startKilnd } from "../../../../sdk/typescript/test/helpers.mjs";
 import { stale } from "./vendor.mjs";
 
 const CHROMIUM = process.env.KILN_CHROMIUM ?? "/usr/bin/chromium";
@@ -111,6 +111,28 @@ test("the console signs in, builds, runs, opens a terminal, downloads, suspends 
     await page.getByTestId("image-status").getByText("SUCCESSFUL").waitFor({ timeout: BUILD_MS });
     await page.screenshot({ path: join(SHOTS, "2-image.png"), fullPage: true });
 
+    // Rebuild sends the recorded request again: a new build of the same name.
+    const first = (await call("GET", "/v1/images/web")).imageIdentifier;
+    await page.getByRole("button", { name: "Rebuild" }).click();
+    await page.locator("#flash").getByText("Rebuilding web", { exact: false }).waitFor();
+    await page.getByTestId("image-status").getByText("SUCCESSFUL").waitFor({ timeout: BUILD_MS });
+    const rebuilt = await call("GET", "/v1/images/web");
+    assert.notEqual(rebuilt.imageIdentifier, first);
+    assert.equal(rebuilt.status, "SUCCESSFUL");
+
+    // A directory picked in the browser is packed as a tar there (scripts made executable).
+    await page.click("nav >> text=Images");
+    await page.click("text=New image");
+    await page.fill("input[name=name]", "webdir");
+    await page.setInputFiles("input[name=directory]", join(REPO, "examples", "busybox-executor"));
+    await page.click("button[type=submit]");
+    await page.getByRole("heading", { name: "Image webdir" }).waitFor();
+    await page.getByTestId("image-status").getByText("SUCCESSFUL").waitFor({ timeout: BUILD_MS });
+    await page.click("nav >> text=Images");
+    await page.getByRole("row", { name: /webdir/ }).getByText("SUCCESSFUL").waitFor();
+    await page.getByRole("link", { name: "web", exact: true }).click();
+    await page.getByRole("heading", { name: "Image web" }).waitFor();
+
     // A microVM of it, from the form.
     await page.click("text=Run a microVM");
     await page.getByRole("heading", { name: "Run a microVM" }).waitFor();
@@ -131,6 +153,19 @@ test("the console signs in, builds, runs, opens a terminal, downloads, suspends 
     await page.keyboard.type("uname -a\n");
     await terminal.getByText(release, { exact: false }).first().waitFor({ timeout: 60_000 });
     assert.match(await terminal.locator(".xterm-rows").innerText(), /Linux/);
+    // The terminal follows the window: a narrower page is fewer columns in the guest's pty.
+    const size = async (mark) => {
+      await page.keyboard.type(`echo ${mark}=$(stty size | tr ' ' x)\n`);
+      const out = terminal.getByText(new RegExp(`^${mark}=\\d+x\\d+`)).first();
+      await out.waitFor({ timeout: 60_000 });
+      return (await out.innerText()).trim().split("=")[1].split("x").map(Number);
+    };
+    const [, wide] = await size("before");
+    await page.setViewportSize({ width: 700, height: 1000 });
+    await page.waitForTimeout(500);
+    const [, narrow] = await size("after");
+    assert.ok(narrow < wide, `${narrow} columns after narrowing, ${wide} before`);
+    await page.setViewportSize({ width: 1280, height: 1000 });
 
     // A file the guest has, downloaded through the file browser.
     await call("POST", `/v1/microvms/${id}/exec`, { command: ["sh", "-c", "mkdir -p /srv/out && echo made-in-the-guest > /srv/out/result.txt"] });
