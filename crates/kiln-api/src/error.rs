@@ -41,6 +41,9 @@ pub enum ErrorCode {
     FilesFailed,
     /// 502: the guest agent failed a process operation.
     ProcessesFailed,
+    /// 503: a service kilnd depends on is unreachable (a cluster's PostgreSQL): nothing was
+    /// changed; retry once it is back.
+    ServiceUnavailable,
     /// Any code a newer kilnd answers with that this client does not know.
     #[serde(other)]
     Unknown,
@@ -63,6 +66,7 @@ impl ErrorCode {
             | ErrorCode::ProcessesFailed => 502,
             ErrorCode::AccessDenied => 403,
             ErrorCode::LengthRequired => 411,
+            ErrorCode::ServiceUnavailable => 503,
         }
     }
 
@@ -82,6 +86,7 @@ impl ErrorCode {
             ErrorCode::LengthRequired => "LengthRequired",
             ErrorCode::FilesFailed => "FilesFailed",
             ErrorCode::ProcessesFailed => "ProcessesFailed",
+            ErrorCode::ServiceUnavailable => "ServiceUnavailable",
             ErrorCode::Unknown => "Unknown",
         }
     }

@@ -17,21 +17,35 @@ pub const KEY_FILE: &str = "api-key";
 /// The shortest key kilnd accepts from an existing file (its own are 64 hex characters).
 pub const MIN_KEY_LEN: usize = 32;
 
+/// Refuses a secret file that others than its owner may read or write.
+fn refuse_shared(path: &Path) -> std::io::Result<()> {
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is readable by others (mode {mode:o}): chmod 600 it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A secret from a file only its owner may read (a database URL with its password), trimmed.
+pub fn read_secret(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    refuse_shared(path)?;
+    Ok(text.trim().to_string())
+}
+
 /// Reads the key, creating it (0600) when missing; refuses a key file others can read.
 pub fn load_or_create(home: &Path) -> std::io::Result<String> {
     let path = home.join(KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(key) => {
-            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{} is readable by others (mode {mode:o}): chmod 600 it",
-                        path.display()
-                    ),
-                ));
-            }
+            refuse_shared(&path)?;
             let key = key.trim().to_string();
             // An empty key would compare equal to an empty header: never "auth off".
             if key.len() < MIN_KEY_LEN || key.chars().any(|c| c.is_whitespace() || c.is_control()) {

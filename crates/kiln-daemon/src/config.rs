@@ -29,8 +29,28 @@ pub enum EndpointStyle {
     Path,
 }
 
+/// A database URL, which may hold a password: never printed (`Config` is logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(pub String);
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretUrl(..)")
+    }
+}
+
+/// Where kilnd keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// `KILN_HOME/kiln.db` (one node, the default).
+    Sqlite,
+    /// PostgreSQL; `from` says where the URL came from, for messages.
+    Postgres { url: SecretUrl, from: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub database: Database,
     pub home: PathBuf,
     pub listen: SocketAddr,
     /// Lowest `maxIdleDurationSeconds` accepted (the API minimum is 60 s, like Lambda's).

@@ -62,6 +62,13 @@ impl From<kiln_store::StoreError> for ApiError {
             // Another transition won the race: the caller sees where the microVM is now.
             StoreError::Transition { .. } => ApiError::conflict(e.to_string()),
             StoreError::NoSuchMicrovm(id) => ApiError::not_found("microVM", &id),
+            e if e.is_unavailable() => ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "the database is unreachable ({}); nothing was changed: retry once it is back",
+                    kiln_vmm::error_chain(&e)
+                ),
+            ),
             e => ApiError::internal(format!("database: {}", kiln_vmm::error_chain(&e))),
         }
     }

@@ -84,7 +84,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     );
     cfg.endpoint_style = style;
     let key = auth::load_or_create(&cfg.home).context("API key")?;
-    let store = kiln_store::Store::open(&cfg.home.join("kiln.db"))?;
+    let store = open_store(&cfg)?;
     // Event streams wake when an event is recorded, instead of polling the database.
     let (event_tx, events) = tokio::sync::watch::channel(store.last_event_seq()?);
     store.on_event(move |seq| {
@@ -235,6 +235,24 @@ pub struct ConsoleOptions {
 }
 
 /// The origins a browser reaches the ingress at, both endpoint styles.
+/// The store `cfg` names: SQLite under KILN_HOME, or PostgreSQL (migrated, and claimed
+/// by this kilnd alone until several nodes can share one).
+fn open_store(cfg: &Config) -> anyhow::Result<kiln_store::Store> {
+    match &cfg.database {
+        config::Database::Sqlite => Ok(kiln_store::Store::open(&cfg.home.join("kiln.db"))?),
+        config::Database::Postgres { url, from } => {
+            let store = kiln_store::Store::connect(&url.0)
+                .with_context(|| format!("the database named by {from}"))?;
+            store.claim_sole_node()?;
+            info!(
+                backend = store.backend(),
+                "state in PostgreSQL (the URL from {from})"
+            );
+            Ok(store)
+        }
+    }
+}
+
 fn ingress_origins(cfg: &Config, ingress: std::net::SocketAddr, tls: bool) -> Vec<String> {
     let scheme = if tls { "wss" } else { "ws" };
     let host = endpoint::path_host(ingress);

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use kiln_daemon::{Config, ShutdownPolicy};
 
@@ -21,6 +22,11 @@ struct Args {
     #[arg(long, env = "KILN_HOME", default_value = "/var/lib/kiln")]
     home: PathBuf,
     /// Address of the REST API. Loopback only unless --allow-remote.
+    /// Keep state in PostgreSQL instead of KILN_HOME/kiln.db: a file (mode 0600) holding
+    /// its URL (`postgresql://user:password@host:port/db` or `key=value` pairs). Or put the
+    /// URL in KILN_DATABASE_URL. Never on the command line: every local user can read it.
+    #[arg(long, env = "KILN_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Allow a non-loopback --listen address (the API then needs --api-tls-cert and
@@ -174,6 +180,31 @@ fn check_api_exposure(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The database from `--database-url-file` or `KILN_DATABASE_URL`, else SQLite. The
+/// variable is then removed, so no child (QEMU, helpers) inherits the password.
+fn database(file: Option<&std::path::Path>) -> anyhow::Result<kiln_daemon::config::Database> {
+    use kiln_daemon::config::{Database, SecretUrl};
+    let env = std::env::var("KILN_DATABASE_URL").ok();
+    std::env::remove_var("KILN_DATABASE_URL");
+    let (url, from) = match (file, env) {
+        (Some(f), _) => (
+            kiln_daemon::auth::read_secret(f).context("--database-url-file")?,
+            f.display().to_string(),
+        ),
+        (None, Some(url)) => (url, "KILN_DATABASE_URL".to_string()),
+        (None, None) => return Ok(Database::Sqlite),
+    };
+    if url.is_empty() {
+        anyhow::bail!(
+            "{from} holds no database URL: write postgresql://user:password@host:port/db into it"
+        );
+    }
+    Ok(Database::Postgres {
+        url: SecretUrl(url),
+        from,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -198,7 +229,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         (args.ingress_tls_cert, args.ingress_tls_key)
     };
+    let database = database(args.database_url_file.as_deref())?;
     let cfg = Config {
+        database,
         home: args.home,
         listen: args.listen,
         min_idle_seconds: args.min_idle_seconds,

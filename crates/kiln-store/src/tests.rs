@@ -1,4 +1,43 @@
 use super::*;
+use rusqlite::Connection;
+use std::time::Duration;
+
+/// The admin connection string of the test PostgreSQL (scripts/test.sh starts one).
+fn pg_admin() -> Option<String> {
+    let url = std::env::var("KILN_TEST_DATABASE_URL").ok();
+    if url.is_none() {
+        eprintln!("PostgreSQL backend not tested: KILN_TEST_DATABASE_URL is not set (scripts/test.sh sets it)");
+    }
+    url
+}
+
+/// A new, empty database on the test PostgreSQL; its connection string.
+fn fresh_database(admin: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "kiln_t_{}_{}_{}",
+        std::process::id(),
+        now_ms(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut c = postgres::Client::connect(admin, postgres::NoTls).unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    format!("{admin} dbname={name}")
+}
+
+/// Runs `test` on a fresh SQLite store and, where the test PostgreSQL is set, a fresh
+/// PostgreSQL store: the two backends behave the same.
+fn each_backend(test: impl Fn(&Store)) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::open(&dir.path().join("kiln.db")).unwrap();
+    eprintln!("backend: {}", sqlite.backend());
+    test(&sqlite);
+    if let Some(admin) = pg_admin() {
+        let pg = Store::connect(&fresh_database(&admin)).unwrap();
+        eprintln!("backend: {}", pg.backend());
+        test(&pg);
+    }
+}
 
 fn vm(id: &str, image: &str) -> MicrovmRow {
     MicrovmRow {
@@ -24,10 +63,20 @@ fn migrates_once_and_survives_reopen() {
     let path = dir.path().join("kiln.db");
     {
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(
+            store.schema_version().unwrap(),
+            sqlite::MIGRATIONS.len() as i64
+        );
         store.insert_microvm(&vm("a", "img-1")).unwrap();
+        store.insert_microvm(&vm("b", "img-1")).unwrap();
     }
     let store = Store::open(&path).unwrap();
+    // A state no kiln wrote is an error when read, not a guess.
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE microvms SET state = 'ON_FIRE' WHERE id = 'b'", [])
+        .unwrap();
+    assert!(store.microvm("b").is_err());
     assert_eq!(
         store.microvm("a").unwrap().unwrap().config["maxDurationSeconds"],
         60
@@ -51,119 +100,113 @@ fn refuses_a_newer_schema() {
 
 #[test]
 fn state_changes_are_recorded_as_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
-    store.insert_microvm(&vm("a", "img-1")).unwrap();
-    store.set_state("a", MicrovmState::Running, None).unwrap();
-    store
-        .set_state("a", MicrovmState::Terminated, Some("run hook failed"))
-        .unwrap();
-    let events = store.events_since(0, 100).unwrap();
-    let states: Vec<_> = events
-        .iter()
-        .map(|e| (e.from_state.clone(), e.to_state.clone()))
-        .collect();
-    assert_eq!(
-        states,
-        vec![
-            (None, Some("PENDING".into())),
-            (Some("PENDING".into()), Some("RUNNING".into())),
-            (Some("RUNNING".into()), Some("TERMINATED".into()))
-        ]
-    );
-    assert_eq!(events[2].reason.as_deref(), Some("run hook failed"));
-    assert_eq!(
-        store.events_since(events[1].seq, 100).unwrap().len(),
-        1,
-        "cursor skips what was seen"
-    );
-    let vm = store.microvm("a").unwrap().unwrap();
-    assert_eq!(
-        (vm.state, vm.state_reason.as_deref()),
-        (MicrovmState::Terminated, Some("run hook failed"))
-    );
+    each_backend(|store| {
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+        store.set_state("a", MicrovmState::Running, None).unwrap();
+        store
+            .set_state("a", MicrovmState::Terminated, Some("run hook failed"))
+            .unwrap();
+        let events = store.events_since(0, 100).unwrap();
+        let states: Vec<_> = events
+            .iter()
+            .map(|e| (e.from_state.clone(), e.to_state.clone()))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (None, Some("PENDING".into())),
+                (Some("PENDING".into()), Some("RUNNING".into())),
+                (Some("RUNNING".into()), Some("TERMINATED".into()))
+            ]
+        );
+        assert_eq!(events[2].reason.as_deref(), Some("run hook failed"));
+        assert_eq!(
+            store.events_since(events[1].seq, 100).unwrap().len(),
+            1,
+            "cursor skips what was seen"
+        );
+        let vm = store.microvm("a").unwrap().unwrap();
+        assert_eq!(
+            (vm.state, vm.state_reason.as_deref()),
+            (MicrovmState::Terminated, Some("run hook failed"))
+        );
+    });
 }
 
 #[test]
 fn a_transition_the_lifecycle_forbids_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
-    store.insert_microvm(&vm("a", "img-1")).unwrap();
-    let before = store.events_since(0, 100).unwrap().len();
-    // PENDING cannot be RESUMING (only a fork's clone goes PENDING → SUSPENDED); TERMINATED
-    // is never left.
-    let err = store
-        .set_state("a", MicrovmState::Resuming, Some("x"))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Transition {
-                from: MicrovmState::Pending,
-                to: MicrovmState::Resuming,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    store
-        .set_state("a", MicrovmState::Terminated, None)
-        .unwrap();
-    let err = store
-        .set_state("a", MicrovmState::Running, None)
-        .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "microVM a is TERMINATED; it cannot become RUNNING"
-    );
-    let vm = store.microvm("a").unwrap().unwrap();
-    assert_eq!(vm.state, MicrovmState::Terminated);
-    assert_eq!(store.events_since(0, 100).unwrap().len(), before + 1);
-    assert!(matches!(
-        store.set_state("nope", MicrovmState::Running, None),
-        Err(StoreError::NoSuchMicrovm(_))
-    ));
-    // A state no kiln wrote is an error when read, not a guess.
-    store
-        .conn
-        .execute("UPDATE microvms SET state = 'ON_FIRE' WHERE id = 'a'", [])
-        .unwrap();
-    assert!(store.microvm("a").is_err());
+    each_backend(|store| {
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+        let before = store.events_since(0, 100).unwrap().len();
+        // PENDING cannot be RESUMING (only a fork's clone goes PENDING → SUSPENDED); TERMINATED
+        // is never left.
+        let err = store
+            .set_state("a", MicrovmState::Resuming, Some("x"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Transition {
+                    from: MicrovmState::Pending,
+                    to: MicrovmState::Resuming,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        store
+            .set_state("a", MicrovmState::Terminated, None)
+            .unwrap();
+        let err = store
+            .set_state("a", MicrovmState::Running, None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "microVM a is TERMINATED; it cannot become RUNNING"
+        );
+        let vm = store.microvm("a").unwrap().unwrap();
+        assert_eq!(vm.state, MicrovmState::Terminated);
+        assert_eq!(store.events_since(0, 100).unwrap().len(), before + 1);
+        assert!(matches!(
+            store.set_state("nope", MicrovmState::Running, None),
+            Err(StoreError::NoSuchMicrovm(_))
+        ));
+    });
 }
 
 #[test]
 fn images_resolve_by_name_to_the_newest_good_build() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
-    let img = |id: &str, status: ImageStatus, at: i64| ImageRow {
-        id: id.into(),
-        name: "app".into(),
-        status,
-        reason: None,
-        created_at: at,
-        record: serde_json::json!({}),
-        labels: Labels::new(),
-    };
-    store
-        .upsert_image(&img("app-1", ImageStatus::Successful, 1))
-        .unwrap();
-    store
-        .upsert_image(&img("app-2", ImageStatus::Failed, 2))
-        .unwrap();
-    assert_eq!(store.image("app").unwrap().unwrap().id, "app-1");
-    assert_eq!(
-        store.image("app-2").unwrap().unwrap().status,
-        ImageStatus::Failed
-    );
-    assert_eq!(store.images().unwrap().len(), 1);
-    store.insert_microvm(&vm("v", "app-1")).unwrap();
-    assert_eq!(store.live_microvms_of_image("app-1").unwrap(), vec!["v"]);
-    store
-        .set_state("v", MicrovmState::Terminated, None)
-        .unwrap();
-    assert!(store.live_microvms_of_image("app-1").unwrap().is_empty());
-    assert!(store.delete_image("app-2").unwrap());
-    assert!(store.image("app-2").unwrap().is_none());
+    each_backend(|store| {
+        let img = |id: &str, status: ImageStatus, at: i64| ImageRow {
+            id: id.into(),
+            name: "app".into(),
+            status,
+            reason: None,
+            created_at: at,
+            record: serde_json::json!({}),
+            labels: Labels::new(),
+        };
+        store
+            .upsert_image(&img("app-1", ImageStatus::Successful, 1))
+            .unwrap();
+        store
+            .upsert_image(&img("app-2", ImageStatus::Failed, 2))
+            .unwrap();
+        assert_eq!(store.image("app").unwrap().unwrap().id, "app-1");
+        assert_eq!(
+            store.image("app-2").unwrap().unwrap().status,
+            ImageStatus::Failed
+        );
+        assert_eq!(store.images().unwrap().len(), 1);
+        store.insert_microvm(&vm("v", "app-1")).unwrap();
+        assert_eq!(store.live_microvms_of_image("app-1").unwrap(), vec!["v"]);
+        store
+            .set_state("v", MicrovmState::Terminated, None)
+            .unwrap();
+        assert!(store.live_microvms_of_image("app-1").unwrap().is_empty());
+        assert!(store.delete_image("app-2").unwrap());
+        assert!(store.image("app-2").unwrap().is_none());
+    });
 }
 
 #[test]
@@ -173,7 +216,7 @@ fn a_runtime_record_is_kept_until_forgotten_and_old_databases_gain_the_column() 
     {
         // A database from before the column: only the first migration applied.
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(sqlite::MIGRATIONS[0]).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
         conn.execute(
             "INSERT INTO microvms (id, image_id, image_name, state, created_at, state_changed_at, \
@@ -198,14 +241,189 @@ fn a_runtime_record_is_kept_until_forgotten_and_old_databases_gain_the_column() 
 
 #[test]
 fn activity_is_written_in_one_transaction_and_never_goes_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("kiln.db")).unwrap();
-    store.insert_microvm(&vm("a", "img-1")).unwrap();
-    store.insert_microvm(&vm("b", "img-1")).unwrap();
-    store
-        .touch_many(&[("a".into(), 50), ("b".into(), 70), ("nope".into(), 9)])
+    each_backend(|store| {
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+        store.insert_microvm(&vm("b", "img-1")).unwrap();
+        store
+            .touch_many(&[("a".into(), 50), ("b".into(), 70), ("nope".into(), 9)])
+            .unwrap();
+        store.touch_many(&[("a".into(), 20)]).unwrap();
+        assert_eq!(store.microvm("a").unwrap().unwrap().last_activity_at, 50);
+        assert_eq!(store.microvm("b").unwrap().unwrap().last_activity_at, 70);
+    });
+}
+
+#[test]
+fn both_backends_have_the_same_migrations() {
+    assert_eq!(sqlite::MIGRATIONS.len(), pg::MIGRATIONS.len());
+}
+
+#[test]
+fn postgres_migrates_once_when_nodes_start_together() {
+    let Some(admin) = pg_admin() else { return };
+    let url = fresh_database(&admin);
+    let nodes: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || Store::connect(&url).map(|s| s.schema_version()))
+        })
+        .collect();
+    for n in nodes {
+        let version = n.join().unwrap().unwrap().unwrap();
+        assert_eq!(version, pg::MIGRATIONS.len() as i64);
+    }
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.execute("UPDATE kiln_schema SET version = 99", &[])
         .unwrap();
-    store.touch_many(&[("a".into(), 20)]).unwrap();
-    assert_eq!(store.microvm("a").unwrap().unwrap().last_activity_at, 50);
-    assert_eq!(store.microvm("b").unwrap().unwrap().last_activity_at, 70);
+    assert!(matches!(
+        Store::connect(&url),
+        Err(StoreError::TooNew { found: 99, .. })
+    ));
+}
+
+#[test]
+fn postgres_unreachable_is_a_clear_error() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Err(err) = Store::connect(&format!("host=127.0.0.1 port={port} user=kiln dbname=kiln"))
+    else {
+        panic!("connected to a port nothing listens on");
+    };
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("Cannot reach PostgreSQL at 127.0.0.1:{port}/kiln")
+    );
+    assert!(matches!(
+        Store::connect("postgresql://[nonsense"),
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+#[test]
+fn postgres_reconnects_after_losing_its_connection() {
+    let Some(admin) = pg_admin() else { return };
+    let url = fresh_database(&admin);
+    let store = Store::connect(&url).unwrap();
+    store.insert_microvm(&vm("a", "img-1")).unwrap();
+    let db = url.rsplit("dbname=").next().unwrap().to_string();
+    let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    let killed = c
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&db],
+        )
+        .unwrap();
+    assert_eq!(killed.len(), 1, "the store's one connection");
+    // The call that finds the connection gone says so; the next one connects again.
+    if let Err(e) = store.microvm("a") {
+        assert!(e.is_unavailable(), "{e:?}");
+    }
+    assert_eq!(store.microvm("a").unwrap().unwrap().id, "a");
+}
+
+#[test]
+fn postgres_events_from_one_node_wake_another() {
+    let Some(admin) = pg_admin() else { return };
+    let url = fresh_database(&admin);
+    let a = Store::connect(&url).unwrap();
+    let b = Store::connect(&url).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.on_event(move |seq| {
+        let _ = tx.send(seq);
+    });
+    // The listener first reports the newest event (none yet: 0).
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0);
+    a.insert_microvm(&vm("a", "img-1")).unwrap();
+    a.set_state("a", MicrovmState::Running, None).unwrap();
+    let newest = a.last_event_seq().unwrap();
+    let mut seen = 0;
+    while seen < newest {
+        seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    assert_eq!(seen, newest);
+}
+
+#[test]
+fn postgres_event_numbers_follow_commit_order() {
+    // A reader paging by sequence number while four nodes write must see every event once:
+    // if numbers were not handed out in commit order, it would skip one that committed late.
+    let Some(admin) = pg_admin() else { return };
+    let url = fresh_database(&admin);
+    let setup = Store::connect(&url).unwrap();
+    for n in 0..4 {
+        setup
+            .insert_microvm(&vm(&format!("vm{n}"), "img-1"))
+            .unwrap();
+    }
+    let start = setup.last_event_seq().unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|n| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let store = Store::connect(&url).unwrap();
+                for i in 0..50 {
+                    store
+                        .record_event(&format!("vm{n}"), "test", &i.to_string())
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let (mut cursor, mut seen) = (start, Vec::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 200 && std::time::Instant::now() < deadline {
+        for e in setup.events_since(cursor, 1000).unwrap() {
+            cursor = e.seq;
+            seen.push(e.seq);
+        }
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    seen.extend(
+        setup
+            .events_since(cursor, 1000)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq),
+    );
+    let all: Vec<i64> = setup
+        .events_since(start, 1000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(all.len(), 200);
+    assert_eq!(
+        seen, all,
+        "the tailing reader saw every event, in order, once"
+    );
+}
+
+#[test]
+fn postgres_calls_work_from_tokio_workers_of_either_flavor() {
+    let Some(admin) = pg_admin() else { return };
+    // As kilnd holds it: behind a mutex, shared by the tasks.
+    let store = std::sync::Arc::new(std::sync::Mutex::new(
+        Store::connect(&fresh_database(&admin)).unwrap(),
+    ));
+    for rt in [
+        tokio::runtime::Builder::new_multi_thread().build().unwrap(),
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap(),
+    ] {
+        let store = store.clone();
+        let n = rt.block_on(async move {
+            tokio::spawn(async move { store.lock().unwrap().count_live_microvms().unwrap() })
+                .await
+                .unwrap()
+        });
+        assert_eq!(n, 0);
+    }
 }

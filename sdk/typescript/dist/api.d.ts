@@ -933,7 +933,7 @@ export interface components {
          * @description Stable error codes. Clients branch on these, never on messages.
          * @enum {string}
          */
-        ErrorCode: "ValidationException" | "UnauthorizedException" | "ResourceNotFoundException" | "UnknownOperation" | "ConflictException" | "PayloadTooLarge" | "ServiceQuotaExceededException" | "InternalError" | "ExecFailed" | "LogsFailed" | "AccessDenied" | "LengthRequired" | "FilesFailed" | "ProcessesFailed" | "Unknown";
+        ErrorCode: "ValidationException" | "UnauthorizedException" | "ResourceNotFoundException" | "UnknownOperation" | "ConflictException" | "PayloadTooLarge" | "ServiceQuotaExceededException" | "InternalError" | "ExecFailed" | "LogsFailed" | "AccessDenied" | "LengthRequired" | "FilesFailed" | "ProcessesFailed" | "ServiceUnavailable" | "Unknown";
         /** @description Something that happened to a microVM or an image. */
         Event: {
             /**
@@ -1650,6 +1650,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     UploadArtifact: {
@@ -1712,6 +1721,15 @@ export interface operations {
             };
             /** @description kilnd could not store it */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1797,6 +1815,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     RotateAuthTokenKey: {
@@ -1828,6 +1855,15 @@ export interface operations {
             };
             /** @description kilnd could not write the key file */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1917,6 +1953,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     StreamEvents: {
@@ -1979,6 +2024,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ListMicrovmImages: {
@@ -2027,6 +2081,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2112,6 +2175,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmImage: {
@@ -2155,6 +2227,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2212,6 +2293,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2291,6 +2381,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmImageLogs: {
@@ -2353,6 +2452,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetIngress: {
@@ -2384,6 +2492,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2443,6 +2560,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2537,6 +2663,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovm: {
@@ -2604,6 +2739,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     DeleteMicrovm: {
@@ -2656,6 +2800,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2735,6 +2888,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmDisk: {
@@ -2787,6 +2949,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2877,6 +3048,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2980,6 +3160,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     RemoveFile: {
@@ -3071,6 +3260,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     DownloadArchive: {
@@ -3149,6 +3347,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3273,6 +3480,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ReadFile: {
@@ -3360,6 +3576,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3496,6 +3721,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     MakeDirectory: {
@@ -3588,6 +3822,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3694,6 +3937,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     StatFile: {
@@ -3781,6 +4033,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3891,6 +4152,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ForkMicrovm: {
@@ -3974,6 +4244,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4071,6 +4350,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmLogs: {
@@ -4151,6 +4439,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmMetrics: {
@@ -4206,6 +4503,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4292,6 +4598,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4398,6 +4713,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetProcess: {
@@ -4476,6 +4800,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4577,6 +4910,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ResizeProcess: {
@@ -4658,6 +5000,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     SignalProcess: {
@@ -4732,6 +5083,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4833,6 +5193,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ResumeMicrovm: {
@@ -4892,6 +5261,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     RevokeMicrovmAuthTokens: {
@@ -4933,6 +5311,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5008,6 +5395,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     TerminateMicrovm: {
@@ -5067,6 +5463,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ListWebhooks: {
@@ -5098,6 +5503,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5174,6 +5588,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     DeleteWebhook: {
@@ -5215,6 +5638,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5265,6 +5697,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };

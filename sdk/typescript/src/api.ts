@@ -934,7 +934,7 @@ export interface components {
          * @description Stable error codes. Clients branch on these, never on messages.
          * @enum {string}
          */
-        ErrorCode: "ValidationException" | "UnauthorizedException" | "ResourceNotFoundException" | "UnknownOperation" | "ConflictException" | "PayloadTooLarge" | "ServiceQuotaExceededException" | "InternalError" | "ExecFailed" | "LogsFailed" | "AccessDenied" | "LengthRequired" | "FilesFailed" | "ProcessesFailed" | "Unknown";
+        ErrorCode: "ValidationException" | "UnauthorizedException" | "ResourceNotFoundException" | "UnknownOperation" | "ConflictException" | "PayloadTooLarge" | "ServiceQuotaExceededException" | "InternalError" | "ExecFailed" | "LogsFailed" | "AccessDenied" | "LengthRequired" | "FilesFailed" | "ProcessesFailed" | "ServiceUnavailable" | "Unknown";
         /** @description Something that happened to a microVM or an image. */
         Event: {
             /**
@@ -1651,6 +1651,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     UploadArtifact: {
@@ -1713,6 +1722,15 @@ export interface operations {
             };
             /** @description kilnd could not store it */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1798,6 +1816,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     RotateAuthTokenKey: {
@@ -1829,6 +1856,15 @@ export interface operations {
             };
             /** @description kilnd could not write the key file */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1918,6 +1954,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     StreamEvents: {
@@ -1980,6 +2025,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ListMicrovmImages: {
@@ -2028,6 +2082,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2113,6 +2176,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmImage: {
@@ -2156,6 +2228,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2213,6 +2294,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2292,6 +2382,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmImageLogs: {
@@ -2354,6 +2453,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetIngress: {
@@ -2385,6 +2493,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2444,6 +2561,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2538,6 +2664,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovm: {
@@ -2605,6 +2740,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     DeleteMicrovm: {
@@ -2657,6 +2801,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2736,6 +2889,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmDisk: {
@@ -2788,6 +2950,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2878,6 +3049,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2981,6 +3161,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     RemoveFile: {
@@ -3072,6 +3261,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     DownloadArchive: {
@@ -3150,6 +3348,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3274,6 +3481,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ReadFile: {
@@ -3361,6 +3577,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3497,6 +3722,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     MakeDirectory: {
@@ -3589,6 +3823,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3695,6 +3938,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     StatFile: {
@@ -3782,6 +4034,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3892,6 +4153,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ForkMicrovm: {
@@ -3975,6 +4245,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4072,6 +4351,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmLogs: {
@@ -4152,6 +4440,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetMicrovmMetrics: {
@@ -4207,6 +4504,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4293,6 +4599,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4399,6 +4714,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     GetProcess: {
@@ -4477,6 +4801,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4578,6 +4911,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ResizeProcess: {
@@ -4659,6 +5001,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     SignalProcess: {
@@ -4733,6 +5084,15 @@ export interface operations {
             };
             /** @description The guest agent failed */
             502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4834,6 +5194,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ResumeMicrovm: {
@@ -4893,6 +5262,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     RevokeMicrovmAuthTokens: {
@@ -4934,6 +5312,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5009,6 +5396,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     TerminateMicrovm: {
@@ -5068,6 +5464,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     ListWebhooks: {
@@ -5099,6 +5504,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5175,6 +5589,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     DeleteWebhook: {
@@ -5216,6 +5639,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5266,6 +5698,15 @@ export interface operations {
             };
             /** @description kilnd failed */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -167,7 +167,41 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     {
         body.required = Some(utoipa::openapi::Required::False);
     }
+    document_unavailable(&mut api);
     api
+}
+
+/// Every operation that can fail inside kilnd (it documents 500) can also find the
+/// database unreachable in a cluster: 503, retry later.
+fn document_unavailable(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, ResponseBuilder};
+    let internal = "500".to_string();
+    for item in api.paths.paths.values_mut() {
+        let ops = [
+            item.get.as_mut(),
+            item.post.as_mut(),
+            item.put.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for op in ops.into_iter().flatten() {
+            let Some(RefOr::T(r500)) = op.responses.responses.get(&internal).cloned() else {
+                continue;
+            };
+            let r503 = ResponseBuilder::new()
+                .description(
+                    "The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry",
+                )
+                .content(
+                    "application/json",
+                    r500.content.get("application/json").cloned().unwrap_or_default(),
+                )
+                .build();
+            op.responses
+                .responses
+                .insert("503".to_string(), RefOr::T(r503));
+        }
+    }
 }
 
 /// Every `(method, path)` the spec documents (and so the router serves).

@@ -377,6 +377,7 @@ async fn run() -> anyhow::Result<()> {
         .prefix("kiln-bench-api-")
         .tempdir()?;
     let cfg = kiln_daemon::Config {
+        database: kiln_daemon::config::Database::Sqlite,
         home: home.path().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
         min_idle_seconds: 60,

@@ -1,0 +1,704 @@
+//! The PostgreSQL backend, for a cluster whose nodes share one database.
+//!
+//! It speaks through the synchronous `postgres` client (the store interface is synchronous,
+//! like SQLite's); on tokio's workers each call runs in `block_in_place`, so it never blocks a
+//! worker's other tasks. A lost connection fails the call with
+//! [`StoreError::is_unavailable`] and the next call connects again: when PostgreSQL is back,
+//! kilnd carries on.
+//!
+//! Events are numbered by an identity column, and every transaction that adds one first takes
+//! one advisory lock ([`EVENTS_LOCK`]): numbers are then handed out in commit order, so a
+//! reader paging by sequence number (webhooks, the event stream) never skips an event that
+//! committed late. A trigger announces each event with `NOTIFY kiln_events`, which
+//! [`StateStore::subscribe`] listens to, so every node's streams wake on every node's events.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_types::{Labels, MicrovmState};
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Row, Transaction};
+
+use crate::{now_ms, EventRow, ImageRow, MicrovmRow, Result, StateStore, StoreError, WebhookRow};
+
+/// Numbered schema migrations with the meaning of SQLite's list, entry for entry (text
+/// columns that are sorted on compare bytewise, as in SQLite). Never edit one that shipped.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"CREATE TABLE images (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        name TEXT COLLATE "C" NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        created_at BIGINT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX images_by_name ON images(name, created_at);
+    CREATE TABLE microvms (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        image_id TEXT COLLATE "C" NOT NULL,
+        image_name TEXT COLLATE "C" NOT NULL,
+        state TEXT NOT NULL,
+        state_reason TEXT,
+        created_at BIGINT NOT NULL,
+        state_changed_at BIGINT NOT NULL,
+        last_activity_at BIGINT NOT NULL,
+        config TEXT NOT NULL,
+        usage TEXT NOT NULL
+    );
+    CREATE INDEX microvms_by_state ON microvms(state);
+    CREATE TABLE events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        microvm_id TEXT,
+        image_id TEXT,
+        kind TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT,
+        reason TEXT
+    );
+    CREATE FUNCTION kiln_event_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('kiln_events', NEW.seq::text);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER events_notify AFTER INSERT ON events
+        FOR EACH ROW EXECUTE FUNCTION kiln_event_notify();"#,
+    "ALTER TABLE microvms ADD COLUMN runtime TEXT;",
+    "ALTER TABLE microvms ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE images ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
+    r#"CREATE TABLE webhooks (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        description TEXT,
+        secret TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        cursor BIGINT NOT NULL
+    );"#,
+];
+
+/// Held (transaction-scoped) by every transaction that adds an event. "kiln" + 1.
+const EVENTS_LOCK: i64 = 0x6b69_6c6e_0001;
+/// Held while migrating, so nodes starting together migrate once.
+const MIGRATE_LOCK: i64 = 0x6b69_6c6e_0002;
+/// Held (session-scoped, on its own connection) by the one kilnd using the database.
+const SOLE_NODE_LOCK: i64 = 0x6b69_6c6e_0003;
+/// How long a connection attempt may take when the URL does not say.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct PgStore {
+    config: postgres::Config,
+    /// Where it connects, for messages (never the password).
+    target: String,
+    client: Mutex<Option<Client>>,
+    /// The connection holding [`SOLE_NODE_LOCK`], once claimed.
+    sole: Mutex<Option<Client>>,
+}
+
+/// Whether a failed query failed because the server could not be reached.
+pub(crate) fn is_connection_error(e: &postgres::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let class_08 = e.code().is_some_and(|c| {
+        c.code().starts_with("08")
+            || *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+    });
+    e.is_closed() || io || class_08
+}
+
+/// Runs `f` where a blocking call is allowed: on a multi-threaded tokio worker through
+/// `block_in_place`, on a current-thread runtime on a scoped thread, elsewhere directly.
+fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(f)
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
+        Err(_) => f(),
+    }
+}
+
+fn lock_events(tx: &mut Transaction<'_>) -> Result<()> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])?;
+    Ok(())
+}
+
+fn describe(config: &postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(h, p)| match h {
+            postgres::config::Host::Tcp(h) => format!("{h}:{p}"),
+            postgres::config::Host::Unix(d) => format!("{}:{p}", d.display()),
+        })
+        .collect();
+    let db = config.get_dbname().unwrap_or("(default database)");
+    format!("{}/{db}", hosts.join(","))
+}
+
+impl PgStore {
+    /// Connects (libpq URL or `key=value` string) and migrates.
+    pub fn connect(url: &str) -> Result<PgStore> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| StoreError::Invalid(format!("database URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let store = PgStore {
+            target: describe(&config),
+            config,
+            client: Mutex::new(None),
+            sole: Mutex::new(None),
+        };
+        store.run(migrate)?;
+        Ok(store)
+    }
+
+    /// Connects now; call where blocking is allowed (see [`blocking`]).
+    fn connect_now(&self) -> Result<Client> {
+        self.config
+            .connect(NoTls)
+            .map_err(|source| StoreError::Connect {
+                target: self.target.clone(),
+                source,
+            })
+    }
+
+    fn open_client(&self) -> Result<Client> {
+        blocking(|| self.connect_now())
+    }
+
+    /// Runs `f` on the connection, connecting first if there is none (or it broke). All of
+    /// it where blocking is allowed: a client's connect and drop block too.
+    fn run<T: Send>(&self, f: impl FnOnce(&mut Client) -> Result<T> + Send) -> Result<T> {
+        let mut guard = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let slot: &mut Option<Client> = &mut guard;
+        blocking(move || {
+            if slot.as_ref().is_some_and(Client::is_closed) {
+                *slot = None;
+            }
+            let client = match slot {
+                Some(c) => c,
+                None => slot.insert(self.connect_now()?),
+            };
+            let out = f(client);
+            if out.as_ref().is_err_and(StoreError::is_unavailable) {
+                *slot = None;
+            }
+            out
+        })
+    }
+
+    /// A statement without rows, in its own transaction.
+    fn exec(&self, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> Result<u64> {
+        self.run(|c| Ok(c.execute(sql, params)?))
+    }
+
+    /// A statement that adds events: under [`EVENTS_LOCK`], in one transaction.
+    fn with_events<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T> + Send,
+    ) -> Result<T> {
+        self.run(|c| {
+            let mut tx = c.transaction()?;
+            lock_events(&mut tx)?;
+            let out = f(&mut tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+}
+
+impl Drop for PgStore {
+    /// A client's drop says goodbye to the server, blocking: where that is allowed.
+    fn drop(&mut self) {
+        let clients = [
+            self.client.get_mut().map(Option::take),
+            self.sole.get_mut().map(Option::take),
+        ];
+        blocking(move || drop(clients));
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])?;
+    let fresh = tx
+        .query_one("SELECT to_regclass('kiln_schema') IS NULL", &[])?
+        .get::<_, bool>(0);
+    if fresh {
+        tx.batch_execute(
+            "CREATE TABLE kiln_schema (version BIGINT NOT NULL); INSERT INTO kiln_schema VALUES (0);",
+        )?;
+    }
+    let version: i64 = tx.query_one("SELECT version FROM kiln_schema", &[])?.get(0);
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute("UPDATE kiln_schema SET version = $1", &[&(i as i64 + 1)])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+const IMAGE_COLS: &str = "SELECT id, name, status, reason, created_at, record, labels FROM images";
+const MICROVM_COLS: &str = "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels FROM microvms";
+
+fn to_image(r: &Row) -> Result<ImageRow> {
+    let status: String = r.try_get(2)?;
+    Ok(ImageRow {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        status: status
+            .parse()
+            .map_err(|e: kiln_types::ParseImageStatusError| StoreError::Invalid(e.to_string()))?,
+        reason: r.try_get(3)?,
+        created_at: r.try_get(4)?,
+        record: serde_json::from_str(r.try_get(5)?)?,
+        labels: serde_json::from_str(r.try_get(6)?)?,
+    })
+}
+
+fn to_microvm(r: &Row) -> Result<MicrovmRow> {
+    let state: String = r.try_get(3)?;
+    let json = |i: usize| -> Result<serde_json::Value> {
+        let text: &str = r.try_get(i)?;
+        Ok(serde_json::from_str(text).unwrap_or(serde_json::Value::Null))
+    };
+    let labels: &str = r.try_get(10)?;
+    Ok(MicrovmRow {
+        id: r.try_get(0)?,
+        image_id: r.try_get(1)?,
+        image_name: r.try_get(2)?,
+        state: state
+            .parse()
+            .map_err(|e: kiln_types::ParseStateError| StoreError::Invalid(e.to_string()))?,
+        state_reason: r.try_get(4)?,
+        created_at: r.try_get(5)?,
+        state_changed_at: r.try_get(6)?,
+        last_activity_at: r.try_get(7)?,
+        config: json(8)?,
+        usage: json(9)?,
+        labels: serde_json::from_str(labels).unwrap_or_default(),
+    })
+}
+
+fn to_webhook(r: &Row) -> Result<WebhookRow> {
+    let events: &str = r.try_get(2)?;
+    Ok(WebhookRow {
+        id: r.try_get(0)?,
+        url: r.try_get(1)?,
+        events: serde_json::from_str(events).unwrap_or_default(),
+        description: r.try_get(3)?,
+        secret: r.try_get(4)?,
+        created_at: r.try_get(5)?,
+        cursor: r.try_get(6)?,
+    })
+}
+
+fn to_event(r: &Row) -> Result<EventRow> {
+    Ok(EventRow {
+        seq: r.try_get(0)?,
+        at_ms: r.try_get(1)?,
+        microvm_id: r.try_get(2)?,
+        image_id: r.try_get(3)?,
+        kind: r.try_get(4)?,
+        from_state: r.try_get(5)?,
+        to_state: r.try_get(6)?,
+        reason: r.try_get(7)?,
+    })
+}
+
+/// Listens for events until the connection breaks.
+fn listen(config: &postgres::Config, f: &mut (dyn FnMut(i64) + Send)) -> Result<()> {
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute("LISTEN kiln_events")?;
+    // Events may have come while no one listened: wake the readers to look.
+    let newest: i64 = client
+        .query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[])?
+        .get(0);
+    f(newest);
+    let mut notifications = client.notifications();
+    let mut iter = notifications.blocking_iter();
+    while let Some(n) = postgres::fallible_iterator::FallibleIterator::next(&mut iter)? {
+        if let Ok(seq) = n.payload().parse() {
+            f(seq);
+        }
+    }
+    Ok(())
+}
+
+impl StateStore for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn claim_sole_node(&self) -> Result<()> {
+        let mut client = self.open_client()?;
+        // Inside `blocking`: a client that is dropped (lost the claim) says goodbye, blocking.
+        let claimed = blocking(move || -> Result<Option<Client>> {
+            let won: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&SOLE_NODE_LOCK])?
+                .get(0);
+            Ok(won.then_some(client))
+        })?;
+        let Some(client) = claimed else {
+            return Err(StoreError::Busy(format!(
+                "another kilnd already keeps its state in {}: one database serves one kilnd \
+                 until nodes can share it (cluster mode); give this one its own database",
+                self.target
+            )));
+        };
+        *self.sole.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+        Ok(())
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        self.run(|c| Ok(c.query_one("SELECT version FROM kiln_schema", &[])?.get(0)))
+    }
+
+    fn upsert_image(&self, img: &ImageRow) -> Result<()> {
+        let record = serde_json::to_string(&img.record)?;
+        let labels = serde_json::to_string(&img.labels)?;
+        self.with_events(|tx| {
+            let previous: Option<String> = tx
+                .query_opt("SELECT status FROM images WHERE id = $1 FOR UPDATE", &[&img.id])?
+                .map(|r| r.get(0));
+            tx.execute(
+                "INSERT INTO images (id, name, status, reason, created_at, record, labels) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, reason = EXCLUDED.reason, record = EXCLUDED.record",
+                &[&img.id, &img.name, &img.status.as_str(), &img.reason, &img.created_at, &record, &labels],
+            )?;
+            if previous.as_deref() != Some(img.status.as_str()) {
+                tx.execute(
+                    "INSERT INTO events (at_ms, image_id, kind, from_state, to_state, reason) VALUES ($1, $2, 'image', $3, $4, $5)",
+                    &[&now_ms(), &img.id, &previous, &img.status.as_str(), &img.reason],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn image(&self, id_or_name: &str) -> Result<Option<ImageRow>> {
+        self.run(|c| {
+            let by_id = c.query_opt(&format!("{IMAGE_COLS} WHERE id = $1"), &[&id_or_name])?;
+            let found = match by_id {
+                Some(r) => Some(r),
+                None => c.query_opt(
+                    &format!("{IMAGE_COLS} WHERE name = $1 ORDER BY (status = 'SUCCESSFUL') DESC, created_at DESC, id DESC LIMIT 1"),
+                    &[&id_or_name],
+                )?,
+            };
+            found.as_ref().map(to_image).transpose()
+        })
+    }
+
+    fn images(&self) -> Result<Vec<ImageRow>> {
+        self.run(|c| {
+            c.query(
+                &format!("{IMAGE_COLS} i WHERE id = (
+                    SELECT id FROM images j WHERE j.name = i.name ORDER BY (status = 'SUCCESSFUL') DESC, created_at DESC, id DESC LIMIT 1
+                ) ORDER BY name"),
+                &[],
+            )?
+            .iter()
+            .map(to_image)
+            .collect()
+        })
+    }
+
+    fn all_images(&self) -> Result<Vec<ImageRow>> {
+        self.run(|c| {
+            c.query(&format!("{IMAGE_COLS} ORDER BY created_at, id"), &[])?
+                .iter()
+                .map(to_image)
+                .collect()
+        })
+    }
+
+    fn delete_image(&self, id: &str) -> Result<bool> {
+        self.with_events(|tx| {
+            let n = tx.execute("DELETE FROM images WHERE id = $1", &[&id])?;
+            if n > 0 {
+                tx.execute(
+                    "INSERT INTO events (at_ms, image_id, kind, reason) VALUES ($1, $2, 'image', 'deleted')",
+                    &[&now_ms(), &id],
+                )?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    fn live_microvms_of_image(&self, image_id: &str) -> Result<Vec<String>> {
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT id FROM microvms WHERE image_id = $1 AND state != 'TERMINATED' ORDER BY id",
+                &[&image_id],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+
+    fn count_live_microvms(&self) -> Result<usize> {
+        self.run(|c| {
+            let n: i64 = c
+                .query_one(
+                    "SELECT COUNT(*) FROM microvms WHERE state != 'TERMINATED'",
+                    &[],
+                )?
+                .get(0);
+            Ok(n as usize)
+        })
+    }
+
+    fn count_building_images(&self) -> Result<usize> {
+        self.run(|c| {
+            let n: i64 = c
+                .query_one("SELECT COUNT(*) FROM images WHERE status = 'CREATING'", &[])?
+                .get(0);
+            Ok(n as usize)
+        })
+    }
+
+    fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
+        let config = serde_json::to_string(&vm.config)?;
+        let usage = serde_json::to_string(&vm.usage)?;
+        let labels = serde_json::to_string(&vm.labels)?;
+        self.with_events(|tx| {
+            tx.execute(
+                "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[&vm.id, &vm.image_id, &vm.image_name, &vm.state.as_str(), &vm.state_reason, &vm.created_at,
+                  &vm.state_changed_at, &vm.last_activity_at, &config, &usage, &labels],
+            )?;
+            tx.execute(
+                "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES ($1, $2, $3, 'microvm', $4, $5)",
+                &[&now_ms(), &vm.id, &vm.image_id, &vm.state.as_str(), &vm.state_reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>> {
+        self.run(|c| {
+            c.query_opt(&format!("{MICROVM_COLS} WHERE id = $1"), &[&id])?
+                .as_ref()
+                .map(to_microvm)
+                .transpose()
+        })
+    }
+
+    fn microvms(
+        &self,
+        state: Option<MicrovmState>,
+        image: Option<&str>,
+    ) -> Result<Vec<MicrovmRow>> {
+        let state = state.map(MicrovmState::as_str);
+        self.run(|c| {
+            c.query(
+                &format!("{MICROVM_COLS} WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR image_id = $2 OR image_name = $2) ORDER BY created_at, id"),
+                &[&state, &image],
+            )?
+            .iter()
+            .map(to_microvm)
+            .collect()
+        })
+    }
+
+    fn set_state(&self, id: &str, to: MicrovmState, reason: Option<&str>) -> Result<()> {
+        self.with_events(|tx| {
+            let from: String = tx
+                .query_opt("SELECT state FROM microvms WHERE id = $1 FOR UPDATE", &[&id])?
+                .ok_or_else(|| StoreError::NoSuchMicrovm(id.to_string()))?
+                .get(0);
+            let from: MicrovmState = from
+                .parse()
+                .map_err(|e: kiln_types::ParseStateError| StoreError::Invalid(e.to_string()))?;
+            if !from.can_become(to) {
+                return Err(StoreError::Transition {
+                    id: id.to_string(),
+                    from,
+                    to,
+                });
+            }
+            let now = now_ms();
+            tx.execute(
+                "UPDATE microvms SET state = $2, state_reason = $3, state_changed_at = $4 WHERE id = $1",
+                &[&id, &to.as_str(), &reason, &now],
+            )?;
+            tx.execute(
+                "INSERT INTO events (at_ms, microvm_id, kind, from_state, to_state, reason) VALUES ($1, $2, 'microvm', $3, $4, $5)",
+                &[&now, &id, &from.as_str(), &to.as_str(), &reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn touch(&self, id: &str, at_ms: i64) -> Result<()> {
+        self.exec(
+            "UPDATE microvms SET last_activity_at = GREATEST(last_activity_at, $2) WHERE id = $1",
+            &[&id, &at_ms],
+        )?;
+        Ok(())
+    }
+
+    fn touch_many(&self, activity: &[(String, i64)]) -> Result<()> {
+        self.run(|c| {
+            let mut tx = c.transaction()?;
+            let stmt = tx.prepare(
+                "UPDATE microvms SET last_activity_at = GREATEST(last_activity_at, $2) WHERE id = $1",
+            )?;
+            for (id, at) in activity {
+                tx.execute(&stmt, &[id, at])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn set_microvm_labels(&self, id: &str, labels: &Labels) -> Result<bool> {
+        let labels = serde_json::to_string(labels)?;
+        let n = self.exec(
+            "UPDATE microvms SET labels = $2 WHERE id = $1",
+            &[&id, &labels],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn set_image_labels(&self, id: &str, labels: &Labels) -> Result<bool> {
+        let labels = serde_json::to_string(labels)?;
+        let n = self.exec(
+            "UPDATE images SET labels = $2 WHERE id = $1",
+            &[&id, &labels],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn set_usage(&self, id: &str, usage: &serde_json::Value) -> Result<()> {
+        let usage = serde_json::to_string(usage)?;
+        self.exec(
+            "UPDATE microvms SET usage = $2 WHERE id = $1",
+            &[&id, &usage],
+        )?;
+        Ok(())
+    }
+
+    fn set_runtime(&self, id: &str, runtime: Option<&serde_json::Value>) -> Result<()> {
+        let text = runtime.map(serde_json::to_string).transpose()?;
+        self.exec(
+            "UPDATE microvms SET runtime = $2 WHERE id = $1",
+            &[&id, &text],
+        )?;
+        Ok(())
+    }
+
+    fn runtime(&self, id: &str) -> Result<Option<serde_json::Value>> {
+        let text: Option<String> = self.run(|c| {
+            Ok(
+                c.query_opt("SELECT runtime FROM microvms WHERE id = $1", &[&id])?
+                    .and_then(|r| r.get(0)),
+            )
+        })?;
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+    }
+
+    fn insert_webhook(&self, w: &WebhookRow) -> Result<i64> {
+        let events = serde_json::to_string(&w.events)?;
+        self.with_events(|tx| {
+            let newest: i64 = tx
+                .query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[])?
+                .get(0);
+            tx.execute(
+                "INSERT INTO webhooks (id, url, events, description, secret, created_at, cursor) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&w.id, &w.url, &events, &w.description, &w.secret, &w.created_at, &newest],
+            )?;
+            Ok(newest)
+        })
+    }
+
+    fn webhooks(&self) -> Result<Vec<WebhookRow>> {
+        self.run(|c| {
+            c.query(
+                "SELECT id, url, events, description, secret, created_at, cursor FROM webhooks ORDER BY created_at, id",
+                &[],
+            )?
+            .iter()
+            .map(to_webhook)
+            .collect()
+        })
+    }
+
+    fn delete_webhook(&self, id: &str) -> Result<bool> {
+        Ok(self.exec("DELETE FROM webhooks WHERE id = $1", &[&id])? == 1)
+    }
+
+    fn set_webhook_cursor(&self, id: &str, seq: i64) -> Result<()> {
+        self.exec(
+            "UPDATE webhooks SET cursor = GREATEST(cursor, $2) WHERE id = $1",
+            &[&id, &seq],
+        )?;
+        Ok(())
+    }
+
+    fn record_event(&self, microvm_id: &str, kind: &str, reason: &str) -> Result<()> {
+        self.with_events(|tx| {
+            tx.execute(
+                "INSERT INTO events (at_ms, microvm_id, kind, reason) VALUES ($1, $2, $3, $4)",
+                &[&now_ms(), &microvm_id, &kind, &reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn subscribe(&self, mut f: Box<dyn FnMut(i64) + Send>) {
+        let config = self.config.clone();
+        let target = self.target.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-pg-listen".into())
+            .spawn(move || loop {
+                if let Err(e) = listen(&config, &mut *f) {
+                    tracing::warn!("listening for events at {target} failed (again in 1 s): {e}");
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(
+                "no thread to listen for events: {e}; streams wake only on their own polls"
+            );
+        }
+    }
+
+    fn last_event_seq(&self) -> Result<i64> {
+        self.run(|c| {
+            Ok(
+                c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[])?
+                    .get(0),
+            )
+        })
+    }
+
+    fn events_since(&self, cursor: i64, limit: i64) -> Result<Vec<EventRow>> {
+        self.run(|c| {
+            c.query(
+                "SELECT seq, at_ms, microvm_id, image_id, kind, from_state, to_state, reason FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&cursor, &limit],
+            )?
+            .iter()
+            .map(to_event)
+            .collect()
+        })
+    }
+}
