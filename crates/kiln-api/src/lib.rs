@@ -9,6 +9,7 @@ pub mod fuzzing;
 mod image;
 mod labels;
 mod microvm;
+mod node;
 pub mod process;
 mod system;
 mod token;
@@ -36,6 +37,7 @@ pub use microvm::{
     UpdateLabelsRequest, Usage, DEFAULT_PAGE, MAX_FORK_COUNT, MAX_PAGE, MAX_WAIT_SECONDS,
     METRICS_KEPT,
 };
+pub use node::{Node, NodeCapacity, NodeList};
 pub use process::{
     GetProcessQuery, ListProcessesQuery, OutputStreamName, Process, ProcessList,
     ProcessOutputEvent, ProcessOutputEventName, ProcessOutputQuery, ProcessOutputSse,

@@ -172,6 +172,9 @@ pub struct Microvm {
     /// The newest metrics sample, while it runs (see GetMicrovmMetrics for the history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MicrovmMetrics>,
+    /// The kilnd node that owns it (`--node-name`); any node serves it.
+    #[serde(default)]
+    pub node: String,
 }
 
 /// One sample of a running microVM's metrics, taken every `--tick-ms`.

@@ -15,6 +15,7 @@ mod files_cli;
 mod image;
 mod image_api;
 mod mcp;
+mod node_cli;
 mod proc_cli;
 mod remote;
 mod sandbox;
@@ -62,6 +63,9 @@ enum Command {
     /// Webhooks: lifecycle events POSTed to your URLs, signed (through kilnd).
     #[command(subcommand)]
     Webhook(webhook_cli::WebhookCommand),
+    /// The kilnd nodes sharing one database (a cluster), or this one.
+    #[command(subcommand)]
+    Node(node_cli::NodeCommand),
     /// Copy between here and a microVM: `kiln cp ./src mvm-…:/app`, `kiln cp mvm-…:/out.csv .`
     /// (directories travel as tar; `-` is stdin/stdout).
     Cp(files_cli::CpArgs),
@@ -128,6 +132,10 @@ fn main() -> anyhow::Result<()> {
                     cli.conn.api_key.clone(),
                 )?;
                 mcp::serve(client).await
+            }
+            Command::Node(cmd) => {
+                let conn = cli.conn;
+                Ok(tokio::task::spawn_blocking(move || node_cli::run(conn, cmd)).await?)
             }
             Command::Webhook(cmd) => {
                 let conn = cli.conn;

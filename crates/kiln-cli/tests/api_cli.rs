@@ -52,6 +52,21 @@ fn the_cli_drives_microvms_through_the_api() {
         serde_json::from_str::<serde_json::Value>(&shown).unwrap()["labels"],
         serde_json::json!({"owner": "cli"})
     );
+    // Nodes: without a cluster, this kilnd alone, reachable, with its one microVM.
+    let (code, out, err) = kiln(&d, &["node", "ls", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 1, "{nodes}");
+    assert_eq!(nodes["nodes"][0]["name"], nodes["thisNode"]);
+    assert_eq!(nodes["nodes"][0]["reachable"], true);
+    assert_eq!(nodes["nodes"][0]["microvms"], 1);
+    assert!(nodes["nodes"][0]["capacity"]["memoryMib"].as_u64().unwrap() > 0);
+    let (code, table, err) = kiln(&d, &["node", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("(this)") && table.contains("reachable"),
+        "{table}"
+    );
     // Webhooks from the CLI: a loopback target is refused (this kilnd has no
     // --allow-private-webhook-targets), with the reason; the list stays empty.
     let (code, _, err) = kiln(&d, &["webhook", "create", "http://127.0.0.1:9/in"]);

@@ -370,6 +370,11 @@ impl Client {
         self.call("POST", "/v1/webhooks", Some(req))
     }
 
+    /// ListNodes: the kilnd nodes sharing the database (this one alone without a cluster).
+    pub fn list_nodes(&self) -> Result<api::NodeList, ClientError> {
+        self.call("GET", "/v1/nodes", None::<&()>)
+    }
+
     pub fn list_webhooks(&self) -> Result<WebhookList, ClientError> {
         self.call("GET", "/v1/webhooks", None::<&()>)
     }

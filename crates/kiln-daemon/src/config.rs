@@ -48,9 +48,24 @@ pub enum Database {
     Postgres { url: SecretUrl, from: String },
 }
 
+/// What a node offers, from `--capacity-*` (`None`: the machine's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapacityFlags {
+    pub memory_mib: Option<u64>,
+    pub vcpus: Option<u32>,
+    pub disk_mib: Option<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: Database,
+    /// This kilnd's name among the nodes of a shared database (`--node-name`).
+    pub node_name: String,
+    /// Where other nodes reach this API (`--advertise`); `None`: the bound listen address.
+    pub advertise: Option<String>,
+    /// A node without a heartbeat for this long is unreachable (`--node-lease-seconds`).
+    pub node_lease: Duration,
+    pub capacity: CapacityFlags,
     pub home: PathBuf,
     pub listen: SocketAddr,
     /// Lowest `maxIdleDurationSeconds` accepted (the API minimum is 60 s, like Lambda's).

@@ -99,7 +99,7 @@ impl Manager {
     /// The clones' rows, PENDING, under the admission lock that counts them.
     fn record_clones(&self, parent: &MicrovmRow, count: u64) -> ApiResult<Vec<MicrovmRow>> {
         let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        let live = self.store().count_live_microvms()?;
+        let live = crate::cluster::own_live_count(self)?;
         if live + count as usize > self.cfg.max_microvms {
             return Err(ApiError::quota(format!(
                 "{live} microVMs are not TERMINATED, {count} more would pass the limit of {}: \
@@ -122,6 +122,7 @@ impl Manager {
                 config: parent.config.clone(),
                 usage: usage.clone(),
                 labels: parent.labels.clone(),
+                node: self.cfg.node_name.clone(),
             })
             .collect();
         self.write(|s| rows.iter().try_for_each(|r| s.insert_microvm(r)))?;

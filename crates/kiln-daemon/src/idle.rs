@@ -25,7 +25,7 @@ pub fn spawn(manager: Arc<Manager>) {
 
 async fn pass(manager: &Arc<Manager>) -> Result<(), kiln_store::StoreError> {
     manager.flush_activity();
-    let rows = manager.store().microvms(None, None)?;
+    let rows = crate::cluster::own_microvms(manager, None)?;
     let running: std::collections::HashSet<&str> = rows
         .iter()
         .filter(|r| r.state == MicrovmState::Running)

@@ -5,6 +5,7 @@
 pub mod actor;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod cpu;
 pub mod egress;
@@ -183,6 +184,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     };
     // Clients read the scheme here too (`https://` when the API speaks TLS).
     let scheme = if api_tls.is_some() { "https://" } else { "" };
+    cluster::register(&manager, listener.local_addr()?)?;
     write_whole(
         &cfg.home.join("kilnd.addr"),
         &format!("{scheme}{}", listener.local_addr()?),
@@ -235,15 +237,15 @@ pub struct ConsoleOptions {
 }
 
 /// The origins a browser reaches the ingress at, both endpoint styles.
-/// The store `cfg` names: SQLite under KILN_HOME, or PostgreSQL (migrated, and claimed
-/// by this kilnd alone until several nodes can share one).
+/// The store `cfg` names: SQLite under KILN_HOME, or PostgreSQL (migrated, with this
+/// node's name claimed for as long as kilnd runs).
 fn open_store(cfg: &Config) -> anyhow::Result<kiln_store::Store> {
     match &cfg.database {
         config::Database::Sqlite => Ok(kiln_store::Store::open(&cfg.home.join("kiln.db"))?),
         config::Database::Postgres { url, from } => {
             let store = kiln_store::Store::connect(&url.0)
                 .with_context(|| format!("the database named by {from}"))?;
-            store.claim_sole_node()?;
+            store.claim_node(&cfg.node_name)?;
             info!(
                 backend = store.backend(),
                 "state in PostgreSQL (the URL from {from})"
@@ -337,10 +339,8 @@ async fn shutdown(manager: &Arc<Manager>) {
         leave_running(manager).await;
         return;
     }
-    let running = manager
-        .store()
-        .microvms(Some(kiln_types::MicrovmState::Running), None)
-        .unwrap_or_default();
+    let running =
+        cluster::own_microvms(manager, Some(kiln_types::MicrovmState::Running)).unwrap_or_default();
     info!(count = running.len(), policy = ?manager.cfg.on_shutdown, "shutting down");
     for row in running {
         let result = match manager.cfg.on_shutdown {

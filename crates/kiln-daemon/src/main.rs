@@ -27,6 +27,26 @@ struct Args {
     /// URL in KILN_DATABASE_URL. Never on the command line: every local user can read it.
     #[arg(long, env = "KILN_DATABASE_URL_FILE")]
     database_url_file: Option<PathBuf>,
+    /// This kilnd's name among the nodes sharing a database (letters, digits, `.`, `-`,
+    /// `_`; at most 63). Default: the host name.
+    #[arg(long, env = "KILN_NODE_NAME", value_parser = parse_node_name)]
+    node_name: Option<String>,
+    /// Where the other nodes reach this node's API (HOST:PORT). Default: --listen as bound.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// A node whose last heartbeat is older than this is unreachable: its microVMs are
+    /// served again only when it is back.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    node_lease_seconds: u64,
+    /// Memory this node offers to microVMs, in MiB. Default: the machine's.
+    #[arg(long)]
+    capacity_memory_mib: Option<u64>,
+    /// vCPUs this node offers to microVMs. Default: the machine's CPUs.
+    #[arg(long)]
+    capacity_vcpus: Option<u32>,
+    /// Disk this node offers to microVMs, in MiB. Default: KILN_HOME's file system.
+    #[arg(long)]
+    capacity_disk_mib: Option<u64>,
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Allow a non-loopback --listen address (the API then needs --api-tls-cert and
@@ -180,6 +200,29 @@ fn check_api_exposure(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_node_name(s: &str) -> Result<String, String> {
+    let ok = (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("use 1 to 63 letters, digits, '.', '-' or '_'".into())
+    }
+}
+
+/// The default node name: the host's, as the kernel has it.
+fn host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name for --node-name")?;
+    parse_node_name(name.trim()).map_err(|e| {
+        anyhow::anyhow!(
+            "the host name {:?} is no node name ({e}): pass --node-name",
+            name.trim()
+        )
+    })
+}
+
 /// The database from `--database-url-file` or `KILN_DATABASE_URL`, else SQLite. The
 /// variable is then removed, so no child (QEMU, helpers) inherits the password.
 fn database(file: Option<&std::path::Path>) -> anyhow::Result<kiln_daemon::config::Database> {
@@ -230,8 +273,20 @@ fn main() -> anyhow::Result<()> {
         (args.ingress_tls_cert, args.ingress_tls_key)
     };
     let database = database(args.database_url_file.as_deref())?;
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => host_name()?,
+    };
     let cfg = Config {
         database,
+        node_name,
+        advertise: args.advertise,
+        node_lease: Duration::from_secs(args.node_lease_seconds),
+        capacity: kiln_daemon::config::CapacityFlags {
+            memory_mib: args.capacity_memory_mib,
+            vcpus: args.capacity_vcpus,
+            disk_mib: args.capacity_disk_mib,
+        },
         home: args.home,
         listen: args.listen,
         min_idle_seconds: args.min_idle_seconds,

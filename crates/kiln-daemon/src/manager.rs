@@ -487,7 +487,7 @@ impl Manager {
         };
         self.check_disk("no new microVM", 0)?;
         let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        let live = self.store().count_live_microvms()?;
+        let live = crate::cluster::own_live_count(self)?;
         if live >= self.cfg.max_microvms {
             return Err(ApiError::quota(format!(
                 "{live} microVMs are not TERMINATED and the limit is {}: terminate one, or raise \
@@ -515,6 +515,7 @@ impl Manager {
             config: serde_json::to_value(&config).map_err(ApiError::internal)?,
             usage: serde_json::to_value(Usage::default()).map_err(ApiError::internal)?,
             labels,
+            node: self.cfg.node_name.clone(),
         };
         let network = self.network_of(&row.id, &config, CounterSnapshot::default())?;
         self.write(|s| s.insert_microvm(&row))?;

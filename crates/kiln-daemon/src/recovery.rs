@@ -35,7 +35,7 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
     }
     check_images(manager)?;
     // Bind the rows first: the store's guard must not live across the loop's own writes.
-    let rows = manager.store().microvms(None, None)?;
+    let rows = crate::cluster::own_microvms(manager, None)?;
     // Running microVMs are taken back at once (each waits on its own QMP and agent).
     let mut adoptions = tokio::task::JoinSet::new();
     for row in rows {
@@ -274,6 +274,10 @@ fn check_images(manager: &Manager) -> anyhow::Result<()> {
         else {
             continue;
         };
+        // Another node's build (a shared database): its files are there, not here.
+        if crate::cluster::is_shared(manager) && !template.exists() {
+            continue;
+        }
         let verdict = Template::open(&template)
             .map_err(|e| e.to_string())
             .and_then(|t| t.compatibility(&manager.assets).map_err(|e| e.to_string()));

@@ -17,6 +17,7 @@ const SPEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/openapi.yaml
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health"),
     ("get", "/metrics"),
+    ("get", "/v1/nodes"),
     ("post", "/v1/artifacts"),
     ("post", "/v1/images"),
     ("get", "/v1/images"),

@@ -1,6 +1,6 @@
 //! kilnd with its state in PostgreSQL (the store a cluster's nodes share) instead of
 //! KILN_HOME/kiln.db: a microVM's whole lifecycle with every state where psql sees it, a
-//! kill -9 of kilnd that loses nothing, one kilnd per database until nodes can share one,
+//! kill -9 of kilnd that loses nothing, one kilnd per node name,
 //! and a URL file others can read refused. The test PostgreSQL is started by scripts/test.sh
 //! (KILN_TEST_DATABASE_URL); each test makes its own database.
 
@@ -9,61 +9,12 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::pg::{admin, fresh_database, refused_start, write_secret};
 use common::steps::{assert_counts_on, count, sh, COUNTER};
 use common::TestDaemon;
 use serde_json::json;
-
-fn admin() -> Option<String> {
-    let url = std::env::var("KILN_TEST_DATABASE_URL").ok();
-    if url.is_none() {
-        eprintln!("not run: KILN_TEST_DATABASE_URL is not set (scripts/test.sh starts PostgreSQL and sets it)");
-    }
-    url
-}
-
-/// A new database on the test server; its connection string.
-fn fresh_database(admin: &str) -> String {
-    let name = format!("kiln_d_{}_{}", std::process::id(), kiln_store::now_ms());
-    let mut c = postgres::Client::connect(admin, postgres::NoTls).unwrap();
-    c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    format!("{admin} dbname={name}")
-}
-
-fn write_secret(path: &Path, text: &str, mode: u32) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// Starts kilnd on `home` expecting it to refuse; returns what it printed.
-fn refused_start(home: &Path, extra: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-        .arg("--home")
-        .arg(home)
-        .args(["--listen", "127.0.0.1:0", "--ingress-listen", "127.0.0.1:0"])
-        .args(extra)
-        .env("KILN_ASSETS", kiln_vmm::GuestAssets::default_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "kilnd did not refuse to start");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "kilnd started: {err}");
-    err
-}
 
 fn db_state(url: &str, id: &str) -> String {
     let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
@@ -136,11 +87,12 @@ fn kilnd_keeps_its_state_in_postgres_and_a_kill_loses_nothing() {
         "{ev}"
     );
 
-    // One kilnd per database: a second is refused, and says why.
+    // One kilnd per node name: a second one named the same (the host's) is refused, and
+    // says what to do.
     let other = tempfile::tempdir().unwrap();
     let err = refused_start(other.path(), &flags);
     assert!(
-        err.contains("another kilnd already keeps its state in"),
+        err.contains("already runs on") && err.contains("--node-name"),
         "{err}"
     );
     // A URL file others can read is refused before anything connects.

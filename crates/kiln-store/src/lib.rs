@@ -111,6 +111,23 @@ pub struct MicrovmRow {
     pub usage: serde_json::Value,
     #[serde(default)]
     pub labels: Labels,
+    /// The node that owns it (runs it, or holds its snapshot): `--node-name`.
+    #[serde(default)]
+    pub node: String,
+}
+
+/// A kilnd node as registered in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    /// `--node-name`, unique in the store.
+    pub name: String,
+    /// Where other nodes reach its API (`--advertise`).
+    pub advertise: String,
+    /// What it offers (memory, vCPUs, disk) as JSON (owned by the daemon).
+    pub capacity: serde_json::Value,
+    pub started_at: i64,
+    /// Its last heartbeat (ms since the epoch).
+    pub heartbeat_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,9 +155,16 @@ pub trait StateStore: Send {
     fn backend(&self) -> &'static str;
     /// The number of migrations applied.
     fn schema_version(&self) -> Result<i64>;
-    /// Makes this process the only kilnd on the store for as long as it lives, or fails
-    /// with [`StoreError::Busy`] when another holds it. (SQLite: KILN_HOME is one kilnd's.)
-    fn claim_sole_node(&self) -> Result<()>;
+    /// Makes this process the only kilnd named `node` on the store for as long as it lives,
+    /// or fails with [`StoreError::Busy`] when another holds the name. (SQLite: KILN_HOME is
+    /// one kilnd's.)
+    fn claim_node(&self, node: &str) -> Result<()>;
+    /// Registers (or re-registers, after a restart) a node, its heartbeat now.
+    fn upsert_node(&self, node: &NodeRow) -> Result<()>;
+    /// Records a node's heartbeat; `false` when it is not registered.
+    fn heartbeat(&self, node: &str, at_ms: i64) -> Result<bool>;
+    /// Every registered node, by name.
+    fn nodes(&self) -> Result<Vec<NodeRow>>;
 
     /// Inserts or updates an image build; a status change is recorded as an event.
     fn upsert_image(&self, img: &ImageRow) -> Result<()>;

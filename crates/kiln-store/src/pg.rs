@@ -19,7 +19,9 @@ use kiln_types::{Labels, MicrovmState};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row, Transaction};
 
-use crate::{now_ms, EventRow, ImageRow, MicrovmRow, Result, StateStore, StoreError, WebhookRow};
+use crate::{
+    now_ms, EventRow, ImageRow, MicrovmRow, NodeRow, Result, StateStore, StoreError, WebhookRow,
+};
 
 /// Numbered schema migrations with the meaning of SQLite's list, entry for entry (text
 /// columns that are sorted on compare bytewise, as in SQLite). Never edit one that shipped.
@@ -75,14 +77,24 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL,
         cursor BIGINT NOT NULL
     );"#,
+    r#"ALTER TABLE microvms ADD COLUMN node TEXT COLLATE "C" NOT NULL DEFAULT '';
+    CREATE INDEX microvms_by_node ON microvms(node);
+    CREATE TABLE nodes (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        advertise TEXT NOT NULL,
+        capacity TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        heartbeat_at BIGINT NOT NULL
+    );"#,
 ];
 
 /// Held (transaction-scoped) by every transaction that adds an event. "kiln" + 1.
 const EVENTS_LOCK: i64 = 0x6b69_6c6e_0001;
 /// Held while migrating, so nodes starting together migrate once.
 const MIGRATE_LOCK: i64 = 0x6b69_6c6e_0002;
-/// Held (session-scoped, on its own connection) by the one kilnd using the database.
-const SOLE_NODE_LOCK: i64 = 0x6b69_6c6e_0003;
+/// With a hash of the node's name, the session-scoped lock (on its own connection) the one
+/// kilnd of that name holds. "kiln".
+const NODE_LOCK_CLASS: i32 = 0x6b69_6c6e;
 /// How long a connection attempt may take when the URL does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -91,7 +103,7 @@ pub struct PgStore {
     /// Where it connects, for messages (never the password).
     target: String,
     client: Mutex<Option<Client>>,
-    /// The connection holding [`SOLE_NODE_LOCK`], once claimed.
+    /// The connection holding this node's lock ([`NODE_LOCK_CLASS`]), once claimed.
     sole: Mutex<Option<Client>>,
 }
 
@@ -253,7 +265,7 @@ fn migrate(client: &mut Client) -> Result<()> {
 }
 
 const IMAGE_COLS: &str = "SELECT id, name, status, reason, created_at, record, labels FROM images";
-const MICROVM_COLS: &str = "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels FROM microvms";
+const MICROVM_COLS: &str = "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node FROM microvms";
 
 fn to_image(r: &Row) -> Result<ImageRow> {
     let status: String = r.try_get(2)?;
@@ -291,6 +303,7 @@ fn to_microvm(r: &Row) -> Result<MicrovmRow> {
         config: json(8)?,
         usage: json(9)?,
         labels: serde_json::from_str(labels).unwrap_or_default(),
+        node: r.try_get(11)?,
     })
 }
 
@@ -344,24 +357,67 @@ impl StateStore for PgStore {
         "postgres"
     }
 
-    fn claim_sole_node(&self) -> Result<()> {
+    fn claim_node(&self, node: &str) -> Result<()> {
         let mut client = self.open_client()?;
         // Inside `blocking`: a client that is dropped (lost the claim) says goodbye, blocking.
         let claimed = blocking(move || -> Result<Option<Client>> {
             let won: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&SOLE_NODE_LOCK])?
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    &[&NODE_LOCK_CLASS, &node],
+                )?
                 .get(0);
             Ok(won.then_some(client))
         })?;
         let Some(client) = claimed else {
             return Err(StoreError::Busy(format!(
-                "another kilnd already keeps its state in {}: one database serves one kilnd \
-                 until nodes can share it (cluster mode); give this one its own database",
+                "a kilnd named {node:?} already runs on {}: give each node its own \
+                 --node-name",
                 self.target
             )));
         };
         *self.sole.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
         Ok(())
+    }
+
+    fn upsert_node(&self, n: &NodeRow) -> Result<()> {
+        let capacity = serde_json::to_string(&n.capacity)?;
+        self.exec(
+            "INSERT INTO nodes (name, advertise, capacity, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name) DO UPDATE SET advertise = EXCLUDED.advertise, capacity = EXCLUDED.capacity,
+             started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at",
+            &[&n.name, &n.advertise, &capacity, &n.started_at, &n.heartbeat_at],
+        )?;
+        Ok(())
+    }
+
+    fn heartbeat(&self, node: &str, at_ms: i64) -> Result<bool> {
+        let n = self.exec(
+            "UPDATE nodes SET heartbeat_at = GREATEST(heartbeat_at, $2) WHERE name = $1",
+            &[&node, &at_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRow>> {
+        self.run(|c| {
+            c.query(
+                "SELECT name, advertise, capacity, started_at, heartbeat_at FROM nodes ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                let capacity: &str = r.try_get(2)?;
+                Ok(NodeRow {
+                    name: r.try_get(0)?,
+                    advertise: r.try_get(1)?,
+                    capacity: serde_json::from_str(capacity).unwrap_or(serde_json::Value::Null),
+                    started_at: r.try_get(3)?,
+                    heartbeat_at: r.try_get(4)?,
+                })
+            })
+            .collect()
+        })
     }
 
     fn schema_version(&self) -> Result<i64> {
@@ -479,10 +535,10 @@ impl StateStore for PgStore {
         let labels = serde_json::to_string(&vm.labels)?;
         self.with_events(|tx| {
             tx.execute(
-                "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &[&vm.id, &vm.image_id, &vm.image_name, &vm.state.as_str(), &vm.state_reason, &vm.created_at,
-                  &vm.state_changed_at, &vm.last_activity_at, &config, &usage, &labels],
+                  &vm.state_changed_at, &vm.last_activity_at, &config, &usage, &labels, &vm.node],
             )?;
             tx.execute(
                 "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES ($1, $2, $3, 'microvm', $4, $5)",

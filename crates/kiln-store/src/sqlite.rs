@@ -6,7 +6,9 @@ use std::path::Path;
 use kiln_types::{Labels, MicrovmState};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{now_ms, EventRow, ImageRow, MicrovmRow, Result, StateStore, StoreError, WebhookRow};
+use crate::{
+    now_ms, EventRow, ImageRow, MicrovmRow, NodeRow, Result, StateStore, StoreError, WebhookRow,
+};
 
 /// Numbered schema migrations; never edit one that has shipped, append a new one.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -57,6 +59,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         cursor INTEGER NOT NULL
     );",
+    // Nodes: who owns a microVM (`''` for rows from before, the single node's), and the
+    // registry of kilnd nodes with their heartbeats.
+    "ALTER TABLE microvms ADD COLUMN node TEXT NOT NULL DEFAULT '';
+     CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        advertise TEXT NOT NULL,
+        capacity TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        heartbeat_at INTEGER NOT NULL
+     );",
 ];
 
 pub struct SqliteStore {
@@ -153,11 +165,12 @@ impl SqliteStore {
             config: serde_json::from_str(&config).unwrap_or(serde_json::Value::Null),
             usage: serde_json::from_str(&usage).unwrap_or(serde_json::Value::Null),
             labels: serde_json::from_str(&labels).unwrap_or_default(),
+            node: r.get(11)?,
         })
     }
 
     const MICROVM_COLS: &'static str =
-        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels FROM microvms";
+        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node FROM microvms";
 }
 
 impl StateStore for SqliteStore {
@@ -165,8 +178,44 @@ impl StateStore for SqliteStore {
         "sqlite"
     }
 
-    fn claim_sole_node(&self) -> Result<()> {
+    fn claim_node(&self, _node: &str) -> Result<()> {
         Ok(())
+    }
+
+    fn upsert_node(&self, n: &NodeRow) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO nodes (name, advertise, capacity, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET advertise = ?2, capacity = ?3, started_at = ?4, heartbeat_at = ?5",
+            params![n.name, n.advertise, serde_json::to_string(&n.capacity)?, n.started_at, n.heartbeat_at],
+        )?;
+        Ok(())
+    }
+
+    fn heartbeat(&self, node: &str, at_ms: i64) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE nodes SET heartbeat_at = MAX(heartbeat_at, ?2) WHERE name = ?1",
+            params![node, at_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, advertise, capacity, started_at, heartbeat_at FROM nodes ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let capacity: String = r.get(2)?;
+                Ok(NodeRow {
+                    name: r.get(0)?,
+                    advertise: r.get(1)?,
+                    capacity: serde_json::from_str(&capacity).unwrap_or(serde_json::Value::Null),
+                    started_at: r.get(3)?,
+                    heartbeat_at: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 
     fn schema_version(&self) -> Result<i64> {
@@ -291,12 +340,12 @@ impl StateStore for SqliteStore {
     fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
         tx.execute(
-            "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 vm.id, vm.image_id, vm.image_name, vm.state.as_str(), vm.state_reason, vm.created_at, vm.state_changed_at,
                 vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?,
-                serde_json::to_string(&vm.labels)?
+                serde_json::to_string(&vm.labels)?, vm.node
             ],
         )?;
         tx.execute(

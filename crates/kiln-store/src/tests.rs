@@ -54,6 +54,7 @@ fn vm(id: &str, image: &str) -> MicrovmRow {
         labels: [("team".to_string(), "a".to_string())]
             .into_iter()
             .collect(),
+        node: "n1".into(),
     }
 }
 
@@ -426,4 +427,60 @@ fn postgres_calls_work_from_tokio_workers_of_either_flavor() {
         });
         assert_eq!(n, 0);
     }
+}
+
+#[test]
+fn nodes_register_heartbeat_and_own_their_microvms() {
+    each_backend(|store| {
+        let node = |name: &str, at: i64| NodeRow {
+            name: name.into(),
+            advertise: format!("127.0.0.1:{at}"),
+            capacity: serde_json::json!({"memoryMib": 1024}),
+            started_at: at,
+            heartbeat_at: at,
+        };
+        store.upsert_node(&node("n2", 5)).unwrap();
+        store.upsert_node(&node("n1", 1)).unwrap();
+        assert!(store.heartbeat("n1", 9).unwrap());
+        assert!(
+            store.heartbeat("n1", 3).unwrap(),
+            "an old beat never moves it back"
+        );
+        assert!(!store.heartbeat("nope", 9).unwrap());
+        let nodes = store.nodes().unwrap();
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.heartbeat_at))
+                .collect::<Vec<_>>(),
+            [("n1", 9), ("n2", 5)]
+        );
+        assert_eq!(nodes[0].capacity["memoryMib"], 1024);
+        // A restart registers again: a new start, the same name.
+        store.upsert_node(&node("n1", 20)).unwrap();
+        assert_eq!(store.nodes().unwrap()[0].started_at, 20);
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+        assert_eq!(store.microvm("a").unwrap().unwrap().node, "n1");
+    });
+}
+
+#[test]
+fn postgres_one_kilnd_per_node_name() {
+    let Some(admin) = pg_admin() else { return };
+    let url = fresh_database(&admin);
+    let a = Store::connect(&url).unwrap();
+    let b = Store::connect(&url).unwrap();
+    a.claim_node("n1").unwrap();
+    b.claim_node("n2").unwrap();
+    let err = b.claim_node("n1").unwrap_err();
+    assert!(matches!(err, StoreError::Busy(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("a kilnd named \"n1\" already runs"),
+        "{err}"
+    );
+    // The name is free again once its holder is gone.
+    drop(a);
+    let c = Store::connect(&url).unwrap();
+    c.claim_node("n1").unwrap();
 }

@@ -266,6 +266,10 @@ class Client(FilesMixin, ProcessesMixin):
             body["description"] = description
         return self._call("POST", "/v1/webhooks", body)
 
+    def list_nodes(self) -> dict:
+        """ListNodes: the kilnd nodes sharing the database (this one alone without a cluster)."""
+        return self._call("GET", "/v1/nodes")
+
     def list_webhooks(self) -> dict:
         return self._call("GET", "/v1/webhooks")
 

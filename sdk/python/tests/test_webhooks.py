@@ -35,6 +35,8 @@ def test_deliveries_verify_with_the_sdk():
         hook = client.create_webhook(f"http://127.0.0.1:{server.server_port}/in", events=["microvm"])
         assert hook["webhookId"].startswith("wh-") and len(hook["secret"]) == 64
         assert "secret" not in client.list_webhooks()["webhooks"][0]
+        nodes = client.list_nodes()
+        assert [n["name"] for n in nodes["nodes"]] == [nodes["thisNode"]] and nodes["nodes"][0]["reachable"]
         client.create_microvm_image(name="wh", codeArtifact={"bytes": context_tar(HTTPD_START_SH)})
         client.wait_microvm_image("wh")
         vm = client.run_microvm(imageIdentifier="wh")["microvmId"]

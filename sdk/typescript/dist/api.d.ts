@@ -642,6 +642,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/nodes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description ListNodes: the kilnd nodes sharing this database, with their capacity, heartbeat and microVMs (one, this node, without a cluster). */
+        get: operations["ListNodes"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/webhooks": {
         parameters: {
             query?: never;
@@ -1250,6 +1267,8 @@ export interface components {
                 [key: string]: string;
             };
             metrics?: null | components["schemas"]["MicrovmMetrics"];
+            /** @description The kilnd node that owns it (`--node-name`); any node serves it. */
+            node?: string;
         };
         /** @description One page of ListMicrovms, oldest first. */
         MicrovmList: {
@@ -1341,6 +1360,51 @@ export interface components {
             denials: number;
             /** Format: u-int64 */
             dnsQueries: number;
+        };
+        /** @description `GET /v1/nodes` item. */
+        Node: {
+            /**
+             * @description `--node-name`.
+             * @example node-a
+             */
+            name: string;
+            /**
+             * @description Where the other nodes reach its API (`--advertise`).
+             * @example 10.0.0.5:7070
+             */
+            advertise: string;
+            capacity: components["schemas"]["NodeCapacity"];
+            /**
+             * Format: int64
+             * @description Unix seconds.
+             */
+            startedAt: number;
+            /**
+             * Format: int64
+             * @description Unix milliseconds of its last heartbeat.
+             */
+            heartbeatAtMs: number;
+            /**
+             * @description Its lease is valid (a heartbeat within `--node-lease-seconds`): it serves its
+             *     microVMs. Otherwise they are unreachable until it comes back.
+             */
+            reachable: boolean;
+            /** @description Its microVMs that are not TERMINATED. */
+            microvms: number;
+        };
+        /** @description What a node offers to microVMs (its flags, else the machine). */
+        NodeCapacity: {
+            /** Format: u-int64 */
+            memoryMib: number;
+            /** Format: u-int32 */
+            vcpus: number;
+            /** Format: u-int64 */
+            diskMib: number;
+        };
+        NodeList: {
+            nodes: components["schemas"]["Node"][];
+            /** @description The node that answered. */
+            thisNode: string;
         };
         /**
          * @description Which output bytes came from.
@@ -5447,6 +5511,53 @@ export interface operations {
             };
             /** @description It is already TERMINATED */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description kilnd failed */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    ListNodes: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The nodes */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NodeList"];
+                };
+            };
+            /** @description No or a wrong API key */
+            401: {
                 headers: {
                     [name: string]: unknown;
                 };

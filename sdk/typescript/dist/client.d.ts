@@ -100,6 +100,8 @@ export declare class Client {
     ingressInfo(): Promise<IngressInfo>;
     /** Registers `url` for lifecycle events; the answer's `secret` (shown once) checks deliveries (verifyWebhook). */
     createWebhook(req: S["CreateWebhookRequest"]): Promise<S["Webhook"]>;
+    /** ListNodes: the kilnd nodes sharing the database (this one alone without a cluster). */
+    listNodes(): Promise<S["NodeList"]>;
     listWebhooks(): Promise<S["WebhookList"]>;
     deleteWebhook(webhookId: string): Promise<void>;
     /** The newest deliveries, newest first. */

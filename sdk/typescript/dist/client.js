@@ -165,6 +165,10 @@ export class Client {
     async createWebhook(req) {
         return this.http.call("POST", "/v1/webhooks", { json: req });
     }
+    /** ListNodes: the kilnd nodes sharing the database (this one alone without a cluster). */
+    async listNodes() {
+        return this.http.call("GET", "/v1/nodes");
+    }
     async listWebhooks() {
         return this.http.call("GET", "/v1/webhooks");
     }

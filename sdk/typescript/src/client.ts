@@ -228,6 +228,11 @@ export class Client {
     return this.http.call("POST", "/v1/webhooks", { json: req });
   }
 
+  /** ListNodes: the kilnd nodes sharing the database (this one alone without a cluster). */
+  async listNodes(): Promise<S["NodeList"]> {
+    return this.http.call("GET", "/v1/nodes");
+  }
+
   async listWebhooks(): Promise<S["WebhookList"]> {
     return this.http.call("GET", "/v1/webhooks");
   }

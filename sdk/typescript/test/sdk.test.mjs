@@ -159,6 +159,8 @@ test("labels, metrics and signed webhook deliveries", async () => {
     assert.ok(log.deliveries.some((d) => d.status === "delivered"), JSON.stringify(log));
     await client.deleteWebhook(hook.webhookId);
     assert.deepEqual((await client.listWebhooks()).webhooks, []);
+    const nodes = await client.listNodes();
+    assert.deepEqual(nodes.nodes.map((n) => n.name), [nodes.thisNode]);
     await client.terminateMicrovm(vm.microvmId);
   } finally {
     server.close();

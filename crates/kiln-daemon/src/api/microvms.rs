@@ -47,6 +47,7 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         metrics: (row.state == kiln_api::MicrovmState::Running)
             .then(|| m.metrics.latest(&row.id))
             .flatten(),
+        node: row.node.clone(),
     }
 }
 

@@ -138,6 +138,10 @@ fn routes(auth: crate::auth::Auth) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
         .routes(routes!(webhooks::delete_webhook))
         .routes(routes!(webhooks::webhook_deliveries))
+        .routes(routes!(crate::cluster::list_nodes))
+        // Inside the key check: a call about another node's microVM goes there once
+        // authenticated here.
+        .route_layer(axum::middleware::from_fn(crate::cluster::to_owner))
         .route_layer(axum::middleware::from_fn_with_state(
             auth,
             crate::auth::require_key,
@@ -230,6 +234,7 @@ pub fn openapi_yaml() -> Result<String, String> {
 
 /// The API, and the web console beside it (`/console`, not part of the spec).
 pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOptions) -> Router {
+    let key_for_forwarding = key.clone();
     let auth = crate::auth::Auth {
         key: key.clone(),
         sessions: manager.console.clone(),
@@ -241,9 +246,14 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOp
         secure: console.secure,
         connect_sources: console.connect_sources,
     });
+    let forwarding = crate::cluster::Forwarding {
+        manager: manager.clone(),
+        key: key_for_forwarding,
+    };
     router
         .merge(console)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::Extension(forwarding))
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::UnknownOperation,

@@ -185,7 +185,7 @@ fn metering(rows: &[kiln_store::MicrovmRow], out: &mut String) {
     )
 )]
 pub async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
-    let rows = m.store().microvms(None, None)?;
+    let rows = crate::cluster::own_microvms(&m, None)?;
     let mut out =
         String::from("# HELP kiln_microvms MicroVMs by state.\n# TYPE kiln_microvms gauge\n");
     for state in MicrovmState::ALL {

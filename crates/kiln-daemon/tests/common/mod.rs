@@ -2,6 +2,7 @@
 //! blocking HTTP client; plus a hook-recording test image and a host-side report server.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod steps;
 
 use std::io::{BufRead, BufReader, Write};
@@ -31,6 +32,12 @@ impl TestDaemon {
     }
 
     pub fn start_with(extra: &[&str]) -> TestDaemon {
+        Self::start_seeded(extra, &[])
+    }
+
+    /// Starts kilnd on a home that already holds these files (mode 0600): another node's
+    /// `api-key`, say.
+    pub fn start_seeded(extra: &[&str], files: &[(&str, &str)]) -> TestDaemon {
         let tmp = tempfile::Builder::new()
             .prefix("kilnd-test-")
             .tempdir()
@@ -44,6 +51,12 @@ impl TestDaemon {
             ingress: String::new(),
             program: None,
         };
+        for (name, text) in files {
+            let path = d.home.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        }
         d.spawn(extra);
         d
     }

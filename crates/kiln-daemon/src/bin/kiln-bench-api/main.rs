@@ -378,6 +378,10 @@ async fn run() -> anyhow::Result<()> {
         .tempdir()?;
     let cfg = kiln_daemon::Config {
         database: kiln_daemon::config::Database::Sqlite,
+        node_name: "bench".into(),
+        advertise: None,
+        node_lease: Duration::from_secs(15),
+        capacity: Default::default(),
         home: home.path().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
         min_idle_seconds: 60,

@@ -1,0 +1,307 @@
+//! kilnd among nodes that share one PostgreSQL database.
+//!
+//! Each kilnd is a node (`--node-name`, unique: the store holds a lock per name for the
+//! life of the process) registered with where the others reach its API (`--advertise`) and
+//! what it offers (`--capacity-*`), and a heartbeat every third of `--node-lease-seconds`.
+//! Every microVM row names its owner node; a node recovers, meters and idles only its own.
+//! An API call for a microVM owned by another node is forwarded to it (one hop, with the
+//! cluster's API key: every node is given the same `api-key` file), so any node serves any
+//! microVM. A call for one whose owner's lease ran out answers 503: the microVM is
+//! unreachable until that node is back, never started a second time elsewhere.
+//!
+//! With SQLite (one node), every row is this node's and nothing is forwarded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use kiln_api::{ErrorBody, ErrorCode, Node, NodeCapacity, NodeList};
+use kiln_store::{now_ms, MicrovmRow, NodeRow};
+use kiln_types::MicrovmState;
+use tracing::{info, warn};
+
+use crate::error::{ApiError, ApiResult};
+use crate::manager::Manager;
+
+/// Set on a forwarded call: the owner serves it, whatever its store says (one hop only).
+pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";
+/// How long a forward waits for the owner to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the forwarder needs beside the manager: the key every node accepts.
+#[derive(Clone)]
+pub struct Forwarding {
+    pub manager: Arc<Manager>,
+    pub key: Arc<String>,
+}
+
+/// The store is shared with other nodes (PostgreSQL).
+pub fn is_shared(m: &Manager) -> bool {
+    matches!(m.cfg.database, crate::config::Database::Postgres { .. })
+}
+
+/// This node owns the row (always, with SQLite; rows from before nodes have no owner).
+pub fn is_mine(m: &Manager, row: &MicrovmRow) -> bool {
+    !is_shared(m) || row.node == m.cfg.node_name || row.node.is_empty()
+}
+
+/// This node's microVMs (of one state), oldest first.
+pub fn own_microvms(
+    m: &Manager,
+    state: Option<MicrovmState>,
+) -> kiln_store::Result<Vec<MicrovmRow>> {
+    let rows = m.store().microvms(state, None)?;
+    Ok(rows.into_iter().filter(|r| is_mine(m, r)).collect())
+}
+
+/// This node's microVMs that are not TERMINATED (what `--max-microvms` counts).
+pub fn own_live_count(m: &Manager) -> kiln_store::Result<usize> {
+    if !is_shared(m) {
+        return m.store().count_live_microvms();
+    }
+    let rows = own_microvms(m, None)?;
+    Ok(rows
+        .iter()
+        .filter(|r| r.state != MicrovmState::Terminated)
+        .count())
+}
+
+/// The node that owns the row.
+fn owner<'a>(m: &'a Manager, row: &'a MicrovmRow) -> &'a str {
+    if is_mine(m, row) {
+        &m.cfg.node_name
+    } else {
+        &row.node
+    }
+}
+
+fn lease_ms(m: &Manager) -> i64 {
+    m.cfg.node_lease.as_millis() as i64
+}
+
+fn reachable(m: &Manager, node: &NodeRow, now: i64) -> bool {
+    node.name == m.cfg.node_name || now - node.heartbeat_at <= lease_ms(m)
+}
+
+/// What this node offers: the flags, else the machine's memory, CPUs and KILN_HOME's disk.
+fn capacity(m: &Manager) -> NodeCapacity {
+    let c = &m.cfg.capacity;
+    let memory = || {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024)
+    };
+    let disk = || {
+        nix::sys::statvfs::statvfs(&m.cfg.home)
+            .map_or(0, |s| s.blocks() * s.fragment_size() / (1 << 20))
+    };
+    NodeCapacity {
+        memory_mib: c.memory_mib.unwrap_or_else(memory),
+        vcpus: c
+            .vcpus
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)),
+        disk_mib: c.disk_mib.unwrap_or_else(disk),
+    }
+}
+
+/// Registers this node (its API at `api`, unless `--advertise` says otherwise) and keeps
+/// its heartbeat going.
+pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<()> {
+    let advertise = m.cfg.advertise.clone().unwrap_or_else(|| api.to_string());
+    let now = now_ms();
+    let row = NodeRow {
+        name: m.cfg.node_name.clone(),
+        advertise: advertise.clone(),
+        capacity: serde_json::to_value(capacity(m))?,
+        started_at: now,
+        heartbeat_at: now,
+    };
+    m.write(|s| s.upsert_node(&row))?;
+    info!(node = %row.name, %advertise, "node registered");
+    let m = m.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(m.cfg.node_lease / 3);
+        loop {
+            tick.tick().await;
+            let beat = m.write(|s| -> kiln_store::Result<()> {
+                if !s.heartbeat(&row.name, now_ms())? {
+                    s.upsert_node(&NodeRow {
+                        heartbeat_at: now_ms(),
+                        ..row.clone()
+                    })?;
+                }
+                Ok(())
+            });
+            if let Err(e) = beat {
+                warn!("node heartbeat failed (its lease runs out unless the next one lands): {e}");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The microVM a path is about: `/v1/microvms/{id}` and everything under it.
+fn microvm_in_path(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/v1/microvms/")?.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// The node to forward a call about `id` to, if another node owns it and it is live.
+fn owner_elsewhere(m: &Manager, id: &str) -> ApiResult<Option<NodeRow>> {
+    let Some(row) = m.store().microvm(id)? else {
+        return Ok(None);
+    };
+    // A TERMINATED microVM is a record: any node answers from the store.
+    if is_mine(m, &row) || row.state == MicrovmState::Terminated {
+        return Ok(None);
+    }
+    let node = m.store().nodes()?.into_iter().find(|n| n.name == row.node);
+    let Some(node) = node else {
+        return Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "microVM {id} belongs to node {:?}, which is not registered",
+                row.node
+            ),
+        ));
+    };
+    let now = now_ms();
+    if !reachable(m, &node, now) {
+        return Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "microVM {id} is UNREACHABLE: its node {:?} ({}) sent no heartbeat for {} s \
+                 (lease {} s); it is not started elsewhere, and is served again when that node \
+                 is back",
+                node.name,
+                node.advertise,
+                (now - node.heartbeat_at) / 1000,
+                m.cfg.node_lease.as_secs()
+            ),
+        ));
+    }
+    Ok(Some(node))
+}
+
+/// Middleware (after authentication): a call about another node's microVM goes to it.
+pub async fn to_owner(Extension(f): Extension<Forwarding>, req: Request, next: Next) -> Response {
+    if !is_shared(&f.manager) || req.headers().contains_key(FORWARDED_BY) {
+        return next.run(req).await;
+    }
+    let Some(id) = microvm_in_path(req.uri().path()).map(str::to_string) else {
+        return next.run(req).await;
+    };
+    match owner_elsewhere(&f.manager, &id) {
+        Ok(None) => next.run(req).await,
+        Ok(Some(node)) => forward(&f, &node, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Sends the call to `node` as it came (streams both ways), authenticated with the key
+/// (a browser's session cookie means nothing there).
+async fn forward(f: &Forwarding, node: &NodeRow, mut req: Request) -> ApiResult<Response> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "node {:?} at {}, which runs this microVM, does not answer ({e}); retry",
+                node.name, node.advertise
+            ),
+        )
+    };
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(&node.advertise),
+    )
+    .await
+    .map_err(|_| unreachable(&"connecting timed out"))?
+    .map_err(|e| unreachable(&e))?;
+    let _ = stream.set_nodelay(true);
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    *req.uri_mut() = path.parse().map_err(ApiError::internal)?;
+    let headers = req.headers_mut();
+    headers.remove(header::COOKIE);
+    let value = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);
+    headers.insert(header::AUTHORIZATION, value(&format!("Bearer {}", f.key))?);
+    headers.insert(header::HOST, value(&node.advertise)?);
+    headers.insert(FORWARDED_BY, value(&f.manager.cfg.node_name)?);
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    Ok(resp.map(axum::body::Body::new))
+}
+
+#[utoipa::path(
+    get, path = "/v1/nodes", operation_id = "ListNodes", tag = "system", security(("bearer" = [])),
+    description = "ListNodes: the kilnd nodes sharing this database, with their capacity, \
+        heartbeat and microVMs (one, this node, without a cluster).",
+    responses(
+        (status = 200, description = "The nodes", body = NodeList),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn list_nodes(State(m): State<Arc<Manager>>) -> ApiResult<Json<NodeList>> {
+    let rows = m.store().nodes()?;
+    let microvms = m.store().microvms(None, None)?;
+    let now = now_ms();
+    let nodes = rows
+        .into_iter()
+        .filter(|n| is_shared(&m) || n.name == m.cfg.node_name)
+        .map(|n| Node {
+            microvms: microvms
+                .iter()
+                .filter(|r| r.state != MicrovmState::Terminated && owner(&m, r) == n.name)
+                .count(),
+            reachable: reachable(&m, &n, now),
+            capacity: serde_json::from_value(n.capacity).unwrap_or_default(),
+            started_at: n.started_at / 1000,
+            heartbeat_at_ms: n.heartbeat_at,
+            advertise: n.advertise,
+            name: n.name,
+        })
+        .collect();
+    Ok(Json(NodeList {
+        nodes,
+        this_node: m.cfg.node_name.clone(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_microvm_of_a_path() {
+        assert_eq!(microvm_in_path("/v1/microvms/mvm-1"), Some("mvm-1"));
+        assert_eq!(
+            microvm_in_path("/v1/microvms/mvm-1/files/content"),
+            Some("mvm-1")
+        );
+        assert_eq!(microvm_in_path("/v1/microvms"), None);
+        assert_eq!(microvm_in_path("/v1/microvms/"), None);
+        assert_eq!(microvm_in_path("/v1/images/x"), None);
+    }
+}

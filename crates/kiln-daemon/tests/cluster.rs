@@ -1,0 +1,172 @@
+//! Two kilnd nodes sharing one PostgreSQL database: both registered with their capacity and
+//! heartbeats; each microVM owned by the node that launched it and served through either
+//! (calls forwarded to the owner); a node killed with -9 leaves its microVMs UNREACHABLE
+//! from the other (answered 503, never started a second time), and takes them back running
+//! when it returns; one kilnd per node name.
+
+// Integration tests: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::pg::{admin, fresh_database, refused_start, url_file};
+use common::steps::{assert_counts_on, count, sh, COUNTER};
+use common::TestDaemon;
+use serde_json::{json, Value};
+
+fn node_flags(name: &str, url_file: &str) -> Vec<String> {
+    [
+        "--node-name",
+        name,
+        "--database-url-file",
+        url_file,
+        "--node-lease-seconds",
+        "3",
+        "--capacity-memory-mib",
+        "4096",
+        "--capacity-vcpus",
+        "2",
+        "--capacity-disk-mib",
+        "20000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn launch(d: &TestDaemon, image: &str) -> String {
+    let (status, r) = d.post("/v1/microvms", json!({"imageIdentifier": image}));
+    assert_eq!(status, 200, "{r}");
+    let id = r["microvmId"].as_str().unwrap().to_string();
+    d.wait_state(&id, "RUNNING", Duration::from_secs(90));
+    id
+}
+
+fn nodes(d: &TestDaemon) -> Value {
+    let (status, v) = d.get("/v1/nodes");
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+fn node<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}: {list}"))
+}
+
+#[test]
+fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
+    let Some(admin) = admin() else { return };
+    let url = fresh_database(&admin);
+    let secrets = tempfile::tempdir().unwrap();
+    let file = url_file(secrets.path(), &url);
+    let flags_a = node_flags("a", &file);
+    let flags_a: Vec<&str> = flags_a.iter().map(String::as_str).collect();
+    let flags_b = node_flags("b", &file);
+    let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
+    let mut a = TestDaemon::start_with(&flags_a);
+    // Every node accepts the same key: B is given A's api-key file.
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    assert_eq!(a.key, b.key);
+
+    let list = nodes(&b);
+    assert_eq!(list["thisNode"], "b");
+    for name in ["a", "b"] {
+        let n = node(&list, name);
+        assert_eq!(n["reachable"], true, "{list}");
+        assert_eq!(
+            n["capacity"],
+            json!({"memoryMib": 4096, "vcpus": 2, "diskMib": 20000})
+        );
+    }
+    assert_eq!(
+        node(&list, "a")["advertise"],
+        a.base.trim_start_matches("http://")
+    );
+
+    // Images are node-local until object storage carries them: one per node.
+    a.build_image("on-a", &[("Dockerfile", "FROM busybox\n")], json!({}));
+    b.build_image("on-b", &[("Dockerfile", "FROM busybox\n")], json!({}));
+    let va = launch(&a, "on-a");
+    let vb = launch(&b, "on-b");
+    let (_, all) = b.get("/v1/microvms");
+    let owners: Vec<(String, String)> = all["microvms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["microvmId"].as_str().unwrap().into(),
+                m["node"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(owners.contains(&(va.clone(), "a".into())), "{all}");
+    assert!(owners.contains(&(vb.clone(), "b".into())), "{all}");
+    assert_eq!(node(&nodes(&a), "a")["microvms"], 1);
+
+    // Through B, A's microVM: exec, files, suspend and resume all happen on A.
+    sh(&b, &va, &format!("echo from-b > /root/note; {COUNTER}"));
+    assert_eq!(sh(&a, &va, "cat /root/note").trim(), "from-b");
+    let (status, v) = b.post(&format!("/v1/microvms/{va}/suspend"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&va, "SUSPENDED", Duration::from_secs(120));
+    let (status, v) = b.post(&format!("/v1/microvms/{va}/resume"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    b.wait_state(&va, "RUNNING", Duration::from_secs(120));
+    assert_eq!(a.qemu_processes().len(), 1, "va runs on A");
+    assert_eq!(b.qemu_processes().len(), 1, "vb runs on B");
+    let before = count(&b, &va);
+
+    // A second kilnd named "a" is refused while A runs.
+    let other = tempfile::tempdir().unwrap();
+    let err = refused_start(other.path(), &flags_a);
+    assert!(err.contains("a kilnd named \"a\" already runs"), "{err}");
+
+    // kill -9 A: once its lease runs out, B reports its microVM unreachable and leaves it be.
+    a.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node(&nodes(&b), "a")["reachable"] == true {
+        assert!(Instant::now() < deadline, "A's lease never ran out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, v) = b.get(&format!("/v1/microvms/{va}"));
+    assert_eq!(status, 503, "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("UNREACHABLE") && message.contains("\"a\""),
+        "{message}"
+    );
+    let (status, v) = b.post(&format!("/v1/microvms/{va}/terminate"), json!({}));
+    assert_eq!(status, 503, "nothing acts on it meanwhile: {v}");
+    assert_eq!(a.qemu_processes().len(), 1, "its QEMU outlives A's kilnd");
+    assert_eq!(b.qemu_processes().len(), 1, "B started no second copy");
+    assert_eq!(
+        sh(&b, &vb, "echo ok").trim(),
+        "ok",
+        "B's own microVM is unaffected"
+    );
+
+    // A returns: it takes its microVM back, and B serves it again.
+    a.spawn(&flags_a);
+    a.wait_state(&va, "RUNNING", Duration::from_secs(60));
+    assert_counts_on(&b, &va, before);
+    assert_eq!(sh(&b, &va, "cat /root/note").trim(), "from-b");
+    assert_eq!(node(&nodes(&b), "a")["reachable"], true);
+
+    for (d, id) in [(&b, &va), (&b, &vb)] {
+        let (status, v) = d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
+    a.wait_state(&va, "TERMINATED", Duration::from_secs(60));
+    b.wait_state(&vb, "TERMINATED", Duration::from_secs(60));
+    // A TERMINATED microVM is a record any node answers for.
+    assert_eq!(
+        b.get(&format!("/v1/microvms/{va}")).1["state"],
+        "TERMINATED"
+    );
+}
