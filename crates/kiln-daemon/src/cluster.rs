@@ -153,8 +153,12 @@ fn microvm_in_path(path: &str) -> Option<&str> {
     (!id.is_empty()).then_some(id)
 }
 
-/// The node to forward a call about `id` to, if another node owns it and it is live.
-fn owner_elsewhere(m: &Manager, id: &str) -> ApiResult<Option<NodeRow>> {
+/// The node to forward a call about `id` to, if another node owns it and it is live (an
+/// error says when it is not). With SQLite, never.
+pub fn owner_elsewhere(m: &Manager, id: &str) -> ApiResult<Option<NodeRow>> {
+    if !is_shared(m) {
+        return Ok(None);
+    }
     let Some(row) = m.store().microvm(id)? else {
         return Ok(None);
     };

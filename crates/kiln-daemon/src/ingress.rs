@@ -89,6 +89,13 @@ impl Backend for IngressBackend {
     ) -> BoxFuture<'_, Result<Box<dyn GuestStream>, BackendError>> {
         let id = microvm.to_string();
         Box::pin(async move {
+            // Another node's microVM: through its owner (crate::tunnel).
+            if let Some(node) = crate::cluster::owner_elsewhere(&self.0, &id)
+                .map_err(|e| BackendError::Unavailable(e.message))?
+            {
+                let key = self.0.key.clone();
+                return crate::tunnel::open(&self.0, &key, &node, &id, port).await;
+            }
             let agent = self.running_agent(&id).await?;
             match agent.connect_port(port).await {
                 Ok(stream) => Ok(Box::new(stream) as Box<dyn GuestStream>),

@@ -23,6 +23,7 @@ pub mod recovery;
 pub mod save_image;
 mod serve_tls;
 pub mod tls;
+pub mod tunnel;
 pub mod webhooks;
 
 use std::sync::{Arc, Mutex};
@@ -130,6 +131,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         events,
         event_streams: Arc::new(tokio::sync::Semaphore::new(kiln_api::MAX_EVENT_STREAMS)),
         console: Default::default(),
+        key: Arc::new(key.clone()),
     });
     recovery::recover(&manager).await?;
     webhooks::spawn_dispatcher(&manager);
@@ -236,7 +238,6 @@ pub struct ConsoleOptions {
     pub connect_sources: Vec<String>,
 }
 
-/// The origins a browser reaches the ingress at, both endpoint styles.
 /// The store `cfg` names: SQLite under KILN_HOME, or PostgreSQL (migrated, with this
 /// node's name claimed for as long as kilnd runs).
 fn open_store(cfg: &Config) -> anyhow::Result<kiln_store::Store> {
@@ -255,6 +256,7 @@ fn open_store(cfg: &Config) -> anyhow::Result<kiln_store::Store> {
     }
 }
 
+/// The origins a browser reaches the ingress at, both endpoint styles.
 fn ingress_origins(cfg: &Config, ingress: std::net::SocketAddr, tls: bool) -> Vec<String> {
     let scheme = if tls { "wss" } else { "ws" };
     let host = endpoint::path_host(ingress);

@@ -92,6 +92,8 @@ pub struct Manager {
     pub event_streams: Arc<tokio::sync::Semaphore>,
     /// The web console's signed-in browsers.
     pub console: Arc<kiln_console::Sessions>,
+    /// The API key, which every node of a cluster accepts: node-to-node calls carry it.
+    pub key: Arc<String>,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;

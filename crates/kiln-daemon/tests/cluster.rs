@@ -1,6 +1,7 @@
 //! Two kilnd nodes sharing one PostgreSQL database: both registered with their capacity and
 //! heartbeats; each microVM owned by the node that launched it and served through either
-//! (calls forwarded to the owner); a node killed with -9 leaves its microVMs UNREACHABLE
+//! (API calls forwarded to the owner, ingress traffic tunnelled to it, a SUSPENDED one
+//! resumed by its owner on a request anywhere); a node killed with -9 leaves its microVMs UNREACHABLE
 //! from the other (answered 503, never started a second time), and takes them back running
 //! when it returns; one kilnd per node name.
 
@@ -58,6 +59,34 @@ fn node<'a>(list: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no node {name}: {list}"))
 }
 
+const APP_DOCKERFILE: &str =
+    "FROM busybox\nCOPY app.sh hook.sh /srv/\nEXPOSE 8080\nCMD [\"/srv/app.sh\"]\n";
+const APP_SH: &str = "#!/bin/sh\nmkdir -p /www\necho 'app on a' > /www/index.html\n\
+httpd -p 8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
+
+fn token_via(d: &TestDaemon, id: &str) -> String {
+    let (status, t) = d.post(
+        "/v1/auth-tokens",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5, "allowedPorts": [{"port": 8080}]}),
+    );
+    assert_eq!(status, 200, "{t}");
+    t["authToken"]["X-Kiln-Auth"].as_str().unwrap().to_string()
+}
+
+/// GET / of the app through `d`'s ingress (path style): status and body.
+fn app_via_ingress(d: &TestDaemon, id: &str, token: &str) -> (u16, String) {
+    let r = ureq::get(&format!("http://{}/m/{id}/", d.ingress))
+        .set("X-Kiln-Auth", token)
+        .set("X-Kiln-Port", "8080")
+        .timeout(Duration::from_secs(120))
+        .call();
+    match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+        Err(e) => panic!("ingress request failed: {e}"),
+    }
+}
+
 #[test]
 fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     let Some(admin) = admin() else { return };
@@ -69,8 +98,12 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     let flags_b = node_flags("b", &file);
     let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
     let mut a = TestDaemon::start_with(&flags_a);
-    // Every node accepts the same key: B is given A's api-key file.
-    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    // Every node accepts the same key and tokens: B is given A's api-key and ingress keys.
+    let ingress_keys = std::fs::read_to_string(a.home.join("ingress-keys.json")).unwrap();
+    let b = TestDaemon::start_seeded(
+        &flags_b,
+        &[("api-key", &a.key), ("ingress-keys.json", &ingress_keys)],
+    );
     assert_eq!(a.key, b.key);
 
     let list = nodes(&b);
@@ -89,7 +122,15 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     );
 
     // Images are node-local until object storage carries them: one per node.
-    a.build_image("on-a", &[("Dockerfile", "FROM busybox\n")], json!({}));
+    a.build_image(
+        "on-a",
+        &[
+            ("Dockerfile", APP_DOCKERFILE),
+            ("app.sh", APP_SH),
+            ("hook.sh", common::HOOK_SH),
+        ],
+        json!({}),
+    );
     b.build_image("on-b", &[("Dockerfile", "FROM busybox\n")], json!({}));
     let va = launch(&a, "on-a");
     let vb = launch(&b, "on-b");
@@ -120,6 +161,24 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     b.wait_state(&va, "RUNNING", Duration::from_secs(120));
     assert_eq!(a.qemu_processes().len(), 1, "va runs on A");
     assert_eq!(b.qemu_processes().len(), 1, "vb runs on B");
+
+    // B's ingress serves A's microVM (the token issued by B), and a request to it while it
+    // is SUSPENDED resumes it on A.
+    let token = token_via(&b, &va);
+    assert_eq!(
+        app_via_ingress(&b, &va, &token),
+        (200, "app on a\n".to_string())
+    );
+    let (status, v) = a.post(&format!("/v1/microvms/{va}/suspend"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&va, "SUSPENDED", Duration::from_secs(120));
+    assert_eq!(
+        app_via_ingress(&b, &va, &token),
+        (200, "app on a\n".to_string())
+    );
+    assert_eq!(a.get(&format!("/v1/microvms/{va}")).1["state"], "RUNNING");
+    assert_eq!(a.qemu_processes().len(), 1, "resumed on A, its owner");
+    assert_eq!(b.qemu_processes().len(), 1);
     let before = count(&b, &va);
 
     // A second kilnd named "a" is refused while A runs.
@@ -136,6 +195,9 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     }
     let (status, v) = b.get(&format!("/v1/microvms/{va}"));
     assert_eq!(status, 503, "{v}");
+    let (status, body) = app_via_ingress(&b, &va, &token);
+    assert_eq!(status, 502, "the ingress says so too: {body}");
+    assert!(body.contains("UNREACHABLE"), "{body}");
     let message = v["message"].as_str().unwrap();
     assert!(
         message.contains("UNREACHABLE") && message.contains("\"a\""),

@@ -239,19 +239,30 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOp
         key: key.clone(),
         sessions: manager.console.clone(),
     };
-    let (router, _) = routes(auth).split_for_parts();
+    let (router, _) = routes(auth.clone()).split_for_parts();
     let console = kiln_console::router(kiln_console::Console {
         key,
         sessions: manager.console.clone(),
         secure: console.secure,
         connect_sources: console.connect_sources,
     });
+    // Node to node: ingress traffic for a microVM this node owns (see crate::tunnel).
+    let tunnel = Router::new()
+        .route(
+            crate::tunnel::ROUTE,
+            axum::routing::get(crate::tunnel::serve),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            crate::auth::require_key,
+        ));
     let forwarding = crate::cluster::Forwarding {
         manager: manager.clone(),
         key: key_for_forwarding,
     };
     router
         .merge(console)
+        .merge(tunnel)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::Extension(forwarding))
         .fallback(|| async {
