@@ -32,13 +32,6 @@ pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";
 /// How long a forward waits for the owner to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the forwarder needs beside the manager: the key every node accepts.
-#[derive(Clone)]
-pub struct Forwarding {
-    pub manager: Arc<Manager>,
-    pub key: Arc<String>,
-}
-
 /// The store is shared with other nodes (PostgreSQL).
 pub fn is_shared(m: &Manager) -> bool {
     matches!(m.cfg.database, crate::config::Database::Postgres { .. })
@@ -194,17 +187,64 @@ pub fn owner_elsewhere(m: &Manager, id: &str) -> ApiResult<Option<NodeRow>> {
     Ok(Some(node))
 }
 
+/// The node to run a microVM of `image` on when that is not this one: the node holding
+/// the image's files (they stay where they were built until object storage carries them).
+pub fn image_elsewhere(m: &Manager, image: &str) -> ApiResult<Option<NodeRow>> {
+    if !is_shared(m) {
+        return Ok(None);
+    }
+    let Some(img) = m.store().image(image)? else {
+        return Ok(None);
+    };
+    if img.node.is_empty() || img.node == m.cfg.node_name {
+        return Ok(None);
+    }
+    let node = m.store().nodes()?.into_iter().find(|n| n.name == img.node);
+    let now = now_ms();
+    match node {
+        Some(n) if reachable(m, &n, now) => Ok(Some(n)),
+        found => Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "image {} is held by node {:?}, which {}: its microVMs run there; retry when \
+                 it is back",
+                img.id,
+                img.node,
+                match found {
+                    Some(n) => format!("sent no heartbeat for {} s", (now - n.heartbeat_at) / 1000),
+                    None => "is not registered".to_string(),
+                }
+            ),
+        )),
+    }
+}
+
+/// Sends a JSON call to `node` (this node's caller authenticated) and answers with its reply.
+pub async fn forward_json(
+    m: &Manager,
+    node: &NodeRow,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> ApiResult<Response> {
+    let bytes = serde_json::to_vec(body).map_err(ApiError::internal)?;
+    let req = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(bytes))
+        .map_err(ApiError::internal)?;
+    forward(m, node, req).await
+}
+
 /// Middleware (after authentication): a call about another node's microVM goes to it.
-pub async fn to_owner(Extension(f): Extension<Forwarding>, req: Request, next: Next) -> Response {
-    if !is_shared(&f.manager) || req.headers().contains_key(FORWARDED_BY) {
+pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next: Next) -> Response {
+    if !is_shared(&m) || req.headers().contains_key(FORWARDED_BY) {
         return next.run(req).await;
     }
     let Some(id) = microvm_in_path(req.uri().path()).map(str::to_string) else {
         return next.run(req).await;
     };
-    match owner_elsewhere(&f.manager, &id) {
+    match owner_elsewhere(&m, &id) {
         Ok(None) => next.run(req).await,
-        Ok(Some(node)) => forward(&f, &node, req)
+        Ok(Some(node)) => forward(&m, &node, req)
             .await
             .unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
@@ -213,7 +253,7 @@ pub async fn to_owner(Extension(f): Extension<Forwarding>, req: Request, next: N
 
 /// Sends the call to `node` as it came (streams both ways), authenticated with the key
 /// (a browser's session cookie means nothing there).
-async fn forward(f: &Forwarding, node: &NodeRow, mut req: Request) -> ApiResult<Response> {
+async fn forward(m: &Manager, node: &NodeRow, mut req: Request) -> ApiResult<Response> {
     let unreachable = |e: &dyn std::fmt::Display| {
         ApiError::new(
             ErrorCode::ServiceUnavailable,
@@ -247,9 +287,9 @@ async fn forward(f: &Forwarding, node: &NodeRow, mut req: Request) -> ApiResult<
     let headers = req.headers_mut();
     headers.remove(header::COOKIE);
     let value = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);
-    headers.insert(header::AUTHORIZATION, value(&format!("Bearer {}", f.key))?);
+    headers.insert(header::AUTHORIZATION, value(&format!("Bearer {}", m.key))?);
     headers.insert(header::HOST, value(&node.advertise)?);
-    headers.insert(FORWARDED_BY, value(&f.manager.cfg.node_name)?);
+    headers.insert(FORWARDED_BY, value(&m.cfg.node_name)?);
     let resp = sender
         .send_request(req)
         .await

@@ -62,6 +62,9 @@ impl From<kiln_store::StoreError> for ApiError {
             // Another transition won the race: the caller sees where the microVM is now.
             StoreError::Transition { .. } => ApiError::conflict(e.to_string()),
             StoreError::NoSuchMicrovm(id) => ApiError::not_found("microVM", &id),
+            e @ StoreError::NodeFull { .. } => ApiError::quota(format!(
+                "{e}: terminate some, or give the node more with kilnd --capacity-memory-mib"
+            )),
             e if e.is_unavailable() => ApiError::new(
                 ErrorCode::ServiceUnavailable,
                 format!(

@@ -123,9 +123,10 @@ impl Manager {
                 usage: usage.clone(),
                 labels: parent.labels.clone(),
                 node: self.cfg.node_name.clone(),
+                memory_mib: parent.memory_mib,
             })
             .collect();
-        self.write(|s| rows.iter().try_for_each(|r| s.insert_microvm(r)))?;
+        self.write(|s| s.claim_and_insert(&rows, self.memory_cap()))?;
         Ok(rows)
     }
 

@@ -32,8 +32,9 @@ pub fn to_row(record: &ImageRecord) -> ImageRow {
         reason: record.reason.clone(),
         created_at: record.created_unix as i64 * 1000,
         record: serde_json::to_value(record).unwrap_or_default(),
-        // Kept as the store has them: an upsert never changes an image's labels.
+        // Kept as the store has them: an upsert never changes an image's labels or node.
         labels: kiln_types::Labels::new(),
+        node: String::new(),
     }
 }
 
@@ -53,6 +54,7 @@ pub fn start_build(
         created_at: kiln_store::now_ms(),
         record: serde_json::json!({"id": id, "name": spec.name, "status": "CREATING"}),
         labels,
+        node: manager.cfg.node_name.clone(),
     };
     if let Err(e) = manager.write(|s| s.upsert_image(&placeholder)) {
         warn!(id, "storing image failed: {e}");

@@ -144,6 +144,11 @@ impl Manager {
         }
     }
 
+    /// The memory microVMs of this node may take (`--capacity-memory-mib`; no cap without).
+    pub fn memory_cap(&self) -> Option<i64> {
+        self.cfg.capacity.memory_mib.map(|m| m as i64)
+    }
+
     pub fn microvm_dir(&self, id: &str) -> PathBuf {
         self.cfg.home.join("microvms").join(id)
     }
@@ -518,9 +523,10 @@ impl Manager {
             usage: serde_json::to_value(Usage::default()).map_err(ApiError::internal)?,
             labels,
             node: self.cfg.node_name.clone(),
+            memory_mib: img.record["memory_mib"].as_i64().unwrap_or(512),
         };
         let network = self.network_of(&row.id, &config, CounterSnapshot::default())?;
-        self.write(|s| s.insert_microvm(&row))?;
+        self.write(|s| s.claim_and_insert(std::slice::from_ref(&row), self.memory_cap()))?;
         crate::actor::spawn(self, &row.id, MicrovmState::Pending, Slot::default());
         self.tell(
             &row.id,

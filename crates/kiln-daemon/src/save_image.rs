@@ -52,6 +52,7 @@ impl Manager {
             })?;
         let mut image = to_row(saved.record());
         image.labels = labels;
+        image.node = self.cfg.node_name.clone();
         self.write(|s| s.upsert_image(&image))?;
         // Beyond the fork: the RAM file, and the flattened disk (at most its chain).
         let template = Manager::config_of(&row)?.template;

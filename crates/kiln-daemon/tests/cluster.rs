@@ -3,7 +3,8 @@
 //! (API calls forwarded to the owner, ingress traffic tunnelled to it, a SUSPENDED one
 //! resumed by its owner on a request anywhere); a node killed with -9 leaves its microVMs UNREACHABLE
 //! from the other (answered 503, never started a second time), and takes them back running
-//! when it returns; one kilnd per node name.
+//! when it returns; one kilnd per node name; RunMicrovm on any node runs where the image's
+//! files are, and a burst of them never takes more of a node's memory than it offers.
 
 // Integration tests: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -231,4 +232,79 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
         b.get(&format!("/v1/microvms/{va}")).1["state"],
         "TERMINATED"
     );
+}
+
+#[test]
+fn a_burst_of_runs_through_both_nodes_places_each_once_within_capacity() {
+    let Some(admin) = admin() else { return };
+    let url = fresh_database(&admin);
+    let secrets = tempfile::tempdir().unwrap();
+    let file = url_file(secrets.path(), &url);
+    let mut flags_a = node_flags("a", &file);
+    // Room for three 512 MiB microVMs on A.
+    let cap = flags_a
+        .iter()
+        .position(|f| f == "--capacity-memory-mib")
+        .unwrap();
+    flags_a[cap + 1] = "1536".into();
+    let flags_a: Vec<&str> = flags_a.iter().map(String::as_str).collect();
+    let flags_b = node_flags("b", &file);
+    let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
+    let a = TestDaemon::start_with(&flags_a);
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    a.build_image("burst", &[("Dockerfile", "FROM busybox\n")], json!({}));
+
+    // Five at once, through either node: the image's files are on A, so all go there.
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..5)
+            .map(|i| {
+                let d = if i % 2 == 0 { &a } else { &b };
+                s.spawn(move || d.post("/v1/microvms", json!({"imageIdentifier": "burst"})))
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let placed: Vec<String> = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, r)| r["microvmId"].as_str().unwrap().to_string())
+        .collect();
+    let refused: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 429)
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!((placed.len(), refused.len()), (3, 2), "{answers:?}");
+    for r in refused {
+        let message = r["message"].as_str().unwrap();
+        assert!(
+            message.contains("node \"a\" has 0 MiB of its 1536 MiB free")
+                && message.contains("--capacity-memory-mib"),
+            "{message}"
+        );
+    }
+    let unique: std::collections::HashSet<&String> = placed.iter().collect();
+    assert_eq!(unique.len(), 3, "each placed once: {placed:?}");
+    for id in &placed {
+        let v = b.wait_state(id, "RUNNING", Duration::from_secs(120));
+        assert_eq!(v["node"], "a", "{v}");
+    }
+    assert_eq!(node(&nodes(&b), "a")["microvms"], 3);
+    assert_eq!(node(&nodes(&b), "b")["microvms"], 0);
+    assert_eq!(a.qemu_processes().len(), 3);
+    assert!(b.qemu_processes().is_empty());
+
+    // Room again once one is TERMINATED.
+    let (status, v) = b.post(&format!("/v1/microvms/{}/terminate", placed[0]), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&placed[0], "TERMINATED", Duration::from_secs(60));
+    let (status, v) = b.post("/v1/microvms", json!({"imageIdentifier": "burst"}));
+    assert_eq!(status, 200, "{v}");
+    for id in placed[1..]
+        .iter()
+        .chain([&v["microvmId"].as_str().unwrap().to_string()])
+    {
+        let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
 }

@@ -54,6 +54,14 @@ pub enum StoreError {
     TooNew { found: i64, known: i64 },
     #[error("{0}")]
     Busy(String),
+    /// A claim on a node's memory that does not fit: nothing was written.
+    #[error("node {node:?} has {free} MiB of its {capacity} MiB free for microVMs; {need} MiB more do not fit")]
+    NodeFull {
+        node: String,
+        capacity: i64,
+        free: i64,
+        need: i64,
+    },
     #[error("Stored value is invalid: {0}")]
     Invalid(String),
     #[error("microVM {0} does not exist")]
@@ -93,6 +101,9 @@ pub struct ImageRow {
     pub record: serde_json::Value,
     #[serde(default)]
     pub labels: Labels,
+    /// The node that built it and holds its files (`--node-name`).
+    #[serde(default)]
+    pub node: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +125,9 @@ pub struct MicrovmRow {
     /// The node that owns it (runs it, or holds its snapshot): `--node-name`.
     #[serde(default)]
     pub node: String,
+    /// Guest memory, what it takes of its node's capacity while not TERMINATED.
+    #[serde(default)]
+    pub memory_mib: i64,
 }
 
 /// A kilnd node as registered in the store.
@@ -184,6 +198,10 @@ pub trait StateStore: Send {
 
     /// Adds a microVM and its first event.
     fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()>;
+    /// Adds microVMs of one node in one transaction if their memory fits what its live ones
+    /// leave of `capacity_mib` (no cap: `None`); otherwise [`StoreError::NodeFull`] and
+    /// nothing is written. Claims on one node are serialized, by every node sharing the store.
+    fn claim_and_insert(&self, vms: &[MicrovmRow], capacity_mib: Option<i64>) -> Result<()>;
     fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>>;
     /// MicroVMs, oldest first, optionally of one state and one image (id or name).
     fn microvms(&self, state: Option<MicrovmState>, image: Option<&str>)

@@ -78,6 +78,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         cursor BIGINT NOT NULL
     );"#,
     r#"ALTER TABLE microvms ADD COLUMN node TEXT COLLATE "C" NOT NULL DEFAULT '';
+    ALTER TABLE microvms ADD COLUMN memory_mib BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE images ADD COLUMN node TEXT COLLATE "C" NOT NULL DEFAULT '';
     CREATE INDEX microvms_by_node ON microvms(node);
     CREATE TABLE nodes (
         name TEXT COLLATE "C" PRIMARY KEY,
@@ -264,8 +266,9 @@ fn migrate(client: &mut Client) -> Result<()> {
     Ok(())
 }
 
-const IMAGE_COLS: &str = "SELECT id, name, status, reason, created_at, record, labels FROM images";
-const MICROVM_COLS: &str = "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node FROM microvms";
+const IMAGE_COLS: &str =
+    "SELECT id, name, status, reason, created_at, record, labels, node FROM images";
+const MICROVM_COLS: &str = "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node, memory_mib FROM microvms";
 
 fn to_image(r: &Row) -> Result<ImageRow> {
     let status: String = r.try_get(2)?;
@@ -279,6 +282,7 @@ fn to_image(r: &Row) -> Result<ImageRow> {
         created_at: r.try_get(4)?,
         record: serde_json::from_str(r.try_get(5)?)?,
         labels: serde_json::from_str(r.try_get(6)?)?,
+        node: r.try_get(7)?,
     })
 }
 
@@ -304,6 +308,7 @@ fn to_microvm(r: &Row) -> Result<MicrovmRow> {
         usage: json(9)?,
         labels: serde_json::from_str(labels).unwrap_or_default(),
         node: r.try_get(11)?,
+        memory_mib: r.try_get(12)?,
     })
 }
 
@@ -331,6 +336,24 @@ fn to_event(r: &Row) -> Result<EventRow> {
         to_state: r.try_get(6)?,
         reason: r.try_get(7)?,
     })
+}
+
+/// Adds a microVM and its first event (the caller holds [`EVENTS_LOCK`]).
+fn insert_in(tx: &mut Transaction<'_>, vm: &MicrovmRow) -> Result<()> {
+    let config = serde_json::to_string(&vm.config)?;
+    let usage = serde_json::to_string(&vm.usage)?;
+    let labels = serde_json::to_string(&vm.labels)?;
+    tx.execute(
+        "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node, memory_mib)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        &[&vm.id, &vm.image_id, &vm.image_name, &vm.state.as_str(), &vm.state_reason, &vm.created_at,
+          &vm.state_changed_at, &vm.last_activity_at, &config, &usage, &labels, &vm.node, &vm.memory_mib],
+    )?;
+    tx.execute(
+        "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES ($1, $2, $3, 'microvm', $4, $5)",
+        &[&now_ms(), &vm.id, &vm.image_id, &vm.state.as_str(), &vm.state_reason],
+    )?;
+    Ok(())
 }
 
 /// Listens for events until the connection breaks.
@@ -432,9 +455,9 @@ impl StateStore for PgStore {
                 .query_opt("SELECT status FROM images WHERE id = $1 FOR UPDATE", &[&img.id])?
                 .map(|r| r.get(0));
             tx.execute(
-                "INSERT INTO images (id, name, status, reason, created_at, record, labels) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO images (id, name, status, reason, created_at, record, labels, node) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, reason = EXCLUDED.reason, record = EXCLUDED.record",
-                &[&img.id, &img.name, &img.status.as_str(), &img.reason, &img.created_at, &record, &labels],
+                &[&img.id, &img.name, &img.status.as_str(), &img.reason, &img.created_at, &record, &labels, &img.node],
             )?;
             if previous.as_deref() != Some(img.status.as_str()) {
                 tx.execute(
@@ -530,21 +553,34 @@ impl StateStore for PgStore {
     }
 
     fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
-        let config = serde_json::to_string(&vm.config)?;
-        let usage = serde_json::to_string(&vm.usage)?;
-        let labels = serde_json::to_string(&vm.labels)?;
+        self.claim_and_insert(std::slice::from_ref(vm), None)
+    }
+
+    fn claim_and_insert(&self, vms: &[MicrovmRow], capacity_mib: Option<i64>) -> Result<()> {
+        let Some(node) = vms.first().map(|v| v.node.as_str()) else {
+            return Ok(());
+        };
+        // Under EVENTS_LOCK (every insert records an event): claims are serialized across
+        // the cluster, so two nodes placing at once cannot both take the last room.
         self.with_events(|tx| {
-            tx.execute(
-                "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                &[&vm.id, &vm.image_id, &vm.image_name, &vm.state.as_str(), &vm.state_reason, &vm.created_at,
-                  &vm.state_changed_at, &vm.last_activity_at, &config, &usage, &labels, &vm.node],
-            )?;
-            tx.execute(
-                "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES ($1, $2, $3, 'microvm', $4, $5)",
-                &[&now_ms(), &vm.id, &vm.image_id, &vm.state.as_str(), &vm.state_reason],
-            )?;
-            Ok(())
+            if let Some(capacity) = capacity_mib {
+                let used: i64 = tx
+                    .query_one(
+                        "SELECT COALESCE(SUM(memory_mib), 0)::bigint FROM microvms WHERE node = $1 AND state != 'TERMINATED'",
+                        &[&node],
+                    )?
+                    .get(0);
+                let need: i64 = vms.iter().map(|v| v.memory_mib).sum();
+                if used + need > capacity {
+                    return Err(StoreError::NodeFull {
+                        node: node.to_string(),
+                        capacity,
+                        free: (capacity - used).max(0),
+                        need,
+                    });
+                }
+            }
+            vms.iter().try_for_each(|vm| insert_in(tx, vm))
         })
     }
 

@@ -59,9 +59,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         cursor INTEGER NOT NULL
     );",
-    // Nodes: who owns a microVM (`''` for rows from before, the single node's), and the
-    // registry of kilnd nodes with their heartbeats.
+    // Nodes: who owns a microVM and its memory (`''` for rows from before, the single
+    // node's), which node holds an image's files, and the registry of nodes with heartbeats.
     "ALTER TABLE microvms ADD COLUMN node TEXT NOT NULL DEFAULT '';
+     ALTER TABLE microvms ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE images ADD COLUMN node TEXT NOT NULL DEFAULT '';
      CREATE TABLE nodes (
         name TEXT PRIMARY KEY,
         advertise TEXT NOT NULL,
@@ -76,7 +78,16 @@ pub struct SqliteStore {
 }
 
 /// An images row's columns, as read.
-type ImageColumns = (String, String, String, Option<String>, i64, String, String);
+type ImageColumns = (
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    String,
+    String,
+);
 
 /// A state column, read as the enum (a value no kiln wrote is an error, not a guess).
 fn state_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<MicrovmState> {
@@ -129,6 +140,7 @@ impl SqliteStore {
             r.get(4)?,
             r.get(5)?,
             r.get(6)?,
+            r.get(7)?,
         ))
     }
 
@@ -146,6 +158,7 @@ impl SqliteStore {
             created_at: t.4,
             record: serde_json::from_str(&t.5)?,
             labels: serde_json::from_str(&t.6)?,
+            node: t.7,
         })
     }
 
@@ -166,11 +179,12 @@ impl SqliteStore {
             usage: serde_json::from_str(&usage).unwrap_or(serde_json::Value::Null),
             labels: serde_json::from_str(&labels).unwrap_or_default(),
             node: r.get(11)?,
+            memory_mib: r.get(12)?,
         })
     }
 
     const MICROVM_COLS: &'static str =
-        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node FROM microvms";
+        "SELECT id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node, memory_mib FROM microvms";
 }
 
 impl StateStore for SqliteStore {
@@ -232,10 +246,10 @@ impl StateStore for SqliteStore {
             })
             .optional()?;
         tx.execute(
-            "INSERT INTO images (id, name, status, reason, created_at, record, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO images (id, name, status, reason, created_at, record, labels, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT(id) DO UPDATE SET status = ?3, reason = ?4, record = ?6",
             params![img.id, img.name, img.status.as_str(), img.reason, img.created_at, serde_json::to_string(&img.record)?,
-                    serde_json::to_string(&img.labels)?],
+                    serde_json::to_string(&img.labels)?, img.node],
         )?;
         if previous.as_deref() != Some(img.status.as_str()) {
             tx.execute(
@@ -249,7 +263,7 @@ impl StateStore for SqliteStore {
 
     /// An image by build id, or by name (its newest SUCCESSFUL build, else its newest).
     fn image(&self, id_or_name: &str) -> Result<Option<ImageRow>> {
-        let cols = "SELECT id, name, status, reason, created_at, record, labels FROM images";
+        let cols = "SELECT id, name, status, reason, created_at, record, labels, node FROM images";
         let by_id = self
             .conn
             .query_row(
@@ -275,7 +289,7 @@ impl StateStore for SqliteStore {
     /// The newest build of every image name.
     fn images(&self) -> Result<Vec<ImageRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, status, reason, created_at, record, labels FROM images i WHERE id = (
+            "SELECT id, name, status, reason, created_at, record, labels, node FROM images i WHERE id = (
                 SELECT id FROM images j WHERE j.name = i.name ORDER BY (status = 'SUCCESSFUL') DESC, created_at DESC, id DESC LIMIT 1
             ) ORDER BY name",
         )?;
@@ -288,7 +302,7 @@ impl StateStore for SqliteStore {
     /// Every build of every image, oldest first.
     fn all_images(&self) -> Result<Vec<ImageRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, status, reason, created_at, record, labels FROM images ORDER BY created_at, id",
+            "SELECT id, name, status, reason, created_at, record, labels, node FROM images ORDER BY created_at, id",
         )?;
         let rows = stmt
             .query_map([], Self::image_from_row)?
@@ -338,20 +352,45 @@ impl StateStore for SqliteStore {
     }
 
     fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
+        self.claim_and_insert(std::slice::from_ref(vm), None)
+    }
+
+    fn claim_and_insert(&self, vms: &[MicrovmRow], capacity_mib: Option<i64>) -> Result<()> {
+        let Some(node) = vms.first().map(|v| v.node.as_str()) else {
+            return Ok(());
+        };
         let tx = self.conn.unchecked_transaction()?;
-        tx.execute(
-            "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                vm.id, vm.image_id, vm.image_name, vm.state.as_str(), vm.state_reason, vm.created_at, vm.state_changed_at,
-                vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?,
-                serde_json::to_string(&vm.labels)?, vm.node
-            ],
-        )?;
-        tx.execute(
-            "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES (?1, ?2, ?3, 'microvm', ?4, ?5)",
-            params![now_ms(), vm.id, vm.image_id, vm.state.as_str(), vm.state_reason],
-        )?;
+        if let Some(capacity) = capacity_mib {
+            let used: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE node = ?1 AND state != 'TERMINATED'",
+                [node],
+                |r| r.get(0),
+            )?;
+            let need: i64 = vms.iter().map(|v| v.memory_mib).sum();
+            if used + need > capacity {
+                return Err(StoreError::NodeFull {
+                    node: node.to_string(),
+                    capacity,
+                    free: (capacity - used).max(0),
+                    need,
+                });
+            }
+        }
+        for vm in vms {
+            tx.execute(
+                "INSERT INTO microvms (id, image_id, image_name, state, state_reason, created_at, state_changed_at, last_activity_at, config, usage, labels, node, memory_mib)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    vm.id, vm.image_id, vm.image_name, vm.state.as_str(), vm.state_reason, vm.created_at, vm.state_changed_at,
+                    vm.last_activity_at, serde_json::to_string(&vm.config)?, serde_json::to_string(&vm.usage)?,
+                    serde_json::to_string(&vm.labels)?, vm.node, vm.memory_mib
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO events (at_ms, microvm_id, image_id, kind, to_state, reason) VALUES (?1, ?2, ?3, 'microvm', ?4, ?5)",
+                params![now_ms(), vm.id, vm.image_id, vm.state.as_str(), vm.state_reason],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -55,6 +55,7 @@ fn vm(id: &str, image: &str) -> MicrovmRow {
             .into_iter()
             .collect(),
         node: "n1".into(),
+        memory_mib: 512,
     }
 }
 
@@ -186,6 +187,7 @@ fn images_resolve_by_name_to_the_newest_good_build() {
             created_at: at,
             record: serde_json::json!({}),
             labels: Labels::new(),
+            node: "n1".into(),
         };
         store
             .upsert_image(&img("app-1", ImageStatus::Successful, 1))
@@ -194,6 +196,7 @@ fn images_resolve_by_name_to_the_newest_good_build() {
             .upsert_image(&img("app-2", ImageStatus::Failed, 2))
             .unwrap();
         assert_eq!(store.image("app").unwrap().unwrap().id, "app-1");
+        assert_eq!(store.image("app").unwrap().unwrap().node, "n1");
         assert_eq!(
             store.image("app-2").unwrap().unwrap().status,
             ImageStatus::Failed
@@ -483,4 +486,47 @@ fn postgres_one_kilnd_per_node_name() {
     drop(a);
     let c = Store::connect(&url).unwrap();
     c.claim_node("n1").unwrap();
+}
+
+#[test]
+fn a_claim_that_does_not_fit_a_nodes_memory_writes_nothing() {
+    each_backend(|store| {
+        let (a, b, c) = (vm("a", "img-1"), vm("b", "img-1"), vm("c", "img-1"));
+        store.claim_and_insert(&[a, b], Some(1536)).unwrap();
+        let events = store.last_event_seq().unwrap();
+        // 1024 of 1536 used: two more (a fork of two, say) do not fit, and neither is added.
+        let err = store
+            .claim_and_insert(&[c.clone(), vm("d", "img-1")], Some(1536))
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::NodeFull {
+                    free: 512,
+                    need: 1024,
+                    capacity: 1536,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "node \"n1\" has 512 MiB of its 1536 MiB free for microVMs; 1024 MiB more do not fit"
+        );
+        assert!(store.microvm("c").unwrap().is_none());
+        assert_eq!(store.last_event_seq().unwrap(), events);
+        store.claim_and_insert(&[c], Some(1536)).unwrap();
+        // A TERMINATED microVM gives its memory back; another node's never counted.
+        store
+            .set_state("a", MicrovmState::Terminated, None)
+            .unwrap();
+        let mut elsewhere = vm("e", "img-1");
+        elsewhere.node = "n2".into();
+        store.claim_and_insert(&[elsewhere], Some(512)).unwrap();
+        store
+            .claim_and_insert(&[vm("f", "img-1")], Some(1536))
+            .unwrap();
+        assert_eq!(store.microvm("f").unwrap().unwrap().memory_mib, 512);
+    });
 }

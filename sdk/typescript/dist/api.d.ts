@@ -2709,7 +2709,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description --max-microvms are not TERMINATED, or KILN_HOME's disk is at --min-free-disk-mib */
+            /** @description --max-microvms are not TERMINATED, the node's --capacity-memory-mib is taken, or KILN_HOME's disk is at --min-free-disk-mib */
             429: {
                 headers: {
                     [name: string]: unknown;
@@ -4297,7 +4297,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The clones would pass --max-microvms, or KILN_HOME's disk is at --min-free-disk-mib */
+            /** @description The clones would pass --max-microvms or the node's --capacity-memory-mib, or KILN_HOME's disk is at --min-free-disk-mib */
             429: {
                 headers: {
                     [name: string]: unknown;

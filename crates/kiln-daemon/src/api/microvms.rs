@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_api::{
     AppLogs, AppLogsQuery, CreateImageResponse, ErrorBody, ExecRequest, ExecResponse,
@@ -63,20 +64,25 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         (status = 404, description = "No such image", body = ErrorBody),
         (status = 409, description = "The image is not SUCCESSFUL", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
-        (status = 429, description = "--max-microvms are not TERMINATED, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
+        (status = 429, description = "--max-microvms are not TERMINATED, the node's --capacity-memory-mib is taken, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]
 pub async fn run_microvm(
     State(m): State<Arc<Manager>>,
     ApiJson(req): ApiJson<RunMicrovmRequest>,
-) -> ApiResult<Json<RunMicrovmResponse>> {
+) -> ApiResult<Response> {
+    // In a cluster, it runs where its image's files are.
+    if let Some(node) = crate::cluster::image_elsewhere(&m, &req.image_identifier)? {
+        return crate::cluster::forward_json(&m, &node, "/v1/microvms", &req).await;
+    }
     let row = m.run(req)?;
     Ok(Json(RunMicrovmResponse {
         endpoint: m.endpoint(&row.id),
         microvm_id: row.id,
         state: row.state,
-    }))
+    })
+    .into_response())
 }
 
 #[utoipa::path(
@@ -222,7 +228,7 @@ pub async fn suspend_microvm(
         (status = 404, description = "No such microVM", body = ErrorBody),
         (status = 409, description = "It is not RUNNING, or it cannot be copied (the parent runs on)", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
-        (status = 429, description = "The clones would pass --max-microvms, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
+        (status = 429, description = "The clones would pass --max-microvms or the node's --capacity-memory-mib, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]

@@ -234,7 +234,6 @@ pub fn openapi_yaml() -> Result<String, String> {
 
 /// The API, and the web console beside it (`/console`, not part of the spec).
 pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOptions) -> Router {
-    let key_for_forwarding = key.clone();
     let auth = crate::auth::Auth {
         key: key.clone(),
         sessions: manager.console.clone(),
@@ -256,15 +255,11 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOp
             auth.clone(),
             crate::auth::require_key,
         ));
-    let forwarding = crate::cluster::Forwarding {
-        manager: manager.clone(),
-        key: key_for_forwarding,
-    };
     router
         .merge(console)
         .merge(tunnel)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
-        .layer(axum::Extension(forwarding))
+        .layer(axum::Extension(manager.clone()))
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::UnknownOperation,
