@@ -175,6 +175,11 @@ pub struct Microvm {
     /// The kilnd node that owns it (`--node-name`); any node serves it.
     #[serde(default)]
     pub node: String,
+    /// Set while the microVM is UNREACHABLE: its node's lease ran out (kilnd there stopped
+    /// or lost the database). It is not started elsewhere; calls about it answer 503 until
+    /// that node is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }
 
 /// One sample of a running microVM's metrics, taken every `--tick-ms`.

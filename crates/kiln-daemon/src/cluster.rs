@@ -234,6 +234,18 @@ pub async fn forward_json(
     forward(m, node, req).await
 }
 
+/// Why `row` is UNREACHABLE, if it is: another node owns it, it is not TERMINATED, and that
+/// node's lease has run out (or it is not registered).
+pub fn unreachable(m: &Manager, row: &MicrovmRow) -> Option<String> {
+    if is_mine(m, row) || row.state == MicrovmState::Terminated {
+        return None;
+    }
+    match owner_elsewhere(m, &row.id) {
+        Err(e) if e.code == ErrorCode::ServiceUnavailable => Some(e.message),
+        _ => None,
+    }
+}
+
 /// Middleware (after authentication): a call about another node's microVM goes to it.
 pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next: Next) -> Response {
     if !is_shared(&m) || req.headers().contains_key(FORWARDED_BY) {

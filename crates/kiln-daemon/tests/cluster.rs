@@ -196,6 +196,25 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     }
     let (status, v) = b.get(&format!("/v1/microvms/{va}"));
     assert_eq!(status, 503, "{v}");
+    // Listed from B with the reason; B's own microVM is not.
+    let (_, all) = b.get("/v1/microvms");
+    let listed = |id: &str| -> Value {
+        all["microvms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["microvmId"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert!(
+        listed(&va)["unreachable"]
+            .as_str()
+            .unwrap()
+            .contains("UNREACHABLE"),
+        "{all}"
+    );
+    assert!(listed(&vb).get("unreachable").is_none(), "{all}");
     let (status, body) = app_via_ingress(&b, &va, &token);
     assert_eq!(status, 502, "the ingress says so too: {body}");
     assert!(body.contains("UNREACHABLE"), "{body}");
@@ -220,6 +239,11 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     assert_counts_on(&b, &va, before);
     assert_eq!(sh(&b, &va, "cat /root/note").trim(), "from-b");
     assert_eq!(node(&nodes(&b), "a")["reachable"], true);
+    assert!(b
+        .get(&format!("/v1/microvms/{va}"))
+        .1
+        .get("unreachable")
+        .is_none());
 
     for (d, id) in [(&b, &va), (&b, &vb)] {
         let (status, v) = d.post(&format!("/v1/microvms/{id}/terminate"), json!({}));

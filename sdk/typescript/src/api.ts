@@ -1270,6 +1270,12 @@ export interface components {
             metrics?: null | components["schemas"]["MicrovmMetrics"];
             /** @description The kilnd node that owns it (`--node-name`); any node serves it. */
             node?: string;
+            /**
+             * @description Set while the microVM is UNREACHABLE: its node's lease ran out (kilnd there stopped
+             *     or lost the database). It is not started elsewhere; calls about it answer 503 until
+             *     that node is back.
+             */
+            unreachable?: string | null;
         };
         /** @description One page of ListMicrovms, oldest first. */
         MicrovmList: {

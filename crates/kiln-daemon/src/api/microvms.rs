@@ -49,6 +49,7 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
             .then(|| m.metrics.latest(&row.id))
             .flatten(),
         node: row.node.clone(),
+        unreachable: crate::cluster::unreachable(m, row),
     }
 }
 
