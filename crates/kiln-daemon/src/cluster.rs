@@ -6,7 +6,8 @@
 //! Every microVM row names its owner node; a node recovers, meters and idles only its own.
 //! An API call for a microVM owned by another node is forwarded to it (one hop, with the
 //! cluster's API key: every node is given the same `api-key` file), so any node serves any
-//! microVM. A call for one whose owner's lease ran out answers 503: the microVM is
+//! microVM. The ingress token keys and revocations are merged through the store
+//! ([`sync_tokens`]), so a token from any node works on every node. A call for one whose owner's lease ran out answers 503: the microVM is
 //! unreachable until that node is back, never started a second time elsewhere.
 //!
 //! With SQLite (one node), every row is this node's and nothing is forwarded.
@@ -117,6 +118,7 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
         heartbeat_at: now,
     };
     m.write(|s| s.upsert_node(&row))?;
+    tokio::task::block_in_place(|| sync_tokens(m))?;
     info!(node = %row.name, %advertise, "node registered");
     let m = m.clone();
     tokio::spawn(async move {
@@ -135,9 +137,55 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
             if let Err(e) = beat {
                 warn!("node heartbeat failed (its lease runs out unless the next one lands): {e}");
             }
+            let shared = m.clone();
+            match tokio::task::spawn_blocking(move || sync_tokens(&shared)).await {
+                Ok(Err(e)) => warn!("syncing the ingress token keys failed: {e:#}"),
+                Err(e) => warn!("syncing the ingress token keys: {e}"),
+                Ok(Ok(())) => {}
+            }
         }
     });
     Ok(())
+}
+
+/// Where the ingress token keys and revocations are shared in the store.
+const TOKEN_KEYS: &str = "ingress-keys";
+const TOKEN_REVOCATIONS: &str = "ingress-revocations";
+
+/// Merges the cluster's ingress token keys and revocations with this node's and writes the
+/// union back, so a token issued, or revoked, on any node holds on every node (within a
+/// heartbeat; at once on the node that changed them). Blocking (files, the store).
+pub fn sync_tokens(m: &Manager) -> anyhow::Result<()> {
+    if !is_shared(m) {
+        return Ok(());
+    }
+    let stored_keys = m.store().shared_value(TOKEN_KEYS)?;
+    let stored_revoked = m.store().shared_value(TOKEN_REVOCATIONS)?;
+    if let Some(keys) = &stored_keys {
+        let revoked = stored_revoked
+            .clone()
+            .unwrap_or_else(|| m.tokens.export().1);
+        m.tokens.merge(keys, &revoked)?;
+    }
+    let (keys, revoked) = m.tokens.export();
+    if stored_keys.as_deref() != Some(keys.as_str()) {
+        m.store().set_shared_value(TOKEN_KEYS, &keys)?;
+    }
+    if stored_revoked.as_deref() != Some(revoked.as_str()) {
+        m.store().set_shared_value(TOKEN_REVOCATIONS, &revoked)?;
+    }
+    Ok(())
+}
+
+/// [`sync_tokens`] from an async task, right after this node changed its keys or
+/// revocations; a failure is logged (the next heartbeat tries again).
+pub fn share_tokens(m: &Manager) {
+    if !is_shared(m) {
+        return;
+    }
+    if let Err(e) = tokio::task::block_in_place(|| sync_tokens(m)) {
+        warn!("sharing the ingress token keys failed (the next heartbeat retries): {e:#}");
+    }
 }
 
 /// The microVM a path is about: `/v1/microvms/{id}` and everything under it.

@@ -1,5 +1,6 @@
 //! Two kilnd nodes sharing one PostgreSQL database: both registered with their capacity and
-//! heartbeats; each microVM owned by the node that launched it and served through either
+//! heartbeats; ingress tokens from either valid on both, a revocation on one holding on the
+//! other; each microVM owned by the node that launched it and served through either
 //! (API calls forwarded to the owner, ingress traffic tunnelled to it, a SUSPENDED one
 //! resumed by its owner on a request anywhere); a node killed with -9 leaves its microVMs UNREACHABLE
 //! from the other (answered 503, never started a second time), and takes them back running
@@ -65,6 +66,19 @@ const APP_DOCKERFILE: &str =
 const APP_SH: &str = "#!/bin/sh\nmkdir -p /www\necho 'app on a' > /www/index.html\n\
 httpd -p 8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
 
+/// A token for port 8080 of `id` from `d`, and its id.
+fn token_and_id(d: &TestDaemon, id: &str) -> (String, String) {
+    let (status, t) = d.post(
+        "/v1/auth-tokens",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5, "allowedPorts": [{"port": 8080}]}),
+    );
+    assert_eq!(status, 200, "{t}");
+    (
+        t["authToken"]["X-Kiln-Auth"].as_str().unwrap().to_string(),
+        t["tokenId"].as_str().unwrap().to_string(),
+    )
+}
+
 fn token_via(d: &TestDaemon, id: &str) -> String {
     let (status, t) = d.post(
         "/v1/auth-tokens",
@@ -99,12 +113,9 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     let flags_b = node_flags("b", &file);
     let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
     let mut a = TestDaemon::start_with(&flags_a);
-    // Every node accepts the same key and tokens: B is given A's api-key and ingress keys.
-    let ingress_keys = std::fs::read_to_string(a.home.join("ingress-keys.json")).unwrap();
-    let b = TestDaemon::start_seeded(
-        &flags_b,
-        &[("api-key", &a.key), ("ingress-keys.json", &ingress_keys)],
-    );
+    // Every node accepts the same API key: B is given A's api-key file. (Ingress token
+    // keys travel through the database.)
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
     assert_eq!(a.key, b.key);
 
     let list = nodes(&b);
@@ -163,13 +174,22 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     assert_eq!(a.qemu_processes().len(), 1, "va runs on A");
     assert_eq!(b.qemu_processes().len(), 1, "vb runs on B");
 
-    // B's ingress serves A's microVM (the token issued by B), and a request to it while it
-    // is SUSPENDED resumes it on A.
+    // B's ingress serves A's microVM with a token issued by A, and A's with one issued by
+    // B; a token revoked on A is refused on B soon after (a heartbeat).
+    let (revoked, jti) = token_and_id(&a, &va);
+    let app = (200, "app on a\n".to_string());
+    assert_eq!(app_via_ingress(&b, &va, &revoked), app);
+    let (status, v) = a.delete(&format!("/v1/auth-tokens/{jti}"));
+    assert_eq!(status, 204, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app_via_ingress(&b, &va, &revoked).0 == 200 {
+        assert!(Instant::now() < deadline, "the revocation never reached B");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(app_via_ingress(&b, &va, &revoked).0, 401);
     let token = token_via(&b, &va);
-    assert_eq!(
-        app_via_ingress(&b, &va, &token),
-        (200, "app on a\n".to_string())
-    );
+    assert_eq!(app_via_ingress(&a, &va, &token), app);
+    // A request to it through B while it is SUSPENDED resumes it on A.
     let (status, v) = a.post(&format!("/v1/microvms/{va}/suspend"), json!({}));
     assert_eq!(status, 200, "{v}");
     a.wait_state(&va, "SUSPENDED", Duration::from_secs(120));

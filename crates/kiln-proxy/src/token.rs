@@ -381,6 +381,96 @@ impl TokenService {
         Ok(claims)
     }
 
+    /// The keys and the revocations as JSON, for the store a cluster's nodes share.
+    pub fn export(&self) -> (String, String) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let revocations = Revocations {
+            tokens: self
+                .revoked_tokens
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            before: self
+                .revoked_before
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
+        (
+            serde_json::to_string(&*keys).unwrap_or_default(),
+            serde_json::to_string(&revocations).unwrap_or_default(),
+        )
+    }
+
+    /// Takes in what another node shared ([`TokenService::export`]): keys by id (a key
+    /// retired anywhere is retired here; of those not retired, the newest signs and the
+    /// others retire now) and revocations (both kept, the later time winning); saved to the
+    /// files when anything changed. `Ok(true)` when it did.
+    pub fn merge(&self, keys_json: &str, revocations_json: &str) -> Result<bool, KeyError> {
+        let corrupt = || KeyError::Corrupt(self.path.clone());
+        let theirs: KeyFile = serde_json::from_str(keys_json).map_err(|_| corrupt())?;
+        let their_revocations: Revocations =
+            serde_json::from_str(revocations_json).map_err(|_| corrupt())?;
+        if theirs.keys.iter().any(|k| Self::cipher(k).is_none()) {
+            return Err(corrupt());
+        }
+        let mut file = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = KeyFile {
+            keys: file.keys.clone(),
+        };
+        for key in theirs.keys {
+            match next.keys.iter_mut().find(|k| k.kid == key.kid) {
+                Some(k) => {
+                    k.retired = match (k.retired, key.retired) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                }
+                None => next.keys.push(key),
+            }
+        }
+        next.keys
+            .sort_by(|a, b| (a.created, &a.kid).cmp(&(b.created, &b.kid)));
+        let newest = next.current().map(|k| k.kid.clone());
+        let now = now_secs();
+        for k in next.keys.iter_mut() {
+            if k.retired.is_none() && Some(&k.kid) != newest.as_ref() {
+                k.retired = Some(now);
+            }
+        }
+        let keys_changed = serde_json::to_string(&next).ok() != serde_json::to_string(&*file).ok();
+        if keys_changed {
+            self.save(&next, &|_| {})?;
+            *file = next;
+        }
+        drop(file);
+        let mut changed = keys_changed;
+        {
+            let mut tokens = self
+                .revoked_tokens
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            for (jti, until) in their_revocations.tokens {
+                let e = tokens.entry(jti).or_insert(0);
+                changed |= until > *e;
+                *e = (*e).max(until);
+            }
+            let mut before = self
+                .revoked_before
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            for (vm, at) in their_revocations.before {
+                let e = before.entry(vm).or_insert(0);
+                changed |= at > *e;
+                *e = (*e).max(at);
+            }
+        }
+        if changed {
+            self.save_revocations();
+        }
+        Ok(changed)
+    }
+
     /// Revokes one token (by its `jti`) until it would have expired anyway.
     pub fn revoke_token(&self, jti: &str) {
         let mut revoked = self
@@ -465,6 +555,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = TokenService::open(&dir.path().join("keys.json")).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn nodes_that_merge_each_others_keys_and_revocations_accept_the_same_tokens() {
+        let ((_da, a), (db, b)) = (service(), service());
+        let from_a = a.issue(&a.claims("mvm-1", vec![8080], 5, TokenKind::Ingress));
+        assert!(b.verify(&from_a).is_err(), "separate keys at first");
+        let (keys, revoked) = a.export();
+        assert!(b.merge(&keys, &revoked).unwrap());
+        assert!(
+            !b.merge(&keys, &revoked).unwrap(),
+            "nothing new the second time"
+        );
+        // One signing key on both: the newest; the other is retired and still verifies.
+        let (keys, revoked) = b.export();
+        a.merge(&keys, &revoked).unwrap();
+        assert_eq!(a.export().0, b.export().0);
+        let from_b = b.issue(&b.claims("mvm-1", vec![8080], 5, TokenKind::Ingress));
+        assert!(a.verify(&from_b).is_ok() && b.verify(&from_a).is_ok());
+        // A revocation on one node holds on the other once merged, and in its file.
+        let jti = a.verify(&from_b).unwrap().jti;
+        a.revoke_token(&jti);
+        let (keys, revoked) = a.export();
+        assert!(b.merge(&keys, &revoked).unwrap());
+        assert!(b.verify(&from_b).is_err());
+        let reopened = TokenService::open(&db.path().join("keys.json")).unwrap();
+        assert!(reopened.verify(&from_b).is_err() && reopened.verify(&from_a).is_ok());
+        assert!(matches!(b.merge("{", "{}"), Err(KeyError::Corrupt(_))));
     }
 
     #[test]

@@ -179,6 +179,9 @@ pub trait StateStore: Send {
     fn heartbeat(&self, node: &str, at_ms: i64) -> Result<bool>;
     /// Every registered node, by name.
     fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// A value every node of a cluster shares (the ingress token keys), if set.
+    fn shared_value(&self, name: &str) -> Result<Option<String>>;
+    fn set_shared_value(&self, name: &str, value: &str) -> Result<()>;
 
     /// Inserts or updates an image build; a status change is recorded as an event.
     fn upsert_image(&self, img: &ImageRow) -> Result<()>;

@@ -87,7 +87,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         capacity TEXT NOT NULL,
         started_at BIGINT NOT NULL,
         heartbeat_at BIGINT NOT NULL
-    );"#,
+    );
+    CREATE TABLE shared_values (name TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL);"#,
 ];
 
 /// Held (transaction-scoped) by every transaction that adds an event. "kiln" + 1.
@@ -420,6 +421,23 @@ impl StateStore for PgStore {
             &[&node, &at_ms],
         )?;
         Ok(n == 1)
+    }
+
+    fn shared_value(&self, name: &str) -> Result<Option<String>> {
+        self.run(|c| {
+            Ok(
+                c.query_opt("SELECT value FROM shared_values WHERE name = $1", &[&name])?
+                    .map(|r| r.get(0)),
+            )
+        })
+    }
+
+    fn set_shared_value(&self, name: &str, value: &str) -> Result<()> {
+        self.exec(
+            "INSERT INTO shared_values (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            &[&name, &value],
+        )?;
+        Ok(())
     }
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {

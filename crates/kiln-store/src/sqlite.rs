@@ -70,7 +70,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         capacity TEXT NOT NULL,
         started_at INTEGER NOT NULL,
         heartbeat_at INTEGER NOT NULL
-     );",
+     );
+     CREATE TABLE shared_values (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
 pub struct SqliteStore {
@@ -211,6 +212,25 @@ impl StateStore for SqliteStore {
             params![node, at_ms],
         )?;
         Ok(n == 1)
+    }
+
+    fn shared_value(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM shared_values WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn set_shared_value(&self, name: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO shared_values (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
+            params![name, value],
+        )?;
+        Ok(())
     }
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {

@@ -464,6 +464,10 @@ fn nodes_register_heartbeat_and_own_their_microvms() {
         assert_eq!(store.nodes().unwrap()[0].started_at, 20);
         store.insert_microvm(&vm("a", "img-1")).unwrap();
         assert_eq!(store.microvm("a").unwrap().unwrap().node, "n1");
+        assert_eq!(store.shared_value("keys").unwrap(), None);
+        store.set_shared_value("keys", "one").unwrap();
+        store.set_shared_value("keys", "two").unwrap();
+        assert_eq!(store.shared_value("keys").unwrap().as_deref(), Some("two"));
     });
 }
 

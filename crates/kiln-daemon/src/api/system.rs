@@ -360,6 +360,7 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     m.tokens.revoke_token(&id);
+    crate::cluster::share_tokens(&m);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -380,6 +381,7 @@ pub async fn revoke_microvm_tokens(
 ) -> ApiResult<StatusCode> {
     m.row(&id)?;
     m.tokens.revoke_microvm(&id);
+    crate::cluster::share_tokens(&m);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -398,5 +400,6 @@ pub async fn rotate_token_key(State(m): State<Arc<Manager>>) -> ApiResult<Json<R
         .tokens
         .rotate_with(&kiln_vmm::fault::point)
         .map_err(ApiError::internal)?;
+    crate::cluster::share_tokens(&m);
     Ok(Json(RotateKeyResponse { key_id }))
 }
