@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// under emulation.
     #[arg(long, value_name = "DIR")]
     seed_image: Option<std::path::PathBuf>,
+    /// With `--part cluster`: a 0600 file holding the URL of a scratch PostgreSQL database
+    /// two kilnd nodes share for the measurement.
+    #[arg(long, value_name = "FILE")]
+    database_url_file: Option<std::path::PathBuf>,
     /// Print one JSON document (every figure with its samples, median, min and max).
     #[arg(long)]
     json: bool,
@@ -53,6 +57,9 @@ pub enum BenchPart {
     Network,
     /// RunMicrovm and the ingress, through a kilnd (`kiln-bench-api`).
     Api,
+    /// Two kilnd nodes on one PostgreSQL (`--database-url-file`): placement latency and the
+    /// ingress across nodes. Not part of `all`.
+    Cluster,
     /// The guest kernel command line's effect on the touched set.
     Cmdline,
 }
@@ -127,6 +134,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .await
             }
             Err(e) => Err(e.into()),
+        };
+    }
+    if args.part == BenchPart::Cluster {
+        result = match &args.database_url_file {
+            Some(file) => crate::bench_cluster::measure(args.rounds, file, &scratch, &mut report),
+            None => Err(anyhow::anyhow!(
+                "--part cluster needs --database-url-file FILE (a scratch PostgreSQL database)"
+            )),
         };
     }
     if result.is_ok() && wants(BenchPart::Api) {

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_api;
+mod bench_cluster;
 mod bench_cmdline;
 mod bench_net;
 mod bench_report;

@@ -427,3 +427,68 @@ fn bench_json_gives_every_figure_with_its_spread() {
     find("ratio pre-started launch/QEMU floor");
     find("ratio launch/pre-started launch");
 }
+
+/// `kiln bench --part cluster`: two kilnd nodes on the test PostgreSQL, RunMicrovm direct and
+/// passed on, and the app's GET through each node's ingress, side by side.
+#[test]
+fn bench_cluster_measures_placement_and_the_ingress_across_nodes() {
+    let Ok(admin) = std::env::var("KILN_TEST_DATABASE_URL") else {
+        eprintln!("not run: KILN_TEST_DATABASE_URL is not set (scripts/test.sh sets it)");
+        return;
+    };
+    let db = format!("kiln_bench_{}", std::process::id());
+    let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let url = home.path().join("database-url");
+    std::fs::write(&url, format!("{admin} dbname={db}")).unwrap();
+    std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let doc = bench_json(
+        home.path(),
+        &[
+            "--part",
+            "cluster",
+            "--rounds",
+            "2",
+            "--database-url-file",
+            url.to_str().unwrap(),
+        ],
+    );
+    for name in [
+        "RunMicrovm answered by the image's node",
+        "RunMicrovm passed on by the other node",
+        "GET through the owner's ingress",
+        "GET through the other node's ingress",
+    ] {
+        let f = figure(&doc, name);
+        assert!(f["median"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(
+            f["min"].as_f64().unwrap() <= f["max"].as_f64().unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        figure(&doc, "GET through the other node's ingress")["n"],
+        200
+    );
+    assert_eq!(
+        figure(&doc, "RunMicrovm passed on by the other node")["n"],
+        2
+    );
+    assert!(
+        figure(&doc, "ratio cross-node / same-node")["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // Nothing left running: the bench terminated its microVMs and stopped its nodes.
+    let live: i64 = postgres::Client::connect(&format!("{admin} dbname={db}"), postgres::NoTls)
+        .unwrap()
+        .query_one(
+            "SELECT COUNT(*) FROM microvms WHERE state != 'TERMINATED'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 0);
+}
