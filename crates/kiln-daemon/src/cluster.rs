@@ -119,6 +119,13 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
     };
     m.write(|s| s.upsert_node(&row))?;
     tokio::task::block_in_place(|| sync_tokens(m))?;
+    if is_shared(m) && m.cfg.api_tls_cert.is_some() {
+        warn!(
+            "the API speaks TLS, but calls between nodes are plain HTTP to --advertise {advertise}: \
+             forwarding to this node fails until node-to-node TLS is built; run the cluster's \
+             nodes on a private network without --api-tls-cert"
+        );
+    }
     info!(node = %row.name, %advertise, "node registered");
     let m = m.clone();
     tokio::spawn(async move {
