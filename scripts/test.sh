@@ -15,10 +15,11 @@ phase() {
 # apt packages, guest kernel, static agent, initramfs, base disk (cached).
 phase "set-up (apt, guest assets)" "$repo/scripts/setup.sh"
 
-# PostgreSQL on loopback for the store's and the cluster's tests (stopped on exit).
+# PostgreSQL and SeaweedFS (S3) on loopback for the store's, the cluster's and the object
+# storage's tests (stopped on exit).
 . "$repo/scripts/test-services.sh"
 trap stop_services EXIT
-phase "test services (PostgreSQL)" start_postgres
+phase "test services (PostgreSQL, SeaweedFS)" start_services
 
 if cargo nextest --version >/dev/null 2>&1; then
     phase "build" cargo nextest run --workspace --no-run
