@@ -318,6 +318,32 @@ pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next:
     }
 }
 
+/// An HTTP/1.1 connection to `node`'s API, its driver spawned (upgrades allowed); the error
+/// says what failed, for the caller's message.
+pub(crate) async fn connect_node<B>(
+    node: &NodeRow,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connect = tokio::net::TcpStream::connect(&node.advertise);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| "connecting timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
 /// Sends the call to `node` as it came (streams both ways), authenticated with the key
 /// (a browser's session cookie means nothing there).
 async fn forward(m: &Manager, node: &NodeRow, mut req: Request) -> ApiResult<Response> {
@@ -330,21 +356,7 @@ async fn forward(m: &Manager, node: &NodeRow, mut req: Request) -> ApiResult<Res
             ),
         )
     };
-    let stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(&node.advertise),
-    )
-    .await
-    .map_err(|_| unreachable(&"connecting timed out"))?
-    .map_err(|e| unreachable(&e))?;
-    let _ = stream.set_nodelay(true);
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut sender = connect_node(node).await.map_err(|e| unreachable(&e))?;
     let path = req
         .uri()
         .path_and_query()

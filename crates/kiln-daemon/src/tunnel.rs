@@ -8,7 +8,6 @@
 //! Not in the OpenAPI spec: nodes call it, clients do not.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -27,7 +26,6 @@ use crate::manager::Manager;
 pub const PROTOCOL: &str = "kiln-tunnel";
 /// The route on the owner node.
 pub const ROUTE: &str = "/internal/v1/tunnel/{id}/{port}";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of an owner's refusal (its message) that is read.
 const MAX_REFUSAL: usize = 4096;
 
@@ -98,20 +96,9 @@ pub async fn open(
             node.name, node.advertise
         ))
     };
-    let stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(&node.advertise),
-    )
-    .await
-    .map_err(|_| unavailable(&"connecting timed out"))?
-    .map_err(|e| unavailable(&e))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let mut sender = crate::cluster::connect_node(node)
         .await
         .map_err(|e| unavailable(&e))?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
     let req = hyper::Request::get(format!("/internal/v1/tunnel/{id}/{port}"))
         .header(header::HOST, &node.advertise)
         .header(header::AUTHORIZATION, format!("Bearer {key}"))

@@ -381,10 +381,9 @@ impl TokenService {
         Ok(claims)
     }
 
-    /// The keys and the revocations as JSON, for the store a cluster's nodes share.
-    pub fn export(&self) -> (String, String) {
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let revocations = Revocations {
+    /// A copy of the revocations in memory.
+    fn revocations(&self) -> Revocations {
+        Revocations {
             tokens: self
                 .revoked_tokens
                 .read()
@@ -395,7 +394,13 @@ impl TokenService {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-        };
+        }
+    }
+
+    /// The keys and the revocations as JSON, for the store a cluster's nodes share.
+    pub fn export(&self) -> (String, String) {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let revocations = self.revocations();
         (
             serde_json::to_string(&*keys).unwrap_or_default(),
             serde_json::to_string(&revocations).unwrap_or_default(),
@@ -487,18 +492,7 @@ impl TokenService {
     /// Writes the revocations beside the key file (atomically, 0600, synced). A failure is
     /// logged: the revocation holds in memory regardless.
     fn save_revocations(&self) {
-        let mut r = Revocations {
-            tokens: self
-                .revoked_tokens
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            before: self
-                .revoked_before
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        };
+        let mut r = self.revocations();
         r.prune();
         let path = revocations_path(&self.path);
         let write = || -> std::io::Result<()> {

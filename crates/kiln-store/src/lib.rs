@@ -156,6 +156,39 @@ pub struct EventRow {
     pub reason: Option<String>,
 }
 
+/// The state a microVM is in (as stored) if it may become `to`; otherwise the error that
+/// says why, and the caller writes nothing. Both backends' `set_state`.
+fn check_transition(id: &str, from: &str, to: MicrovmState) -> Result<MicrovmState> {
+    let from: MicrovmState = from
+        .parse()
+        .map_err(|e: kiln_types::ParseStateError| StoreError::Invalid(e.to_string()))?;
+    if !from.can_become(to) {
+        return Err(StoreError::Transition {
+            id: id.to_string(),
+            from,
+            to,
+        });
+    }
+    Ok(from)
+}
+
+/// Whether `vms` fit what `used` MiB leave of a node's `capacity` (none: always).
+fn check_fits(node: &str, capacity: Option<i64>, used: i64, vms: &[MicrovmRow]) -> Result<()> {
+    let Some(capacity) = capacity else {
+        return Ok(());
+    };
+    let need: i64 = vms.iter().map(|v| v.memory_mib).sum();
+    if used + need > capacity {
+        return Err(StoreError::NodeFull {
+            node: node.to_string(),
+            capacity,
+            free: (capacity - used).max(0),
+            need,
+        });
+    }
+    Ok(())
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

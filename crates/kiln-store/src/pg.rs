@@ -581,22 +581,14 @@ impl StateStore for PgStore {
         // Under EVENTS_LOCK (every insert records an event): claims are serialized across
         // the cluster, so two nodes placing at once cannot both take the last room.
         self.with_events(|tx| {
-            if let Some(capacity) = capacity_mib {
+            if capacity_mib.is_some() {
                 let used: i64 = tx
                     .query_one(
                         "SELECT COALESCE(SUM(memory_mib), 0)::bigint FROM microvms WHERE node = $1 AND state != 'TERMINATED'",
                         &[&node],
                     )?
                     .get(0);
-                let need: i64 = vms.iter().map(|v| v.memory_mib).sum();
-                if used + need > capacity {
-                    return Err(StoreError::NodeFull {
-                        node: node.to_string(),
-                        capacity,
-                        free: (capacity - used).max(0),
-                        need,
-                    });
-                }
+                crate::check_fits(node, capacity_mib, used, vms)?;
             }
             vms.iter().try_for_each(|vm| insert_in(tx, vm))
         })
@@ -634,16 +626,7 @@ impl StateStore for PgStore {
                 .query_opt("SELECT state FROM microvms WHERE id = $1 FOR UPDATE", &[&id])?
                 .ok_or_else(|| StoreError::NoSuchMicrovm(id.to_string()))?
                 .get(0);
-            let from: MicrovmState = from
-                .parse()
-                .map_err(|e: kiln_types::ParseStateError| StoreError::Invalid(e.to_string()))?;
-            if !from.can_become(to) {
-                return Err(StoreError::Transition {
-                    id: id.to_string(),
-                    from,
-                    to,
-                });
-            }
+            let from = crate::check_transition(id, &from, to)?;
             let now = now_ms();
             tx.execute(
                 "UPDATE microvms SET state = $2, state_reason = $3, state_changed_at = $4 WHERE id = $1",

@@ -380,21 +380,13 @@ impl StateStore for SqliteStore {
             return Ok(());
         };
         let tx = self.conn.unchecked_transaction()?;
-        if let Some(capacity) = capacity_mib {
+        if capacity_mib.is_some() {
             let used: i64 = tx.query_row(
                 "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE node = ?1 AND state != 'TERMINATED'",
                 [node],
                 |r| r.get(0),
             )?;
-            let need: i64 = vms.iter().map(|v| v.memory_mib).sum();
-            if used + need > capacity {
-                return Err(StoreError::NodeFull {
-                    node: node.to_string(),
-                    capacity,
-                    free: (capacity - used).max(0),
-                    need,
-                });
-            }
+            crate::check_fits(node, capacity_mib, used, vms)?;
         }
         for vm in vms {
             tx.execute(
@@ -452,16 +444,7 @@ impl StateStore for SqliteStore {
             })
             .optional()?
             .ok_or_else(|| StoreError::NoSuchMicrovm(id.to_string()))?;
-        let from: MicrovmState = from
-            .parse()
-            .map_err(|e: kiln_types::ParseStateError| StoreError::Invalid(e.to_string()))?;
-        if !from.can_become(to) {
-            return Err(StoreError::Transition {
-                id: id.to_string(),
-                from,
-                to,
-            });
-        }
+        let from = crate::check_transition(id, &from, to)?;
         let now = now_ms();
         tx.execute(
             "UPDATE microvms SET state = ?2, state_reason = ?3, state_changed_at = ?4 WHERE id = ?1",
