@@ -303,14 +303,22 @@ pub fn unreachable(m: &Manager, row: &MicrovmRow) -> Option<String> {
 
 /// Middleware (after authentication): a call about another node's microVM goes to it.
 pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next: Next) -> Response {
-    if !is_shared(&m) || req.headers().contains_key(FORWARDED_BY) {
+    if !is_shared(&m) {
         return next.run(req).await;
     }
     let Some(id) = microvm_in_path(req.uri().path()).map(str::to_string) else {
         return next.run(req).await;
     };
+    // A call already passed on once is served only by the owner: never a second hop, and
+    // never acted on by a node that does not own the microVM (whoever set the header).
+    let forwarded = req.headers().contains_key(FORWARDED_BY);
     match owner_elsewhere(&m, &id) {
         Ok(None) => next.run(req).await,
+        Ok(Some(node)) if forwarded => ApiError::conflict(format!(
+            "microVM {id} belongs to node {:?}, not {:?}: send the call without {FORWARDED_BY}",
+            node.name, m.cfg.node_name
+        ))
+        .into_response(),
         Ok(Some(node)) => forward(&m, &node, req)
             .await
             .unwrap_or_else(IntoResponse::into_response),

@@ -201,6 +201,24 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     assert_eq!(a.qemu_processes().len(), 1, "resumed on A, its owner");
     assert_eq!(b.qemu_processes().len(), 1);
     let before = count(&b, &va);
+    // A call marked as passed on already is never acted on by a node that does not own the
+    // microVM (it would have no actor for it): refused, whoever set the mark.
+    let marked = ureq::post(&format!("{}/v1/microvms/{va}/terminate", b.base))
+        .set("Authorization", &format!("Bearer {}", b.key))
+        .set("x-kiln-forwarded-by", "a")
+        .send_json(json!({}));
+    let Err(ureq::Error::Status(409, r)) = marked else {
+        panic!("a marked call was served by B: {marked:?}")
+    };
+    let body: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to node \"a\""),
+        "{body}"
+    );
+    assert_eq!(a.get(&format!("/v1/microvms/{va}")).1["state"], "RUNNING");
 
     // A second kilnd named "a" is refused while A runs.
     let other = tempfile::tempdir().unwrap();
