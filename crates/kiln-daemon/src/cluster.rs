@@ -242,27 +242,44 @@ pub fn owner_elsewhere(m: &Manager, id: &str) -> ApiResult<Option<NodeRow>> {
     Ok(Some(node))
 }
 
-/// The node to run a microVM of `image` on when that is not this one: the node holding
-/// the image's files (they stay where they were built until object storage carries them).
-pub fn image_elsewhere(m: &Manager, image: &str) -> ApiResult<Option<NodeRow>> {
+/// Where a new microVM runs.
+pub enum Placement {
+    /// On this node; from this template when the image was built on another node.
+    Here(Option<std::path::PathBuf>),
+    /// On that node, which holds the image's files.
+    Elsewhere(NodeRow),
+}
+
+/// Where a new microVM of `image` runs: here when this node built the image or object
+/// storage holds it (fetched into this node's cache on a miss), else on the node that
+/// holds its files.
+pub async fn place(m: &Manager, image: &str) -> ApiResult<Placement> {
     if !is_shared(m) {
-        return Ok(None);
+        return Ok(Placement::Here(None));
     }
     let Some(img) = m.store().image(image)? else {
-        return Ok(None);
+        return Ok(Placement::Here(None));
     };
     if img.node.is_empty() || img.node == m.cfg.node_name {
-        return Ok(None);
+        return Ok(Placement::Here(None));
     }
+    if let Some(template) = crate::share::local_template(m, &img).await? {
+        return Ok(Placement::Here(Some(template)));
+    }
+    image_node(m, &img).map(Placement::Elsewhere)
+}
+
+/// The node holding `img`'s files, if it is reachable.
+fn image_node(m: &Manager, img: &kiln_store::ImageRow) -> ApiResult<NodeRow> {
     let node = m.store().nodes()?.into_iter().find(|n| n.name == img.node);
     let now = now_ms();
     match node {
-        Some(n) if reachable(m, &n, now) => Ok(Some(n)),
+        Some(n) if reachable(m, &n, now) => Ok(n),
         found => Err(ApiError::new(
             ErrorCode::ServiceUnavailable,
             format!(
-                "image {} is held by node {:?}, which {}: its microVMs run there; retry when \
-                 it is back",
+                "image {} is held by node {:?}, which {}: its microVMs run there (it is not \
+                 in object storage); retry when it is back",
                 img.id,
                 img.node,
                 match found {

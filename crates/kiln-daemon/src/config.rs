@@ -56,9 +56,21 @@ pub struct CapacityFlags {
     pub disk_mib: Option<u64>,
 }
 
+/// Where images and snapshots travel between nodes (`--object-store`).
+#[derive(Debug, Clone)]
+pub struct ObjectStoreConfig {
+    /// `s3://BUCKET[/PREFIX]?endpoint=…&region=…` (no credentials in it).
+    pub url: String,
+    /// From `--object-store-credentials-file` or the AWS_* environment.
+    pub credentials: Option<kiln_objects::Credentials>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: Database,
+    /// Image templates in S3-compatible storage, for every node (`None`: they stay where
+    /// they were built).
+    pub object_store: Option<ObjectStoreConfig>,
     /// This kilnd's name among the nodes of a shared database (`--node-name`).
     pub node_name: String,
     /// Where other nodes reach this API (`--advertise`); `None`: the bound listen address.

@@ -24,6 +24,22 @@ pub fn sync_image(manager: &Manager, name: &str, id: &str) {
     }
 }
 
+/// Uploads a SUCCESSFUL build's template (in a cluster with object storage) before the
+/// store shows it SUCCESSFUL, so that every node can launch it from then on; then syncs
+/// the record. An upload that fails leaves the image SUCCESSFUL on this node (its microVMs
+/// run here), and is tried again when kilnd starts.
+pub async fn share_then_sync(manager: &Manager, name: &str, id: &str) {
+    let dir = manager.builder.build_dir(name, id);
+    if let Ok(record) = ImageRecord::read(&dir) {
+        if let (kiln_types::ImageStatus::Successful, Some(t)) = (record.status, &record.template) {
+            if let Err(e) = crate::share::publish(manager, id, t).await {
+                warn!(id, "uploading the image to object storage failed: {e}");
+            }
+        }
+    }
+    sync_image(manager, name, id);
+}
+
 pub fn to_row(record: &ImageRecord) -> ImageRow {
     ImageRow {
         id: record.id.clone(),
@@ -62,7 +78,7 @@ pub fn start_build(
     let (m, name, bid) = (manager.clone(), spec.name.clone(), id.clone());
     tokio::spawn(async move {
         match m.builder.build(spec).await {
-            Ok(_) => sync_image(&m, &name, &bid),
+            Ok(_) => share_then_sync(&m, &name, &bid).await,
             Err(e) => {
                 let mut row = placeholder;
                 row.status = kiln_types::ImageStatus::Failed;

@@ -22,6 +22,7 @@ pub mod pool;
 pub mod recovery;
 pub mod save_image;
 mod serve_tls;
+pub mod share;
 pub mod tls;
 pub mod tunnel;
 pub mod webhooks;
@@ -95,6 +96,13 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     let accel = kiln_vmm::accel::detect()?;
     let assets = kiln_vmm::GuestAssets::locate()?;
     let confinement = jail(&cfg)?;
+    let blobs = match &cfg.object_store {
+        Some(o) => Some(Arc::new(
+            kiln_objects::Blobs::open_with(&o.url, &cfg.home.join("blobs"), o.credentials.as_ref())
+                .context("--object-store")?,
+        )),
+        None => None,
+    };
     let builder = kiln_image::Builder {
         images_dir: cfg.home.join("images"),
         layers_dir: cfg.home.join("layers"),
@@ -132,6 +140,8 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         event_streams: Arc::new(tokio::sync::Semaphore::new(kiln_api::MAX_EVENT_STREAMS)),
         console: Default::default(),
         key: Arc::new(key.clone()),
+        blobs,
+        imports: Default::default(),
     });
     recovery::recover(&manager).await?;
     webhooks::spawn_dispatcher(&manager);
@@ -187,6 +197,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     // Clients read the scheme here too (`https://` when the API speaks TLS).
     let scheme = if api_tls.is_some() { "https://" } else { "" };
     cluster::register(&manager, listener.local_addr()?)?;
+    share::publish_missing(&manager);
     write_whole(
         &cfg.home.join("kilnd.addr"),
         &format!("{scheme}{}", listener.local_addr()?),

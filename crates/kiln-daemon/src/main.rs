@@ -27,6 +27,16 @@ struct Args {
     /// URL in KILN_DATABASE_URL. Never on the command line: every local user can read it.
     #[arg(long, env = "KILN_DATABASE_URL_FILE")]
     database_url_file: Option<PathBuf>,
+    /// Keep image templates in S3-compatible object storage, so that every node of the
+    /// cluster launches them: `s3://BUCKET[/PREFIX]?endpoint=http://HOST:PORT&region=R`.
+    /// Needs --database-url-file (the nodes share the database).
+    #[arg(long, env = "KILN_OBJECT_STORE")]
+    object_store: Option<String>,
+    /// The object store's access key: a file (mode 0600) with the lines
+    /// `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…`. Default: those two variables
+    /// of the environment (removed from it once read, so no child inherits them).
+    #[arg(long, requires = "object_store")]
+    object_store_credentials_file: Option<PathBuf>,
     /// This kilnd's name among the nodes sharing a database (letters, digits, `.`, `-`,
     /// `_`; at most 63). Default: the host name.
     #[arg(long, env = "KILN_NODE_NAME", value_parser = parse_node_name)]
@@ -248,6 +258,48 @@ fn database(file: Option<&std::path::Path>) -> anyhow::Result<kiln_daemon::confi
     })
 }
 
+/// `--object-store` and its credentials (from the file, else the environment, whose
+/// variables are then removed so no child inherits the secret).
+fn object_store(
+    url: Option<String>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<kiln_daemon::config::ObjectStoreConfig>> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let from_env = env("AWS_ACCESS_KEY_ID").zip(env("AWS_SECRET_ACCESS_KEY"));
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        std::env::remove_var(k);
+    }
+    let Some(url) = url else { return Ok(None) };
+    let pair = match file {
+        Some(f) => {
+            let text =
+                kiln_daemon::auth::read_secret(f).context("--object-store-credentials-file")?;
+            let value = |k: &str| {
+                text.lines()
+                    .filter_map(|l| l.trim().split_once('='))
+                    .find(|(n, _)| n.trim() == k)
+                    .map(|(_, v)| v.trim().to_string())
+            };
+            match value("AWS_ACCESS_KEY_ID").zip(value("AWS_SECRET_ACCESS_KEY")) {
+                Some(p) => Some(p),
+                None => anyhow::bail!(
+                    "{} needs the lines AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=…",
+                    f.display()
+                ),
+            }
+        }
+        None => from_env,
+    };
+    Ok(Some(kiln_daemon::config::ObjectStoreConfig {
+        url,
+        credentials: pair.map(|(key_id, secret)| kiln_objects::Credentials { key_id, secret }),
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -273,12 +325,23 @@ fn main() -> anyhow::Result<()> {
         (args.ingress_tls_cert, args.ingress_tls_key)
     };
     let database = database(args.database_url_file.as_deref())?;
+    let object_store = object_store(
+        args.object_store,
+        args.object_store_credentials_file.as_deref(),
+    )?;
+    if object_store.is_some() && database == kiln_daemon::config::Database::Sqlite {
+        anyhow::bail!(
+            "--object-store is for a cluster: the nodes share their state in PostgreSQL, so \
+             pass --database-url-file too"
+        );
+    }
     let node_name = match args.node_name {
         Some(n) => n,
         None => host_name()?,
     };
     let cfg = Config {
         database,
+        object_store,
         node_name,
         advertise: args.advertise,
         node_lease: Duration::from_secs(args.node_lease_seconds),

@@ -94,6 +94,10 @@ pub struct Manager {
     pub console: Arc<kiln_console::Sessions>,
     /// The API key, which every node of a cluster accepts: node-to-node calls carry it.
     pub key: Arc<String>,
+    /// Object storage, when images travel between nodes (`--object-store`).
+    pub blobs: Option<Arc<kiln_objects::Blobs>>,
+    /// Held while an image from another node is assembled here (one at a time).
+    pub imports: tokio::sync::Mutex<()>,
 }
 
 pub use kiln_api::MAX_WAIT_SECONDS;
@@ -434,8 +438,13 @@ impl Manager {
         self.row(id)
     }
 
-    /// RunMicrovm: records PENDING and launches in the background.
-    pub fn run(self: &Arc<Self>, req: kiln_api::RunMicrovmRequest) -> ApiResult<MicrovmRow> {
+    /// RunMicrovm: records PENDING and launches in the background. `template`: where the
+    /// image's template is on this node when it was built on another (from object storage).
+    pub fn run(
+        self: &Arc<Self>,
+        req: kiln_api::RunMicrovmRequest,
+        template: Option<PathBuf>,
+    ) -> ApiResult<MicrovmRow> {
         let image = req.image_identifier.as_str();
         let idle = req.idle_policy.unwrap_or_default();
         let (payload, max_duration) = (req.run_hook_payload, req.max_duration_seconds);
@@ -478,10 +487,13 @@ impl Manager {
                 img.id, img.status
             )));
         }
-        let template: PathBuf = img.record["template"]
-            .as_str()
-            .map(PathBuf::from)
-            .ok_or_else(|| ApiError::internal("image has no template"))?;
+        let template: PathBuf = match template {
+            Some(t) => t,
+            None => img.record["template"]
+                .as_str()
+                .map(PathBuf::from)
+                .ok_or_else(|| ApiError::internal("image has no template"))?,
+        };
         let config = MicrovmConfig {
             idle_policy: idle,
             max_duration_seconds: max_duration,

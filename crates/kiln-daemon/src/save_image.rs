@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::actor::Command;
 use crate::error::{ApiError, ApiResult};
-use crate::images::{sync_image, to_row};
+use crate::images::to_row;
 use crate::manager::{error_chain, Manager};
 
 impl Manager {
@@ -104,17 +104,23 @@ impl Manager {
                     kiln_vmm::error_chain(&e)
                 )
             });
-            m.finish_saved(saved, outcome);
+            let (name, id) = m.finish_saved(saved, outcome);
+            crate::images::share_then_sync(&m, &name, &id).await;
         });
         Ok(response)
     }
 
-    fn finish_saved(&self, saved: SavedImage, outcome: Result<std::path::PathBuf, String>) {
+    /// Records the outcome on disk; the image's name and id.
+    fn finish_saved(
+        &self,
+        saved: SavedImage,
+        outcome: Result<std::path::PathBuf, String>,
+    ) -> (String, String) {
         let (name, id) = (saved.record().name.clone(), saved.record().id.clone());
         match saved.finish(&self.builder, outcome) {
             Ok(record) => info!(image = %id, status = %record.status, "image saved from a microVM"),
             Err(e) => warn!(image = %id, "recording the saved image failed: {}", error_chain(&e)),
         }
-        sync_image(self, &name, &id);
+        (name, id)
     }
 }

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pg::{admin, fresh_database, refused_start, url_file};
+use common::pg::{admin, fresh_database, object_store_flags, refused_start, url_file};
 use common::steps::{assert_counts_on, count, sh, COUNTER};
 use common::TestDaemon;
 use serde_json::{json, Value};
@@ -368,5 +368,71 @@ fn a_burst_of_runs_through_both_nodes_places_each_once_within_capacity() {
     {
         let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
         assert_eq!(status, 200, "{v}");
+    }
+}
+
+#[test]
+fn an_image_built_on_one_node_launches_on_another_from_object_storage() {
+    let Some(admin) = admin() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let Some(objects) = object_store_flags(secrets.path(), "image") else {
+        return;
+    };
+    let file = url_file(secrets.path(), &fresh_database(&admin));
+    let flags = |name: &str| {
+        let mut f = node_flags(name, &file);
+        f.extend(objects.iter().cloned());
+        f
+    };
+    let (flags_a, flags_b) = (flags("a"), flags("b"));
+    let flags_a: Vec<&str> = flags_a.iter().map(String::as_str).collect();
+    let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
+    let mut a = TestDaemon::start_with(&flags_a);
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    let image = a.build_image(
+        "shared",
+        &[
+            ("Dockerfile", APP_DOCKERFILE),
+            ("app.sh", APP_SH),
+            ("hook.sh", common::HOOK_SH),
+        ],
+        json!({}),
+    );
+    // SUCCESSFUL in the store means uploaded: B needs nothing of A's, which is gone.
+    a.kill9();
+    let id = launch(&b, "shared");
+    let v = b.get(&format!("/v1/microvms/{id}")).1;
+    assert_eq!(v["node"], "b", "{v}");
+    assert_eq!(b.qemu_processes().len(), 1, "it runs on B");
+    assert!(a.qemu_processes().is_empty());
+    // The image's own files and app, from A's build, on B.
+    assert!(sh(&b, &id, "cat /srv/app.sh").contains("httpd -p 8080"));
+    let token = token_via(&b, &id);
+    assert_eq!(
+        app_via_ingress(&b, &id, &token),
+        (200, "app on a\n".to_string())
+    );
+    // Assembled once in B's home from blobs checked against their digests; the disk is one
+    // standalone qcow2 (A's layer paths mean nothing here).
+    let template = b.home.join("imported").join(&image).join("template");
+    assert!(template.join("manifest.json").is_file());
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(template.join("disk.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    let blobs = std::fs::read_dir(b.home.join("blobs")).unwrap().count();
+    // A second launch uses the same template and downloads nothing more.
+    let second = launch(&b, "shared");
+    assert_eq!(
+        std::fs::read_dir(b.home.join("blobs")).unwrap().count(),
+        blobs
+    );
+    for id in [&id, &second] {
+        let (status, v) = b.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+        b.wait_state(id, "TERMINATED", Duration::from_secs(60));
     }
 }

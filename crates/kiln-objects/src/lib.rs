@@ -90,6 +90,19 @@ impl std::fmt::Display for BlobId {
     }
 }
 
+/// An access key for the object store (its secret never printed).
+#[derive(Clone)]
+pub struct Credentials {
+    pub key_id: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials {{ key_id: {:?}, secret: .. }}", self.key_id)
+    }
+}
+
 /// Object storage, and this node's cache of what it downloaded.
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
@@ -113,6 +126,11 @@ impl Blobs {
     /// us-east-1; `http://` endpoints are allowed for loopback and private networks). The
     /// credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (never the URL).
     pub fn open(url: &str, cache: &Path) -> Result<Blobs> {
+        Self::open_with(url, cache, None)
+    }
+
+    /// [`Blobs::open`] with these credentials instead of the environment's.
+    pub fn open_with(url: &str, cache: &Path, creds: Option<&Credentials>) -> Result<Blobs> {
         let bad = |why: &str| ObjectError::Url {
             url: url.to_string(),
             why: why.to_string(),
@@ -149,6 +167,11 @@ impl Blobs {
             .with_bucket_name(bucket)
             .with_region(region)
             .with_retry(retry);
+        if let Some(c) = creds {
+            builder = builder
+                .with_access_key_id(&c.key_id)
+                .with_secret_access_key(&c.secret);
+        }
         if let Some(e) = &endpoint {
             builder = builder
                 .with_endpoint(e)

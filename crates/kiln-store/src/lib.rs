@@ -215,6 +215,7 @@ pub trait StateStore: Send {
     /// A value every node of a cluster shares (the ingress token keys), if set.
     fn shared_value(&self, name: &str) -> Result<Option<String>>;
     fn set_shared_value(&self, name: &str, value: &str) -> Result<()>;
+    fn delete_shared_value(&self, name: &str) -> Result<()>;
 
     /// Inserts or updates an image build; a status change is recorded as an event.
     fn upsert_image(&self, img: &ImageRow) -> Result<()>;

@@ -440,6 +440,11 @@ impl StateStore for PgStore {
         Ok(())
     }
 
+    fn delete_shared_value(&self, name: &str) -> Result<()> {
+        self.exec("DELETE FROM shared_values WHERE name = $1", &[&name])?;
+        Ok(())
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.run(|c| {
             c.query(

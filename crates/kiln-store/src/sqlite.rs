@@ -233,6 +233,12 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn delete_shared_value(&self, name: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM shared_values WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT name, advertise, capacity, started_at, heartbeat_at FROM nodes ORDER BY name",

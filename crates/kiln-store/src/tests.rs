@@ -468,6 +468,8 @@ fn nodes_register_heartbeat_and_own_their_microvms() {
         store.set_shared_value("keys", "one").unwrap();
         store.set_shared_value("keys", "two").unwrap();
         assert_eq!(store.shared_value("keys").unwrap().as_deref(), Some("two"));
+        store.delete_shared_value("keys").unwrap();
+        assert_eq!(store.shared_value("keys").unwrap(), None);
     });
 }
 

@@ -74,9 +74,11 @@ pub async fn flatten(top: &Path, base: &Path, out: &Path) -> Result<(), DiskErro
         image_opt(top).map_err(refuse)?,
         image_opt(base).map_err(refuse)?,
     );
+    // The chain's bottom is the image's raw base when the Dockerfile added no layer.
+    let base_driver = if is_qcow2(base) { "qcow2" } else { "raw" };
     let opts = format!(
         "driver=qcow2,file.driver=file,file.filename={top_opt},\
-         backing.driver=qcow2,backing.file.driver=file,backing.file.filename={base_opt}"
+         backing.driver={base_driver},backing.file.driver=file,backing.file.filename={base_opt}"
     );
     let result = Command::new("qemu-img")
         .args(["convert", "-q", "--image-opts", &opts, "-O", "qcow2"])
@@ -99,6 +101,15 @@ fn image_opt(path: &Path) -> Result<String, String> {
     path.to_str()
         .map(|s| s.replace(',', ",,"))
         .ok_or_else(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Whether `path` starts with qcow2's magic (else kiln's chains hold raw files).
+fn is_qcow2(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"QFI\xfb")
 }
 
 /// Whether a qcow2 header sets the external-data-file feature (incompatible feature bit 2
@@ -205,6 +216,28 @@ mod tests {
         std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o666)).unwrap();
         let err = trusted_chain(&top).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    }
+
+    #[tokio::test]
+    async fn flatten_reads_a_raw_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.ext4");
+        std::fs::write(&base, vec![0x17u8; 1 << 20]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&top, &base, BackingFormat::Raw, None)
+            .await
+            .unwrap();
+        let out = dir.path().join("out.qcow2");
+        flatten(&top, &base, &out).await.unwrap();
+        assert_eq!(backing_file(&out).unwrap(), None, "standalone");
+        let raw = dir.path().join("out.raw");
+        let status = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+            .args([&out, &raw])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(std::fs::read(&raw).unwrap().iter().all(|&b| b == 0x17));
     }
 
     #[tokio::test]

@@ -504,5 +504,6 @@ pub async fn delete_image(
     let dir = m.builder.build_dir(&row.name, &row.id);
     m.pool.forget_under(&m, &dir);
     let _ = std::fs::remove_dir_all(dir);
+    crate::share::forget(&m, &row.id);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -73,11 +73,15 @@ pub async fn run_microvm(
     State(m): State<Arc<Manager>>,
     ApiJson(req): ApiJson<RunMicrovmRequest>,
 ) -> ApiResult<Response> {
-    // In a cluster, it runs where its image's files are.
-    if let Some(node) = crate::cluster::image_elsewhere(&m, &req.image_identifier)? {
-        return crate::cluster::forward_json(&m, &node, "/v1/microvms", &req).await;
-    }
-    let row = m.run(req)?;
+    // In a cluster, it runs here if the image is here or in object storage, else where
+    // its image's files are.
+    let template = match crate::cluster::place(&m, &req.image_identifier).await? {
+        crate::cluster::Placement::Here(template) => template,
+        crate::cluster::Placement::Elsewhere(node) => {
+            return crate::cluster::forward_json(&m, &node, "/v1/microvms", &req).await;
+        }
+    };
+    let row = m.run(req, template)?;
     Ok(Json(RunMicrovmResponse {
         endpoint: m.endpoint(&row.id),
         microvm_id: row.id,

@@ -16,7 +16,10 @@ pub fn admin() -> Option<String> {
 
 /// A new database on the test server; its connection string.
 pub fn fresh_database(admin: &str) -> String {
-    let name = format!("kiln_d_{}_{}", std::process::id(), kiln_store::now_ms());
+    // Tests run in parallel: a counter keeps two started in the same millisecond apart.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("kiln_d_{}_{}_{n}", std::process::id(), kiln_store::now_ms());
     let mut c = postgres::Client::connect(admin, postgres::NoTls).unwrap();
     c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
     format!("{admin} dbname={name}")
@@ -58,4 +61,39 @@ pub fn url_file(dir: &Path, url: &str) -> String {
     let path = dir.join("database-url");
     write_secret(&path, url, 0o600);
     path.to_str().unwrap().to_string()
+}
+
+/// kilnd's flags for the test object storage (scripts/test.sh starts SeaweedFS and sets
+/// KILN_TEST_S3_URL and its key), under a prefix of this test's own, the key in a 0600 file
+/// in `dir`; `None` when it is not set.
+pub fn object_store_flags(dir: &Path, name: &str) -> Option<Vec<String>> {
+    let Ok(url) = std::env::var("KILN_TEST_S3_URL") else {
+        eprintln!(
+            "not run: KILN_TEST_S3_URL is not set (scripts/test.sh starts SeaweedFS and sets it)"
+        );
+        return None;
+    };
+    let (base, query) = url.split_once('?').unwrap();
+    let url = format!(
+        "{base}/t-{}-{}-{name}?{query}",
+        std::process::id(),
+        kiln_store::now_ms()
+    );
+    let key = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
+    let creds = dir.join("object-store-key");
+    write_secret(
+        &creds,
+        &format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            key("AWS_ACCESS_KEY_ID"),
+            key("AWS_SECRET_ACCESS_KEY")
+        ),
+        0o600,
+    );
+    Some(vec![
+        "--object-store".into(),
+        url,
+        "--object-store-credentials-file".into(),
+        creds.to_str().unwrap().to_string(),
+    ])
 }

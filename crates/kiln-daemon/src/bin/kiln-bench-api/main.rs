@@ -381,6 +381,7 @@ async fn run() -> anyhow::Result<()> {
         node_name: "bench".into(),
         advertise: None,
         node_lease: Duration::from_secs(15),
+        object_store: None,
         capacity: Default::default(),
         home: home.path().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
