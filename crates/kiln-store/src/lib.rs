@@ -74,6 +74,13 @@ pub enum StoreError {
         from: MicrovmState,
         to: MicrovmState,
     },
+    /// A move of a microVM's ownership that lost: it is no longer where the mover saw it.
+    #[error("microVM {id} is no longer SUSPENDED on node {from:?} at ownership epoch {epoch}: another node took it, or it was resumed")]
+    Fenced {
+        id: String,
+        from: String,
+        epoch: i64,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -178,6 +185,10 @@ fn check_fits(node: &str, capacity: Option<i64>, used: i64, vms: &[MicrovmRow]) 
         return Ok(());
     };
     let need: i64 = vms.iter().map(|v| v.memory_mib).sum();
+    check_room(node, capacity, used, need)
+}
+
+fn check_room(node: &str, capacity: i64, used: i64, need: i64) -> Result<()> {
     if used + need > capacity {
         return Err(StoreError::NodeFull {
             node: node.to_string(),
@@ -239,6 +250,19 @@ pub trait StateStore: Send {
     /// leave of `capacity_mib` (no cap: `None`); otherwise [`StoreError::NodeFull`] and
     /// nothing is written. Claims on one node are serialized, by every node sharing the store.
     fn claim_and_insert(&self, vms: &[MicrovmRow], capacity_mib: Option<i64>) -> Result<()>;
+    /// The node owning a microVM and its ownership epoch (raised by every move).
+    fn ownership(&self, id: &str) -> Result<Option<(String, i64)>>;
+    /// Moves a SUSPENDED microVM owned by `from` at `epoch` to node `to`, if `to` has room
+    /// for it within `capacity_mib`: its new epoch. [`StoreError::Fenced`] when it is no
+    /// longer SUSPENDED on `from` at `epoch`, and nothing is written.
+    fn move_suspended(
+        &self,
+        id: &str,
+        from: &str,
+        epoch: i64,
+        to: &str,
+        capacity_mib: Option<i64>,
+    ) -> Result<i64>;
     fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>>;
     /// MicroVMs, oldest first, optionally of one state and one image (id or name).
     fn microvms(&self, state: Option<MicrovmState>, image: Option<&str>)

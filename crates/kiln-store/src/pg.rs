@@ -89,6 +89,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         heartbeat_at BIGINT NOT NULL
     );
     CREATE TABLE shared_values (name TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL);"#,
+    "ALTER TABLE microvms ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// Held (transaction-scoped) by every transaction that adds an event. "kiln" + 1.
@@ -577,6 +578,53 @@ impl StateStore for PgStore {
 
     fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
         self.claim_and_insert(std::slice::from_ref(vm), None)
+    }
+
+    fn ownership(&self, id: &str) -> Result<Option<(String, i64)>> {
+        self.run(|c| {
+            Ok(
+                c.query_opt("SELECT node, epoch FROM microvms WHERE id = $1", &[&id])?
+                    .map(|r| (r.get(0), r.get(1))),
+            )
+        })
+    }
+
+    fn move_suspended(
+        &self,
+        id: &str,
+        from: &str,
+        epoch: i64,
+        to: &str,
+        capacity_mib: Option<i64>,
+    ) -> Result<i64> {
+        // Under EVENTS_LOCK, like every claim on a node's memory; the row is locked too.
+        self.with_events(|tx| {
+            let need: Option<i64> = tx
+                .query_opt(
+                    "SELECT memory_mib FROM microvms WHERE id = $1 AND node = $2 AND epoch = $3 AND state = 'SUSPENDED' FOR UPDATE",
+                    &[&id, &from, &epoch],
+                )?
+                .map(|r| r.get(0));
+            let need = need.ok_or_else(|| StoreError::Fenced {
+                id: id.to_string(),
+                from: from.to_string(),
+                epoch,
+            })?;
+            if let Some(capacity) = capacity_mib {
+                let used: i64 = tx
+                    .query_one(
+                        "SELECT COALESCE(SUM(memory_mib), 0)::bigint FROM microvms WHERE node = $1 AND state != 'TERMINATED'",
+                        &[&to],
+                    )?
+                    .get(0);
+                crate::check_room(to, capacity, used, need)?;
+            }
+            tx.execute(
+                "UPDATE microvms SET node = $1, epoch = epoch + 1 WHERE id = $2",
+                &[&to, &id],
+            )?;
+            Ok(epoch + 1)
+        })
     }
 
     fn claim_and_insert(&self, vms: &[MicrovmRow], capacity_mib: Option<i64>) -> Result<()> {

@@ -72,6 +72,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         heartbeat_at INTEGER NOT NULL
      );
      CREATE TABLE shared_values (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // Ownership epochs: raised each time a microVM moves to another node.
+    "ALTER TABLE microvms ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub struct SqliteStore {
@@ -379,6 +381,55 @@ impl StateStore for SqliteStore {
 
     fn insert_microvm(&self, vm: &MicrovmRow) -> Result<()> {
         self.claim_and_insert(std::slice::from_ref(vm), None)
+    }
+
+    fn ownership(&self, id: &str) -> Result<Option<(String, i64)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT node, epoch FROM microvms WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    fn move_suspended(
+        &self,
+        id: &str,
+        from: &str,
+        epoch: i64,
+        to: &str,
+        capacity_mib: Option<i64>,
+    ) -> Result<i64> {
+        let tx = self.conn.unchecked_transaction()?;
+        let need: Option<i64> = tx
+            .query_row(
+                "SELECT memory_mib FROM microvms WHERE id = ?1 AND node = ?2 AND epoch = ?3 AND state = 'SUSPENDED'",
+                params![id, from, epoch],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let fenced = || StoreError::Fenced {
+            id: id.to_string(),
+            from: from.to_string(),
+            epoch,
+        };
+        let need = need.ok_or_else(fenced)?;
+        if let Some(capacity) = capacity_mib {
+            let used: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE node = ?1 AND state != 'TERMINATED'",
+                [to],
+                |r| r.get(0),
+            )?;
+            crate::check_room(to, capacity, used, need)?;
+        }
+        tx.execute(
+            "UPDATE microvms SET node = ?1, epoch = epoch + 1 WHERE id = ?2",
+            params![to, id],
+        )?;
+        tx.commit()?;
+        Ok(epoch + 1)
     }
 
     fn claim_and_insert(&self, vms: &[MicrovmRow], capacity_mib: Option<i64>) -> Result<()> {

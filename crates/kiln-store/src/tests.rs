@@ -536,3 +536,38 @@ fn a_claim_that_does_not_fit_a_nodes_memory_writes_nothing() {
         assert_eq!(store.microvm("f").unwrap().unwrap().memory_mib, 512);
     });
 }
+
+#[test]
+fn a_suspended_microvm_moves_once_within_capacity_and_a_stale_mover_is_fenced() {
+    each_backend(|store| {
+        store.insert_microvm(&vm("a", "img-1")).unwrap();
+        assert_eq!(store.ownership("a").unwrap(), Some(("n1".into(), 0)));
+        // Only a SUSPENDED one moves.
+        let err = store.move_suspended("a", "n1", 0, "n2", None).unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+        for to in [MicrovmState::Running, MicrovmState::Suspended] {
+            store.set_state("a", to, None).unwrap();
+        }
+        // No room on n2 for its 512 MiB: nothing moves.
+        let mut other = vm("b", "img-1");
+        other.node = "n2".into();
+        store.insert_microvm(&other).unwrap();
+        let err = store
+            .move_suspended("a", "n1", 0, "n2", Some(768))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NodeFull { .. }), "{err}");
+        assert_eq!(store.ownership("a").unwrap(), Some(("n1".into(), 0)));
+        assert_eq!(
+            store
+                .move_suspended("a", "n1", 0, "n2", Some(1024))
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.ownership("a").unwrap(), Some(("n2".into(), 1)));
+        assert_eq!(store.microvm("a").unwrap().unwrap().node, "n2");
+        // A second mover that saw the old owner and epoch loses.
+        let err = store.move_suspended("a", "n1", 0, "n3", None).unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+        assert_eq!(store.ownership("a").unwrap(), Some(("n2".into(), 1)));
+    });
+}
