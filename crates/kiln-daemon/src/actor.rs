@@ -331,6 +331,8 @@ impl Actor {
                 m.forget_runtime(id);
                 self.slot.suspended = Some(suspended);
                 m.set_state(id, MicrovmState::Suspended, Some(&note));
+                // Then it can travel (with --object-store).
+                crate::travel::upload(&m, id).await;
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(m.microvm_dir(id));
@@ -360,6 +362,13 @@ impl Actor {
             .suspended
             .take()
             .ok_or_else(|| ApiError::internal("suspended microVM has no state"))?;
+        // Its ownership may have moved while this node was out of touch: then it is not
+        // this node's to resume.
+        if let Err(e) = crate::cluster::still_mine(&m, &id) {
+            self.slot.suspended = Some(suspended);
+            return Err(e);
+        }
+        crate::travel::forget(&m, &id);
         m.set_state(&id, MicrovmState::Resuming, Some(reason));
         // The record is durable before the guest runs again; the snapshot goes once it runs.
         let before_run: kiln_vmm::BeforeRun = Box::new(|record| {

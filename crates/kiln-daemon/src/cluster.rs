@@ -306,6 +306,22 @@ pub async fn forward_json(
     forward(m, node, req).await
 }
 
+/// Refused (409) when the store says another node owns microVM `id` now.
+pub fn still_mine(m: &Manager, id: &str) -> ApiResult<()> {
+    if !is_shared(m) {
+        return Ok(());
+    }
+    match m.store().ownership(id)? {
+        Some((node, _)) if !node.is_empty() && node != m.cfg.node_name => {
+            Err(ApiError::conflict(format!(
+                "microVM {id} belongs to node {node:?} now, not {:?}",
+                m.cfg.node_name
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Why `row` is UNREACHABLE, if it is: another node owns it, it is not TERMINATED, and that
 /// node's lease has run out (or it is not registered).
 pub fn unreachable(m: &Manager, row: &MicrovmRow) -> Option<String> {
@@ -329,6 +345,11 @@ pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next:
     // A call already passed on once is served only by the owner: never a second hop, and
     // never acted on by a node that does not own the microVM (whoever set the header).
     let forwarded = req.headers().contains_key(FORWARDED_BY);
+    if !forwarded {
+        if let Err(e) = crate::travel::take_stranded(&m, &id).await {
+            return e.into_response();
+        }
+    }
     match owner_elsewhere(&m, &id) {
         Ok(None) => next.run(req).await,
         Ok(Some(node)) if forwarded => ApiError::conflict(format!(

@@ -89,7 +89,11 @@ impl Backend for IngressBackend {
     ) -> BoxFuture<'_, Result<Box<dyn GuestStream>, BackendError>> {
         let id = microvm.to_string();
         Box::pin(async move {
-            // Another node's microVM: through its owner (crate::tunnel).
+            // A SUSPENDED one stranded on a node that is gone is taken over here; another
+            // node's microVM is reached through its owner (crate::tunnel).
+            crate::travel::take_stranded(&self.0, &id)
+                .await
+                .map_err(|e| BackendError::Unavailable(e.message))?;
             if let Some(node) = crate::cluster::owner_elsewhere(&self.0, &id)
                 .map_err(|e| BackendError::Unavailable(e.message))?
             {

@@ -24,6 +24,7 @@ pub mod save_image;
 mod serve_tls;
 pub mod share;
 pub mod tls;
+pub mod travel;
 pub mod tunnel;
 pub mod webhooks;
 

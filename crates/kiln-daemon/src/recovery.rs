@@ -34,6 +34,8 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
         sync_image(manager, &img.name, &img.id);
     }
     check_images(manager)?;
+    // What moved to another node while this one was away is never served here.
+    crate::travel::forget_moved(manager).await;
     // Bind the rows first: the store's guard must not live across the loop's own writes.
     let rows = crate::cluster::own_microvms(manager, None)?;
     // Running microVMs are taken back at once (each waits on its own QMP and agent).
@@ -77,7 +79,12 @@ pub async fn recover(manager: &Arc<Manager>) -> anyhow::Result<()> {
 }
 
 /// A SUSPENDED microVM's actor, owning its snapshot.
-fn keep_suspended(manager: &Arc<Manager>, id: &str, state: MicrovmState, s: SuspendedVm) {
+pub(crate) fn keep_suspended(
+    manager: &Arc<Manager>,
+    id: &str,
+    state: MicrovmState,
+    s: SuspendedVm,
+) {
     let slot = Slot {
         suspended: Some(s),
         last_sample_ms: now_ms(),
@@ -121,6 +128,12 @@ async fn end_leftovers(manager: &Manager, id: &str) {
     if let Some(record) = recorded(manager, id) {
         record.end().await;
     }
+    end_local_leftovers(manager, id);
+}
+
+/// Kills a QEMU of this node's directory of the microVM, from what this node holds alone
+/// (never the store's runtime record: that may be another node's now).
+pub(crate) fn end_local_leftovers(manager: &Manager, id: &str) {
     kill_leftover_qemu(&manager.microvm_dir(id));
     let _ = std::fs::remove_file(manager.net_control(id));
 }

@@ -60,11 +60,11 @@ struct Bundle {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct BundleFile {
-    /// Relative to the template directory.
-    path: String,
-    blob: String,
-    mode: u32,
+pub(crate) struct BundleFile {
+    /// Relative to the bundle's directory.
+    pub path: String,
+    pub blob: String,
+    pub mode: u32,
 }
 
 /// The store's key for an image's bundle.
@@ -92,21 +92,7 @@ pub async fn publish(m: &Manager, id: &str, template: &Path) -> Result<(), Share
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let result = async {
         let portable = portable_parts(template, &staging).await?;
-        let mut files = Vec::new();
-        for rel in template_files(template)? {
-            let source = portable
-                .iter()
-                .find(|(name, _)| *name == rel)
-                .map(|(_, p)| p.clone())
-                .unwrap_or_else(|| template.join(&rel));
-            let meta = std::fs::metadata(&source).map_err(io(&source))?;
-            let blob = blobs.put_file(&source).await?;
-            files.push(BundleFile {
-                path: rel,
-                blob: blob.to_string(),
-                mode: meta.permissions().mode() & 0o555,
-            });
-        }
+        let files = upload_files(&blobs, template, template_files(template)?, &portable).await?;
         let bundle = Bundle {
             format: BUNDLE_FORMAT,
             image: id.to_string(),
@@ -125,6 +111,31 @@ pub async fn publish(m: &Manager, id: &str, template: &Path) -> Result<(), Share
         "image uploaded to object storage: every node launches it"
     );
     Ok(())
+}
+
+/// Uploads these files of `dir` (`replaced`: a file to send instead, by name).
+pub(crate) async fn upload_files(
+    blobs: &kiln_objects::Blobs,
+    dir: &Path,
+    names: Vec<String>,
+    replaced: &[(String, PathBuf)],
+) -> Result<Vec<BundleFile>, ShareError> {
+    let mut files = Vec::new();
+    for rel in names {
+        let source = replaced
+            .iter()
+            .find(|(name, _)| *name == rel)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| dir.join(&rel));
+        let meta = std::fs::metadata(&source).map_err(io(&source))?;
+        let blob = blobs.put_file(&source).await?;
+        files.push(BundleFile {
+            path: rel,
+            blob: blob.to_string(),
+            mode: meta.permissions().mode() & 0o777,
+        });
+    }
+    Ok(files)
 }
 
 /// The template's disk as one standalone qcow2 and its manifest naming no local backing
@@ -161,7 +172,7 @@ async fn portable_parts(
 }
 
 /// Every regular file under `dir`, relative, sorted.
-fn template_files(dir: &Path) -> Result<Vec<String>, ShareError> {
+pub(crate) fn template_files(dir: &Path) -> Result<Vec<String>, ShareError> {
     let mut out = Vec::new();
     let mut todo = vec![PathBuf::new()];
     while let Some(rel) = todo.pop() {
@@ -201,18 +212,10 @@ pub async fn local_template(m: &Manager, img: &ImageRow) -> ApiResult<Option<Pat
     }
     let started = Instant::now();
     assemble(&blobs, &text, &dir).await.map_err(|e| {
-        let message = format!(
-            "image {} could not be fetched from object storage: {e}",
-            img.id
-        );
-        warn!(image = %img.id, "{message}");
-        match &e {
-            ShareError::Objects(o) if o.is_unavailable() => ApiError::new(
-                ErrorCode::ServiceUnavailable,
-                format!("{message}; nothing was started: retry once it is back"),
-            ),
-            _ => ApiError::internal(message),
-        }
+        to_api(
+            format!("image {} could not be fetched from object storage", img.id),
+            e,
+        )
     })?;
     info!(
         image = %img.id,
@@ -220,6 +223,38 @@ pub async fn local_template(m: &Manager, img: &ImageRow) -> ApiResult<Option<Pat
         "image fetched from object storage"
     );
     Ok(Some(template))
+}
+
+/// `what` failed because of `e`, for the API: 503 when object storage is unreachable.
+pub(crate) fn to_api(what: String, e: ShareError) -> ApiError {
+    let message = format!("{what}: {e}");
+    warn!("{message}");
+    match &e {
+        ShareError::Objects(o) if o.is_unavailable() => ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!("{message}; nothing was started: retry once it is back"),
+        ),
+        _ => ApiError::internal(message),
+    }
+}
+
+/// Where `img`'s template is on this node: its build's, or fetched from object storage.
+pub async fn template_here(m: &Manager, img: &ImageRow) -> ApiResult<PathBuf> {
+    if img.node.is_empty() || img.node == m.cfg.node_name {
+        return img.record["template"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(|| ApiError::internal(format!("image {} has no template", img.id)));
+    }
+    local_template(m, img).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "image {} is not in object storage yet: only node {:?} holds it",
+                img.id, img.node
+            ),
+        )
+    })
 }
 
 /// `KILN_HOME/imported/<image>` (an image id is a name and a hex suffix).
@@ -238,8 +273,7 @@ fn imported_dir(m: &Manager, id: &str) -> ApiResult<PathBuf> {
     Ok(m.cfg.home.join("imported").join(id))
 }
 
-/// Fetches the bundle's blobs and links them into `dir/template`, which appears whole or
-/// not at all.
+/// Fetches the bundle's blobs and links them into `dir/template`.
 async fn assemble(blobs: &kiln_objects::Blobs, text: &str, dir: &Path) -> Result<(), ShareError> {
     let bundle: Bundle =
         serde_json::from_str(text).map_err(|e| ShareError::Bundle(e.to_string()))?;
@@ -251,40 +285,60 @@ async fn assemble(blobs: &kiln_objects::Blobs, text: &str, dir: &Path) -> Result
             bundle.files.len()
         )));
     }
-    let part = dir.join("template.part");
-    let _ = std::fs::remove_dir_all(&part);
-    std::fs::create_dir_all(&part).map_err(io(&part))?;
+    fetch_into(
+        blobs,
+        &bundle.files,
+        &dir.join("template.part"),
+        &dir.join("template"),
+        true,
+    )
+    .await
+}
+
+/// Fetches `files` into `part`, then renames it to `dest`, which appears whole or not at
+/// all. Linked from the cache (`link`: files nothing writes), or copied.
+pub(crate) async fn fetch_into(
+    blobs: &kiln_objects::Blobs,
+    files: &[BundleFile],
+    part: &Path,
+    dest: &Path,
+    link: bool,
+) -> Result<(), ShareError> {
+    let _ = std::fs::remove_dir_all(part);
+    std::fs::create_dir_all(part).map_err(io(part))?;
     let result = async {
-        for f in &bundle.files {
+        for f in files {
             let rel = relative(&f.path)?;
             let id = BlobId::parse(&f.blob)?;
             let cached = blobs.fetch(&id).await?;
-            let dest = part.join(rel);
-            if let Some(parent) = dest.parent() {
+            let to = part.join(rel);
+            if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
-            if std::fs::hard_link(&cached, &dest).is_err() {
-                std::fs::copy(&cached, &dest).map_err(io(&dest))?;
+            if !link || std::fs::hard_link(&cached, &to).is_err() {
+                std::fs::copy(&cached, &to).map_err(io(&to))?;
             }
-            // Read-only for everyone (a jailed QEMU reads it as another user).
-            std::fs::set_permissions(
-                &dest,
-                std::fs::Permissions::from_mode(f.mode & 0o555 | 0o444),
-            )
-            .map_err(io(&dest))?;
+            // Linked files are read-only for everyone (a jailed QEMU reads them as another
+            // user); copies keep their permissions.
+            let mode = if link {
+                f.mode & 0o555 | 0o444
+            } else {
+                f.mode & 0o777
+            };
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                .map_err(io(&to))?;
         }
-        let template = dir.join("template");
-        std::fs::rename(&part, &template).map_err(io(&template))
+        std::fs::rename(part, dest).map_err(io(dest))
     }
     .await;
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&part);
+        let _ = std::fs::remove_dir_all(part);
     }
     result
 }
 
 /// A bundle's path as a relative path that stays inside the template directory.
-fn relative(path: &str) -> Result<&Path, ShareError> {
+pub(crate) fn relative(path: &str) -> Result<&Path, ShareError> {
     let p = Path::new(path);
     let inside = !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
     if inside {

@@ -371,33 +371,46 @@ fn a_burst_of_runs_through_both_nodes_places_each_once_within_capacity() {
     }
 }
 
-#[test]
-fn an_image_built_on_one_node_launches_on_another_from_object_storage() {
-    let Some(admin) = admin() else { return };
+/// Each node's flags for one database and one object store (`None`: the test services
+/// are not running), and the directory holding their secrets.
+fn object_store_nodes(names: &[&str]) -> Option<(Vec<Vec<String>>, tempfile::TempDir)> {
+    let admin = admin()?;
     let secrets = tempfile::tempdir().unwrap();
-    let Some(objects) = object_store_flags(secrets.path(), "image") else {
-        return;
-    };
+    let objects = object_store_flags(secrets.path(), names.join("-").as_str())?;
     let file = url_file(secrets.path(), &fresh_database(&admin));
-    let flags = |name: &str| {
-        let mut f = node_flags(name, &file);
-        f.extend(objects.iter().cloned());
-        f
-    };
-    let (flags_a, flags_b) = (flags("a"), flags("b"));
-    let flags_a: Vec<&str> = flags_a.iter().map(String::as_str).collect();
-    let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
-    let mut a = TestDaemon::start_with(&flags_a);
-    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
-    let image = a.build_image(
-        "shared",
+    let flags = names
+        .iter()
+        .map(|name| {
+            let mut f = node_flags(name, &file);
+            f.extend(objects.iter().cloned());
+            f
+        })
+        .collect();
+    Some((flags, secrets))
+}
+
+fn build_app(d: &TestDaemon, name: &str) -> String {
+    d.build_image(
+        name,
         &[
             ("Dockerfile", APP_DOCKERFILE),
             ("app.sh", APP_SH),
             ("hook.sh", common::HOOK_SH),
         ],
         json!({}),
-    );
+    )
+}
+
+#[test]
+fn an_image_built_on_one_node_launches_on_another_from_object_storage() {
+    let Some((flags, _secrets)) = object_store_nodes(&["a", "b"]) else {
+        return;
+    };
+    let flags_a: Vec<&str> = flags[0].iter().map(String::as_str).collect();
+    let flags_b: Vec<&str> = flags[1].iter().map(String::as_str).collect();
+    let mut a = TestDaemon::start_with(&flags_a);
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    let image = build_app(&a, "shared");
     // SUCCESSFUL in the store means uploaded: B needs nothing of A's, which is gone.
     a.kill9();
     let id = launch(&b, "shared");
@@ -435,4 +448,92 @@ fn an_image_built_on_one_node_launches_on_another_from_object_storage() {
         assert_eq!(status, 200, "{v}");
         b.wait_state(id, "TERMINATED", Duration::from_secs(60));
     }
+}
+
+#[test]
+fn a_suspended_microvm_resumes_on_another_node_once_its_own_is_gone_and_never_twice() {
+    let Some((flags, _secrets)) = object_store_nodes(&["a", "b"]) else {
+        return;
+    };
+    let flags_a: Vec<&str> = flags[0].iter().map(String::as_str).collect();
+    let flags_b: Vec<&str> = flags[1].iter().map(String::as_str).collect();
+    let mut a = TestDaemon::start_with(&flags_a);
+    let mut b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    build_app(&a, "travel");
+    let id = launch(&a, "travel");
+    // The seed's prompt 2: a file and a process, then suspend.
+    sh(&a, &id, &format!("echo kept > /root/file; {COUNTER}"));
+    let before = count(&a, &id);
+    let token = token_via(&b, &id);
+    let (status, v) = a.post(&format!("/v1/microvms/{id}/suspend"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&id, "SUSPENDED", Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.log().contains("snapshot uploaded") {
+        assert!(Instant::now() < deadline, "no upload: {}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // While A is alive, its SUSPENDED microVM stays A's.
+    assert_eq!(b.get(&format!("/v1/microvms/{id}")).1["node"], "a");
+
+    a.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node(&nodes(&b), "a")["reachable"] == true {
+        assert!(Instant::now() < deadline, "A's lease never ran out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The next request, through B's ingress: B takes it over and resumes it. B dies first
+    // right after the move (fault injection): restarted, it holds the microVM, SUSPENDED.
+    b.sigterm();
+    b.spawn_env(&flags_b, &[("KILN_FAULT_AT", "takeover.moved")]);
+    let _ = ureq::get(&format!("http://{}/m/{id}/", b.ingress))
+        .set("X-Kiln-Auth", &token)
+        .set("X-Kiln-Port", "8080")
+        .timeout(Duration::from_secs(120))
+        .call();
+    b.wait_exit(Duration::from_secs(60));
+    assert!(
+        b.log().contains("killing this process at takeover.moved"),
+        "{}",
+        b.log()
+    );
+    b.spawn(&flags_b);
+    let v = b.get(&format!("/v1/microvms/{id}")).1;
+    assert_eq!(
+        (&v["node"], &v["state"]),
+        (&json!("b"), &json!("SUSPENDED")),
+        "{v}"
+    );
+    assert_eq!(
+        app_via_ingress(&b, &id, &token),
+        (200, "app on a\n".to_string())
+    );
+    let v = b.get(&format!("/v1/microvms/{id}")).1;
+    assert_eq!(
+        (&v["node"], &v["state"]),
+        (&json!("b"), &json!("RUNNING")),
+        "{v}"
+    );
+    assert_eq!(b.qemu_processes().len(), 1, "it runs on B");
+    assert_eq!(sh(&b, &id, "cat /root/file").trim(), "kept");
+    assert_counts_on(&b, &id, before);
+
+    // A comes back: it neither resumes nor serves it, and keeps nothing of it.
+    a.spawn(&flags_a);
+    assert!(a.log().contains("moved to another node"), "{}", a.log());
+    assert!(!a.home.join("microvms").join(&id).exists());
+    assert!(a.qemu_processes().is_empty());
+    let v = a.get(&format!("/v1/microvms/{id}")).1;
+    assert_eq!(
+        (&v["node"], &v["state"]),
+        (&json!("b"), &json!("RUNNING")),
+        "{v}"
+    );
+    let (status, body) = app_via_ingress(&a, &id, &token);
+    assert_eq!(status, 200, "served through A by B: {body}");
+    assert!(a.qemu_processes().is_empty());
+    let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    b.wait_state(&id, "TERMINATED", Duration::from_secs(60));
+    assert!(b.qemu_processes().is_empty());
 }
