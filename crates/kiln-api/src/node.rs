@@ -33,6 +33,10 @@ pub struct Node {
     pub reachable: bool,
     /// Its microVMs that are not TERMINATED.
     pub microvms: usize,
+    /// Drained (`kiln node drain`): it takes no new microVMs and hands its own to other
+    /// nodes, suspended.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

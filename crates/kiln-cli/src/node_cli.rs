@@ -10,6 +10,11 @@ pub enum NodeCommand {
     /// List the nodes: capacity, heartbeat, reachability and microVMs.
     #[command(visible_alias = "ls")]
     List,
+    /// Drain a node: it suspends its microVMs and hands them to other nodes (they resume
+    /// there on their next request); RunMicrovm through it places new ones elsewhere.
+    Drain { name: String },
+    /// Let a drained node take microVMs again.
+    Undrain { name: String },
 }
 
 pub fn run(conn: Conn, cmd: NodeCommand) -> i32 {
@@ -25,6 +30,25 @@ pub fn run(conn: Conn, cmd: NodeCommand) -> i32 {
 fn execute(conn: &Conn, cmd: NodeCommand) -> Result<i32, ClientError> {
     let c = Client::from_env(conn.endpoint.clone(), conn.api_key.clone())?;
     match cmd {
+        NodeCommand::Drain { ref name } | NodeCommand::Undrain { ref name } => {
+            let draining = matches!(cmd, NodeCommand::Drain { .. });
+            let name = name.clone();
+            let node = if draining {
+                c.drain_node(&name)?
+            } else {
+                c.undrain_node(&name)?
+            };
+            if conn.json() {
+                print_json(&node);
+            } else if draining {
+                println!(
+                    "node {} is draining: its {} microVMs are suspended and handed to other nodes",
+                    node.name, node.microvms
+                );
+            } else {
+                println!("node {} takes microVMs again", node.name);
+            }
+        }
         NodeCommand::List => {
             let list = c.list_nodes()?;
             if conn.json() {
@@ -52,10 +76,10 @@ fn execute(conn: &Conn, cmd: NodeCommand) -> Result<i32, ClientError> {
                     n.capacity.vcpus,
                     n.capacity.disk_mib,
                     n.microvms,
-                    if n.reachable {
-                        "reachable"
-                    } else {
-                        "UNREACHABLE"
+                    match (n.reachable, n.draining) {
+                        (false, _) => "UNREACHABLE",
+                        (true, true) => "draining",
+                        (true, false) => "reachable",
                     },
                     (now - n.heartbeat_at_ms).max(0) as f64 / 1000.0
                 );

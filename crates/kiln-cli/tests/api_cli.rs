@@ -67,6 +67,14 @@ fn the_cli_drives_microvms_through_the_api() {
         table.contains("(this)") && table.contains("reachable"),
         "{table}"
     );
+    // Draining is for a cluster: a single kilnd says so, and is not marked.
+    let this = nodes["thisNode"].as_str().unwrap();
+    let (code, _, err) = kiln(&d, &["node", "drain", this]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("draining is for a cluster"), "{err}");
+    let (_, out, _) = kiln(&d, &["node", "ls", "--output", "json"]);
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["nodes"][0]["draining"], false, "{again}");
     // Webhooks from the CLI: a loopback target is refused (this kilnd has no
     // --allow-private-webhook-targets), with the reason; the list stays empty.
     let (code, _, err) = kiln(&d, &["webhook", "create", "http://127.0.0.1:9/in"]);

@@ -375,6 +375,24 @@ impl Client {
         self.call("GET", "/v1/nodes", None::<&()>)
     }
 
+    /// DrainNode: the node hands its microVMs to others and takes no new ones.
+    pub fn drain_node(&self, name: &str) -> Result<api::Node, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/nodes/{}/drain", seg(name)),
+            None::<&()>,
+        )
+    }
+
+    /// UndrainNode.
+    pub fn undrain_node(&self, name: &str) -> Result<api::Node, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/nodes/{}/undrain", seg(name)),
+            None::<&()>,
+        )
+    }
+
     pub fn list_webhooks(&self) -> Result<WebhookList, ClientError> {
         self.call("GET", "/v1/webhooks", None::<&()>)
     }

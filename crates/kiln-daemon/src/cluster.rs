@@ -15,12 +15,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
-use kiln_api::{ErrorBody, ErrorCode, Node, NodeCapacity, NodeList};
+use axum::Extension;
+use kiln_api::{ErrorCode, NodeCapacity};
 use kiln_store::{now_ms, MicrovmRow, NodeRow};
 use kiln_types::MicrovmState;
 use tracing::{info, warn};
@@ -65,7 +65,7 @@ pub fn own_live_count(m: &Manager) -> kiln_store::Result<usize> {
 }
 
 /// The node that owns the row.
-fn owner<'a>(m: &'a Manager, row: &'a MicrovmRow) -> &'a str {
+pub(crate) fn owner<'a>(m: &'a Manager, row: &'a MicrovmRow) -> &'a str {
     if is_mine(m, row) {
         &m.cfg.node_name
     } else {
@@ -77,7 +77,7 @@ fn lease_ms(m: &Manager) -> i64 {
     m.cfg.node_lease.as_millis() as i64
 }
 
-fn reachable(m: &Manager, node: &NodeRow, now: i64) -> bool {
+pub(crate) fn reachable(m: &Manager, node: &NodeRow, now: i64) -> bool {
     node.name == m.cfg.node_name || now - node.heartbeat_at <= lease_ms(m)
 }
 
@@ -127,6 +127,17 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
         );
     }
     info!(node = %row.name, %advertise, "node registered");
+    // Drain steps and hand-offs: apart from the heartbeat, which a slow suspend must never
+    // hold up (the lease would run out).
+    let mover = m.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(mover.cfg.node_lease / 3);
+        loop {
+            tick.tick().await;
+            crate::drain::tick(&mover).await;
+            crate::travel::adopt_handed(&mover).await;
+        }
+    });
     let m = m.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(m.cfg.node_lease / 3);
@@ -260,6 +271,10 @@ pub async fn place(m: &Manager, image: &str) -> ApiResult<Placement> {
     let Some(img) = m.store().image(image)? else {
         return Ok(Placement::Here(None));
     };
+    // A drained node places new microVMs on another, through object storage.
+    if crate::drain::is_draining(m, &m.cfg.node_name) {
+        return drained_placement(m, &img);
+    }
     if img.node.is_empty() || img.node == m.cfg.node_name {
         return Ok(Placement::Here(None));
     }
@@ -267,6 +282,32 @@ pub async fn place(m: &Manager, image: &str) -> ApiResult<Placement> {
         return Ok(Placement::Here(Some(template)));
     }
     image_node(m, &img).map(Placement::Elsewhere)
+}
+
+/// Where a drained node places a microVM of `img`: the undrained node with the most room.
+fn drained_placement(m: &Manager, img: &kiln_store::ImageRow) -> ApiResult<Placement> {
+    let need = img.record["memory_mib"].as_i64().unwrap_or(512);
+    if !crate::share::is_shared(m, &img.id)? {
+        return Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "node {:?} is draining, and image {} is not in object storage for another \
+                 node to run it: undrain the node, or rebuild the image with --object-store",
+                m.cfg.node_name, img.id
+            ),
+        ));
+    }
+    match crate::drain::pick_node(m, need)? {
+        Some((node, _)) => Ok(Placement::Elsewhere(node)),
+        None => Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "node {:?} is draining and no other reachable, undrained node has {need} MiB \
+                 free: retry later",
+                m.cfg.node_name
+            ),
+        )),
+    }
 }
 
 /// The node holding `img`'s files, if it is reachable.
@@ -420,42 +461,6 @@ async fn forward(m: &Manager, node: &NodeRow, mut req: Request) -> ApiResult<Res
         .await
         .map_err(|e| unreachable(&e))?;
     Ok(resp.map(axum::body::Body::new))
-}
-
-#[utoipa::path(
-    get, path = "/v1/nodes", operation_id = "ListNodes", tag = "system", security(("bearer" = [])),
-    description = "ListNodes: the kilnd nodes sharing this database, with their capacity, \
-        heartbeat and microVMs (one, this node, without a cluster).",
-    responses(
-        (status = 200, description = "The nodes", body = NodeList),
-        (status = 401, description = "No or a wrong API key", body = ErrorBody),
-        (status = 500, description = "kilnd failed", body = ErrorBody),
-    )
-)]
-pub async fn list_nodes(State(m): State<Arc<Manager>>) -> ApiResult<Json<NodeList>> {
-    let rows = m.store().nodes()?;
-    let microvms = m.store().microvms(None, None)?;
-    let now = now_ms();
-    let nodes = rows
-        .into_iter()
-        .filter(|n| is_shared(&m) || n.name == m.cfg.node_name)
-        .map(|n| Node {
-            microvms: microvms
-                .iter()
-                .filter(|r| r.state != MicrovmState::Terminated && owner(&m, r) == n.name)
-                .count(),
-            reachable: reachable(&m, &n, now),
-            capacity: serde_json::from_value(n.capacity).unwrap_or_default(),
-            started_at: n.started_at / 1000,
-            heartbeat_at_ms: n.heartbeat_at,
-            advertise: n.advertise,
-            name: n.name,
-        })
-        .collect();
-    Ok(Json(NodeList {
-        nodes,
-        this_node: m.cfg.node_name.clone(),
-    }))
 }
 
 #[cfg(test)]

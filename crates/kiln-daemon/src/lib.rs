@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod cpu;
+pub mod drain;
 pub mod egress;
 pub mod endpoint;
 pub mod error;

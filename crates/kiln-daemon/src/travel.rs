@@ -94,8 +94,47 @@ pub async fn upload(m: &Manager, id: &str) {
     }
 }
 
-/// Takes microVM `id` over if it is SUSPENDED on a node whose lease ran out and its
-/// snapshot is in object storage: `true` when this node owns it now.
+/// The snapshot list of `row`'s last suspend, if it is recorded and usable.
+fn snapshot_of(m: &Manager, row: &MicrovmRow) -> ApiResult<Option<Snapshot>> {
+    let Some(text) = m.store().shared_value(&key(&row.id))? else {
+        return Ok(None);
+    };
+    let snapshot: Snapshot = serde_json::from_str(&text)
+        .map_err(|e| ApiError::internal(format!("the snapshot list of {}: {e}", row.id)))?;
+    let usable = snapshot.format == FORMAT
+        && snapshot.files.len() <= MAX_FILES
+        && snapshot.suspended_at == row.state_changed_at;
+    Ok(usable.then_some(snapshot))
+}
+
+/// Whether `row` (SUSPENDED on this node) can be handed to another node: its snapshot is
+/// uploaded, at its current epoch.
+pub fn has_snapshot(m: &Manager, row: &MicrovmRow) -> bool {
+    let epoch = m.store().ownership(&row.id).ok().flatten().map(|(_, e)| e);
+    matches!(snapshot_of(m, row), Ok(Some(s)) if Some(s.epoch) == epoch)
+}
+
+/// The SUSPENDED microVMs handed to this node by a drained one that it has not assembled
+/// yet: assembled now (each heartbeat).
+pub async fn adopt_handed(m: &Arc<Manager>) {
+    if m.blobs.is_none() {
+        return;
+    }
+    let Ok(rows) = crate::cluster::own_microvms(m, Some(MicrovmState::Suspended)) else {
+        return;
+    };
+    for row in rows {
+        if !m.actors_mut().contains_key(&row.id) {
+            if let Err(e) = take_stranded(m, &row.id).await {
+                warn!(id = row.id, "taking a handed microVM failed: {}", e.message);
+            }
+        }
+    }
+}
+
+/// Takes microVM `id` over if it is SUSPENDED, its snapshot is in object storage, and
+/// either its node's lease ran out or a drained node handed it to this one (which has not
+/// assembled it yet): `true` when this node holds it now.
 pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
     if m.blobs.is_none() || !crate::cluster::is_shared(m) {
         return Ok(false);
@@ -103,27 +142,33 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
     let Some(row) = m.store().microvm(id)? else {
         return Ok(false);
     };
-    if crate::cluster::is_mine(m, &row) || row.state != MicrovmState::Suspended {
+    if row.state != MicrovmState::Suspended {
+        return Ok(false);
+    }
+    let handed = crate::cluster::is_mine(m, &row);
+    if handed && m.actors_mut().contains_key(id) {
         return Ok(false);
     }
     // Only from a node that is gone: a live owner resumes its own.
-    match crate::cluster::owner_elsewhere(m, id) {
-        Err(e) if e.code == kiln_api::ErrorCode::ServiceUnavailable => {}
-        _ => return Ok(false),
+    if !handed {
+        match crate::cluster::owner_elsewhere(m, id) {
+            Err(e) if e.code == kiln_api::ErrorCode::ServiceUnavailable => {}
+            _ => return Ok(false),
+        }
     }
     let Some((owner, epoch)) = m.store().ownership(id)? else {
         return Ok(false);
     };
-    let Some(text) = m.store().shared_value(&key(id))? else {
+    let Some(snapshot) = snapshot_of(m, &row)? else {
         return Ok(false);
     };
-    let snapshot: Snapshot = serde_json::from_str(&text)
-        .map_err(|e| ApiError::internal(format!("the snapshot list of {id}: {e}")))?;
-    if snapshot.format != FORMAT
-        || snapshot.files.len() > MAX_FILES
-        || snapshot.epoch != epoch
-        || snapshot.suspended_at != row.state_changed_at
-    {
+    // A takeover needs the snapshot of the owner's epoch; a hand-off raised it since.
+    let current = if handed {
+        snapshot.epoch < epoch
+    } else {
+        snapshot.epoch == epoch
+    };
+    if !current {
         return Ok(false);
     }
     let img = m.store().image(&row.image_id)?.ok_or_else(|| {
@@ -131,6 +176,9 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
     })?;
     let template = crate::share::template_here(m, &img).await?;
     let _one = m.imports.lock().await;
+    if handed && m.actors_mut().contains_key(id) {
+        return Ok(true);
+    }
     let started = Instant::now();
     let dir = m.microvm_dir(id);
     let part = dir.with_extension("part");
@@ -161,7 +209,11 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
         ));
     }
     kiln_vmm::fault::point("takeover.assembled");
-    let moved = m.write(|s| s.move_suspended(id, &owner, epoch, &m.cfg.node_name, m.memory_cap()));
+    let moved = if handed {
+        Ok(epoch)
+    } else {
+        m.write(|s| s.move_suspended(id, &owner, epoch, &m.cfg.node_name, m.memory_cap()))
+    };
     if let Err(e) = moved {
         let _ = std::fs::remove_dir_all(&ready);
         return match e {
@@ -189,7 +241,8 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
         id,
         from = owner,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "took over a SUSPENDED microVM from an unreachable node"
+        handed,
+        "took over a SUSPENDED microVM from another node"
     );
     Ok(true)
 }

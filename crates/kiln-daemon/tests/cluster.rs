@@ -537,3 +537,73 @@ fn a_suspended_microvm_resumes_on_another_node_once_its_own_is_gone_and_never_tw
     b.wait_state(&id, "TERMINATED", Duration::from_secs(60));
     assert!(b.qemu_processes().is_empty());
 }
+
+#[test]
+fn a_drained_node_hands_its_microvms_to_another_and_places_new_ones_there() {
+    let Some((flags, _secrets)) = object_store_nodes(&["a", "b"]) else {
+        return;
+    };
+    let flags_a: Vec<&str> = flags[0].iter().map(String::as_str).collect();
+    let flags_b: Vec<&str> = flags[1].iter().map(String::as_str).collect();
+    let a = TestDaemon::start_with(&flags_a);
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    build_app(&a, "drained");
+    let id = launch(&a, "drained");
+    sh(&a, &id, &format!("echo kept > /root/file; {COUNTER}"));
+    let before = count(&a, &id);
+    let token = token_via(&a, &id);
+
+    let (status, v) = b.post("/v1/nodes/a/drain", json!({}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["draining"], true, "{v}");
+    assert_eq!(node(&nodes(&a), "a")["draining"], true);
+    // A suspends it and hands it to B, which holds it SUSPENDED.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = b.get(&format!("/v1/microvms/{id}")).1;
+        if v["node"] == "b" && v["state"] == "SUSPENDED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never handed to B: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(a.qemu_processes().is_empty());
+    // Its next request, through A's ingress: it resumes on B, files and processes kept.
+    assert_eq!(
+        app_via_ingress(&a, &id, &token),
+        (200, "app on a\n".to_string())
+    );
+    let v = a.get(&format!("/v1/microvms/{id}")).1;
+    assert_eq!(
+        (&v["node"], &v["state"]),
+        (&json!("b"), &json!("RUNNING")),
+        "{v}"
+    );
+    assert_eq!(sh(&a, &id, "cat /root/file").trim(), "kept");
+    assert_counts_on(&b, &id, before);
+    assert!(a.qemu_processes().is_empty());
+    assert!(
+        !a.home.join("microvms").join(&id).exists(),
+        "A keeps nothing"
+    );
+
+    // RunMicrovm through the drained A runs on B; undrained, A takes them again.
+    let (status, r) = a.post("/v1/microvms", json!({"imageIdentifier": "drained"}));
+    assert_eq!(status, 200, "{r}");
+    let placed = r["microvmId"].as_str().unwrap().to_string();
+    assert_eq!(
+        b.wait_state(&placed, "RUNNING", Duration::from_secs(90))["node"],
+        "b"
+    );
+    let (status, v) = a.post("/v1/nodes/a/undrain", json!({}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["draining"], false, "{v}");
+    let again = launch(&a, "drained");
+    assert_eq!(a.get(&format!("/v1/microvms/{again}")).1["node"], "a");
+    let (status, v) = b.post("/v1/nodes/nowhere/drain", json!({}));
+    assert_eq!(status, 404, "{v}");
+    for id in [&id, &placed, &again] {
+        let (status, v) = b.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
+}

@@ -18,6 +18,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health"),
     ("get", "/metrics"),
     ("get", "/v1/nodes"),
+    ("post", "/v1/nodes/{name}/drain"),
+    ("post", "/v1/nodes/{name}/undrain"),
     ("post", "/v1/artifacts"),
     ("post", "/v1/images"),
     ("get", "/v1/images"),

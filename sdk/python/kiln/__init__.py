@@ -270,6 +270,14 @@ class Client(FilesMixin, ProcessesMixin):
         """ListNodes: the kilnd nodes sharing the database (this one alone without a cluster)."""
         return self._call("GET", "/v1/nodes")
 
+    def drain_node(self, name: str) -> dict:
+        """DrainNode: the node suspends its microVMs and hands them to other nodes."""
+        return self._call("POST", f"/v1/nodes/{urllib.parse.quote(name)}/drain")
+
+    def undrain_node(self, name: str) -> dict:
+        """UndrainNode: the node takes microVMs again."""
+        return self._call("POST", f"/v1/nodes/{urllib.parse.quote(name)}/undrain")
+
     def list_webhooks(self) -> dict:
         return self._call("GET", "/v1/webhooks")
 

@@ -37,6 +37,9 @@ def test_deliveries_verify_with_the_sdk():
         assert "secret" not in client.list_webhooks()["webhooks"][0]
         nodes = client.list_nodes()
         assert [n["name"] for n in nodes["nodes"]] == [nodes["thisNode"]] and nodes["nodes"][0]["reachable"]
+        with pytest.raises(kiln.KilnError) as err:
+            client.drain_node(nodes["thisNode"])
+        assert err.value.status == 409 and "draining is for a cluster" in err.value.message
         client.create_microvm_image(name="wh", codeArtifact={"bytes": context_tar(HTTPD_START_SH)})
         client.wait_microvm_image("wh")
         vm = client.run_microvm(imageIdentifier="wh")["microvmId"]

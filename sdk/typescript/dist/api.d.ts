@@ -649,10 +649,44 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** @description ListNodes: the kilnd nodes sharing this database, with their capacity, heartbeat and microVMs (one, this node, without a cluster). */
+        /** @description ListNodes: the kilnd nodes sharing this database, with their capacity, heartbeat, microVMs and whether they are draining (one, this node, without a cluster). */
         get: operations["ListNodes"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/nodes/{name}/drain": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** @description DrainNode: the node takes no new microVMs (RunMicrovm through it places them on another node), suspends its RUNNING microVMs and hands each, with its snapshot, to the node with the most free memory, where it resumes on its next request. Idempotent; UndrainNode ends it. */
+        post: operations["DrainNode"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/nodes/{name}/undrain": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** @description UndrainNode: the node takes new microVMs again (those it handed off stay where they went). */
+        post: operations["UndrainNode"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1397,6 +1431,11 @@ export interface components {
             reachable: boolean;
             /** @description Its microVMs that are not TERMINATED. */
             microvms: number;
+            /**
+             * @description Drained (`kiln node drain`): it takes no new microVMs and hands its own to other
+             *     nodes, suspended.
+             */
+            draining?: boolean;
         };
         /** @description What a node offers to microVMs (its flags, else the machine). */
         NodeCapacity: {
@@ -5564,6 +5603,142 @@ export interface operations {
             };
             /** @description No or a wrong API key */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description kilnd failed */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    DrainNode: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The node's --node-name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The node, draining */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            /** @description No or a wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such node */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a cluster with object storage */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description kilnd failed */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The database (a cluster's PostgreSQL) is unreachable: nothing was changed; retry */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    UndrainNode: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The node's --node-name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The node */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            /** @description No or a wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such node */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a cluster */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

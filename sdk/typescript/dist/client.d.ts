@@ -102,6 +102,10 @@ export declare class Client {
     createWebhook(req: S["CreateWebhookRequest"]): Promise<S["Webhook"]>;
     /** ListNodes: the kilnd nodes sharing the database (this one alone without a cluster). */
     listNodes(): Promise<S["NodeList"]>;
+    /** DrainNode: the node suspends its microVMs and hands them to other nodes. */
+    drainNode(name: string): Promise<S["Node"]>;
+    /** UndrainNode: the node takes microVMs again. */
+    undrainNode(name: string): Promise<S["Node"]>;
     listWebhooks(): Promise<S["WebhookList"]>;
     deleteWebhook(webhookId: string): Promise<void>;
     /** The newest deliveries, newest first. */

@@ -169,6 +169,14 @@ export class Client {
     async listNodes() {
         return this.http.call("GET", "/v1/nodes");
     }
+    /** DrainNode: the node suspends its microVMs and hands them to other nodes. */
+    async drainNode(name) {
+        return this.http.call("POST", `/v1/nodes/${encodeURIComponent(name)}/drain`);
+    }
+    /** UndrainNode: the node takes microVMs again. */
+    async undrainNode(name) {
+        return this.http.call("POST", `/v1/nodes/${encodeURIComponent(name)}/undrain`);
+    }
     async listWebhooks() {
         return this.http.call("GET", "/v1/webhooks");
     }

@@ -233,6 +233,16 @@ export class Client {
     return this.http.call("GET", "/v1/nodes");
   }
 
+  /** DrainNode: the node suspends its microVMs and hands them to other nodes. */
+  async drainNode(name: string): Promise<S["Node"]> {
+    return this.http.call("POST", `/v1/nodes/${encodeURIComponent(name)}/drain`);
+  }
+
+  /** UndrainNode: the node takes microVMs again. */
+  async undrainNode(name: string): Promise<S["Node"]> {
+    return this.http.call("POST", `/v1/nodes/${encodeURIComponent(name)}/undrain`);
+  }
+
   async listWebhooks(): Promise<S["WebhookList"]> {
     return this.http.call("GET", "/v1/webhooks");
   }

@@ -9,6 +9,7 @@ mod files;
 mod images;
 mod list;
 mod microvms;
+mod nodes;
 mod processes;
 mod system;
 mod webhooks;
@@ -138,7 +139,9 @@ fn routes(auth: crate::auth::Auth) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
         .routes(routes!(webhooks::delete_webhook))
         .routes(routes!(webhooks::webhook_deliveries))
-        .routes(routes!(crate::cluster::list_nodes))
+        .routes(routes!(nodes::list_nodes))
+        .routes(routes!(nodes::drain_node))
+        .routes(routes!(nodes::undrain_node))
         // Inside the key check: a call about another node's microVM goes there once
         // authenticated here.
         .route_layer(axum::middleware::from_fn(crate::cluster::to_owner))
