@@ -199,7 +199,6 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     // Clients read the scheme here too (`https://` when the API speaks TLS).
     let scheme = if api_tls.is_some() { "https://" } else { "" };
     cluster::register(&manager, listener.local_addr()?)?;
-    share::publish_missing(&manager);
     write_whole(
         &cfg.home.join("kilnd.addr"),
         &format!("{scheme}{}", listener.local_addr()?),

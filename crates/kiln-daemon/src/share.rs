@@ -350,31 +350,31 @@ pub(crate) fn relative(path: &str) -> Result<&Path, ShareError> {
     }
 }
 
-/// Uploads, in the background, every SUCCESSFUL image built here that has no bundle yet
-/// (built before `--object-store` was given, or while object storage was down).
-pub fn publish_missing(m: &std::sync::Arc<Manager>) {
+/// Uploads every SUCCESSFUL image built here that has no bundle yet (built before
+/// `--object-store` was given, or while object storage was down): at start, then every
+/// few heartbeats.
+pub async fn publish_missing(m: &Manager) {
     if m.blobs.is_none() {
         return;
     }
-    let m = m.clone();
-    tokio::spawn(async move {
+    {
         let Ok(images) = m.store().all_images() else {
             return;
         };
         for img in images {
             let mine = img.node.is_empty() || img.node == m.cfg.node_name;
-            let done = is_shared(&m, &img.id).unwrap_or(true);
+            let done = is_shared(m, &img.id).unwrap_or(true);
             let template = img.record["template"].as_str().map(PathBuf::from);
             if img.status != kiln_types::ImageStatus::Successful || !mine || done {
                 continue;
             }
             if let Some(t) = template {
-                if let Err(e) = publish(&m, &img.id, &t).await {
+                if let Err(e) = publish(m, &img.id, &t).await {
                     warn!(image = %img.id, "uploading the image failed: {e}");
                 }
             }
         }
-    });
+    }
 }
 
 /// Forgets an image's bundle (its blobs stay: another image may share them) and removes

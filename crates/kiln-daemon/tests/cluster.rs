@@ -14,7 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pg::{admin, fresh_database, object_store_flags, refused_start, url_file};
+use common::pg::{admin, fresh_database, object_store_flags, refused_start, url_file, Link};
 use common::steps::{assert_counts_on, count, sh, COUNTER};
 use common::TestDaemon;
 use serde_json::{json, Value};
@@ -603,6 +603,81 @@ fn a_drained_node_hands_its_microvms_to_another_and_places_new_ones_there() {
     let (status, v) = b.post("/v1/nodes/nowhere/drain", json!({}));
     assert_eq!(status, 404, "{v}");
     for id in [&id, &placed, &again] {
+        let (status, v) = b.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+#[test]
+fn an_object_storage_outage_is_reported_loses_nothing_and_the_cluster_carries_on() {
+    let Some((mut flags, _secrets)) = object_store_nodes(&["a", "b"]) else {
+        return;
+    };
+    // Both nodes reach the storage through a link the test cuts.
+    let url = std::env::var("KILN_TEST_S3_URL").unwrap();
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let link = Link::to(port);
+    for f in &mut flags {
+        let at = f.iter().position(|x| x == "--object-store").unwrap() + 1;
+        f[at] = f[at].replace(&format!(":{port}"), &format!(":{}", link.port));
+    }
+    let flags_a: Vec<&str> = flags[0].iter().map(String::as_str).collect();
+    let flags_b: Vec<&str> = flags[1].iter().map(String::as_str).collect();
+    let a = TestDaemon::start_with(&flags_a);
+    let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    a.build_image("first", &[("Dockerfile", "FROM busybox\n")], json!({}));
+
+    link.cut();
+    // B cannot fetch the image: it says so, and nothing is started.
+    let (status, v) = b.post("/v1/microvms", json!({"imageIdentifier": "first"}));
+    assert_eq!(status, 503, "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not be fetched from object storage")
+            && message.contains("nothing was started"),
+        "{message}"
+    );
+    assert!(b.get("/v1/microvms").1["microvms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // An image built meanwhile is SUCCESSFUL on A and runs there.
+    a.build_image("second", &[("Dockerfile", "FROM busybox\n")], json!({}));
+    assert!(a
+        .log()
+        .contains("uploading the image to object storage failed"));
+    let on_a = launch(&b, "second");
+    assert_eq!(b.get(&format!("/v1/microvms/{on_a}")).1["node"], "a");
+    // A suspend whose upload fails keeps the microVM, resumable where it is.
+    sh(&a, &on_a, "echo kept > /root/file");
+    let (status, v) = b.post(&format!("/v1/microvms/{on_a}/suspend"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&on_a, "SUSPENDED", Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.log().contains("uploading the snapshot failed") {
+        assert!(Instant::now() < deadline, "{}", a.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, v) = b.post(&format!("/v1/microvms/{on_a}/resume"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&on_a, "RUNNING", Duration::from_secs(120));
+    assert_eq!(sh(&b, &on_a, "cat /root/file").trim(), "kept");
+
+    // Back: B fetches and runs the first image, and A uploads the second by itself.
+    link.restore();
+    let on_b = launch(&b, "first");
+    assert_eq!(b.get(&format!("/v1/microvms/{on_b}")).1["node"], "b");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while a.log().matches("image uploaded to object storage").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second image was never uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let second_on_b = launch(&b, "second");
+    assert_eq!(b.get(&format!("/v1/microvms/{second_on_b}")).1["node"], "b");
+    for id in [&on_a, &on_b, &second_on_b] {
         let (status, v) = b.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
         assert_eq!(status, 200, "{v}");
     }

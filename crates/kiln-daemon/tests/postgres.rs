@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::pg::{admin, fresh_database, refused_start, write_secret};
+use common::pg::{admin, fresh_database, refused_start, write_secret, Link};
 use common::steps::{assert_counts_on, count, sh, COUNTER};
 use common::TestDaemon;
 use serde_json::json;
@@ -133,60 +133,6 @@ fn an_unreachable_database_stops_kilnd_at_start_with_where_it_looked() {
         !err.contains("secret-password"),
         "the password is never printed: {err}"
     );
-}
-
-/// A TCP forwarder to the test PostgreSQL that the test can cut (every connection closed,
-/// new ones closed at once) and restore: a real network outage between kilnd and its database.
-struct Link {
-    port: u16,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Link {
-    fn to(upstream: u16) -> Link {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let link = Link {
-            port: listener.local_addr().unwrap().port(),
-            up: Default::default(),
-            open: Default::default(),
-        };
-        link.up.store(true, Ordering::SeqCst);
-        let (up, open) = (link.up.clone(), link.open.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let server = match std::net::TcpStream::connect(("127.0.0.1", upstream)) {
-                    Ok(s) if up.load(Ordering::SeqCst) => s,
-                    _ => continue, // dropped: the client sees its connection closed
-                };
-                let mut open = open.lock().unwrap();
-                open.push(client.try_clone().unwrap());
-                open.push(server.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        link
-    }
-
-    fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        for s in self.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 #[test]

@@ -97,3 +97,57 @@ pub fn object_store_flags(dir: &Path, name: &str) -> Option<Vec<String>> {
         creds.to_str().unwrap().to_string(),
     ])
 }
+
+/// A TCP forwarder to a test server (PostgreSQL, SeaweedFS) that the test can cut (every
+/// connection closed, new ones closed at once) and restore: a real network outage.
+pub struct Link {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Link {
+    pub fn to(upstream: u16) -> Link {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = Link {
+            port: listener.local_addr().unwrap().port(),
+            up: Default::default(),
+            open: Default::default(),
+        };
+        link.up.store(true, Ordering::SeqCst);
+        let (up, open) = (link.up.clone(), link.open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let server = match std::net::TcpStream::connect(("127.0.0.1", upstream)) {
+                    Ok(s) if up.load(Ordering::SeqCst) => s,
+                    _ => continue, // dropped: the client sees its connection closed
+                };
+                let mut open = open.lock().unwrap();
+                open.push(client.try_clone().unwrap());
+                open.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        link
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
