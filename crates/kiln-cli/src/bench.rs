@@ -44,6 +44,11 @@ pub struct BenchArgs {
     /// two kilnd nodes share for the measurement.
     #[arg(long, value_name = "FILE")]
     database_url_file: Option<std::path::PathBuf>,
+    /// With `--part cluster`: object storage for the two nodes
+    /// (`s3://BUCKET[/PREFIX]?endpoint=…`, its key in the AWS_* environment), which adds
+    /// resume on another node against resume on the same node.
+    #[arg(long, value_name = "URL")]
+    object_store: Option<String>,
     /// Print one JSON document (every figure with its samples, median, min and max).
     #[arg(long)]
     json: bool,
@@ -138,7 +143,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.part == BenchPart::Cluster {
         result = match &args.database_url_file {
-            Some(file) => crate::bench_cluster::measure(args.rounds, file, &scratch, &mut report),
+            Some(file) => crate::bench_cluster::measure(
+                args.rounds,
+                file,
+                args.object_store.as_deref(),
+                &scratch,
+                &mut report,
+            ),
             None => Err(anyhow::anyhow!(
                 "--part cluster needs --database-url-file FILE (a scratch PostgreSQL database)"
             )),

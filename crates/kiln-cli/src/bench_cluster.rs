@@ -66,7 +66,13 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// Starts kilnd as node `name` on `home` (given `key` as its API key, if any).
-fn start(name: &str, home: &Path, url_file: &Path, key: Option<&str>) -> anyhow::Result<Node> {
+fn start(
+    name: &str,
+    home: &Path,
+    url_file: &Path,
+    objects: Option<&str>,
+    key: Option<&str>,
+) -> anyhow::Result<Node> {
     std::fs::create_dir_all(home)?;
     if let Some(key) = key {
         write_secret(&home.join("api-key"), key)?;
@@ -79,6 +85,8 @@ fn start(name: &str, home: &Path, url_file: &Path, key: Option<&str>) -> anyhow:
         .args(["--node-name", name, "--on-shutdown", "terminate"])
         .arg("--database-url-file")
         .arg(url_file)
+        .args(objects.map(|o| ["--object-store", o]).into_iter().flatten())
+        .args(["--node-lease-seconds", "3"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -140,6 +148,7 @@ fn get(ingress: &str, id: &str, token: &str) -> anyhow::Result<f64> {
 pub fn measure(
     rounds: usize,
     url_file: &Path,
+    objects: Option<&str>,
     scratch: &Path,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -148,6 +157,7 @@ pub fn measure(
         &format!("bench-a-{tag}"),
         &scratch.join("a"),
         url_file,
+        objects,
         None,
     )?;
     let key = std::fs::read_to_string(scratch.join("a").join("api-key"))?;
@@ -155,6 +165,7 @@ pub fn measure(
         &format!("bench-b-{tag}"),
         &scratch.join("b"),
         url_file,
+        objects,
         Some(key.trim()),
     )?;
     let name = format!("bc-{tag}");
@@ -216,5 +227,84 @@ pub fn measure(
     let c = report.samples("GET through the other node's ingress", "ms", &cross);
     report.ratio("ratio cross-node / same-node", &c, &s);
     a.client.terminate_microvm(&id)?;
+    if objects.is_some() {
+        resumes(rounds, &a, &b, scratch, &run, report)?;
+    }
+    Ok(())
+}
+
+/// Times `f` in ms.
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
+    let start = Instant::now();
+    let out = f()?;
+    Ok((crate::bench::ms(start.elapsed()), out))
+}
+
+/// Waits (up to 2 min) until `ok`.
+fn wait_until(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ok()? {
+        anyhow::ensure!(Instant::now() < deadline, "{what} took over 2 min");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Resume on the node that suspended a microVM against resume on the node it was handed
+/// to (A drained: the snapshot fetched from object storage and assembled on B), and the
+/// hand-off itself.
+fn resumes(
+    rounds: usize,
+    a: &Node,
+    b: &Node,
+    scratch: &Path,
+    run: &dyn Fn(&Node) -> anyhow::Result<(f64, String)>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let a_name = a.client.list_nodes()?.this_node;
+    let uploads = |n: usize| -> anyhow::Result<bool> {
+        let log = std::fs::read_to_string(scratch.join("a").join("kilnd.log"))?;
+        Ok(log.matches("snapshot uploaded").count() >= n)
+    };
+    let (mut same, mut other, mut hand) = (Vec::new(), Vec::new(), Vec::new());
+    let mut uploaded = 0;
+    for _ in 0..rounds.max(1) {
+        let (_, id) = run(a)?;
+        a.client
+            .wait_microvm(&id, MicrovmState::Running, Duration::from_secs(120))?;
+        for round in 0..2 {
+            a.client.suspend_microvm(&id)?;
+            a.client
+                .wait_microvm(&id, MicrovmState::Suspended, Duration::from_secs(120))?;
+            uploaded += 1;
+            wait_until("the snapshot upload", || uploads(uploaded))?;
+            if round == 0 {
+                let (t, _) = timed(|| Ok(a.client.resume_microvm(&id)?))?;
+                same.push(t);
+            }
+        }
+        let (t, _) = timed(|| {
+            a.client.drain_node(&a_name)?;
+            wait_until("the hand-off", || {
+                Ok(
+                    b.client.get_microvm(&id)?.node == b.client.list_nodes()?.this_node
+                        && scratch.join("b").join("microvms").join(&id).exists(),
+                )
+            })
+        })?;
+        hand.push(t);
+        a.client.undrain_node(&a_name)?;
+        let (t, _) = timed(|| Ok(b.client.resume_microvm(&id)?))?;
+        other.push(t);
+        b.client.terminate_microvm(&id)?;
+    }
+    let s = report.samples("ResumeMicrovm on the node that suspended it", "ms", &same);
+    let o = report.samples("ResumeMicrovm on the node it was handed to", "ms", &other);
+    report.ratio("ratio resume other node / same node", &o, &s);
+    report.samples(
+        "hand-off of a SUSPENDED microVM (drain → assembled on the other node)",
+        "ms",
+        &hand,
+    );
     Ok(())
 }

@@ -443,17 +443,38 @@ fn bench_cluster_measures_placement_and_the_ingress_across_nodes() {
     let url = home.path().join("database-url");
     std::fs::write(&url, format!("{admin} dbname={db}")).unwrap();
     std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let doc = bench_json(
-        home.path(),
-        &[
-            "--part",
-            "cluster",
-            "--rounds",
-            "2",
-            "--database-url-file",
-            url.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--part".to_string(),
+        "cluster".into(),
+        "--rounds".into(),
+        "2".into(),
+        "--database-url-file".into(),
+        url.to_str().unwrap().into(),
+    ];
+    // With the test object storage (its key in the environment), resume across nodes too.
+    let objects = std::env::var("KILN_TEST_S3_URL").ok().map(|u| {
+        let (base, query) = u.split_once('?').unwrap();
+        format!("{base}/bench-{}?{query}", std::process::id())
+    });
+    if let Some(o) = &objects {
+        args.extend(["--object-store".to_string(), o.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let doc = bench_json(home.path(), &args);
+    if objects.is_some() {
+        for name in [
+            "ResumeMicrovm on the node that suspended it",
+            "ResumeMicrovm on the node it was handed to",
+            "ratio resume other node / same node",
+        ] {
+            let f = figure(&doc, name);
+            assert!(f["median"].as_f64().unwrap() > 0.0, "{f}");
+        }
+        assert_eq!(
+            figure(&doc, "ResumeMicrovm on the node it was handed to")["n"],
+            2
+        );
+    }
     for name in [
         "RunMicrovm answered by the image's node",
         "RunMicrovm passed on by the other node",
