@@ -58,6 +58,8 @@ pub enum Command {
         extra_disk: u64,
         reply: Reply<Vec<SuspendedVm>>,
     },
+    /// Upload a SUSPENDED microVM's snapshot again (one failed): `--object-store`.
+    Upload { reply: Reply<()> },
     /// A standalone copy of a SUSPENDED microVM's disk.
     ExportDisk {
         reply: Reply<(tokio::fs::File, u64)>,
@@ -170,6 +172,12 @@ impl Actor {
             }
             Command::ExportDisk { reply } => {
                 let _ = reply.send(self.export_disk().await);
+            }
+            Command::Upload { reply } => {
+                if self.slot.suspended.is_some() {
+                    crate::travel::upload(&self.m, &self.id).await;
+                }
+                let _ = reply.send(Ok(()));
             }
             Command::Tick => {
                 if self.reap_if_crashed().await {

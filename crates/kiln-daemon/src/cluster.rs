@@ -134,10 +134,11 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
         let mut tick = tokio::time::interval(mover.cfg.node_lease / 3);
         for n in 0u64.. {
             tick.tick().await;
-            // Images whose upload failed (object storage was down): at start, then every
-            // tenth step.
+            // Images and snapshots whose upload failed (object storage was down): at
+            // start, then every tenth step.
             if n % 10 == 0 {
                 crate::share::publish_missing(&mover).await;
+                crate::travel::upload_missing(&mover).await;
             }
             crate::drain::tick(&mover).await;
             crate::travel::adopt_handed(&mover).await;

@@ -114,6 +114,27 @@ pub fn has_snapshot(m: &Manager, row: &MicrovmRow) -> bool {
     matches!(snapshot_of(m, row), Ok(Some(s)) if Some(s.epoch) == epoch)
 }
 
+/// Uploads the snapshots of this node's SUSPENDED microVMs that have none at their
+/// current epoch (an upload failed while object storage was down).
+pub async fn upload_missing(m: &Arc<Manager>) {
+    if m.blobs.is_none() {
+        return;
+    }
+    let Ok(rows) = crate::cluster::own_microvms(m, Some(MicrovmState::Suspended)) else {
+        return;
+    };
+    for row in rows {
+        if m.actors_mut().contains_key(&row.id) && !has_snapshot(m, &row) {
+            // Through its actor, so no resume runs while its files are read.
+            let _ = m
+                .ask(&row.id, "it is no longer SUSPENDED", |reply| {
+                    crate::actor::Command::Upload { reply }
+                })
+                .await;
+        }
+    }
+}
+
 /// The SUSPENDED microVMs handed to this node by a drained one that it has not assembled
 /// yet: assembled now (each heartbeat).
 pub async fn adopt_handed(m: &Arc<Manager>) {

@@ -662,8 +662,19 @@ fn an_object_storage_outage_is_reported_loses_nothing_and_the_cluster_carries_on
     assert_eq!(status, 200, "{v}");
     a.wait_state(&on_a, "RUNNING", Duration::from_secs(120));
     assert_eq!(sh(&b, &on_a, "cat /root/file").trim(), "kept");
+    // Suspended again in the outage: its snapshot goes up once the storage is back.
+    let (status, v) = b.post(&format!("/v1/microvms/{on_a}/suspend"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(&on_a, "SUSPENDED", Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.log().matches("uploading the snapshot failed").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", a.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!a.log().contains("snapshot uploaded"));
 
-    // Back: B fetches and runs the first image, and A uploads the second by itself.
+    // Back: B fetches and runs the first image, and A uploads the second image and the
+    // snapshot by itself.
     link.restore();
     let on_b = launch(&b, "first");
     assert_eq!(b.get(&format!("/v1/microvms/{on_b}")).1["node"], "b");
@@ -673,6 +684,11 @@ fn an_object_storage_outage_is_reported_loses_nothing_and_the_cluster_carries_on
             Instant::now() < deadline,
             "the second image was never uploaded"
         );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !a.log().contains("snapshot uploaded") {
+        assert!(Instant::now() < deadline, "the snapshot was never uploaded");
         std::thread::sleep(Duration::from_millis(200));
     }
     let second_on_b = launch(&b, "second");
