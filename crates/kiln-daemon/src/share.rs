@@ -357,22 +357,21 @@ pub async fn publish_missing(m: &Manager) {
     if m.blobs.is_none() {
         return;
     }
-    {
-        let Ok(images) = m.store().all_images() else {
-            return;
+    let Ok(images) = m.store().all_images() else {
+        return;
+    };
+    for img in images {
+        let mine = img.node.is_empty() || img.node == m.cfg.node_name;
+        let successful = img.status == kiln_types::ImageStatus::Successful;
+        let template = img.record["template"].as_str().map(PathBuf::from);
+        let (true, true, Some(t)) = (successful, mine, template) else {
+            continue;
         };
-        for img in images {
-            let mine = img.node.is_empty() || img.node == m.cfg.node_name;
-            let done = is_shared(m, &img.id).unwrap_or(true);
-            let template = img.record["template"].as_str().map(PathBuf::from);
-            if img.status != kiln_types::ImageStatus::Successful || !mine || done {
-                continue;
-            }
-            if let Some(t) = template {
-                if let Err(e) = publish(m, &img.id, &t).await {
-                    warn!(image = %img.id, "uploading the image failed: {e}");
-                }
-            }
+        if is_shared(m, &img.id).unwrap_or(true) {
+            continue;
+        }
+        if let Err(e) = publish(m, &img.id, &t).await {
+            warn!(image = %img.id, "uploading the image failed: {e}");
         }
     }
 }

@@ -92,6 +92,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE microvms ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;",
 ];
 
+/// Guest memory the microVMs of `node` that are not TERMINATED hold.
+fn used_mib(tx: &mut Transaction<'_>, node: &str) -> Result<i64> {
+    Ok(tx
+        .query_one(
+            "SELECT COALESCE(SUM(memory_mib), 0)::bigint FROM microvms WHERE node = $1 AND state != 'TERMINATED'",
+            &[&node],
+        )?
+        .get(0))
+}
+
 /// Held (transaction-scoped) by every transaction that adds an event. "kiln" + 1.
 const EVENTS_LOCK: i64 = 0x6b69_6c6e_0001;
 /// Held while migrating, so nodes starting together migrate once.
@@ -611,12 +621,7 @@ impl StateStore for PgStore {
                 epoch,
             })?;
             if let Some(capacity) = capacity_mib {
-                let used: i64 = tx
-                    .query_one(
-                        "SELECT COALESCE(SUM(memory_mib), 0)::bigint FROM microvms WHERE node = $1 AND state != 'TERMINATED'",
-                        &[&to],
-                    )?
-                    .get(0);
+                let used = used_mib(tx, to)?;
                 crate::check_room(to, capacity, used, need)?;
             }
             tx.execute(
@@ -635,12 +640,7 @@ impl StateStore for PgStore {
         // the cluster, so two nodes placing at once cannot both take the last room.
         self.with_events(|tx| {
             if capacity_mib.is_some() {
-                let used: i64 = tx
-                    .query_one(
-                        "SELECT COALESCE(SUM(memory_mib), 0)::bigint FROM microvms WHERE node = $1 AND state != 'TERMINATED'",
-                        &[&node],
-                    )?
-                    .get(0);
+                let used = used_mib(tx, node)?;
                 crate::check_fits(node, capacity_mib, used, vms)?;
             }
             vms.iter().try_for_each(|vm| insert_in(tx, vm))

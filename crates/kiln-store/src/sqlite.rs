@@ -76,6 +76,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE microvms ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
+/// Guest memory the microVMs of `node` that are not TERMINATED hold.
+fn used_mib(tx: &rusqlite::Transaction<'_>, node: &str) -> Result<i64> {
+    Ok(tx.query_row(
+        "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE node = ?1 AND state != 'TERMINATED'",
+        [node],
+        |r| r.get(0),
+    )?)
+}
+
 pub struct SqliteStore {
     conn: Connection,
 }
@@ -417,11 +426,7 @@ impl StateStore for SqliteStore {
         };
         let need = need.ok_or_else(fenced)?;
         if let Some(capacity) = capacity_mib {
-            let used: i64 = tx.query_row(
-                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE node = ?1 AND state != 'TERMINATED'",
-                [to],
-                |r| r.get(0),
-            )?;
+            let used = used_mib(&tx, to)?;
             crate::check_room(to, capacity, used, need)?;
         }
         tx.execute(
@@ -438,11 +443,7 @@ impl StateStore for SqliteStore {
         };
         let tx = self.conn.unchecked_transaction()?;
         if capacity_mib.is_some() {
-            let used: i64 = tx.query_row(
-                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE node = ?1 AND state != 'TERMINATED'",
-                [node],
-                |r| r.get(0),
-            )?;
+            let used = used_mib(&tx, node)?;
             crate::check_fits(node, capacity_mib, used, vms)?;
         }
         for vm in vms {

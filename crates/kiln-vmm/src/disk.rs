@@ -218,6 +218,19 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
     }
 
+    /// What a guest reads from the qcow2 `disk`.
+    fn guest_bytes(disk: &Path) -> Vec<u8> {
+        let raw = disk.with_extension("raw");
+        let status = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+            .arg(disk)
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read(&raw).unwrap()
+    }
+
     #[tokio::test]
     async fn flatten_reads_a_raw_base() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,14 +243,7 @@ mod tests {
         let out = dir.path().join("out.qcow2");
         flatten(&top, &base, &out).await.unwrap();
         assert_eq!(backing_file(&out).unwrap(), None, "standalone");
-        let raw = dir.path().join("out.raw");
-        let status = std::process::Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-            .args([&out, &raw])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert!(std::fs::read(&raw).unwrap().iter().all(|&b| b == 0x17));
+        assert!(guest_bytes(&out).iter().all(|&b| b == 0x17));
     }
 
     #[tokio::test]
@@ -259,14 +265,7 @@ mod tests {
         let out = dir.path().join("out.qcow2");
         flatten(&top, &base_q, &out).await.unwrap();
         assert_eq!(backing_file(&out).unwrap(), None, "standalone");
-        let raw = dir.path().join("out.raw");
-        let status = std::process::Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-            .args([&out, &raw])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let bytes = std::fs::read(&raw).unwrap();
+        let bytes = guest_bytes(&out);
         assert!(
             bytes.iter().all(|&b| b == 0xab),
             "the data is base's, never the header's file"
