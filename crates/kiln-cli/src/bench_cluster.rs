@@ -262,6 +262,7 @@ fn resumes(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let a_name = a.client.list_nodes()?.this_node;
+    let b_name = b.client.list_nodes()?.this_node;
     let uploads = |n: usize| -> anyhow::Result<bool> {
         let log = std::fs::read_to_string(scratch.join("a").join("kilnd.log"))?;
         Ok(log.matches("snapshot uploaded").count() >= n)
@@ -285,11 +286,15 @@ fn resumes(
         }
         let (t, _) = timed(|| {
             a.client.drain_node(&a_name)?;
+            // A call in flight while the microVM moves may be answered 503 (retry): that
+            // counts as not yet.
             wait_until("the hand-off", || {
-                Ok(
-                    b.client.get_microvm(&id)?.node == b.client.list_nodes()?.this_node
-                        && scratch.join("b").join("microvms").join(&id).exists(),
-                )
+                let owner = b
+                    .client
+                    .get_microvm(&id)
+                    .map(|v| v.node)
+                    .unwrap_or_default();
+                Ok(owner == b_name && scratch.join("b").join("microvms").join(&id).exists())
             })
         })?;
         hand.push(t);

@@ -399,6 +399,25 @@ pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next:
     }
     match owner_elsewhere(&m, &id) {
         Ok(None) => next.run(req).await,
+        // Handed to the very node that passed the call on, while it was on its way: a
+        // moment's race, answered as one (retry).
+        Ok(Some(node))
+            if forwarded
+                && req
+                    .headers()
+                    .get(FORWARDED_BY)
+                    .and_then(|v| v.to_str().ok())
+                    == Some(node.name.as_str()) =>
+        {
+            ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "microVM {id} moved to node {:?} while this call was on its way: retry",
+                    node.name
+                ),
+            )
+            .into_response()
+        }
         Ok(Some(node)) if forwarded => ApiError::conflict(format!(
             "microVM {id} belongs to node {:?}, not {:?}: send the call without {FORWARDED_BY}",
             node.name, m.cfg.node_name

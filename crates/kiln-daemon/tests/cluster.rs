@@ -205,7 +205,7 @@ fn two_nodes_serve_each_others_microvms_and_a_dead_node_is_never_doubled() {
     // microVM (it would have no actor for it): refused, whoever set the mark.
     let marked = ureq::post(&format!("{}/v1/microvms/{va}/terminate", b.base))
         .set("Authorization", &format!("Bearer {}", b.key))
-        .set("x-kiln-forwarded-by", "a")
+        .set("x-kiln-forwarded-by", "somebody")
         .send_json(json!({}));
     let Err(ureq::Error::Status(409, r)) = marked else {
         panic!("a marked call was served by B: {marked:?}")
