@@ -293,7 +293,7 @@ pub async fn place(m: &Manager, image: &str) -> ApiResult<Placement> {
 /// Where a drained node places a microVM of `img`: the undrained node with the most room.
 fn drained_placement(m: &Manager, img: &kiln_store::ImageRow) -> ApiResult<Placement> {
     let need = img.record["memory_mib"].as_i64().unwrap_or(512);
-    if !crate::share::is_shared(m, &img.id)? {
+    if !crate::share::in_object_storage(m, &img.id)? {
         return Err(ApiError::new(
             ErrorCode::ServiceUnavailable,
             format!(

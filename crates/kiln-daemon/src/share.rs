@@ -73,7 +73,7 @@ fn bundle_key(image: &str) -> String {
 }
 
 /// Whether every node can launch `image` (its bundle is recorded).
-pub fn is_shared(m: &Manager, image: &str) -> ApiResult<bool> {
+pub fn in_object_storage(m: &Manager, image: &str) -> ApiResult<bool> {
     Ok(m.blobs.is_some() && m.store().shared_value(&bundle_key(image))?.is_some())
 }
 
@@ -367,7 +367,7 @@ pub async fn publish_missing(m: &Manager) {
         let (true, true, Some(t)) = (successful, mine, template) else {
             continue;
         };
-        if is_shared(m, &img.id).unwrap_or(true) {
+        if in_object_storage(m, &img.id).unwrap_or(true) {
             continue;
         }
         if let Err(e) = publish(m, &img.id, &t).await {

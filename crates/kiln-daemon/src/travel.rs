@@ -157,7 +157,9 @@ pub async fn adopt_handed(m: &Arc<Manager>) {
 /// either its node's lease ran out or a drained node handed it to this one (which has not
 /// assembled it yet): `true` when this node holds it now.
 pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
-    if m.blobs.is_none() || !crate::cluster::is_shared(m) {
+    // Called on every request for a microVM: one this node already holds (an actor) costs
+    // no database read.
+    if m.blobs.is_none() || !crate::cluster::is_shared(m) || m.actors_mut().contains_key(id) {
         return Ok(false);
     }
     let Some(row) = m.store().microvm(id)? else {
@@ -167,9 +169,6 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
         return Ok(false);
     }
     let handed = crate::cluster::is_mine(m, &row);
-    if handed && m.actors_mut().contains_key(id) {
-        return Ok(false);
-    }
     // Only from a node that is gone: a live owner resumes its own.
     if !handed {
         match crate::cluster::owner_elsewhere(m, id) {
