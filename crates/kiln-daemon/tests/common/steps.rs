@@ -12,7 +12,8 @@ use super::TestDaemon;
 /// the file and renamed over it, so a reader never sees the file between the shell's
 /// truncation and its write (an empty count). It starts at 0 before the script returns, so
 /// a read right after it finds a number.
-pub const COUNTER: &str = "echo 0 > /tmp/count; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
+pub const COUNTER: &str =
+    "echo 0 > /tmp/count; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
                        mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 </dev/null &";
 
 pub fn sh(d: &TestDaemon, id: &str, script: &str) -> String {
