@@ -259,85 +259,6 @@ pub fn owner_elsewhere(m: &Manager, id: &str) -> ApiResult<Option<NodeRow>> {
     Ok(Some(node))
 }
 
-/// Where a new microVM runs.
-pub enum Placement {
-    /// On this node; from this template when the image was built on another node.
-    Here(Option<std::path::PathBuf>),
-    /// On that node, which holds the image's files.
-    Elsewhere(NodeRow),
-}
-
-/// Where a new microVM of `image` runs: here when this node built the image or object
-/// storage holds it (fetched into this node's cache on a miss), else on the node that
-/// holds its files.
-pub async fn place(m: &Manager, image: &str) -> ApiResult<Placement> {
-    if !is_shared(m) {
-        return Ok(Placement::Here(None));
-    }
-    let Some(img) = m.store().image(image)? else {
-        return Ok(Placement::Here(None));
-    };
-    // A drained node places new microVMs on another, through object storage.
-    if crate::drain::is_draining(m, &m.cfg.node_name) {
-        return drained_placement(m, &img);
-    }
-    if img.node.is_empty() || img.node == m.cfg.node_name {
-        return Ok(Placement::Here(None));
-    }
-    if let Some(template) = crate::share::local_template(m, &img).await? {
-        return Ok(Placement::Here(Some(template)));
-    }
-    image_node(m, &img).map(Placement::Elsewhere)
-}
-
-/// Where a drained node places a microVM of `img`: the undrained node with the most room.
-fn drained_placement(m: &Manager, img: &kiln_store::ImageRow) -> ApiResult<Placement> {
-    let need = img.record["memory_mib"].as_i64().unwrap_or(512);
-    if !crate::share::in_object_storage(m, &img.id)? {
-        return Err(ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            format!(
-                "node {:?} is draining, and image {} is not in object storage for another \
-                 node to run it: undrain the node, or rebuild the image with --object-store",
-                m.cfg.node_name, img.id
-            ),
-        ));
-    }
-    match crate::drain::pick_node(m, need)? {
-        Some((node, _)) => Ok(Placement::Elsewhere(node)),
-        None => Err(ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            format!(
-                "node {:?} is draining and no other reachable, undrained node has {need} MiB \
-                 free: retry later",
-                m.cfg.node_name
-            ),
-        )),
-    }
-}
-
-/// The node holding `img`'s files, if it is reachable.
-fn image_node(m: &Manager, img: &kiln_store::ImageRow) -> ApiResult<NodeRow> {
-    let node = m.store().nodes()?.into_iter().find(|n| n.name == img.node);
-    let now = now_ms();
-    match node {
-        Some(n) if reachable(m, &n, now) => Ok(n),
-        found => Err(ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            format!(
-                "image {} is held by node {:?}, which {}: its microVMs run there (it is not \
-                 in object storage); retry when it is back",
-                img.id,
-                img.node,
-                match found {
-                    Some(n) => format!("sent no heartbeat for {} s", (now - n.heartbeat_at) / 1000),
-                    None => "is not registered".to_string(),
-                }
-            ),
-        )),
-    }
-}
-
 /// Sends a JSON call to `node` (this node's caller authenticated) and answers with its reply.
 pub async fn forward_json(
     m: &Manager,
@@ -390,12 +311,12 @@ pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next:
         return next.run(req).await;
     };
     // A call already passed on once is served only by the owner: never a second hop, and
-    // never acted on by a node that does not own the microVM (whoever set the header).
+    // never acted on by a node that does not own the microVM (whoever set the header). A
+    // SUSPENDED one stranded on a node that is gone, or handed to this one, is taken over
+    // first (a node without room hands it on to one with room, and passes the call there).
     let forwarded = req.headers().contains_key(FORWARDED_BY);
-    if !forwarded {
-        if let Err(e) = crate::travel::take_stranded(&m, &id).await {
-            return e.into_response();
-        }
+    if let Err(e) = crate::travel::take_stranded(&m, &id).await {
+        return e.into_response();
     }
     match owner_elsewhere(&m, &id) {
         Ok(None) => next.run(req).await,

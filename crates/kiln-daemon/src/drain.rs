@@ -58,7 +58,7 @@ pub fn set(m: &Manager, node: &str, on: bool) -> ApiResult<()> {
 /// microVM of `need_mib`, and its capacity.
 pub fn pick_node(m: &Manager, need_mib: i64) -> ApiResult<Option<(NodeRow, i64)>> {
     let draining = draining_nodes(m)?;
-    let microvms = m.store().microvms(None, None)?;
+    let used = crate::placement::used_by_node(m)?;
     let now = now_ms();
     let mut best: Option<(NodeRow, i64, i64)> = None;
     let nodes = m.store().nodes()?;
@@ -69,13 +69,7 @@ pub fn pick_node(m: &Manager, need_mib: i64) -> ApiResult<Option<(NodeRow, i64)>
         {
             continue;
         }
-        let capacity = n.capacity["memoryMib"].as_i64().unwrap_or(0);
-        let used: i64 = microvms
-            .iter()
-            .filter(|r| r.node == n.name && r.state != MicrovmState::Terminated)
-            .map(|r| r.memory_mib)
-            .sum();
-        let free = capacity - used;
+        let (capacity, free) = crate::placement::memory(&n, &used);
         if free >= need_mib && best.as_ref().is_none_or(|(_, _, f)| free > *f) {
             best = Some((n, capacity, free));
         }

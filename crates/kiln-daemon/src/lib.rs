@@ -19,6 +19,7 @@ pub mod images;
 pub mod ingress;
 pub mod manager;
 pub mod metrics;
+pub mod placement;
 pub mod pool;
 pub mod recovery;
 pub mod save_image;

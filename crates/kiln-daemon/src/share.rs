@@ -222,6 +222,7 @@ pub async fn local_template(m: &Manager, img: &ImageRow) -> ApiResult<Option<Pat
         elapsed_ms = started.elapsed().as_millis() as u64,
         "image fetched from object storage"
     );
+    crate::placement::mark_cached(m, &img.id);
     Ok(Some(template))
 }
 
@@ -385,6 +386,7 @@ pub fn forget(m: &Manager, id: &str) {
     if let Err(e) = m.write(|s| s.delete_shared_value(&bundle_key(id))) {
         warn!(image = id, "forgetting the image's bundle failed: {e}");
     }
+    crate::placement::forget_cached(m, id);
     if let Ok(dir) = imported_dir(m, id) {
         m.pool.forget_under(m, &dir);
         let _ = std::fs::remove_dir_all(dir);

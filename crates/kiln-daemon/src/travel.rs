@@ -191,6 +191,9 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
     if !current {
         return Ok(false);
     }
+    if !handed && !room_here(m, &row)? {
+        return hand_on(m, &row, &owner, epoch);
+    }
     let img = m.store().image(&row.image_id)?.ok_or_else(|| {
         ApiError::internal(format!("microVM {id}'s image {} is gone", row.image_id))
     })?;
@@ -265,6 +268,45 @@ pub async fn take_stranded(m: &Arc<Manager>, id: &str) -> ApiResult<bool> {
         "took over a SUSPENDED microVM from another node"
     );
     Ok(true)
+}
+
+/// Whether this node can take `row` on: it is not draining and has the memory free.
+fn room_here(m: &Manager, row: &MicrovmRow) -> ApiResult<bool> {
+    if crate::drain::is_draining(m, &m.cfg.node_name) {
+        return Ok(false);
+    }
+    let Some(cap) = m.memory_cap() else {
+        return Ok(true);
+    };
+    let used = crate::placement::used_by_node(m)?;
+    let here = used.get(&m.cfg.node_name).copied().unwrap_or(0);
+    Ok(here + row.memory_mib <= cap)
+}
+
+/// Moves the stranded `row` (of the gone node `owner`, at `epoch`) straight to the node
+/// with the most room, which assembles it on its next request or cluster step: `false`,
+/// as this node does not hold it (the caller passes the request on to the new owner).
+fn hand_on(m: &Manager, row: &MicrovmRow, owner: &str, epoch: i64) -> ApiResult<bool> {
+    let id = row.id.as_str();
+    let Some((to, capacity)) = crate::drain::pick_node(m, row.memory_mib)? else {
+        return Err(ApiError::quota(format!(
+            "microVM {id} cannot resume yet: its node {owner:?} is gone, and no reachable, \
+             undrained node has the {} MiB it needs free (node {:?} included); retry later",
+            row.memory_mib, m.cfg.node_name
+        )));
+    };
+    match m.write(|s| s.move_suspended(id, owner, epoch, &to.name, Some(capacity))) {
+        Ok(_) => info!(
+            id,
+            from = owner,
+            to = to.name,
+            "no room here for a stranded microVM: handed to a node with room"
+        ),
+        // Another node took it first: the caller finds the new owner.
+        Err(StoreError::Fenced { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(false)
 }
 
 /// Points the snapshot in `dir` at this node's copy of the image's template: the memory

@@ -5,7 +5,9 @@
 //! resumed by its owner on a request anywhere); a node killed with -9 leaves its microVMs UNREACHABLE
 //! from the other (answered 503, never started a second time), and takes them back running
 //! when it returns; one kilnd per node name; RunMicrovm on any node runs where the image's
-//! files are, and a burst of them never takes more of a node's memory than it offers.
+//! files are, and a burst of them never takes more of a node's memory than it offers. With
+//! object storage: images and SUSPENDED microVMs travel between nodes, drain, outages, and
+//! three nodes over which RunMicrovm spreads microVMs by free memory.
 
 // Integration tests: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -36,6 +38,15 @@ fn node_flags(name: &str, url_file: &str) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
+}
+
+/// Sets a node's `--capacity-memory-mib`.
+fn set_capacity(flags: &mut [String], mib: u32) {
+    let at = flags
+        .iter()
+        .position(|f| f == "--capacity-memory-mib")
+        .unwrap();
+    flags[at + 1] = mib.to_string();
 }
 
 fn launch(d: &TestDaemon, image: &str) -> String {
@@ -621,6 +632,9 @@ fn an_object_storage_outage_is_reported_loses_nothing_and_the_cluster_carries_on
         let at = f.iter().position(|x| x == "--object-store").unwrap() + 1;
         f[at] = f[at].replace(&format!(":{port}"), &format!(":{}", link.port));
     }
+    // A offers less memory than B, so RunMicrovm through B places images from object
+    // storage on B (placement goes by free memory).
+    set_capacity(&mut flags[0], 1024);
     let flags_a: Vec<&str> = flags[0].iter().map(String::as_str).collect();
     let flags_b: Vec<&str> = flags[1].iter().map(String::as_str).collect();
     let a = TestDaemon::start_with(&flags_a);
@@ -695,6 +709,122 @@ fn an_object_storage_outage_is_reported_loses_nothing_and_the_cluster_carries_on
     assert_eq!(b.get(&format!("/v1/microvms/{second_on_b}")).1["node"], "b");
     for id in [&on_a, &on_b, &second_on_b] {
         let (status, v) = b.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+/// The node a microVM runs on, asked through `d`.
+fn node_of(d: &TestDaemon, id: &str) -> String {
+    let v = d.wait_state(id, "RUNNING", Duration::from_secs(90));
+    v["node"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() {
+    let Some((mut flags, _secrets)) = object_store_nodes(&["a", "b", "c"]) else {
+        return;
+    };
+    // Room for two 512 MiB microVMs on each node.
+    for f in &mut flags {
+        set_capacity(f, 1024);
+    }
+    let flags: Vec<Vec<&str>> = flags
+        .iter()
+        .map(|f| f.iter().map(String::as_str).collect())
+        .collect();
+    let mut a = TestDaemon::start_with(&flags[0]);
+    let b = TestDaemon::start_seeded(&flags[1], &[("api-key", &a.key)]);
+    let c = TestDaemon::start_seeded(&flags[2], &[("api-key", &a.key)]);
+    build_app(&a, "spread");
+
+    // Three launches through C: each lands on the node with the most memory free, so one
+    // on each (A first: it holds the image; then C, which needs no forward; then B).
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            let (status, r) = c.post("/v1/microvms", json!({"imageIdentifier": "spread"}));
+            assert_eq!(status, 200, "{r}");
+            r["microvmId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let placed: Vec<String> = ids.iter().map(|id| node_of(&c, id)).collect();
+    assert_eq!(placed, ["a", "c", "b"], "spread across the nodes");
+    let list = nodes(&b);
+    for name in ["a", "b", "c"] {
+        assert_eq!(node(&list, name)["microvms"], 1, "{list}");
+    }
+    // C fetched the image once and records that it holds it.
+    assert!(c.home.join("imported").is_dir());
+    assert_eq!(a.qemu_processes().len(), 1);
+    assert_eq!(b.qemu_processes().len(), 1);
+    assert_eq!(c.qemu_processes().len(), 1);
+    // A fourth through C: every node has 512 MiB free and the image now: C, as it needs
+    // no forward. C is full then.
+    let (status, r) = c.post("/v1/microvms", json!({"imageIdentifier": "spread"}));
+    assert_eq!(status, 200, "{r}");
+    let fourth = r["microvmId"].as_str().unwrap().to_string();
+    assert_eq!(node_of(&a, &fourth), "c");
+
+    // The seed's prompt 2 on A's microVM: a file and a process, suspend, kill -9 A.
+    let id = &ids[0];
+    sh(&a, id, &format!("echo kept > /root/file; {COUNTER}"));
+    let before = count(&a, id);
+    let token = token_via(&c, id);
+    let (status, v) = c.post(&format!("/v1/microvms/{id}/suspend"), json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.wait_state(id, "SUSPENDED", Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.log().contains("snapshot uploaded") {
+        assert!(Instant::now() < deadline, "no upload: {}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node(&nodes(&c), "a")["reachable"] == true {
+        assert!(Instant::now() < deadline, "A's lease never ran out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The next request, through C's ingress: C has no room, so it hands the microVM to
+    // B (the node with room), which resumes it, file and process kept.
+    assert_eq!(
+        app_via_ingress(&c, id, &token),
+        (200, "app on a\n".to_string())
+    );
+    assert!(
+        c.log().contains("handed to a node with room"),
+        "{}",
+        c.log()
+    );
+    let v = c.get(&format!("/v1/microvms/{id}")).1;
+    assert_eq!(
+        (&v["node"], &v["state"]),
+        (&json!("b"), &json!("RUNNING")),
+        "{v}"
+    );
+    assert_eq!(b.qemu_processes().len(), 2, "it runs on B");
+    assert_eq!(c.qemu_processes().len(), 2, "and not on C");
+    assert_eq!(sh(&c, id, "cat /root/file").trim(), "kept");
+    assert_counts_on(&b, id, before);
+    // Every node full: RunMicrovm says so, naming a node and its capacity.
+    let (status, v) = c.post("/v1/microvms", json!({"imageIdentifier": "spread"}));
+    assert_eq!(status, 429, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("--capacity-memory-mib"),
+        "{v}"
+    );
+
+    // A restarted neither resumes nor serves it, and keeps nothing of it.
+    a.spawn(&flags[0]);
+    assert!(a.log().contains("moved to another node"), "{}", a.log());
+    assert!(!a.home.join("microvms").join(id).exists());
+    assert!(a.qemu_processes().is_empty());
+    let (status, body) = app_via_ingress(&a, id, &token);
+    assert_eq!(status, 200, "served through A by B: {body}");
+    assert!(a.qemu_processes().is_empty());
+    for id in ids.iter().chain([&fourth]) {
+        let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
         assert_eq!(status, 200, "{v}");
     }
 }

@@ -2755,7 +2755,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description --max-microvms are not TERMINATED, the node's --capacity-memory-mib is taken, or KILN_HOME's disk is at --min-free-disk-mib */
+            /** @description --max-microvms are not TERMINATED, the node's --capacity-memory-mib (in a cluster: every reachable node's) is taken, or KILN_HOME's disk is at --min-free-disk-mib */
             429: {
                 headers: {
                     [name: string]: unknown;

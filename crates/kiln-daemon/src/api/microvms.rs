@@ -65,29 +65,60 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         (status = 404, description = "No such image", body = ErrorBody),
         (status = 409, description = "The image is not SUCCESSFUL", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
-        (status = 429, description = "--max-microvms are not TERMINATED, the node's --capacity-memory-mib is taken, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
+        (status = 429, description = "--max-microvms are not TERMINATED, the node's --capacity-memory-mib (in a cluster: every reachable node's) is taken, or KILN_HOME's disk is at --min-free-disk-mib", body = ErrorBody),
         (status = 500, description = "kilnd failed", body = ErrorBody),
     )
 )]
 pub async fn run_microvm(
     State(m): State<Arc<Manager>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<RunMicrovmRequest>,
 ) -> ApiResult<Response> {
-    // In a cluster, it runs here if the image is here or in object storage, else where
-    // its image's files are.
-    let template = match crate::cluster::place(&m, &req.image_identifier).await? {
-        crate::cluster::Placement::Here(template) => template,
-        crate::cluster::Placement::Elsewhere(node) => {
-            return crate::cluster::forward_json(&m, &node, "/v1/microvms", &req).await;
+    use crate::placement::Target;
+    // In a cluster: on the node with the most room that can run the image (see
+    // `placement`), the next one if that one turns out full.
+    let forwarded = headers.contains_key(crate::cluster::FORWARDED_BY);
+    let targets = crate::placement::targets(&m, &req.image_identifier, forwarded)?;
+    let last = targets.len().saturating_sub(1);
+    for (i, target) in targets.into_iter().enumerate() {
+        let more = i < last;
+        match target {
+            Target::Here => {
+                let template = crate::placement::template_here(&m, &req.image_identifier).await?;
+                match m.run(req.clone(), template) {
+                    Ok(row) => {
+                        return Ok(Json(RunMicrovmResponse {
+                            endpoint: m.endpoint(&row.id),
+                            microvm_id: row.id,
+                            state: row.state,
+                        })
+                        .into_response())
+                    }
+                    Err(e)
+                        if more && e.code == kiln_api::ErrorCode::ServiceQuotaExceededException =>
+                    {
+                        tracing::info!("placing on the next node: {}", e.message);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Target::Node(node) => {
+                match crate::cluster::forward_json(&m, &node, "/v1/microvms", &req).await {
+                    Ok(r) if more && r.status() == StatusCode::TOO_MANY_REQUESTS => {
+                        tracing::info!(
+                            node = node.name,
+                            "full after all: placing on the next node"
+                        );
+                    }
+                    Err(e) if more => {
+                        tracing::info!(node = node.name, "placing on the next node: {}", e.message);
+                    }
+                    other => return other,
+                }
+            }
         }
-    };
-    let row = m.run(req, template)?;
-    Ok(Json(RunMicrovmResponse {
-        endpoint: m.endpoint(&row.id),
-        microvm_id: row.id,
-        state: row.state,
-    })
-    .into_response())
+    }
+    Err(ApiError::internal("no node to place the microVM on"))
 }
 
 #[utoipa::path(
