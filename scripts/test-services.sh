@@ -30,12 +30,29 @@ start_postgres() {
     fi
     "${as[@]}" "$bin/initdb" -D "$dir/data" -U kiln -A trust --no-sync -E UTF8 >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; return 1; }
+    # TLS too: a CA of the test's own signs the server's certificate (for 127.0.0.1), and
+    # the role kiln_tls is refused without TLS, so a test connecting as it proves TLS is on.
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kiln test CA" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+        -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" >/dev/null 2>&1 \
+        && openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+            -keyout "$dir/server-key.pem" -out "$dir/server.csr" >/dev/null 2>&1 \
+        && printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$dir/server.ext" \
+        && openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" \
+            -CAcreateserial -days 2 -extfile "$dir/server.ext" -out "$dir/server.pem" >/dev/null 2>&1 \
+        || { echo "making the PostgreSQL test certificates failed (openssl)" >&2; return 1; }
+    chmod 0600 "$dir/server-key.pem"
+    [ "$(id -u)" = 0 ] && chown postgres: "$dir/server.pem" "$dir/server-key.pem"
+    sed -i '1i hostnossl all kiln_tls 0.0.0.0/0 reject' "$dir/data/pg_hba.conf"
     "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=300" start >/dev/null \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=300 -c ssl=on -c ssl_cert_file=$dir/server.pem -c ssl_key_file=$dir/server-key.pem" start >/dev/null \
         || { cat "$dir/server.log" >&2; return 1; }
+    "$bin/psql" -q -h 127.0.0.1 -p "$port" -U kiln -d postgres -c "CREATE ROLE kiln_tls LOGIN SUPERUSER" >/dev/null \
+        || { echo "creating the PostgreSQL role kiln_tls failed" >&2; return 1; }
     KILN_TEST_PG_STOP=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast stop)
     KILN_TEST_PG_DIR=$dir
     export KILN_TEST_DATABASE_URL="host=127.0.0.1 port=$port user=kiln dbname=postgres"
+    export KILN_TEST_DATABASE_CA="$dir/ca.pem"
     echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port ($dir)" >&2
 }
 

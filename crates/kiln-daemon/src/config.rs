@@ -45,7 +45,12 @@ pub enum Database {
     /// `KILN_HOME/kiln.db` (one node, the default).
     Sqlite,
     /// PostgreSQL; `from` says where the URL came from, for messages.
-    Postgres { url: SecretUrl, from: String },
+    Postgres {
+        url: SecretUrl,
+        from: String,
+        /// `--database-ca-file`: TLS, trusting these CAs.
+        ca: Option<std::path::PathBuf>,
+    },
 }
 
 /// What a node offers, from `--capacity-*` (`None`: the machine's).

@@ -256,8 +256,8 @@ pub struct ConsoleOptions {
 fn open_store(cfg: &Config) -> anyhow::Result<kiln_store::Store> {
     match &cfg.database {
         config::Database::Sqlite => Ok(kiln_store::Store::open(&cfg.home.join("kiln.db"))?),
-        config::Database::Postgres { url, from } => {
-            let store = kiln_store::Store::connect(&url.0)
+        config::Database::Postgres { url, from, ca } => {
+            let store = kiln_store::Store::connect_with_ca(&url.0, ca.as_deref())
                 .with_context(|| format!("the database named by {from}"))?;
             store.claim_node(&cfg.node_name)?;
             info!(

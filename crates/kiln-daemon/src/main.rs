@@ -27,6 +27,11 @@ struct Args {
     /// URL in KILN_DATABASE_URL. Never on the command line: every local user can read it.
     #[arg(long, env = "KILN_DATABASE_URL_FILE")]
     database_url_file: Option<PathBuf>,
+    /// Speak TLS to PostgreSQL and trust the CA certificates (PEM) in this file for its
+    /// certificate, which must name the URL's host. Without it, `sslmode=require` in the URL
+    /// verifies against the system's CAs.
+    #[arg(long, env = "KILN_DATABASE_CA_FILE")]
+    database_ca_file: Option<PathBuf>,
     /// Keep image templates in S3-compatible object storage, so that every node of the
     /// cluster launches them: `s3://BUCKET[/PREFIX]?endpoint=http://HOST:PORT&region=R`.
     /// Needs --database-url-file (the nodes share the database).
@@ -235,7 +240,10 @@ fn host_name() -> anyhow::Result<String> {
 
 /// The database from `--database-url-file` or `KILN_DATABASE_URL`, else SQLite. The
 /// variable is then removed, so no child (QEMU, helpers) inherits the password.
-fn database(file: Option<&std::path::Path>) -> anyhow::Result<kiln_daemon::config::Database> {
+fn database(
+    file: Option<&std::path::Path>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<kiln_daemon::config::Database> {
     use kiln_daemon::config::{Database, SecretUrl};
     let env = std::env::var("KILN_DATABASE_URL").ok();
     std::env::remove_var("KILN_DATABASE_URL");
@@ -245,6 +253,9 @@ fn database(file: Option<&std::path::Path>) -> anyhow::Result<kiln_daemon::confi
             f.display().to_string(),
         ),
         (None, Some(url)) => (url, "KILN_DATABASE_URL".to_string()),
+        (None, None) if ca.is_some() => {
+            anyhow::bail!("--database-ca-file is for PostgreSQL: give --database-url-file too")
+        }
         (None, None) => return Ok(Database::Sqlite),
     };
     if url.is_empty() {
@@ -255,6 +266,7 @@ fn database(file: Option<&std::path::Path>) -> anyhow::Result<kiln_daemon::confi
     Ok(Database::Postgres {
         url: SecretUrl(url),
         from,
+        ca,
     })
 }
 
@@ -324,7 +336,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         (args.ingress_tls_cert, args.ingress_tls_key)
     };
-    let database = database(args.database_url_file.as_deref())?;
+    let database = database(args.database_url_file.as_deref(), args.database_ca_file)?;
     let object_store = object_store(
         args.object_store,
         args.object_store_credentials_file.as_deref(),

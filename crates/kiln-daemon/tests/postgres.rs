@@ -108,6 +108,73 @@ fn kilnd_keeps_its_state_in_postgres_and_a_kill_loses_nothing() {
 }
 
 #[test]
+fn kilnd_speaks_tls_to_postgres_verified_against_its_ca() {
+    let Some(admin) = admin() else { return };
+    let Ok(ca) = std::env::var("KILN_TEST_DATABASE_CA") else {
+        eprintln!("not run: KILN_TEST_DATABASE_CA is not set (scripts/test.sh sets it)");
+        return;
+    };
+    // The test server refuses the role kiln_tls without TLS.
+    let url = fresh_database(&admin).replace("user=kiln ", "user=kiln_tls ");
+    let home = tempfile::tempdir().unwrap();
+    let url_file = home.path().join("database-url");
+    write_secret(&url_file, &url, 0o600);
+    let url_flag = url_file.to_str().unwrap();
+    let err = refused_start(home.path(), &["--database-url-file", url_flag]);
+    assert!(
+        err.contains("Cannot reach PostgreSQL") && err.contains("pg_hba.conf"),
+        "{err}"
+    );
+    // sslmode=require alone: the system's CAs do not know the test CA.
+    write_secret(&url_file, &format!("{url} sslmode=require"), 0o600);
+    let err = refused_start(home.path(), &["--database-url-file", url_flag]);
+    assert!(
+        err.contains("Cannot reach PostgreSQL") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    let err = refused_start(home.path(), &["--database-ca-file", &ca]);
+    assert!(
+        err.contains("--database-ca-file is for PostgreSQL"),
+        "{err}"
+    );
+
+    // With the CA: kilnd runs on it, over TLS.
+    write_secret(&url_file, &url, 0o600);
+    let d = TestDaemon::start_with(&[
+        "--database-url-file",
+        url_flag,
+        "--database-ca-file",
+        &ca,
+        "--allow-private-webhook-targets",
+    ]);
+    let (status, v) = d.get("/v1/nodes");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["nodes"][0]["reachable"], true, "{v}");
+    // A write through kilnd lands in the database.
+    let (status, v) = d.post("/v1/webhooks", json!({"url": "http://127.0.0.1:9/kiln"}));
+    assert_eq!(status, 201, "{v}");
+    let plain_url = url.replace("user=kiln_tls ", "user=kiln ");
+    let mut c = postgres::Client::connect(&plain_url, postgres::NoTls).unwrap();
+    let hooks: i64 = c
+        .query_one(
+            "SELECT count(*) FROM webhooks WHERE url = 'http://127.0.0.1:9/kiln'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(hooks, 1);
+    let over_tls: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = 'kiln_tls' AND s.ssl",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(over_tls >= 1, "kilnd's connections are TLS");
+}
+
+#[test]
 fn an_unreachable_database_stops_kilnd_at_start_with_where_it_looked() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -46,6 +46,8 @@ pub enum StoreError {
     },
     /// A query failed; when the connection is gone, [`StoreError::is_unavailable`] says so
     /// and the next call reconnects.
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
     #[error("PostgreSQL query failed")]
     Postgres(#[from] postgres::Error),
     #[error("Stored JSON is invalid")]
@@ -316,7 +318,14 @@ impl Store {
     /// The cluster's store: a PostgreSQL database (migrated on connect), given as a
     /// libpq-style URL or key=value string.
     pub fn connect(url: &str) -> Result<Store> {
-        Ok(Store(Box::new(PgStore::connect(url)?)))
+        Self::connect_with_ca(url, None)
+    }
+
+    /// [`Store::connect`], over TLS when the URL says `sslmode=require` or `ca` is given:
+    /// the server's certificate is verified against `ca` (PEM), else the system's CAs, for
+    /// the URL's host name (stricter than libpq's `require`, which checks nothing).
+    pub fn connect_with_ca(url: &str, ca: Option<&Path>) -> Result<Store> {
+        Ok(Store(Box::new(PgStore::connect(url, ca)?)))
     }
 
     /// [`StateStore::subscribe`] with a closure.

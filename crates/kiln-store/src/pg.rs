@@ -12,12 +12,15 @@
 //! committed late. A trigger announces each event with `NOTIFY kiln_events`, which
 //! [`StateStore::subscribe`] listens to, so every node's streams wake on every node's events.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_types::{Labels, MicrovmState};
+use postgres::config::SslMode;
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
     now_ms, EventRow, ImageRow, MicrovmRow, NodeRow, Result, StateStore, StoreError, WebhookRow,
@@ -114,6 +117,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct PgStore {
     config: postgres::Config,
+    /// TLS to the server (`None`: plain TCP).
+    tls: Option<MakeRustlsConnect>,
     /// Where it connects, for messages (never the password).
     target: String,
     client: Mutex<Option<Client>>,
@@ -152,6 +157,62 @@ fn lock_events(tx: &mut Transaction<'_>) -> Result<()> {
     Ok(())
 }
 
+/// A TLS connector trusting the PEM certificates in `ca`, else the system's CAs.
+fn tls_connector(ca: Option<&Path>) -> Result<MakeRustlsConnect> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    StoreError::Tls(format!(
+                        "reading the CA certificates in {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(StoreError::Tls(format!(
+                    "{} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    StoreError::Tls(format!("a CA certificate in {}: {e}", path.display()))
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(StoreError::Tls(
+                    "the system has no CA certificates: give --database-ca-file".into(),
+                ));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// A connection to the server `config` names, over `tls` if given.
+fn connect(
+    config: &postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+) -> std::result::Result<Client, postgres::Error> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(NoTls),
+    }
+}
+
 fn describe(config: &postgres::Config) -> String {
     let hosts: Vec<String> = config
         .get_hosts()
@@ -168,15 +229,22 @@ fn describe(config: &postgres::Config) -> String {
 
 impl PgStore {
     /// Connects (libpq URL or `key=value` string) and migrates.
-    pub fn connect(url: &str) -> Result<PgStore> {
+    pub fn connect(url: &str, ca: Option<&Path>) -> Result<PgStore> {
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e: postgres::Error| StoreError::Invalid(format!("database URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        let tls = if ca.is_some() || config.get_ssl_mode() == SslMode::Require {
+            config.ssl_mode(SslMode::Require);
+            Some(tls_connector(ca)?)
+        } else {
+            None
+        };
         let store = PgStore {
             target: describe(&config),
+            tls,
             config,
             client: Mutex::new(None),
             sole: Mutex::new(None),
@@ -187,12 +255,10 @@ impl PgStore {
 
     /// Connects now; call where blocking is allowed (see [`blocking`]).
     fn connect_now(&self) -> Result<Client> {
-        self.config
-            .connect(NoTls)
-            .map_err(|source| StoreError::Connect {
-                target: self.target.clone(),
-                source,
-            })
+        connect(&self.config, self.tls.as_ref()).map_err(|source| StoreError::Connect {
+            target: self.target.clone(),
+            source,
+        })
     }
 
     fn open_client(&self) -> Result<Client> {
@@ -369,8 +435,12 @@ fn insert_in(tx: &mut Transaction<'_>, vm: &MicrovmRow) -> Result<()> {
 }
 
 /// Listens for events until the connection breaks.
-fn listen(config: &postgres::Config, f: &mut (dyn FnMut(i64) + Send)) -> Result<()> {
-    let mut client = config.connect(NoTls)?;
+fn listen(
+    config: &postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+    f: &mut (dyn FnMut(i64) + Send),
+) -> Result<()> {
+    let mut client = connect(config, tls)?;
     client.batch_execute("LISTEN kiln_events")?;
     // Events may have come while no one listened: wake the readers to look.
     let newest: i64 = client
@@ -811,11 +881,12 @@ impl StateStore for PgStore {
 
     fn subscribe(&self, mut f: Box<dyn FnMut(i64) + Send>) {
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let target = self.target.clone();
         let spawned = std::thread::Builder::new()
             .name("kiln-pg-listen".into())
             .spawn(move || loop {
-                if let Err(e) = listen(&config, &mut *f) {
+                if let Err(e) = listen(&config, tls.as_ref(), &mut *f) {
                     tracing::warn!("listening for events at {target} failed (again in 1 s): {e}");
                 }
                 std::thread::sleep(Duration::from_secs(1));

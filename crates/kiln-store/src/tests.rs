@@ -308,6 +308,59 @@ fn postgres_unreachable_is_a_clear_error() {
     ));
 }
 
+/// The full error chain, as kilnd shows it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}
+
+#[test]
+fn postgres_over_tls_verifies_the_server_and_carries_the_store() {
+    let Some(admin) = pg_admin() else { return };
+    let Ok(ca) = std::env::var("KILN_TEST_DATABASE_CA") else {
+        eprintln!("TLS to PostgreSQL not tested: KILN_TEST_DATABASE_CA is not set");
+        return;
+    };
+    let ca = std::path::PathBuf::from(ca);
+    // The test server refuses the role kiln_tls without TLS.
+    let url = fresh_database(&admin).replace("user=kiln ", "user=kiln_tls ");
+    let Err(plain) = Store::connect(&url) else {
+        panic!("kiln_tls connected without TLS: the test proves nothing");
+    };
+    assert!(chain(&plain).contains("pg_hba.conf"), "{}", chain(&plain));
+    // With the CA: TLS, verified, and the store works over it (events' LISTEN too).
+    let store = Store::connect_with_ca(&url, Some(&ca)).unwrap();
+    store.insert_microvm(&vm("a", "img-1")).unwrap();
+    assert_eq!(store.microvm("a").unwrap().unwrap().image_id, "img-1");
+    let store = Store::connect(&format!("{url} sslmode=require"));
+    // sslmode=require alone trusts the system's CAs, which do not know the test CA.
+    let Err(untrusted) = store else {
+        panic!("a certificate from an unknown CA was accepted");
+    };
+    let text = chain(&untrusted);
+    assert!(
+        text.contains("Cannot reach PostgreSQL at 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    // A CA file with no certificate in it says so.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let Err(e) = Store::connect_with_ca(&url, Some(&empty)) else {
+        panic!("an empty CA file was accepted");
+    };
+    assert!(
+        matches!(&e, StoreError::Tls(m) if m.contains("holds no PEM certificate")),
+        "{e}"
+    );
+}
+
 #[test]
 fn postgres_reconnects_after_losing_its_connection() {
     let Some(admin) = pg_admin() else { return };
