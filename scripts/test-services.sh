@@ -30,6 +30,7 @@ start_postgres() {
     fi
     "${as[@]}" "$bin/initdb" -D "$dir/data" -U kiln -A trust --no-sync -E UTF8 >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; return 1; }
+    command -v openssl >/dev/null || sudo_apt env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null
     # TLS too: a CA of the test's own signs the server's certificate (for 127.0.0.1), and
     # the role kiln_tls is refused without TLS, so a test connecting as it proves TLS is on.
     openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kiln test CA" \
