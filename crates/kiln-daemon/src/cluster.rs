@@ -119,11 +119,11 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
     };
     m.write(|s| s.upsert_node(&row))?;
     tokio::task::block_in_place(|| sync_tokens(m))?;
-    if is_shared(m) && m.cfg.api_tls_cert.is_some() {
+    if is_shared(m) && m.cfg.api_tls_cert.is_some() && m.node_tls.is_none() {
         warn!(
-            "the API speaks TLS, but calls between nodes are plain HTTP to --advertise {advertise}: \
-             forwarding to this node fails until node-to-node TLS is built; run the cluster's \
-             nodes on a private network without --api-tls-cert"
+            "the API speaks TLS, but this node calls the others over plain HTTP: give every \
+             node --cluster-ca-file (the CA that signed the nodes' --api-tls-cert), or the \
+             nodes cannot pass calls to this one at --advertise {advertise}"
         );
     }
     info!(node = %row.name, %advertise, "node registered");
@@ -351,9 +351,37 @@ pub async fn to_owner(Extension(m): Extension<Arc<Manager>>, req: Request, next:
     }
 }
 
-/// An HTTP/1.1 connection to `node`'s API, its driver spawned (upgrades allowed); the error
-/// says what failed, for the caller's message.
+/// The TLS connector for calls to other nodes, trusting the PEM CA certificates in `ca`.
+pub fn node_connector(ca: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use anyhow::Context;
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .with_context(|| format!("reading the CA certificates in {}", ca.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no PEM certificate",
+        ca.display()
+    );
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .with_context(|| format!("a CA certificate in {}", ca.display()))?;
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// An HTTP/1.1 connection to `node`'s API (HTTPS with `--cluster-ca-file`), its driver
+/// spawned (upgrades allowed); the error says what failed, for the caller's message.
 pub(crate) async fn connect_node<B>(
+    m: &Manager,
     node: &NodeRow,
 ) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
 where
@@ -367,8 +395,36 @@ where
         .map_err(|_| "connecting timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+    let Some(tls) = &m.node_tls else {
+        return http1(stream).await;
+    };
+    let host = advertised_host(&node.advertise);
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("--advertise host {host:?}: {e}"))?;
+    let handshake = tls.connect(name, stream);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| "the TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+    http1(stream).await
+}
+
+/// The host of an `--advertise` address (`host:port`, `[v6]:port`).
+fn advertised_host(advertise: &str) -> &str {
+    let host = advertise
+        .rsplit_once(':')
+        .map_or(advertise, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+async fn http1<IO, B>(io: IO) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
@@ -389,7 +445,7 @@ async fn forward(m: &Manager, node: &NodeRow, mut req: Request) -> ApiResult<Res
             ),
         )
     };
-    let mut sender = connect_node(node).await.map_err(|e| unreachable(&e))?;
+    let mut sender = connect_node(m, node).await.map_err(|e| unreachable(&e))?;
     let path = req
         .uri()
         .path_and_query()
@@ -423,5 +479,12 @@ mod tests {
         assert_eq!(microvm_in_path("/v1/microvms"), None);
         assert_eq!(microvm_in_path("/v1/microvms/"), None);
         assert_eq!(microvm_in_path("/v1/images/x"), None);
+    }
+
+    #[test]
+    fn the_host_of_an_advertise_address() {
+        assert_eq!(advertised_host("10.0.0.5:7070"), "10.0.0.5");
+        assert_eq!(advertised_host("node-a.internal:7070"), "node-a.internal");
+        assert_eq!(advertised_host("[fd00::5]:7070"), "fd00::5");
     }
 }

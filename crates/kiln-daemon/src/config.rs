@@ -127,6 +127,9 @@ pub struct Config {
     /// PEM certificate chain and key: the API speaks HTTPS when both are set.
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,
+    /// `--cluster-ca-file`: calls to other nodes are HTTPS, their certificates verified
+    /// against these CAs (PEM) for the host of their `--advertise` address.
+    pub cluster_ca: Option<PathBuf>,
     /// QEMUs started ahead of the next launch, per hot image (0: none; see `pool`).
     pub prestart_per_image: usize,
     /// Webhooks may target loopback, link-local and private addresses (tests; a trusted

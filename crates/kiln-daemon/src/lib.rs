@@ -143,6 +143,10 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         event_streams: Arc::new(tokio::sync::Semaphore::new(kiln_api::MAX_EVENT_STREAMS)),
         console: Default::default(),
         key: Arc::new(key.clone()),
+        node_tls: match &cfg.cluster_ca {
+            Some(ca) => Some(cluster::node_connector(ca).context("--cluster-ca-file")?),
+            None => None,
+        },
         blobs,
         imports: Default::default(),
     });

@@ -74,6 +74,11 @@ struct Args {
     /// PEM private key for HTTPS on the REST API.
     #[arg(long, requires = "api_tls_cert")]
     api_tls_key: Option<PathBuf>,
+    /// In a cluster whose nodes serve their API over TLS: call the other nodes over HTTPS,
+    /// trusting the CA certificates (PEM) in this file for the host of each node's
+    /// --advertise address. Needs --api-tls-cert (the others call this node the same way).
+    #[arg(long, env = "KILN_CLUSTER_CA_FILE", requires = "api_tls_cert")]
+    cluster_ca_file: Option<PathBuf>,
     /// Serve a non-loopback API over plain HTTP: the API key then crosses the network in
     /// clear text. Only on a network you trust.
     #[arg(long, conflicts_with = "api_tls_cert")]
@@ -389,6 +394,7 @@ fn main() -> anyhow::Result<()> {
         allow_private_webhook_targets: args.allow_private_webhook_targets,
         api_tls_cert: args.api_tls_cert,
         api_tls_key: args.api_tls_key,
+        cluster_ca: args.cluster_ca_file,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

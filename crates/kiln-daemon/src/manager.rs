@@ -94,6 +94,8 @@ pub struct Manager {
     pub console: Arc<kiln_console::Sessions>,
     /// The API key, which every node of a cluster accepts: node-to-node calls carry it.
     pub key: Arc<String>,
+    /// TLS for calls to other nodes (`--cluster-ca-file`; `None`: plain HTTP).
+    pub node_tls: Option<tokio_rustls::TlsConnector>,
     /// Object storage, when images travel between nodes (`--object-store`).
     pub blobs: Option<Arc<kiln_objects::Blobs>>,
     /// Held while an image from another node is assembled here (one at a time).

@@ -96,7 +96,7 @@ pub async fn open(
             node.name, node.advertise
         ))
     };
-    let mut sender = crate::cluster::connect_node(node)
+    let mut sender = crate::cluster::connect_node(m, node)
         .await
         .map_err(|e| unavailable(&e))?;
     let req = hyper::Request::get(format!("/internal/v1/tunnel/{id}/{port}"))

@@ -828,3 +828,81 @@ fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() 
         assert_eq!(status, 200, "{v}");
     }
 }
+
+#[test]
+fn nodes_call_each_other_over_tls_verified_against_the_cluster_ca() {
+    let Some(admin) = admin() else { return };
+    let secrets = tempfile::tempdir().unwrap();
+    let file = url_file(secrets.path(), &fresh_database(&admin));
+    // Each node's API certificate (for 127.0.0.1, its --advertise host) from a CA of its
+    // own; the cluster CA file holds both.
+    let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+    let mut cas = String::new();
+    let mut certs = Vec::new();
+    for name in ["a", "b"] {
+        let dir = secrets.path().join(format!("tls-{name}"));
+        let (cert, key) = kiln_daemon::tls::ensure(&dir, "kiln.localhost", &loopback).unwrap();
+        let ca = dir.join("tls").join("ca.pem");
+        cas.push_str(&std::fs::read_to_string(&ca).unwrap());
+        certs.push((cert, key, ca));
+    }
+    let cluster_ca = secrets.path().join("cluster-ca.pem");
+    std::fs::write(&cluster_ca, &cas).unwrap();
+    let flags = |i: usize, name: &str, ca: &std::path::Path| -> Vec<String> {
+        let mut f = node_flags(name, &file);
+        let (cert, key, _) = &certs[i];
+        for (flag, path) in [
+            ("--api-tls-cert", cert.as_path()),
+            ("--api-tls-key", key.as_path()),
+            ("--cluster-ca-file", ca),
+        ] {
+            f.push(flag.to_string());
+            f.push(path.to_str().unwrap().to_string());
+        }
+        f
+    };
+    let flags_a = flags(0, "a", &cluster_ca);
+    let flags_b = flags(1, "b", &cluster_ca);
+    let flags_a: Vec<&str> = flags_a.iter().map(String::as_str).collect();
+    let flags_b: Vec<&str> = flags_b.iter().map(String::as_str).collect();
+    let mut a = TestDaemon::start_with(&flags_a);
+    a.trust(&cas);
+    let mut b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
+    b.trust(&cas);
+    assert!(b.base.starts_with("https://"), "{}", b.base);
+    build_app(&a, "tls");
+
+    // The image is on A only (no object storage): RunMicrovm through B is passed to A,
+    // and so are B's calls about it, over TLS; B's ingress reaches it through the tunnel.
+    let id = launch(&b, "tls");
+    assert_eq!(b.get(&format!("/v1/microvms/{id}")).1["node"], "a");
+    assert!(sh(&b, &id, "cat /srv/app.sh").contains("httpd -p 8080"));
+    let token = token_via(&b, &id);
+    assert_eq!(
+        app_via_ingress(&b, &id, &token),
+        (200, "app on a\n".to_string())
+    );
+    assert!(!b.log().contains("calls the others over plain HTTP"));
+
+    // B trusting only its own CA refuses A's certificate, and the call says so.
+    b.sigterm();
+    let alone = flags(1, "b", &certs[1].2);
+    let alone: Vec<&str> = alone.iter().map(String::as_str).collect();
+    b.spawn(&alone);
+    let (status, v) = b.get(&format!("/v1/microvms/{id}"));
+    assert_eq!(status, 503, "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not answer") && message.contains("invalid peer certificate"),
+        "{message}"
+    );
+    // Without the certificate the flag makes no sense: refused at start.
+    let home = tempfile::tempdir().unwrap();
+    let err = refused_start(
+        home.path(),
+        &["--cluster-ca-file", cluster_ca.to_str().unwrap()],
+    );
+    assert!(err.contains("--api-tls-cert"), "{err}");
+    let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+    assert_eq!(status, 200, "{v}");
+}

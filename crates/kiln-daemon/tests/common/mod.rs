@@ -24,6 +24,8 @@ pub struct TestDaemon {
     pub ingress: String,
     /// The kilnd binary to start (another build of it, for upgrade tests).
     pub program: Option<PathBuf>,
+    /// The API client (one trusting a test CA, for an API over TLS: [`TestDaemon::trust`]).
+    pub agent: ureq::Agent,
 }
 
 impl TestDaemon {
@@ -50,6 +52,7 @@ impl TestDaemon {
             key: String::new(),
             ingress: String::new(),
             program: None,
+            agent: ureq::agent(),
         };
         for (name, text) in files {
             let path = d.home.join(name);
@@ -114,12 +117,14 @@ impl TestDaemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.base = format!(
-            "http://{}",
-            std::fs::read_to_string(self.home.join("kilnd.addr"))
-                .unwrap()
-                .trim()
-        );
+        // `https://host:port` when the API speaks TLS, else `host:port`.
+        let addr = std::fs::read_to_string(self.home.join("kilnd.addr")).unwrap();
+        let addr = addr.trim();
+        self.base = if addr.starts_with("https://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         self.key = std::fs::read_to_string(self.home.join("api-key"))
             .unwrap()
             .trim()
@@ -161,7 +166,7 @@ impl TestDaemon {
     /// A POST that may meet a kilnd dying under it: the status, or None.
     pub fn try_post(&self, path: &str, body: Value) -> Option<u16> {
         match self
-            .auth(ureq::post(&format!("{}{path}", self.base)))
+            .auth(self.agent.post(&format!("{}{path}", self.base)))
             .timeout(Duration::from_secs(300))
             .send_json(body)
         {
@@ -207,19 +212,22 @@ impl TestDaemon {
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
-        Self::respond(self.auth(ureq::get(&format!("{}{path}", self.base))).call())
+        Self::respond(
+            self.auth(self.agent.get(&format!("{}{path}", self.base)))
+                .call(),
+        )
     }
 
     pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
         Self::respond(
-            self.auth(ureq::post(&format!("{}{path}", self.base)))
+            self.auth(self.agent.post(&format!("{}{path}", self.base)))
                 .send_json(body),
         )
     }
 
     pub fn patch(&self, path: &str, body: Value) -> (u16, Value) {
         Self::respond(
-            self.auth(ureq::request("PATCH", &format!("{}{path}", self.base)))
+            self.auth(self.agent.request("PATCH", &format!("{}{path}", self.base)))
                 .send_json(body),
         )
     }
@@ -231,7 +239,10 @@ impl TestDaemon {
         body: &[u8],
         auth: bool,
     ) -> (u16, Value) {
-        let mut req = ureq::post(&format!("{}{path}", self.base)).set("Content-Type", content_type);
+        let mut req = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .set("Content-Type", content_type);
         if auth {
             req = self.auth(req);
         }
@@ -240,7 +251,7 @@ impl TestDaemon {
 
     pub fn delete(&self, path: &str) -> (u16, Value) {
         Self::respond(
-            self.auth(ureq::delete(&format!("{}{path}", self.base)))
+            self.auth(self.agent.delete(&format!("{}{path}", self.base)))
                 .call(),
         )
     }
@@ -352,7 +363,7 @@ impl TestDaemon {
 impl TestDaemon {
     /// A GET without the key (health, metrics).
     pub fn respond_public(&self, path: &str) -> (u16, Value) {
-        Self::respond(ureq::get(&format!("{}{path}", self.base)).call())
+        Self::respond(self.agent.get(&format!("{}{path}", self.base)).call())
     }
 
     /// A client view of this daemon with another key (owns no process).
@@ -365,11 +376,31 @@ impl TestDaemon {
             ingress: self.ingress.clone(),
             key,
             program: None,
+            agent: self.agent.clone(),
         }
     }
 
     pub fn forget(&mut self) {
         self.child = None;
+    }
+
+    /// Calls the API trusting the CA certificates in `ca_pem` (an API over TLS).
+    pub fn trust(&mut self, ca_pem: &str) {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        self.agent = ureq::AgentBuilder::new()
+            .tls_config(Arc::new(config))
+            .build();
     }
 }
 

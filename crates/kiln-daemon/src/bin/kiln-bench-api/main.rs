@@ -411,6 +411,7 @@ async fn run() -> anyhow::Result<()> {
         allow_private_webhook_targets: false,
         api_tls_cert: None,
         api_tls_key: None,
+        cluster_ca: None,
     };
     // The in-process kilnd: were it to stop, the measurements below would only see a
     // closed connection, so its end is reported with theirs.
