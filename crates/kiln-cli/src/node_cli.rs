@@ -15,6 +15,10 @@ pub enum NodeCommand {
     Drain { name: String },
     /// Let a drained node take microVMs again.
     Undrain { name: String },
+    /// Forget a node that is gone for good (its lease ran out) and holds no microVM. A
+    /// node drained and then stopped cleanly leaves by itself.
+    #[command(visible_alias = "rm")]
+    Remove { name: String },
 }
 
 pub fn run(conn: Conn, cmd: NodeCommand) -> i32 {
@@ -47,6 +51,12 @@ fn execute(conn: &Conn, cmd: NodeCommand) -> Result<i32, ClientError> {
                 );
             } else {
                 println!("node {} takes microVMs again", node.name);
+            }
+        }
+        NodeCommand::Remove { name } => {
+            c.remove_node(&name)?;
+            if !conn.json() {
+                println!("node {name} removed");
             }
         }
         NodeCommand::List => {

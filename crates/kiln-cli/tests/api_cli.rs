@@ -72,6 +72,9 @@ fn the_cli_drives_microvms_through_the_api() {
     let (code, _, err) = kiln(&d, &["node", "drain", this]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("draining is for a cluster"), "{err}");
+    let (code, _, err) = kiln(&d, &["node", "remove", this]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("no node to remove"), "{err}");
     let (_, out, _) = kiln(&d, &["node", "ls", "--output", "json"]);
     let again: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(again["nodes"][0]["draining"], false, "{again}");

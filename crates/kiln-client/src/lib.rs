@@ -393,6 +393,11 @@ impl Client {
         )
     }
 
+    /// RemoveNode: forgets a node that is gone for good and holds no microVM.
+    pub fn remove_node(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty("DELETE", &format!("/v1/nodes/{}", seg(name)))
+    }
+
     pub fn list_webhooks(&self) -> Result<WebhookList, ClientError> {
         self.call("GET", "/v1/webhooks", None::<&()>)
     }

@@ -149,6 +149,9 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
         let mut tick = tokio::time::interval(m.cfg.node_lease / 3);
         loop {
             tick.tick().await;
+            if m.left_cluster.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let beat = m.write(|s| -> kiln_store::Result<()> {
                 if !s.heartbeat(&row.name, now_ms())? {
                     s.upsert_node(&NodeRow {

@@ -42,6 +42,41 @@ pub fn is_draining(m: &Manager, node: &str) -> bool {
             .is_some()
 }
 
+/// Removes `node` from the cluster's store: its row, its draining mark and the records of
+/// the images it cached (its TERMINATED microVMs stay, as records).
+pub fn forget_node(m: &Manager, node: &str) -> ApiResult<()> {
+    m.write(|s| s.remove_node(node))?;
+    m.write(|s| s.delete_shared_value(&format!("{PREFIX}{node}")))?;
+    crate::placement::forget_node(m, node)?;
+    Ok(())
+}
+
+/// At a clean stop: a drained node that holds no microVM (all handed off or TERMINATED)
+/// leaves the cluster, and its heartbeat stops for good.
+pub fn leave_if_drained(m: &Manager) {
+    let me = m.cfg.node_name.as_str();
+    if !crate::cluster::is_shared(m) || !is_draining(m, me) {
+        return;
+    }
+    match crate::cluster::own_live_count(m) {
+        Ok(0) => {}
+        Ok(n) => {
+            info!(node = me, "stopping while draining, but {n} microVMs are still this node's: it stays registered");
+            return;
+        }
+        Err(e) => {
+            warn!(node = me, "could not count this node's microVMs: {e}");
+            return;
+        }
+    }
+    m.left_cluster
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    match forget_node(m, me) {
+        Ok(()) => info!(node = me, "drained and stopped: this node left the cluster"),
+        Err(e) => warn!(node = me, "leaving the cluster failed: {}", e.message),
+    }
+}
+
 pub fn set(m: &Manager, node: &str, on: bool) -> ApiResult<()> {
     let key = format!("{PREFIX}{node}");
     if on {

@@ -143,6 +143,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         event_streams: Arc::new(tokio::sync::Semaphore::new(kiln_api::MAX_EVENT_STREAMS)),
         console: Default::default(),
         key: Arc::new(key.clone()),
+        left_cluster: Default::default(),
         node_tls: match &cfg.cluster_ca {
             Some(ca) => Some(cluster::node_connector(ca).context("--cluster-ca-file")?),
             None => None,
@@ -356,6 +357,7 @@ async fn shutdown(manager: &Arc<Manager>) {
     manager.pool.drain(manager).await;
     if manager.cfg.on_shutdown == ShutdownPolicy::Keep {
         leave_running(manager).await;
+        drain::leave_if_drained(manager);
         return;
     }
     let running =
@@ -371,6 +373,7 @@ async fn shutdown(manager: &Arc<Manager>) {
             warn!(id = row.id, "shutdown action failed: {}", e.message);
         }
     }
+    drain::leave_if_drained(manager);
 }
 
 /// Lets go of every running microVM without stopping it: their runtime records are in the

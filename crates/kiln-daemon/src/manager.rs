@@ -94,6 +94,8 @@ pub struct Manager {
     pub console: Arc<kiln_console::Sessions>,
     /// The API key, which every node of a cluster accepts: node-to-node calls carry it.
     pub key: Arc<String>,
+    /// This node left the cluster at a clean stop (drained): no more heartbeats.
+    pub left_cluster: std::sync::atomic::AtomicBool,
     /// TLS for calls to other nodes (`--cluster-ca-file`; `None`: plain HTTP).
     pub node_tls: Option<tokio_rustls::TlsConnector>,
     /// Object storage, when images travel between nodes (`--object-store`).

@@ -61,6 +61,16 @@ pub fn forget_cached(m: &Manager, image: &str) {
     }
 }
 
+/// Forgets which images `node` cached (it left the cluster).
+pub fn forget_node(m: &Manager, node: &str) -> ApiResult<()> {
+    let suffix = format!("/{node}");
+    let names = m.store().shared_value_names(CACHED)?;
+    for name in names.into_iter().filter(|n| n.ends_with(&suffix)) {
+        m.write(|s| s.delete_shared_value(&name))?;
+    }
+    Ok(())
+}
+
 /// The memory (MiB) held on each node by its microVMs that are not TERMINATED.
 pub(crate) fn used_by_node(m: &Manager) -> ApiResult<HashMap<String, i64>> {
     let mut used = HashMap::new();

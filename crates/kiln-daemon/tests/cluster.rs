@@ -556,7 +556,7 @@ fn a_drained_node_hands_its_microvms_to_another_and_places_new_ones_there() {
     };
     let flags_a: Vec<&str> = flags[0].iter().map(String::as_str).collect();
     let flags_b: Vec<&str> = flags[1].iter().map(String::as_str).collect();
-    let a = TestDaemon::start_with(&flags_a);
+    let mut a = TestDaemon::start_with(&flags_a);
     let b = TestDaemon::start_seeded(&flags_b, &[("api-key", &a.key)]);
     build_app(&a, "drained");
     let id = launch(&a, "drained");
@@ -616,7 +616,37 @@ fn a_drained_node_hands_its_microvms_to_another_and_places_new_ones_there() {
     for id in [&id, &placed, &again] {
         let (status, v) = b.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
         assert_eq!(status, 200, "{v}");
+        b.wait_state(id, "TERMINATED", Duration::from_secs(60));
     }
+
+    // A running node is not removed; drained and stopped, it leaves by itself, with
+    // nothing of it left in the cluster's store.
+    let (status, v) = b.delete("/v1/nodes/a");
+    assert_eq!(status, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("is running"), "{v}");
+    let (status, v) = b.post("/v1/nodes/a/drain", json!({}));
+    assert_eq!(status, 200, "{v}");
+    a.sigterm();
+    assert!(
+        a.log().contains("this node left the cluster"),
+        "{}",
+        a.log()
+    );
+    let list = nodes(&b);
+    let names: Vec<&Value> = list["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["name"])
+        .collect();
+    assert_eq!(names, [&json!("b")], "{list}");
+    let (status, v) = b.delete("/v1/nodes/a");
+    assert_eq!(status, 404, "{v}");
+    // Its TERMINATED microVMs stay, as records.
+    assert_eq!(
+        b.get(&format!("/v1/microvms/{again}")).1["state"],
+        "TERMINATED"
+    );
 }
 
 #[test]
@@ -734,7 +764,7 @@ fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() 
         .collect();
     let mut a = TestDaemon::start_with(&flags[0]);
     let b = TestDaemon::start_seeded(&flags[1], &[("api-key", &a.key)]);
-    let c = TestDaemon::start_seeded(&flags[2], &[("api-key", &a.key)]);
+    let mut c = TestDaemon::start_seeded(&flags[2], &[("api-key", &a.key)]);
     build_app(&a, "spread");
 
     // Three launches through C: each lands on the node with the most memory free, so one
@@ -826,7 +856,22 @@ fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() 
     for id in ids.iter().chain([&fourth]) {
         let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
         assert_eq!(status, 200, "{v}");
+        a.wait_state(id, "TERMINATED", Duration::from_secs(60));
     }
+    // C gone for good (killed, its lease run out, nothing of it left running): removed.
+    c.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node(&nodes(&a), "c")["reachable"] == true {
+        assert!(Instant::now() < deadline, "C's lease never ran out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, v) = a.delete("/v1/nodes/c");
+    assert_eq!(status, 204, "{v}");
+    assert!(nodes(&a)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["name"] != "c"));
 }
 
 #[test]

@@ -20,6 +20,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/nodes"),
     ("post", "/v1/nodes/{name}/drain"),
     ("post", "/v1/nodes/{name}/undrain"),
+    ("delete", "/v1/nodes/{name}"),
     ("post", "/v1/artifacts"),
     ("post", "/v1/images"),
     ("get", "/v1/images"),

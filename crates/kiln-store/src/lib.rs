@@ -229,6 +229,10 @@ pub trait StateStore: Send {
     fn shared_value(&self, name: &str) -> Result<Option<String>>;
     fn set_shared_value(&self, name: &str, value: &str) -> Result<()>;
     fn delete_shared_value(&self, name: &str) -> Result<()>;
+    /// The names of the shared values that start with `prefix`, sorted.
+    fn shared_value_names(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Removes a node's row (its microVM rows stay): whether there was one.
+    fn remove_node(&self, name: &str) -> Result<bool>;
 
     /// Inserts or updates an image build; a status change is recorded as an event.
     fn upsert_image(&self, img: &ImageRow) -> Result<()>;

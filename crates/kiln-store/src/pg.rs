@@ -526,6 +526,22 @@ impl StateStore for PgStore {
         Ok(())
     }
 
+    fn shared_value_names(&self, prefix: &str) -> Result<Vec<String>> {
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT name FROM shared_values WHERE left(name, length($1)) = $1 ORDER BY name",
+                &[&prefix],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+
+    fn remove_node(&self, name: &str) -> Result<bool> {
+        Ok(self.exec("DELETE FROM nodes WHERE name = $1", &[&name])? == 1)
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.run(|c| {
             c.query(

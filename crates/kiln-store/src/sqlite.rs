@@ -250,6 +250,23 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn shared_value_names(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name FROM shared_values WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+        )?;
+        let names = stmt
+            .query_map([prefix], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(names)
+    }
+
+    fn remove_node(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM nodes WHERE name = ?1", [name])?
+            == 1)
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT name, advertise, capacity, started_at, heartbeat_at FROM nodes ORDER BY name",

@@ -523,6 +523,28 @@ fn nodes_register_heartbeat_and_own_their_microvms() {
         assert_eq!(store.shared_value("keys").unwrap().as_deref(), Some("two"));
         store.delete_shared_value("keys").unwrap();
         assert_eq!(store.shared_value("keys").unwrap(), None);
+        // By prefix, sorted; `%` and `_` are plain characters in a prefix.
+        for name in [
+            "cached/img-1/b",
+            "cached/img-1/a",
+            "cached/img-2/a",
+            "cachedx",
+            "c%",
+        ] {
+            store.set_shared_value(name, "1").unwrap();
+        }
+        assert_eq!(
+            store.shared_value_names("cached/").unwrap(),
+            ["cached/img-1/a", "cached/img-1/b", "cached/img-2/a"]
+        );
+        assert_eq!(store.shared_value_names("c%").unwrap(), ["c%"]);
+        assert!(store.shared_value_names("none/").unwrap().is_empty());
+        // A node that left: its row goes, its microVMs' rows stay.
+        let before = store.microvms(None, None).unwrap().len();
+        assert!(store.remove_node("n1").unwrap());
+        assert!(!store.remove_node("n1").unwrap());
+        assert!(store.nodes().unwrap().iter().all(|n| n.name != "n1"));
+        assert_eq!(store.microvms(None, None).unwrap().len(), before);
     });
 }
 

@@ -278,6 +278,10 @@ class Client(FilesMixin, ProcessesMixin):
         """UndrainNode: the node takes microVMs again."""
         return self._call("POST", f"/v1/nodes/{urllib.parse.quote(name)}/undrain")
 
+    def remove_node(self, name: str) -> None:
+        """RemoveNode: forgets a node that is gone for good and holds no microVM."""
+        self._call("DELETE", f"/v1/nodes/{urllib.parse.quote(name)}")
+
     def list_webhooks(self) -> dict:
         return self._call("GET", "/v1/webhooks")
 

@@ -40,6 +40,9 @@ def test_deliveries_verify_with_the_sdk():
         with pytest.raises(kiln.KilnError) as err:
             client.drain_node(nodes["thisNode"])
         assert err.value.status == 409 and "draining is for a cluster" in err.value.message
+        with pytest.raises(kiln.KilnError) as err:
+            client.remove_node(nodes["thisNode"])
+        assert err.value.status == 409 and "no node to remove" in err.value.message
         client.create_microvm_image(name="wh", codeArtifact={"bytes": context_tar(HTTPD_START_SH)})
         client.wait_microvm_image("wh")
         vm = client.run_microvm(imageIdentifier="wh")["microvmId"]

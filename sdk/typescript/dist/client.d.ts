@@ -106,6 +106,8 @@ export declare class Client {
     drainNode(name: string): Promise<S["Node"]>;
     /** UndrainNode: the node takes microVMs again. */
     undrainNode(name: string): Promise<S["Node"]>;
+    /** RemoveNode: forgets a node that is gone for good and holds no microVM. */
+    removeNode(name: string): Promise<void>;
     listWebhooks(): Promise<S["WebhookList"]>;
     deleteWebhook(webhookId: string): Promise<void>;
     /** The newest deliveries, newest first. */

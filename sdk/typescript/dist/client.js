@@ -177,6 +177,10 @@ export class Client {
     async undrainNode(name) {
         return this.http.call("POST", `/v1/nodes/${encodeURIComponent(name)}/undrain`);
     }
+    /** RemoveNode: forgets a node that is gone for good and holds no microVM. */
+    async removeNode(name) {
+        await this.http.call("DELETE", `/v1/nodes/${encodeURIComponent(name)}`);
+    }
     async listWebhooks() {
         return this.http.call("GET", "/v1/webhooks");
     }

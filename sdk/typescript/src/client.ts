@@ -243,6 +243,11 @@ export class Client {
     return this.http.call("POST", `/v1/nodes/${encodeURIComponent(name)}/undrain`);
   }
 
+  /** RemoveNode: forgets a node that is gone for good and holds no microVM. */
+  async removeNode(name: string): Promise<void> {
+    await this.http.call("DELETE", `/v1/nodes/${encodeURIComponent(name)}`);
+  }
+
   async listWebhooks(): Promise<S["WebhookList"]> {
     return this.http.call("GET", "/v1/webhooks");
   }

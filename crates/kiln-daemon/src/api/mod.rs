@@ -142,6 +142,7 @@ fn routes(auth: crate::auth::Auth) -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(nodes::list_nodes))
         .routes(routes!(nodes::drain_node))
         .routes(routes!(nodes::undrain_node))
+        .routes(routes!(nodes::remove_node))
         // Inside the key check: a call about another node's microVM goes there once
         // authenticated here.
         .route_layer(axum::middleware::from_fn(crate::cluster::to_owner))

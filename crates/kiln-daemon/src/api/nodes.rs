@@ -1,8 +1,9 @@
-//! The nodes of a cluster: ListNodes, DrainNode, UndrainNode.
+//! The nodes of a cluster: ListNodes, DrainNode, UndrainNode, RemoveNode.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::Json;
 use kiln_api::{ErrorBody, Node, NodeList};
 use kiln_store::now_ms;
@@ -120,4 +121,51 @@ pub async fn undrain_node(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Node>> {
     set_draining(&m, &name, false).await
+}
+
+#[utoipa::path(
+    delete, path = "/v1/nodes/{name}", operation_id = "RemoveNode", tag = "system",
+    security(("bearer" = [])),
+    description = "RemoveNode: forgets a node that is gone for good (its lease ran out) and \
+        holds no microVM that is not TERMINATED. A node that is drained and then stopped \
+        cleanly leaves by itself.",
+    params(("name" = String, Path, description = "The node's --node-name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "No or a wrong API key", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 409, description = "Not a cluster, the node is running, or it still holds microVMs", body = ErrorBody),
+        (status = 500, description = "kilnd failed", body = ErrorBody),
+    )
+)]
+pub async fn remove_node(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    if !is_shared(&m) {
+        return Err(ApiError::conflict(
+            "a single kilnd is its own only node: there is no node to remove",
+        ));
+    }
+    let Some(node) = nodes(&m)?.into_iter().find(|n| n.name == name) else {
+        return Err(ApiError::not_found("node", &name));
+    };
+    if node.reachable {
+        return Err(ApiError::conflict(format!(
+            "node {name:?} is running (its last heartbeat was {:.1} s ago): drain it (kiln node \
+             drain {name}) and stop its kilnd; it then leaves by itself",
+            (now_ms() - node.heartbeat_at_ms).max(0) as f64 / 1000.0
+        )));
+    }
+    if node.microvms > 0 {
+        return Err(ApiError::conflict(format!(
+            "node {name:?} still holds {} microVMs that are not TERMINATED: its SUSPENDED ones \
+             move to another node on their next request, its RUNNING ones are UNREACHABLE \
+             until it is back; remove it once they are gone",
+            node.microvms
+        )));
+    }
+    crate::drain::forget_node(&m, &name)?;
+    tracing::info!(node = name, "node removed from the cluster");
+    Ok(StatusCode::NO_CONTENT)
 }
