@@ -951,3 +951,75 @@ fn nodes_call_each_other_over_tls_verified_against_the_cluster_ca() {
     let (status, v) = a.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
     assert_eq!(status, 200, "{v}");
 }
+
+#[test]
+fn a_burst_through_three_nodes_fills_each_within_capacity_and_places_each_once() {
+    let Some((mut flags, _secrets)) = object_store_nodes(&["a", "b", "c"]) else {
+        return;
+    };
+    // Room for two 512 MiB microVMs on each node: six in all.
+    for f in &mut flags {
+        set_capacity(f, 1024);
+    }
+    let flags: Vec<Vec<&str>> = flags
+        .iter()
+        .map(|f| f.iter().map(String::as_str).collect())
+        .collect();
+    let a = TestDaemon::start_with(&flags[0]);
+    let b = TestDaemon::start_seeded(&flags[1], &[("api-key", &a.key)]);
+    let c = TestDaemon::start_seeded(&flags[2], &[("api-key", &a.key)]);
+    a.build_image("burst3", &[("Dockerfile", "FROM busybox\n")], json!({}));
+
+    // Seven at once through the three nodes: each is placed on a node with room (the next
+    // one when its first choice filled meanwhile), so six run, two on each node, and one is
+    // refused naming the capacity.
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..7)
+            .map(|i| {
+                let d = [&a, &b, &c][i % 3];
+                s.spawn(move || d.post("/v1/microvms", json!({"imageIdentifier": "burst3"})))
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let placed: Vec<String> = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, r)| r["microvmId"].as_str().unwrap().to_string())
+        .collect();
+    let refused: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 429)
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!((placed.len(), refused.len()), (6, 1), "{answers:?}");
+    assert!(
+        refused[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--capacity-memory-mib"),
+        "{answers:?}"
+    );
+    let unique: std::collections::HashSet<&String> = placed.iter().collect();
+    assert_eq!(unique.len(), 6, "each placed once: {placed:?}");
+    let mut on: std::collections::HashMap<String, usize> = Default::default();
+    for id in &placed {
+        *on.entry(node_of(&b, id)).or_default() += 1;
+    }
+    assert_eq!(
+        on,
+        [("a", 2), ("b", 2), ("c", 2)]
+            .map(|(n, k)| (n.to_string(), k))
+            .into(),
+        "within each node's capacity"
+    );
+    let list = nodes(&c);
+    for (name, d) in [("a", &a), ("b", &b), ("c", &c)] {
+        assert_eq!(node(&list, name)["microvms"], 2, "{list}");
+        assert_eq!(d.qemu_processes().len(), 2, "node {name}");
+    }
+    for id in &placed {
+        let (status, v) = c.post(&format!("/v1/microvms/{id}/terminate"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
+}
