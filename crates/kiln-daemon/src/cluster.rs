@@ -165,7 +165,14 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
                 warn!("node heartbeat failed (its lease runs out unless the next one lands): {e}");
             }
             let shared = m.clone();
-            match tokio::task::spawn_blocking(move || sync_tokens(&shared)).await {
+            match tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::live::publish(&shared) {
+                    warn!("sharing this node's live figures failed: {e}");
+                }
+                sync_tokens(&shared)
+            })
+            .await
+            {
                 Ok(Err(e)) => warn!("syncing the ingress token keys failed: {e:#}"),
                 Err(e) => warn!("syncing the ingress token keys: {e}"),
                 Ok(Ok(())) => {}

@@ -48,6 +48,7 @@ pub fn forget_node(m: &Manager, node: &str) -> ApiResult<()> {
     m.write(|s| s.remove_node(node))?;
     m.write(|s| s.delete_shared_value(&format!("{PREFIX}{node}")))?;
     crate::placement::forget_node(m, node)?;
+    m.write(|s| crate::live::forget_in(s, node))?;
     Ok(())
 }
 

@@ -17,6 +17,7 @@ pub mod fork;
 pub mod idle;
 pub mod images;
 pub mod ingress;
+pub mod live;
 pub mod manager;
 pub mod metrics;
 pub mod placement;

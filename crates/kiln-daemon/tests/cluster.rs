@@ -782,6 +782,28 @@ fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() 
     for name in ["a", "b", "c"] {
         assert_eq!(node(&list, name)["microvms"], 1, "{list}");
     }
+    // A list through C shows the live figures of A's microVM (shared at A's heartbeat),
+    // as A's own GET does.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, list) = c.get("/v1/microvms");
+        assert_eq!(status, 200, "{list}");
+        let on_a = list["microvms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["microvmId"] == ids[0].as_str())
+            .cloned()
+            .unwrap();
+        if on_a["metrics"]["hostMemoryBytes"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no live figures through C: {on_a}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // C fetched the image once and records that it holds it.
     assert!(c.home.join("imported").is_dir());
     assert_eq!(a.qemu_processes().len(), 1);

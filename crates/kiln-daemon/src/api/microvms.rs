@@ -22,9 +22,22 @@ use crate::manager::Manager;
 
 /// A microVM row as the API shows it, with live network counters while it runs.
 pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
+    microvm_view_in(m, row, None)
+}
+
+/// [`microvm_view`], with what its owner, another node, last shared of it (`crate::live`).
+pub fn microvm_view_in(
+    m: &Manager,
+    row: &MicrovmRow,
+    shared: Option<&crate::live::LiveVm>,
+) -> Microvm {
     let config = Manager::config_of(row).ok();
     let mut usage: kiln_api::Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();
-    if let Some(live) = m.egress.counters(&row.id) {
+    if let Some(live) = m
+        .egress
+        .counters(&row.id)
+        .or_else(|| shared.and_then(|s| s.network.clone()))
+    {
         usage.network = live;
     }
     Microvm {
@@ -46,7 +59,11 @@ pub fn microvm_view(m: &Manager, row: &MicrovmRow) -> Microvm {
         resume_blocked_reason: m.not_resumable(&row.id),
         labels: row.labels.clone(),
         metrics: (row.state == kiln_api::MicrovmState::Running)
-            .then(|| m.metrics.latest(&row.id))
+            .then(|| {
+                m.metrics
+                    .latest(&row.id)
+                    .or_else(|| shared.and_then(|s| s.metrics.clone()))
+            })
             .flatten(),
         node: row.node.clone(),
         unreachable: crate::cluster::unreachable(m, row),
@@ -153,7 +170,13 @@ pub async fn list_microvms(
         q.cursor.as_deref(),
     )?;
     Ok(Json(MicrovmList {
-        microvms: rows.iter().map(|r| microvm_view(&m, r)).collect(),
+        microvms: {
+            // Another node's RUNNING microVMs: their live figures as it last shared them.
+            let shared = crate::live::of_others(&m, &rows);
+            rows.iter()
+                .map(|r| microvm_view_in(&m, r, shared.get(&r.id)))
+                .collect()
+        },
         next_cursor,
     }))
 }
