@@ -36,7 +36,7 @@ pub fn microvm_view_in(
     if let Some(live) = m
         .egress
         .counters(&row.id)
-        .or_else(|| shared.and_then(|s| s.network.clone()))
+        .or_else(|| shared.and_then(|s| s.network))
     {
         usage.network = live;
     }
