@@ -151,6 +151,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         },
         blobs,
         imports: Default::default(),
+        publish_backoff: Default::default(),
     });
     recovery::recover(&manager).await?;
     webhooks::spawn_dispatcher(&manager);

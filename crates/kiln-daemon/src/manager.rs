@@ -100,6 +100,8 @@ pub struct Manager {
     pub node_tls: Option<tokio_rustls::TlsConnector>,
     /// Object storage, when images travel between nodes (`--object-store`).
     pub blobs: Option<Arc<kiln_objects::Blobs>>,
+    /// Retries of image uploads that failed (`share::publish_missing`).
+    pub publish_backoff: Mutex<crate::share::PublishBackoff>,
     /// Held while an image from another node is assembled here (one at a time).
     pub imports: tokio::sync::Mutex<()>,
 }

@@ -351,15 +351,33 @@ pub(crate) fn relative(path: &str) -> Result<&Path, ShareError> {
     }
 }
 
+/// How many rounds of [`publish_missing`] an image waits after its `failures`-th failed
+/// upload in a row: the next round while object storage is unreachable (that is no fault
+/// of the image, and each round stops at the first such failure), else twice as long each
+/// time, up to 32 rounds (an image whose upload fails by itself is not flattened again
+/// every round).
+fn rounds_to_wait(failures: u32, unavailable: bool) -> u32 {
+    if unavailable {
+        1
+    } else {
+        1 << failures.saturating_sub(1).min(5)
+    }
+}
+
 /// Uploads every SUCCESSFUL image built here that has no bundle yet (built before
 /// `--object-store` was given, or while object storage was down): at start, then every
-/// few heartbeats.
+/// few heartbeats (one round), each image backing off after failures.
 pub async fn publish_missing(m: &Manager) {
     if m.blobs.is_none() {
         return;
     }
     let Ok(images) = m.store().all_images() else {
         return;
+    };
+    let round = {
+        let mut backoff = m.publish_backoff.lock().unwrap_or_else(|p| p.into_inner());
+        backoff.round += 1;
+        backoff.round
     };
     for img in images {
         let mine = img.node.is_empty() || img.node == m.cfg.node_name;
@@ -371,10 +389,42 @@ pub async fn publish_missing(m: &Manager) {
         if in_object_storage(m, &img.id).unwrap_or(true) {
             continue;
         }
-        if let Err(e) = publish(m, &img.id, &t).await {
-            warn!(image = %img.id, "uploading the image failed: {e}");
+        let due = {
+            let backoff = m.publish_backoff.lock().unwrap_or_else(|p| p.into_inner());
+            backoff
+                .images
+                .get(&img.id)
+                .is_none_or(|&(_, at)| at <= round)
+        };
+        if !due {
+            continue;
+        }
+        let result = publish(m, &img.id, &t).await;
+        let mut backoff = m.publish_backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let Err(e) = result else {
+            backoff.images.remove(&img.id);
+            continue;
+        };
+        let unavailable = matches!(&e, ShareError::Objects(o) if o.is_unavailable());
+        let failures = backoff.images.get(&img.id).map_or(0, |&(f, _)| f) + 1;
+        let wait = rounds_to_wait(failures, unavailable);
+        backoff
+            .images
+            .insert(img.id.clone(), (failures, round + u64::from(wait)));
+        warn!(image = %img.id, failures, "uploading the image failed (again in {wait} rounds): {e}");
+        if unavailable {
+            // The others would fail the same way: the next round tries again.
+            break;
         }
     }
+}
+
+/// [`publish_missing`]'s rounds, and per image its failures in a row and the round it is
+/// tried again at.
+#[derive(Debug, Default)]
+pub struct PublishBackoff {
+    round: u64,
+    images: std::collections::HashMap<String, (u32, u64)>,
 }
 
 /// Forgets an image's bundle (its blobs stay: another image may share them) and removes
@@ -396,6 +446,17 @@ pub fn forget(m: &Manager, id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failing_uploads_back_off_unless_the_storage_is_down() {
+        assert_eq!(
+            (1..=8)
+                .map(|f| rounds_to_wait(f, false))
+                .collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32, 32, 32]
+        );
+        assert!((1..=8).all(|f| rounds_to_wait(f, true) == 1));
+    }
 
     #[test]
     fn bundle_paths_stay_inside_the_template() {
