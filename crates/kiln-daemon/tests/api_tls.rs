@@ -5,9 +5,10 @@
 // Integration tests: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn kilnd(home: &Path, args: &[&str]) -> Command {
@@ -56,20 +57,8 @@ fn stop(mut child: Child) {
 
 /// A client that trusts only `ca_pem` and resolves every name to `addr`.
 fn tls_agent(ca_pem: &str, addr: std::net::SocketAddr) -> ureq::Agent {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     ureq::AgentBuilder::new()
-        .tls_config(Arc::new(config))
+        .tls_config(common::trusting(ca_pem))
         .resolver(move |_: &str| Ok(vec![addr]))
         .timeout(Duration::from_secs(20))
         .build()

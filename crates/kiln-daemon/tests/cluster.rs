@@ -40,6 +40,35 @@ fn node_flags(name: &str, url_file: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// `n` RunMicrovm of `image` at once, the i-th through `via[i % len]`: the ids placed, the
+/// refusals (429), and every answer.
+fn burst(
+    via: &[&TestDaemon],
+    n: usize,
+    image: &str,
+) -> (Vec<String>, Vec<Value>, Vec<(u16, Value)>) {
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let d = via[i % via.len()];
+                s.spawn(move || d.post("/v1/microvms", json!({"imageIdentifier": image})))
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let placed = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, r)| r["microvmId"].as_str().unwrap().to_string())
+        .collect();
+    let refused = answers
+        .iter()
+        .filter(|(status, _)| *status == 429)
+        .map(|(_, r)| r.clone())
+        .collect();
+    (placed, refused, answers)
+}
+
 /// Sets a node's `--capacity-memory-mib`.
 fn set_capacity(flags: &mut [String], mib: u32) {
     let at = flags
@@ -328,25 +357,7 @@ fn a_burst_of_runs_through_both_nodes_places_each_once_within_capacity() {
     a.build_image("burst", &[("Dockerfile", "FROM busybox\n")], json!({}));
 
     // Five at once, through either node: the image's files are on A, so all go there.
-    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-        let calls: Vec<_> = (0..5)
-            .map(|i| {
-                let d = if i % 2 == 0 { &a } else { &b };
-                s.spawn(move || d.post("/v1/microvms", json!({"imageIdentifier": "burst"})))
-            })
-            .collect();
-        calls.into_iter().map(|c| c.join().unwrap()).collect()
-    });
-    let placed: Vec<String> = answers
-        .iter()
-        .filter(|(status, _)| *status == 200)
-        .map(|(_, r)| r["microvmId"].as_str().unwrap().to_string())
-        .collect();
-    let refused: Vec<&Value> = answers
-        .iter()
-        .filter(|(status, _)| *status == 429)
-        .map(|(_, r)| r)
-        .collect();
+    let (placed, refused, answers) = burst(&[&a, &b], 5, "burst");
     assert_eq!((placed.len(), refused.len()), (3, 2), "{answers:?}");
     for r in refused {
         let message = r["message"].as_str().unwrap();
@@ -995,25 +1006,7 @@ fn a_burst_through_three_nodes_fills_each_within_capacity_and_places_each_once()
     // Seven at once through the three nodes: each is placed on a node with room (the next
     // one when its first choice filled meanwhile), so six run, two on each node, and one is
     // refused naming the capacity.
-    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-        let calls: Vec<_> = (0..7)
-            .map(|i| {
-                let d = [&a, &b, &c][i % 3];
-                s.spawn(move || d.post("/v1/microvms", json!({"imageIdentifier": "burst3"})))
-            })
-            .collect();
-        calls.into_iter().map(|c| c.join().unwrap()).collect()
-    });
-    let placed: Vec<String> = answers
-        .iter()
-        .filter(|(status, _)| *status == 200)
-        .map(|(_, r)| r["microvmId"].as_str().unwrap().to_string())
-        .collect();
-    let refused: Vec<&Value> = answers
-        .iter()
-        .filter(|(status, _)| *status == 429)
-        .map(|(_, r)| r)
-        .collect();
+    let (placed, refused, answers) = burst(&[&a, &b, &c], 7, "burst3");
     assert_eq!((placed.len(), refused.len()), (6, 1), "{answers:?}");
     assert!(
         refused[0]["message"]

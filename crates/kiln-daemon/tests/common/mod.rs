@@ -386,20 +386,8 @@ impl TestDaemon {
 
     /// Calls the API trusting the CA certificates in `ca_pem` (an API over TLS).
     pub fn trust(&mut self, ca_pem: &str) {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         self.agent = ureq::AgentBuilder::new()
-            .tls_config(Arc::new(config))
+            .tls_config(trusting(ca_pem))
             .build();
     }
 }
@@ -508,4 +496,21 @@ pub fn hook_image(d: &TestDaemon, report: &ReportServer) -> String {
 
 pub fn dir_exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// A TLS client configuration trusting only the CA certificates in `ca_pem`.
+pub fn trusting(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Arc::new(config)
 }
