@@ -87,14 +87,14 @@ pub fn run(as_json: bool, endpoint: Option<String>) -> anyhow::Result<bool> {
         .as_ref()
         .is_some_and(|c| c.iter().all(|(ok, _, _)| *ok));
     // A real (throw-away) jail, started the way every microVM's is.
-    let jail = kiln_jail::preflight().map_err(|e| {
+    let jail = kiln_jail::preflight(&kiln_jail::Partition::default()).map_err(|e| {
         let mut text = e.to_string();
         if let Some(source) = std::error::Error::source(&e) {
             text.push_str(&format!(": {source}"));
         }
         text
     });
-    let jail_facts = kiln_jail::facts();
+    let jail_facts = kiln_jail::facts(&kiln_jail::Partition::default());
     let net_backend = kiln_vmm::netproc::check_net_backend();
     let ready = qemu.problem.is_none()
         && fw_size.is_some()

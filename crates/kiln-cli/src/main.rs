@@ -43,7 +43,9 @@ static CONFINEMENT: std::sync::OnceLock<kiln_vmm::Confinement> = std::sync::Once
 
 /// The jail of every guest this process starts.
 pub fn confinement() -> kiln_vmm::Confinement {
-    *CONFINEMENT.get_or_init(kiln_vmm::Confinement::default)
+    CONFINEMENT
+        .get_or_init(kiln_vmm::Confinement::default)
+        .clone()
 }
 
 #[derive(Subcommand)]

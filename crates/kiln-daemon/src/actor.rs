@@ -245,7 +245,7 @@ impl Actor {
                         // Guests outlive kilnd: a restart takes them back (recovery).
                         die_with_parent: false,
                         network: net,
-                        confinement,
+                        confinement: confinement.clone(),
                     };
                     template.launch_with(cfg, Some(before_run)).await?
                 }

@@ -106,6 +106,9 @@ pub struct Config {
     pub egress: kiln_vmm::kiln_net::OperatorConfig,
     /// Run QEMU unjailed (development only; logged loudly on every start).
     pub no_jail: bool,
+    /// The uids and cgroup root of this kilnd's jails (nodes sharing a machine each take
+    /// their own).
+    pub jail_partition: kiln_jail::Partition,
     /// CPU-seconds above its baseline a microVM can bank (and starts with).
     pub cpu_credit_max_seconds: f64,
     /// Memory a microVM's QEMU may use beyond guest RAM (its jail's limit is the sum).

@@ -112,7 +112,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         layers_dir: cfg.home.join("layers"),
         assets: assets.clone(),
         accel: accel.accel,
-        confinement,
+        confinement: confinement.clone(),
     };
     let manager = Arc::new(Manager {
         cfg: cfg.clone(),
@@ -320,12 +320,13 @@ fn jail(cfg: &Config) -> anyhow::Result<kiln_vmm::Confinement> {
         );
         return Ok(kiln_vmm::Confinement::Unjailed);
     }
-    kiln_jail::preflight().context(
+    let partition = &cfg.jail_partition;
+    kiln_jail::preflight(partition).context(
         "every microVM runs in a jail and this host cannot give one; fix the part named \
          above, or start kilnd with --no-jail for development only",
     )?;
-    let swept = kiln_jail::sweep();
-    let facts = kiln_jail::facts();
+    let swept = kiln_jail::sweep(partition);
+    let facts = kiln_jail::facts(partition);
     info!(
         uids = %facts.uid_range,
         cgroups = %facts.cgroups.join(", "),
@@ -336,6 +337,7 @@ fn jail(cfg: &Config) -> anyhow::Result<kiln_vmm::Confinement> {
         overhead_mib: Some(cfg.qemu_memory_overhead_mib),
         memory_mib: cfg.jail_memory_mib,
         cpus: None,
+        partition: partition.clone(),
     }))
 }
 

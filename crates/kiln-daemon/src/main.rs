@@ -87,6 +87,13 @@ struct Args {
     /// benchmarks only: a guest that escapes QEMU then owns the host.
     #[arg(long)]
     no_jail: bool,
+    /// The uids this kilnd's jails take, FIRST-LAST inside kiln's range (default: all of
+    /// it). Nodes sharing a machine each take their own.
+    #[arg(long, value_name = "FIRST-LAST", conflicts_with = "no_jail")]
+    jail_uids: Option<String>,
+    /// The cgroup, under kilnd's own, that holds its jails' cgroups (default: kiln).
+    #[arg(long, value_name = "NAME", conflicts_with = "no_jail")]
+    jail_cgroup: Option<String>,
     /// CPU-seconds above its baseline a microVM can bank for bursts (it starts full).
     #[arg(long, default_value_t = 300.0)]
     cpu_credit_max_seconds: f64,
@@ -352,6 +359,8 @@ fn main() -> anyhow::Result<()> {
              pass --database-url-file too"
         );
     }
+    let jail_partition =
+        kiln_jail::Partition::new(args.jail_uids.as_deref(), args.jail_cgroup.as_deref())?;
     let node_name = match args.node_name {
         Some(n) => n,
         None => host_name()?,
@@ -382,6 +391,7 @@ fn main() -> anyhow::Result<()> {
         ingress_tls_key,
         egress: operator_config(args.host_services, args.egress_hosts),
         no_jail: args.no_jail,
+        jail_partition,
         cpu_credit_max_seconds: args.cpu_credit_max_seconds.max(0.0),
         qemu_memory_overhead_mib: args.qemu_memory_overhead_mib.max(16),
         jail_memory_mib: args.jail_memory_mib.map(|m| m.max(64)),

@@ -124,11 +124,11 @@ impl Manager {
 
     /// The jail of a microVM: kilnd's, with a CPU quota of 4x its baseline to start.
     pub fn confinement_of(&self, config: &MicrovmConfig) -> kiln_vmm::Confinement {
-        match self.confinement {
+        match &self.confinement {
             kiln_vmm::Confinement::Jailed(limits) => {
                 kiln_vmm::Confinement::Jailed(kiln_vmm::JailLimits {
                     cpus: Some(Self::baseline_of(config) * crate::cpu::BURST_FACTOR),
-                    ..limits
+                    ..limits.clone()
                 })
             }
             kiln_vmm::Confinement::Unjailed => kiln_vmm::Confinement::Unjailed,

@@ -101,7 +101,13 @@ pub fn reopen_suspended(
 ) -> anyhow::Result<SuspendedVm> {
     let id = VmId::new(&row.id)?;
     let dir = manager.microvm_dir(&row.id);
-    let mut s = SuspendedVm::open(id, &dir, manager.assets.clone(), false, manager.confinement)?;
+    let mut s = SuspendedVm::open(
+        id,
+        &dir,
+        manager.assets.clone(),
+        false,
+        manager.confinement.clone(),
+    )?;
     // The NIC leads where the microVM's connectors say, as before.
     let config: MicrovmConfig = serde_json::from_value(row.config.clone())?;
     let usage: Usage = serde_json::from_value(row.usage.clone()).unwrap_or_default();

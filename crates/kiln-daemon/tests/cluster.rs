@@ -21,7 +21,22 @@ use common::steps::{assert_counts_on, count, sh, COUNTER};
 use common::TestDaemon;
 use serde_json::{json, Value};
 
+/// A node's own jail uids (1000 of them, by its name's first letter) and cgroup root, as
+/// nodes sharing a machine are told.
+fn jail_of(name: &str) -> (u32, u32, String) {
+    let n = u32::from(name.as_bytes()[0].wrapping_sub(b'a') % 26);
+    let first = kiln_jail::UID_BASE + 30_000 + n * 1000;
+    (first, first + 999, format!("kiln-node-{name}"))
+}
+
 fn node_flags(name: &str, url_file: &str) -> Vec<String> {
+    let (first, last, cgroup) = jail_of(name);
+    let jail = [
+        "--jail-uids".to_string(),
+        format!("{first}-{last}"),
+        "--jail-cgroup".to_string(),
+        cgroup,
+    ];
     [
         "--node-name",
         name,
@@ -37,7 +52,52 @@ fn node_flags(name: &str, url_file: &str) -> Vec<String> {
         "20000",
     ]
     .map(String::from)
-    .to_vec()
+    .into_iter()
+    .chain(jail)
+    .collect()
+}
+
+/// Microvm `id`'s QEMU on node `name` (`d`) runs with one of the node's uids, in a cgroup
+/// under the node's root, and the node's `/health` names both.
+fn assert_jailed_in_node(d: &TestDaemon, name: &str, id: &str) {
+    let (first, last, cgroup) = jail_of(name);
+    let pid = std::fs::read_to_string(d.home.join("microvms").join(id).join("qemu.pid")).unwrap();
+    let pid = pid.trim();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((first..=last).contains(&uid), "{id} on {name}: uid {uid}");
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let memory = groups
+        .lines()
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.is_empty() || c.split(',').any(|c| c == "memory"))
+        })
+        .unwrap();
+    assert!(
+        memory.contains(&format!("/{cgroup}/vm-{uid}-")),
+        "{id} on {name}: {memory}"
+    );
+    let (status, health) = d.get("/health");
+    assert_eq!(status, 200);
+    assert_eq!(
+        health["jail"]["uidRange"],
+        format!("{first}-{last}"),
+        "{health}"
+    );
+    assert!(
+        health["jail"]["cgroups"]
+            .to_string()
+            .contains(&format!("/{cgroup}")),
+        "{health}"
+    );
 }
 
 /// `n` RunMicrovm of `image` at once, the i-th through `via[i % len]`: the ids placed, the
@@ -789,6 +849,10 @@ fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() 
         .collect();
     let placed: Vec<String> = ids.iter().map(|id| node_of(&c, id)).collect();
     assert_eq!(placed, ["a", "c", "b"], "spread across the nodes");
+    // Each runs in its node's own uid range and cgroup root.
+    for (id, (d, name)) in ids.iter().zip([(&a, "a"), (&c, "c"), (&b, "b")]) {
+        assert_jailed_in_node(d, name, id);
+    }
     let list = nodes(&b);
     for name in ["a", "b", "c"] {
         assert_eq!(node(&list, name)["microvms"], 1, "{list}");

@@ -580,7 +580,7 @@ impl Builder {
             timeout: Duration::from_secs(180),
             die_with_parent: true,
             network: spec.network.clone(),
-            confinement: self.confinement,
+            confinement: self.confinement.clone(),
         })
         .await;
         let mut vm = match vm {

@@ -1,7 +1,8 @@
 //! Per-microVM cgroups: memory, pids and CPU, each on cgroup v2 where the host mounts that
 //! controller there and on its v1 hierarchy otherwise (Debian 12 hosts booted with the
 //! legacy layout mount memory, cpu, cpuacct and pids under v1). A jail's cgroups live under
-//! the jailer's own cgroup (kilnd's), in `kiln/vm-<uid>`, so the host's placement of kilnd
+//! the jailer's own cgroup (kilnd's), in `<root>/vm-<uid>-<jailer>` (`root` is `kiln` unless
+//! `--jail-cgroup` names another), so the host's placement of kilnd
 //! (a systemd unit's limits, say) still bounds every microVM.
 
 use std::path::{Path, PathBuf};
@@ -53,9 +54,10 @@ pub struct Hierarchy {
 }
 
 impl Hierarchy {
-    /// The directory under which kiln puts its jails' cgroups for this controller.
-    pub fn kiln_dir(&self) -> PathBuf {
-        join(&self.mount, &self.own).join("kiln")
+    /// The directory under which a kilnd with cgroup root `root` puts its jails' cgroups
+    /// for this controller.
+    pub fn jails_dir(&self, root: &str) -> PathBuf {
+        join(&self.mount, &self.own).join(root)
     }
 }
 
@@ -171,7 +173,12 @@ fn parse_name(name: &str) -> Option<(u32, u32)> {
 
 impl Cgroups {
     /// Creates the cgroups of the jail with `uid` started by `jailer` and applies `limits`.
-    pub fn create(uid: u32, jailer: u32, limits: &Limits) -> Result<Cgroups, CgroupError> {
+    pub fn create(
+        uid: u32,
+        jailer: u32,
+        limits: &Limits,
+        root: &str,
+    ) -> Result<Cgroups, CgroupError> {
         let hs = hierarchies()?;
         let dir_of = |c: &str| -> Result<Controller, CgroupError> {
             let h = hs
@@ -181,7 +188,7 @@ impl Cgroups {
             if h.v2 {
                 enable_v2_controllers(&join(&h.mount, &h.own))?;
             }
-            let dir = h.kiln_dir().join(jail_name(uid, jailer));
+            let dir = h.jails_dir(root).join(jail_name(uid, jailer));
             std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Io {
                 path: dir.clone(),
                 source,
@@ -360,13 +367,13 @@ fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
 /// those whose uid slot `is_free` says nobody holds, or whose jailer is gone. A jail being
 /// set up holds its slot and its jailer lives, so it is never touched. Returns how many
 /// were removed.
-pub fn sweep(is_free: impl Fn(u32) -> bool) -> usize {
+pub fn sweep(root: &str, is_free: impl Fn(u32) -> bool) -> usize {
     let Ok(hs) = hierarchies() else {
         return 0;
     };
     let mut removed = 0;
     for h in hs {
-        let Ok(entries) = std::fs::read_dir(h.kiln_dir()) else {
+        let Ok(entries) = std::fs::read_dir(h.jails_dir(root)) else {
             continue;
         };
         for e in entries.flatten() {
@@ -382,11 +389,11 @@ pub fn sweep(is_free: impl Fn(u32) -> bool) -> usize {
     removed
 }
 
-/// The cgroup directories of jails with `uid` that exist now (for leak checks).
-pub fn existing(uid: u32) -> Vec<PathBuf> {
+/// The cgroup directories of jails with `uid` under `root` that exist now (leak checks).
+pub fn existing(root: &str, uid: u32) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for h in hierarchies().unwrap_or_default() {
-        let Ok(entries) = std::fs::read_dir(h.kiln_dir()) else {
+        let Ok(entries) = std::fs::read_dir(h.jails_dir(root)) else {
             continue;
         };
         for e in entries.flatten() {
@@ -425,11 +432,11 @@ mod tests {
         assert_eq!(mem.mount, Path::new("/sys/fs/cgroup/memory"));
         assert!(!mem.v2);
         assert_eq!(
-            mem.kiln_dir(),
+            mem.jails_dir("kiln"),
             Path::new("/sys/fs/cgroup/memory/svc/abc/kiln")
         );
         let cpu = locate("cpu", &mounts, OWN).unwrap();
-        assert_eq!(cpu.kiln_dir(), Path::new("/sys/fs/cgroup/cpu/kiln"));
+        assert_eq!(cpu.jails_dir("kiln"), Path::new("/sys/fs/cgroup/cpu/kiln"));
     }
 
     #[test]

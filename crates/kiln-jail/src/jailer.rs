@@ -67,9 +67,14 @@ enum Never {}
 fn jail(spec: &JailSpec) -> Result<Never, JailerError> {
     spec.validate()
         .map_err(|e| JailerError::Spec(e.to_string()))?;
-    let slot = uids::take().map_err(JailerError::Uid)?;
+    let slot = uids::take(&spec.partition).map_err(JailerError::Uid)?;
     let (uid, gid) = (slot.uid(), slot.uid());
-    let cgroups = Cgroups::create(uid, sys::getpid(), &spec.limits)?;
+    let cgroups = Cgroups::create(
+        uid,
+        sys::getpid(),
+        &spec.limits,
+        &spec.partition.cgroup_root,
+    )?;
     cgroups.join(sys::getpid())?;
     for dir in &spec.owned_dirs {
         chown_tree(dir, uid, gid, true)?;

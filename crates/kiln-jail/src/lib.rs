@@ -20,7 +20,9 @@ pub mod uids;
 use std::path::{Path, PathBuf};
 
 pub use cgroup::Cgroups;
-pub use spec::{JailReport, JailSpec, Limits, ERROR_PREFIX, READY_PREFIX, UID_BASE, UID_SLOTS};
+pub use spec::{
+    JailReport, JailSpec, Limits, Partition, ERROR_PREFIX, READY_PREFIX, UID_BASE, UID_SLOTS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -106,14 +108,15 @@ pub fn reclaim(dir: &Path) -> std::io::Result<()> {
     jailer::chown_tree(dir, 0, 0, false).map_err(std::io::Error::other)
 }
 
-/// Cleans what jails left behind when kilnd was killed: cgroups of uid slots nobody holds.
-pub fn sweep() -> usize {
-    cgroup::sweep(uids::is_free)
+/// Cleans what jails left behind when kilnd was killed: cgroups of uid slots nobody holds,
+/// under `partition`'s cgroup root.
+pub fn sweep(partition: &Partition) -> usize {
+    cgroup::sweep(&partition.cgroup_root, uids::is_free)
 }
 
 /// Starts one throw-away jail (running `true`) and says whether every part of it worked:
 /// kilnd refuses to start without it, naming the part that failed (unless `--no-jail`).
-pub fn preflight() -> Result<JailReport, JailError> {
+pub fn preflight(partition: &Partition) -> Result<JailReport, JailError> {
     use std::os::unix::fs::DirBuilderExt;
     let run_dir = uids::lock_path()
         .parent()
@@ -141,6 +144,7 @@ pub fn preflight() -> Result<JailReport, JailError> {
         die_with_parent: true,
         host_network: false,
         keep_fds: 0,
+        partition: partition.clone(),
     };
     let (jailer, args) = invocation(&spec)?;
     let out = std::process::Command::new(&jailer)
@@ -178,14 +182,18 @@ pub struct JailFacts {
     pub seccomp: String,
 }
 
-/// Describes the jail this host gives (without starting one).
-pub fn facts() -> JailFacts {
+/// Describes the jail this host gives a kilnd using `partition` (without starting one).
+pub fn facts(partition: &Partition) -> JailFacts {
     let cgroups = match cgroup::hierarchies() {
         Ok(hs) => hs
             .iter()
             .map(|h| {
                 let v = if h.v2 { "v2" } else { "v1" };
-                format!("{}: {v} ({})", h.controller, h.kiln_dir().display())
+                format!(
+                    "{}: {v} ({})",
+                    h.controller,
+                    h.jails_dir(&partition.cgroup_root).display()
+                )
             })
             .collect(),
         Err(e) => vec![format!("unavailable: {e}")],
@@ -200,7 +208,7 @@ pub fn facts() -> JailFacts {
         "unavailable: the kernel has no seccomp filter support".to_string()
     };
     JailFacts {
-        uid_range: format!("{UID_BASE}-{}", UID_BASE + (UID_SLOTS - 1)),
+        uid_range: partition.uid_range(),
         uids_in_use: uids::in_use(1024).len(),
         namespaces: vec!["mount", "pid", "ipc", "uts", "net", "cgroup"],
         cgroups,

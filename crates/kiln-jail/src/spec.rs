@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const UID_BASE: u32 = 1_900_000_000;
 /// How many microVMs can run jailed on one machine at once (all kiln homes together).
 pub const UID_SLOTS: u32 = 65_536;
+/// The last uid of kiln's range.
+pub const UID_LAST: u32 = UID_BASE + (UID_SLOTS - 1);
 
 /// One jailed program: who it runs as is chosen by the jailer (a free uid slot); everything
 /// else is said here.
@@ -38,6 +40,87 @@ pub struct JailSpec {
     /// guest's network link); every other descriptor is closed before `exec`.
     #[serde(default)]
     pub keep_fds: u32,
+    /// The uids and cgroup root of the kilnd that started it.
+    #[serde(default)]
+    pub partition: Partition,
+}
+
+/// The part of the machine's jail resources one kilnd uses (`--jail-uids`, `--jail-cgroup`):
+/// nodes sharing a machine keep their microVMs' uids and cgroups apart with them. The uid
+/// lock stays machine-wide, so even overlapping ranges never give one uid to two jails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Partition {
+    /// The first uid, and how many, inside kiln's range (`UID_BASE` onwards).
+    pub uid_first: u32,
+    pub uid_count: u32,
+    /// The directory under the jailer's own cgroup holding its jails' cgroups.
+    pub cgroup_root: String,
+}
+
+/// The cgroup root a kilnd uses unless told otherwise.
+pub const DEFAULT_CGROUP_ROOT: &str = "kiln";
+
+impl Default for Partition {
+    fn default() -> Self {
+        Partition {
+            uid_first: UID_BASE,
+            uid_count: UID_SLOTS,
+            cgroup_root: DEFAULT_CGROUP_ROOT.to_string(),
+        }
+    }
+}
+
+impl Partition {
+    /// `FIRST-LAST` (inclusive), inside kiln's range, and a cgroup directory name.
+    pub fn new(uids: Option<&str>, cgroup_root: Option<&str>) -> Result<Partition, SpecError> {
+        let mut p = Partition::default();
+        if let Some(text) = uids {
+            let bad = || SpecError::Uids(text.to_string());
+            let (a, b) = text.split_once('-').ok_or_else(bad)?;
+            let first: u32 = a.trim().parse().map_err(|_| bad())?;
+            let last: u32 = b.trim().parse().map_err(|_| bad())?;
+            p.uid_first = first;
+            p.uid_count = last.checked_sub(first).ok_or_else(bad)?.saturating_add(1);
+        }
+        if let Some(root) = cgroup_root {
+            p.cgroup_root = root.to_string();
+        }
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let end = u64::from(self.uid_first) + u64::from(self.uid_count);
+        if self.uid_first < UID_BASE
+            || self.uid_count == 0
+            || end > u64::from(UID_BASE) + u64::from(UID_SLOTS)
+        {
+            return Err(SpecError::Uids(self.uid_range()));
+        }
+        let r = &self.cgroup_root;
+        let plain = !r.is_empty()
+            && r.len() <= 64
+            && !r.starts_with('.')
+            && r.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !plain {
+            return Err(SpecError::CgroupRoot(r.clone()));
+        }
+        Ok(())
+    }
+
+    /// `FIRST-LAST`.
+    pub fn uid_range(&self) -> String {
+        let last = u64::from(self.uid_first) + u64::from(self.uid_count) - 1;
+        format!("{}-{last}", self.uid_first)
+    }
+
+    /// Whether `uid` is one of this partition's.
+    pub fn holds(&self, uid: u32) -> bool {
+        uid >= self.uid_first
+            && u64::from(uid) < u64::from(self.uid_first) + u64::from(self.uid_count)
+    }
 }
 
 /// At most this many descriptors pass into a jail.
@@ -100,6 +183,10 @@ pub enum SpecError {
     ZeroLimit { what: &'static str },
     #[error("a jail keeps at most {MAX_KEPT_FDS} descriptors, not {0}")]
     TooManyFds(u32),
+    #[error("jail uids {0:?}: give FIRST-LAST inside {UID_BASE}-{UID_LAST} (kiln's range)")]
+    Uids(String),
+    #[error("jail cgroup root {0:?}: give a directory name of letters, digits, `.`, `_` or `-` (at most 64)")]
+    CgroupRoot(String),
 }
 
 impl JailSpec {
@@ -116,6 +203,7 @@ impl JailSpec {
         for p in paths {
             check_plain(p)?;
         }
+        self.partition.validate()?;
         let l = &self.limits;
         for (what, v) in [
             ("memoryBytes", l.memory_bytes),
@@ -162,7 +250,41 @@ mod tests {
             die_with_parent: true,
             host_network: false,
             keep_fds: 0,
+            partition: Partition::default(),
         }
+    }
+
+    #[test]
+    fn partitions_take_a_range_inside_kilns_and_a_plain_cgroup_name() {
+        let p = Partition::new(Some("1900000100-1900000199"), Some("kiln-a")).unwrap();
+        assert_eq!((p.uid_first, p.uid_count), (1_900_000_100, 100));
+        assert_eq!(p.uid_range(), "1900000100-1900000199");
+        assert!(p.holds(1_900_000_100) && p.holds(1_900_000_199) && !p.holds(1_900_000_200));
+        assert_eq!(Partition::new(None, None).unwrap(), Partition::default());
+        for bad in [
+            "1000-2000",
+            "1900000200-1900000100",
+            "x-y",
+            "1900000000",
+            "1900000000-1900065536",
+        ] {
+            assert!(
+                matches!(Partition::new(Some(bad), None), Err(SpecError::Uids(_))),
+                "{bad}"
+            );
+        }
+        for bad in ["", "..", "a/b", ".hidden", &"x".repeat(65)] {
+            assert!(
+                matches!(
+                    Partition::new(None, Some(bad)),
+                    Err(SpecError::CgroupRoot(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let mut s = spec();
+        s.partition.cgroup_root = "../escape".into();
+        assert!(s.validate().is_err(), "the jailer refuses it too");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
-use crate::spec::{UID_BASE, UID_SLOTS};
+use crate::spec::{Partition, UID_BASE, UID_SLOTS};
 use crate::sys;
 
 /// Where the lock file lives (root's tmpfs: it is forgotten at reboot, when no jail runs).
@@ -53,16 +53,19 @@ impl Drop for Slot {
     }
 }
 
-/// Takes the first free uid.
-pub fn take() -> io::Result<Slot> {
+/// Takes the first free uid of `partition`.
+pub fn take(partition: &Partition) -> io::Result<Slot> {
     let file = open()?;
-    for index in 0..UID_SLOTS {
+    let first = partition.uid_first.saturating_sub(UID_BASE);
+    let end = first.saturating_add(partition.uid_count).min(UID_SLOTS);
+    for index in first..end {
         if sys::try_lock_byte(&file, index)? {
             return Ok(Slot { file, index });
         }
     }
     Err(io::Error::other(format!(
-        "all {UID_SLOTS} jail uids from {UID_BASE} are in use"
+        "all jail uids {} are in use",
+        partition.uid_range()
     )))
 }
 
@@ -111,16 +114,24 @@ mod tests {
         // SAFETY of the test: this variable is read only by this module's functions, and the
         // other tests of this crate do not take slots.
         std::env::set_var("KILN_JAIL_RUN_DIR", dir.path());
-        let a = take().unwrap();
-        let b = take().unwrap();
+        let all = Partition::default();
+        let a = take(&all).unwrap();
+        let b = take(&all).unwrap();
         assert_ne!(a.uid(), b.uid());
         assert!(!is_free(a.uid()) && !is_free(b.uid()));
         assert!(in_use(4).contains(&a.uid()));
         let uid = a.uid();
         drop(a);
         assert!(is_free(uid));
-        let c = take().unwrap();
+        let c = take(&all).unwrap();
         assert_eq!(c.uid(), uid, "the lowest free slot is reused");
         assert!(!is_free(UID_BASE - 1), "outside the range is never free");
+
+        // A partition's slots come from its own range, and the lock stays machine-wide: a
+        // range overlapping a held uid skips it.
+        let upper = Partition::new(Some(&format!("{}-{}", b.uid(), b.uid() + 1)), None).unwrap();
+        let d = take(&upper).unwrap();
+        assert_eq!(d.uid(), b.uid() + 1, "b's uid is held, so the next one");
+        assert!(take(&upper).is_err(), "both uids of the range are held");
     }
 }

@@ -31,7 +31,38 @@ fn spec(dir: &std::path::Path, script: &str) -> JailSpec {
         die_with_parent: true,
         host_network: false,
         keep_fds: 0,
+        partition: kiln_jail::Partition::default(),
     }
+}
+
+/// Two kilnds on one machine (cluster nodes) tell their jails their own uids and cgroup
+/// root: the program runs with one of those uids, in a cgroup under that root.
+#[test]
+fn a_partition_gives_the_jail_its_uid_range_and_cgroup_root() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("vm")).unwrap();
+    std::fs::write(dir.path().join("shared.txt"), "shared\n").unwrap();
+    let first = kiln_jail::UID_BASE + 20_000;
+    let mut s = spec(dir.path(), "id -u");
+    s.partition = kiln_jail::Partition::new(
+        Some(&format!("{first}-{}", first + 9)),
+        Some("kiln-partition-test"),
+    )
+    .unwrap();
+    let (code, out, err) = run(&s);
+    assert_eq!(code, 0, "{out}{err}");
+    let report = kiln_jail::parse_first_line(err.lines().next().unwrap()).unwrap();
+    assert!((first..first + 10).contains(&report.uid), "{report:?}");
+    assert_eq!(out.trim(), report.uid.to_string());
+    let dir = &report.cgroups.memory.dir;
+    assert_eq!(
+        dir.parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str()),
+        Some("kiln-partition-test"),
+        "{dir:?}"
+    );
+    report.cgroups.remove().unwrap();
 }
 
 #[test]

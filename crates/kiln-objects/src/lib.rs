@@ -90,6 +90,14 @@ impl std::fmt::Display for BlobId {
     }
 }
 
+/// One blob as [`Blobs::list`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub id: BlobId,
+    pub modified_ms: i64,
+    pub bytes: u64,
+}
+
 /// An access key for the object store (its secret never printed).
 #[derive(Clone)]
 pub struct Credentials {
@@ -199,12 +207,7 @@ impl Blobs {
     }
 
     fn key(&self, id: &BlobId) -> ObjectPath {
-        let key = format!("blobs/sha256/{id}");
-        if self.prefix.is_empty() {
-            ObjectPath::from(key)
-        } else {
-            ObjectPath::from(format!("{}/{key}", self.prefix))
-        }
+        self.key_prefix().child(id.as_str())
     }
 
     fn failed(&self) -> impl FnOnce(object_store::Error) -> ObjectError + '_ {
@@ -231,8 +234,16 @@ impl Blobs {
     /// Uploads a file unless the store has it already; its id either way.
     pub async fn put_file(&self, path: &Path) -> Result<BlobId> {
         let id = digest_of(path).await?;
+        self.put_file_as(path, &id).await?;
+        Ok(id)
+    }
+
+    /// Uploads a file whose digest is `id` (from [`digest_of`]; the file does not change)
+    /// unless the store has it already.
+    pub async fn put_file_as(&self, path: &Path, id: &BlobId) -> Result<()> {
+        let id = id.clone();
         if self.exists(&id).await? {
-            return Ok(id);
+            return Ok(());
         }
         let upload = self
             .store
@@ -251,7 +262,75 @@ impl Blobs {
             writer.write(&buf[..n]);
         }
         writer.finish().await.map_err(self.failed())?;
-        Ok(id)
+        Ok(())
+    }
+
+    /// Every blob in the store: its id, when it was written (ms since the epoch) and its
+    /// size. Keys under `blobs/sha256/` that name no digest are left out (never deleted).
+    pub async fn list(&self) -> Result<Vec<Listed>> {
+        let prefix = self.key_prefix();
+        let mut stream = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(meta) = stream.next().await {
+            let meta = meta.map_err(self.failed())?;
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            if let Ok(id) = BlobId::parse(name) {
+                out.push(Listed {
+                    id,
+                    modified_ms: meta.last_modified.timestamp_millis(),
+                    bytes: meta.size,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a blob (one that is gone already counts as deleted).
+    pub async fn delete(&self, id: &BlobId) -> Result<()> {
+        match self.store.delete(&self.key(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed()(e)),
+        }
+    }
+
+    /// Removes cached blobs of this node that `keep` does not name, that nothing links to
+    /// (a template assembled here holds hard links), and that were written before
+    /// `before`: how many, and their bytes.
+    pub fn prune_cache(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        before: std::time::SystemTime,
+    ) -> (usize, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(&self.cache) else {
+            return (0, 0);
+        };
+        let (mut n, mut bytes) = (0, 0);
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if BlobId::parse(name).is_err() || keep.contains(name) {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            let old = meta.modified().is_ok_and(|t| t < before);
+            if meta.is_file() && meta.nlink() == 1 && old && std::fs::remove_file(e.path()).is_ok()
+            {
+                n += 1;
+                bytes += meta.len();
+            }
+        }
+        (n, bytes)
+    }
+
+    fn key_prefix(&self) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from("blobs/sha256")
+        } else {
+            ObjectPath::from(format!("{}/blobs/sha256", self.prefix))
+        }
     }
 
     /// The blob as a file in this node's cache, downloaded (and checked) on a miss.

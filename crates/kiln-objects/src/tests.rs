@@ -135,3 +135,60 @@ async fn unreachable_storage_is_an_outage_that_names_where() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn blobs_are_listed_deleted_and_pruned_from_the_cache_only_when_unlinked() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(b) = blobs("collect", &dir.path().join("cache")) else {
+        return;
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    std::fs::write(&one, bytes(4096, 1)).unwrap();
+    std::fs::write(&two, bytes(8192, 2)).unwrap();
+    let before = crate::tests::now_ms() - 60_000;
+    let (a, c) = (
+        b.put_file(&one).await.unwrap(),
+        b.put_file(&two).await.unwrap(),
+    );
+    let mut listed = b.list().await.unwrap();
+    listed.sort_by_key(|l| l.bytes);
+    assert_eq!(
+        listed.iter().map(|l| (&l.id, l.bytes)).collect::<Vec<_>>(),
+        [(&a, 4096), (&c, 8192)]
+    );
+    assert!(listed.iter().all(|l| l.modified_ms > before), "{listed:?}");
+    b.delete(&a).await.unwrap();
+    b.delete(&a).await.unwrap();
+    assert!(!b.exists(&a).await.unwrap());
+    assert_eq!(b.list().await.unwrap().len(), 1);
+
+    // The cache: a blob linked into a template stays, as does one still named; an
+    // unlinked, unnamed one goes once it is older than the cut-off.
+    let cached = b.fetch(&c).await.unwrap();
+    std::fs::write(b.cached(&a), bytes(4096, 1)).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+    let none = std::collections::HashSet::new();
+    assert_eq!(
+        b.prune_cache(&none, std::time::SystemTime::UNIX_EPOCH),
+        (0, 0)
+    );
+    let link = dir.path().join("template-file");
+    std::fs::hard_link(&cached, &link).unwrap();
+    assert_eq!(
+        b.prune_cache(&none, later),
+        (1, 4096),
+        "only the unlinked one"
+    );
+    assert!(cached.exists() && !b.cached(&a).exists());
+    std::fs::remove_file(&link).unwrap();
+    let keep = std::collections::HashSet::from([c.to_string()]);
+    assert_eq!(b.prune_cache(&keep, later), (0, 0), "still named");
+    assert_eq!(b.prune_cache(&none, later), (1, 8192));
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

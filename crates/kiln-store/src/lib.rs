@@ -202,6 +202,25 @@ fn check_room(node: &str, capacity: i64, used: i64, need: i64) -> Result<()> {
     Ok(())
 }
 
+/// The shared value holding when blob `id` was last claimed (ms).
+pub fn blob_claim_key(id: &str) -> String {
+    format!("{BLOB_CLAIM_PREFIX}{id}")
+}
+
+/// The shared value marking blob `id` as being removed (since when, ms).
+pub fn blob_doomed_key(id: &str) -> String {
+    format!("{BLOB_DOOMED_PREFIX}{id}")
+}
+
+pub const BLOB_CLAIM_PREFIX: &str = "blob-claim/";
+pub const BLOB_DOOMED_PREFIX: &str = "blob-doomed/";
+
+/// Whether a claim recorded as `value` is at or after `since` (a value that is no number
+/// counts as fresh: never doom on doubt).
+fn claimed_since(value: Option<&str>, since: i64) -> bool {
+    value.is_some_and(|v| v.parse::<i64>().map_or(true, |at| at >= since))
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -233,6 +252,18 @@ pub trait StateStore: Send {
     fn shared_value_names(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes a node's row (its microVM rows stay): whether there was one.
     fn remove_node(&self, name: &str) -> Result<bool>;
+    /// Records that blobs `ids` are in use as of `at_ms` (an upload found or sent them)
+    /// unless garbage collection is removing any: those are returned, and nothing is
+    /// recorded. Serialized with [`StoreBackend::doom_blob`].
+    fn claim_blobs(&self, ids: &[String], at_ms: i64) -> Result<Vec<String>>;
+    /// Marks blob `id` as being removed (as of `at_ms`), unless it was claimed at or after
+    /// `claimed_since_ms`: whether it is marked. One transaction with the check.
+    fn doom_blob(&self, id: &str, claimed_since_ms: i64, at_ms: i64) -> Result<bool>;
+    /// Forgets blob `id` once it is deleted: its claim, then its mark.
+    fn bury_blob(&self, id: &str) -> Result<()> {
+        self.delete_shared_value(&blob_claim_key(id))?;
+        self.delete_shared_value(&blob_doomed_key(id))
+    }
 
     /// Inserts or updates an image build; a status change is recorded as an event.
     fn upsert_image(&self, img: &ImageRow) -> Result<()>;

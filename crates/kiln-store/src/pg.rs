@@ -107,6 +107,8 @@ fn used_mib(tx: &mut Transaction<'_>, node: &str) -> Result<i64> {
 
 /// Held (transaction-scoped) by every transaction that adds an event. "kiln" + 1.
 const EVENTS_LOCK: i64 = 0x6b69_6c6e_0001;
+/// Held by blob claims and dooms, so a claim and a doom of one blob never interleave.
+const BLOBS_LOCK: i64 = 0x6b69_6c6e_0003;
 /// Held while migrating, so nodes starting together migrate once.
 const MIGRATE_LOCK: i64 = 0x6b69_6c6e_0002;
 /// With a hash of the node's name, the session-scoped lock (on its own connection) the one
@@ -535,6 +537,57 @@ impl StateStore for PgStore {
             .iter()
             .map(|r| r.get(0))
             .collect())
+        })
+    }
+
+    fn claim_blobs(&self, ids: &[String], at_ms: i64) -> Result<Vec<String>> {
+        let claims: Vec<String> = ids.iter().map(|id| crate::blob_claim_key(id)).collect();
+        let marks: Vec<String> = ids.iter().map(|id| crate::blob_doomed_key(id)).collect();
+        let at = at_ms.to_string();
+        self.run(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&BLOBS_LOCK])?;
+            let doomed: Vec<String> = tx
+                .query(
+                    "SELECT name FROM shared_values WHERE name = ANY($1)",
+                    &[&marks],
+                )?
+                .iter()
+                .map(|r| {
+                    let name: String = r.get(0);
+                    name.trim_start_matches(crate::BLOB_DOOMED_PREFIX).to_string()
+                })
+                .collect();
+            if doomed.is_empty() {
+                tx.execute(
+                    "INSERT INTO shared_values (name, value) SELECT n, $2 FROM unnest($1::text[]) AS n \
+                     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                    &[&claims, &at],
+                )?;
+                tx.commit()?;
+            }
+            Ok(doomed)
+        })
+    }
+
+    fn doom_blob(&self, id: &str, claimed_since_ms: i64, at_ms: i64) -> Result<bool> {
+        let (claim_key, mark_key) = (crate::blob_claim_key(id), crate::blob_doomed_key(id));
+        let at = at_ms.to_string();
+        self.run(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&BLOBS_LOCK])?;
+            let claim: Option<String> = tx
+                .query_opt("SELECT value FROM shared_values WHERE name = $1", &[&claim_key])?
+                .map(|r| r.get(0));
+            if crate::claimed_since(claim.as_deref(), claimed_since_ms) {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO shared_values (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&mark_key, &at],
+            )?;
+            tx.commit()?;
+            Ok(true)
         })
     }
 

@@ -260,6 +260,53 @@ impl StateStore for SqliteStore {
         Ok(names)
     }
 
+    fn claim_blobs(&self, ids: &[String], at_ms: i64) -> Result<Vec<String>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut doomed = Vec::new();
+        for id in ids {
+            let marked: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM shared_values WHERE name = ?1",
+                    [crate::blob_doomed_key(id)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if marked.is_some() {
+                doomed.push(id.clone());
+            }
+        }
+        if doomed.is_empty() {
+            for id in ids {
+                tx.execute(
+                    "INSERT INTO shared_values (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
+                    params![crate::blob_claim_key(id), at_ms.to_string()],
+                )?;
+            }
+            tx.commit()?;
+        }
+        Ok(doomed)
+    }
+
+    fn doom_blob(&self, id: &str, claimed_since_ms: i64, at_ms: i64) -> Result<bool> {
+        let tx = self.conn.unchecked_transaction()?;
+        let claim: Option<String> = tx
+            .query_row(
+                "SELECT value FROM shared_values WHERE name = ?1",
+                [crate::blob_claim_key(id)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if crate::claimed_since(claim.as_deref(), claimed_since_ms) {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO shared_values (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            params![crate::blob_doomed_key(id), at_ms.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn remove_node(&self, name: &str) -> Result<bool> {
         Ok(self
             .conn

@@ -646,3 +646,40 @@ fn a_suspended_microvm_moves_once_within_capacity_and_a_stale_mover_is_fenced() 
         assert_eq!(store.ownership("a").unwrap(), Some(("n2".into(), 1)));
     });
 }
+
+#[test]
+fn a_blob_claimed_recently_is_never_doomed_and_a_doomed_one_is_never_claimed() {
+    each_backend(|store| {
+        let (x, y) = ("a".repeat(64), "b".repeat(64));
+        // Unclaimed: garbage collection may remove it.
+        assert!(store.doom_blob(&x, 1_000, 1_000).unwrap());
+        // While it is being removed, no upload may count on it: nothing is claimed.
+        assert_eq!(
+            store.claim_blobs(&[y.clone(), x.clone()], 1_500).unwrap(),
+            std::slice::from_ref(&x)
+        );
+        assert_eq!(store.shared_value(&blob_claim_key(&y)).unwrap(), None);
+        // Once it is deleted and forgotten, it is claimed again.
+        store.bury_blob(&x).unwrap();
+        assert!(store
+            .claim_blobs(&[x.clone(), y.clone()], 2_000)
+            .unwrap()
+            .is_empty());
+        // A claim at or after the cut-off keeps it; an older one does not.
+        assert!(!store.doom_blob(&x, 2_000, 2_500).unwrap());
+        assert!(store.doom_blob(&y, 2_001, 2_500).unwrap());
+        assert_eq!(
+            store.claim_blobs(std::slice::from_ref(&y), 3_000).unwrap(),
+            std::slice::from_ref(&y)
+        );
+        // Marked twice keeps the first mark's time.
+        assert!(store.doom_blob(&y, 2_001, 2_900).unwrap());
+        assert_eq!(
+            store.shared_value(&blob_doomed_key(&y)).unwrap().as_deref(),
+            Some("2500")
+        );
+        // A claim that is no number counts as fresh.
+        store.set_shared_value(&blob_claim_key(&x), "?").unwrap();
+        assert!(!store.doom_blob(&x, i64::MAX, 4_000).unwrap());
+    });
+}

@@ -415,6 +415,7 @@ async fn on_a_cgroup_v2_host_the_jail_uses_v2_for_every_controller() {
         die_with_parent: true,
         host_network: false,
         keep_fds: 0,
+        partition: kiln_jail::Partition::default(),
     };
     let json = serde_json::to_string(&spec).unwrap().replace('\'', "'\\''");
     let run = vm

@@ -17,7 +17,7 @@ pub const QEMU_OVERHEAD_MIB: u64 = 384;
 pub const PIDS_LIMIT: u64 = 256;
 
 /// Where a VM's QEMU runs.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Confinement {
     /// Its own jail (uid, namespaces, root, cgroups).
     Jailed(JailLimits),
@@ -51,7 +51,7 @@ impl Confinement {
 }
 
 /// Limits beyond the defaults a jail derives from the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct JailLimits {
     /// The whole memory limit (guest RAM + QEMU), instead of RAM + [`QEMU_OVERHEAD_MIB`].
     pub memory_mib: Option<u64>,
@@ -59,6 +59,18 @@ pub struct JailLimits {
     pub overhead_mib: Option<u64>,
     /// CPUs the quota allows, instead of the machine's vCPUs.
     pub cpus: Option<f64>,
+    /// The uids and cgroup root of this kilnd's jails.
+    pub partition: kiln_jail::Partition,
+}
+
+impl Confinement {
+    /// The partition jails use (the whole range and `kiln` when unjailed: nothing uses it).
+    pub fn partition(&self) -> kiln_jail::Partition {
+        match self {
+            Confinement::Jailed(l) => l.partition.clone(),
+            Confinement::Unjailed => kiln_jail::Partition::default(),
+        }
+    }
 }
 
 /// Every file one start of QEMU reads or writes.
@@ -137,6 +149,7 @@ pub(crate) fn jail_spec(
         host_network: false,
         // Set from the descriptors QEMU is given (its network link).
         keep_fds: 0,
+        partition: limits.partition.clone(),
     })
 }
 

@@ -152,7 +152,7 @@ impl Vm {
                 &target.dir,
                 self.assets.clone(),
                 self.die_with_parent,
-                self.confinement,
+                self.confinement.clone(),
             )?);
         }
         crate::fault::point("fork.written");

@@ -114,7 +114,7 @@ impl NetBackendProcess {
             })?;
         let jail = confinement
             .is_jailed()
-            .then(|| jail_spec(&program, die_with_parent));
+            .then(|| jail_spec(&program, die_with_parent, confinement.partition()));
         let channel = ReportChannel::new(control).map_err(spawn_err)?;
         let args: Vec<String> = control
             .map(|_| "--listen".to_string())
@@ -249,7 +249,7 @@ impl Drop for NetBackendProcess {
 
 /// The backend's jail: nothing of `KILN_HOME`, only its program, the resolver's files and
 /// the system's libraries; the host's network namespace.
-fn jail_spec(program: &Path, die_with_parent: bool) -> JailSpec {
+fn jail_spec(program: &Path, die_with_parent: bool, partition: kiln_jail::Partition) -> JailSpec {
     JailSpec {
         program: program.to_path_buf(),
         args: Vec::new(),
@@ -264,6 +264,7 @@ fn jail_spec(program: &Path, die_with_parent: bool) -> JailSpec {
         die_with_parent,
         host_network: true,
         keep_fds: 2,
+        partition,
     }
 }
 

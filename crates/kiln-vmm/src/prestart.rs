@@ -93,7 +93,7 @@ impl Template {
                 timeout: cfg.timeout,
                 die_with_parent: cfg.die_with_parent,
                 network: NetworkAttachment::closed(),
-                confinement: cfg.confinement,
+                confinement: cfg.confinement.clone(),
             };
             let qemu = self.prepare(&launch).await?;
             // kiln's backend: a socket pair, whatever the policy the launch brings.
@@ -159,7 +159,7 @@ impl Template {
                 let _ = remove_dir(&dir);
                 return Err(e);
             }
-            let (confinement, die_with_parent) = (qemu.confinement, qemu.die_with_parent);
+            let (confinement, die_with_parent) = (qemu.confinement.clone(), qemu.die_with_parent);
             let backend = network.start_backend(backend_fd, &confinement, die_with_parent);
             let result = start::run(qemu, spawned, backend, before_run, network.clone()).await;
             if result.is_err() {

@@ -457,7 +457,7 @@ impl Template {
             incoming: Some(template_incoming(&manifest, state)),
             timeout: cfg.timeout,
             die_with_parent: cfg.die_with_parent,
-            confinement: cfg.confinement,
+            confinement: cfg.confinement.clone(),
         })
     }
 

@@ -455,7 +455,7 @@ impl Vm {
             disk_base: self.disk_base.clone(),
             die_with_parent: self.die_with_parent,
             network: self.network.clone(),
-            confinement: self.confinement,
+            confinement: self.confinement.clone(),
         }
     }
 

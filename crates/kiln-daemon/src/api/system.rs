@@ -23,9 +23,9 @@ use crate::manager::Manager;
 )]
 pub async fn health(State(m): State<Arc<Manager>>) -> Json<Health> {
     let dev = m.accel.is_dev_mode();
-    let jail = match m.confinement {
-        kiln_vmm::Confinement::Jailed(_) => {
-            let facts = kiln_jail::facts();
+    let jail = match &m.confinement {
+        kiln_vmm::Confinement::Jailed(limits) => {
+            let facts = kiln_jail::facts(&limits.partition);
             JailInfo {
                 enabled: true,
                 warning: None,

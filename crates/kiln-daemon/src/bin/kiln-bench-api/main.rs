@@ -399,6 +399,7 @@ async fn run() -> anyhow::Result<()> {
         ingress_tls_key: None,
         egress: Default::default(),
         no_jail: false,
+        jail_partition: kiln_jail::Partition::default(),
         cpu_credit_max_seconds: 300.0,
         qemu_memory_overhead_mib: kiln_vmm::confine::QEMU_OVERHEAD_MIB,
         jail_memory_mib: None,
