@@ -142,6 +142,7 @@ pub fn register(m: &Arc<Manager>, api: std::net::SocketAddr) -> anyhow::Result<(
             }
             crate::drain::tick(&mover).await;
             crate::travel::adopt_handed(&mover).await;
+            crate::gc::tick(&mover).await;
         }
     });
     let m = m.clone();

@@ -82,6 +82,10 @@ pub struct Config {
     pub advertise: Option<String>,
     /// A node without a heartbeat for this long is unreachable (`--node-lease-seconds`).
     pub node_lease: Duration,
+    /// How often a node of the cluster collects object storage's unnamed blobs (one node
+    /// per interval), and how old an unnamed, unclaimed blob must be to go.
+    pub blob_gc_interval: Duration,
+    pub blob_gc_grace: Duration,
     pub capacity: CapacityFlags,
     pub home: PathBuf,
     pub listen: SocketAddr,

@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod error;
 pub mod files;
 pub mod fork;
+pub mod gc;
 pub mod idle;
 pub mod images;
 pub mod ingress;
@@ -152,6 +153,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         blobs,
         imports: Default::default(),
         publish_backoff: Default::default(),
+        gc: Default::default(),
     });
     recovery::recover(&manager).await?;
     webhooks::spawn_dispatcher(&manager);

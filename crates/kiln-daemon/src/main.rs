@@ -53,6 +53,13 @@ struct Args {
     /// served again only when it is back.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     node_lease_seconds: u64,
+    /// How often the cluster collects blobs that no image or snapshot names any more from
+    /// object storage (one node per interval).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    blob_gc_interval_seconds: u64,
+    /// How old a blob no list names, and no upload claimed, must be before it is removed.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    blob_gc_grace_seconds: u64,
     /// Memory this node offers to microVMs, in MiB. Default: the machine's.
     #[arg(long)]
     capacity_memory_mib: Option<u64>,
@@ -371,6 +378,8 @@ fn main() -> anyhow::Result<()> {
         node_name,
         advertise: args.advertise,
         node_lease: Duration::from_secs(args.node_lease_seconds),
+        blob_gc_interval: Duration::from_secs(args.blob_gc_interval_seconds.max(1)),
+        blob_gc_grace: Duration::from_secs(args.blob_gc_grace_seconds.max(1)),
         capacity: kiln_daemon::config::CapacityFlags {
             memory_mib: args.capacity_memory_mib,
             vcpus: args.capacity_vcpus,

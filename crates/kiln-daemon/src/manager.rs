@@ -102,6 +102,8 @@ pub struct Manager {
     pub blobs: Option<Arc<kiln_objects::Blobs>>,
     /// Retries of image uploads that failed (`share::publish_missing`).
     pub publish_backoff: Mutex<crate::share::PublishBackoff>,
+    /// What garbage collection of object storage removed (`crate::gc`).
+    pub gc: crate::gc::GcCounters,
     /// Held while an image from another node is assembled here (one at a time).
     pub imports: tokio::sync::Mutex<()>,
 }

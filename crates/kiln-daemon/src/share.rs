@@ -43,6 +43,8 @@ pub enum ShareError {
     Bundle(String),
     #[error("database: {0}")]
     Store(#[from] kiln_store::StoreError),
+    #[error("blob {0} is being removed by garbage collection: the upload is retried later")]
+    Collecting(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShareError + '_ {
@@ -92,7 +94,7 @@ pub async fn publish(m: &Manager, id: &str, template: &Path) -> Result<(), Share
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let result = async {
         let portable = portable_parts(template, &staging).await?;
-        let files = upload_files(&blobs, template, template_files(template)?, &portable).await?;
+        let files = upload_files(m, &blobs, template, template_files(template)?, &portable).await?;
         let bundle = Bundle {
             format: BUNDLE_FORMAT,
             image: id.to_string(),
@@ -113,14 +115,17 @@ pub async fn publish(m: &Manager, id: &str, template: &Path) -> Result<(), Share
     Ok(())
 }
 
-/// Uploads these files of `dir` (`replaced`: a file to send instead, by name).
+/// Uploads these files of `dir` (`replaced`: a file to send instead, by name), each blob
+/// claimed against garbage collection (see `crate::gc`) until the caller records the list.
 pub(crate) async fn upload_files(
+    m: &Manager,
     blobs: &kiln_objects::Blobs,
     dir: &Path,
     names: Vec<String>,
     replaced: &[(String, PathBuf)],
 ) -> Result<Vec<BundleFile>, ShareError> {
     let mut files = Vec::new();
+    let mut ids = Vec::new();
     for rel in names {
         let source = replaced
             .iter()
@@ -128,13 +133,21 @@ pub(crate) async fn upload_files(
             .map(|(_, p)| p.clone())
             .unwrap_or_else(|| dir.join(&rel));
         let meta = std::fs::metadata(&source).map_err(io(&source))?;
-        let blob = blobs.put_file(&source).await?;
+        let blob = kiln_objects::digest_of(&source).await?;
+        let id = blob.to_string();
+        crate::gc::claim(m, std::slice::from_ref(&id))?;
+        ids.push(id);
+        crate::gc::renewing(m, &ids, async {
+            Ok(blobs.put_file_as(&source, &blob).await?)
+        })
+        .await?;
         files.push(BundleFile {
             path: rel,
             blob: blob.to_string(),
             mode: meta.permissions().mode() & 0o777,
         });
     }
+    crate::gc::confirm(m, blobs, &ids).await?;
     Ok(files)
 }
 
@@ -427,8 +440,9 @@ pub struct PublishBackoff {
     images: std::collections::HashMap<String, (u32, u64)>,
 }
 
-/// Forgets an image's bundle (its blobs stay: another image may share them) and removes
-/// this node's copy of its template.
+/// Forgets an image's bundle (its blobs go at the next collection unless another list
+/// names them, see `crate::gc`) and removes this node's copy of its template; the other
+/// nodes remove theirs at their next prune ([`prune_imported`]).
 pub fn forget(m: &Manager, id: &str) {
     if m.blobs.is_none() {
         return;
@@ -441,6 +455,33 @@ pub fn forget(m: &Manager, id: &str) {
         m.pool.forget_under(m, &dir);
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Removes the templates assembled here of images whose bundle is gone (deleted through
+/// another node): how many. Deleting an image needs it to have no live microVM.
+pub fn prune_imported(m: &Manager) -> usize {
+    let Ok(entries) = std::fs::read_dir(m.cfg.home.join("imported")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let Some(id) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let gone = matches!(m.store().shared_value(&bundle_key(&id)), Ok(None));
+        let unused = m
+            .store()
+            .live_microvms_of_image(&id)
+            .is_ok_and(|l| l.is_empty());
+        if gone && unused {
+            m.pool.forget_under(m, &e.path());
+            crate::placement::forget_cached(m, &id);
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 #[cfg(test)]

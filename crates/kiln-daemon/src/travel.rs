@@ -67,7 +67,7 @@ pub async fn upload(m: &Manager, id: &str) {
                     .any(|p| n == p || n.starts_with(&format!("{p}/")))
             })
             .collect();
-        let files = crate::share::upload_files(&blobs, &dir, names, &[]).await?;
+        let files = crate::share::upload_files(m, &blobs, &dir, names, &[]).await?;
         let snapshot = Snapshot {
             format: FORMAT,
             microvm: id.to_string(),

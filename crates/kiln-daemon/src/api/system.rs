@@ -71,6 +71,22 @@ fn pool_metrics(pool: &crate::pool::Pool, out: &mut String) {
     ));
 }
 
+/// What this node's rounds of object storage collection removed.
+fn gc_metrics(gc: &crate::gc::GcCounters, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    out.push_str(&format!(
+        "# HELP kiln_blob_gc_rounds_total Rounds of object storage collection this node ran.\n\
+         # TYPE kiln_blob_gc_rounds_total counter\nkiln_blob_gc_rounds_total {}\n\
+         # HELP kiln_blob_gc_deleted_total Blobs no image or snapshot named, removed from object storage.\n\
+         # TYPE kiln_blob_gc_deleted_total counter\nkiln_blob_gc_deleted_total {}\n\
+         # HELP kiln_blob_gc_deleted_bytes_total Bytes of those blobs.\n\
+         # TYPE kiln_blob_gc_deleted_bytes_total counter\nkiln_blob_gc_deleted_bytes_total {}\n",
+        gc.rounds.load(Relaxed),
+        gc.deleted.load(Relaxed),
+        gc.bytes.load(Relaxed)
+    ));
+}
+
 /// The newest sample of every RUNNING microVM as gauges and counters, with `microvm` and
 /// `image` labels (see `crate::metrics`).
 fn live_metrics(m: &Manager, rows: &[kiln_store::MicrovmRow], out: &mut String) {
@@ -202,6 +218,9 @@ pub async fn metrics(State(m): State<Arc<Manager>>) -> ApiResult<Response> {
     }
     out.push_str(&format!("# HELP kiln_dev_mode 1 when guests run under emulation.\n# TYPE kiln_dev_mode gauge\nkiln_dev_mode {}\n", u8::from(m.accel.is_dev_mode())));
     pool_metrics(&m.pool, &mut out);
+    if m.blobs.is_some() {
+        gc_metrics(&m.gc, &mut out);
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

@@ -2,6 +2,7 @@
 //! blocking HTTP client; plus a hook-recording test image and a host-side report server.
 #![allow(dead_code)]
 
+pub mod nodes;
 pub mod pg;
 pub mod steps;
 

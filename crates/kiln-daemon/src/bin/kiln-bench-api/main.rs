@@ -381,6 +381,8 @@ async fn run() -> anyhow::Result<()> {
         node_name: "bench".into(),
         advertise: None,
         node_lease: Duration::from_secs(15),
+        blob_gc_interval: Duration::from_secs(3600),
+        blob_gc_grace: Duration::from_secs(3600),
         object_store: None,
         capacity: Default::default(),
         home: home.path().to_path_buf(),
