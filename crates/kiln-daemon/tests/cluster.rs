@@ -684,10 +684,7 @@ fn three_nodes_spread_microvms_and_a_stranded_one_resumes_on_a_node_with_room() 
     for f in &mut flags {
         set_capacity(f, 1024);
     }
-    let flags: Vec<Vec<&str>> = flags
-        .iter()
-        .map(|f| f.iter().map(String::as_str).collect())
-        .collect();
+    let flags = as_strs(&flags);
     let mut a = TestDaemon::start_with(&flags[0]);
     let b = TestDaemon::start_seeded(&flags[1], &[("api-key", &a.key)]);
     let mut c = TestDaemon::start_seeded(&flags[2], &[("api-key", &a.key)]);
@@ -913,10 +910,7 @@ fn a_burst_through_three_nodes_fills_each_within_capacity_and_places_each_once()
     for f in &mut flags {
         set_capacity(f, 1024);
     }
-    let flags: Vec<Vec<&str>> = flags
-        .iter()
-        .map(|f| f.iter().map(String::as_str).collect())
-        .collect();
+    let flags = as_strs(&flags);
     let a = TestDaemon::start_with(&flags[0]);
     let b = TestDaemon::start_seeded(&flags[1], &[("api-key", &a.key)]);
     let c = TestDaemon::start_seeded(&flags[2], &[("api-key", &a.key)]);

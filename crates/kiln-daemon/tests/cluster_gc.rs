@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::nodes::{build_app, object_store_nodes, set_capacity};
+use common::nodes::{as_strs, build_app, object_store_nodes, set_capacity};
 use common::steps::sh;
 use common::TestDaemon;
 use serde_json::json;
@@ -59,14 +59,6 @@ fn wait_log(d: &TestDaemon, text: &str) {
     }
 }
 
-fn metric(d: &TestDaemon, name: &str) -> u64 {
-    let text = d.respond_public("/metrics").1;
-    let text = text.as_str().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 #[test]
 fn blobs_no_image_or_snapshot_names_are_collected_and_named_ones_stay() {
     let Some((mut flags, _secrets)) = object_store_nodes(&["a", "b"]) else {
@@ -85,10 +77,7 @@ fn blobs_no_image_or_snapshot_names_are_collected_and_named_ones_stay() {
         f.extend(gc.map(String::from));
     }
     let url = flags[0][flags[0].iter().position(|f| f == "--object-store").unwrap() + 1].clone();
-    let flags: Vec<Vec<&str>> = flags
-        .iter()
-        .map(|f| f.iter().map(String::as_str).collect())
-        .collect();
+    let flags = as_strs(&flags);
     let a = TestDaemon::start_with(&flags[0]);
     let b = TestDaemon::start_seeded(&flags[1], &[("api-key", &a.key)]);
     let image = build_app(&a, "collected");
@@ -121,17 +110,15 @@ fn blobs_no_image_or_snapshot_names_are_collected_and_named_ones_stay() {
     a.wait_state(&id, "RUNNING", Duration::from_secs(120));
     wait_listed(&url, &of_image, "after the resume");
     assert_eq!(sh(&a, &id, "cat /root/file").trim(), "kept");
-    let deleted =
-        metric(&a, "kiln_blob_gc_deleted_total") + metric(&b, "kiln_blob_gc_deleted_total");
+    let deleted = a.metric("kiln_blob_gc_deleted_total") + b.metric("kiln_blob_gc_deleted_total");
     assert_eq!(deleted as usize, with_snapshot.len() - of_image.len());
     assert!(
-        metric(&a, "kiln_blob_gc_deleted_bytes_total")
-            + metric(&b, "kiln_blob_gc_deleted_bytes_total")
+        a.metric("kiln_blob_gc_deleted_bytes_total") + b.metric("kiln_blob_gc_deleted_bytes_total")
             > 0
     );
     // A launch of the image still finds every blob it needs (B holds its copy; the
     // bundle is whole in storage too).
-    let rounds = metric(&a, "kiln_blob_gc_rounds_total") + metric(&b, "kiln_blob_gc_rounds_total");
+    let rounds = a.metric("kiln_blob_gc_rounds_total") + b.metric("kiln_blob_gc_rounds_total");
     assert!(rounds >= 1);
 
     // Terminated and the image deleted (through A): nothing is left in storage, and B

@@ -26,14 +26,6 @@ fn run(d: &TestDaemon) -> String {
     id
 }
 
-fn metric(d: &TestDaemon, name: &str) -> u64 {
-    let text = d.respond_public("/metrics").1;
-    let text = text.as_str().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// The one pre-started QEMU (pid, id) once it waits.
 fn waiting(d: &TestDaemon) -> (u32, String) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -48,7 +40,7 @@ fn waiting(d: &TestDaemon) -> (u32, String) {
                     .exists()
             })
             .collect();
-        if pids.len() == 1 && files.len() == 1 && metric(d, "kiln_prestarted_qemus") == 1 {
+        if pids.len() == 1 && files.len() == 1 && d.metric("kiln_prestarted_qemus") == 1 {
             return (pids[0], files[0].clone());
         }
         assert!(
@@ -91,7 +83,7 @@ fn launches_take_prestarted_qemus_and_crashes_shutdowns_and_deletes_end_the_wait
     );
     // The first launch starts its own QEMU; the image is hot from then on.
     let a = run(&d);
-    assert_eq!(metric(&d, "kiln_launches_total{qemu=\"started\"}"), 1);
+    assert_eq!(d.metric("kiln_launches_total{qemu=\"started\"}"), 1);
     let (pid, id) = waiting(&d);
     assert!(
         d.qemu_processes().len() == 1 && !d.qemu_processes().contains(&pid),
@@ -102,7 +94,7 @@ fn launches_take_prestarted_qemus_and_crashes_shutdowns_and_deletes_end_the_wait
     let b = run(&d);
     assert_eq!(b, id, "the microVM gets the pre-started QEMU's id");
     assert_eq!(qemu_pid(&d, &b), pid, "and runs in it");
-    assert_eq!(metric(&d, "kiln_launches_total{qemu=\"prestarted\"}"), 1);
+    assert_eq!(d.metric("kiln_launches_total{qemu=\"prestarted\"}"), 1);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(!uid.split_whitespace().skip(1).any(|u| u == "0"), "{uid}");
@@ -144,7 +136,7 @@ fn launches_take_prestarted_qemus_and_crashes_shutdowns_and_deletes_end_the_wait
     let e = run(&d);
     std::thread::sleep(Duration::from_secs(2));
     assert!(d.prestarted_ids().is_empty() && d.prestarted_qemus().is_empty());
-    assert_eq!(metric(&d, "kiln_prestarted_qemus"), 0);
+    assert_eq!(d.metric("kiln_prestarted_qemus"), 0);
     d.sigterm();
 
     // Deleting the image ends its waiting QEMU.

@@ -367,6 +367,15 @@ impl TestDaemon {
         Self::respond(self.agent.get(&format!("{}{path}", self.base)).call())
     }
 
+    /// The value of one series of `/metrics` (`name` with its labels, as printed).
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.respond_public("/metrics").1;
+        let text = text.as_str().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     /// A client view of this daemon with another key (owns no process).
     pub fn clone_with_key(&self, key: String) -> TestDaemon {
         TestDaemon {

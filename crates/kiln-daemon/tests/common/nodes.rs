@@ -154,3 +154,11 @@ pub const APP_DOCKERFILE: &str =
 
 pub const APP_SH: &str = "#!/bin/sh\nmkdir -p /www\necho 'app on a' > /www/index.html\n\
 httpd -p 8080 -h /www\nexec nc -ll -p 9000 -e /srv/hook.sh\n";
+
+/// Each node's flags as `&str`s, for `TestDaemon::start_with`.
+pub fn as_strs(flags: &[Vec<String>]) -> Vec<Vec<&str>> {
+    flags
+        .iter()
+        .map(|f| f.iter().map(String::as_str).collect())
+        .collect()
+}
