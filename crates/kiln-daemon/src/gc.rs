@@ -166,8 +166,12 @@ pub async fn collect(m: &Manager, blobs: &Blobs) -> Result<Round, ShareError> {
             round.kept += 1;
             continue;
         }
-        blobs.delete(&listed.id).await?;
+        let deleted = blobs.delete(&listed.id).await;
+        // Forgotten either way: an upload that claims it then finds it present (it stays
+        // for the next round) or absent (and sends it again), never a mark that blocks
+        // uploads until a later round finishes it.
         m.write(|s| s.bury_blob(id))?;
+        deleted?;
         round.deleted += 1;
         round.bytes += listed.bytes;
     }
