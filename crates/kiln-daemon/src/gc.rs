@@ -12,9 +12,9 @@
 //!   is recent (serialized with claims), deletes it, then forgets claim and mark. A claim
 //!   that meets a mark fails, and the upload is retried later (it then sends the blob).
 //!
-//! The collector also gives up a round whose reading of the lists is older than half the
-//! grace period, so a list recorded after it read them is always protected by its claims.
-//! One node collects per interval (a shared record of the last round); the others skip.
+//! A round's cut-off (claims older than it do not protect) is fixed when the round starts,
+//! before it reads the lists: a list recorded after that reading was claimed after the
+//! cut-off, so its blobs are never doomed. One node collects per interval (a shared record of the last round); the others skip.
 //! Each node also removes blobs of its own cache that nothing names or links to.
 
 use std::collections::HashSet;
@@ -31,8 +31,14 @@ use crate::share::ShareError;
 
 /// The store's record of the last round (ms), so one node collects per interval.
 const LAST_ROUND: &str = "blob-gc/last-round";
-/// The shared values whose JSON `files[].blob` name blobs.
-pub(crate) const NAMING_PREFIXES: [&str; 2] = ["image-bundle/", "snapshot/"];
+/// The lists that name blobs: image bundles and snapshot lists.
+const NAMING_PREFIXES: [&str; 2] = [crate::share::BUNDLE_PREFIX, crate::travel::SNAPSHOT_PREFIX];
+
+/// What [`named_blobs`] reads of a bundle or a snapshot list (both carry `files`).
+#[derive(serde::Deserialize)]
+struct Naming {
+    files: Vec<crate::share::BundleFile>,
+}
 
 /// What one round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +54,7 @@ pub struct GcCounters {
     pub deleted: std::sync::atomic::AtomicU64,
     pub bytes: std::sync::atomic::AtomicU64,
     pub rounds: std::sync::atomic::AtomicU64,
-    /// When this node last pruned its own cache (ms).
+    /// When this node last pruned its own cache (ms): not a metric, the prune's timer.
     pub pruned_at: std::sync::atomic::AtomicI64,
 }
 
@@ -110,17 +116,9 @@ fn named_blobs(m: &Manager) -> Result<HashSet<String>, ShareError> {
             let Some(text) = m.store().shared_value(&name)? else {
                 continue;
             };
-            let list: serde_json::Value = serde_json::from_str(&text)
+            let list: Naming = serde_json::from_str(&text)
                 .map_err(|e| ShareError::Bundle(format!("{name}: {e}")))?;
-            let files = list["files"]
-                .as_array()
-                .ok_or_else(|| ShareError::Bundle(format!("{name} names no files")))?;
-            for f in files {
-                let blob = f["blob"]
-                    .as_str()
-                    .ok_or_else(|| ShareError::Bundle(format!("{name}: a file without blob")))?;
-                out.insert(blob.to_string());
-            }
+            out.extend(list.files.into_iter().map(|f| f.blob));
         }
     }
     Ok(out)
@@ -129,9 +127,7 @@ fn named_blobs(m: &Manager) -> Result<HashSet<String>, ShareError> {
 /// One round: finishes marks a crashed round left, then removes unnamed, unclaimed blobs
 /// older than the grace period.
 pub async fn collect(m: &Manager, blobs: &Blobs) -> Result<Round, ShareError> {
-    let started = Instant::now();
-    let grace = grace_ms(m);
-    let cut = now_ms() - grace;
+    let cut = now_ms() - grace_ms(m);
     let mut round = Round::default();
     // A mark older than the grace period is a round that stopped between marking and
     // forgetting: its blob is deleted (again) and forgotten.
@@ -157,10 +153,6 @@ pub async fn collect(m: &Manager, blobs: &Blobs) -> Result<Round, ShareError> {
         if named.contains(id) || listed.modified_ms >= cut {
             round.kept += 1;
             continue;
-        }
-        if started.elapsed().as_millis() as i64 > grace / 2 {
-            warn!("blob collection stopped: its reading of the lists is too old; the next round goes on");
-            break;
         }
         if !m.write(|s| s.doom_blob(id, cut, now_ms()))? {
             round.kept += 1;

@@ -69,9 +69,12 @@ pub(crate) struct BundleFile {
     pub mode: u32,
 }
 
+/// The prefix of the store's keys for image bundles.
+pub(crate) const BUNDLE_PREFIX: &str = "image-bundle/";
+
 /// The store's key for an image's bundle.
 fn bundle_key(image: &str) -> String {
-    format!("image-bundle/{image}")
+    format!("{BUNDLE_PREFIX}{image}")
 }
 
 /// Whether every node can launch `image` (its bundle is recorded).

@@ -39,8 +39,11 @@ struct Snapshot {
     files: Vec<BundleFile>,
 }
 
+/// The prefix of the store's keys for snapshot lists.
+pub(crate) const SNAPSHOT_PREFIX: &str = "snapshot/";
+
 fn key(id: &str) -> String {
-    format!("snapshot/{id}")
+    format!("{SNAPSHOT_PREFIX}{id}")
 }
 
 /// Uploads the snapshot of microVM `id`, SUSPENDED on this node, and records it.

@@ -115,12 +115,6 @@ impl Partition {
         let last = u64::from(self.uid_first) + u64::from(self.uid_count) - 1;
         format!("{}-{last}", self.uid_first)
     }
-
-    /// Whether `uid` is one of this partition's.
-    pub fn holds(&self, uid: u32) -> bool {
-        uid >= self.uid_first
-            && u64::from(uid) < u64::from(self.uid_first) + u64::from(self.uid_count)
-    }
 }
 
 /// At most this many descriptors pass into a jail.
@@ -259,7 +253,6 @@ mod tests {
         let p = Partition::new(Some("1900000100-1900000199"), Some("kiln-a")).unwrap();
         assert_eq!((p.uid_first, p.uid_count), (1_900_000_100, 100));
         assert_eq!(p.uid_range(), "1900000100-1900000199");
-        assert!(p.holds(1_900_000_100) && p.holds(1_900_000_199) && !p.holds(1_900_000_200));
         assert_eq!(Partition::new(None, None).unwrap(), Partition::default());
         for bad in [
             "1000-2000",
