@@ -165,3 +165,68 @@ fn a_barrage_of_hostile_requests_leaves_kilnd_answering_within_its_memory() {
         started.elapsed()
     );
 }
+
+/// Sends `request` on `conn` and reads the response's head (status line and headers),
+/// lower-cased, and its body by Content-Length.
+fn exchange(conn: &mut std::net::TcpStream, request: &[u8]) -> String {
+    use std::io::Write;
+    conn.write_all(request).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            conn.read(&mut byte).unwrap(),
+            1,
+            "closed mid-head: {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).unwrap();
+    head
+}
+
+/// A refusal sent before the request's body was read says `Connection: close`, and the
+/// connection then closes, so no client reuses it; a request whose body was read keeps
+/// its connection.
+#[test]
+fn a_refusal_before_the_body_is_read_closes_the_connection() {
+    let d = TestDaemon::start();
+    let addr = d.base.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // No key: refused before a byte of the (large, unfinished) upload is read.
+    let mut upload = b"POST /v1/artifacts HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/x-tar\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+    upload.extend(std::iter::repeat_n(b'x', 4096));
+    let head = exchange(&mut conn, &upload);
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        conn.read(&mut rest).unwrap_or(0),
+        0,
+        "the connection is closed"
+    );
+
+    // A JSON body read whole (and refused for what it says): the connection stays open.
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = r#"{"imageIdentifier": 7}"#;
+    let run = format!(
+        "POST /v1/microvms HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        d.key,
+        body.len()
+    );
+    for _ in 0..2 {
+        let head = exchange(&mut conn, run.as_bytes());
+        assert!(head.starts_with("http/1.1 4"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+}

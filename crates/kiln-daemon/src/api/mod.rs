@@ -12,6 +12,7 @@ mod microvms;
 mod nodes;
 mod processes;
 mod system;
+mod unread;
 mod webhooks;
 
 use std::sync::Arc;
@@ -270,6 +271,7 @@ pub fn router(manager: Arc<Manager>, key: Arc<String>, console: crate::ConsoleOp
                 "no such route: see spec/openapi.yaml",
             )
         })
+        .layer(axum::middleware::from_fn(unread::close_if_unread))
         .with_state(manager)
 }
 
